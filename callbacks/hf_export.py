@@ -1,0 +1,74 @@
+"""Save the trained student as a Hugging Face directory at the end of fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class HFExport(L.Callback):
+    """Writes the model (or its LoRA adapter), the tokenizer and the resolved run config to ``dirpath``.
+
+    The result loads with ``AutoModelForCausalLM.from_pretrained`` (full weights) or
+    ``PeftModel.from_pretrained`` (adapter); ``python -m distill merge`` folds an adapter into its base.
+    """
+
+    def __init__(self, dirpath: str = "out/model") -> None:
+        """
+        Args:
+            dirpath: Output directory of the Hugging Face export.
+        """
+        self.dirpath = Path(dirpath)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.model
+        state_dict = trainer.strategy.lightning_module_state_dict()  # gathered on rank 0 when sharded
+        if not trainer.is_global_zero:
+            return
+        prefix = "model."
+        weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        stop_ids = getattr(trainer.datamodule, "stop_token_ids", None)
+        generation_config = pl_module.causal_lm.generation_config
+        if stop_ids:
+            generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+        if getattr(model, "peft_config", None) is not None:
+            self._point_adapter_at_base(pl_module)
+        model.save_pretrained(self.dirpath, state_dict=weights)
+        generation_config.save_pretrained(self.dirpath)
+        pl_module.tokenizer.save_pretrained(self.dirpath)
+        template = getattr(trainer.datamodule, "_template", None)
+        if template is not None and not pl_module.tokenizer.chat_template:
+            # the tokenizer saved above gains the template it was trained with, so chat tools render alike
+            (self.dirpath / "chat_template.jinja").write_text(template.source)
+        self._save_config(trainer)
+        rank_zero_info(f"[distill] saved Hugging Face model to {self.dirpath}")
+
+    def _point_adapter_at_base(self, pl_module: L.LightningModule) -> None:
+        """An adapter on a model built from a config has no base to load: save that base beside it."""
+        config = pl_module.model.peft_config["default"]
+        if pl_module.model_name is not None:
+            config.base_model_name_or_path = pl_module.model_name
+            return
+        base_dir = self.dirpath / "base_model"
+        pl_module.causal_lm.save_pretrained(base_dir, state_dict=_base_weights(pl_module.model))
+        pl_module.tokenizer.save_pretrained(base_dir)
+        config.base_model_name_or_path = str(base_dir.resolve())
+
+    def _save_config(self, trainer: L.Trainer) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback):
+                text = callback.parser.dump(callback.config, skip_none=False)
+                (self.dirpath / "distill_config.yaml").write_text(text)
+
+
+def _base_weights(peft_model) -> dict:
+    """The base model's own weights under their transformers names, without any adapter tensor."""
+    weights = {}
+    for name, tensor in peft_model.get_base_model().state_dict().items():
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        weights[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return weights

@@ -1,0 +1,9 @@
+"""distill: knowledge distillation and fine-tuning of language models on PyTorch Lightning."""
+
+from distill.datamodule import DataModule
+from distill.hf_model import LoraOptions
+from distill.objectives import CrossEntropy
+from distill.student import StudentModule
+
+__all__ = ["CrossEntropy", "DataModule", "LoraOptions", "StudentModule"]
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""``python -m distill``: LightningCLI's fit/validate/test/predict, plus ``inspect`` and ``merge``."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from distill.datamodule import DataModule
+from distill.student import StudentModule
+
+
+def resolve_precision(precision: str | int | None) -> str | int | None:
+    """``auto``: bf16 mixed where the GPU supports it, else fp16 mixed on GPU, full fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def tokenizer_of(tokenizer: str | None, model: str | None) -> str | None:
+    return tokenizer or model
+
+
+class DistillCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--precision",
+            type=str | int | None,
+            default=None,
+            help="Like trainer.precision, plus 'auto': bf16-mixed if supported, else 16-mixed; 32 on CPU",
+        )
+        parser.link_arguments(
+            ("model.init_args.tokenizer", "model.init_args.model"),
+            "data.init_args.tokenizer",
+            compute_fn=tokenizer_of,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("precision") is not None:
+            config.trainer.precision = resolve_precision(config.precision)
+            rank_zero_info(f"[distill] precision: {config.trainer.precision}")
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
+    return DistillCLI(
+        StudentModule,
+        DataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "inspect":
+        from distill.inspect import main as inspect_main
+
+        return inspect_main(args[1:])
+    if args and args[0] == "merge":
+        from distill.merge import main as merge_main
+
+        return merge_main(args[1:])
+    run_cli(argv)

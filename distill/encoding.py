@@ -1,0 +1,146 @@
+"""Records -> token ids + labels: response-only masking by character spans, truncation, counting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from distill.formats import Record
+from distill.templates import ChatTemplate
+
+IGNORE_INDEX = -100
+Truncation = Literal["right", "left", "drop"]
+
+
+class NoTrainableTokensError(ValueError):
+    """Every label of a dataset is masked: training would learn nothing."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids; IGNORE_INDEX where no loss is taken
+    sha: str
+    source: str
+
+    @property
+    def num_trainable(self) -> int:
+        # labels[0] is never predicted (nothing precedes it), so it is not counted
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+@dataclass
+class EncodingStats:
+    samples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_trainable: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    examples_without_labels: list[Encoded] = field(default_factory=list, repr=False)
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_tokens / max(self.tokens, 1)
+
+    def as_dict(self) -> dict[str, float]:
+        names = ("samples", "kept", "truncated", "dropped_too_long", "dropped_no_trainable", "tokens")
+        return {**{n: getattr(self, n) for n in names}, "trainable_share": round(self.trainable_share, 4)}
+
+
+def encode_record(
+    record: Record,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate | None,
+    train_on_responses_only: bool = True,
+) -> Encoded:
+    """Tokenize one record; labels are kept on assistant spans only when ``train_on_responses_only``."""
+    if record.text is not None:
+        ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids += tokenizer(record.text, add_special_tokens=False)["input_ids"]
+        ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return Encoded(ids, list(ids), record.sha, record.source)
+    if template is None:
+        raise ValueError(f"{record.source}: a conversation needs a chat template")
+    text, spans = template.render_with_spans(tokenizer, list(record.messages or ()), where=record.source)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoding["input_ids"]
+    if not train_on_responses_only:
+        return Encoded(ids, list(ids), record.sha, record.source)
+    labels = [
+        token if any(end > s and start < e for s, e in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(ids, encoding["offset_mapping"], strict=True)
+    ]
+    return Encoded(ids, labels, record.sha, record.source)
+
+
+def truncate(sample: Encoded, max_length: int, policy: Truncation) -> Encoded | None:
+    """Cut to ``max_length`` tokens (keep the start or the end), or ``None`` when the policy drops it."""
+    if len(sample.input_ids) <= max_length:
+        return sample
+    if policy == "drop":
+        return None
+    cut = slice(None, max_length) if policy == "right" else slice(-max_length, None)
+    return Encoded(sample.input_ids[cut], sample.labels[cut], sample.sha, sample.source)
+
+
+def encode_all(
+    records: Iterable[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate | None,
+    max_length: int,
+    truncation: Truncation = "right",
+    train_on_responses_only: bool = True,
+) -> tuple[list[Encoded], EncodingStats]:
+    """Encode, truncate and filter; samples without a trainable token are dropped and counted."""
+    stats = EncodingStats()
+    kept: list[Encoded] = []
+    for record in records:
+        stats.samples += 1
+        encoded = encode_record(record, tokenizer, template, train_on_responses_only)
+        sample = truncate(encoded, max_length, truncation)
+        if sample is None:
+            stats.dropped_too_long += 1
+            continue
+        stats.truncated += sample is not encoded
+        if sample.num_trainable == 0:
+            stats.dropped_no_trainable += 1
+            if len(stats.examples_without_labels) < 3:
+                stats.examples_without_labels.append(sample)
+            continue
+        kept.append(sample)
+        stats.kept += 1
+        stats.tokens += len(sample.input_ids)
+        stats.trainable_tokens += sample.num_trainable
+    if stats.samples and not kept and stats.examples_without_labels:
+        example = stats.examples_without_labels[0]
+        raise NoTrainableTokensError(
+            f"all {stats.samples} samples have every label masked (no response token survives masking "
+            f"and truncation to {max_length} tokens). Check the template and max_seq_length. First sample "
+            f"({example.source}), masked tokens shown as [...]:\n{show_labels(example, tokenizer)}"
+        )
+    return kept, stats
+
+
+def show_labels(sample: Encoded, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Decode a sample with its masked stretches wrapped in ``[...]`` so the trained part stands out."""
+    pieces, run, masked = [], [], None
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+        is_masked = label == IGNORE_INDEX
+        if masked is not None and is_masked != masked:
+            pieces.append(_decode_run(run, masked, tokenizer))
+            run = []
+        run.append(token)
+        masked = is_masked
+    if run:
+        pieces.append(_decode_run(run, bool(masked), tokenizer))
+    return "".join(pieces)
+
+
+def _decode_run(ids: list[int], masked: bool, tokenizer: PreTrainedTokenizerBase) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return f"[{text}]" if masked else text

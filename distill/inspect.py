@@ -1,0 +1,39 @@
+"""``python -m distill inspect --config C.yaml``: show samples as the model will see them.
+
+Masked label positions (no loss) are wrapped in ``[...]``; everything else is trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from distill.encoding import encode_all, show_labels
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distill inspect", description=__doc__)
+    parser.add_argument("--num_samples", type=int, default=2, help="samples to show")
+    parser.add_argument("--split", choices=("train", "val"), default="train")
+    own, rest = parser.parse_known_args(argv)
+
+    from distill.cli import run_cli
+
+    cli = run_cli(["--trainer.logger", "false", *rest], run=False)
+    data = cli.datamodule
+    train, val = data.load_records()
+    records = (train if own.split == "train" else val)[: own.num_samples]
+    samples, stats = encode_all(
+        records,
+        data.tokenizer,
+        data.template(records),
+        data.max_seq_length,
+        data.truncation,
+        data.train_on_responses_only,
+    )
+    template = data.template(records)
+    print(f"template: {template.name if template else '-'}, end of turn: {template.end_of_turn if template else '-'}")
+    for sample in samples:
+        print(f"\n=== {sample.source}  sha256 {sample.sha[:16]}  tokens {len(sample.input_ids)}  "
+              f"trainable {sample.num_trainable}")
+        print(show_labels(sample, data.tokenizer))
+    print(f"\nstats: {stats.as_dict()}")

@@ -1,0 +1,47 @@
+"""``python -m distill merge``: fold a LoRA adapter into its base model and save a plain HF model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None) -> PreTrainedModel:
+    """Merge ``adapter_dir`` into its base (``base`` or the adapter's ``base_model_name_or_path``).
+
+    Keeps the tokenizer, chat template and generation config. A tied input/output embedding whose two
+    sides the adapter trained apart is untied, so neither side's weights are lost on save.
+    """
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(base)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
+    if merged.config.tie_word_embeddings and not torch.equal(inputs.weight, outputs.weight):
+        merged.config.tie_word_embeddings = False
+    merged.save_pretrained(output_dir)
+    source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(base)
+    AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
+    for extra in ("chat_template.jinja", "distill_config.yaml"):
+        if (adapter_dir / extra).exists():
+            (output_dir / extra).write_text((adapter_dir / extra).read_text())
+    for source_dir in (adapter_dir, Path(base)):
+        if (source_dir / "generation_config.json").exists():
+            GenerationConfig.from_pretrained(source_dir).save_pretrained(output_dir)
+            break
+    return merged
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distill merge", description=__doc__)
+    parser.add_argument("--adapter", required=True, help="directory of the LoRA adapter (distill's export)")
+    parser.add_argument("--output", required=True, help="directory for the merged model")
+    parser.add_argument("--base", default=None, help="base model name or path (default: from the adapter)")
+    args = parser.parse_args(argv)
+    merge_adapter(args.adapter, args.output, args.base)
+    print(f"merged {args.adapter} into {args.output}")

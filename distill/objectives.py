@@ -1,0 +1,62 @@
+"""Training objectives: what the student minimises, given its final hidden states at trainable positions.
+
+An objective sees only the positions that carry loss (``hidden`` and ``labels`` of shape (N, H) and
+(N,)) and the output head, and returns token *sums*: the module divides by the number of trainable
+tokens of the whole optimizer step (all micro-batches, all ranks), not per micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class TokenLoss:
+    loss_sum: Tensor  # scalar, differentiable
+    num_tokens: int
+    correct: Tensor  # scalar: argmax predictions equal to the label
+    sums: dict[str, Tensor] = field(default_factory=dict)  # further per-token sums to log as means
+
+
+def over_chunks(
+    fn: Callable[..., tuple[Tensor, ...]], hidden: Tensor, *per_position: Tensor, chunk_size: int = 1024
+) -> tuple[Tensor, ...]:
+    """Sum ``fn(hidden_chunk, *chunks)`` over position chunks, recomputing each chunk in backward.
+
+    Only one chunk's (chunk, vocab) logits exist at a time, in the forward and in the backward pass.
+    """
+    totals: tuple[Tensor, ...] | None = None
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = start + chunk_size
+        parts = checkpoint(fn, hidden[start:stop], *(t[start:stop] for t in per_position), use_reentrant=False)
+        totals = parts if totals is None else tuple(a + b for a, b in zip(totals, parts, strict=True))
+    if totals is None:  # no position: keep the graph connected so every rank runs backward
+        zero = hidden.sum() * 0.0
+        return (zero, zero.detach())
+    return totals
+
+
+class CrossEntropy:
+    """Next-token cross-entropy on the labels: the ``pt`` and ``sft`` objectives."""
+
+    def __init__(self, chunk_size: int = 1024) -> None:
+        """
+        Args:
+            chunk_size: Positions whose logits are computed at once; bounds peak memory at large vocabularies.
+        """
+        self.chunk_size = chunk_size
+
+    def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
+        def chunk_loss(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            logits = head(h).float()  # (n, V)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            return loss, (logits.argmax(-1) == y).sum().detach()
+
+        loss_sum, correct = over_chunks(chunk_loss, hidden, labels, chunk_size=self.chunk_size)
+        return TokenLoss(loss_sum=loss_sum, num_tokens=labels.numel(), correct=correct)

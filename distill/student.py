@@ -1,0 +1,153 @@
+"""StudentModule: a Hugging Face causal LM (optionally with LoRA) trained on one pluggable objective."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from transformers import AutoTokenizer, get_scheduler
+
+from distill.encoding import IGNORE_INDEX
+from distill.hf_model import LoraOptions, add_lora, load_causal_lm
+from distill.metrics import TokenMetrics
+from distill.objectives import CrossEntropy, TokenLoss
+from distill.optim import AdamW
+
+
+class StudentModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str | None = None,
+        model_config: dict | None = None,
+        tokenizer: str | None = None,
+        dtype: str | None = None,
+        lora: LoraOptions | None = None,
+        gradient_checkpointing: bool = False,
+        objective: CrossEntropy | None = None,
+        optimizer: OptimizerCallable = AdamW,
+        lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
+        warmup_steps: int = 0,
+    ) -> None:
+        """
+        Args:
+            model: Hugging Face model name or local path of the student.
+            model_config: A transformers config as a dict (``model_type`` plus sizes) to build a fresh
+                model instead of loading one (tests, demos, pretraining from scratch).
+            tokenizer: Tokenizer name or path (default: ``model``); the data module uses the same one.
+            dtype: Weight dtype when loading (``float32``, ``bfloat16``, ``auto``); mixed precision is
+                ``trainer.precision``'s job.
+            lora: Train a LoRA adapter instead of all weights.
+            gradient_checkpointing: Recompute activations in backward to save memory.
+            objective: What to minimise; default: next-token cross-entropy (``pt``/``sft``).
+            optimizer: Optimizer class path and arguments (``distill.optim.AdamW``, ``distill.optim.AdamW8bit``,
+                or any ``torch.optim`` class).
+            lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
+            warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["objective", "optimizer"])
+        self.model_name = model
+        self.model_config = model_config
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model) if (tokenizer or model) else None
+        self.dtype_name = dtype
+        self.lora = lora
+        self.gradient_checkpointing = gradient_checkpointing
+        self.objective = objective or CrossEntropy()
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
+        self.model: nn.Module | None = None
+        self.train_metrics = TokenMetrics()
+        self.val_metrics = TokenMetrics()
+        self._step_tokens = 0
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("set model.tokenizer: a model built from model_config needs a tokenizer")
+        model = load_causal_lm(self.model_name, self.model_config, self.tokenizer, self.dtype_name)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = add_lora(model, self.lora) if self.lora is not None else model
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers model under any peft wrapper (LoRA layers stay in place inside it)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward_hidden(self, batch: dict[str, Tensor]) -> Tensor:
+        """Final hidden states (B, T, H): the head runs later, only at positions that carry loss."""
+        backbone = self.causal_lm.get_decoder()
+        outputs = backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        )
+        return outputs.last_hidden_state
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> TokenLoss:
+        hidden = self.forward_hidden(batch)
+        # position t predicts token t + 1
+        labels = batch["labels"][:, 1:]
+        trainable = labels != IGNORE_INDEX
+        head = self.causal_lm.get_output_embeddings()
+        return self.objective(hidden[:, :-1][trainable], head, labels[trainable], batch)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.compute_loss(batch)
+        self._step_tokens += out.num_tokens
+        values = self.train_metrics(out.loss_sum, out.correct, out.num_tokens, **out.sums)
+        self.log_dict({f"train/{k}": v for k, v in values.items()}, prog_bar=True, batch_size=1)
+        # a token sum: on_before_optimizer_step divides the gradients by the step's trainable tokens
+        return out.loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the gradient the mean over every trainable token of the optimizer step.
+
+        Lightning divided each micro-batch loss by ``accumulate_grad_batches`` and DDP averaged over
+        ranks; undo both and divide by the token count summed over micro-batches and ranks, so a long
+        and a short micro-batch weigh by their tokens (per-micro-batch means do not: TRL #6006).
+        """
+        tokens = torch.tensor(float(self._step_tokens), device=self.device)
+        tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        self._step_tokens = 0
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1.0)
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self.compute_loss(batch)
+        self.val_metrics.update(out.loss_sum, out.correct, out.num_tokens, **out.sums)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
+        self.val_metrics.reset()
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    def on_train_start(self) -> None:
+        stats = getattr(self.trainer.datamodule, "stats", None)
+        if stats and self.logger is not None:
+            self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]  # biases and norms are not decayed
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        scheduler = get_scheduler(
+            "constant_with_warmup" if self.lr_schedule == "constant" else self.lr_schedule,
+            optimizer,
+            num_warmup_steps=self.warmup_steps,
+            num_training_steps=self.trainer.estimated_stepping_batches,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from distill.formats import DataFormatError, read_records, to_record
+from tests.conftest import write_jsonl
+
+
+def test_each_format_normalises_to_messages(tmp_path):
+    rows = [
+        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        {"instruction": "Q", "input": "", "output": "A", "system": "S"},
+    ]
+    records = read_records(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    expected = ({"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"})
+    assert [r.messages for r in records] == [expected] * 3
+    # same content in another format: same SHA, whatever file or line it came from
+    assert len({r.sha for r in records}) == 1
+    assert records[0].source.endswith("mixed.jsonl:1") and records[2].source.endswith("mixed.jsonl:3")
+
+
+def test_alpaca_input_joins_instruction_and_text_format(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"instruction": "Sum", "input": "2 3", "output": "5"}, {"text": "plain"}]))
+    alpaca, text = read_records(path)
+    assert alpaca.messages == ({"role": "user", "content": "Sum\n\n2 3"}, {"role": "assistant", "content": "5"})
+    assert text.text == "plain" and text.messages is None and text.source.endswith("a.json[1]")
+
+
+def test_directory_reads_all_files_in_order(tmp_path):
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "second"}])
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "first"}])
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert [r.text for r in read_records(tmp_path)] == ["first", "second"]
+
+
+def test_sha_changes_with_content_only():
+    a = to_record({"text": "x"}, "f:1")
+    assert a.sha == to_record({"text": "x"}, "g:9").sha
+    assert a.sha != to_record({"text": "y"}, "f:1").sha
+    assert len(a.sha) == 64
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": "broken\n')
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl:3: malformed JSON"):
+        read_records(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"instruction": "Q"}, "missing field 'output'"),
+        ({"messages": [{"role": "user", "content": "Q"}]}, "no assistant turn"),
+        ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}]}, "empty assistant"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "A"}]}, "missing a string 'content'"),
+        ({"conversations": [{"from": "bot", "value": "A"}]}, "unknown from 'bot'"),
+        ({"messages": []}, "non-empty list"),
+        ({"prompt": "Q"}, "unknown record format"),
+        ({"text": ""}, "empty 'text'"),
+        (["not", "an", "object"], "expected a JSON object"),
+    ],
+)
+def test_bad_records_name_their_place(raw, message):
+    with pytest.raises(DataFormatError, match=message) as info:
+        to_record(raw, "data.jsonl:7")
+    assert str(info.value).startswith("data.jsonl:7:")
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        read_records(tmp_path / "nope.jsonl")
