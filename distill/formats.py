@@ -83,12 +83,16 @@ def _iter_raw(path: Path) -> Iterator[tuple[object, str]]:
             try:
                 yield json.loads(line), f"{path}:{lineno}"
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+                raise DataFormatError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+                ) from None
         return
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise DataFormatError(
+            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+        ) from None
     for index, item in enumerate(items):
         yield item, f"{path}[{index}]"
 
@@ -149,7 +153,10 @@ def _alpaca_messages(raw: dict, where: str) -> list[dict[str, str]]:
     instruction = _field(raw, "instruction", where)
     extra = _field(raw, "input", where, required=False)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _field(raw, "output", where)}]
+    messages = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _field(raw, "output", where)},
+    ]
     system = _field(raw, "system", where, required=False)
     return [{"role": "system", "content": system}, *messages] if system.strip() else messages
 

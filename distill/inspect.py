@@ -31,9 +31,13 @@ def main(argv: list[str]) -> None:
         data.train_on_responses_only,
     )
     template = data.template(records)
-    print(f"template: {template.name if template else '-'}, end of turn: {template.end_of_turn if template else '-'}")
+    print(
+        f"template: {template.name}, end of turn: {template.end_of_turn}" if template else "template: -"
+    )
     for sample in samples:
-        print(f"\n=== {sample.source}  sha256 {sample.sha[:16]}  tokens {len(sample.input_ids)}  "
-              f"trainable {sample.num_trainable}")
+        print(
+            f"\n=== {sample.source}  sha256 {sample.sha[:16]}  tokens {len(sample.input_ids)}  "
+            f"trainable {sample.num_trainable}"
+        )
         print(show_labels(sample, data.tokenizer))
     print(f"\nstats: {stats.as_dict()}")

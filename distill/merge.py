@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 
-def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None) -> PreTrainedModel:
+def merge_adapter(
+    adapter_dir: str | Path, output_dir: str | Path, base: str | None = None
+) -> PreTrainedModel:
     """Merge ``adapter_dir`` into its base (``base`` or the adapter's ``base_model_name_or_path``).
 
     Keeps the tokenizer, chat template and generation config. A tied input/output embedding whose two

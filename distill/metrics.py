@@ -1,4 +1,4 @@
-"""Token-level metrics, summed over tokens so that DDP reduction and epoch means weight every token equally."""
+"""Token-level metrics, kept as sums so that DDP reduction and epoch means weigh every token equally."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ class TokenMetrics(Metric):
         for name in ("loss_sum", "correct", "tokens", *extra):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, loss_sum: torch.Tensor, correct: torch.Tensor, tokens: int, **sums: torch.Tensor) -> None:
+    def update(
+        self, loss_sum: torch.Tensor, correct: torch.Tensor, tokens: int, **sums: torch.Tensor
+    ) -> None:
         self.loss_sum += loss_sum.detach().double()
         self.correct += correct.detach().double()
         self.tokens += tokens
@@ -29,6 +31,10 @@ class TokenMetrics(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         tokens = self.tokens.clamp(min=1)
         loss = self.loss_sum / tokens
-        values = {"loss": loss, "ppl": torch.exp(loss.clamp(max=math.log(1e30))), "acc": self.correct / tokens}
+        values = {
+            "loss": loss,
+            "ppl": torch.exp(loss.clamp(max=math.log(1e30))),
+            "acc": self.correct / tokens,
+        }
         values.update({name: getattr(self, name) / tokens for name in self.extra})
         return {k: v.float() for k, v in values.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -34,7 +33,9 @@ def over_chunks(
     totals: tuple[Tensor, ...] | None = None
     for start in range(0, hidden.shape[0], chunk_size):
         stop = start + chunk_size
-        parts = checkpoint(fn, hidden[start:stop], *(t[start:stop] for t in per_position), use_reentrant=False)
+        parts = checkpoint(
+            fn, hidden[start:stop], *(t[start:stop] for t in per_position), use_reentrant=False
+        )
         totals = parts if totals is None else tuple(a + b for a, b in zip(totals, parts, strict=True))
     if totals is None:  # no position: keep the graph connected so every rank runs backward
         zero = hidden.sum() * 0.0

@@ -21,7 +21,9 @@ class AdamW(torch.optim.AdamW):
     ) -> None:
         params = list(params)
         if fused is None:
-            tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+            tensors = [
+                p for group in params for p in (group["params"] if isinstance(group, dict) else [group])
+            ]
             fused = bool(tensors) and all(p.is_cuda for p in tensors)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
@@ -45,5 +47,7 @@ class AdamW8bit(torch.optim.Optimizer):
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise RuntimeError("distill.optim.AdamW8bit needs bitsandbytes: pip install 'distill[bnb]'") from err
+            raise RuntimeError(
+                "distill.optim.AdamW8bit needs bitsandbytes: pip install 'distill[bnb]'"
+            ) from err
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -42,8 +42,8 @@ class StudentModule(L.LightningModule):
             lora: Train a LoRA adapter instead of all weights.
             gradient_checkpointing: Recompute activations in backward to save memory.
             objective: What to minimise; default: next-token cross-entropy (``pt``/``sft``).
-            optimizer: Optimizer class path and arguments (``distill.optim.AdamW``, ``distill.optim.AdamW8bit``,
-                or any ``torch.optim`` class).
+            optimizer: Optimizer class path and arguments: ``distill.optim.AdamW``,
+                ``distill.optim.AdamW8bit`` or any ``torch.optim`` class.
             lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
             warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
         """

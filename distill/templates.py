@@ -36,7 +36,8 @@ _ALPACA = (
 _MISTRAL = (
     "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] "
     "{% if loop.index0 == 1 and messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
-    "{{ m.content }} [/INST]{% elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{{ m.content }} [/INST]{% elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
 )
 
 # name -> (jinja source, end-of-turn string; None means the tokenizer's EOS token)
@@ -61,7 +62,9 @@ class ChatTemplate:
     source: str  # Jinja
     end_of_turn: str
 
-    def render(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
+    def render(
+        self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool
+    ) -> str:
         return tokenizer.apply_chat_template(
             messages, chat_template=self.source, tokenize=False, add_generation_prompt=generation_prompt
         )

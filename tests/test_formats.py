@@ -8,12 +8,28 @@ from tests.conftest import write_jsonl
 
 def test_each_format_normalises_to_messages(tmp_path):
     rows = [
-        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
-        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "Q"},
+                {"from": "gpt", "value": "A"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "A"},
+            ]
+        },
         {"instruction": "Q", "input": "", "output": "A", "system": "S"},
     ]
     records = read_records(write_jsonl(tmp_path / "mixed.jsonl", rows))
-    expected = ({"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"})
+    expected = (
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    )
     assert [r.messages for r in records] == [expected] * 3
     # same content in another format: same SHA, whatever file or line it came from
     assert len({r.sha for r in records}) == 1
@@ -24,7 +40,10 @@ def test_alpaca_input_joins_instruction_and_text_format(tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"instruction": "Sum", "input": "2 3", "output": "5"}, {"text": "plain"}]))
     alpaca, text = read_records(path)
-    assert alpaca.messages == ({"role": "user", "content": "Sum\n\n2 3"}, {"role": "assistant", "content": "5"})
+    assert alpaca.messages == (
+        {"role": "user", "content": "Sum\n\n2 3"},
+        {"role": "assistant", "content": "5"},
+    )
     assert text.text == "plain" and text.messages is None and text.source.endswith("a.json[1]")
 
 
@@ -54,8 +73,14 @@ def test_malformed_line_names_file_and_line(tmp_path):
     [
         ({"instruction": "Q"}, "missing field 'output'"),
         ({"messages": [{"role": "user", "content": "Q"}]}, "no assistant turn"),
-        ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}]}, "empty assistant"),
-        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "A"}]}, "missing a string 'content'"),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}]},
+            "empty assistant",
+        ),
+        (
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "A"}]},
+            "missing a string 'content'",
+        ),
         ({"conversations": [{"from": "bot", "value": "A"}]}, "unknown from 'bot'"),
         ({"messages": []}, "non-empty list"),
         ({"prompt": "Q"}, "unknown record format"),

@@ -2,7 +2,14 @@
 
 import pytest
 
-from distill.encoding import IGNORE_INDEX, NoTrainableTokensError, encode_all, encode_record, show_labels, truncate
+from distill.encoding import (
+    IGNORE_INDEX,
+    NoTrainableTokensError,
+    encode_all,
+    encode_record,
+    show_labels,
+    truncate,
+)
 from distill.formats import to_record
 from distill.templates import TemplateError, check_stops_on_end_of_turn, resolve_template
 
@@ -56,7 +63,9 @@ def test_tokenizers_own_template_is_used_and_its_end_of_turn_detected(tmp_path, 
 
 def test_masking_off_trains_on_everything(chat_tokenizer):
     template = resolve_template(chat_tokenizer, "chatml")
-    sample = encode_record(to_record(MULTI_TURN, "t:1"), chat_tokenizer, template, train_on_responses_only=False)
+    sample = encode_record(
+        to_record(MULTI_TURN, "t:1"), chat_tokenizer, template, train_on_responses_only=False
+    )
     assert sample.labels == sample.input_ids
 
 
@@ -100,7 +109,9 @@ def test_truncation_policies(tokenizer):
 
 def test_counts_and_dropped_samples(tokenizer):
     template = resolve_template(tokenizer, "mistral")
-    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    long_prompt = {
+        "messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    }
     records = [to_record(MULTI_TURN, "t:1"), to_record(long_prompt, "t:2")]
     kept, stats = encode_all(records, tokenizer, template, max_length=64, truncation="right")
     # the long prompt loses its answer to truncation: dropped and counted, not a crash

@@ -1,0 +1,1 @@
+"""Demo assets shipped inside the package: tokenizer/, data/ (see NOTICE.md)."""

@@ -1,0 +1,357 @@
+"""Sparse knowledge-distillation losses over cached teacher targets (pure torch, no Lightning).
+
+Every loss maps student logits (P, V) at the P trainable positions and a ``SparseTargets`` to a loss
+per position (P,). The caller sums and divides by the number of trainable tokens in the whole
+gradient-accumulation step (TRL #6006 normalised per micro-batch); nothing is averaged here.
+
+Buckets: the teacher is known on K exact head tokens; the rest of its mass goes into one tail bucket,
+computed in log space. The student is bucketed the same way (its mass on the head ids and on all other
+ids), so each divergence is exact between two (K + 1)-point distributions; with K == V it is the dense one.
+
+Temperature: the teacher's full log-sum-exp at T is not recoverable from top-K + lse. The tail is modelled
+as V - K tokens sharing one logit ``z_tail = lse + log_tail - log(V - K)`` (exact at T = 1), so
+``lse_T = logsumexp([head / T, z_tail / T + log(V - K)])``. The divergences are returned at temperature T;
+``kd_loss`` multiplies them by T**2, which keeps gradient magnitudes comparable across T (Hinton et al.).
+
+Padding: a head slot whose teacher logit is -inf carries no mass on either side. ``mix_teachers`` pads
+that way, repeating the row's last id so that ``ids`` stays non-decreasing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from distill.targets import SparseTargets
+
+# Floor on the teacher's tail log-mass: a float32 lse resolves the tail only to ~1e-7 of the total, and a
+# tail rounded to exactly 0 would make the reverse KL infinite wherever the student keeps any tail mass.
+TAIL_LOG_FLOOR = -30.0
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 at least (bf16 logits are upcast per chunk); float64 stays float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _log(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near 0 and near -inf (Mächler 2012); x >= 0 gives -inf."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def mask_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
+    """Set logits at ids >= vocab_size to -inf (a padded lm_head, e.g. Qwen's 152064 rows over 151936 tokens).
+
+    -inf, not 0: a 0 logit would give every padding row real probability mass. Out of place, so autograd
+    gives those rows zero gradient.
+    """
+    if logits.shape[-1] <= vocab_size:
+        return logits
+    padded = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
+    return logits.masked_fill(padded, float("-inf"))
+
+
+def log_tail_mass(targets: SparseTargets) -> Tensor:
+    """(P,) log of the teacher's mass outside its head at T = 1: log1p(-exp(logsumexp(head) - lse))."""
+    dtype = _compute_dtype(targets.logits, targets.lse)
+    log_head = torch.logsumexp(targets.logits.to(dtype), -1) - targets.lse.to(dtype)
+    return _log1mexp(log_head)  # rounding can put log_head above 0: clamped, so the tail is -inf, not NaN
+
+
+def teacher_bucket_logits(targets: SparseTargets, vocab_size: int, temperature: float = 1.0) -> Tensor:
+    """(P, K + 1) teacher logits at temperature T of the K head tokens and the tail bucket.
+
+    Their logsumexp is the approximate ``lse_T`` of the module docstring (equal to ``targets.lse`` at T = 1).
+    """
+    dtype = _compute_dtype(targets.logits, targets.lse)
+    head = targets.logits.to(dtype)
+    n_tail = vocab_size - torch.isfinite(head).sum(-1)  # (P,) tokens outside the head
+    log_n = torch.log(n_tail.clamp(min=1).to(dtype))
+    log_tail = log_tail_mass(targets).clamp(min=TAIL_LOG_FLOOR)
+    tail = (targets.lse.to(dtype) + log_tail - log_n) / temperature + log_n
+    tail = tail.masked_fill(n_tail <= 0, float("-inf"))  # K == V: no tail
+    return torch.cat([head / temperature, tail[:, None]], -1)
+
+
+def _student_bucket_log_probs(
+    student_logits: Tensor, ids: Tensor, valid: Tensor, temperature: float, dtype: torch.dtype
+) -> Tensor:
+    """(P, K + 1) student log-probs at temperature T of the head ids and of every other id (the tail)."""
+    s = student_logits.to(dtype) / temperature  # (P, V)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    vocab = s.shape[-1]
+    # Padded slots scatter into a spare column, so a pad id never hides a real tail token.
+    in_head = torch.zeros(s.shape[0], vocab + 1, dtype=torch.bool, device=s.device)
+    in_head = in_head.scatter_(1, ids.masked_fill(~valid, vocab), True)[:, :vocab]
+    # The tail is a logsumexp over a masked copy, not log1p(-sum head): no cancellation when the head holds
+    # ~all the mass. A finite floor instead of -inf keeps the gradient finite when the tail is empty.
+    floor = torch.finfo(dtype).min
+    tail = torch.logsumexp(s.clamp(min=floor).masked_fill(in_head, floor), -1, keepdim=True)
+    return torch.cat([s.gather(1, ids), tail], -1) - lse
+
+
+def _buckets(
+    student_logits: Tensor, targets: SparseTargets, temperature: float, vocab_size: int
+) -> tuple[Tensor, Tensor]:
+    """Teacher and student bucket log-probs (P, K + 1), both 0 at empty buckets (padding, empty tail).
+
+    Zeroing both sides makes every divergence term exactly 0 there, with finite gradients (a masked
+    inf - inf would still send NaN through the backward of torch.where).
+    """
+    if targets.ids.shape[-1] == 0:
+        raise ValueError("top-K losses need an exact head (K > 0); use sampled_ce for sampled caches")
+    dtype = _compute_dtype(student_logits, targets.logits)
+    log_p = teacher_bucket_logits(targets, vocab_size, temperature).to(dtype).log_softmax(-1)
+    valid = torch.isfinite(log_p)
+    log_q = _student_bucket_log_probs(student_logits, targets.ids, valid[:, :-1], temperature, dtype)
+    zero = log_p.new_zeros(())
+    return log_p.where(valid, zero), log_q.where(valid, zero)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """(P,) KL(a || b) over buckets."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b)."""
+    return torch.logsumexp(torch.stack([log_a + _log(weight_a), log_b + _log(1.0 - weight_a)]), 0)
+
+
+def forward_kl(
+    student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0, *, vocab_size: int
+) -> Tensor:
+    """(P,) KL(teacher || student) over the head tokens plus the tail bucket (mode-covering)."""
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    return _kl(log_p, log_q)
+
+
+def reverse_kl(
+    student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0, *, vocab_size: int
+) -> Tensor:
+    """(P,) KL(student || teacher) over the same buckets (MiniLLM; mode-seeking).
+
+    Student mass outside the teacher's head is compared with the teacher's tail mass as one bucket, so
+    the student is not rewarded for putting mass there nor infinitely punished (see TAIL_LOG_FLOOR).
+    """
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    return _kl(log_q, log_p)
+
+
+def jsd(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int,
+    beta: float = 0.5,
+) -> Tensor:
+    """(P,) generalised Jensen-Shannon divergence, TRL's (GKD) convention.
+
+    m = beta * p_teacher + (1 - beta) * q_student; JSD = beta * KL(p || m) + (1 - beta) * KL(q || m).
+    That expression vanishes at both ends; its limits JSD/beta (beta -> 0) and JSD/(1 - beta) (beta -> 1)
+    are the forward and the reverse KL, so beta = 0 returns ``forward_kl`` and beta = 1 ``reverse_kl``
+    exactly (as TRL does). Swapping the mixture weights (TRL #3043) would swap these limits.
+    """
+    if beta == 0.0:
+        return forward_kl(student_logits, targets, temperature, vocab_size=vocab_size)
+    if beta == 1.0:
+        return reverse_kl(student_logits, targets, temperature, vocab_size=vocab_size)
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    log_m = _log_mix(log_p, log_q, beta)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+
+def skew_kl(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int,
+    alpha: float = 0.1,
+) -> Tensor:
+    """(P,) DistiLLM's skew KL: KL(p || alpha * p + (1 - alpha) * q); alpha = 0 is the forward KL."""
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    return _kl(log_p, _log_mix(log_p, log_q, alpha))
+
+
+def skew_reverse_kl(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int,
+    alpha: float = 0.1,
+) -> Tensor:
+    """(P,) DistiLLM's skew reverse KL: KL(q || (1 - alpha) * p + alpha * q); alpha = 0 is the reverse KL."""
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    return _kl(log_q, _log_mix(log_p, log_q, 1.0 - alpha))
+
+
+def sampled_ce(
+    student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0, *, vocab_size: int
+) -> Tensor:
+    """(P,) cross-entropy against a sampled (Anshumann et al. 2025) or hybrid cache.
+
+    Sampled (K = 0): -sum_i (c_i / N) log q(id_i), an unbiased estimate of H(teacher, student), whose
+    gradient is the forward KL's. The value is the cross-entropy, not the KL: the teacher entropy would need
+    teacher log-probs at the draws, which the cache does not keep, so values exceed ``forward_kl``'s.
+    Hybrid (K > 0, draws from the tail only): -sum_head p_i log q_i - tail_mass * sum_j (c_j / N) log q_j.
+    The draws were made at the cache's temperature, so T only tempers the student and the hybrid head.
+    """
+    if targets.sample_ids is None or targets.sample_counts is None:
+        raise ValueError("sampled_ce needs sample_ids and sample_counts")
+    dtype = _compute_dtype(student_logits, targets.logits)
+    log_q = (student_logits.to(dtype) / temperature).log_softmax(-1)  # (P, V)
+    counts = targets.sample_counts.to(dtype)
+    freq = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)  # padding has count 0
+    zero = log_q.new_zeros(())
+    sampled = -(freq * log_q.gather(1, targets.sample_ids).where(counts > 0, zero)).sum(-1)
+    if targets.ids.shape[-1] == 0:
+        return sampled
+    p = teacher_bucket_logits(targets, vocab_size, temperature).to(dtype).softmax(-1)  # 0 at padded slots
+    head = -(p[:, :-1] * log_q.gather(1, targets.ids).where(p[:, :-1] > 0, zero)).sum(-1)
+    return head + p[:, -1] * sampled
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """(P,) next-token cross-entropy at T = 1; 0 at ``ignore_index``."""
+    logits = student_logits.to(_compute_dtype(student_logits))
+    return F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index)
+
+
+LossFn = Callable[..., Tensor]
+LOSSES: dict[str, LossFn] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "sampled_ce": sampled_ce,
+}
+"""Divergences by config name (``loss: reverse_kl``); each is ``fn(logits, targets, T, vocab_size=...)``."""
+
+
+def kd_loss(
+    student_logits: Tensor,
+    targets: SparseTargets | None,
+    labels: Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    vocab_size: int,
+) -> Tensor:
+    """(P,) alpha * T**2 * KD_T + (1 - alpha) * CE.
+
+    alpha is the weight on the KD term: 1 is pure distillation (labels unused), 0 plain fine-tuning
+    (targets unused). beta goes to ``jsd``, skew to the ``alpha`` of ``skew_kl``/``skew_reverse_kl``.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {sorted(LOSSES)}")
+    total = student_logits.new_zeros(student_logits.shape[0], dtype=_compute_dtype(student_logits))
+    if alpha > 0:
+        if targets is None:
+            raise ValueError("alpha > 0 needs teacher targets")
+        extra = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
+        kd = LOSSES[kind](student_logits, targets, temperature, vocab_size=vocab_size, **extra.get(kind, {}))
+        total = total + alpha * temperature**2 * kd
+    if alpha < 1:
+        if labels is None:
+            raise ValueError("alpha < 1 needs labels")
+        total = total + (1.0 - alpha) * cross_entropy(student_logits, labels)
+    return total
+
+
+def mix_teachers(
+    targets: list[SparseTargets], weights: list[float], vocab_size: int, temperature: float = 1.0
+) -> SparseTargets:
+    """Weighted mixture of teachers over the union of their head ids, as a new SparseTargets.
+
+    A teacher's probability at a union id outside its own head is its tail spread uniformly,
+    tail / (V - K), as in the tail model above. ``logits`` are the mixture's log-probs and ``lse`` is 0, so
+    the tail 1 - sum stays recoverable by ``log_tail_mass``. Rows are padded to the widest union with
+    logit -inf and the row's last id repeated. The mixture is taken at ``temperature``; the result is a
+    plain distribution, so if T != 1 here, call the losses with temperature 1 to avoid tempering twice.
+    """
+    if any(t.ids.shape[-1] == 0 for t in targets):
+        raise ValueError("mix_teachers needs an exact head (K > 0) from every teacher")
+    total = sum(weights)
+    # Union: sort all valid ids (invalid ones become the sentinel V), keep the first of each run.
+    ids = torch.cat([t.ids.masked_fill(~torch.isfinite(t.logits), vocab_size) for t in targets], -1)
+    ids = ids.sort(-1)[0]
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    first &= ids < vocab_size
+    count = first.sum(-1)  # (P,) union size per row
+    union = ids.masked_fill(~first, 2 * vocab_size).sort(-1)[0][:, : int(count.max())]  # (P, U) left-packed
+    pad = torch.arange(union.shape[-1], device=ids.device) >= count[:, None]
+    union = torch.where(pad, union.gather(1, (count - 1).clamp(min=0)[:, None]), union)
+
+    parts = []
+    for t, w in zip(targets, weights, strict=True):
+        log_p = teacher_bucket_logits(t, vocab_size, temperature).log_softmax(-1)  # (P, K + 1)
+        valid = torch.isfinite(t.logits)
+        head_ids, order = t.ids.masked_fill(~valid, vocab_size).sort(-1)
+        head_lp = log_p[:, :-1].gather(1, order)
+        slot = torch.searchsorted(head_ids, union).clamp(max=head_ids.shape[-1] - 1)
+        hit = head_ids.gather(1, slot) == union
+        n_tail = (vocab_size - valid.sum(-1)).clamp(min=1).to(log_p.dtype)
+        uniform = log_p[:, -1] - torch.log(n_tail)  # (P,) each tail token's share
+        parts.append(torch.where(hit, head_lp.gather(1, slot), uniform[:, None]) + _log(w / total))
+    logits = torch.logsumexp(torch.stack(parts), 0).masked_fill(pad, float("-inf"))
+    return SparseTargets(ids=union, logits=logits, lse=logits.new_zeros(logits.shape[0]))
+
+
+def slice_targets(targets: SparseTargets, index: slice) -> SparseTargets:
+    """The positions ``index`` of every per-position field (for ``chunked_loss``'s loss_fn)."""
+    return SparseTargets(
+        ids=targets.ids[index],
+        logits=targets.logits[index],
+        lse=targets.lse[index],
+        sample_ids=None if targets.sample_ids is None else targets.sample_ids[index],
+        sample_counts=None if targets.sample_counts is None else targets.sample_counts[index],
+    )
+
+
+def chunked_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    loss_fn: Callable[[Tensor, slice], Tensor],
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """(P,) loss_fn(logits_chunk, positions) over chunks of hidden (P, H), never all (P, V) logits at once.
+
+    Each chunk runs under non-reentrant activation checkpointing, so its logits are freed after the
+    forward and recomputed one chunk at a time in the backward; gradients equal the unchunked ones.
+    ``vocab_size`` masks a padded lm_head's extra rows to -inf before ``loss_fn`` sees the logits.
+    """
+
+    def chunk(h: Tensor, index: slice) -> Tensor:
+        logits = F.linear(h, lm_head_weight, lm_head_bias)  # (chunk, V)
+        if vocab_size is not None:
+            logits = mask_padded_vocab(logits, vocab_size)
+        return loss_fn(logits, index)
+
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        index = slice(start, min(start + chunk_size, hidden.shape[0]))
+        out.append(checkpoint(chunk, hidden[index], index, use_reentrant=False))
+    return torch.cat(out)

@@ -1,0 +1,163 @@
+"""The real CLI, end to end, on a two-layer model: fit with overrides, HF export, configs, print_config."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill.cli import main, resolve_precision, run_cli
+from tests.conftest import ROOT, TINY_LLAMA, TOKENIZER_DIR
+
+
+def write_config(tmp_path: Path, chat_file: Path, **data) -> Path:
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 50,
+            "log_every_n_steps": 1,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs")},
+            },
+            "callbacks": [
+                {"class_path": "callbacks.HFExport", "init_args": {"dirpath": str(tmp_path / "hf")}}
+            ],
+        },
+        "model": {
+            "class_path": "distill.StudentModule",
+            "init_args": {
+                "tokenizer": str(TOKENIZER_DIR),
+                "model_config": TINY_LLAMA,
+                "optimizer": {"class_path": "distill.optim.AdamW", "init_args": {"lr": 0.01}},
+            },
+        },
+        "data": {
+            "class_path": "distill.DataModule",
+            "init_args": {
+                "train_files": str(chat_file),
+                "val_fraction": 0.2,
+                "template": "mistral",
+                "batch_size": 4,
+                **data,
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def logged(tmp_path: Path) -> list[dict]:
+    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
+    return list(csv.DictReader(metrics.open()))
+
+
+def test_fit_end_to_end_with_overrides(tmp_path, chat_file):
+    config = write_config(tmp_path, chat_file)
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "12",
+            "--data.init_args.max_seq_length",
+            "96",
+            "--trainer.val_check_interval",
+            "6",
+            "--trainer.check_val_every_n_epoch",
+            "null",
+        ]
+    )
+    rows = logged(tmp_path)
+    train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(train) == 12  # the step override took effect, logged every step
+    assert sum(train[-3:]) / 3 < sum(train[:3]) / 3  # it learns
+    val = [r for r in rows if r.get("val/loss")]
+    assert len(val) == 2 and float(val[0]["val/ppl"]) == pytest.approx(
+        torch.tensor(float(val[0]["val/loss"])).exp().item(), rel=1e-4
+    )
+    assert any(r.get("data/train_trainable_share") for r in rows)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = tmp_path / "hf"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert AutoTokenizer.from_pretrained(export).chat_template  # the template it was trained with
+    saved = yaml.safe_load((export / "distill_config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 12 and saved["data"]["init_args"]["max_seq_length"] == 96
+    # the export equals the trained weights: same logits as a fresh load of the module's checkpoint
+    ids = torch.tensor([[1, 415, 2936, 9060]])
+    assert model.config.num_hidden_layers == 2 and torch.isfinite(model(ids).logits).all()
+
+
+def test_export_round_trip_matches_the_trained_module(tmp_path, chat_file):
+    config = write_config(tmp_path, chat_file)
+    cli = run_cli(["fit", "--config", str(config), "--trainer.max_steps", "3"])
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    trained = cli.model.model.eval()
+    ids = torch.tensor([[1, 415, 2936, 9060, 28723]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained(ids).logits)
+
+
+def test_print_config_and_composed_configs(tmp_path, chat_file, capsys):
+    config = write_config(tmp_path, chat_file)
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    lora: {r: 4, alpha: 8}\n")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--config",
+                str(override),
+                "--model.init_args.lora.r",
+                "8",
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (
+        printed["model"]["init_args"]["lora"]["r"] == 8
+        and printed["model"]["init_args"]["lora"]["alpha"] == 8
+    )
+    assert "tokenizer" not in printed["data"]["init_args"]  # derived from the model's, not set twice
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses_and_instantiates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = [] if path.parent.name == "configs" else ["--config", str(ROOT / "configs" / "sft.yaml")]
+    cli = run_cli([*base, "--config", str(path)], run=False)
+    assert cli.model is not None and cli.trainer is not None
+    # the data module's tokenizer is linked from the model's
+    assert cli.datamodule.tokenizer_name == cli.model.hparams.tokenizer
+
+
+def test_auto_precision_on_cpu():
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto") == "32-true"
+    assert resolve_precision("bf16-mixed") == "bf16-mixed"
+
+
+def test_unknown_template_fails_before_training(tmp_path, chat_file):
+    config = write_config(tmp_path, chat_file, template="vicuna")
+    with pytest.raises(ValueError, match="unknown chat template 'vicuna'"):
+        main(["fit", "--config", str(config)])
+
+
+def test_inspect_shows_masked_positions(tmp_path, chat_file, capsys):
+    config = write_config(tmp_path, chat_file)
+    main(["inspect", "--config", str(config), "--num_samples", "1"])
+    out = capsys.readouterr().out
+    assert "template: mistral" in out and "[<s>[INST] You answer briefly." in out
+    assert "It is 0, since 0 plus 0 is 0.</s>" in out and "trainable" in out

@@ -1,0 +1,70 @@
+"""LoRA: the exported adapter loads with peft, and merging it into the base keeps the logits."""
+
+import torch
+import yaml
+
+from distill.cli import main
+from distill.merge import merge_adapter
+from tests.test_cli import write_config
+
+
+def test_lora_fit_export_and_merge(tmp_path, chat_file):
+    config = write_config(tmp_path, chat_file)
+    lora = tmp_path / "lora.yaml"
+    lora.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "init_args": {
+                        "lora": {
+                            "r": 4,
+                            "alpha": 8,
+                            "dropout": 0.0,
+                            "target_modules": "all-linear",
+                            "modules_to_save": ["lm_head"],
+                        },
+                    }
+                }
+            }
+        )
+    )
+    main(["fit", "--config", str(config), "--config", str(lora), "--trainer.max_steps", "4"])
+    export = tmp_path / "hf"
+    assert (export / "adapter_config.json").exists() and (export / "base_model" / "config.json").exists()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(export / "base_model")
+    assert base.config.tie_word_embeddings
+    adapted = PeftModel.from_pretrained(base, export).eval()
+    ids = torch.tensor([[1, 415, 2936, 9060, 28723, 13]])
+    with torch.no_grad():
+        before = adapted(ids).logits
+        plain = adapted.get_base_model()
+    merged = merge_adapter(export, tmp_path / "merged").eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, before, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reloaded(ids).logits, before, rtol=1e-4, atol=1e-5)
+        with adapted.disable_adapter():
+            base_logits = plain(ids).logits
+    # the adapter changed the model (otherwise equality above proves nothing)
+    assert not torch.allclose(base_logits, before, atol=1e-4)
+    # the tied head was trained apart from the embeddings: merging unties it rather than losing it
+    assert reloaded.config.tie_word_embeddings is False
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists()
+    assert (tmp_path / "merged" / "chat_template.jinja").exists()
+
+
+def test_merge_command_line(tmp_path, chat_file):
+    config = write_config(tmp_path, chat_file)
+    lora = tmp_path / "lora.yaml"
+    lora.write_text(yaml.safe_dump({"model": {"init_args": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}}}))
+    main(["fit", "--config", str(config), "--config", str(lora), "--trainer.max_steps", "2"])
+    main(["merge", "--adapter", str(tmp_path / "hf"), "--output", str(tmp_path / "merged")])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.config.tie_word_embeddings  # nothing untied it: the head was not trained
+    assert not any("lora" in name for name, _ in model.named_parameters())

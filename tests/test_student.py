@@ -1,0 +1,110 @@
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from distill.batching import Collator
+from distill.encoding import IGNORE_INDEX, Encoded
+from distill.optim import AdamW, AdamW8bit
+from distill.student import StudentModule
+from tests.conftest import TINY_LLAMA, TOKENIZER_DIR
+
+
+def tiny_student(**kwargs) -> StudentModule:
+    torch.manual_seed(0)
+    module = StudentModule(model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), **kwargs)
+    module.configure_model()
+    return module
+
+
+def micro_batches() -> list[dict]:
+    """Two micro-batches with very different numbers of trainable tokens."""
+    generator = torch.Generator().manual_seed(1)
+    collate = Collator(pad_id=0)
+
+    def sample(length: int, prompt: int) -> Encoded:
+        ids = torch.randint(3, 1000, (length,), generator=generator).tolist()
+        return Encoded(ids, [IGNORE_INDEX] * prompt + ids[prompt:], "", "")
+
+    return [collate([sample(20, 2), sample(16, 4)]), collate([sample(10, 8)])]
+
+
+def test_gradient_is_the_token_mean_over_the_whole_accumulation_step():
+    module = tiny_student(optimizer=lambda params: torch.optim.SGD(params, lr=1.0), lr_schedule="constant")
+    reference = copy.deepcopy(module.model)
+    batches = micro_batches()
+
+    # reference: one mean over every trainable token of both micro-batches
+    total_loss, total_tokens = 0.0, 0
+    for batch in batches:
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        total_loss = total_loss + F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_tokens += int((labels != IGNORE_INDEX).sum())
+    (total_loss / total_tokens).backward()
+    expected = {n: p.detach() - p.grad for n, p in reference.named_parameters()}
+
+    trainer = L.Trainer(
+        max_steps=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    for name, param in module.model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_per_micro_batch_mean_would_differ():
+    """Guards the test above: the two normalisations really give different gradients on this data."""
+    batches = micro_batches()
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+    assert counts[0] > 3 * counts[1]
+
+
+def test_lora_trains_only_the_adapter():
+    from distill.hf_model import LoraOptions
+
+    module = tiny_student(lora=LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("q_proj" in n for n in trainable) and not any("k_proj" in n for n in trainable)
+
+
+def test_warmup_then_cosine_schedule():
+    module = tiny_student(
+        optimizer=lambda p: torch.optim.SGD(p, lr=1.0), warmup_steps=2, lr_schedule="cosine"
+    )
+    trainer = L.Trainer(max_steps=10, logger=False, accelerator="cpu")
+    module.trainer = trainer
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
+    assert lrs[2] > lrs[5] > lrs[9] > 0
+    # weight decay is not applied to norms
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in optimizer.param_groups[1]["params"])
+
+
+def test_adamw_fused_only_on_cuda():
+    param = torch.nn.Parameter(torch.zeros(2))
+    assert AdamW([param]).defaults["fused"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_8bit_adamw_without_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(2))])
