@@ -39,7 +39,7 @@ class HFExport(L.Callback):
         model.save_pretrained(self.dirpath, state_dict=weights)
         generation_config.save_pretrained(self.dirpath)
         pl_module.tokenizer.save_pretrained(self.dirpath)
-        template = getattr(trainer.datamodule, "_template", None)
+        template = getattr(trainer.datamodule, "chat_template", None)
         if template is not None and not pl_module.tokenizer.chat_template:
             # the tokenizer saved above gains the template it was trained with, so chat tools render alike
             (self.dirpath / "chat_template.jinja").write_text(template.source)

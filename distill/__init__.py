@@ -4,6 +4,7 @@ from distill.datamodule import DataModule
 from distill.hf_model import LoraOptions
 from distill.objectives import CrossEntropy
 from distill.student import StudentModule
+from distill.teacher import Teacher, TeacherModule
 
-__all__ = ["CrossEntropy", "DataModule", "LoraOptions", "StudentModule"]
+__all__ = ["CrossEntropy", "DataModule", "LoraOptions", "StudentModule", "Teacher", "TeacherModule"]
 __version__ = "0.1.0"

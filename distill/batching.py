@@ -62,4 +62,5 @@ class Collator:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if not packed:
             batch["attention_mask"] = attention_mask
+            batch["sha"] = [row[0].sha for row in rows]
         return batch

@@ -154,41 +154,43 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class _Segment:
-    """A segment file being built: resizable datasets that grow by appending; committed by rename."""
+    """A segment file being written: fixed-size chunked datasets filled front to back, then committed
+    by rename. Sizes are known before writing, so no chunk is ever rewritten (appending to resizable
+    lzf datasets rewrites the last partial chunk and left ~7% of dead space in the file)."""
 
     def __init__(self, directory: Path, prefix: str, spec: CacheSpec, replaces: Sequence[str] = ()):
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        self.final = directory / f"{prefix}-{stamp}-{uuid.uuid4().hex[:8]}.h5"  # names are never reused
+        now = time.time_ns()  # names sort in commit order (the reader's storage order), are never reused
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}"
+        self.final = directory / f"{prefix}-{stamp}-{uuid.uuid4().hex[:8]}.h5"
         self.partial = directory / f".{self.final.name}.partial"
-        self.file = h5py.File(self.partial, "w-", libver=_LIBVER)
+        # a chunk cache far above the chunk size keeps partly filled chunks in memory until complete
+        self.file = h5py.File(self.partial, "w-", libver=_LIBVER, rdcc_nbytes=16 << 20)
         for fl in fields(CacheSpec):
             if fl.name != "teachers":
                 self.file.attrs[fl.name] = getattr(spec, fl.name)
         self.file.attrs["encoding"] = ENCODING
         self.file.attrs["replaces"] = json.dumps(list(replaces))
         self.file.attrs["teachers"] = "[]"
-        self.nbytes = 0
         self.head = spec.scheme != "sampled"
+        self._filled: dict[str, int] = {}
 
-    def group(self, identity: dict[str, str]) -> h5py.Group:
-        name = f"teachers/{identity['name']}"
-        if name not in self.file:
-            g = self.file.create_group(name)
-            g.attrs["teacher"] = json.dumps(identity, sort_keys=True)
-            for fname, (dtype, chunk, shuffle) in _FIELDS.items():
-                if self.head or fname not in ("kl", "tail"):
-                    g.create_dataset(fname, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,),
-                                     compression="lzf", shuffle=shuffle)
-            self.file.attrs["teachers"] = json.dumps([*json.loads(self.file.attrs["teachers"]), identity])
-        return self.file[name]
+    def group(self, identity: dict[str, str], rows: int, positions: int, nbytes: int) -> h5py.Group:
+        g = self.file.create_group(f"teachers/{identity['name']}")
+        g.attrs["teacher"] = json.dumps(identity, sort_keys=True)
+        for name, (dtype, chunk, shuffle) in _FIELDS.items():
+            if self.head or name not in ("kl", "tail"):
+                n = {"lse": positions, "tail": positions, "stream": nbytes}.get(name, rows)
+                opts = {"chunks": (min(chunk, n),), "compression": "lzf", "shuffle": shuffle} if n else {}
+                g.create_dataset(name, shape=(n,), dtype=dtype, **opts)
+        self.file.attrs["teachers"] = json.dumps([*json.loads(self.file.attrs["teachers"]), identity])
+        return g
 
-    def append(self, g: h5py.Group, columns: dict[str, np.ndarray]) -> None:
+    def write(self, g: h5py.Group, columns: dict[str, np.ndarray]) -> None:
         for name, data in columns.items():
-            ds = g[name]
-            n = ds.shape[0]
-            ds.resize((n + len(data),))
-            ds[n:] = data
-            self.nbytes += data.nbytes
+            start = self._filled.get(g[name].name, 0)
+            if len(data):
+                g[name][start : start + len(data)] = data
+            self._filled[g[name].name] = start + len(data)
 
     def commit(self) -> Path:
         """Close, fsync, rename, fsync the directory: after this returns the segment survives a crash
@@ -201,60 +203,64 @@ class _Segment:
 
 
 class CacheWriter:
-    """Appends one teacher's targets to a cache directory, committing a segment every ``commit_bytes``.
+    """Collects one teacher's targets for a cache directory and commits them as segment files.
 
-    Every appended sample is complete on its own, so ``commit`` (or leaving the ``with`` block, even by
-    an exception) can always publish what was appended. A crash loses only the uncommitted segment; a
-    re-run's ``plan_sync`` then lists exactly those samples as missing.
+    Encoded samples are buffered in memory and written as one segment per ``commit``, which happens
+    every ``commit_bytes`` of encoded data, every ``commit_seconds``, on ``close`` and on leaving a
+    ``with`` block (also by an exception: every appended sample is complete on its own). A crash loses
+    only the uncommitted buffer; a re-run's ``plan_sync`` lists exactly those samples as missing.
     """
 
     def __init__(self, path: str | Path, spec: CacheSpec, teacher: str, rank: int = 0,
-                 commit_bytes: int = 64 << 20, measure_kl: bool = True):
+                 commit_bytes: int = 64 << 20, commit_seconds: float = 600.0, measure_kl: bool = True):
         self.directory = Path(path)
         self.spec = spec
         self.identity = spec.teacher(teacher)
         self.prefix = f"r{rank:03d}"  # one prefix per DDP rank: ranks never touch each other's files
         self.commit_bytes = commit_bytes
+        self.commit_seconds = commit_seconds
         self.measure_kl = measure_kl
-        self._segment: _Segment | None = None
+        self._rows: list[tuple[bytes, int, int, int, float]] = []
+        self._samples: list[codec.EncodedSample] = []
+        self._pending_bytes = 0
+        self._since = time.monotonic()
         self.committed: list[Path] = []
 
     def append(self, sha: str, num_tokens: int, targets: SparseTargets) -> None:
         self.extend([(sha, num_tokens, targets)])
 
     def extend(self, items: Iterable[tuple[str, int, SparseTargets]]) -> None:
-        """Append several samples with one write per dataset."""
-        rows, encoded = [], []
+        spec = self.spec
         for sha, num_tokens, targets in items:
             if not isinstance(sha, str) or len(sha) > 64 or not sha.isascii():
                 raise ValueError(f"sample keys are SHA-256 hex strings, got {sha!r}")
-            spec = self.spec
             e = codec.encode_targets(targets, spec.scheme, spec.k, spec.vocab_size, spec.value_bits,
                                      self.measure_kl)
-            rows.append((sha.encode(), num_tokens, e.lse.shape[0], e.stream.size, e.kl))
-            encoded.append(e)
-        if not encoded:
-            return
-        if self._segment is None:
-            self._segment = _Segment(self.directory, self.prefix, self.spec)
-        g = self._segment.group(self.identity)
-        cols = {name: np.array([r[i] for r in rows], dtype=_FIELDS[name][0])
-                for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl"))}
-        cols["lse"] = np.concatenate([e.lse for e in encoded])
-        cols["stream"] = np.concatenate([e.stream for e in encoded])
-        if self._segment.head:
-            cols["tail"] = np.concatenate([e.tail for e in encoded])
-        else:
-            del cols["kl"]  # draws are stored exactly: nothing to measure
-        self._segment.append(g, cols)
-        if self._segment.nbytes >= self.commit_bytes:
+            if not self._samples:
+                self._since = time.monotonic()
+            self._rows.append((sha.encode(), num_tokens, e.lse.shape[0], e.stream.size, e.kl))
+            self._samples.append(e)
+            self._pending_bytes += e.stream.size + 6 * e.lse.shape[0]
+        if self._pending_bytes >= self.commit_bytes or time.monotonic() - self._since >= self.commit_seconds:
             self.commit()
 
     def commit(self) -> Path | None:
-        """Publish everything appended so far as one segment; a no-op when nothing was appended."""
-        if self._segment is None:
+        """Write everything appended since the last commit as one segment; None when there was nothing."""
+        if not self._samples:
             return None
-        path, self._segment = self._segment.commit(), None
+        segment = _Segment(self.directory, self.prefix, self.spec)
+        cols = {name: np.array([r[i] for r in self._rows], dtype=_FIELDS[name][0])
+                for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl"))}
+        cols["lse"] = np.concatenate([e.lse for e in self._samples])
+        cols["stream"] = np.concatenate([e.stream for e in self._samples])
+        if segment.head:
+            cols["tail"] = np.concatenate([e.tail for e in self._samples])
+        else:
+            del cols["kl"]  # draws are stored exactly: nothing to measure
+        g = segment.group(self.identity, len(self._rows), len(cols["lse"]), len(cols["stream"]))
+        segment.write(g, cols)
+        path = segment.commit()
+        self._rows, self._samples, self._pending_bytes = [], [], 0
         self.committed.append(path)
         return path
 
@@ -266,7 +272,6 @@ class CacheWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
 
 
 def _open_read(path: Path) -> h5py.File:
@@ -551,23 +556,31 @@ def _compact(directory: Path, segments: list[Path], drop: np.ndarray) -> Path:
     """Rewrite ``segments`` without the ``drop`` SHAs and duplicates into one new segment that names
     them in ``replaces``: its rename is the commit, deleting the old files afterwards is cleanup."""
     replaces = [p.name for p in segments]
-    for p in segments:  # keep superseded-but-undeleted files superseded, or they would come back
-        with _open_read(p) as f:
-            replaces += [n for n in json.loads(f.attrs["replaces"]) if (directory / n).exists()]
-    with _open_read(segments[0]) as f:
-        spec = dataclasses.replace(_spec_from_attrs(f), teachers=[])
-    out = _Segment(directory, "c", spec, replaces)
+    plan: list[tuple[Path, str, np.ndarray]] = []  # (segment, teacher, rows kept)
+    identities: dict[str, dict[str, str]] = {}
+    sizes: dict[str, np.ndarray] = {}  # teacher -> [rows, positions, bytes]
     seen: dict[str, np.ndarray] = {}
     for p in segments:
         with _open_read(p) as f:
+            # keep files that an earlier, interrupted compaction superseded superseded, or they come back
+            replaces += [n for n in json.loads(f.attrs["replaces"]) if (directory / n).exists()]
             for name, g in f["teachers"].items():
-                og = out.group(json.loads(g.attrs["teacher"]))
                 sha = g["sha"][:]
                 keep = np.zeros(len(sha), dtype=bool)
                 keep[np.unique(sha, return_index=True)[1]] = True
                 keep &= ~np.isin(sha, drop) & ~np.isin(sha, seen.get(name, _keys([])))
                 seen[name] = np.concatenate([seen.get(name, _keys([])), sha[keep]])
-                _copy_rows(g, og, keep, out)
+                identities[name] = json.loads(g.attrs["teacher"])
+                plan.append((p, name, keep))
+                kept = [keep.sum(), g["num_positions"][:][keep].sum(), g["num_bytes"][:][keep].sum()]
+                sizes[name] = sizes.get(name, 0) + np.array(kept, dtype=np.int64)
+    with _open_read(segments[0]) as f:
+        spec = dataclasses.replace(_spec_from_attrs(f), teachers=[])
+    out = _Segment(directory, "c", spec, replaces)
+    groups = {name: out.group(identities[name], *map(int, sizes[name])) for name in sizes}
+    for p, name, keep in plan:
+        with _open_read(p) as f:
+            _copy_rows(f["teachers"][name], groups[name], keep, out)
     path = out.commit()
     for n in replaces:
         (directory / n).unlink(missing_ok=True)
@@ -586,12 +599,11 @@ def _copy_rows(src: h5py.Group, dst: h5py.Group, keep: np.ndarray, out: _Segment
             continue
         cols = {n: v[r0:r1][k] for n, v in index.items()}
         p0, p1 = pos[r0], pos[r1 - 1] + npos[r1 - 1]
-        pmask = np.repeat(k, npos[r0:r1])
         for n in ("lse", "tail"):
             if n in src:
-                cols[n] = src[n][p0:p1][pmask]
+                cols[n] = src[n][p0:p1][np.repeat(k, npos[r0:r1])]
         cols["stream"] = src["stream"][byte[r0] : byte[r1 - 1] + nbytes[r1 - 1]][np.repeat(k, nbytes[r0:r1])]
-        out.append(dst, cols)
+        out.write(dst, cols)
 
 
 def cache_stats(path: str | Path) -> dict[str, Any]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.datamodule import DataModule
-from distill.student import StudentModule
 
 
 def resolve_precision(precision: str | int | None) -> str | int | None:
@@ -21,10 +21,6 @@ def resolve_precision(precision: str | int | None) -> str | int | None:
     return "32-true"
 
 
-def tokenizer_of(tokenizer: str | None, model: str | None) -> str | None:
-    return tokenizer or model
-
-
 class DistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -33,11 +29,8 @@ class DistillCLI(LightningCLI):
             default=None,
             help="Like trainer.precision, plus 'auto': bf16-mixed if supported, else 16-mixed; 32 on CPU",
         )
-        parser.link_arguments(
-            ("model.init_args.tokenizer", "model.init_args.model"),
-            "data.init_args.tokenizer",
-            compute_fn=tokenizer_of,
-        )
+        # the student's (or teachers') tokenizer is the data's: configured once, on the model
+        parser.link_arguments("model.tokenizer_id", "data.init_args.tokenizer", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -48,7 +41,7 @@ class DistillCLI(LightningCLI):
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
     return DistillCLI(
-        StudentModule,
+        L.LightningModule,
         DataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -68,4 +61,6 @@ def main(argv: list[str] | None = None) -> None:
         from distill.merge import main as merge_main
 
         return merge_main(args[1:])
+    if args and args[0] == "collect":  # a friendlier name for teacher collection
+        argv = ["predict", *args[1:]]
     run_cli(argv)

@@ -88,8 +88,10 @@ class DataModule(L.LightningDataModule):
         self.val: list[Encoded] = []
         self.stats: dict[str, float] = {}
         self.stop_token_ids: list[int] = []
+        # sample lists of the teacher-collection jobs, set by the cache writer from its sync plan
+        self.predict_jobs: list[list[Encoded]] | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._template: ChatTemplate | None = None
+        self.chat_template: ChatTemplate | None = None  # resolved once a conversation is encoded
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -115,20 +117,20 @@ class DataModule(L.LightningDataModule):
             val = []
         return train[: self.max_train_samples], val[: self.max_eval_samples]
 
-    def template(self, records: list[Record]) -> ChatTemplate | None:
-        """The chat template, checked once: only needed when some record is a conversation."""
-        if self._template is None and any(r.messages is not None for r in records):
-            self._template = resolve_template(self.tokenizer, self.template_name, self.end_of_turn)
+    def template_for(self, records: list[Record]) -> ChatTemplate | None:
+        """The chat template, resolved and checked once: only needed when some record is a conversation."""
+        if self.chat_template is None and any(r.messages is not None for r in records):
+            self.chat_template = resolve_template(self.tokenizer, self.template_name, self.end_of_turn)
             self.stop_token_ids = check_stops_on_end_of_turn(
-                self.tokenizer, self._template, self.stop_tokens, self.add_eot_to_stop_tokens
+                self.tokenizer, self.chat_template, self.stop_tokens, self.add_eot_to_stop_tokens
             )
-        return self._template
+        return self.chat_template
 
     def encode(self, records: list[Record]) -> tuple[list[Encoded], EncodingStats]:
         return encode_all(
             records,
             self.tokenizer,
-            self.template(records),
+            self.template_for(records),
             self.max_seq_length,
             self.truncation,
             self.train_on_responses_only,
@@ -179,6 +181,14 @@ class DataModule(L.LightningDataModule):
         )
 
     test_dataloader = val_dataloader
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """One loader per collection job (teacher x split), in order; by default all samples once."""
+        jobs = self.predict_jobs if self.predict_jobs is not None else [self.train + self.val]
+        return [
+            DataLoader(job, batch_size=self.eval_batch_size, collate_fn=self.collator, num_workers=self.num_workers)
+            for job in jobs
+        ]
 
 
 def _as_list(files: str | list[str]) -> list[str | Path]:

@@ -41,7 +41,8 @@ def load_causal_lm(
         config.setdefault("vocab_size", len(tokenizer))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             config.setdefault(key, getattr(tokenizer, key))
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch_dtype)
+        built_dtype = None if torch_dtype == "auto" else torch_dtype  # a fresh model has no stored dtype
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=built_dtype)
     else:
         raise ValueError("set model.model (a name or path) or model.model_config (a config dict)")
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -25,12 +25,12 @@ def main(argv: list[str]) -> None:
     samples, stats = encode_all(
         records,
         data.tokenizer,
-        data.template(records),
+        data.template_for(records),
         data.max_seq_length,
         data.truncation,
         data.train_on_responses_only,
     )
-    template = data.template(records)
+    template = data.chat_template
     print(
         f"template: {template.name}, end of turn: {template.end_of_turn}" if template else "template: -"
     )

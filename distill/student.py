@@ -51,7 +51,8 @@ class StudentModule(L.LightningModule):
         self.save_hyperparameters(ignore=["objective", "optimizer"])
         self.model_name = model
         self.model_config = model_config
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model) if (tokenizer or model) else None
+        self.tokenizer_id = tokenizer or model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id) if self.tokenizer_id else None
         self.dtype_name = dtype
         self.lora = lora
         self.gradient_checkpointing = gradient_checkpointing

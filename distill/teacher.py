@@ -1,0 +1,195 @@
+"""TeacherModule: runs teacher LMs in Lightning's predict loop and returns sparse distributions.
+
+One predict dataloader per (teacher, split) job; the module keeps only the current job's teacher in
+memory and frees it when the next teacher's job starts.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from distill.encoding import IGNORE_INDEX
+from distill.hf_model import load_causal_lm
+from distill.identity import model_identity
+
+Scheme = Literal["topk", "sampled", "hybrid"]
+
+
+@dataclass
+class Teacher:
+    """A teacher model and, optionally, its own chat template."""
+
+    model: str | None = None
+    """Hugging Face name or local path."""
+    model_config: dict | None = None
+    """A transformers config dict to build a random-init teacher (tests only)."""
+    name: str | None = None
+    """Name in the cache (default: derived from ``model``)."""
+    dtype: str | None = "auto"
+    """Weight dtype when loading (``auto``, ``bfloat16``, ``float32``)."""
+
+    @property
+    def key(self) -> str:
+        if self.name:
+            return self.name
+        if self.model:
+            return self.model.rstrip("/").replace("/", "--")
+        raise ValueError("a teacher built from model_config needs a name")
+
+
+@dataclass
+class SparseOutput:
+    """One sample's teacher output, on the CPU: what the writer appends to the cache."""
+
+    sha: str
+    num_tokens: int
+    ids: Tensor  # (P, K) int64, ascending per row
+    logits: Tensor  # (P, K) float32 raw logits (temperature 1)
+    lse: Tensor  # (P,) float32
+    sample_ids: Tensor | None = None  # (P, S) int64
+    sample_counts: Tensor | None = None  # (P, S) int32
+
+
+def sparse_distribution(
+    logits: Tensor, k: int, scheme: Scheme = "topk", num_draws: int = 0, temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Top-k ids/logits, the full log-sum-exp, and sampled ids/counts from (n, V) logits.
+
+    Top-k runs on the model's dtype; only this chunk's rows are upcast for the log-sum-exp and the draws,
+    so no (batch, seq, vocab) float32 tensor exists.
+    """
+    full = logits.float()
+    lse = torch.logsumexp(full, dim=-1)
+    if scheme == "sampled":
+        ids = torch.empty((logits.shape[0], 0), dtype=torch.long, device=logits.device)
+        head = torch.empty((logits.shape[0], 0), device=logits.device)
+    else:
+        head, ids = logits.topk(k, dim=-1)
+        ids, order = ids.sort(dim=-1)
+        head = head.gather(-1, order).float()
+    if scheme == "topk":
+        return ids, head, lse, None, None
+    scaled = full / temperature
+    if scheme == "hybrid":
+        scaled.scatter_(-1, ids, float("-inf"))  # draw from the tail only
+    draws = torch.multinomial(torch.softmax(scaled, dim=-1), num_draws, replacement=True)
+    counts = torch.zeros_like(full, dtype=torch.int32).scatter_add_(
+        -1, draws, torch.ones_like(draws, dtype=torch.int32)
+    )
+    sample_counts, sample_ids = counts.topk(min(num_draws, counts.shape[-1]), dim=-1)
+    return ids, head, lse, sample_ids, sample_counts
+
+
+class TeacherModule(L.LightningModule):
+    def __init__(
+        self,
+        teachers: list[Teacher],
+        k: int = 64,
+        scheme: Scheme = "topk",
+        num_draws: int = 0,
+        temperature: float = 1.0,
+        chunk_size: int = 512,
+        vocab_size: int | None = None,
+        tokenizer: str | None = None,
+    ) -> None:
+        """
+        Args:
+            teachers: Teacher models, collected one after another (one in memory at a time).
+            k: Exact top-k ids kept per position (``topk`` and ``hybrid``).
+            scheme: ``topk`` (exact head + tail mass), ``sampled`` (``num_draws`` tokens drawn from the
+                teacher: unbiased) or ``hybrid`` (exact head + draws from the tail).
+            num_draws: Draws per position for ``sampled``/``hybrid``.
+            temperature: Temperature of the draws (stored logits are always raw).
+            chunk_size: Positions whose logits exist at once.
+            vocab_size: True vocabulary size (default: the tokenizer's); ids past it are never stored.
+            tokenizer: Tokenizer of the student and teachers (linked from the data module).
+        """
+        super().__init__()
+        if scheme != "topk" and num_draws <= 0:
+            raise ValueError(f"scheme {scheme!r} needs num_draws > 0")
+        self.teachers = teachers
+        self.k = 0 if scheme == "sampled" else k
+        self.scheme = scheme
+        self.num_draws = num_draws
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.tokenizer_id = tokenizer or teachers[0].model
+        self._vocab_size = vocab_size
+        self.job_teachers: list[int] = [0]  # teacher index of each predict dataloader, set by the writer
+        self._loaded: tuple[int, nn.Module] | None = None
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a device
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size or len(self.tokenizer)
+
+    def identity(self, index: int) -> dict[str, str]:
+        teacher = self.teachers[index]
+        return {"name": teacher.key, **model_identity(teacher.model, teacher.model_config)}
+
+    def teacher_model(self, index: int) -> nn.Module:
+        """The teacher of ``index``, loaded on first use; the previous one is freed first."""
+        if self._loaded is not None and self._loaded[0] == index:
+            return self._loaded[1]
+        self._loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        teacher = self.teachers[index]
+        model = load_causal_lm(teacher.model, teacher.model_config, self.tokenizer, teacher.dtype)
+        model = model.to(self.device).eval().requires_grad_(False)
+        self._loaded = (index, model)
+        return model
+
+    def release(self) -> None:
+        self._loaded = None
+        gc.collect()
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
+        model = self.teacher_model(self.job_teachers[dataloader_idx])
+        hidden = model.get_decoder()(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+        trainable = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        positions = hidden[:, :-1][trainable]  # (N, H), sample after sample
+        head = model.get_output_embeddings()
+        parts = [
+            sparse_distribution(
+                head(positions[i : i + self.chunk_size])[:, : self.vocab_size],
+                self.k,
+                self.scheme,
+                self.num_draws,
+                self.temperature,
+            )
+            for i in range(0, positions.shape[0], self.chunk_size)
+        ]
+        columns = [torch.cat(c).cpu() if c[0] is not None else None for c in zip(*parts, strict=True)]
+        per_sample = trainable.sum(dim=1).tolist()
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        outputs = []
+        start = 0
+        for sha, count, length in zip(batch["sha"], per_sample, lengths, strict=True):
+            rows = slice(start, start + count)
+            ids, logits, lse, sample_ids, sample_counts = (
+                c[rows] if c is not None else None for c in columns
+            )
+            outputs.append(SparseOutput(sha, int(length), ids, logits, lse, sample_ids, sample_counts))
+            start += count
+        return outputs
