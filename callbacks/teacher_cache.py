@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoTokenizer
 
-from distill.cache import CacheSpec, CacheWriter, TeacherCache, open_cache
-from distill.identity import check_same_vocabulary, tokenizer_hash
-from distill.targets import SparseTargets
-
-_DONE = object()
+from distill.cache import CacheSpec, TeacherCache, open_cache
+from distill.collect import BackgroundWriter, Job, cache_spec, check_vocabularies, plan_jobs
 
 
 class TeacherCacheWriter(BasePredictionWriter):
@@ -50,37 +44,18 @@ class TeacherCacheWriter(BasePredictionWriter):
         self.value_bits = value_bits
         self.commit_seconds = commit_seconds
         self.caches: dict[str, TeacherCache] = {}
-        self.jobs: list[tuple[str, str]] = []  # (split, teacher name) per predict dataloader
-        self._writers: dict[int, CacheWriter] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=8)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self.jobs: list[Job] = []  # one per predict dataloader
+        self._writer: BackgroundWriter | None = None
 
     def spec(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CacheSpec:
         data = trainer.datamodule
-        template = data.chat_template
-        return CacheSpec(
-            scheme=pl_module.scheme,
-            k=pl_module.k,
-            n_draws=pl_module.num_draws,
-            teachers=[pl_module.identity(i) for i in range(len(pl_module.teachers))],
-            tokenizer_hash=tokenizer_hash(data.tokenizer),
-            vocab_size=pl_module.vocab_size,
-            temperature=pl_module.temperature,
-            template=template.source if template else "",
-            max_seq_length=data.max_seq_length,
-            value_bits=self.value_bits,
-        )
+        return cache_spec(pl_module, data.tokenizer, data.chat_template, data.max_seq_length, self.value_bits)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
         data = trainer.datamodule
-        for teacher in pl_module.teachers:
-            if teacher.model is not None:
-                check_same_vocabulary(
-                    data.tokenizer, AutoTokenizer.from_pretrained(teacher.model), teacher.key
-                )
+        check_vocabularies(pl_module, data.tokenizer)
         spec = self.spec(trainer, pl_module)
         splits = {"train": data.train, "val": data.val}
         if trainer.is_global_zero:
@@ -90,68 +65,30 @@ class TeacherCacheWriter(BasePredictionWriter):
                 dropped = cache.drop(plan.drop) if plan.drop else 0
                 rank_zero_info(f"[distill] cache {path}: {plan} (dropped {dropped})")
         trainer.strategy.barrier("teacher-cache-sync")
-        jobs, samples = [], []
         for split, path in self.paths.items():
-            self.caches[split] = cache = open_cache(path, spec)
-            plan = cache.plan_sync([s.sha for s in splits[split]])
-            by_sha = {s.sha: s for s in splits[split]}
-            for index, teacher in enumerate(pl_module.teachers):
-                missing = [by_sha[sha] for sha in plan.to_collect[teacher.key]]
-                if missing:
-                    jobs.append((split, teacher.key, index))
-                    samples.append(missing)
-        # a teacher's jobs stay adjacent so it is loaded once
-        order = sorted(range(len(jobs)), key=lambda j: jobs[j][2])
-        self.jobs = [jobs[j][:2] for j in order]
-        pl_module.job_teachers = [jobs[j][2] for j in order]
-        data.predict_jobs = [samples[j] for j in order]
+            self.caches[split] = open_cache(path, spec)
+        self.jobs = plan_jobs(pl_module, [(self.caches[split], splits[split]) for split in self.paths])
+        pl_module.job_teachers = [job.teacher_index for job in self.jobs]
+        data.predict_jobs = [job.samples for job in self.jobs]
         trainer.predict_loop.return_predictions = False  # outputs go to disk, not into a list in memory
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._thread = threading.Thread(target=self._drain, name="teacher-cache-writer", daemon=True)
-        self._thread.start()
+        rank = trainer.global_rank
+
+        def open_writer(j: int):
+            job = self.jobs[j]
+            name = pl_module.teachers[job.teacher_index].key
+            return job.cache.writer(name, rank, commit_seconds=self.commit_seconds)
+
+        self._writer = BackgroundWriter(open_writer)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
-        if self._error is not None:
-            raise RuntimeError("the teacher cache writer failed") from self._error
-        self._queue.put((trainer.global_rank, dataloader_idx, prediction))
+        self._writer.put(dataloader_idx, prediction)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._queue.put(_DONE)
-        if self._thread is not None:
-            self._thread.join()
         pl_module.release()
-        if self._error is not None:
-            raise RuntimeError("the teacher cache writer failed") from self._error
+        self._writer.close()
         for split, cache in self.caches.items():
             rank_zero_info(f"[distill] cache {split}: {cache.stats()}")
-
-    def _drain(self) -> None:
-        try:
-            while (item := self._queue.get()) is not _DONE:
-                rank, job, outputs = item
-                writer = self._writer(rank, job)
-                writer.extend(
-                    (
-                        o.sha,
-                        o.num_tokens,
-                        SparseTargets(o.ids, o.logits, o.lse, o.sample_ids, o.sample_counts),
-                    )
-                    for o in outputs
-                )
-            for writer in self._writers.values():
-                writer.close()
-        except BaseException as error:  # surfaced in the main thread
-            self._error = error
-            while self._queue.get() is not _DONE:  # unblock the producer
-                pass
-
-    def _writer(self, rank: int, job: int) -> CacheWriter:
-        if job not in self._writers:
-            for earlier in self._writers.values():  # the previous job is complete: commit it now
-                earlier.close()
-            split, teacher = self.jobs[job]
-            self._writers[job] = self.caches[split].writer(teacher, rank, commit_seconds=self.commit_seconds)
-        return self._writers[job]

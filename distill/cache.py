@@ -211,8 +211,16 @@ class CacheWriter:
     only the uncommitted buffer; a re-run's ``plan_sync`` lists exactly those samples as missing.
     """
 
-    def __init__(self, path: str | Path, spec: CacheSpec, teacher: str, rank: int = 0,
-                 commit_bytes: int = 64 << 20, commit_seconds: float = 600.0, measure_kl: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        spec: CacheSpec,
+        teacher: str,
+        rank: int = 0,
+        commit_bytes: int = 64 << 20,
+        commit_seconds: float = 600.0,
+        measure_kl: bool = True,
+    ):
         self.directory = Path(path)
         self.spec = spec
         self.identity = spec.teacher(teacher)
@@ -234,8 +242,9 @@ class CacheWriter:
         for sha, num_tokens, targets in items:
             if not isinstance(sha, str) or len(sha) > 64 or not sha.isascii():
                 raise ValueError(f"sample keys are SHA-256 hex strings, got {sha!r}")
-            e = codec.encode_targets(targets, spec.scheme, spec.k, spec.vocab_size, spec.value_bits,
-                                     self.measure_kl)
+            e = codec.encode_targets(
+                targets, spec.scheme, spec.k, spec.vocab_size, spec.value_bits, self.measure_kl
+            )
             if not self._samples:
                 self._since = time.monotonic()
             self._rows.append((sha.encode(), num_tokens, e.lse.shape[0], e.stream.size, e.kl))
@@ -249,8 +258,10 @@ class CacheWriter:
         if not self._samples:
             return None
         segment = _Segment(self.directory, self.prefix, self.spec)
-        cols = {name: np.array([r[i] for r in self._rows], dtype=_FIELDS[name][0])
-                for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl"))}
+        cols = {
+            name: np.array([r[i] for r in self._rows], dtype=_FIELDS[name][0])
+            for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl"))
+        }
         cols["lse"] = np.concatenate([e.lse for e in self._samples])
         cols["stream"] = np.concatenate([e.stream for e in self._samples])
         if segment.head:
@@ -349,8 +360,9 @@ class CacheReader:
                 npos, nbytes = g["num_positions"][:].astype(np.int64), g["num_bytes"][:]
                 kl = g["kl"][:] if "kl" in g else np.zeros(len(npos))
                 pos, byte = np.cumsum(npos) - npos, np.cumsum(nbytes) - nbytes
-                parts.setdefault(name, []).append((g["sha"][:], np.full(len(npos), s), pos, npos, byte,
-                                                   nbytes, kl))
+                parts.setdefault(name, []).append(
+                    (g["sha"][:], np.full(len(npos), s), pos, npos, byte, nbytes, kl)
+                )
                 self.stored_positions += int(npos.sum())
         self._index = {}
         for name, chunks in parts.items():
@@ -391,8 +403,13 @@ class CacheReader:
     def get(self, sha: str, teacher: str | None = None) -> SparseTargets:
         return self._read(self._one(teacher), [sha])[0]
 
-    def iter_chunks(self, shas: Sequence[str], chunk_size: int,
-                    teacher: str | None = None) -> Iterator[list[tuple[str, SparseTargets]]]:
+    def read(self, shas: Sequence[str], teacher: str | None = None) -> list[SparseTargets]:
+        """Several samples at once (one read per segment where they lie close together)."""
+        return self._read(self._one(teacher), shas)
+
+    def iter_chunks(
+        self, shas: Sequence[str], chunk_size: int, teacher: str | None = None
+    ) -> Iterator[list[tuple[str, SparseTargets]]]:
         """Yield ``chunk_size`` samples at a time in the order given, reading one span per segment and
         chunk where the samples lie close together (they do when ``shas`` follows storage order)."""
         name = self._one(teacher)
@@ -410,8 +427,10 @@ class CacheReader:
         ix = self._load()[name]
         rows, found = ix.find(_keys(shas))
         if not found.all():
-            raise KeyError(f"{int((~found).sum())} samples not in the cache for teacher {name!r}, "
-                           f"e.g. {shas[int(np.argmin(found))]}")
+            raise KeyError(
+                f"{int((~found).sum())} samples not in the cache for teacher {name!r}, "
+                f"e.g. {shas[int(np.argmin(found))]}"
+            )
         out: list[SparseTargets | None] = [None] * len(rows)
         for seg in np.unique(ix.seg[rows]):
             sel = np.flatnonzero(ix.seg[rows] == seg)
@@ -429,9 +448,12 @@ class CacheReader:
             for i, row in zip(sel, r, strict=True):
                 ps, bs = int(ix.pos[row]) - p0, int(ix.byte[row]) - b0
                 pe, be = ps + int(ix.npos[row]), bs + int(ix.nbytes[row])
-                out[i] = codec.decode_targets(np.asarray(stream[bs:be]), np.asarray(lse[ps:pe]),
-                                              None if tails is None else np.asarray(tails[ps:pe]),
-                                              *self._formats[int(seg)])
+                out[i] = codec.decode_targets(
+                    np.asarray(stream[bs:be]),
+                    np.asarray(lse[ps:pe]),
+                    None if tails is None else np.asarray(tails[ps:pe]),
+                    *self._formats[int(seg)],
+                )
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -497,6 +519,11 @@ class TeacherCache:
         live, _ = _scan(self.path)
         if len(live) > 1:
             _compact(self.path, live, _keys([]))
+
+    def clear(self) -> None:
+        """Delete every segment (the spec stays): chunked KD purges a trained chunk this way."""
+        for p in [*self.path.glob("*.h5"), *self.path.glob(".*.partial")]:
+            p.unlink()
 
     def remove_partials(self) -> int:
         """Delete uncommitted segments left by crashed writers. Only while no writer is running."""
@@ -617,8 +644,11 @@ def cache_stats(path: str | Path) -> dict[str, Any]:
     for name, ix in index.items():
         positions = int(ix.npos.sum())
         kl = float(ix.kl.sum() / positions) if scheme != "sampled" and positions else None
-        teachers[name] = {"samples": len(ix.sha), "positions": positions,
-                          "kl_stored_vs_exact": None if kl is None or np.isnan(kl) else kl}
+        teachers[name] = {
+            "samples": len(ix.sha),
+            "positions": positions,
+            "kl_stored_vs_exact": None if kl is None or np.isnan(kl) else kl,
+        }
     kls = [(t["kl_stored_vs_exact"], t["positions"]) for t in teachers.values()]
     measured = all(kl is not None for kl, _ in kls) and sum(n for _, n in kls) > 0
     reader.close()

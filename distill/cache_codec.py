@@ -170,8 +170,9 @@ def _np(x: Any) -> np.ndarray | None:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def encode_targets(t: SparseTargets, scheme: str, k: int, vocab_size: int, bits: int,
-                   measure_kl: bool = True) -> EncodedSample:
+def encode_targets(
+    t: SparseTargets, scheme: str, k: int, vocab_size: int, bits: int, measure_kl: bool = True
+) -> EncodedSample:
     """Validate and encode one sample's targets (tensors or numpy arrays in a SparseTargets)."""
     lse = _np(t.lse).astype(np.float32).reshape(-1)
     num_pos = lse.shape[0]
@@ -200,8 +201,9 @@ def encode_targets(t: SparseTargets, scheme: str, k: int, vocab_size: int, bits:
     return EncodedSample(lse, tail, np.frombuffer(blob, dtype=np.uint8), kl)
 
 
-def decode_targets(stream: np.ndarray, lse: np.ndarray, tail: np.ndarray | None, scheme: str, k: int,
-                   bits: int) -> SparseTargets:
+def decode_targets(
+    stream: np.ndarray, lse: np.ndarray, tail: np.ndarray | None, scheme: str, k: int, bits: int
+) -> SparseTargets:
     """Inverse of ``encode_targets``: ids exact, logits within the value quantisation, draws exact."""
     num_pos = lse.shape[0]
     ids = np.zeros((num_pos, 0), dtype=np.int64)
@@ -210,8 +212,9 @@ def decode_targets(stream: np.ndarray, lse: np.ndarray, tail: np.ndarray | None,
     if scheme != "sampled":
         ids, q, offset = decode_head(stream, 0, num_pos, k)
         logits = dequantize_head(q, lse, tail, bits)
-    out = SparseTargets(torch.from_numpy(ids), torch.from_numpy(logits),
-                        torch.from_numpy(lse.astype(np.float32)))
+    out = SparseTargets(
+        torch.from_numpy(ids), torch.from_numpy(logits), torch.from_numpy(lse.astype(np.float32))
+    )
     if scheme != "topk":
         sids, counts, offset = decode_samples(stream, offset, num_pos)
         out.sample_ids, out.sample_counts = torch.from_numpy(sids), torch.from_numpy(counts)

@@ -1,4 +1,5 @@
-"""``python -m distill``: LightningCLI's fit/validate/test/predict, plus ``inspect`` and ``merge``."""
+"""``python -m distill``: LightningCLI's fit/validate/test/predict, plus ``collect``, ``inspect``,
+``merge`` and ``cache stats``."""
 
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         from distill.merge import main as merge_main
 
         return merge_main(args[1:])
+    if args and args[0] == "cache":
+        from distill.cache_cli import main as cache_main
+
+        return cache_main(args[1:])
     if args and args[0] == "collect":  # a friendlier name for teacher collection
         argv = ["predict", *args[1:]]
     run_cli(argv)

@@ -186,7 +186,9 @@ class DataModule(L.LightningDataModule):
         """One loader per collection job (teacher x split), in order; by default all samples once."""
         jobs = self.predict_jobs if self.predict_jobs is not None else [self.train + self.val]
         return [
-            DataLoader(job, batch_size=self.eval_batch_size, collate_fn=self.collator, num_workers=self.num_workers)
+            DataLoader(
+                job, batch_size=self.eval_batch_size, collate_fn=self.collator, num_workers=self.num_workers
+            )
             for job in jobs
         ]
 

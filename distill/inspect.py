@@ -31,9 +31,7 @@ def main(argv: list[str]) -> None:
         data.train_on_responses_only,
     )
     template = data.chat_template
-    print(
-        f"template: {template.name}, end of turn: {template.end_of_turn}" if template else "template: -"
-    )
+    print(f"template: {template.name}, end of turn: {template.end_of_turn}" if template else "template: -")
     for sample in samples:
         print(
             f"\n=== {sample.source}  sha256 {sample.sha[:16]}  tokens {len(sample.input_ids)}  "

@@ -9,7 +9,10 @@ from torchmetrics import Metric
 
 
 class TokenMetrics(Metric):
-    """Loss, perplexity and top-1 accuracy per token, plus any extra per-token sums an objective reports."""
+    """Loss, perplexity and top-1 accuracy per token, plus any extra per-token sums an objective reports.
+
+    Perplexity is exp of the cross-entropy: the ``ce`` sum when the objective reports one (KD), else the loss.
+    """
 
     full_state_update = False
 
@@ -31,9 +34,10 @@ class TokenMetrics(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         tokens = self.tokens.clamp(min=1)
         loss = self.loss_sum / tokens
+        ce = self.ce / tokens if "ce" in self.extra else loss
         values = {
             "loss": loss,
-            "ppl": torch.exp(loss.clamp(max=math.log(1e30))),
+            "ppl": torch.exp(ce.clamp(max=math.log(1e30))),
             "acc": self.correct / tokens,
         }
         values.update({name: getattr(self, name) / tokens for name in self.extra})

@@ -24,7 +24,11 @@ class TokenLoss:
 
 
 def over_chunks(
-    fn: Callable[..., tuple[Tensor, ...]], hidden: Tensor, *per_position: Tensor, chunk_size: int = 1024
+    fn: Callable[..., tuple[Tensor, ...]],
+    hidden: Tensor,
+    *per_position: Tensor,
+    chunk_size: int = 1024,
+    num_outputs: int = 2,
 ) -> tuple[Tensor, ...]:
     """Sum ``fn(hidden_chunk, *chunks)`` over position chunks, recomputing each chunk in backward.
 
@@ -39,11 +43,26 @@ def over_chunks(
         totals = parts if totals is None else tuple(a + b for a, b in zip(totals, parts, strict=True))
     if totals is None:  # no position: keep the graph connected so every rank runs backward
         zero = hidden.sum() * 0.0
-        return (zero, zero.detach())
+        return (zero, *[zero.detach()] * (num_outputs - 1))
     return totals
 
 
-class CrossEntropy:
+class Objective:
+    """What the student minimises: ``__call__(hidden, head, labels, batch) -> TokenLoss``.
+
+    ``metric_names`` lists the extra per-token sums it reports (logged as means on train and val).
+    """
+
+    metric_names: tuple[str, ...] = ()
+
+    def setup(self, student: nn.Module) -> None:
+        """Called once the student is built (e.g. to learn its tokenizer)."""
+
+    def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
+        raise NotImplementedError
+
+
+class CrossEntropy(Objective):
     """Next-token cross-entropy on the labels: the ``pt`` and ``sft`` objectives."""
 
     def __init__(self, chunk_size: int = 1024) -> None:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, get_scheduler
 from distill.encoding import IGNORE_INDEX
 from distill.hf_model import LoraOptions, add_lora, load_causal_lm
 from distill.metrics import TokenMetrics
-from distill.objectives import CrossEntropy, TokenLoss
+from distill.objectives import CrossEntropy, Objective, TokenLoss
 from distill.optim import AdamW
 
 
@@ -26,7 +26,7 @@ class StudentModule(L.LightningModule):
         dtype: str | None = None,
         lora: LoraOptions | None = None,
         gradient_checkpointing: bool = False,
-        objective: CrossEntropy | None = None,
+        objective: Objective | None = None,
         optimizer: OptimizerCallable = AdamW,
         lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
         warmup_steps: int = 0,
@@ -41,7 +41,8 @@ class StudentModule(L.LightningModule):
                 ``trainer.precision``'s job.
             lora: Train a LoRA adapter instead of all weights.
             gradient_checkpointing: Recompute activations in backward to save memory.
-            objective: What to minimise; default: next-token cross-entropy (``pt``/``sft``).
+            objective: What to minimise: ``distill.objectives.CrossEntropy`` (``pt``/``sft``, the default)
+                or ``distill.kd.Distillation`` (KD from cached or online teacher targets).
             optimizer: Optimizer class path and arguments: ``distill.optim.AdamW``,
                 ``distill.optim.AdamW8bit`` or any ``torch.optim`` class.
             lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
@@ -61,8 +62,8 @@ class StudentModule(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
         self.model: nn.Module | None = None
-        self.train_metrics = TokenMetrics()
-        self.val_metrics = TokenMetrics()
+        self.train_metrics = TokenMetrics(self.objective.metric_names)
+        self.val_metrics = TokenMetrics(self.objective.metric_names)
         self._step_tokens = 0
 
     def configure_model(self) -> None:
@@ -75,6 +76,7 @@ class StudentModule(L.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = add_lora(model, self.lora) if self.lora is not None else model
+        self.objective.setup(self)
 
     @property
     def causal_lm(self) -> nn.Module:

@@ -7,7 +7,7 @@ memory and frees it when the next teacher's job starts.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import lightning as L
@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from distill.encoding import IGNORE_INDEX
 from distill.hf_model import load_causal_lm
 from distill.identity import model_identity
+from distill.targets import SparseTargets
 
 Scheme = Literal["topk", "sampled", "hybrid"]
 
@@ -55,6 +56,10 @@ class SparseOutput:
     lse: Tensor  # (P,) float32
     sample_ids: Tensor | None = None  # (P, S) int64
     sample_counts: Tensor | None = None  # (P, S) int32
+
+    @property
+    def targets(self) -> SparseTargets:
+        return SparseTargets(self.ids, self.logits, self.lse, self.sample_ids, self.sample_counts)
 
 
 def sparse_distribution(
@@ -159,8 +164,9 @@ class TeacherModule(L.LightningModule):
         gc.collect()
 
     @torch.no_grad()
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
-        model = self.teacher_model(self.job_teachers[dataloader_idx])
+    def batch_targets(self, model: nn.Module, batch: dict) -> tuple[SparseTargets, Tensor]:
+        """The teacher's sparse distribution at every trainable position of ``batch`` (row-major, i.e.
+        sample after sample, packed rows included) and the number of those positions per row."""
         hidden = model.get_decoder()(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
@@ -168,7 +174,7 @@ class TeacherModule(L.LightningModule):
             use_cache=False,
         ).last_hidden_state
         trainable = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
-        positions = hidden[:, :-1][trainable]  # (N, H), sample after sample
+        positions = hidden[:, :-1][trainable]  # (N, H)
         head = model.get_output_embeddings()
         parts = [
             sparse_distribution(
@@ -180,12 +186,29 @@ class TeacherModule(L.LightningModule):
             )
             for i in range(0, positions.shape[0], self.chunk_size)
         ]
-        columns = [torch.cat(c).cpu() if c[0] is not None else None for c in zip(*parts, strict=True)]
-        per_sample = trainable.sum(dim=1).tolist()
+        if not parts:  # no trainable position in the batch
+            parts = [
+                sparse_distribution(
+                    head(positions[:1])[:0, : self.vocab_size],
+                    self.k,
+                    self.scheme,
+                    self.num_draws,
+                    self.temperature,
+                )
+            ]
+        columns = [torch.cat(c) if c[0] is not None else None for c in zip(*parts, strict=True)]
+        return SparseTargets(*columns), trainable.sum(dim=1)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
+        model = self.teacher_model(self.job_teachers[dataloader_idx])
+        targets, per_sample = self.batch_targets(model, batch)
+        columns = [getattr(targets, f.name) for f in fields(SparseTargets)]
+        columns = [c.cpu() if c is not None else None for c in columns]
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         outputs = []
         start = 0
-        for sha, count, length in zip(batch["sha"], per_sample, lengths, strict=True):
+        for sha, count, length in zip(batch["sha"], per_sample.tolist(), lengths, strict=True):
             rows = slice(start, start + count)
             ids, logits, lse, sample_ids, sample_counts = (
                 c[rows] if c is not None else None for c in columns

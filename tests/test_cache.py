@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -28,8 +29,15 @@ def sha(i: int | str) -> str:
 
 
 def spec(**kw) -> CacheSpec:
-    base = dict(scheme="topk", k=K, teachers=[BIG], tokenizer_hash="tok1", vocab_size=V, template="chatml",
-                max_seq_length=128)
+    base = dict(
+        scheme="topk",
+        k=K,
+        teachers=[BIG],
+        tokenizer_hash="tok1",
+        vocab_size=V,
+        template="chatml",
+        max_seq_length=128,
+    )
     return CacheSpec(**{**base, **kw})
 
 
@@ -75,8 +83,14 @@ def make_samples(n: int, seed: int = 0, start: int = 0) -> dict[str, SparseTarge
 
 def test_rice_round_trip():
     rng = np.random.default_rng(0)
-    for values in [np.zeros(5), rng.integers(0, 3, 100), rng.geometric(0.002, 500) - 1, np.array([7]),
-                   np.array([], dtype=np.int64), np.array([0, 2**31, 5])]:
+    for values in [
+        np.zeros(5),
+        rng.integers(0, 3, 100),
+        rng.geometric(0.002, 500) - 1,
+        np.array([7]),
+        np.array([], dtype=np.int64),
+        np.array([0, 2**31, 5]),
+    ]:
         blob = codec.rice_encode(values)
         out, end = codec.rice_decode(np.frombuffer(b"xy" + blob, np.uint8), 2)
         assert np.array_equal(out, values.astype(np.int64)) and end == len(blob) + 2
@@ -111,8 +125,11 @@ def test_sampled_and_hybrid_round_trip(tmp_path, scheme):
     samples = {}
     for i in range(4):
         x = peaked_logits(6, V, gen)
-        t = head(x, K) if scheme == "hybrid" else SparseTargets(torch.zeros(6, 0), torch.zeros(6, 0),
-                                                                   torch.logsumexp(x, 1))
+        t = (
+            head(x, K)
+            if scheme == "hybrid"
+            else SparseTargets(torch.zeros(6, 0), torch.zeros(6, 0), torch.logsumexp(x, 1))
+        )
         t.sample_ids, t.sample_counts = draws(x, 16, gen, t.ids if scheme == "hybrid" else None)
         samples[sha(i)] = t
     write(cache, samples)
@@ -123,7 +140,9 @@ def test_sampled_and_hybrid_round_trip(tmp_path, scheme):
         assert torch.equal(got.ids, t.ids.sort(1).values) and (got.sample_counts.sum(1) == 16).all()
         for p in range(6):  # same multiset of draws; the reader returns ids ascending
             want = {(int(i), int(c)) for i, c in zip(t.sample_ids[p], t.sample_counts[p], strict=True) if c}
-            have = {(int(i), int(c)) for i, c in zip(got.sample_ids[p], got.sample_counts[p], strict=True) if c}
+            have = {
+                (int(i), int(c)) for i, c in zip(got.sample_ids[p], got.sample_counts[p], strict=True) if c
+            }
             assert want == have
     stats = cache_stats(tmp_path / "c")
     assert stats["scheme"] == scheme and (stats["kl_stored_vs_exact"] is None) == (scheme == "sampled")
@@ -166,8 +185,16 @@ def test_sync_counts_after_add_remove_edit_reorder(tmp_path):
     assert again.keep == 8 and again.drop == [] and len(list((tmp_path / "c").glob("*.h5"))) == 1
 
 
-@pytest.mark.parametrize("field,value", [("k", 16), ("temperature", 0.7), ("template", "llama3"),
-                                         ("max_seq_length", 256), ("tokenizer_hash", "tok2")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("k", 16),
+        ("temperature", 0.7),
+        ("template", "llama3"),
+        ("max_seq_length", 256),
+        ("tokenizer_hash", "tok2"),
+    ],
+)
 def test_stale_cache_names_the_field_and_rebuild_works(tmp_path, field, value):
     write(open_cache(tmp_path / "c", spec()), make_samples(2))
     with pytest.raises(StaleCacheError) as e:
@@ -227,13 +254,11 @@ def crashing_writer(path: Path) -> None:
 
 
 def test_kill_9_keeps_committed_samples_and_recollects_the_rest(tmp_path):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            crashing_writer(tmp_path / "c")
-        finally:
-            os._exit(1)  # only reached if the writer raised
-    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    # spawn, not fork: a forked child of a process with torch's thread pools can deadlock
+    process = multiprocessing.get_context("spawn").Process(target=crashing_writer, args=(tmp_path / "c",))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == -signal.SIGKILL
     assert len(list((tmp_path / "c").glob(".*.partial"))) == 1
     cache = open_cache(tmp_path / "c", spec())
     reader = cache.reader()

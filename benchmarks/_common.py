@@ -1,0 +1,117 @@
+"""Shared bits of the benchmarks: the bundled assets, peak memory, the one-line JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "distill" / "assets"
+TEACHER = ASSETS / "teacher"
+TOKENIZER = ASSETS / "tokenizer"
+DATA = ASSETS / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(ROOT))  # run as `python benchmarks/x.py` from a checkout
+
+
+def require_teacher() -> None:
+    if not (TEACHER / "model.safetensors").exists():
+        raise SystemExit(f"{TEACHER} is missing: build it with `python scripts/train_teacher.py`")
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def result(values: dict) -> None:
+    """The benchmark's last line: one JSON object."""
+    print(json.dumps(values), flush=True)
+
+
+def kd_and_sft_configs(cache_dir: Path, steps: int, **data_overrides) -> dict[str, dict]:
+    """The demo KD config and the same run as plain SFT: same student, data, batch, seed and steps."""
+    import yaml
+
+    kd = yaml.safe_load((ROOT / "configs" / "kd.yaml").read_text())
+    kd["trainer"].update(
+        max_steps=steps,
+        logger=False,
+        callbacks=[],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=str(cache_dir / "runs"),
+    )
+    kd["data"]["init_args"].update(cache_dir=str(cache_dir / "kd-cache"), **data_overrides)
+    sft = yaml.safe_load(yaml.safe_dump(kd))
+    sft["model"]["init_args"]["objective"] = {"class_path": "distill.objectives.CrossEntropy"}
+    sft["data"]["class_path"] = "distill.DataModule"
+    for key in ("teachers", "k", "scheme", "num_draws", "cache_dir", "cache_size_gb", "value_bits"):
+        sft["data"]["init_args"].pop(key, None)
+    return {"kd": kd, "sft": sft}
+
+
+def build(config: dict, directory: Path):
+    """A DistillCLI (not run) from a config dict, with paths relative to the repository."""
+    import yaml
+
+    from distill.cli import run_cli
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    os.chdir(ROOT)
+    return run_cli(["--config", str(path)], run=False)
+
+
+@torch.no_grad()
+def held_out_perplexity(model: torch.nn.Module, tokenizer, max_length: int = 256) -> float:
+    """exp(mean cross-entropy) on the assistant tokens of chat_val.jsonl (mistral template)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from distill.batching import Collator
+    from distill.encoding import IGNORE_INDEX, encode_all
+    from distill.formats import read_records
+    from distill.templates import resolve_template
+
+    records = read_records([DATA / "chat_val.jsonl"])
+    samples, _ = encode_all(
+        records,
+        tokenizer,
+        resolve_template(tokenizer, "mistral"),
+        max_length,
+        "right",
+        train_on_responses_only=True,
+    )
+    collate = Collator(tokenizer.pad_token_id)
+    loss, tokens = 0.0, 0
+    model.eval()
+    for start in range(0, len(samples), 16):
+        batch = collate(samples[start : start + 16])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        loss += float(
+            F.cross_entropy(
+                logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        )
+        tokens += int((labels != IGNORE_INDEX).sum())
+    return math.exp(loss / tokens)

@@ -1,0 +1,152 @@
+"""Teacher collection pieces shared by ``predict`` (the cache-writer callback) and ``fit`` (KD data module).
+
+Both paths check the vocabularies, describe the run as a ``CacheSpec``, sync the caches with the data,
+run ``TeacherModule`` on the samples each teacher lacks and write its outputs on a background thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from distill.batching import Collator
+from distill.cache import CacheSpec, CacheWriter, TeacherCache
+from distill.encoding import Encoded
+from distill.identity import check_same_vocabulary, tokenizer_hash
+from distill.teacher import SparseOutput, TeacherModule
+from distill.templates import ChatTemplate
+
+_DONE = object()
+
+
+def check_vocabularies(teacher: TeacherModule, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every teacher maps tokens to the student's ids: fails before any model is loaded."""
+    for t in teacher.teachers:
+        if t.model is not None:
+            check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(t.model), t.key)
+
+
+def cache_spec(
+    teacher: TeacherModule,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate | None,
+    max_seq_length: int,
+    value_bits: int,
+) -> CacheSpec:
+    """Everything that makes cached targets valid for a run; a cache with other values is stale."""
+    return CacheSpec(
+        scheme=teacher.scheme,
+        k=teacher.k,
+        n_draws=teacher.num_draws,
+        teachers=[teacher.identity(i) for i in range(len(teacher.teachers))],
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        vocab_size=teacher.vocab_size,
+        temperature=teacher.temperature,
+        template=template.source if template else "",
+        max_seq_length=max_seq_length,
+        value_bits=value_bits,
+    )
+
+
+@dataclass
+class Job:
+    """One teacher's missing samples of one cache."""
+
+    cache: TeacherCache
+    teacher_index: int
+    samples: list[Encoded]
+
+
+def plan_jobs(teacher: TeacherModule, caches: Sequence[tuple[TeacherCache, list[Encoded]]]) -> list[Job]:
+    """The samples each teacher lacks in each cache, grouped by teacher so each is loaded once."""
+    jobs = []
+    for cache, samples in caches:
+        plan = cache.plan_sync([s.sha for s in samples])
+        by_sha = {s.sha: s for s in samples}
+        for index, t in enumerate(teacher.teachers):
+            missing = [by_sha[sha] for sha in plan.to_collect[t.key]]
+            if missing:
+                jobs.append(Job(cache, index, missing))
+    return sorted(jobs, key=lambda job: job.teacher_index)
+
+
+class BackgroundWriter:
+    """Encodes and commits teacher outputs on a thread, so the next batch's forward overlaps the writing.
+
+    ``put(job, outputs)`` hands over one batch; a new job commits and closes the previous job's writer.
+    Errors on the thread surface in the caller at the next ``put`` or at ``close``.
+    """
+
+    def __init__(self, open_writer: Callable[[int], CacheWriter]) -> None:
+        self.open_writer = open_writer
+        self._writers: dict[int, CacheWriter] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="teacher-cache-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, job: int, outputs: list[SparseOutput]) -> None:
+        self._raise()
+        self._queue.put((job, outputs))
+
+    def close(self) -> None:
+        self._queue.put(_DONE)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("the teacher cache writer failed") from self._error
+
+    def _drain(self) -> None:
+        try:
+            while (item := self._queue.get()) is not _DONE:
+                job, outputs = item
+                if job not in self._writers:
+                    for earlier in self._writers.values():  # the previous job is complete: commit it
+                        earlier.close()
+                    self._writers[job] = self.open_writer(job)
+                self._writers[job].extend((o.sha, o.num_tokens, o.targets) for o in outputs)
+            for writer in self._writers.values():
+                writer.close()
+        except BaseException as error:  # surfaced in the main thread
+            self._error = error
+            while self._queue.get() is not _DONE:  # unblock the producer
+                pass
+
+
+def collect(
+    teacher: TeacherModule,
+    jobs: Sequence[Job],
+    collator: Collator,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    commit_seconds: float = 30.0,
+) -> int:
+    """Run the teacher over each job's samples (its ``predict_step``, outside the predict loop) and write
+    the outputs; frees the teacher afterwards. Returns the number of samples collected."""
+    if not jobs:
+        return 0
+    teacher.to(device)
+    teacher.job_teachers = [job.teacher_index for job in jobs]
+    writer = BackgroundWriter(
+        lambda j: jobs[j].cache.writer(
+            teacher.teachers[jobs[j].teacher_index].key, rank, commit_seconds=commit_seconds
+        )
+    )
+    try:
+        for j, job in enumerate(jobs):
+            for start in range(0, len(job.samples), batch_size):
+                batch = collator(job.samples[start : start + batch_size])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                writer.put(j, teacher.predict_step(batch, start // batch_size, j))
+    finally:
+        writer.close()
+        teacher.release()
+    return sum(len(job.samples) for job in jobs)

@@ -1,0 +1,142 @@
+"""The KD objective: sparse teacher targets (cached, or from a teacher held in memory) -> token loss sums."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.losses import LOSSES, cross_entropy, mix_teachers
+from distill.objectives import Objective, TokenLoss, over_chunks
+from distill.targets import SparseTargets
+from distill.teacher import Teacher, TeacherModule
+
+
+class Distillation(Objective):
+    """``alpha * T**2 * KD_T(teacher || student) + (1 - alpha) * CE`` per trainable token.
+
+    Targets come from the batch (``batch["targets"]``: one ``SparseTargets`` per teacher, aligned with the
+    trainable positions, as the KD data module builds them from the cache), or, for online KD, from
+    ``online`` teachers run on the same batch in memory. Several teachers are mixed with
+    ``teacher_weights`` over the union of their heads (at temperature 1; the loss then applies T to the
+    mixture), so the weights can change without recollecting.
+    """
+
+    metric_names = ("ce", "kd", "agree")
+
+    def __init__(
+        self,
+        loss: str = "forward_kl",
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        skew: float = 0.1,
+        teacher_weights: list[float] | None = None,
+        chunk_size: int = 1024,
+        online: list[Teacher] | None = None,
+        online_k: int = 64,
+    ) -> None:
+        """
+        Args:
+            loss: ``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_kl``, ``skew_reverse_kl`` or
+                ``sampled_ce`` (for caches collected with ``scheme: sampled``).
+            temperature: Softens both distributions; the KD term is scaled by T**2.
+            alpha: Weight of the KD term; ``1 - alpha`` goes to the hard-label cross-entropy.
+            beta: JSD interpolation (0: forward KL, 1: reverse KL).
+            skew: Skew of ``skew_kl``/``skew_reverse_kl`` (DistiLLM).
+            teacher_weights: Mixture weights of several teachers (default: equal).
+            chunk_size: Positions whose logits exist at once (forward and backward).
+            online: Teachers held in memory and run on each batch instead of reading a cache.
+            online_k: Top-k kept from the online teachers' full distributions.
+        """
+        if loss not in LOSSES:
+            raise ValueError(f"unknown KD loss {loss!r}; choose one of {sorted(LOSSES)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.loss = loss
+        self.temperature = temperature
+        self.alpha = alpha
+        self.extra = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
+        self.teacher_weights = teacher_weights
+        self.chunk_size = chunk_size
+        self.online = online
+        self.online_k = online_k
+        self._online_module: TeacherModule | None = None
+
+    def targets(self, batch: dict, vocab_size: int) -> SparseTargets:
+        """The (mixed) teacher distribution at the batch's trainable positions."""
+        per_teacher = batch["targets"] if self.online is None else self.online_targets(batch)
+        if len(per_teacher) == 1:
+            return per_teacher[0]
+        weights = self.teacher_weights or [1.0] * len(per_teacher)
+        if len(weights) != len(per_teacher):
+            raise ValueError(f"{len(per_teacher)} teachers but {len(weights)} teacher_weights")
+        return mix_teachers(per_teacher, weights, vocab_size)
+
+    def setup(self, student: nn.Module) -> None:
+        self.tokenizer_id = getattr(student, "tokenizer_id", None)
+
+    @torch.no_grad()
+    def online_targets(self, batch: dict) -> list[SparseTargets]:
+        """Run each online teacher on the batch (all stay loaded: online KD is for small runs)."""
+        if self._online_module is None:
+            module = TeacherModule(self.online, k=self.online_k, tokenizer=self.tokenizer_id)
+            self._online_module = module.to(batch["input_ids"].device)
+            self._online_models = [module.teacher_model(i) for i in range(len(self.online))]
+        return [self._online_module.batch_targets(model, batch)[0] for model in self._online_models]
+
+    def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
+        if self.online is not None and self._online_module is None:
+            self.online_targets(batch)  # loads the teachers, so their vocabulary size is known
+        vocab_size = int(batch["vocab_size"]) if self.online is None else self._online_module.vocab_size
+        targets = self.targets(batch, vocab_size).to(hidden.device)
+        if targets.num_positions != labels.shape[0]:
+            raise ValueError(
+                f"{targets.num_positions} teacher positions for {labels.shape[0]} trainable tokens: "
+                "the cache does not match the data (collected with another template or max length?)"
+            )
+        sampled = targets.sample_ids is not None
+        fields = [targets.ids, targets.logits, targets.lse]
+        fields += [targets.sample_ids, targets.sample_counts] if sampled else []
+
+        def chunk_loss(h: Tensor, y: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
+            logits = head(h)[:, :vocab_size].float()  # a padded head's extra rows are not tokens
+            t = SparseTargets(*columns[:3], *(columns[3:] if sampled else (None, None)))
+            kd = LOSSES[self.loss](
+                logits, t, self.temperature, vocab_size=vocab_size, **self.extra.get(self.loss, {})
+            )
+            ce = (
+                cross_entropy(logits, y)
+                if self.alpha < 1
+                else F.cross_entropy(logits.detach(), y, reduction="none")
+            )
+            total = self.alpha * self.temperature**2 * kd + (1.0 - self.alpha) * ce
+            predicted = logits.argmax(-1)
+            agree = (predicted == teacher_top1(t)).sum()
+            return total.sum(), (predicted == y).sum(), kd.detach().sum(), ce.detach().sum(), agree
+
+        loss_sum, correct, kd_sum, ce_sum, agree = over_chunks(
+            chunk_loss, hidden, labels, *fields, chunk_size=self.chunk_size, num_outputs=5
+        )
+        return TokenLoss(loss_sum, labels.numel(), correct, {"ce": ce_sum, "kd": kd_sum, "agree": agree})
+
+
+def teacher_top1(targets: SparseTargets) -> Tensor:
+    """The teacher's most likely token per position (the most drawn one in sampled mode)."""
+    if targets.ids.shape[-1] > 0:
+        return targets.ids.gather(-1, targets.logits.argmax(-1, keepdim=True)).squeeze(-1)
+    return targets.sample_ids.gather(-1, targets.sample_counts.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
+    """Samples' targets one after another, in the order of the batch's trainable positions."""
+    if len(parts) == 1:
+        return parts[0]
+    sampled = parts[0].sample_ids is not None
+    return SparseTargets(
+        ids=torch.cat([p.ids for p in parts]),
+        logits=torch.cat([p.logits for p in parts]),
+        lse=torch.cat([p.lse for p in parts]),
+        sample_ids=torch.cat([p.sample_ids for p in parts]) if sampled else None,
+        sample_counts=torch.cat([p.sample_counts for p in parts]) if sampled else None,
+    )

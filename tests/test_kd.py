@@ -1,0 +1,246 @@
+"""KD training: the objective against a dense reference, cache streaming, collect-then-train, chunked mode."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill.cli import main, run_cli
+from distill.kd import Distillation, concat_targets
+from distill.teacher import sparse_distribution
+from tests.conftest import TINY_LLAMA, TOKENIZER_DIR, conversation, write_jsonl
+
+V, H = 40, 16
+
+
+def dense_reference(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float, T: float
+):
+    """Naive forward KL on full distributions, T**2-scaled, mixed with CE: a per-token sum."""
+    p = torch.softmax(teacher / T, -1)
+    kl = (p * (torch.log_softmax(teacher / T, -1) - torch.log_softmax(student / T, -1))).sum(-1)
+    ce = torch.nn.functional.cross_entropy(student, labels, reduction="none")
+    return (alpha * T**2 * kl + (1 - alpha) * ce).sum()
+
+
+@pytest.mark.parametrize("alpha,temperature", [(1.0, 1.0), (0.5, 2.0)])
+def test_distillation_with_full_vocabulary_head_equals_dense_reference(alpha, temperature):
+    torch.manual_seed(0)
+    hidden = torch.randn(13, H, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    teacher_logits = torch.randn(13, V) * 2
+    labels = torch.randint(0, V, (13,))
+    ids, logits, lse, _, _ = sparse_distribution(teacher_logits, k=V)
+    batch = {"targets": [concat_targets([SparseTargetsOf(ids, logits, lse)])], "vocab_size": V}
+    out = Distillation(alpha=alpha, temperature=temperature, chunk_size=4)(hidden, head, labels, batch)
+    expected = dense_reference(head(hidden), teacher_logits, labels, alpha, temperature)
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-5)
+    assert out.num_tokens == 13 and set(out.sums) == {"ce", "kd", "agree"}
+    assert int(out.sums["agree"]) == int((head(hidden).argmax(-1) == teacher_logits.argmax(-1)).sum())
+
+    # chunked gradients equal the unchunked ones
+    (grad_chunked,) = torch.autograd.grad(out.loss_sum, hidden)
+    (grad_dense,) = torch.autograd.grad(expected, hidden)
+    torch.testing.assert_close(grad_chunked, grad_dense, rtol=1e-4, atol=1e-6)
+
+
+def SparseTargetsOf(ids, logits, lse):
+    from distill.targets import SparseTargets
+
+    return SparseTargets(ids, logits, lse)
+
+
+def test_positions_that_do_not_match_the_data_are_an_error():
+    head = torch.nn.Linear(H, V, bias=False)
+    ids, logits, lse, _, _ = sparse_distribution(torch.randn(5, V), k=4)
+    batch = {"targets": [SparseTargetsOf(ids, logits, lse)], "vocab_size": V}
+    with pytest.raises(ValueError, match="5 teacher positions for 6 trainable tokens"):
+        Distillation()(torch.randn(6, H), head, torch.zeros(6, dtype=torch.long), batch)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("kd_teacher")
+    config = AutoConfig.for_model(**{**TINY_LLAMA, "hidden_size": 48}, vocab_size=32000)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+def kd_config(tmp_path: Path, teacher: Path, n: int = 24, **data_extra) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation(i, turns=1 + i % 3) for i in range(n)])
+    val = write_jsonl(tmp_path / "val.jsonl", [conversation(100 + i) for i in range(6)])
+    config = {
+        "seed_everything": 1,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 6,
+            "log_every_n_steps": 1,
+            "val_check_interval": 3,
+            "check_val_every_n_epoch": None,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path)},
+            },
+        },
+        "model": {
+            "class_path": "distill.StudentModule",
+            "init_args": {
+                "tokenizer": str(TOKENIZER_DIR),
+                "model_config": TINY_LLAMA,
+                "objective": {"class_path": "distill.kd.Distillation", "init_args": {"alpha": 0.5}},
+            },
+        },
+        "data": {
+            "class_path": "distill.KDDataModule",
+            "init_args": {
+                "train_files": str(train),
+                "val_files": str(val),
+                "template": "mistral",
+                "max_seq_length": 96,
+                "batch_size": 4,
+                "teachers": [{"model": str(teacher), "name": "t1"}],
+                "k": 8,
+                "cache_dir": str(tmp_path / "cache"),
+                "chunk_samples": 8,
+                **data_extra,
+            },
+        },
+    }
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def logged(tmp_path: Path, name: str) -> list[float]:
+    """Every value logged under ``name`` in the run's CSV metrics."""
+    (path,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    return [float(row[name]) for row in csv.DictReader(path.open()) if row.get(name)]
+
+
+def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, teacher_dir, caplog, capsys):
+    config = kd_config(tmp_path, teacher_dir)
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--config", str(config)])
+    assert "collect {t1: 24}" in caplog.text and "collect {t1: 6}" in caplog.text
+    for name in ("train/loss", "train/ce", "val/kd", "val/agree", "val/ppl"):
+        assert logged(tmp_path, name), name
+    assert len(logged(tmp_path, "train/kd")) == 6 and min(logged(tmp_path, "train/kd")) > 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    assert "keep 24, collect {t1: 0}" in caplog.text and "keep 6, collect {t1: 0}" in caplog.text
+
+    capsys.readouterr()
+    main(["cache", "stats", str(tmp_path / "cache" / "train")])
+    table = capsys.readouterr().out
+    assert (
+        "samples            24" in table
+        and "scheme, K          topk, 8" in table
+        and "teacher t1: 24" in table
+    )
+    main(["cache", "stats", str(tmp_path / "cache" / "train"), "--json"])
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["settings"]["vocab_size"] == 32000 and 0 < stats["kl_stored_vs_exact"] < 1e-2
+    assert stats["teachers"]["t1"]["identity"]["model"] == str(teacher_dir.resolve())
+
+
+def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, teacher_dir):
+    """Alignment: targets from the cache (collected unpacked) equal the teacher run on the packed batch."""
+    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir, packing=True))], run=False)
+    data = cli.datamodule
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert "attention_mask" not in batch  # packed rows
+    teacher = data.teacher
+    online, _ = teacher.batch_targets(teacher.teacher_model(0), batch)
+    cached = batch["targets"][0]
+    assert torch.equal(cached.ids, online.ids)
+    torch.testing.assert_close(cached.lse, online.lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached.logits, online.logits, atol=0.05, rtol=0.02)  # quantised values
+
+
+def test_epoch_plans_are_shuffled_deterministically_and_cover_every_sample(tmp_path, teacher_dir):
+    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir))], run=False)
+    data = cli.datamodule
+    data.setup("fit")
+    first, again, second = data.plan(0), data.plan(0), data.plan(1)
+    assert first == again and first != second
+    assert sorted(i for c in first for i in c) == list(range(24)) == sorted(i for c in second for i in c)
+    assert all(len(c) <= 8 for c in first)
+
+
+def test_resumed_stream_continues_at_the_same_batch(tmp_path, teacher_dir):
+    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir))], run=False)
+    data = cli.datamodule
+    data.setup("fit")
+    loader = data.train_dataloader()
+    loader.progress = lambda: (0, 0)
+    full = [b["input_ids"] for b in loader]
+    loader.load_state_dict({"epoch": 0, "batches": 4})
+    resumed = [b["input_ids"] for b in loader]
+    assert len(full) == len(loader) and len(resumed) == len(full) - 4
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
+
+
+def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(tmp_path, teacher_dir):
+    from distill import kd_data
+
+    budget_gb = 2e-4  # 200 kB: several chunks of the 48-sample set
+    config = kd_config(tmp_path, teacher_dir, n=48, cache_size_gb=budget_gb)
+    sizes: list[int] = []
+    original = kd_data.KDDataModule.finish_chunk
+
+    def finish_and_measure(self, reader):  # disk use at its peak: a chunk collected, not yet purged
+        sizes.append(sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file()))
+        original(self, reader)
+
+    kd_data.KDDataModule.finish_chunk = finish_and_measure
+    try:
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.max_steps",
+                "40",
+                "--trainer.val_check_interval",
+                "20",
+            ]
+        )
+    finally:
+        kd_data.KDDataModule.finish_chunk = original
+    assert len(sizes) >= 3, sizes
+    assert max(sizes) <= budget_gb * 1e9, sizes
+    assert not list((tmp_path / "cache" / "train-chunks").rglob("*.h5"))  # purged
+    assert len(logged(tmp_path, "train/kd")) == 40
+
+
+def test_online_kd_gives_the_cached_loss(tmp_path, teacher_dir):
+    from distill.kd import Distillation
+    from distill.teacher import Teacher
+
+    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir))], run=False)
+    data, student = cli.datamodule, cli.model
+    data.setup("fit")
+    student.configure_model()
+    batch = next(iter(data.train_dataloader()))
+    cached = student.compute_loss(batch)
+    online = Distillation(alpha=0.5, online=[Teacher(model=str(teacher_dir), name="t1")], online_k=8)
+    online.setup(student)
+    student.objective = online
+    live = student.compute_loss({k: v for k, v in batch.items() if k != "targets"})
+    torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)
