@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.cache import CacheSpec, TeacherCache, open_cache
-from distill.collect import BackgroundWriter, Job, cache_spec, check_vocabularies, plan_jobs
+from distill.collect import BackgroundWriter, Job, cache_spec, check_vocabularies, label_policy, plan_jobs
 
 
 class TeacherCacheWriter(BasePredictionWriter):
@@ -49,7 +49,14 @@ class TeacherCacheWriter(BasePredictionWriter):
 
     def spec(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CacheSpec:
         data = trainer.datamodule
-        return cache_spec(pl_module, data.tokenizer, data.chat_template, data.max_seq_length, self.value_bits)
+        return cache_spec(
+            pl_module,
+            data.tokenizer,
+            data.chat_template,
+            data.max_seq_length,
+            self.value_bits,
+            label_policy(data),
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -61,13 +68,15 @@ class TeacherCacheWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             for split, path in self.paths.items():
                 cache = open_cache(path, spec, rebuild=self.rebuild)
+                cache.remove_partials()  # left by a killed run; no writer runs yet
                 plan = cache.plan_sync([s.sha for s in splits[split]])
                 dropped = cache.drop(plan.drop) if plan.drop else 0
                 rank_zero_info(f"[distill] cache {path}: {plan} (dropped {dropped})")
         trainer.strategy.barrier("teacher-cache-sync")
         for split, path in self.paths.items():
             self.caches[split] = open_cache(path, spec)
-        self.jobs = plan_jobs(pl_module, [(self.caches[split], splits[split]) for split in self.paths])
+        caches = [(self.caches[split], splits[split]) for split in self.paths]
+        self.jobs = plan_jobs(pl_module, caches, template=data.chat_template)
         pl_module.job_teachers = [job.teacher_index for job in self.jobs]
         data.predict_jobs = [job.samples for job in self.jobs]
         trainer.predict_loop.return_predictions = False  # outputs go to disk, not into a list in memory

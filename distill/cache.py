@@ -68,8 +68,10 @@ class CacheSpec:
     temperature: float = 1.0
     """Temperature the draws were taken at; stored logits are always raw (temperature 1)"""
     template: str = ""
-    """Chat template name; long template texts are replaced by their SHA-256"""
+    """Chat template source (Jinja); texts over 256 characters are replaced by their SHA-256"""
     max_seq_length: int = 0
+    labels: str = ""
+    """What decides the trainable positions: loss on responses only or everything, truncation side"""
     value_bits: int = 6
     """Resolution of the cube-root head-value codes; 6 bits: ~1.5e-4 nats KL on peaked distributions"""
     format_version: int = FORMAT_VERSION
@@ -127,12 +129,13 @@ def _raise_stale(diffs: Sequence[str]) -> None:
         lines = "\n  ".join(dict.fromkeys(diffs))
         raise StaleCacheError(
             f"the teacher cache was built with other settings:\n  {lines}\n"
-            "Set `cache.rebuild: true` (open_cache(..., rebuild=True)) to delete it and collect again."
+            "To delete it and collect again: `--data.init_args.rebuild_cache true` (KD fit) or "
+            "`--trainer.callbacks.init_args.rebuild true` (collect), i.e. open_cache(..., rebuild=True)."
         )
 
 
 def _spec_from_attrs(f: h5py.File) -> CacheSpec:
-    kw = {fl.name: f.attrs[fl.name] for fl in fields(CacheSpec) if fl.name != "teachers"}
+    kw = {fl.name: f.attrs.get(fl.name, fl.default) for fl in fields(CacheSpec) if fl.name != "teachers"}
     kw = {k: v.item() if isinstance(v, np.generic) else v for k, v in kw.items()}
     return CacheSpec(**kw, teachers=json.loads(f.attrs["teachers"]))
 

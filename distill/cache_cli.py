@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 import h5py
 
-from distill.cache import SPEC_FILE, CacheSpec, cache_stats
+from distill.cache import SPEC_FILE, CacheSpec, _scan, cache_stats
 
 
 def describe(path: Path) -> dict:
@@ -16,7 +17,7 @@ def describe(path: Path) -> dict:
     stats = cache_stats(path)
     spec = CacheSpec.from_json((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).exists() else None
     identities: dict[str, dict] = {}
-    for segment in sorted(path.glob("*.h5")) if path.is_dir() else [path]:
+    for segment in _scan(path)[0] if path.is_dir() else [path]:  # live segments only
         with h5py.File(segment, "r", locking=False) as f:
             for name, group in f["teachers"].items():
                 identities.setdefault(name, json.loads(group.attrs["teacher"]))
@@ -32,9 +33,18 @@ def describe(path: Path) -> dict:
             "max_seq_length": spec.max_seq_length,
             "value_bits": spec.value_bits,
             "tokenizer_hash": spec.tokenizer_hash[:16],
-            "template": "tokenizer's own or none" if not spec.template else f"{len(spec.template)} chars",
+            "template": _template_id(spec.template),
+            "labels": spec.labels,
         }
     return stats
+
+
+def _template_id(template: str) -> str:
+    if not template:
+        return "none (plain text)"
+    if template.startswith("sha256:"):
+        return template[:19]
+    return "sha256:" + hashlib.sha256(template.encode()).hexdigest()[:12]
 
 
 def render(path: Path, stats: dict) -> str:

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.batching import Collator
 from distill.cache import CacheSpec, CacheWriter, TeacherCache
+from distill.datamodule import DataModule
 from distill.encoding import Encoded
 from distill.identity import check_same_vocabulary, tokenizer_hash
 from distill.teacher import SparseOutput, TeacherModule
@@ -37,8 +38,11 @@ def cache_spec(
     template: ChatTemplate | None,
     max_seq_length: int,
     value_bits: int,
+    labels: str = "",
 ) -> CacheSpec:
-    """Everything that makes cached targets valid for a run; a cache with other values is stale."""
+    """Everything that makes cached targets valid for a run; a cache with other values is stale.
+
+    ``labels`` describes what makes a position trainable (see ``label_policy``)."""
     return CacheSpec(
         scheme=teacher.scheme,
         k=teacher.k,
@@ -49,8 +53,14 @@ def cache_spec(
         temperature=teacher.temperature,
         template=template.source if template else "",
         max_seq_length=max_seq_length,
+        labels=labels,
         value_bits=value_bits,
     )
+
+
+def label_policy(data: DataModule) -> str:
+    """The data settings that decide which positions carry loss, hence which ones the cache holds."""
+    return f"responses_only={data.train_on_responses_only};truncation={data.truncation}"
 
 
 @dataclass
@@ -62,8 +72,17 @@ class Job:
     samples: list[Encoded]
 
 
-def plan_jobs(teacher: TeacherModule, caches: Sequence[tuple[TeacherCache, list[Encoded]]]) -> list[Job]:
-    """The samples each teacher lacks in each cache, grouped by teacher so each is loaded once."""
+def plan_jobs(
+    teacher: TeacherModule,
+    caches: Sequence[tuple[TeacherCache, list[Encoded]]],
+    template: ChatTemplate | None = None,
+) -> list[Job]:
+    """The samples each teacher lacks in each cache, grouped by teacher so each is loaded once.
+
+    ``template`` is the student's chat template: teachers with a template of their own get their
+    samples encoded in it and aligned to the student's positions here (``TeacherModule.prepare_templates``),
+    so a sample that cannot be aligned fails before any teacher is loaded.
+    """
     jobs = []
     for cache, samples in caches:
         plan = cache.plan_sync([s.sha for s in samples])
@@ -72,7 +91,21 @@ def plan_jobs(teacher: TeacherModule, caches: Sequence[tuple[TeacherCache, list[
             missing = [by_sha[sha] for sha in plan.to_collect[t.key]]
             if missing:
                 jobs.append(Job(cache, index, missing))
-    return sorted(jobs, key=lambda job: job.teacher_index)
+    jobs = sorted(jobs, key=lambda job: job.teacher_index)
+    own = {i for i, t in enumerate(teacher.teachers) if t.template is not None}
+    if own:
+        todo: dict[int, list[Encoded]] = {i: [] for i in own}
+        for job in jobs:
+            if job.teacher_index in own:
+                todo[job.teacher_index].extend(job.samples)
+        samples = [s for v in todo.values() for s in v]
+        if template is None and any(s.record is not None and s.record.messages is not None for s in samples):
+            names = [teacher.teachers[i].key for i in sorted(own)]
+            raise ValueError(
+                f"teachers {names} have their own chat template: plan_jobs needs the student's (template=)"
+            )
+        teacher.prepare_templates(todo, template)
+    return jobs
 
 
 class BackgroundWriter:

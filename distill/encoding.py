@@ -25,6 +25,8 @@ class Encoded:
     labels: list[int]  # aligned with input_ids; IGNORE_INDEX where no loss is taken
     sha: str
     source: str
+    record: Record | None = field(default=None, repr=False, compare=False)
+    """The record it was encoded from, so a teacher with its own chat template can render it again."""
 
     @property
     def num_trainable(self) -> int:
@@ -63,19 +65,19 @@ def encode_record(
         ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         ids += tokenizer(record.text, add_special_tokens=False)["input_ids"]
         ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return Encoded(ids, list(ids), record.sha, record.source)
+        return Encoded(ids, list(ids), record.sha, record.source, record)
     if template is None:
         raise ValueError(f"{record.source}: a conversation needs a chat template")
     text, spans = template.render_with_spans(tokenizer, list(record.messages or ()), where=record.source)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     if not train_on_responses_only:
-        return Encoded(ids, list(ids), record.sha, record.source)
+        return Encoded(ids, list(ids), record.sha, record.source, record)
     labels = [
         token if any(end > s and start < e for s, e in spans) else IGNORE_INDEX
         for token, (start, end) in zip(ids, encoding["offset_mapping"], strict=True)
     ]
-    return Encoded(ids, labels, record.sha, record.source)
+    return Encoded(ids, labels, record.sha, record.source, record)
 
 
 def truncate(sample: Encoded, max_length: int, policy: Truncation) -> Encoded | None:
@@ -85,7 +87,7 @@ def truncate(sample: Encoded, max_length: int, policy: Truncation) -> Encoded | 
     if policy == "drop":
         return None
     cut = slice(None, max_length) if policy == "right" else slice(-max_length, None)
-    return Encoded(sample.input_ids[cut], sample.labels[cut], sample.sha, sample.source)
+    return Encoded(sample.input_ids[cut], sample.labels[cut], sample.sha, sample.source, sample.record)
 
 
 def encode_all(

@@ -53,6 +53,8 @@ class Distillation(Objective):
             raise ValueError(f"unknown KD loss {loss!r}; choose one of {sorted(LOSSES)}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if online and any(t.template is not None for t in online):
+            raise ValueError("online teachers read the student's batch: a teacher template needs cached KD")
         self.loss = loss
         self.temperature = temperature
         self.alpha = alpha
@@ -96,6 +98,10 @@ class Distillation(Objective):
                 "the cache does not match the data (collected with another template or max length?)"
             )
         sampled = targets.sample_ids is not None
+        if targets.ids.shape[-1] == 0 and self.loss != "sampled_ce":
+            raise ValueError(
+                f"the cache holds sampled targets only (no top-k): use loss sampled_ce, not {self.loss}"
+            )
         fields = [targets.ids, targets.logits, targets.lse]
         fields += [targets.sample_ids, targets.sample_counts] if sampled else []
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from distill.batching import Collator, pack
 from distill.cache import CacheReader, CacheSpec, TeacherCache, open_cache
-from distill.collect import cache_spec, check_vocabularies, collect, plan_jobs
+from distill.collect import cache_spec, check_vocabularies, collect, label_policy, plan_jobs
 from distill.datamodule import DataModule
 from distill.encoding import IGNORE_INDEX, Encoded
 from distill.kd import concat_targets
@@ -230,7 +230,12 @@ class KDDataModule(DataModule):
         self.teacher.tokenizer_id = self.tokenizer_name
         check_vocabularies(self.teacher, self.tokenizer)  # before any teacher is loaded
         self.spec = cache_spec(
-            self.teacher, self.tokenizer, self.chat_template, self.max_seq_length, self.value_bits
+            self.teacher,
+            self.tokenizer,
+            self.chat_template,
+            self.max_seq_length,
+            self.value_bits,
+            label_policy(self),
         )
         budget = None if self.cache_size_gb is None else self.cache_size_gb * 1e9
         total = self.estimated_bytes(self.train) + self.estimated_bytes(self.val)
@@ -243,6 +248,7 @@ class KDDataModule(DataModule):
         if rank == 0:
             for split, samples in full:
                 cache = open_cache(self.cache_dir / split, self.spec, rebuild=self.rebuild_cache)
+                cache.remove_partials()  # left by a killed run; no writer runs yet
                 plan = cache.plan_sync([s.sha for s in samples])
                 dropped = cache.drop(plan.drop) if plan.drop else 0
                 rank_zero_info(f"[distill] cache {cache.path}: {plan} (dropped {dropped})")
@@ -253,7 +259,7 @@ class KDDataModule(DataModule):
         caches = [
             (open_cache(self.cache_dir / split, self.spec), samples[rank::world]) for split, samples in full
         ]
-        jobs = plan_jobs(self.teacher, caches)
+        jobs = plan_jobs(self.teacher, caches, template=self.chat_template)
         collected = collect(self.teacher, jobs, self.collator, self.teacher_batch_size, self.device, rank)
         if strategy is not None:
             strategy.barrier("kd-cache-collected")
@@ -310,7 +316,7 @@ class KDDataModule(DataModule):
         """A reader holding this rank's samples of the chunk; in chunked mode they are collected first."""
         if not self.chunked:
             return self.readers["train"]
-        jobs = plan_jobs(self.teacher, [(self._chunk_cache, samples)])
+        jobs = plan_jobs(self.teacher, [(self._chunk_cache, samples)], template=self.chat_template)
         collect(self.teacher, jobs, self.collator, self.teacher_batch_size, self.device, self._rank)
         return CacheReader(self._chunk_cache.path)
 

@@ -15,10 +15,21 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.encoding import IGNORE_INDEX
+from distill.alignment import (
+    TeacherSample,
+    encode_for_teacher,
+    end_of_turn_id,
+    merge_token,
+    resolve_teacher_template,
+    same_template,
+    template_identity,
+)
+from distill.batching import Collator
+from distill.encoding import IGNORE_INDEX, Encoded
 from distill.hf_model import load_causal_lm
 from distill.identity import model_identity
 from distill.targets import SparseTargets
+from distill.templates import ChatTemplate
 
 Scheme = Literal["topk", "sampled", "hybrid"]
 
@@ -35,6 +46,12 @@ class Teacher:
     """Name in the cache (default: derived from ``model``)."""
     dtype: str | None = "auto"
     """Weight dtype when loading (``auto``, ``bfloat16``, ``float32``)."""
+    template: str | None = None
+    """The teacher's own chat template: a built-in name (``chatml``, ``llama3``, ...), a Jinja string, or
+    ``model`` for the one saved with the teacher's tokenizer. None: the student's. The teacher then reads
+    each conversation in its format; its outputs are aligned to the student's positions by content."""
+    end_of_turn: str | None = None
+    """End-of-turn string of ``template``, when it cannot be inferred."""
 
     @property
     def key(self) -> str:
@@ -128,6 +145,11 @@ class TeacherModule(L.LightningModule):
         self.tokenizer_id = tokenizer or teachers[0].model
         self._vocab_size = vocab_size
         self.job_teachers: list[int] = [0]  # teacher index of each predict dataloader, set by the writer
+        # teachers reading their own template: index -> sha -> encoding and rows (see prepare_templates)
+        self.aligned: dict[int, dict[str, TeacherSample]] = {}
+        self._eot: dict[int, tuple[int, int]] = {}  # teacher index -> (its end-of-turn id, the student's)
+        self._prepared: set[int] = set()  # teachers whose samples prepare_templates has seen
+        self._templates: dict[int, ChatTemplate] = {}
         self._loaded: tuple[int, nn.Module] | None = None
         self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a device
 
@@ -143,7 +165,45 @@ class TeacherModule(L.LightningModule):
 
     def identity(self, index: int) -> dict[str, str]:
         teacher = self.teachers[index]
-        return {"name": teacher.key, **model_identity(teacher.model, teacher.model_config)}
+        ident = {"name": teacher.key, **model_identity(teacher.model, teacher.model_config)}
+        if teacher.template is not None:  # absent otherwise: caches collected before stay valid
+            ident["template"] = template_identity(teacher.template, teacher.end_of_turn)
+        return ident
+
+    def teacher_template(self, index: int) -> ChatTemplate | None:
+        """The teacher's own chat template, or None when it reads the student's."""
+        teacher = self.teachers[index]
+        if teacher.template is None:
+            return None
+        if index not in self._templates:
+            self._templates[index] = resolve_teacher_template(
+                self.tokenizer, teacher.template, teacher.end_of_turn, teacher.model
+            )
+        return self._templates[index]
+
+    def prepare_templates(
+        self, samples: dict[int, list[Encoded]], student_template: ChatTemplate | None
+    ) -> None:
+        """Encode and align the samples of each teacher with its own template (``samples``: teacher index
+        -> student samples it will be run on); raises ``AlignmentError`` before any teacher is loaded.
+
+        Teachers whose template is the student's keep the plain path (nothing is stored for them).
+        """
+        self.aligned, self._eot, self._prepared = {}, {}, set(samples)
+        for index, todo in samples.items():
+            template = self.teacher_template(index)
+            if template is None or same_template(template, student_template) or not todo:
+                continue
+            key = self.teachers[index].key
+            self.aligned[index] = encode_for_teacher(todo, self.tokenizer, template, student_template, key)
+            source = end_of_turn_id(self.tokenizer, template)
+            target = end_of_turn_id(self.tokenizer, student_template)
+            if source is not None and target is not None and source != target:
+                if max(source, target) >= self.vocab_size:
+                    raise ValueError(
+                        f"teacher {key}: end-of-turn ids {source}, {target} past vocab_size {self.vocab_size}"
+                    )
+                self._eot[index] = (source, target)
 
     def teacher_model(self, index: int) -> nn.Module:
         """The teacher of ``index``, loaded on first use; the previous one is freed first."""
@@ -167,48 +227,84 @@ class TeacherModule(L.LightningModule):
     def batch_targets(self, model: nn.Module, batch: dict) -> tuple[SparseTargets, Tensor]:
         """The teacher's sparse distribution at every trainable position of ``batch`` (row-major, i.e.
         sample after sample, packed rows included) and the number of those positions per row."""
-        hidden = model.get_decoder()(
+        hidden = self._hidden(model, batch)
+        trainable = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        positions = hidden[:, :-1][trainable]  # (N, H)
+        return self._sparse(model.get_output_embeddings(), positions), trainable.sum(dim=1)
+
+    @staticmethod
+    def _hidden(model: nn.Module, batch: dict) -> Tensor:
+        return model.get_decoder()(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             use_cache=False,
         ).last_hidden_state
-        trainable = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
-        positions = hidden[:, :-1][trainable]  # (N, H)
-        head = model.get_output_embeddings()
-        parts = [
-            sparse_distribution(
-                head(positions[i : i + self.chunk_size])[:, : self.vocab_size],
-                self.k,
-                self.scheme,
-                self.num_draws,
-                self.temperature,
-            )
-            for i in range(0, positions.shape[0], self.chunk_size)
-        ]
+
+    def _sparse(
+        self, head: nn.Module, positions: Tensor, merge: tuple[int, int, Tensor] | None = None
+    ) -> SparseTargets:
+        """Sparse distributions of (N, H) hidden states, ``chunk_size`` rows of logits at a time;
+        ``merge`` = (source id, target id, (N,) bool rows) moves source's probability onto target first."""
+
+        def part(i: int, n: int) -> tuple:
+            logits = head(positions[i : i + n])[:, : self.vocab_size]
+            if merge is not None:
+                logits = merge_token(logits, merge[0], merge[1], merge[2][i : i + n])
+            return sparse_distribution(logits, self.k, self.scheme, self.num_draws, self.temperature)
+
+        parts = [part(i, self.chunk_size) for i in range(0, positions.shape[0], self.chunk_size)]
         if not parts:  # no trainable position in the batch
-            parts = [
-                sparse_distribution(
-                    head(positions[:1])[:0, : self.vocab_size],
-                    self.k,
-                    self.scheme,
-                    self.num_draws,
-                    self.temperature,
-                )
-            ]
+            parts = [part(0, 0)]
         columns = [torch.cat(c) if c[0] is not None else None for c in zip(*parts, strict=True)]
-        return SparseTargets(*columns), trainable.sum(dim=1)
+        return SparseTargets(*columns)
+
+    @torch.no_grad()
+    def aligned_targets(
+        self, model: nn.Module, index: int, shas: list[str]
+    ) -> tuple[SparseTargets, list[int]]:
+        """Teacher ``index`` run on its own encodings of ``shas``: one row per student trainable position
+        (sample after sample), the end-of-turn remapped, and the number of rows per sample."""
+        views = [self.aligned[index][sha] for sha in shas]
+        batch = self.collator([v.teacher for v in views])
+        batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
+        trainable = batch["labels"][:, 1:] != IGNORE_INDEX
+        starts = torch.cumsum(trainable.sum(dim=1), 0) - trainable.sum(dim=1)
+        select = torch.cat(
+            [torch.as_tensor(v.rows, dtype=torch.long) + int(s) for v, s in zip(views, starts, strict=True)]
+        ).to(self.device)
+        positions = self._hidden(model, batch)[:, :-1][trainable][select]
+        merge = None
+        if index in self._eot:
+            rows = torch.cat([torch.full((len(v.rows),), v.merge_eot) for v in views]).to(self.device)
+            merge = (*self._eot[index], rows)
+        return self._sparse(model.get_output_embeddings(), positions, merge), [len(v.rows) for v in views]
+
+    @property
+    def collator(self) -> Collator:
+        pad_id = self.tokenizer.pad_token_id
+        return Collator(pad_id if pad_id is not None else self.tokenizer.eos_token_id)
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
-        model = self.teacher_model(self.job_teachers[dataloader_idx])
-        targets, per_sample = self.batch_targets(model, batch)
+        index = self.job_teachers[dataloader_idx]
+        if self.teachers[index].template is not None and index not in self._prepared:
+            raise RuntimeError(
+                f"teacher {self.teachers[index].key} reads its own chat template: its samples must be "
+                "aligned first (distill.collect.plan_jobs(..., template=<the student's template>))"
+            )
+        model = self.teacher_model(index)
+        if index in self.aligned:  # the teacher reads its own template; rows follow the student's positions
+            targets, per_sample = self.aligned_targets(model, index, batch["sha"])
+        else:
+            targets, per_sample = self.batch_targets(model, batch)
+            per_sample = per_sample.tolist()
         columns = [getattr(targets, f.name) for f in fields(SparseTargets)]
         columns = [c.cpu() if c is not None else None for c in columns]
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         outputs = []
         start = 0
-        for sha, count, length in zip(batch["sha"], per_sample.tolist(), lengths, strict=True):
+        for sha, count, length in zip(batch["sha"], per_sample, lengths, strict=True):
             rows = slice(start, start + count)
             ids, logits, lse, sample_ids, sample_counts = (
                 c[rows] if c is not None else None for c in columns

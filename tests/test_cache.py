@@ -200,7 +200,7 @@ def test_stale_cache_names_the_field_and_rebuild_works(tmp_path, field, value):
     with pytest.raises(StaleCacheError) as e:
         open_cache(tmp_path / "c", spec(**{field: value}))
     assert f"{field}: cache has {getattr(spec(), field)!r}, config asks for {value!r}" in str(e.value)
-    assert "cache.rebuild: true" in str(e.value)
+    assert "rebuild_cache true" in str(e.value) and "callbacks.init_args.rebuild true" in str(e.value)
     fresh = open_cache(tmp_path / "c", spec(**{field: value}), rebuild=True)
     assert len(fresh.reader().shas()) == 0
     open_cache(tmp_path / "c", spec(**{field: value}))  # now compatible

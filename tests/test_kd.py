@@ -244,3 +244,46 @@ def test_online_kd_gives_the_cached_loss(tmp_path, teacher_dir):
     student.objective = online
     live = student.compute_loss({k: v for k, v in batch.items() if k != "targets"})
     torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)
+
+
+def test_two_teachers_are_collected_in_turn_and_mixed_at_training_time(tmp_path, teacher_dir, caplog):
+    from transformers import AutoModelForCausalLM
+
+    second = tmp_path / "second"
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight) * 0.05)
+    model.save_pretrained(second)
+    for file in teacher_dir.glob("tokenizer*"):
+        (second / file.name).write_bytes(file.read_bytes())
+    config = yaml.safe_load(kd_config(tmp_path, teacher_dir).read_text())
+    config["data"]["init_args"]["teachers"].append({"model": str(second), "name": "t2"})
+    config["model"]["init_args"]["objective"]["init_args"]["teacher_weights"] = [0.75, 0.25]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--config", str(path), "--trainer.max_steps", "2"])
+    assert "collect {t1: 24, t2: 24}" in caplog.text
+    stats = json.loads(_stats_json(tmp_path / "cache" / "train"))
+    assert set(stats["teachers"]) == {"t1", "t2"}
+    assert all(t["samples"] == 24 for t in stats["teachers"].values())
+
+
+def _stats_json(path: Path) -> str:
+    from distill.cache_cli import describe
+
+    return json.dumps(describe(path))
+
+
+def test_sampled_cache_needs_the_sampled_loss():
+    head = torch.nn.Linear(H, V, bias=False)
+    ids, logits, lse, sample_ids, counts = sparse_distribution(
+        torch.randn(4, V), k=0, scheme="sampled", num_draws=6
+    )
+    batch = {"targets": [SparseTargetsOf(ids, logits, lse)], "vocab_size": V}
+    batch["targets"][0].sample_ids, batch["targets"][0].sample_counts = sample_ids, counts
+    with pytest.raises(ValueError, match="use loss sampled_ce"):
+        Distillation()(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
+    out = Distillation(loss="sampled_ce")(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
+    assert out.loss_sum.isfinite() and out.num_tokens == 4
