@@ -135,14 +135,26 @@ def teacher_top1(targets: SparseTargets) -> Tensor:
 
 
 def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
-    """Samples' targets one after another, in the order of the batch's trainable positions."""
+    """Samples' targets one after another, in the order of the batch's trainable positions.
+
+    Sampled columns may differ in width between samples (the reader trims unused slots): narrower
+    ones are padded with count 0, which carries no weight."""
     if len(parts) == 1:
         return parts[0]
     sampled = parts[0].sample_ids is not None
+    if sampled:
+        width = max(p.sample_ids.shape[-1] for p in parts)
+        pad = [(0, width - p.sample_ids.shape[-1]) for p in parts]
     return SparseTargets(
         ids=torch.cat([p.ids for p in parts]),
         logits=torch.cat([p.logits for p in parts]),
         lse=torch.cat([p.lse for p in parts]),
-        sample_ids=torch.cat([p.sample_ids for p in parts]) if sampled else None,
-        sample_counts=torch.cat([p.sample_counts for p in parts]) if sampled else None,
+        sample_ids=torch.cat([F.pad(p.sample_ids, w) for p, w in zip(parts, pad, strict=True)])
+        if sampled
+        else None,
+        sample_counts=(
+            torch.cat([F.pad(p.sample_counts, w) for p, w in zip(parts, pad, strict=True)])
+            if sampled
+            else None
+        ),
     )

@@ -239,3 +239,6 @@ def test_ddp_two_processes_collect_disjoint_shards_that_read_as_one(tmp_path, te
     # disjoint shards: every sample stored exactly once over both ranks' files
     stats = cache_stats(train)
     assert stats["teachers"]["t1"]["samples"] == len(dm.train) == stats["samples"]
+    reader = CacheReader(train)
+    reader.shas()
+    assert reader.stored_positions == stats["positions"]  # no row stored twice (counts duplicates too)
