@@ -60,7 +60,11 @@ def kd_and_sft_configs(cache_dir: Path, steps: int, **data_overrides) -> dict[st
     )
     kd["data"]["init_args"].update(cache_dir=str(cache_dir / "kd-cache"), **data_overrides)
     sft = yaml.safe_load(yaml.safe_dump(kd))
-    sft["model"]["init_args"]["objective"] = {"class_path": "distill.objectives.CrossEntropy"}
+    chunk = kd["model"]["init_args"]["objective"]["init_args"].get("chunk_size", 1024)
+    sft["model"]["init_args"]["objective"] = {
+        "class_path": "distill.objectives.CrossEntropy",
+        "init_args": {"chunk_size": chunk},  # the same logits chunking as KD
+    }
     sft["data"]["class_path"] = "distill.DataModule"
     for key in ("teachers", "k", "scheme", "num_draws", "cache_dir", "cache_size_gb", "value_bits"):
         sft["data"]["init_args"].pop(key, None)

@@ -16,12 +16,15 @@ class HFExport(L.Callback):
     ``PeftModel.from_pretrained`` (adapter); ``python -m distill merge`` folds an adapter into its base.
     """
 
-    def __init__(self, dirpath: str = "out/model") -> None:
+    def __init__(self, dirpath: str = "out/model", log_artifact: bool = False) -> None:
         """
         Args:
             dirpath: Output directory of the Hugging Face export.
+            log_artifact: Also upload the directory as a W&B ``model`` artifact (with a WandbLogger;
+                offline runs keep it for ``wandb sync``).
         """
         self.dirpath = Path(dirpath)
+        self.log_artifact = log_artifact
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.model
@@ -45,6 +48,20 @@ class HFExport(L.Callback):
             (self.dirpath / "chat_template.jinja").write_text(template.source)
         self._save_config(trainer)
         rank_zero_info(f"[distill] saved Hugging Face model to {self.dirpath}")
+        if self.log_artifact:
+            self._log_artifact(trainer)
+
+    def _log_artifact(self, trainer: L.Trainer) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                artifact = wandb.Artifact(name=f"model-{logger.experiment.id}", type="model")
+                artifact.add_dir(str(self.dirpath))
+                logger.experiment.log_artifact(artifact, aliases=["latest"])
+                rank_zero_info(f"[distill] logged {self.dirpath} as W&B artifact {artifact.name}")
 
     def _point_adapter_at_base(self, pl_module: L.LightningModule) -> None:
         """An adapter on a model built from a config has no base to load: save that base beside it."""

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.datamodule import DataModule
@@ -20,6 +21,15 @@ def resolve_precision(precision: str | int | None) -> str | int | None:
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Saves the resolved config to the log directory and also logs it to every logger (W&B, ...)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="json")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": json.loads(config)})
 
 
 class DistillCLI(LightningCLI):
@@ -46,6 +56,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
         DataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -91,7 +91,7 @@ class TargetStream(IterableDataset):
         self.epoch = 0
         self.skip = 0
 
-    def batches(self, chunk: list[int], epoch: int) -> list[list[list[Encoded]]]:
+    def batches(self, chunk: list[int]) -> list[list[list[Encoded]]]:
         """This rank's batches of one chunk: lists of rows (each row one sample, or several when packing)."""
         data = self.data
         per_rank = []
@@ -103,14 +103,14 @@ class TargetStream(IterableDataset):
         return per_rank[self.rank][:steps]
 
     def __len__(self) -> int:
-        return sum(len(self.batches(chunk, 0)) for chunk in self.data.plan(0))
+        return sum(len(self.batches(chunk)) for chunk in self.data.plan(0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         data, worker = self.data, get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         index = 0
         for chunk in data.plan(self.epoch):
-            batches = self.batches(chunk, self.epoch)
+            batches = self.batches(chunk)
             if index + len(batches) <= self.skip:  # a chunk trained before the resume: not even collected
                 index += len(batches)
                 continue

@@ -90,17 +90,19 @@ def _student_bucket_log_probs(
     student_logits: Tensor, ids: Tensor, valid: Tensor, temperature: float, dtype: torch.dtype
 ) -> Tensor:
     """(P, K + 1) student log-probs at temperature T of the head ids and of every other id (the tail)."""
-    s = student_logits.to(dtype) / temperature  # (P, V)
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    vocab = s.shape[-1]
-    # Padded slots scatter into a spare column, so a pad id never hides a real tail token.
-    in_head = torch.zeros(s.shape[0], vocab + 1, dtype=torch.bool, device=s.device)
-    in_head = in_head.scatter_(1, ids.masked_fill(~valid, vocab), True)[:, :vocab]
-    # The tail is a logsumexp over a masked copy, not log1p(-sum head): no cancellation when the head holds
-    # ~all the mass. A finite floor instead of -inf keeps the gradient finite when the tail is empty.
-    floor = torch.finfo(dtype).min
-    tail = torch.logsumexp(s.clamp(min=floor).masked_fill(in_head, floor), -1, keepdim=True)
-    return torch.cat([s.gather(1, ids), tail], -1) - lse
+    s = student_logits.to(dtype)
+    if temperature != 1.0:
+        s = s / temperature
+    peak = s.detach().amax(-1, keepdim=True)
+    weights = (s - peak).exp_()  # the one (P, V) exp both sums share, in place: one buffer, not two
+    # The tail sums the weights outside the head (zeroed, not subtracted: no cancellation when the head
+    # holds ~all the mass); the tiny floor keeps the log and its gradient finite when the tail is empty.
+    # Padded slots point at the row's first id, so a pad never hides a real tail token.
+    safe_ids = ids.where(valid, ids[:, :1])
+    tail_sum = weights.scatter(1, safe_ids, 0.0).sum(-1, keepdim=True)
+    log_total = torch.log(weights.sum(-1, keepdim=True))
+    log_tail = torch.log(tail_sum.clamp(min=torch.finfo(dtype).tiny))
+    return torch.cat([s.gather(1, ids) - peak, log_tail], -1) - log_total
 
 
 def _buckets(

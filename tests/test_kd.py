@@ -287,3 +287,18 @@ def test_sampled_cache_needs_the_sampled_loss():
         Distillation()(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
     out = Distillation(loss="sampled_ce")(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
     assert out.loss_sum.isfinite() and out.num_tokens == 4
+
+
+def test_sampled_targets_of_unequal_width_concatenate_with_zero_counts():
+    from distill.targets import SparseTargets
+
+    empty = torch.empty(2, 0)
+    a = SparseTargets(
+        empty.long(), empty, torch.zeros(2), torch.tensor([[3, 5, 7]] * 2), torch.tensor([[2, 1, 1]] * 2)
+    )
+    b = SparseTargets(
+        empty.long(), empty, torch.zeros(2), torch.tensor([[4, 9]] * 2), torch.tensor([[3, 1]] * 2)
+    )
+    both = concat_targets([a, b])
+    assert both.sample_ids.shape == (4, 3) and both.sample_counts.sum(-1).tolist() == [4, 4, 4, 4]
+    assert both.sample_counts[2:, 2].tolist() == [0, 0]

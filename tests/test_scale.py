@@ -1,0 +1,144 @@
+"""Scale-out paths on CPU: the SLURM launch environment, DDP KD against one process, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.test_kd import kd_config
+from tests.test_kd import teacher_dir as teacher_dir
+
+LAUNCH_VARS = ("MASTER_", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK", "PL_", "SLURM", "GROUP_RANK")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "distill", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(directory: Path) -> dict[int, float]:
+    """train/loss by step from the run's CSV log."""
+    out = {}
+    for path in directory.rglob("metrics.csv"):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def test_slurm_launch_sets_ranks_and_world_size(tmp_path, teacher_dir):
+    """What `srun` does for 1 node x 2 tasks: two processes with SLURM's variables; Lightning's
+    SLURMEnvironment must read ranks and world size from them."""
+    config = kd_config(tmp_path, teacher_dir)
+    probe = json.dumps(
+        [{"class_path": "tests.probes.RankProbe", "init_args": {"directory": str(tmp_path / "ranks")}}]
+    )
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.num_nodes",
+        "1",
+        "--trainer.callbacks",
+        probe,
+    ]
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "distill",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_CPUS_PER_TASK": "1",
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distill", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    facts = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [f["global_rank"] for f in facts] == [0, 1] and [f["local_rank"] for f in facts] == [0, 1]
+    assert all(f["world_size"] == 2 and f["node_rank"] == 0 for f in facts)
+    assert all(f["environment"] == "SLURMEnvironment" and f["main_address"] == "127.0.0.1" for f in facts)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["cached", "chunked"])
+def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, teacher_dir, chunked):
+    extra = {"cache_size_gb": 2e-4} if chunked else {}
+    checkpoint = json.dumps(
+        [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0},
+            }
+        ]
+    )
+    steps = [
+        "--trainer.max_steps",
+        "10",
+        "--trainer.enable_checkpointing",
+        "true",
+        "--trainer.val_check_interval",
+        "100",
+    ]
+
+    def config_in(name: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        config = yaml.safe_load(kd_config(directory, teacher_dir, n=48, **extra).read_text())
+        config["trainer"]["callbacks"] = json.loads(checkpoint)
+        path = directory / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    reference = config_in("reference")
+    run(["fit", "--config", str(reference), *steps], clean_env())
+    resumed = config_in("resumed")
+    kill = json.dumps({"class_path": "tests.probes.KillAt", "init_args": {"step": 6}})
+    killed = run(
+        ["fit", "--config", str(resumed), *steps, "--trainer.callbacks+", kill], clean_env(), check=False
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    (last,) = (tmp_path / "resumed").rglob("last.ckpt")
+    run(["fit", "--config", str(resumed), *steps, "--ckpt_path", str(last)], clean_env())
+    want, got = losses(tmp_path / "reference"), losses(tmp_path / "resumed")
+    assert sorted(want) == list(range(10))
+    later = [s for s in range(6, 10)]
+    assert all(abs(want[s] - got[s]) < 1e-5 for s in later), {s: (want[s], got.get(s)) for s in later}
