@@ -40,12 +40,7 @@ def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.
 
 def losses(directory: Path) -> dict[int, float]:
     """train/loss by step from the run's CSV log."""
-    out = {}
-    for path in directory.rglob("metrics.csv"):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                out[int(row["step"])] = float(row["train/loss"])
-    return out
+    return losses_named(directory, "train/loss")
 
 
 def test_slurm_launch_sets_ranks_and_world_size(tmp_path, teacher_dir):
@@ -142,3 +137,48 @@ def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path,
     assert sorted(want) == list(range(10))
     later = [s for s in range(6, 10)]
     assert all(abs(want[s] - got[s]) < 1e-5 for s in later), {s: (want[s], got.get(s)) for s in later}
+
+
+def test_two_process_ddp_kd_fit_matches_one_process(tmp_path, teacher_dir):
+    """Two ranks with 4 rows each see the samples one process sees with 8 rows per step, so the model
+    after training, hence its validation loss, matches; the KD cache is collected as disjoint shards."""
+
+    def fit(name: str, *extra: str) -> float:
+        directory = tmp_path / name
+        directory.mkdir()
+        config = kd_config(directory, teacher_dir, n=32)
+        run(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.max_steps",
+                "4",
+                "--trainer.val_check_interval",
+                "4",
+                "--trainer.num_sanity_val_steps",
+                "0",
+                *extra,
+            ],
+            clean_env(),
+        )
+        val = [v for step, v in losses_named(directory, "val/loss").items()]
+        assert len(val) == 1
+        return val[0]
+
+    one = fit("one", "--data.init_args.batch_size", "8")
+    two = fit(
+        "two", "--data.init_args.batch_size", "4", "--trainer.strategy", "ddp", "--trainer.devices", "2"
+    )
+    assert abs(one - two) < 1e-4 * max(1.0, abs(one)), (one, two)
+    ranks = {p.name[:4] for p in (tmp_path / "two" / "cache" / "train").glob("*.h5")}
+    assert ranks == {"r000", "r001"}
+
+
+def losses_named(directory: Path, name: str) -> dict[int, float]:
+    out = {}
+    for path in directory.rglob("metrics.csv"):
+        for row in csv.DictReader(path.open()):
+            if row.get(name):
+                out[int(row["step"])] = float(row[name])
+    return out
