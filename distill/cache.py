@@ -318,6 +318,7 @@ class _Index:
     byte: np.ndarray  # (N,) first byte in the segment's stream
     nbytes: np.ndarray
     kl: np.ndarray  # (N,) KL summed over the sample's positions
+    num_tokens: np.ndarray  # (N,) the sample's token count
     order: np.ndarray  # (N,) rows of the sorted arrays in storage order
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -364,7 +365,7 @@ class CacheReader:
                 kl = g["kl"][:] if "kl" in g else np.zeros(len(npos))
                 pos, byte = np.cumsum(npos) - npos, np.cumsum(nbytes) - nbytes
                 parts.setdefault(name, []).append(
-                    (g["sha"][:], np.full(len(npos), s), pos, npos, byte, nbytes, kl)
+                    (g["sha"][:], np.full(len(npos), s), pos, npos, byte, nbytes, kl, g["num_tokens"][:])
                 )
                 self.stored_positions += int(npos.sum())
         self._index = {}
@@ -405,6 +406,11 @@ class CacheReader:
 
     def get(self, sha: str, teacher: str | None = None) -> SparseTargets:
         return self._read(self._one(teacher), [sha])[0]
+
+    def num_tokens(self, shas: Sequence[str], teacher: str | None = None) -> list[int]:
+        """The stored samples' token counts."""
+        ix = self._load()[self._one(teacher)]
+        return ix.num_tokens[ix.find(_keys(shas))[0]].tolist()
 
     def read(self, shas: Sequence[str], teacher: str | None = None) -> list[SparseTargets]:
         """Several samples at once (one read per segment where they lie close together)."""

@@ -349,3 +349,25 @@ def test_corrupt_files_never_appear_as_segments(tmp_path):
     shutil.copy(next((tmp_path / "c").glob("*.h5")), tmp_path / "c" / ".r000-x.h5.partial")
     (tmp_path / "c" / ".r000-y.h5.partial").write_bytes(b"")
     assert len(cache.reader()) == 2 and cache_stats(tmp_path / "c")["segments"] == 1
+
+
+def test_merging_teachers_at_collection_equals_the_training_time_mixture(tmp_path):
+    from distill.cache_cli import merge_teachers
+    from distill.losses import log_tail_mass, mix_teachers
+
+    cache = open_cache(tmp_path / "c", spec(teachers=[BIG, SMALL]))
+    big, small = make_samples(5, seed=1), make_samples(5, seed=2)
+    write(cache, big, "big")
+    write(cache, small, "small")
+    assert merge_teachers(tmp_path / "c", tmp_path / "m", weights=[0.75, 0.25]) == 5
+    merged = CacheReader(tmp_path / "m")
+    assert merged.teachers() == ["mixture"] and sorted(merged.shas()) == sorted(big)
+    reader = cache.reader()
+    for s in big:
+        want = mix_teachers([reader.get(s, "big"), reader.get(s, "small")], [0.75, 0.25], V)
+        got = merged.get(s)
+        top = want.logits.topk(K, dim=-1)
+        assert torch.equal(got.ids, want.ids.gather(-1, top.indices).sort(-1).values)
+        p_got = torch.softmax(torch.cat([got.logits, log_tail_mass(got)[:, None]], -1), -1)
+        assert torch.allclose(p_got[:, :-1].sum(-1), top.values.exp().sum(-1), atol=2e-3)
+    assert merged.num_tokens([next(iter(big))]) == [big[next(iter(big))].num_positions + 1]
