@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses import LOSSES, cross_entropy, mix_teachers
+from distill.losses import LOSSES, cross_entropy, mix_teachers, student_log_probs
 from distill.objectives import Objective, TokenLoss, over_chunks
 from distill.targets import SparseTargets
 from distill.teacher import Teacher, TeacherModule
@@ -108,14 +108,20 @@ class Distillation(Objective):
         def chunk_loss(h: Tensor, y: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
             logits = head(h)[:, :vocab_size].float()  # a padded head's extra rows are not tokens
             t = SparseTargets(*columns[:3], *(columns[3:] if sampled else (None, None)))
-            kd = LOSSES[self.loss](
-                logits, t, self.temperature, vocab_size=vocab_size, **self.extra.get(self.loss, {})
-            )
-            ce = (
-                cross_entropy(logits, y)
-                if self.alpha < 1
-                else F.cross_entropy(logits.detach(), y, reduction="none")
-            )
+            # one log-softmax and one gather (its backward is a dense (n, V) tensor) serve the KD term
+            # and, at T = 1, the cross-entropy
+            log_q = student_log_probs(logits, self.temperature)
+            extra = dict(self.extra.get(self.loss, {}))
+            if self.loss == "sampled_ce":
+                extra["log_probs"] = log_q
+                picked_label = log_q.gather(1, y[:, None])
+            else:
+                picked = log_q.gather(1, torch.cat([t.ids, y[:, None]], 1))
+                extra["head_log_probs"], picked_label = picked[:, :-1], picked[:, -1:]
+            kd = LOSSES[self.loss](logits, t, self.temperature, vocab_size=vocab_size, **extra)
+            ce = -picked_label.squeeze(1) if self.temperature == 1.0 else cross_entropy(logits, y)
+            if self.alpha == 1.0:
+                ce = ce.detach()  # logged, not trained on
             total = self.alpha * self.temperature**2 * kd + (1.0 - self.alpha) * ce
             predicted = logits.argmax(-1)
             agree = (predicted == teacher_top1(t)).sum()

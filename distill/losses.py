@@ -1,12 +1,16 @@
 """Sparse knowledge-distillation losses over cached teacher targets (pure torch, no Lightning).
 
 Every loss maps student logits (P, V) at the P trainable positions and a ``SparseTargets`` to a loss
-per position (P,). The caller sums and divides by the number of trainable tokens in the whole
-gradient-accumulation step (TRL #6006 normalised per micro-batch); nothing is averaged here.
+per position (P,). A caller that has the student's log-softmax at the same temperature already passes
+what the loss needs of it: ``head_log_probs`` (P, K) at ``targets.ids`` for the bucket losses, or
+``log_probs`` (P, V) for ``sampled_ce``, so the loss makes no further pass over the vocabulary.
+The caller sums and divides by the number of trainable tokens in the whole gradient-accumulation
+step (TRL #6006 normalised per micro-batch); nothing is averaged here.
 
 Buckets: the teacher is known on K exact head tokens; the rest of its mass goes into one tail bucket,
 computed in log space. The student is bucketed the same way (its mass on the head ids and on all other
 ids), so each divergence is exact between two (K + 1)-point distributions; with K == V it is the dense one.
+The student's tail is log(1 - head mass) from its K head log-probs (no second pass over the vocabulary).
 
 Temperature: the teacher's full log-sum-exp at T is not recoverable from top-K + lse. The tail is modelled
 as V - K tokens sharing one logit ``z_tail = lse + log_tail - log(V - K)`` (exact at T = 1), so
@@ -86,27 +90,61 @@ def teacher_bucket_logits(targets: SparseTargets, vocab_size: int, temperature: 
     return torch.cat([head / temperature, tail[:, None]], -1)
 
 
-def _student_bucket_log_probs(
-    student_logits: Tensor, ids: Tensor, valid: Tensor, temperature: float, dtype: torch.dtype
+def student_log_probs(
+    student_logits: Tensor,
+    temperature: float,
+    dtype: torch.dtype | None = None,
+    log_probs: Tensor | None = None,
 ) -> Tensor:
-    """(P, K + 1) student log-probs at temperature T of the head ids and of every other id (the tail)."""
-    s = student_logits.to(dtype)
-    if temperature != 1.0:
-        s = s / temperature
-    peak = s.detach().amax(-1, keepdim=True)
-    weights = (s - peak).exp_()  # the one (P, V) exp both sums share, in place: one buffer, not two
-    # The tail sums the weights outside the head (zeroed, not subtracted: no cancellation when the head
-    # holds ~all the mass); the tiny floor keeps the log and its gradient finite when the tail is empty.
-    # Padded slots point at the row's first id, so a pad never hides a real tail token.
-    safe_ids = ids.where(valid, ids[:, :1])
-    tail_sum = weights.scatter(1, safe_ids, 0.0).sum(-1, keepdim=True)
-    log_total = torch.log(weights.sum(-1, keepdim=True))
-    log_tail = torch.log(tail_sum.clamp(min=torch.finfo(dtype).tiny))
-    return torch.cat([s.gather(1, ids) - peak, log_tail], -1) - log_total
+    """(P, V) log-softmax of the student logits at temperature T, or ``log_probs`` when the caller has
+    them already (the KD objective shares one log-softmax between the KD term and the cross-entropy)."""
+    if log_probs is not None:
+        return log_probs
+    s = student_logits.to(dtype or _compute_dtype(student_logits))
+    return (s / temperature if temperature != 1.0 else s).log_softmax(-1)
+
+
+def _student_bucket_log_probs(
+    student_logits: Tensor,
+    ids: Tensor,
+    valid: Tensor,
+    temperature: float,
+    dtype: torch.dtype,
+    head_log_probs: Tensor | None = None,
+) -> Tensor:
+    """(P, K + 1) student log-probs at temperature T of the head ids and of every other id (the tail).
+
+    One fused log-softmax over the vocabulary is the only (P, V) work; the tail is log(1 - head mass)
+    from the K head log-probs, in log space (accurate while the tail is above ~1e-6 of the mass, where
+    float32 log-probs resolve it; below, it is floored at TAIL_LOG_FLOOR, which keeps every term and
+    gradient finite). Padded slots (``valid`` False) carry no mass.
+    """
+    if head_log_probs is None:
+        head_log_probs = student_log_probs(student_logits, temperature, dtype).gather(1, ids)
+    head = head_log_probs.to(dtype)
+    head_mass = torch.logsumexp(head.masked_fill(~valid, float("-inf")), -1, keepdim=True)
+    tail = _log1mexp_differentiable(head_mass).clamp(min=TAIL_LOG_FLOOR)
+    return torch.cat([head, tail], -1)
+
+
+def _log1mexp_differentiable(x: Tensor) -> Tensor:
+    """``_log1mexp`` with finite gradients everywhere: each branch sees only inputs it is finite on
+    (torch.where sends 0 * inf = NaN through the branch it does not take), and x stays below 0."""
+    x = x.clamp(max=-1e-20)
+    near = x > -math.log(2)
+    return torch.where(
+        near,
+        torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+        torch.log1p(-torch.exp(torch.where(near, -1.0, x))),
+    )
 
 
 def _buckets(
-    student_logits: Tensor, targets: SparseTargets, temperature: float, vocab_size: int
+    student_logits: Tensor,
+    targets: SparseTargets,
+    temperature: float,
+    vocab_size: int,
+    head_log_probs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Teacher and student bucket log-probs (P, K + 1), both 0 at empty buckets (padding, empty tail).
 
@@ -118,7 +156,9 @@ def _buckets(
     dtype = _compute_dtype(student_logits, targets.logits)
     log_p = teacher_bucket_logits(targets, vocab_size, temperature).to(dtype).log_softmax(-1)
     valid = torch.isfinite(log_p)
-    log_q = _student_bucket_log_probs(student_logits, targets.ids, valid[:, :-1], temperature, dtype)
+    log_q = _student_bucket_log_probs(
+        student_logits, targets.ids, valid[:, :-1], temperature, dtype, head_log_probs
+    )
     zero = log_p.new_zeros(())
     return log_p.where(valid, zero), log_q.where(valid, zero)
 
@@ -134,22 +174,32 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
 
 
 def forward_kl(
-    student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0, *, vocab_size: int
+    student_logits: Tensor,
+    targets: SparseTargets,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int,
+    head_log_probs: Tensor | None = None,
 ) -> Tensor:
     """(P,) KL(teacher || student) over the head tokens plus the tail bucket (mode-covering)."""
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
     return _kl(log_p, log_q)
 
 
 def reverse_kl(
-    student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0, *, vocab_size: int
+    student_logits: Tensor,
+    targets: SparseTargets,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int,
+    head_log_probs: Tensor | None = None,
 ) -> Tensor:
     """(P,) KL(student || teacher) over the same buckets (MiniLLM; mode-seeking).
 
     Student mass outside the teacher's head is compared with the teacher's tail mass as one bucket, so
     the student is not rewarded for putting mass there nor infinitely punished (see TAIL_LOG_FLOOR).
     """
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
     return _kl(log_q, log_p)
 
 
@@ -160,6 +210,7 @@ def jsd(
     *,
     vocab_size: int,
     beta: float = 0.5,
+    head_log_probs: Tensor | None = None,
 ) -> Tensor:
     """(P,) generalised Jensen-Shannon divergence, TRL's (GKD) convention.
 
@@ -169,10 +220,14 @@ def jsd(
     exactly (as TRL does). Swapping the mixture weights (TRL #3043) would swap these limits.
     """
     if beta == 0.0:
-        return forward_kl(student_logits, targets, temperature, vocab_size=vocab_size)
+        return forward_kl(
+            student_logits, targets, temperature, vocab_size=vocab_size, head_log_probs=head_log_probs
+        )
     if beta == 1.0:
-        return reverse_kl(student_logits, targets, temperature, vocab_size=vocab_size)
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+        return reverse_kl(
+            student_logits, targets, temperature, vocab_size=vocab_size, head_log_probs=head_log_probs
+        )
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
     log_m = _log_mix(log_p, log_q, beta)
     return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
@@ -184,9 +239,10 @@ def skew_kl(
     *,
     vocab_size: int,
     alpha: float = 0.1,
+    head_log_probs: Tensor | None = None,
 ) -> Tensor:
     """(P,) DistiLLM's skew KL: KL(p || alpha * p + (1 - alpha) * q); alpha = 0 is the forward KL."""
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
     return _kl(log_p, _log_mix(log_p, log_q, alpha))
 
 
@@ -197,14 +253,20 @@ def skew_reverse_kl(
     *,
     vocab_size: int,
     alpha: float = 0.1,
+    head_log_probs: Tensor | None = None,
 ) -> Tensor:
     """(P,) DistiLLM's skew reverse KL: KL(q || (1 - alpha) * p + alpha * q); alpha = 0 is the reverse KL."""
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size)
+    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
     return _kl(log_q, _log_mix(log_p, log_q, 1.0 - alpha))
 
 
 def sampled_ce(
-    student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0, *, vocab_size: int
+    student_logits: Tensor,
+    targets: SparseTargets,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int,
+    log_probs: Tensor | None = None,
 ) -> Tensor:
     """(P,) cross-entropy against a sampled (Anshumann et al. 2025) or hybrid cache.
 
@@ -217,7 +279,7 @@ def sampled_ce(
     if targets.sample_ids is None or targets.sample_counts is None:
         raise ValueError("sampled_ce needs sample_ids and sample_counts")
     dtype = _compute_dtype(student_logits, targets.logits)
-    log_q = (student_logits.to(dtype) / temperature).log_softmax(-1)  # (P, V)
+    log_q = student_log_probs(student_logits, temperature, dtype, log_probs)  # (P, V)
     counts = targets.sample_counts.to(dtype)
     freq = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)  # padding has count 0
     zero = log_q.new_zeros(())
