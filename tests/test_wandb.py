@@ -17,8 +17,19 @@ def test_wandb_logger_offline(tmp_path, chat_file, monkeypatch):
                 "trainer": {
                     "logger": {
                         "class_path": "lightning.pytorch.loggers.WandbLogger",
-                        "init_args": {"project": "distill-test", "save_dir": str(tmp_path), "name": "tiny"},
-                    }
+                        "init_args": {
+                            "project": "distill-test",
+                            "save_dir": str(tmp_path),
+                            "name": "tiny",
+                            "group": "ablation-a",
+                        },
+                    },
+                    "callbacks": [
+                        {
+                            "class_path": "callbacks.HFExport",
+                            "init_args": {"dirpath": str(tmp_path / "export"), "log_artifact": True},
+                        }
+                    ],
                 }
             }
         )
@@ -26,4 +37,10 @@ def test_wandb_logger_offline(tmp_path, chat_file, monkeypatch):
     main(["fit", "--config", str(config), "--config", str(override), "--trainer.max_steps", "3"])
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert list(runs[0].glob("*.wandb")) and next(iter(runs[0].glob("*.wandb"))).stat().st_size > 0
+    log = next(iter(runs[0].glob("*.wandb")))
+    assert log.stat().st_size > 0
+    record = log.read_bytes()
+    assert b"ablation-a" in record  # the group
+    assert b"train_on_responses_only" in record  # the resolved config, logged as the run's config
+    assert b"model-" in record and b"artifact" in record.lower()  # the HF export as a model artifact
+    assert (tmp_path / "export" / "config.json").exists()
