@@ -35,6 +35,9 @@ def test_wandb_logger_offline(tmp_path, chat_file, monkeypatch):
         )
     )
     main(["fit", "--config", str(config), "--config", str(override), "--trainer.max_steps", "3"])
+    import wandb
+
+    wandb.finish()  # flushes the run's records to its offline file
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = next(iter(runs[0].glob("*.wandb")))
