@@ -29,7 +29,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from distill.targets import SparseTargets
 
@@ -391,31 +390,3 @@ def slice_targets(targets: SparseTargets, index: slice) -> SparseTargets:
         sample_ids=None if targets.sample_ids is None else targets.sample_ids[index],
         sample_counts=None if targets.sample_counts is None else targets.sample_counts[index],
     )
-
-
-def chunked_loss(
-    hidden: Tensor,
-    lm_head_weight: Tensor,
-    lm_head_bias: Tensor | None,
-    loss_fn: Callable[[Tensor, slice], Tensor],
-    chunk_size: int = 1024,
-    vocab_size: int | None = None,
-) -> Tensor:
-    """(P,) loss_fn(logits_chunk, positions) over chunks of hidden (P, H), never all (P, V) logits at once.
-
-    Each chunk runs under non-reentrant activation checkpointing, so its logits are freed after the
-    forward and recomputed one chunk at a time in the backward; gradients equal the unchunked ones.
-    ``vocab_size`` masks a padded lm_head's extra rows to -inf before ``loss_fn`` sees the logits.
-    """
-
-    def chunk(h: Tensor, index: slice) -> Tensor:
-        logits = F.linear(h, lm_head_weight, lm_head_bias)  # (chunk, V)
-        if vocab_size is not None:
-            logits = mask_padded_vocab(logits, vocab_size)
-        return loss_fn(logits, index)
-
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        index = slice(start, min(start + chunk_size, hidden.shape[0]))
-        out.append(checkpoint(chunk, hidden[index], index, use_reentrant=False))
-    return torch.cat(out)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from distill.kd import Distillation
 from distill.losses import (
     LOSSES,
-    chunked_loss,
     cross_entropy,
     forward_kl,
     jsd,
@@ -344,32 +344,20 @@ def test_low_precision_logits_are_computed_in_float32():
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
 
 
-def test_chunked_loss_matches_unchunked():
+def test_distillation_in_chunks_matches_the_unchunked_loss_and_gradients():
+    """The KD objective over a padded lm_head with a bias, in chunks of 3 positions recomputed in the
+    backward, equals ``kd_loss`` on the whole (P, V) logits, values and gradients."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(P, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(56, 16, generator=gen, dtype=torch.float64, requires_grad=True)  # padded lm_head
-    bias = torch.randn(56, generator=gen, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 56).double()  # 56 rows over a vocabulary of V: a padded lm_head
     targets = top_k(logits(30), 8)
     labels = torch.randint(0, V, (P,), generator=gen)
-    calls = []
-
-    def loss_fn(chunk_logits: torch.Tensor, index: slice) -> torch.Tensor:
-        calls.append(index)
-        return kd_loss(
-            chunk_logits,
-            slice_targets(targets, index),
-            labels[index],
-            kind="jsd",
-            temperature=2.0,
-            alpha=0.7,
-            vocab_size=V,
-        )
-
-    chunked = chunked_loss(hidden, weight, bias, loss_fn, chunk_size=3, vocab_size=V)
-    grads = torch.autograd.grad(chunked.sum(), (hidden, weight, bias))
-    assert len(calls) == 6  # 3 chunks forward, each recomputed once in the backward
+    objective = Distillation(loss="jsd", temperature=2.0, alpha=0.7, chunk_size=3)
+    chunked = objective(hidden, head, labels, {"targets": [targets], "vocab_size": V})
+    params = (hidden, head.weight, head.bias)
+    grads = torch.autograd.grad(chunked.loss_sum, params)
     full = kd_loss(
-        mask_padded_vocab(hidden @ weight.T + bias, V),
+        mask_padded_vocab(head(hidden), V),
         targets,
         labels,
         kind="jsd",
@@ -377,7 +365,7 @@ def test_chunked_loss_matches_unchunked():
         alpha=0.7,
         vocab_size=V,
     )
-    expected = torch.autograd.grad(full.sum(), (hidden, weight, bias))
-    assert_close(chunked, full)
+    expected = torch.autograd.grad(full.sum(), params)
+    assert_close(chunked.loss_sum, full.sum())
     for got, want in zip(grads, expected, strict=True):
         assert_close(got, want)
