@@ -45,8 +45,13 @@ def result(values: dict) -> None:
     print(json.dumps(values), flush=True)
 
 
-def kd_and_sft_configs(cache_dir: Path, steps: int, **data_overrides) -> dict[str, dict]:
-    """The demo KD config and the same run as plain SFT: same student, data, batch, seed and steps."""
+def kd_and_sft_configs(
+    cache_dir: Path, steps: int, same_batches: bool = False, **data_overrides
+) -> dict[str, dict]:
+    """The demo KD config and the same run as plain SFT: same student, data, batch, seed and steps.
+
+    ``same_batches``: SFT reads its batches through the KD data module too (the targets are there but
+    unused), so both runs see identical batches in identical order and only the objective differs."""
     import yaml
 
     kd = yaml.safe_load((ROOT / "configs" / "kd.yaml").read_text())
@@ -65,9 +70,10 @@ def kd_and_sft_configs(cache_dir: Path, steps: int, **data_overrides) -> dict[st
         "class_path": "distill.objectives.CrossEntropy",
         "init_args": {"chunk_size": chunk},  # the same logits chunking as KD
     }
-    sft["data"]["class_path"] = "distill.DataModule"
-    for key in ("teachers", "k", "scheme", "num_draws", "cache_dir", "cache_size_gb", "value_bits"):
-        sft["data"]["init_args"].pop(key, None)
+    if not same_batches:
+        sft["data"]["class_path"] = "distill.DataModule"
+        for key in ("teachers", "k", "scheme", "num_draws", "cache_dir", "cache_size_gb", "value_bits"):
+            sft["data"]["init_args"].pop(key, None)
     return {"kd": kd, "sft": sft}
 
 

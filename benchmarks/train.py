@@ -1,7 +1,8 @@
 """Student training speed and memory: plain cross-entropy (SFT) vs KD from the teacher cache.
 
-Same student, data, batch size, seed and steps (the demo's ``configs/kd.yaml``); KD reads top-64
-targets from the cache (collected before timing starts) and adds the sparse KD loss. Each mode runs
+Same student, seed, steps and the very same batches in the same order (the demo's ``configs/kd.yaml``;
+both read them through the KD data module, SFT ignoring the targets), so only the objective differs:
+KD's sparse loss over the cached top-64 targets vs cross-entropy on the labels. Each mode runs
 in its own process, twice, alternating, for speed; then once more each for memory (per process: CUDA
 max allocated, or on a CPU peak RSS with glibc told to return freed buffers, see ``child_env``).
 Tokens/s is timed after ``--warmup`` steps; the best run of each mode is kept.
@@ -50,7 +51,7 @@ def child_env() -> dict[str, str]:
 
 
 def one_run(mode: str, steps: int, warmup: int, directory: Path) -> dict:
-    cli = build(kd_and_sft_configs(directory, steps)[mode], directory / mode)
+    cli = build(kd_and_sft_configs(directory, steps, same_batches=True)[mode], directory / mode)
     clock = Clock(warmup)
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

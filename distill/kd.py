@@ -106,7 +106,9 @@ class Distillation(Objective):
         fields += [targets.sample_ids, targets.sample_counts] if sampled else []
 
         def chunk_loss(h: Tensor, y: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
-            logits = head(h)[:, :vocab_size]  # a padded head's extra rows are not tokens
+            logits = head(h)
+            if logits.shape[-1] > vocab_size:  # a padded head's extra rows are not tokens
+                logits = logits[:, :vocab_size]  # (only then: a no-op slice still costs a dense backward)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
             t = SparseTargets(*columns[:3], *(columns[3:] if sampled else (None, None)))
             # one log-softmax and one gather (its backward is a dense (n, V) tensor) serve the KD term
