@@ -9,7 +9,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.cache import CacheSpec, TeacherCache, open_cache
-from distill.collect import BackgroundWriter, Job, cache_spec, check_vocabularies, label_policy, plan_jobs
+from distill.collect import (
+    BackgroundWriter,
+    Job,
+    cache_spec,
+    check_vocabularies,
+    label_policy,
+    plan_jobs,
+    sync_cache,
+)
 
 
 class TeacherCacheWriter(BasePredictionWriter):
@@ -67,11 +75,7 @@ class TeacherCacheWriter(BasePredictionWriter):
         splits = {"train": data.train, "val": data.val}
         if trainer.is_global_zero:
             for split, path in self.paths.items():
-                cache = open_cache(path, spec, rebuild=self.rebuild)
-                cache.remove_partials()  # left by a killed run; no writer runs yet
-                plan = cache.plan_sync([s.sha for s in splits[split]])
-                dropped = cache.drop(plan.drop) if plan.drop else 0
-                rank_zero_info(f"[distill] cache {path}: {plan} (dropped {dropped})")
+                sync_cache(path, spec, splits[split], rebuild=self.rebuild)
         trainer.strategy.barrier("teacher-cache-sync")
         for split, path in self.paths.items():
             self.caches[split] = open_cache(path, spec)

@@ -10,12 +10,14 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.batching import Collator
-from distill.cache import CacheSpec, CacheWriter, TeacherCache
+from distill.cache import CacheSpec, CacheWriter, TeacherCache, open_cache
 from distill.datamodule import DataModule
 from distill.encoding import Encoded
 from distill.identity import check_same_vocabulary, tokenizer_hash
@@ -61,6 +63,17 @@ def cache_spec(
 def label_policy(data: DataModule) -> str:
     """The data settings that decide which positions carry loss, hence which ones the cache holds."""
     return f"responses_only={data.train_on_responses_only};truncation={data.truncation}"
+
+
+def sync_cache(path: str | Path, spec: CacheSpec, samples: Sequence[Encoded], rebuild: bool = False) -> None:
+    """Open (or rebuild) a cache for ``spec``, delete what a killed run left half-written and drop the
+    samples no longer in the data; logs what the sync will keep, collect and drop. Rank 0 only, while
+    no writer runs; other ranks wait at a barrier, then open the cache."""
+    cache = open_cache(path, spec, rebuild=rebuild)
+    cache.remove_partials()
+    plan = cache.plan_sync([s.sha for s in samples])
+    dropped = cache.drop(plan.drop) if plan.drop else 0
+    rank_zero_info(f"[distill] cache {cache.path}: {plan} (dropped {dropped})")
 
 
 @dataclass

@@ -65,9 +65,8 @@ class Distillation(Objective):
         self.online_k = online_k
         self._online_module: TeacherModule | None = None
 
-    def targets(self, batch: dict, vocab_size: int) -> SparseTargets:
-        """The (mixed) teacher distribution at the batch's trainable positions."""
-        per_teacher = batch["targets"] if self.online is None else self.online_targets(batch)
+    def mix(self, per_teacher: list[SparseTargets], vocab_size: int) -> SparseTargets:
+        """One teacher's targets as they are, several mixed with ``teacher_weights``."""
         if len(per_teacher) == 1:
             return per_teacher[0]
         weights = self.teacher_weights or [1.0] * len(per_teacher)
@@ -88,10 +87,12 @@ class Distillation(Objective):
         return [self._online_module.batch_targets(model, batch)[0] for model in self._online_models]
 
     def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
-        if self.online is not None and self._online_module is None:
-            self.online_targets(batch)  # loads the teachers, so their vocabulary size is known
-        vocab_size = int(batch["vocab_size"]) if self.online is None else self._online_module.vocab_size
-        targets = self.targets(batch, vocab_size).to(hidden.device)
+        if self.online is None:
+            per_teacher, vocab_size = batch["targets"], int(batch["vocab_size"])
+        else:  # the teachers load on the first call; then their vocabulary size is known
+            per_teacher = self.online_targets(batch)
+            vocab_size = self._online_module.vocab_size
+        targets = self.mix(per_teacher, vocab_size).to(hidden.device)
         if targets.num_positions != labels.shape[0]:
             raise ValueError(
                 f"{targets.num_positions} teacher positions for {labels.shape[0]} trainable tokens: "

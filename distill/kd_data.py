@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from distill.batching import Collator, pack
 from distill.cache import CacheReader, CacheSpec, TeacherCache, open_cache
-from distill.collect import cache_spec, check_vocabularies, collect, label_policy, plan_jobs
+from distill.collect import cache_spec, check_vocabularies, collect, label_policy, plan_jobs, sync_cache
 from distill.datamodule import DataModule
 from distill.encoding import IGNORE_INDEX, Encoded
 from distill.kd import concat_targets
@@ -241,17 +241,12 @@ class KDDataModule(DataModule):
         total = self.estimated_bytes(self.train) + self.estimated_bytes(self.val)
         self.chunked = budget is not None and total > budget
         strategy = self.trainer.strategy if self.trainer else None
-        rank = self.trainer.global_rank if self.trainer else 0
-        world = self.trainer.world_size if self.trainer else 1
+        rank, world = self._rank, self.trainer.world_size if self.trainer else 1
         full = [("val", self.val)] + ([] if self.chunked else [("train", self.train)])
         full = [(split, samples) for split, samples in full if samples]
         if rank == 0:
             for split, samples in full:
-                cache = open_cache(self.cache_dir / split, self.spec, rebuild=self.rebuild_cache)
-                cache.remove_partials()  # left by a killed run; no writer runs yet
-                plan = cache.plan_sync([s.sha for s in samples])
-                dropped = cache.drop(plan.drop) if plan.drop else 0
-                rank_zero_info(f"[distill] cache {cache.path}: {plan} (dropped {dropped})")
+                sync_cache(self.cache_dir / split, self.spec, samples, rebuild=self.rebuild_cache)
             if self.chunked:
                 shutil.rmtree(self.cache_dir / "train-chunks", ignore_errors=True)
         if strategy is not None:
