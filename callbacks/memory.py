@@ -11,7 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class PeakMemory(L.Callback):
-    """On CUDA: peak reserved memory, the GPU's total, and the share used by training; on CPU: peak RSS."""
+    """On CUDA: peak allocated and reserved memory, the GPU's total, and the share used by training; on
+    CPU: peak RSS."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_reserved_gb = 0.0
@@ -31,6 +32,7 @@ def peak_memory(device: torch.device, start_reserved_gb: float = 0.0) -> dict[st
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         peak = torch.cuda.max_memory_reserved(device) / 2**30
         return {
+            "peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
             "peak_reserved_gb": round(peak, 3),
             "total_gb": round(total, 3),
             "peak_share": round(peak / total, 4),

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from distill.batching import Collator, pack
 from distill.encoding import Encoded, EncodingStats, Truncation, encode_all
 from distill.formats import Format, Record, read_records
+from distill.resume import ResumableLoader, ShuffledBatches
 from distill.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
 
 
@@ -61,10 +62,11 @@ class DataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
             max_train_samples: Use at most this many training records (quick checks).
             max_eval_samples: Use at most this many validation records.
-            seed: Seed of the validation split and packing order.
+            seed: Seed of the validation split, the packing and each epoch's order of training rows.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # the tokenizer is linked from the model's (which may leave it unset): logged there once
+        self.save_hyperparameters(ignore=["tokenizer"])
         self.train_files = train_files
         self.val_files = val_files
         self.val_fraction = val_fraction
@@ -163,14 +165,33 @@ class DataModule(L.LightningDataModule):
             random.Random(shuffle_seed).shuffle(order)
         return pack(order, self.max_seq_length)
 
+    @property
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer else 0
+
+    @property
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer else 1
+
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained) from Lightning's loop state."""
+        if self.trainer is None:  # used outside a Trainer
+            return 0, 0
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # the order is a function of (seed, epoch), not of the global RNG, so `--ckpt_path` resumes
+        # mid-epoch at the very next batch
+        rows = ShuffledBatches(
             self._rows(self.train, self.seed),
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
+            self.collator,
+            self.batch_size,
+            self.seed,
+            self._rank,
+            self._world_size,
         )
+        return ResumableLoader(rows, self._progress, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

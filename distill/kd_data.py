@@ -10,16 +10,15 @@ then freed), train on it, purge it, next chunk; the disk never holds more than t
 from __future__ import annotations
 
 import math
-import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from distill.batching import Collator, pack
 from distill.cache import CacheReader, CacheSpec, TeacherCache, open_cache
@@ -27,6 +26,7 @@ from distill.collect import cache_spec, check_vocabularies, collect, label_polic
 from distill.datamodule import DataModule
 from distill.encoding import IGNORE_INDEX, Encoded
 from distill.kd import concat_targets
+from distill.resume import ResumableLoader, epoch_rng, yields
 from distill.targets import SparseTargets
 from distill.teacher import Scheme, Teacher, TeacherModule
 
@@ -81,7 +81,7 @@ class TargetStream(IterableDataset):
     ``plan(epoch)`` gives the chunks (lists of sample indices). Each rank takes every world-th sample of a
     chunk, and all ranks stop at the same batch count per chunk (DDP needs equal steps). ``skip`` batches
     are passed over without reading or collecting anything (resuming mid-epoch). With workers, worker w
-    produces batches w, w + W, ... and opens its own HDF5 handles.
+    produces batches skip + w, skip + w + W, ... and opens its own HDF5 handles.
     """
 
     def __init__(self, data: KDDataModule, rank: int, world_size: int) -> None:
@@ -106,8 +106,7 @@ class TargetStream(IterableDataset):
         return sum(len(self.batches(chunk)) for chunk in self.data.plan(0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        data, worker = self.data, get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        data = self.data
         index = 0
         for chunk in data.plan(self.epoch):
             batches = self.batches(chunk)
@@ -116,7 +115,7 @@ class TargetStream(IterableDataset):
                 continue
             reader = data.prepare_chunk([data.train[i] for i in chunk[self.rank :: self.world_size]])
             for rows in batches:
-                if index >= self.skip and index % workers == worker_id:
+                if yields(index, self.skip):
                     shas = [s.sha for row in rows for s in row]
                     targets = [reader.read(shas, name) for name in data.teacher_names]
                     yield data.kd_collator(rows, targets)
@@ -139,33 +138,6 @@ class TargetedSamples(Dataset):
         row = self.rows[index] if isinstance(self.rows[index], list) else [self.rows[index]]
         shas = [s.sha for s in row]
         return row, [self.reader.read(shas, name) for name in self.teacher_names]
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader over a ``TargetStream`` that Lightning checkpoints (it has ``state_dict``): the epoch
-    and the batches already trained, so a resumed fit continues at the right chunk and batch."""
-
-    def __init__(self, stream: TargetStream, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
-        super().__init__(stream, batch_size=None, **kwargs)
-        self.progress = progress
-        self._resume: dict[str, int] | None = None
-
-    def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.progress()
-        return {"epoch": epoch, "batches": batches}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = dict(state)
-
-    def __iter__(self):
-        epoch, _ = self.progress()
-        self.dataset.epoch = epoch
-        self.dataset.skip = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            self.dataset.skip = self._resume["batches"]
-            rank_zero_info(f"[distill] resuming epoch {epoch} after {self.dataset.skip} batches")
-        self._resume = None
-        return super().__iter__()
 
 
 class KDDataModule(DataModule):
@@ -241,7 +213,7 @@ class KDDataModule(DataModule):
         total = self.estimated_bytes(self.train) + self.estimated_bytes(self.val)
         self.chunked = budget is not None and total > budget
         strategy = self.trainer.strategy if self.trainer else None
-        rank, world = self._rank, self.trainer.world_size if self.trainer else 1
+        rank, world = self._rank, self._world_size
         full = [("val", self.val)] + ([] if self.chunked else [("train", self.train)])
         full = [(split, samples) for split, samples in full if samples]
         if rank == 0:
@@ -286,7 +258,7 @@ class KDDataModule(DataModule):
 
     def plan(self, epoch: int) -> list[list[int]]:
         """The epoch's chunks of training-sample indices, shuffled from (seed, epoch)."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng = epoch_rng(self.seed, epoch)
         n = len(self.train)
         if not self.chunked:
             chunks = [list(range(i, min(i + self.chunk_samples, n))) for i in range(0, n, self.chunk_samples)]
@@ -320,26 +292,14 @@ class KDDataModule(DataModule):
             reader.close()
             self._chunk_cache.clear()
 
-    @property
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer else 0
-
     # ---- loaders -----------------------------------------------------------------------------------
 
     @property
     def kd_collator(self) -> KDCollator:
         return KDCollator(self.collator, self.packing, self.spec.vocab_size)
 
-    def _progress(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained) from Lightning's loop state."""
-        if self.trainer is None:  # used outside a Trainer
-            return 0, 0
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
-
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
-        stream = TargetStream(self, self._rank, world)
+        stream = TargetStream(self, self._rank, self._world_size)
         # collection runs on the accelerator, in the main process: no workers while chunks are collected
         workers = 0 if self.chunked else self.num_workers
         return ResumableLoader(stream, self._progress, num_workers=workers)

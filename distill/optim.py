@@ -26,6 +26,10 @@ class AdamW(torch.optim.AdamW):
             ]
             fused = bool(tensors) and all(p.is_cuda for p in tensors)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+        # The fused kernel can unscale fp16 gradients itself, and Lightning then refuses gradient
+        # clipping, even under bf16 where nothing is scaled. Declining that lets clipping work; a
+        # GradScaler (fp16) then unscales before the step, as for any optimizer.
+        self._step_supports_amp_scaling = False
 
 
 class AdamW8bit(torch.optim.Optimizer):

@@ -7,6 +7,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 from transformers import AutoTokenizer, get_scheduler
 
@@ -15,6 +16,12 @@ from distill.hf_model import LoraOptions, add_lora, load_causal_lm
 from distill.metrics import TokenMetrics
 from distill.objectives import CrossEntropy, Objective, TokenLoss
 from distill.optim import AdamW
+from distill.sharding import (
+    flat_parameters,
+    shard_adapter_apart,
+    transformers_zero3,
+    unpartitioned,
+)
 
 
 class StudentModule(L.LightningModule):
@@ -71,11 +78,17 @@ class StudentModule(L.LightningModule):
             return
         if self.tokenizer is None:
             raise ValueError("set model.tokenizer: a model built from model_config needs a tokenizer")
-        model = load_causal_lm(self.model_name, self.model_config, self.tokenizer, self.dtype_name)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        with transformers_zero3(strategy):
+            model = load_causal_lm(self.model_name, self.model_config, self.tokenizer, self.dtype_name)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.model = add_lora(model, self.lora) if self.lora is not None else model
+        if self.lora is not None:
+            with unpartitioned(strategy):
+                model = add_lora(model, self.lora)
+            shard_adapter_apart(strategy, model)
+        self.model = model
         self.objective.setup(self)
 
     @property
@@ -104,11 +117,22 @@ class StudentModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.compute_loss(batch)
-        self._step_tokens += out.num_tokens
         values = self.train_metrics(out.loss_sum, out.correct, out.num_tokens, **out.sums)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, prog_bar=True, batch_size=1)
+        if self._gradients_hidden:
+            # DeepSpeed averages the gradients over ranks and micro-batches itself: make each
+            # micro-batch's loss the mean over its trainable tokens on all ranks
+            tokens = torch.tensor(float(out.num_tokens), device=out.loss_sum.device)
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            return out.loss_sum * self.trainer.world_size / tokens.clamp(min=1.0)
+        self._step_tokens += out.num_tokens
         # a token sum: on_before_optimizer_step divides the gradients by the step's trainable tokens
         return out.loss_sum
+
+    @property
+    def _gradients_hidden(self) -> bool:
+        """DeepSpeed ZeRO keeps gradients in its own partitioned buffers, not in ``param.grad``."""
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Make the gradient the mean over every trainable token of the optimizer step.
@@ -116,12 +140,17 @@ class StudentModule(L.LightningModule):
         Lightning divided each micro-batch loss by ``accumulate_grad_batches`` and DDP averaged over
         ranks; undo both and divide by the token count summed over micro-batches and ranks, so a long
         and a short micro-batch weigh by their tokens (per-micro-batch means do not: TRL #6006).
+        Under DeepSpeed the loss is normalised in ``training_step`` instead: there each micro-batch
+        weighs the same.
         """
+        if self._gradients_hidden:
+            return
         tokens = torch.tensor(float(self._step_tokens), device=self.device)
         tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
         self._step_tokens = 0
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1.0)
-        for param in self.parameters():
+        # the wrapped model's parameters: FSDP's flat ones hold the gradients when they replace the originals
+        for param in self.trainer.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale.to(param.grad.dtype))
 
@@ -137,16 +166,40 @@ class StudentModule(L.LightningModule):
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
 
+    def on_fit_start(self) -> None:
+        self._metrics_to_device()
+
+    def on_validation_start(self) -> None:
+        self._metrics_to_device()
+
+    on_test_start = on_validation_start
+
+    def _metrics_to_device(self) -> None:
+        # ZeRO-3 places only the parameters it partitions, not the metric states
+        device = self.trainer.strategy.root_device
+        self.train_metrics.to(device)
+        self.val_metrics.to(device)
+
     def on_train_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger is not None:
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
 
     def configure_optimizers(self) -> dict:
+        if flat_parameters(self.trainer.strategy):  # FSDP units of LoRA matrices: all decayed alike
+            params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+            return self._with_schedule(self.optimizer_factory(params))
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]  # biases and norms are not decayed
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        # biases and norms are not decayed; a ZeRO-3 shard is flat, its ds_shape is the real one
+        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+        decay = [p for p, is_matrix in zip(params, matrix, strict=True) if is_matrix]
+        no_decay = [p for p, is_matrix in zip(params, matrix, strict=True) if not is_matrix]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # no empty group (LoRA trains matrices only): DeepSpeed drops it and the LR schedule, made for
+        # two groups, then no longer fits the optimizer's one
+        return self._with_schedule(self.optimizer_factory([group for group in groups if group["params"]]))
+
+    def _with_schedule(self, optimizer: torch.optim.Optimizer) -> dict:
         scheduler = get_scheduler(
             "constant_with_warmup" if self.lr_schedule == "constant" else self.lr_schedule,
             optimizer,

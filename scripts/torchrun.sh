@@ -8,5 +8,4 @@ shift
 GPUS=${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}
 torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$GPUS" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  -m distill fit --config "$CONFIG" --trainer.num_nodes "${NNODES:-1}" --trainer.devices "$GPUS" \
-  --trainer.strategy ddp "$@"
+  -m distill fit --config "$CONFIG" --trainer.num_nodes "${NNODES:-1}" --trainer.devices "$GPUS" "$@"

@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 
 class RankProbe(L.Callback):
@@ -41,3 +43,29 @@ class KillAt(L.Callback):
     ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP on CPU processes (gloo), so tests can shard without a GPU; Lightning itself only
+    accepts FSDP on CUDA, torch's FSDP needs ``device_id`` set to the CPU, and gathering the full state
+    dict with ``offload_to_cpu`` (Lightning's choice, for GPUs) crashes when the shards are on the CPU."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+
+    def lightning_module_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()

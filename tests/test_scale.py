@@ -97,14 +97,7 @@ def test_slurm_launch_sets_ranks_and_world_size(tmp_path, teacher_dir):
 @pytest.mark.parametrize("chunked", [False, True], ids=["cached", "chunked"])
 def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, teacher_dir, chunked):
     extra = {"cache_size_gb": 2e-4} if chunked else {}
-    checkpoint = json.dumps(
-        [
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0},
-            }
-        ]
-    )
+    checkpoint = {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0}
     steps = [
         "--trainer.max_steps",
         "10",
@@ -118,7 +111,13 @@ def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path,
         directory = tmp_path / name
         directory.mkdir()
         config = yaml.safe_load(kd_config(directory, teacher_dir, n=48, **extra).read_text())
-        config["trainer"]["callbacks"] = json.loads(checkpoint)
+        # a fixed dirpath: how a new process finds `--ckpt_path last`
+        config["trainer"]["callbacks"] = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {**checkpoint, "dirpath": str(directory / "checkpoints")},
+            }
+        ]
         path = directory / "run.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -131,12 +130,14 @@ def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path,
         ["fit", "--config", str(resumed), *steps, "--trainer.callbacks+", kill], clean_env(), check=False
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
-    (last,) = (tmp_path / "resumed").rglob("last.ckpt")
-    run(["fit", "--config", str(resumed), *steps, "--ckpt_path", str(last)], clean_env())
-    want, got = losses(tmp_path / "reference"), losses(tmp_path / "resumed")
+    run(["fit", "--config", str(resumed), *steps, "--ckpt_path", "last"], clean_env())
+    want = losses(tmp_path / "reference")
     assert sorted(want) == list(range(10))
-    later = [s for s in range(6, 10)]
-    assert all(abs(want[s] - got[s]) < 1e-5 for s in later), {s: (want[s], got.get(s)) for s in later}
+    # the resumed process logged from step 6 on: it started from the checkpoint, not from scratch
+    (resumed_log,) = (tmp_path / "resumed").rglob("version_1")
+    got = losses(resumed_log)
+    assert sorted(got) == list(range(6, 10))
+    assert all(abs(want[s] - got[s]) < 1e-5 for s in got), {s: (want[s], got[s]) for s in got}
 
 
 def test_two_process_ddp_kd_fit_matches_one_process(tmp_path, teacher_dir):

@@ -1,0 +1,105 @@
+"""Training batches a killed fit resumes exactly: each epoch's order is a function of (seed, epoch), and
+the loader's checkpointed state says how many batches of that epoch were already trained."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+def epoch_rng(seed: int, epoch: int) -> random.Random:
+    """The generator of one epoch's order: the same on every run, rank and worker."""
+    return random.Random(seed * 1_000_003 + epoch)
+
+
+def yields(index: int, skip: int) -> bool:
+    """Whether this DataLoader worker (or the main process) produces batch ``index`` of the epoch.
+
+    Batches after the first ``skip`` are dealt round-robin from worker 0, the worker the DataLoader
+    reads first, so the batches arrive in order whatever ``skip`` is.
+    """
+    worker = get_worker_info()
+    workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+    return index >= skip and (index - skip) % workers == worker_id
+
+
+class ShuffledBatches(IterableDataset):
+    """One epoch of collated batches of ``rows`` (samples, or packed rows of samples) in a per-epoch order.
+
+    The rows are permuted from (seed, epoch); rank r takes every world-th of them, all ranks the same
+    count (DDP needs equal steps), and cuts its share into batches. ``epoch`` and ``skip`` are set by
+    ``ResumableLoader`` before each epoch.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[Any],
+        collate: Callable[[list[Any]], Any],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.rows = rows
+        self.collate = collate
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip = 0
+
+    @property
+    def rows_per_rank(self) -> int:
+        return len(self.rows) // self.world_size
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of the epoch, as row indices."""
+        order = list(range(len(self.rows)))
+        epoch_rng(self.seed, epoch).shuffle(order)
+        mine = order[self.rank :: self.world_size][: self.rows_per_rank]
+        return [mine[b : b + self.batch_size] for b in range(0, len(mine), self.batch_size)]
+
+    def __len__(self) -> int:
+        return math.ceil(self.rows_per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.batches(self.epoch)):
+            if yields(index, self.skip):
+                yield self.collate([self.rows[i] for i in batch])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a stream with ``epoch`` and ``skip`` (``ShuffledBatches``, the KD ``TargetStream``)
+    that Lightning checkpoints (it has ``state_dict``): the epoch and the batches of it already trained, so
+    a resumed fit continues at the next batch."""
+
+    def __init__(
+        self, stream: IterableDataset, progress: Callable[[], tuple[int, int]], **kwargs: Any
+    ) -> None:
+        """``progress()``: (epoch, batches of it trained so far), read from the fit loop."""
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.progress = progress
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self):
+        epoch, _ = self.progress()
+        self.dataset.epoch = epoch
+        self.dataset.skip = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            self.dataset.skip = self._resume["batches"]
+            rank_zero_info(f"[distill] resuming epoch {epoch} after {self.dataset.skip} batches")
+        self._resume = None
+        return super().__iter__()

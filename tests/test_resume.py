@@ -1,0 +1,138 @@
+"""Exact mid-epoch resume of plain SFT/PT fits: per-(seed, epoch) batch order, ranks, workers, skips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill import DataModule
+from distill.resume import ResumableLoader, ShuffledBatches
+from tests.conftest import TOKENIZER_DIR, conversation, write_jsonl
+from tests.test_cli import write_config
+from tests.test_scale import clean_env, losses, run
+
+
+def batches(n: int, batch_size: int = 4, epoch: int = 0, skip: int = 0, **kwargs) -> list[list[int]]:
+    """The rows 0..n-1 of one epoch, as ``ShuffledBatches`` yields them in the main process."""
+    stream = ShuffledBatches(list(range(n)), list, batch_size, seed=7, **kwargs)
+    stream.epoch, stream.skip = epoch, skip
+    return list(stream)
+
+
+def test_the_order_is_a_function_of_seed_and_epoch():
+    assert batches(22) == batches(22)
+    assert batches(22, epoch=1) == batches(22, epoch=1) != batches(22)
+    other_seed = ShuffledBatches(list(range(22)), list, 4, seed=8)
+    assert list(other_seed) != batches(22)
+
+
+def test_one_rank_takes_every_row_once_per_epoch():
+    for epoch in range(3):
+        got = batches(22, epoch=epoch)
+        assert [len(b) for b in got] == [4, 4, 4, 4, 4, 2]  # the last batch is partial, not dropped
+        assert sorted(r for b in got for r in b) == list(range(22))
+    assert len(ShuffledBatches(list(range(22)), list, 4, seed=7)) == 6
+
+
+def test_ranks_take_disjoint_rows_and_equal_batch_counts():
+    for epoch in range(3):
+        shards = [batches(23, epoch=epoch, rank=r, world_size=2) for r in range(2)]
+        rows = [{r for b in shard for r in b} for shard in shards]
+        assert [len(s) for s in shards] == [3, 3] and [len(r) for r in rows] == [11, 11]
+        assert not rows[0] & rows[1] and len(rows[0] | rows[1]) == 22  # one row left out, for equal steps
+    stream = ShuffledBatches(list(range(23)), list, 4, seed=7, rank=1, world_size=2)
+    assert len(stream) == 3
+
+
+def test_skip_yields_exactly_the_batches_after_the_first_k():
+    full = batches(22, epoch=2)
+    for k in (0, 1, 3, 6):
+        assert batches(22, epoch=2, skip=k) == full[k:]
+
+
+@pytest.mark.parametrize("skip", [0, 3])
+def test_workers_yield_the_batches_of_one_process_in_order(skip):
+    """Batches are dealt round-robin over workers from the first one after the skipped ones, so the
+    DataLoader, which reads the workers in turn, returns them in order."""
+
+    def loaded(num_workers: int, epoch: int) -> list[list[int]]:
+        loader = ResumableLoader(
+            ShuffledBatches(list(range(30)), list, 4, seed=7), lambda: (epoch, 0), num_workers=num_workers
+        )
+        loader.load_state_dict({"epoch": 1, "batches": skip})
+        return list(loader)
+
+    assert loaded(2, epoch=1) == loaded(0, epoch=1) == batches(30, epoch=1)[skip:]
+    assert loaded(2, epoch=0) == batches(30, epoch=0)  # a state of another epoch skips nothing
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_data_module_loader_resumes_after_the_trained_batches(tmp_path, packing):
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation(i, turns=1 + i % 3) for i in range(20)])
+    data = DataModule(
+        str(train),
+        tokenizer=str(TOKENIZER_DIR),
+        template="mistral",
+        max_seq_length=96,
+        packing=packing,
+        batch_size=2,
+    )
+    data.setup("fit")
+    loader = data.train_dataloader()
+    full = list(loader)
+    assert len(full) == len(loader) >= 4
+    assert all(("attention_mask" in b) != packing for b in full)
+    if not packing:
+        assert sorted(s for b in full for s in b["sha"]) == sorted(s.sha for s in data.train)
+    loader.load_state_dict({"epoch": 0, "batches": 3})
+    resumed = list(loader)
+    assert len(resumed) == len(full) - 3
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[3:], resumed, strict=True))
+
+
+def test_killed_sft_fit_resumes_from_last_with_the_losses_of_an_uninterrupted_run(tmp_path):
+    """16 samples in batches of 4: 4 steps per epoch. Killed at step 6, in the second epoch, and resumed
+    with ``--ckpt_path last``, the fit must train the very batches the uninterrupted run trained, on into
+    the third epoch. (Packed rows take the same loader: the in-process test above covers them.)"""
+    steps = ["--trainer.max_steps", "10", "--trainer.enable_checkpointing", "true"]
+
+    def config_in(name: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        train = write_jsonl(directory / "train.jsonl", [conversation(i, turns=1 + i % 3) for i in range(16)])
+        config = yaml.safe_load(
+            write_config(directory, train, val_fraction=0.0, max_seq_length=96).read_text()
+        )
+        checkpoint = {
+            # a fixed dirpath: how a new process finds `last`
+            "dirpath": str(directory / "checkpoints"),
+            "every_n_train_steps": 1,
+            "save_last": True,
+            "save_top_k": 0,
+        }
+        config["trainer"]["callbacks"] = [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint}
+        ]
+        path = directory / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    run(["fit", "--config", str(config_in("reference")), *steps], clean_env())
+    resumed = config_in("resumed")
+    kill = json.dumps({"class_path": "tests.probes.KillAt", "init_args": {"step": 6}})
+    killed = run(
+        ["fit", "--config", str(resumed), *steps, "--trainer.callbacks+", kill], clean_env(), check=False
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run(["fit", "--config", str(resumed), *steps, "--ckpt_path", "last"], clean_env())
+    want = losses(tmp_path / "reference")
+    assert sorted(want) == list(range(10))
+    # the resumed process logged from step 6 on: it started from the checkpoint, not from scratch
+    (resumed_log,) = (tmp_path / "resumed" / "logs").rglob("version_1")
+    got = losses(resumed_log)
+    assert sorted(got) == list(range(6, 10))
+    assert all(abs(want[s] - got[s]) < 1e-5 for s in got), {s: (want[s], got[s]) for s in got}
