@@ -189,11 +189,12 @@ class StudentModule(L.LightningModule):
         if flat_parameters(self.trainer.strategy):  # FSDP units of LoRA matrices: all decayed alike
             params = [p for p in self.trainer.model.parameters() if p.requires_grad]
             return self._with_schedule(self.optimizer_factory(params))
-        params = [p for p in self.parameters() if p.requires_grad]
-        # biases and norms are not decayed; a ZeRO-3 shard is flat, its ds_shape is the real one
-        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
-        decay = [p for p, is_matrix in zip(params, matrix, strict=True) if is_matrix]
-        no_decay = [p for p, is_matrix in zip(params, matrix, strict=True) if not is_matrix]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # biases and norms are not decayed; told apart by name, since sharding (FSDP, ZeRO-3) flattens
+        # parameters and their shapes no longer say which is which
+        kept = [name.endswith("bias") or "norm" in name.lower() for name, _ in named]
+        decay = [p for (_, p), no in zip(named, kept, strict=True) if not no]
+        no_decay = [p for (_, p), no in zip(named, kept, strict=True) if no]
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         # no empty group (LoRA trains matrices only): DeepSpeed drops it and the LR schedule, made for
         # two groups, then no longer fits the optimizer's one

@@ -97,6 +97,8 @@ def test_warmup_then_cosine_schedule():
     # weight decay is not applied to norms
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in optimizer.param_groups[1]["params"])
+    assert all(p.ndim == 2 for p in optimizer.param_groups[0]["params"])
+    assert len(optimizer.param_groups[1]["params"]) == 2 * TINY_LLAMA["num_hidden_layers"] + 1  # + final norm
 
 
 def test_adamw_fused_only_on_cuda():
