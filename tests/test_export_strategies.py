@@ -12,10 +12,6 @@ that the loss is normalised alike under every strategy.
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,8 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, TINY_LLAMA, TOKENIZER_DIR, conversation, write_jsonl
+from tests.test_cli import write_config
+from tests.test_scale import clean_env, losses_named, run
 
 GPU = torch.cuda.is_available()
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
@@ -39,23 +37,6 @@ CASES = {  # name: (strategy config or None, LoRA, processes)
     "fsdp_lora": ("fsdp", True, 1),
 }
 GPU_ONLY = {"deepspeed_stage2", "deepspeed_stage3", "fsdp"}
-
-
-def distill(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "distill", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
-
-
-def logged(directory: Path, name: str) -> dict[int, float]:
-    out = {}
-    for path in directory.rglob("metrics.csv"):
-        for row in csv.DictReader(path.open()):
-            if row.get(name):
-                out[int(row["step"])] = float(row[name])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -78,45 +59,22 @@ def workdir(tmp_path_factory) -> Path:
 def run_config(workdir: Path, name: str, lora: bool, model: Path | None = None, processes: int = 1) -> Path:
     directory = workdir / name
     directory.mkdir(exist_ok=True)
-    config = {
-        "seed_everything": 7,
-        "precision": "32-true",  # exact comparisons across strategies
-        "trainer": {
-            "accelerator": "gpu" if GPU else "cpu",
-            "devices": processes,
-            "max_steps": STEPS,
-            "log_every_n_steps": 1,
-            "val_check_interval": STEPS,
-            "check_val_every_n_epoch": None,
-            "num_sanity_val_steps": 0,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(directory / "logs")},
-            },
-            "callbacks": [
-                {"class_path": "callbacks.HFExport", "init_args": {"dirpath": str(directory / "hf")}}
-            ],
-        },
-        "model": {
-            "class_path": "distill.StudentModule",
-            "init_args": {
-                "model": str(model or workdir / "student"),
-                "lora": LORA if lora else None,
-                "optimizer": {"class_path": "distill.optim.AdamW", "init_args": {"lr": 0.01}},
-            },
-        },
-        "data": {
-            "class_path": "distill.DataModule",
-            "init_args": {
-                "train_files": str(workdir / "train.jsonl"),
-                "val_files": str(workdir / "val.jsonl"),
-                "template": "mistral",
-                "batch_size": 4 // processes,  # the same samples per step whatever the ranks
-            },
-        },
-    }
+    batch = 4 // processes  # the same samples per step whatever the ranks
+    data = {"val_files": str(workdir / "val.jsonl"), "val_fraction": 0.0, "batch_size": batch}
+    config = yaml.safe_load(write_config(directory, workdir / "train.jsonl", **data).read_text())
+    config["seed_everything"] = 7
+    config["precision"] = "32-true"  # exact comparisons across strategies
+    config["trainer"].update(
+        accelerator="gpu" if GPU else "cpu",
+        devices=processes,
+        max_steps=STEPS,
+        val_check_interval=STEPS,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    student = config["model"]["init_args"]
+    del student["model_config"], student["tokenizer"]  # the model directory's own (and its hparams path)
+    student.update(model=str(model or workdir / "student"), lora=LORA if lora else None)
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -126,13 +84,13 @@ def run_config(workdir: Path, name: str, lora: bool, model: Path | None = None, 
 def single_device_losses(workdir) -> dict[int, float]:
     """The "single" case's run, the reference of the others' training losses."""
     config = run_config(workdir, "single", lora=False)
-    distill("fit", "--config", str(config))
-    return logged(workdir / "single", "train/loss")
+    run(["fit", "--config", str(config)], clean_env())
+    return losses_named(workdir / "single", "train/loss")
 
 
 @pytest.fixture(scope="module")
 def single_device_val(workdir, single_device_losses) -> float:
-    (val,) = logged(workdir / "single", "val/loss").values()
+    (val,) = losses_named(workdir / "single", "val/loss").values()
     return val
 
 
@@ -160,9 +118,9 @@ def test_export_reproduces_the_trained_model(case, workdir, single_device_losses
         config = run_config(workdir, case, lora, processes=processes)
         # devices after the strategy config, whose `auto` would mean one process on a CPU
         devices = ["--trainer.devices", str(processes)]
-        distill("fit", "--config", str(config), *strategy_args(workdir, strategy), *devices)
+        run(["fit", "--config", str(config), *strategy_args(workdir, strategy), *devices], clean_env())
     trained = workdir / case / "hf"
-    (trained_val,) = logged(workdir / case, "val/loss").values()
+    (trained_val,) = losses_named(workdir / case, "val/loss").values()
 
     if lora:
         from safetensors.torch import load_file
@@ -171,18 +129,18 @@ def test_export_reproduces_the_trained_model(case, workdir, single_device_losses
         lora_b = [t for name, t in adapter.items() if "lora_B" in name]
         assert lora_b and all(t.numel() > 0 for t in adapter.values())  # no empty ZeRO-3 shard
         assert any(t.abs().max() > 0 for t in lora_b)  # B starts at 0: the trained values were saved
-        distill("merge", "--adapter", str(trained), "--output", str(workdir / case / "merged"))
+        run(["merge", "--adapter", str(trained), "--output", str(workdir / case / "merged")], clean_env())
         trained = workdir / case / "merged"
 
     check = run_config(workdir, f"{case}_check", lora=False, model=trained)
-    distill("validate", "--config", str(check))
-    (reloaded_val,) = logged(workdir / f"{case}_check", "val/loss").values()
+    run(["validate", "--config", str(check)], clean_env())
+    (reloaded_val,) = losses_named(workdir / f"{case}_check", "val/loss").values()
     assert abs(reloaded_val - trained_val) < 1e-4 * max(1.0, trained_val), (trained_val, reloaded_val)
 
     if not lora:  # trained alike: the same validation loss, and per step (logged by rank 0 alone)
         want_val = single_device_val
         assert abs(trained_val - want_val) < 1e-4 * want_val, (want_val, trained_val)
-        losses = logged(workdir / case, "train/loss")
+        losses = losses_named(workdir / case, "train/loss")
         assert sorted(losses) == list(range(STEPS))
         for step, want in single_device_losses.items():
             if processes == 1:

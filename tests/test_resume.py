@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from distill import DataModule
 from distill.resume import ResumableLoader, ShuffledBatches
 from tests.conftest import TOKENIZER_DIR, conversation, write_jsonl
 from tests.test_cli import write_config
-from tests.test_scale import clean_env, losses, run
+from tests.test_scale import check_killed_fit_resumes, with_last_checkpoint
 
 
 def batches(n: int, batch_size: int = 4, epoch: int = 0, skip: int = 0, **kwargs) -> list[list[int]]:
@@ -107,32 +106,6 @@ def test_killed_sft_fit_resumes_from_last_with_the_losses_of_an_uninterrupted_ru
         config = yaml.safe_load(
             write_config(directory, train, val_fraction=0.0, max_seq_length=96).read_text()
         )
-        checkpoint = {
-            # a fixed dirpath: how a new process finds `last`
-            "dirpath": str(directory / "checkpoints"),
-            "every_n_train_steps": 1,
-            "save_last": True,
-            "save_top_k": 0,
-        }
-        config["trainer"]["callbacks"] = [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint}
-        ]
-        path = directory / "run.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return with_last_checkpoint(config, directory)
 
-    run(["fit", "--config", str(config_in("reference")), *steps], clean_env())
-    resumed = config_in("resumed")
-    kill = json.dumps({"class_path": "tests.probes.KillAt", "init_args": {"step": 6}})
-    killed = run(
-        ["fit", "--config", str(resumed), *steps, "--trainer.callbacks+", kill], clean_env(), check=False
-    )
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    run(["fit", "--config", str(resumed), *steps, "--ckpt_path", "last"], clean_env())
-    want = losses(tmp_path / "reference")
-    assert sorted(want) == list(range(10))
-    # the resumed process logged from step 6 on: it started from the checkpoint, not from scratch
-    (resumed_log,) = (tmp_path / "resumed" / "logs").rglob("version_1")
-    got = losses(resumed_log)
-    assert sorted(got) == list(range(6, 10))
-    assert all(abs(want[s] - got[s]) < 1e-5 for s in got), {s: (want[s], got[s]) for s in got}
+    check_killed_fit_resumes(tmp_path, config_in, steps)

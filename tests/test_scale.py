@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ LAUNCH_VARS = ("MASTER_", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK", "PL_"
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}
-    return {**env, "PYTHONPATH": str(ROOT), **extra}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path, **extra}
 
 
 def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -97,7 +99,6 @@ def test_slurm_launch_sets_ranks_and_world_size(tmp_path, teacher_dir):
 @pytest.mark.parametrize("chunked", [False, True], ids=["cached", "chunked"])
 def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, teacher_dir, chunked):
     extra = {"cache_size_gb": 2e-4} if chunked else {}
-    checkpoint = {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0}
     steps = [
         "--trainer.max_steps",
         "10",
@@ -111,19 +112,30 @@ def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path,
         directory = tmp_path / name
         directory.mkdir()
         config = yaml.safe_load(kd_config(directory, teacher_dir, n=48, **extra).read_text())
-        # a fixed dirpath: how a new process finds `--ckpt_path last`
-        config["trainer"]["callbacks"] = [
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {**checkpoint, "dirpath": str(directory / "checkpoints")},
-            }
-        ]
-        path = directory / "run.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return with_last_checkpoint(config, directory)
 
-    reference = config_in("reference")
-    run(["fit", "--config", str(reference), *steps], clean_env())
+    check_killed_fit_resumes(tmp_path, config_in, steps)
+
+
+def with_last_checkpoint(config: dict, directory: Path) -> Path:
+    """The run config with a checkpoint every step in a fixed dirpath (how a new process finds
+    ``--ckpt_path last``), written to ``directory/run.yaml``."""
+    checkpoint = {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0}
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {**checkpoint, "dirpath": str(directory / "checkpoints")},
+        }
+    ]
+    path = directory / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def check_killed_fit_resumes(tmp_path: Path, config_in: Callable[[str], Path], steps: list[str]) -> None:
+    """A fit SIGKILLed at step 6 and resumed with ``--ckpt_path last`` logs steps 6-9 with the losses of
+    an uninterrupted run of 10 steps."""
+    run(["fit", "--config", str(config_in("reference")), *steps], clean_env())
     resumed = config_in("resumed")
     kill = json.dumps({"class_path": "tests.probes.KillAt", "init_args": {"step": 6}})
     killed = run(
