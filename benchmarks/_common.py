@@ -97,10 +97,10 @@ def held_out_perplexity(model: torch.nn.Module, tokenizer, max_length: int = 256
 
     import torch.nn.functional as F
 
-    from distill.batching import Collator
-    from distill.encoding import IGNORE_INDEX, encode_all
-    from distill.formats import read_records
-    from distill.templates import resolve_template
+    from distill.data.batching import Collator
+    from distill.data.encoding import IGNORE_INDEX, encode_all
+    from distill.data.formats import read_records
+    from distill.data.templates import resolve_template
 
     records = read_records([DATA / "chat_val.jsonl"])
     samples, _ = encode_all(

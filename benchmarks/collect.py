@@ -2,7 +2,7 @@
 
 In one run, on the same batches: tokens/s of the teacher's bare forward pass (logits for every
 position) vs tokens/s of the full collection (forward + top-k + log-sum-exp + encoding + writing
-segment files, through ``distill.collect.collect``, the code ``fit`` uses), both measured twice,
+segment files, through ``distill.teacher.collect.collect``, the code ``fit`` uses), both measured twice,
 interleaved, best of each. Then the cache's bytes per stored position at K=64, the KL between the
 distribution read back from the cache and the exact top-k+tail one (measured by the writer on every
 position), and the bytes per position in sampled mode (the fewest draws giving 12 distinct tokens
@@ -25,12 +25,12 @@ import torch
 from _common import DATA, TEACHER, device_name, require_teacher, result
 from transformers import AutoTokenizer
 
-from distill.batching import Collator
 from distill.cache import cache_stats, open_cache
-from distill.collect import cache_spec, collect, plan_jobs
-from distill.encoding import encode_all
-from distill.formats import read_records
-from distill.teacher import Teacher, TeacherModule
+from distill.data.batching import Collator
+from distill.data.encoding import encode_all
+from distill.data.formats import read_records
+from distill.teacher.collect import cache_spec, collect, plan_jobs
+from distill.teacher.module import Teacher, TeacherModule
 
 
 def forward_tokens_per_second(teacher: TeacherModule, batches: list[dict], tokens: int) -> float:

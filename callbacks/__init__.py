@@ -1,8 +1,8 @@
-"""Lightning callbacks of distill, usable by class path in configs (e.g. ``callbacks.HFExport``)."""
+"""Lightning callbacks of distill, usable by class path in configs (e.g. ``distill.callbacks.HFExport``)."""
 
-from callbacks.hf_export import HFExport
-from callbacks.memory import PeakMemory
-from callbacks.teacher_cache import TeacherCacheWriter
-from callbacks.throughput import TokenThroughput
+from distill.callbacks.hf_export import HFExport
+from distill.callbacks.memory import PeakMemory
+from distill.callbacks.teacher_cache import TeacherCacheWriter
+from distill.callbacks.throughput import TokenThroughput
 
 __all__ = ["HFExport", "PeakMemory", "TeacherCacheWriter", "TokenThroughput"]

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from distill.sharding import zero3
+from distill.train.sharding import zero3
 
 
 class HFExport(L.Callback):

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.cache import CacheSpec, TeacherCache, open_cache
-from distill.collect import (
+from distill.teacher.collect import (
     BackgroundWriter,
     Job,
     cache_spec,

@@ -1,12 +1,12 @@
 """distill: knowledge distillation and fine-tuning of language models on PyTorch Lightning."""
 
-from distill.datamodule import DataModule
-from distill.hf_model import LoraOptions
-from distill.kd import Distillation
-from distill.kd_data import KDDataModule
+from distill.data.datamodule import DataModule
+from distill.data.kd_datamodule import KDDataModule
 from distill.objectives import CrossEntropy
-from distill.student import StudentModule
-from distill.teacher import Teacher, TeacherModule
+from distill.objectives.kd import Distillation
+from distill.teacher.module import Teacher, TeacherModule
+from distill.train.model import LoraOptions
+from distill.train.student import StudentModule
 
 __all__ = [
     "CrossEntropy",

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from distill.datamodule import DataModule
+from distill.data.datamodule import DataModule
 
 
 def resolve_precision(precision: str | int | None) -> str | int | None:
@@ -66,15 +66,15 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "inspect":
-        from distill.inspect import main as inspect_main
+        from distill.data.preview import main as inspect_main
 
         return inspect_main(args[1:])
     if args and args[0] == "merge":
-        from distill.merge import main as merge_main
+        from distill.train.merge import main as merge_main
 
         return merge_main(args[1:])
     if args and args[0] == "cache":
-        from distill.cache_cli import main as cache_main
+        from distill.cache.cli import main as cache_main
 
         return cache_main(args[1:])
     if args and args[0] == "collect":  # a friendlier name for teacher collection

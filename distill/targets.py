@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -31,3 +32,36 @@ class SparseTargets:
     def to(self, device: torch.device | str) -> SparseTargets:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return SparseTargets(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+
+
+def teacher_top1(targets: SparseTargets) -> Tensor:
+    """The teacher's most likely token per position (the most drawn one in sampled mode)."""
+    if targets.ids.shape[-1] > 0:
+        return targets.ids.gather(-1, targets.logits.argmax(-1, keepdim=True)).squeeze(-1)
+    return targets.sample_ids.gather(-1, targets.sample_counts.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
+    """Samples' targets one after another, in the order of the batch's trainable positions.
+
+    Sampled columns may differ in width between samples (the reader trims unused slots): narrower
+    ones are padded with count 0, which carries no weight."""
+    if len(parts) == 1:
+        return parts[0]
+    sampled = parts[0].sample_ids is not None
+    if sampled:
+        width = max(p.sample_ids.shape[-1] for p in parts)
+        pad = [(0, width - p.sample_ids.shape[-1]) for p in parts]
+    return SparseTargets(
+        ids=torch.cat([p.ids for p in parts]),
+        logits=torch.cat([p.logits for p in parts]),
+        lse=torch.cat([p.lse for p in parts]),
+        sample_ids=torch.cat([F.pad(p.sample_ids, w) for p, w in zip(parts, pad, strict=True)])
+        if sampled
+        else None,
+        sample_counts=(
+            torch.cat([F.pad(p.sample_counts, w) for p, w in zip(parts, pad, strict=True)])
+            if sampled
+            else None
+        ),
+    )

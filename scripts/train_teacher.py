@@ -34,10 +34,10 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.batching import Collator
-from distill.encoding import IGNORE_INDEX, Encoded, encode_all
-from distill.formats import read_records
-from distill.templates import resolve_template
+from distill.data.batching import Collator
+from distill.data.encoding import IGNORE_INDEX, Encoded, encode_all
+from distill.data.formats import read_records
+from distill.data.templates import resolve_template
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "teacher_pretrain.yaml"

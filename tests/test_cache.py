@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill import cache as cache_module
-from distill import cache_codec as codec
-from distill.cache import CacheReader, CacheSpec, StaleCacheError, cache_stats, open_cache
+from distill.cache import CacheReader, CacheSpec, StaleCacheError, cache_stats, codec, open_cache
+from distill.cache import segment as cache_segment
 from distill.targets import SparseTargets
 
 V, K = 1000, 8
@@ -247,7 +246,7 @@ def crashing_writer(path: Path) -> None:
         w.append(f"s{i}", 4, head(torch.randn(4, V, generator=gen), K))
         if i == 2:
             w.commit()
-    seg = cache_module._Segment(cache.path, "r000", cache.spec)
+    seg = cache_segment.Segment(cache.path, "r000", cache.spec)
     seg.group(cache.spec.teacher("big"), 2, 8, 10_000)
     seg.file.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -352,8 +351,8 @@ def test_corrupt_files_never_appear_as_segments(tmp_path):
 
 
 def test_merging_teachers_at_collection_equals_the_training_time_mixture(tmp_path):
-    from distill.cache_cli import merge_teachers
-    from distill.losses import log_tail_mass, mix_teachers
+    from distill.cache.cli import merge_teachers
+    from distill.losses.kd import log_tail_mass, mix_teachers
 
     cache = open_cache(tmp_path / "c", spec(teachers=[BIG, SMALL]))
     big, small = make_samples(5, seed=1), make_samples(5, seed=2)

@@ -1,6 +1,5 @@
 """The real CLI, end to end, on a two-layer model: fit with overrides, HF export, configs, print_config."""
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -8,53 +7,7 @@ import torch
 import yaml
 
 from distill.cli import main, resolve_precision, run_cli
-from tests.conftest import ROOT, TINY_LLAMA, TOKENIZER_DIR
-
-
-def write_config(tmp_path: Path, chat_file: Path, **data) -> Path:
-    config = {
-        "seed_everything": 3,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 50,
-            "log_every_n_steps": 1,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(tmp_path / "logs")},
-            },
-            "callbacks": [
-                {"class_path": "callbacks.HFExport", "init_args": {"dirpath": str(tmp_path / "hf")}}
-            ],
-        },
-        "model": {
-            "class_path": "distill.StudentModule",
-            "init_args": {
-                "tokenizer": str(TOKENIZER_DIR),
-                "model_config": TINY_LLAMA,
-                "optimizer": {"class_path": "distill.optim.AdamW", "init_args": {"lr": 0.01}},
-            },
-        },
-        "data": {
-            "class_path": "distill.DataModule",
-            "init_args": {
-                "train_files": str(chat_file),
-                "val_fraction": 0.2,
-                "template": "mistral",
-                "batch_size": 4,
-                **data,
-            },
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def logged(tmp_path: Path) -> list[dict]:
-    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
-    return list(csv.DictReader(metrics.open()))
+from tests.helpers import ROOT, logged_rows, write_config
 
 
 def test_fit_end_to_end_with_overrides(tmp_path, chat_file):
@@ -74,7 +27,7 @@ def test_fit_end_to_end_with_overrides(tmp_path, chat_file):
             "null",
         ]
     )
-    rows = logged(tmp_path)
+    rows = logged_rows(tmp_path)
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(train) == 12  # the step override took effect, logged every step
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3  # it learns

@@ -18,9 +18,17 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, TINY_LLAMA, TOKENIZER_DIR, conversation, write_jsonl
-from tests.test_cli import write_config
-from tests.test_scale import clean_env, losses_named, run
+from tests.helpers import (
+    ROOT,
+    TINY_LLAMA,
+    TOKENIZER_DIR,
+    clean_env,
+    conversation,
+    losses_named,
+    run,
+    write_config,
+    write_jsonl,
+)
 
 GPU = torch.cuda.is_available()
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}

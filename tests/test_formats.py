@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from distill.formats import DataFormatError, read_records, to_record
-from tests.conftest import write_jsonl
+from distill.data.formats import DataFormatError, read_records, to_record
+from tests.helpers import write_jsonl
 
 
 def test_each_format_normalises_to_messages(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -12,9 +11,10 @@ import torch
 import yaml
 
 from distill.cli import main, run_cli
-from distill.kd import Distillation, concat_targets
-from distill.teacher import sparse_distribution
-from tests.conftest import TINY_LLAMA, TOKENIZER_DIR, conversation, write_jsonl
+from distill.objectives.kd import Distillation
+from distill.targets import concat_targets
+from distill.teacher.module import sparse_distribution
+from tests.helpers import kd_config, logged_values
 
 V, H = 40, 16
 
@@ -64,81 +64,14 @@ def test_positions_that_do_not_match_the_data_are_an_error():
         Distillation()(torch.randn(6, H), head, torch.zeros(6, dtype=torch.long), batch)
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("kd_teacher")
-    config = AutoConfig.for_model(**{**TINY_LLAMA, "hidden_size": 48}, vocab_size=32000)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
-    return path
-
-
-def kd_config(tmp_path: Path, teacher: Path, n: int = 24, **data_extra) -> Path:
-    train = write_jsonl(tmp_path / "train.jsonl", [conversation(i, turns=1 + i % 3) for i in range(n)])
-    val = write_jsonl(tmp_path / "val.jsonl", [conversation(100 + i) for i in range(6)])
-    config = {
-        "seed_everything": 1,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 6,
-            "log_every_n_steps": 1,
-            "val_check_interval": 3,
-            "check_val_every_n_epoch": None,
-            "enable_progress_bar": False,
-            "enable_checkpointing": False,
-            "default_root_dir": str(tmp_path),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(tmp_path)},
-            },
-        },
-        "model": {
-            "class_path": "distill.StudentModule",
-            "init_args": {
-                "tokenizer": str(TOKENIZER_DIR),
-                "model_config": TINY_LLAMA,
-                "objective": {"class_path": "distill.kd.Distillation", "init_args": {"alpha": 0.5}},
-            },
-        },
-        "data": {
-            "class_path": "distill.KDDataModule",
-            "init_args": {
-                "train_files": str(train),
-                "val_files": str(val),
-                "template": "mistral",
-                "max_seq_length": 96,
-                "batch_size": 4,
-                "teachers": [{"model": str(teacher), "name": "t1"}],
-                "k": 8,
-                "cache_dir": str(tmp_path / "cache"),
-                "chunk_samples": 8,
-                **data_extra,
-            },
-        },
-    }
-    path = tmp_path / "kd.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def logged(tmp_path: Path, name: str) -> list[float]:
-    """Every value logged under ``name`` in the run's CSV metrics."""
-    (path,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
-    return [float(row[name]) for row in csv.DictReader(path.open()) if row.get(name)]
-
-
-def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, teacher_dir, caplog, capsys):
-    config = kd_config(tmp_path, teacher_dir)
+def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, kd_teacher_dir, caplog, capsys):
+    config = kd_config(tmp_path, kd_teacher_dir)
     with caplog.at_level(logging.INFO):
         main(["fit", "--config", str(config)])
     assert "collect {t1: 24}" in caplog.text and "collect {t1: 6}" in caplog.text
     for name in ("train/loss", "train/ce", "val/kd", "val/agree", "val/ppl"):
-        assert logged(tmp_path, name), name
-    assert len(logged(tmp_path, "train/kd")) == 6 and min(logged(tmp_path, "train/kd")) > 0
+        assert logged_values(tmp_path, name), name
+    assert len(logged_values(tmp_path, "train/kd")) == 6 and min(logged_values(tmp_path, "train/kd")) > 0
     caplog.clear()
     with caplog.at_level(logging.INFO):
         main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
@@ -155,12 +88,12 @@ def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, te
     main(["cache", "stats", str(tmp_path / "cache" / "train"), "--json"])
     stats = json.loads(capsys.readouterr().out)
     assert stats["settings"]["vocab_size"] == 32000 and 0 < stats["kl_stored_vs_exact"] < 1e-2
-    assert stats["teachers"]["t1"]["identity"]["model"] == str(teacher_dir.resolve())
+    assert stats["teachers"]["t1"]["identity"]["model"] == str(kd_teacher_dir.resolve())
 
 
-def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, teacher_dir):
+def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, kd_teacher_dir):
     """Alignment: targets from the cache (collected unpacked) equal the teacher run on the packed batch."""
-    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir, packing=True))], run=False)
+    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir, packing=True))], run=False)
     data = cli.datamodule
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -173,8 +106,8 @@ def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, 
     torch.testing.assert_close(cached.logits, online.logits, atol=0.05, rtol=0.02)  # quantised values
 
 
-def test_epoch_plans_are_shuffled_deterministically_and_cover_every_sample(tmp_path, teacher_dir):
-    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir))], run=False)
+def test_epoch_plans_are_shuffled_deterministically_and_cover_every_sample(tmp_path, kd_teacher_dir):
+    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
     data = cli.datamodule
     data.setup("fit")
     first, again, second = data.plan(0), data.plan(0), data.plan(1)
@@ -183,8 +116,8 @@ def test_epoch_plans_are_shuffled_deterministically_and_cover_every_sample(tmp_p
     assert all(len(c) <= 8 for c in first)
 
 
-def test_resumed_stream_continues_at_the_same_batch(tmp_path, teacher_dir):
-    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir))], run=False)
+def test_resumed_stream_continues_at_the_same_batch(tmp_path, kd_teacher_dir):
+    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
     data = cli.datamodule
     data.setup("fit")
     loader = data.train_dataloader()
@@ -196,11 +129,11 @@ def test_resumed_stream_continues_at_the_same_batch(tmp_path, teacher_dir):
     assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
 
 
-def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(tmp_path, teacher_dir):
-    from distill import kd_data
+def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(tmp_path, kd_teacher_dir):
+    from distill.data import kd_datamodule as kd_data
 
     budget_gb = 2e-4  # 200 kB: several chunks of the 48-sample set
-    config = kd_config(tmp_path, teacher_dir, n=48, cache_size_gb=budget_gb)
+    config = kd_config(tmp_path, kd_teacher_dir, n=48, cache_size_gb=budget_gb)
     sizes: list[int] = []
     original = kd_data.KDDataModule.finish_chunk
 
@@ -226,38 +159,38 @@ def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(
     assert len(sizes) >= 3, sizes
     assert max(sizes) <= budget_gb * 1e9, sizes
     assert not list((tmp_path / "cache" / "train-chunks").rglob("*.h5"))  # purged
-    assert len(logged(tmp_path, "train/kd")) == 40
+    assert len(logged_values(tmp_path, "train/kd")) == 40
 
 
-def test_online_kd_gives_the_cached_loss(tmp_path, teacher_dir):
-    from distill.kd import Distillation
-    from distill.teacher import Teacher
+def test_online_kd_gives_the_cached_loss(tmp_path, kd_teacher_dir):
+    from distill.objectives.kd import Distillation
+    from distill.teacher.module import Teacher
 
-    cli = run_cli(["--config", str(kd_config(tmp_path, teacher_dir))], run=False)
+    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
     data, student = cli.datamodule, cli.model
     data.setup("fit")
     student.configure_model()
     batch = next(iter(data.train_dataloader()))
     cached = student.compute_loss(batch)
-    online = Distillation(alpha=0.5, online=[Teacher(model=str(teacher_dir), name="t1")], online_k=8)
+    online = Distillation(alpha=0.5, online=[Teacher(model=str(kd_teacher_dir), name="t1")], online_k=8)
     online.setup(student)
     student.objective = online
     live = student.compute_loss({k: v for k, v in batch.items() if k != "targets"})
     torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)
 
 
-def test_two_teachers_are_collected_in_turn_and_mixed_at_training_time(tmp_path, teacher_dir, caplog):
+def test_two_teachers_are_collected_in_turn_and_mixed_at_training_time(tmp_path, kd_teacher_dir, caplog):
     from transformers import AutoModelForCausalLM
 
     second = tmp_path / "second"
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(kd_teacher_dir)
     torch.manual_seed(1)
     with torch.no_grad():
         model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight) * 0.05)
     model.save_pretrained(second)
-    for file in teacher_dir.glob("tokenizer*"):
+    for file in kd_teacher_dir.glob("tokenizer*"):
         (second / file.name).write_bytes(file.read_bytes())
-    config = yaml.safe_load(kd_config(tmp_path, teacher_dir).read_text())
+    config = yaml.safe_load(kd_config(tmp_path, kd_teacher_dir).read_text())
     config["data"]["init_args"]["teachers"].append({"model": str(second), "name": "t2"})
     config["model"]["init_args"]["objective"]["init_args"]["teacher_weights"] = [0.75, 0.25]
     path = tmp_path / "two.yaml"
@@ -271,7 +204,7 @@ def test_two_teachers_are_collected_in_turn_and_mixed_at_training_time(tmp_path,
 
 
 def _stats_json(path: Path) -> str:
-    from distill.cache_cli import describe
+    from distill.cache.cli import describe
 
     return json.dumps(describe(path))
 

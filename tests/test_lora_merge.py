@@ -4,8 +4,8 @@ import torch
 import yaml
 
 from distill.cli import main
-from distill.merge import merge_adapter
-from tests.test_cli import write_config
+from distill.train.merge import merge_adapter
+from tests.helpers import write_config
 
 
 def test_lora_fit_export_and_merge(tmp_path, chat_file):

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from distill.kd import Distillation
-from distill.losses import (
+from distill.losses.kd import (
     LOSSES,
     cross_entropy,
     forward_kl,
@@ -23,6 +22,7 @@ from distill.losses import (
     slice_targets,
     teacher_bucket_logits,
 )
+from distill.objectives.kd import Distillation
 from distill.targets import SparseTargets
 
 P, V = 7, 50

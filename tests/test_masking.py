@@ -2,7 +2,7 @@
 
 import pytest
 
-from distill.encoding import (
+from distill.data.encoding import (
     IGNORE_INDEX,
     NoTrainableTokensError,
     encode_all,
@@ -10,8 +10,8 @@ from distill.encoding import (
     show_labels,
     truncate,
 )
-from distill.formats import to_record
-from distill.templates import TemplateError, check_stops_on_end_of_turn, resolve_template
+from distill.data.formats import to_record
+from distill.data.templates import TemplateError, check_stops_on_end_of_turn, resolve_template
 
 MULTI_TURN = {
     "messages": [
@@ -52,7 +52,7 @@ def test_tokenizers_own_template_is_used_and_its_end_of_turn_detected(tmp_path, 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
-    from distill.templates import BUILTIN_TEMPLATES
+    from distill.data.templates import BUILTIN_TEMPLATES
 
     tok.chat_template = BUILTIN_TEMPLATES["chatml"][0]
     template = resolve_template(tok)

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.batching import Collator, pack
-from distill.encoding import IGNORE_INDEX, Encoded
-from tests.conftest import TINY_LLAMA
+from distill.data.batching import Collator, pack
+from distill.data.encoding import IGNORE_INDEX, Encoded
+from tests.helpers import TINY_LLAMA
 
 
 def per_token_loss(model, batch) -> torch.Tensor:

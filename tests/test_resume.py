@@ -9,10 +9,15 @@ import torch
 import yaml
 
 from distill import DataModule
-from distill.resume import ResumableLoader, ShuffledBatches
-from tests.conftest import TOKENIZER_DIR, conversation, write_jsonl
-from tests.test_cli import write_config
-from tests.test_scale import check_killed_fit_resumes, with_last_checkpoint
+from distill.data.resume import ResumableLoader, ShuffledBatches
+from tests.helpers import (
+    TOKENIZER_DIR,
+    check_killed_fit_resumes,
+    conversation,
+    with_last_checkpoint,
+    write_config,
+    write_jsonl,
+)
 
 
 def batches(n: int, batch_size: int = 4, epoch: int = 0, skip: int = 0, **kwargs) -> list[list[int]]:

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from distill.batching import Collator
-from distill.encoding import IGNORE_INDEX, Encoded
-from distill.optim import AdamW, AdamW8bit
-from distill.student import StudentModule
-from tests.conftest import TINY_LLAMA, TOKENIZER_DIR
+from distill.data.batching import Collator
+from distill.data.encoding import IGNORE_INDEX, Encoded
+from distill.train.optim import AdamW, AdamW8bit
+from distill.train.student import StudentModule
+from tests.helpers import TINY_LLAMA, TOKENIZER_DIR
 
 
 def tiny_student(**kwargs) -> StudentModule:
@@ -71,7 +71,7 @@ def test_per_micro_batch_mean_would_differ():
 
 
 def test_lora_trains_only_the_adapter():
-    from distill.hf_model import LoraOptions
+    from distill.train.model import LoraOptions
 
     module = tiny_student(lora=LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]

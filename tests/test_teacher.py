@@ -1,22 +1,27 @@
 """Teacher collection: sparse outputs against a dense reference, sync, stale caches, vocabulary, crashes."""
 
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from distill.cache import CacheReader, StaleCacheError, cache_stats
 from distill.cli import main
-from distill.identity import VocabularyMismatchError
-from distill.teacher import sparse_distribution
-from tests.conftest import ROOT, TINY_LLAMA, TOKENIZER_DIR, conversation, write_jsonl
+from distill.teacher.identity import VocabularyMismatchError
+from distill.teacher.module import sparse_distribution
+from tests.helpers import (
+    ROOT,
+    TINY_LLAMA,
+    clean_env,
+    collect_config,
+    conversation,
+    dataset_samples,
+    write_jsonl,
+)
 
 
 def test_sparse_distribution_matches_dense():
@@ -35,69 +40,6 @@ def test_sparse_distribution_matches_dense():
     ids, _, _, sample_ids, counts = sparse_distribution(logits, k=5, scheme="hybrid", num_draws=12)
     drawn = [set(s[c > 0].tolist()) for s, c in zip(sample_ids, counts, strict=True)]
     assert all(not (d & set(i.tolist())) for d, i in zip(drawn, ids, strict=True))  # tail draws only
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    """A tiny saved teacher with the bundled tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher")
-    config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=32000)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
-    return path
-
-
-def collect_config(tmp_path: Path, data: Path, teacher: Path, **extra) -> Path:
-    config = {
-        "trainer": {
-            "accelerator": "cpu",
-            "logger": False,
-            "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path),
-        },
-        "model": {
-            "class_path": "distill.TeacherModule",
-            "init_args": {
-                "tokenizer": str(TOKENIZER_DIR),
-                "teachers": [{"model": str(teacher), "name": "t1"}],
-                "k": 8,
-                **extra.pop("model", {}),
-            },
-        },
-        "data": {
-            "class_path": "distill.DataModule",
-            "init_args": {
-                "train_files": str(data),
-                "val_fraction": 0.25,
-                "template": "mistral",
-                "batch_size": 4,
-            },
-        },
-    }
-    config["trainer"]["callbacks"] = [
-        {
-            "class_path": "callbacks.TeacherCacheWriter",
-            "init_args": {
-                "path": str(tmp_path / "cache" / "train"),
-                "val_path": str(tmp_path / "cache" / "val"),
-                **extra.pop("writer", {}),
-            },
-        }
-    ]
-    path = tmp_path / "collect.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def dataset_samples(config: Path):
-    from distill.cli import run_cli
-
-    cli = run_cli(["--config", str(config)], run=False)
-    cli.datamodule.setup("predict")
-    return cli.datamodule
 
 
 def test_collected_cache_equals_the_teachers_dense_output(tmp_path, teacher_dir):
@@ -172,16 +114,6 @@ def test_vocabulary_mismatch_fails_before_any_work(tmp_path, chat_tokenizer_dir)
     with pytest.raises(VocabularyMismatchError, match="first: '<\\|im_start\\|>': student None vs t1 32000"):
         main(["collect", "--config", str(collect_config(tmp_path, data, teacher))])
     assert not (tmp_path / "cache").exists()
-
-
-def clean_env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MASTER_", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK", "PL_", "SLURM"))
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path, teacher_dir):

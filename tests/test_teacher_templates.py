@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-import distill.alignment as alignment
-from distill.alignment import AlignmentError, align, encode_for_teacher, end_of_turn_id, targets
-from distill.batching import Collator
-from distill.collect import plan_jobs
-from distill.encoding import Encoded, encode_all, encode_record, truncate
-from distill.formats import to_record
-from distill.teacher import Teacher, TeacherModule
-from distill.templates import resolve_template
-from tests.conftest import TINY_LLAMA, conversation
+import distill.teacher.alignment as alignment
+from distill.data.batching import Collator
+from distill.data.encoding import Encoded, encode_all, encode_record, truncate
+from distill.data.formats import to_record
+from distill.data.templates import resolve_template
+from distill.teacher.alignment import AlignmentError, align, encode_for_teacher, end_of_turn_id, targets
+from distill.teacher.collect import plan_jobs
+from distill.teacher.module import Teacher, TeacherModule
+from tests.helpers import TINY_LLAMA, conversation
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ import pytest
 import torch
 import yaml
 
-from distill.alignment import target_positions
 from distill.cache import CacheReader
 from distill.cli import main
-from tests.conftest import TINY_LLAMA, conversation, write_jsonl
-from tests.test_teacher import dataset_samples
+from distill.teacher.alignment import target_positions
+from tests.helpers import TINY_LLAMA, conversation, dataset_samples, logged_values, write_jsonl
 
 
 def test_collect_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir, chat_tokenizer):
@@ -28,7 +27,7 @@ def test_collect_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir
             "default_root_dir": str(tmp_path),
             "callbacks": [
                 {
-                    "class_path": "callbacks.TeacherCacheWriter",
+                    "class_path": "distill.callbacks.TeacherCacheWriter",
                     "init_args": {"path": str(tmp_path / "cache"), "val_path": None},
                 }
             ],
@@ -59,8 +58,8 @@ def test_collect_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir
     reader = CacheReader(tmp_path / "cache")
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     s_eot, t_eot = chat_tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|eot_id|>"])
-    from distill.alignment import encode_for_teacher
-    from distill.templates import resolve_template
+    from distill.data.templates import resolve_template
+    from distill.teacher.alignment import encode_for_teacher
 
     views = encode_for_teacher(
         dm.train, chat_tokenizer, resolve_template(chat_tokenizer, "llama3"), dm.chat_template
@@ -82,7 +81,7 @@ def test_collect_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir
 def test_kd_fit_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir, chat_tokenizer, extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tests.test_kd import kd_config, logged
+    from tests.helpers import kd_config
 
     torch.manual_seed(0)
     teacher = tmp_path / "instruct"
@@ -103,4 +102,4 @@ def test_kd_fit_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir,
     cfg["model"]["init_args"]["tokenizer"] = str(chat_tokenizer_dir)
     path.write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(path)])
-    assert len(logged(tmp_path, "train/kd")) == 6 and min(logged(tmp_path, "train/kd")) > 0
+    assert len(logged_values(tmp_path, "train/kd")) == 6 and min(logged_values(tmp_path, "train/kd")) > 0

@@ -3,7 +3,7 @@
 import yaml
 
 from distill.cli import main
-from tests.test_cli import write_config
+from tests.helpers import write_config
 
 
 def test_wandb_logger_offline(tmp_path, chat_file, monkeypatch):
@@ -26,7 +26,7 @@ def test_wandb_logger_offline(tmp_path, chat_file, monkeypatch):
                     },
                     "callbacks": [
                         {
-                            "class_path": "callbacks.HFExport",
+                            "class_path": "distill.callbacks.HFExport",
                             "init_args": {"dirpath": str(tmp_path / "export"), "log_artifact": True},
                         }
                     ],

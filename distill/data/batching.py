@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from distill.encoding import IGNORE_INDEX, Encoded
+from distill.data.encoding import IGNORE_INDEX, Encoded
 
 
 def pack(samples: Sequence[Encoded], max_length: int) -> list[list[Encoded]]:

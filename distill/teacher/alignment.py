@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from distill.encoding import IGNORE_INDEX, Encoded, encode_record
-from distill.templates import BUILTIN_TEMPLATES, ChatTemplate, TemplateError, resolve_template
+from distill.data.encoding import IGNORE_INDEX, Encoded, encode_record
+from distill.data.templates import BUILTIN_TEMPLATES, ChatTemplate, TemplateError, resolve_template
 
 _SHOWN = 6  # tokens shown on each side of the first difference
 
@@ -169,7 +169,7 @@ def encode_for_teacher(
         if record is None:
             raise ValueError(
                 f"{sample.source}: the sample does not carry its record, so teacher {teacher_name!r} "
-                "cannot render it in its template (encode it with distill.encoding.encode_record)"
+                "cannot render it in its template (encode it with distill.data.encoding.encode_record)"
             )
         if record.messages is None:
             aligned[sample.sha] = TeacherSample(sample, list(range(sample.num_trainable)), False)

@@ -8,8 +8,8 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from distill.formats import Record
-from distill.templates import ChatTemplate
+from distill.data.formats import Record
+from distill.data.templates import ChatTemplate
 
 IGNORE_INDEX = -100
 Truncation = Literal["right", "left", "drop"]

@@ -15,7 +15,11 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.alignment import (
+from distill.data.batching import Collator
+from distill.data.encoding import IGNORE_INDEX, Encoded
+from distill.data.templates import ChatTemplate
+from distill.targets import SparseTargets
+from distill.teacher.alignment import (
     TeacherSample,
     encode_for_teacher,
     end_of_turn_id,
@@ -24,12 +28,8 @@ from distill.alignment import (
     same_template,
     template_identity,
 )
-from distill.batching import Collator
-from distill.encoding import IGNORE_INDEX, Encoded
-from distill.hf_model import load_causal_lm
-from distill.identity import model_identity
-from distill.targets import SparseTargets
-from distill.templates import ChatTemplate
+from distill.teacher.identity import model_identity
+from distill.train.model import load_causal_lm
 
 Scheme = Literal["topk", "sampled", "hybrid"]
 
@@ -307,7 +307,7 @@ class TeacherModule(L.LightningModule):
         if self.teachers[index].template is not None and index not in self._prepared:
             raise RuntimeError(
                 f"teacher {self.teachers[index].key} reads its own chat template: its samples must be "
-                "aligned first (distill.collect.plan_jobs(..., template=<the student's template>))"
+                "aligned first (distill.teacher.collect.plan_jobs(..., template=<the student's template>))"
             )
         model = self.teacher_model(index)
         if index in self.aligned:  # the teacher reads its own template; rows follow the student's positions

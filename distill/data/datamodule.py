@@ -10,11 +10,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.batching import Collator, pack
-from distill.encoding import Encoded, EncodingStats, Truncation, encode_all
-from distill.formats import Format, Record, read_records
-from distill.resume import ResumableLoader, ShuffledBatches
-from distill.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
+from distill.data.batching import Collator, pack
+from distill.data.encoding import Encoded, EncodingStats, Truncation, encode_all
+from distill.data.formats import Format, Record, read_records
+from distill.data.resume import ResumableLoader, ShuffledBatches
+from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
 
 
 class DataModule(L.LightningDataModule):

@@ -45,13 +45,13 @@ class AdamW8bit(torch.optim.Optimizer):
     ) -> torch.optim.Optimizer:
         if not torch.cuda.is_available():
             raise RuntimeError(
-                "distill.optim.AdamW8bit needs a CUDA GPU (bitsandbytes keeps 8-bit states on the GPU); "
-                "use distill.optim.AdamW on this machine"
+                "distill.train.optim.AdamW8bit needs a CUDA GPU (bitsandbytes keeps 8-bit states on it); "
+                "use distill.train.optim.AdamW on this machine"
             )
         try:
             import bitsandbytes as bnb
         except ImportError as err:
             raise RuntimeError(
-                "distill.optim.AdamW8bit needs bitsandbytes: pip install 'distill[bnb]'"
+                "distill.train.optim.AdamW8bit needs bitsandbytes: pip install 'distill[bnb]'"
             ) from err
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

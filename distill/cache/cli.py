@@ -11,8 +11,12 @@ from pathlib import Path
 
 import h5py
 
-from distill.cache import SPEC_FILE, CacheReader, CacheSpec, _scan, cache_stats, open_cache
-from distill.losses import mix_teachers
+from distill.cache.reader import CacheReader
+from distill.cache.segment import scan_segments
+from distill.cache.spec import SPEC_FILE, CacheSpec
+from distill.cache.stats import cache_stats
+from distill.cache.store import open_cache
+from distill.losses.kd import mix_teachers
 from distill.targets import SparseTargets
 
 
@@ -21,7 +25,7 @@ def describe(path: Path) -> dict:
     stats = cache_stats(path)
     spec = CacheSpec.from_json((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).exists() else None
     identities: dict[str, dict] = {}
-    for segment in _scan(path)[0] if path.is_dir() else [path]:  # live segments only
+    for segment in scan_segments(path)[0] if path.is_dir() else [path]:  # live segments only
         with h5py.File(segment, "r", locking=False) as f:
             for name, group in f["teachers"].items():
                 identities.setdefault(name, json.loads(group.attrs["teacher"]))

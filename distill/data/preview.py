@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.encoding import encode_all, show_labels
+from distill.data.encoding import encode_all, show_labels
 
 
 def main(argv: list[str]) -> None:

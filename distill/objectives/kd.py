@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses import LOSSES, cross_entropy, mix_teachers, student_log_probs
-from distill.objectives import Objective, TokenLoss, over_chunks
-from distill.targets import SparseTargets
-from distill.teacher import Teacher, TeacherModule
+from distill.losses.kd import LOSSES, cross_entropy, mix_teachers, student_log_probs
+from distill.objectives.base import Objective, TokenLoss, over_chunks
+from distill.targets import SparseTargets, teacher_top1
+from distill.teacher.module import Teacher, TeacherModule
 
 
 class Distillation(Objective):
@@ -135,36 +134,3 @@ class Distillation(Objective):
             chunk_loss, hidden, labels, *fields, chunk_size=self.chunk_size, num_outputs=5
         )
         return TokenLoss(loss_sum, labels.numel(), correct, {"ce": ce_sum, "kd": kd_sum, "agree": agree})
-
-
-def teacher_top1(targets: SparseTargets) -> Tensor:
-    """The teacher's most likely token per position (the most drawn one in sampled mode)."""
-    if targets.ids.shape[-1] > 0:
-        return targets.ids.gather(-1, targets.logits.argmax(-1, keepdim=True)).squeeze(-1)
-    return targets.sample_ids.gather(-1, targets.sample_counts.argmax(-1, keepdim=True)).squeeze(-1)
-
-
-def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
-    """Samples' targets one after another, in the order of the batch's trainable positions.
-
-    Sampled columns may differ in width between samples (the reader trims unused slots): narrower
-    ones are padded with count 0, which carries no weight."""
-    if len(parts) == 1:
-        return parts[0]
-    sampled = parts[0].sample_ids is not None
-    if sampled:
-        width = max(p.sample_ids.shape[-1] for p in parts)
-        pad = [(0, width - p.sample_ids.shape[-1]) for p in parts]
-    return SparseTargets(
-        ids=torch.cat([p.ids for p in parts]),
-        logits=torch.cat([p.logits for p in parts]),
-        lse=torch.cat([p.lse for p in parts]),
-        sample_ids=torch.cat([F.pad(p.sample_ids, w) for p, w in zip(parts, pad, strict=True)])
-        if sampled
-        else None,
-        sample_counts=(
-            torch.cat([F.pad(p.sample_counts, w) for p, w in zip(parts, pad, strict=True)])
-            if sampled
-            else None
-        ),
-    )

@@ -20,15 +20,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from distill.batching import Collator, pack
 from distill.cache import CacheReader, CacheSpec, TeacherCache, open_cache
-from distill.collect import cache_spec, check_vocabularies, collect, label_policy, plan_jobs, sync_cache
-from distill.datamodule import DataModule
-from distill.encoding import IGNORE_INDEX, Encoded
-from distill.kd import concat_targets
-from distill.resume import ResumableLoader, epoch_rng, yields
-from distill.targets import SparseTargets
-from distill.teacher import Scheme, Teacher, TeacherModule
+from distill.data.batching import Collator, pack
+from distill.data.datamodule import DataModule
+from distill.data.encoding import IGNORE_INDEX, Encoded
+from distill.data.resume import ResumableLoader, epoch_rng, yields
+from distill.targets import SparseTargets, concat_targets
+from distill.teacher.collect import (
+    cache_spec,
+    check_vocabularies,
+    collect,
+    label_policy,
+    plan_jobs,
+    sync_cache,
+)
+from distill.teacher.module import Scheme, Teacher, TeacherModule
 
 
 def trainable_positions(sample: Encoded) -> int:

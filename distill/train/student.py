@@ -11,12 +11,13 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 from transformers import AutoTokenizer, get_scheduler
 
-from distill.encoding import IGNORE_INDEX
-from distill.hf_model import LoraOptions, add_lora, load_causal_lm
-from distill.metrics import TokenMetrics
-from distill.objectives import CrossEntropy, Objective, TokenLoss
-from distill.optim import AdamW
-from distill.sharding import (
+from distill.data.encoding import IGNORE_INDEX
+from distill.objectives.base import Objective, TokenLoss
+from distill.objectives.ce import CrossEntropy
+from distill.train.metrics import TokenMetrics
+from distill.train.model import LoraOptions, add_lora, load_causal_lm
+from distill.train.optim import AdamW
+from distill.train.sharding import (
     flat_parameters,
     shard_adapter_apart,
     transformers_zero3,
@@ -49,9 +50,9 @@ class StudentModule(L.LightningModule):
             lora: Train a LoRA adapter instead of all weights.
             gradient_checkpointing: Recompute activations in backward to save memory.
             objective: What to minimise: ``distill.objectives.CrossEntropy`` (``pt``/``sft``, the default)
-                or ``distill.kd.Distillation`` (KD from cached or online teacher targets).
-            optimizer: Optimizer class path and arguments: ``distill.optim.AdamW``,
-                ``distill.optim.AdamW8bit`` or any ``torch.optim`` class.
+                or ``distill.objectives.Distillation`` (KD from cached or online teacher targets).
+            optimizer: Optimizer class path and arguments: ``distill.train.optim.AdamW``,
+                ``distill.train.optim.AdamW8bit`` or any ``torch.optim`` class.
             lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
             warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
         """

@@ -16,13 +16,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.batching import Collator
 from distill.cache import CacheSpec, CacheWriter, TeacherCache, open_cache
-from distill.datamodule import DataModule
-from distill.encoding import Encoded
-from distill.identity import check_same_vocabulary, tokenizer_hash
-from distill.teacher import SparseOutput, TeacherModule
-from distill.templates import ChatTemplate
+from distill.data.batching import Collator
+from distill.data.datamodule import DataModule
+from distill.data.encoding import Encoded
+from distill.data.templates import ChatTemplate
+from distill.teacher.identity import check_same_vocabulary, tokenizer_hash
+from distill.teacher.module import SparseOutput, TeacherModule
 
 _DONE = object()
 

@@ -1,0 +1,204 @@
+"""The HDF5 teacher cache: per sample (keyed by its content SHA-256), the teacher's sparse distribution
+at each trainable position. The only module of distill that imports h5py; ``docs/cache.md`` has the
+schema, the encoding (``distill.cache.codec``), the crash-safety argument and measured sizes.
+
+A cache is a directory of immutable segment files. A writer fills a hidden ``.NAME.partial`` file and
+commits it by closing, fsyncing and renaming it to ``NAME.h5``; readers only ever see committed
+segments, so a crash at any instant loses at most the uncommitted partial file. Compaction (dropping
+samples, merging segments) writes a new segment whose ``replaces`` attribute names the segments it
+supersedes, so the switch-over is the single atomic rename as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from distill.cache import codec
+from distill.cache.spec import CacheSpec
+from distill.targets import SparseTargets
+
+ENCODING = "rice-gap-ids;cbrt-rice-values;f32-lse;f16-tail-logmass"
+_LIBVER = ("v110", "v110")  # extensible-array chunk index, still readable by HDF5 >= 1.10
+# name: (dtype, chunk length, shuffle). Per-sample index, per-position floats, per-sample byte stream.
+_FIELDS = {
+    "sha": ("S64", 1024, False),
+    "num_tokens": ("i4", 4096, True),
+    "num_positions": ("i4", 4096, True),
+    "num_bytes": ("i8", 4096, True),
+    "kl": ("f8", 4096, True),
+    "lse": ("f4", 16384, True),
+    "tail": ("f2", 32768, True),
+    "stream": ("u1", 65536, False),  # Rice bit streams: shuffling bytes of uint8 does nothing
+}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+class Segment:
+    """A segment file being written: fixed-size chunked datasets filled front to back, then committed
+    by rename. Sizes are known before writing, so no chunk is ever rewritten (appending to resizable
+    lzf datasets rewrites the last partial chunk and left ~7% of dead space in the file)."""
+
+    def __init__(self, directory: Path, prefix: str, spec: CacheSpec, replaces: Sequence[str] = ()):
+        now = time.time_ns()  # names sort in commit order (the reader's storage order), are never reused
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}"
+        self.final = directory / f"{prefix}-{stamp}-{uuid.uuid4().hex[:8]}.h5"
+        self.partial = directory / f".{self.final.name}.partial"
+        # a chunk cache far above the chunk size keeps partly filled chunks in memory until complete
+        self.file = h5py.File(self.partial, "w-", libver=_LIBVER, rdcc_nbytes=16 << 20)
+        for fl in fields(CacheSpec):
+            if fl.name != "teachers":
+                self.file.attrs[fl.name] = getattr(spec, fl.name)
+        self.file.attrs["encoding"] = ENCODING
+        self.file.attrs["replaces"] = json.dumps(list(replaces))
+        self.file.attrs["teachers"] = "[]"
+        self.head = spec.scheme != "sampled"
+        self._filled: dict[str, int] = {}
+
+    def group(self, identity: dict[str, str], rows: int, positions: int, nbytes: int) -> h5py.Group:
+        g = self.file.create_group(f"teachers/{identity['name']}")
+        g.attrs["teacher"] = json.dumps(identity, sort_keys=True)
+        for name, (dtype, chunk, shuffle) in _FIELDS.items():
+            if self.head or name not in ("kl", "tail"):
+                n = {"lse": positions, "tail": positions, "stream": nbytes}.get(name, rows)
+                opts = {"chunks": (min(chunk, n),), "compression": "lzf", "shuffle": shuffle} if n else {}
+                g.create_dataset(name, shape=(n,), dtype=dtype, **opts)
+        self.file.attrs["teachers"] = json.dumps([*json.loads(self.file.attrs["teachers"]), identity])
+        return g
+
+    def write(self, g: h5py.Group, columns: dict[str, np.ndarray]) -> None:
+        for name, data in columns.items():
+            start = self._filled.get(g[name].name, 0)
+            if len(data):
+                g[name][start : start + len(data)] = data
+            self._filled[g[name].name] = start + len(data)
+
+    def commit(self) -> Path:
+        """Close, fsync, rename, fsync the directory: after this returns the segment survives a crash
+        (even power loss, where the file system honours fsync); before it, readers never see it."""
+        self.file.close()
+        _fsync(self.partial)
+        os.replace(self.partial, self.final)
+        _fsync(self.final.parent)
+        return self.final
+
+
+class CacheWriter:
+    """Collects one teacher's targets for a cache directory and commits them as segment files.
+
+    Encoded samples are buffered in memory and written as one segment per ``commit``, which happens
+    every ``commit_bytes`` of encoded data, every ``commit_seconds``, on ``close`` and on leaving a
+    ``with`` block (also by an exception: every appended sample is complete on its own). A crash loses
+    only the uncommitted buffer; a re-run's ``plan_sync`` lists exactly those samples as missing.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        spec: CacheSpec,
+        teacher: str,
+        rank: int = 0,
+        commit_bytes: int = 64 << 20,
+        commit_seconds: float = 600.0,
+        measure_kl: bool = True,
+    ):
+        self.directory = Path(path)
+        self.spec = spec
+        self.identity = spec.teacher(teacher)
+        self.prefix = f"r{rank:03d}"  # one prefix per DDP rank: ranks never touch each other's files
+        self.commit_bytes = commit_bytes
+        self.commit_seconds = commit_seconds
+        self.measure_kl = measure_kl
+        self._rows: list[tuple[bytes, int, int, int, float]] = []
+        self._samples: list[codec.EncodedSample] = []
+        self._pending_bytes = 0
+        self._since = time.monotonic()
+        self.committed: list[Path] = []
+
+    def append(self, sha: str, num_tokens: int, targets: SparseTargets) -> None:
+        self.extend([(sha, num_tokens, targets)])
+
+    def extend(self, items: Iterable[tuple[str, int, SparseTargets]]) -> None:
+        spec = self.spec
+        for sha, num_tokens, targets in items:
+            if not isinstance(sha, str) or len(sha) > 64 or not sha.isascii():
+                raise ValueError(f"sample keys are SHA-256 hex strings, got {sha!r}")
+            e = codec.encode_targets(
+                targets, spec.scheme, spec.k, spec.vocab_size, spec.value_bits, self.measure_kl
+            )
+            if not self._samples:
+                self._since = time.monotonic()
+            self._rows.append((sha.encode(), num_tokens, e.lse.shape[0], e.stream.size, e.kl))
+            self._samples.append(e)
+            self._pending_bytes += e.stream.size + 6 * e.lse.shape[0]
+        if self._pending_bytes >= self.commit_bytes or time.monotonic() - self._since >= self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> Path | None:
+        """Write everything appended since the last commit as one segment; None when there was nothing."""
+        if not self._samples:
+            return None
+        segment = Segment(self.directory, self.prefix, self.spec)
+        cols = {
+            name: np.array([r[i] for r in self._rows], dtype=_FIELDS[name][0])
+            for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl"))
+        }
+        cols["lse"] = np.concatenate([e.lse for e in self._samples])
+        cols["stream"] = np.concatenate([e.stream for e in self._samples])
+        if segment.head:
+            cols["tail"] = np.concatenate([e.tail for e in self._samples])
+        else:
+            del cols["kl"]  # draws are stored exactly: nothing to measure
+        g = segment.group(self.identity, len(self._rows), len(cols["lse"]), len(cols["stream"]))
+        segment.write(g, cols)
+        path = segment.commit()
+        self._rows, self._samples, self._pending_bytes = [], [], 0
+        self.committed.append(path)
+        return path
+
+    def close(self) -> None:
+        self.commit()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_segment(path: Path) -> h5py.File:
+    # committed segments never change, so HDF5's file locks buy nothing and break on some network FSs
+    return h5py.File(path, "r", locking=False)
+
+
+def scan_segments(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(live, superseded) committed segments. Partial files never match ``*.h5``."""
+    paths = sorted(directory.glob("*.h5"))
+    replaced: set[str] = set()
+    for p in paths:
+        with open_segment(p) as f:
+            replaced.update(json.loads(f.attrs.get("replaces", "[]")))
+    return [p for p in paths if p.name not in replaced], [p for p in paths if p.name in replaced]

@@ -1,0 +1,28 @@
+"""Next-token cross-entropy: the objective of continued pretraining and SFT."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.objectives.base import Objective, TokenLoss, over_chunks
+
+
+class CrossEntropy(Objective):
+    """Next-token cross-entropy on the labels: the ``pt`` and ``sft`` objectives."""
+
+    def __init__(self, chunk_size: int = 1024) -> None:
+        """
+        Args:
+            chunk_size: Positions whose logits are computed at once; bounds peak memory at large vocabularies.
+        """
+        self.chunk_size = chunk_size
+
+    def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
+        def chunk_loss(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            logits = head(h).float()  # (n, V)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            return loss, (logits.argmax(-1) == y).sum().detach()
+
+        loss_sum, correct = over_chunks(chunk_loss, hidden, labels, chunk_size=self.chunk_size)
+        return TokenLoss(loss_sum=loss_sum, num_tokens=labels.numel(), correct=correct)

@@ -1,0 +1,1 @@
+"""Training: the StudentModule, model loading and LoRA, optimizers, sharding, metrics, adapter merge."""

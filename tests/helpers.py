@@ -1,0 +1,284 @@
+"""Shared test helpers: paths, tiny model configs, data and config writers, subprocess runs, logs.
+
+Test modules import from here (and fixtures come from conftest.py); they never import each other.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+TOKENIZER_DIR = Path(os.environ.get("DISTILL_TEST_TOKENIZER", ROOT / "distill" / "assets" / "tokenizer"))
+
+
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
+LAUNCH_VARS = ("MASTER_", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK", "PL_", "SLURM", "GROUP_RANK")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def conversation(i: int, turns: int = 1) -> dict:
+    messages = [{"role": "system", "content": "You answer briefly."}]
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"Question {i}.{t}: what is {i} plus {t}?"})
+        messages.append({"role": "assistant", "content": f"It is {i + t}, since {i} plus {t} is {i + t}."})
+    return {"messages": messages}
+
+
+def save_tiny_teacher(path: Path, hidden_size: int = 32) -> Path:
+    """A tiny random Llama teacher with the bundled tokenizer, saved to ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**{**TINY_LLAMA, "hidden_size": hidden_size}, vocab_size=32000)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path: Path, chat_file: Path, **data) -> Path:
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 50,
+            "log_every_n_steps": 1,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs")},
+            },
+            "callbacks": [
+                {"class_path": "distill.callbacks.HFExport", "init_args": {"dirpath": str(tmp_path / "hf")}}
+            ],
+        },
+        "model": {
+            "class_path": "distill.StudentModule",
+            "init_args": {
+                "tokenizer": str(TOKENIZER_DIR),
+                "model_config": TINY_LLAMA,
+                "optimizer": {"class_path": "distill.train.optim.AdamW", "init_args": {"lr": 0.01}},
+            },
+        },
+        "data": {
+            "class_path": "distill.DataModule",
+            "init_args": {
+                "train_files": str(chat_file),
+                "val_fraction": 0.2,
+                "template": "mistral",
+                "batch_size": 4,
+                **data,
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def kd_config(tmp_path: Path, teacher: Path, n: int = 24, **data_extra) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation(i, turns=1 + i % 3) for i in range(n)])
+    val = write_jsonl(tmp_path / "val.jsonl", [conversation(100 + i) for i in range(6)])
+    config = {
+        "seed_everything": 1,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 6,
+            "log_every_n_steps": 1,
+            "val_check_interval": 3,
+            "check_val_every_n_epoch": None,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path)},
+            },
+        },
+        "model": {
+            "class_path": "distill.StudentModule",
+            "init_args": {
+                "tokenizer": str(TOKENIZER_DIR),
+                "model_config": TINY_LLAMA,
+                "objective": {"class_path": "distill.objectives.Distillation", "init_args": {"alpha": 0.5}},
+            },
+        },
+        "data": {
+            "class_path": "distill.KDDataModule",
+            "init_args": {
+                "train_files": str(train),
+                "val_files": str(val),
+                "template": "mistral",
+                "max_seq_length": 96,
+                "batch_size": 4,
+                "teachers": [{"model": str(teacher), "name": "t1"}],
+                "k": 8,
+                "cache_dir": str(tmp_path / "cache"),
+                "chunk_samples": 8,
+                **data_extra,
+            },
+        },
+    }
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def collect_config(tmp_path: Path, data: Path, teacher: Path, **extra) -> Path:
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "class_path": "distill.TeacherModule",
+            "init_args": {
+                "tokenizer": str(TOKENIZER_DIR),
+                "teachers": [{"model": str(teacher), "name": "t1"}],
+                "k": 8,
+                **extra.pop("model", {}),
+            },
+        },
+        "data": {
+            "class_path": "distill.DataModule",
+            "init_args": {
+                "train_files": str(data),
+                "val_fraction": 0.25,
+                "template": "mistral",
+                "batch_size": 4,
+            },
+        },
+    }
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "distill.callbacks.TeacherCacheWriter",
+            "init_args": {
+                "path": str(tmp_path / "cache" / "train"),
+                "val_path": str(tmp_path / "cache" / "val"),
+                **extra.pop("writer", {}),
+            },
+        }
+    ]
+    path = tmp_path / "collect.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def dataset_samples(config: Path):
+    from distill.cli import run_cli
+
+    cli = run_cli(["--config", str(config)], run=False)
+    cli.datamodule.setup("predict")
+    return cli.datamodule
+
+
+def logged_rows(tmp_path: Path) -> list[dict]:
+    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
+    return list(csv.DictReader(metrics.open()))
+
+
+def logged_values(tmp_path: Path, name: str) -> list[float]:
+    """Every value logged under ``name`` in the run's CSV metrics."""
+    (path,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    return [float(row[name]) for row in csv.DictReader(path.open()) if row.get(name)]
+
+
+def losses_named(directory: Path, name: str) -> dict[int, float]:
+    out = {}
+    for path in directory.rglob("metrics.csv"):
+        for row in csv.DictReader(path.open()):
+            if row.get(name):
+                out[int(row["step"])] = float(row[name])
+    return out
+
+
+def losses(directory: Path) -> dict[int, float]:
+    """train/loss by step from the run's CSV log."""
+    return losses_named(directory, "train/loss")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path, **extra}
+
+
+def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "distill", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def with_last_checkpoint(config: dict, directory: Path) -> Path:
+    """The run config with a checkpoint every step in a fixed dirpath (how a new process finds
+    ``--ckpt_path last``), written to ``directory/run.yaml``."""
+    checkpoint = {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0}
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {**checkpoint, "dirpath": str(directory / "checkpoints")},
+        }
+    ]
+    path = directory / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def check_killed_fit_resumes(tmp_path: Path, config_in: Callable[[str], Path], steps: list[str]) -> None:
+    """A fit SIGKILLed at step 6 and resumed with ``--ckpt_path last`` logs steps 6-9 with the losses of
+    an uninterrupted run of 10 steps."""
+    run(["fit", "--config", str(config_in("reference")), *steps], clean_env())
+    resumed = config_in("resumed")
+    kill = json.dumps({"class_path": "tests.probes.KillAt", "init_args": {"step": 6}})
+    killed = run(
+        ["fit", "--config", str(resumed), *steps, "--trainer.callbacks+", kill], clean_env(), check=False
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run(["fit", "--config", str(resumed), *steps, "--ckpt_path", "last"], clean_env())
+    want = losses(tmp_path / "reference")
+    assert sorted(want) == list(range(10))
+    # the resumed process logged from step 6 on: it started from the checkpoint, not from scratch
+    (resumed_log,) = (tmp_path / "resumed").rglob("version_1")
+    got = losses(resumed_log)
+    assert sorted(got) == list(range(6, 10))
+    assert all(abs(want[s] - got[s]) < 1e-5 for s in got), {s: (want[s], got[s]) for s in got}
