@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 from torch.testing import assert_close
 
 from distill.losses.kd import (
@@ -15,11 +16,9 @@ from distill.losses.kd import (
     jsd,
     kd_loss,
     log_tail_mass,
-    mask_padded_vocab,
     mix_teachers,
     reverse_kl,
     sampled_ce,
-    slice_targets,
     teacher_bucket_logits,
 )
 from distill.objectives.kd import Distillation
@@ -34,6 +33,29 @@ KINDS = {
     "skew_kl": {"alpha": 0.1},
     "skew_reverse_kl": {"alpha": 0.2},
 }
+
+
+def mask_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
+    """A padded lm_head's logits (e.g. Qwen's 152064 rows over 151936 tokens) as the objective sees them.
+
+    -inf, not 0: a 0 logit would give every padding row real probability mass. Out of place, so autograd
+    gives those rows zero gradient.
+    """
+    if logits.shape[-1] <= vocab_size:
+        return logits
+    padded = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
+    return logits.masked_fill(padded, float("-inf"))
+
+
+def slice_targets(targets: SparseTargets, index: slice) -> SparseTargets:
+    """The positions ``index`` of every per-position field."""
+    return SparseTargets(
+        ids=targets.ids[index],
+        logits=targets.logits[index],
+        lse=targets.lse[index],
+        sample_ids=None if targets.sample_ids is None else targets.sample_ids[index],
+        sample_counts=None if targets.sample_counts is None else targets.sample_counts[index],
+    )
 
 
 def logits(seed: int, rows: int = P, vocab: int = V, scale: float = 2.0) -> torch.Tensor:

@@ -55,18 +55,6 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def mask_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
-    """Set logits at ids >= vocab_size to -inf (a padded lm_head, e.g. Qwen's 152064 rows over 151936 tokens).
-
-    -inf, not 0: a 0 logit would give every padding row real probability mass. Out of place, so autograd
-    gives those rows zero gradient.
-    """
-    if logits.shape[-1] <= vocab_size:
-        return logits
-    padded = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
-    return logits.masked_fill(padded, float("-inf"))
-
-
 def log_tail_mass(targets: SparseTargets) -> Tensor:
     """(P,) log of the teacher's mass outside its head at T = 1: log1p(-exp(logsumexp(head) - lse))."""
     dtype = _compute_dtype(targets.logits, targets.lse)
@@ -379,14 +367,3 @@ def mix_teachers(
         parts.append(torch.where(hit, head_lp.gather(1, slot), uniform[:, None]) + _log(w / total))
     logits = torch.logsumexp(torch.stack(parts), 0).masked_fill(pad, float("-inf"))
     return SparseTargets(ids=union, logits=logits, lse=logits.new_zeros(logits.shape[0]))
-
-
-def slice_targets(targets: SparseTargets, index: slice) -> SparseTargets:
-    """The positions ``index`` of every per-position field (for ``chunked_loss``'s loss_fn)."""
-    return SparseTargets(
-        ids=targets.ids[index],
-        logits=targets.logits[index],
-        lse=targets.lse[index],
-        sample_ids=None if targets.sample_ids is None else targets.sample_ids[index],
-        sample_counts=None if targets.sample_counts is None else targets.sample_counts[index],
-    )
