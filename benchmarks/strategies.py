@@ -4,7 +4,8 @@ Runs the demo config as it is (200 steps, batch 16, the bundled teacher's cache 
 run and reused by the others) in one process per variant: fp32, bf16-mixed, and bf16-mixed under
 DeepSpeed ZeRO-2 and ZeRO-3 (``configs/strategy/``). Tokens/s is the median of Lightning's
 ThroughputMonitor's values (each a mean over the last 50 steps; padded tokens, as the logs show them);
-memory is the CUDA peak from ``distill.callbacks.PeakMemory``. A variant that fails is reported with its error.
+memory is the CUDA peak from ``distill.callbacks.PeakMemory``. A variant that fails is reported with its
+error.
 
     python benchmarks/strategies.py [--steps 200] [--variants fp32 bf16 deepspeed_stage2 deepspeed_stage3]
 

@@ -2,7 +2,8 @@
 
 from distill.callbacks.hf_export import HFExport
 from distill.callbacks.memory import PeakMemory
+from distill.callbacks.preemption import PreemptionCheckpoint
 from distill.callbacks.teacher_cache import TeacherCacheWriter
 from distill.callbacks.throughput import TokenThroughput
 
-__all__ = ["HFExport", "PeakMemory", "TeacherCacheWriter", "TokenThroughput"]
+__all__ = ["HFExport", "PeakMemory", "PreemptionCheckpoint", "TeacherCacheWriter", "TokenThroughput"]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
+from distill.data.templates import ChatTemplate
 from distill.train.sharding import zero3
 
 
@@ -17,7 +21,10 @@ class HFExport(L.Callback):
     """Writes the model (or its LoRA adapter), the tokenizer and the resolved run config to ``dirpath``.
 
     The result loads with ``AutoModelForCausalLM.from_pretrained`` (full weights) or
-    ``PeftModel.from_pretrained`` (adapter); ``python -m distill merge`` folds an adapter into its base.
+    ``distill.train.merge.load_adapter`` (adapter, its base resized to the adapter's vocabulary);
+    ``python -m distill merge`` folds an adapter into its base. The tokenizer carries the chat template
+    the data was rendered with. A fit that took no optimizer step or did not reach its end (an error, a
+    pre-emption signal) exports nothing, and an export replaces the previous one only once complete.
     """
 
     def __init__(self, dirpath: str = "out/model", log_artifact: bool = False) -> None:
@@ -31,30 +38,45 @@ class HFExport(L.Callback):
         self.log_artifact = log_artifact
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.model
+        reason = untrained_reason(trainer)
+        if reason is not None:  # the same on every rank, so no rank waits in the gather below
+            rank_zero_warn(f"[distill] not exporting to {self.dirpath}: {reason}; any earlier export stays")
+            return
         state_dict = gathered_state_dict(trainer)
         if not trainer.is_global_zero:
             return
+        staging = self.dirpath.with_name(f".{self.dirpath.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._write(staging, trainer, pl_module, state_dict)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_directory(staging, self.dirpath)
+        rank_zero_info(f"[distill] saved Hugging Face model to {self.dirpath}")
+        if self.log_artifact:
+            self._log_artifact(trainer)
+
+    def _write(
+        self, directory: Path, trainer: L.Trainer, pl_module: L.LightningModule, state_dict: dict[str, Tensor]
+    ) -> None:
+        model = pl_module.model
         prefix = "model."
         weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        tokenizer = with_template(pl_module.tokenizer, getattr(trainer.datamodule, "chat_template", None))
         stop_ids = getattr(trainer.datamodule, "stop_token_ids", None)
         generation_config = pl_module.causal_lm.generation_config
         if stop_ids:
             generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
         if getattr(model, "peft_config", None) is not None:
-            self._point_adapter_at_base(pl_module, weights)
-            model = _unwrapped(model)
-        model.save_pretrained(self.dirpath, state_dict=weights)
-        generation_config.save_pretrained(self.dirpath)
-        pl_module.tokenizer.save_pretrained(self.dirpath)
-        template = getattr(trainer.datamodule, "chat_template", None)
-        if template is not None and not pl_module.tokenizer.chat_template:
-            # the tokenizer saved above gains the template it was trained with, so chat tools render alike
-            (self.dirpath / "chat_template.jinja").write_text(template.source)
-        self._save_config(trainer)
-        rank_zero_info(f"[distill] saved Hugging Face model to {self.dirpath}")
-        if self.log_artifact:
-            self._log_artifact(trainer)
+            self._point_adapter_at_base(directory, pl_module, tokenizer, weights)
+            # resized embeddings travel as modules_to_save; peft's own copy of them would be a third one
+            _unwrapped(model).save_pretrained(directory, state_dict=weights, save_embedding_layers=False)
+        else:
+            model.save_pretrained(directory, state_dict=weights)
+        generation_config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        self._save_config(directory, trainer)
 
     def _log_artifact(self, trainer: L.Trainer) -> None:
         from lightning.pytorch.loggers import WandbLogger
@@ -68,22 +90,61 @@ class HFExport(L.Callback):
                 logger.experiment.log_artifact(artifact, aliases=["latest"])
                 rank_zero_info(f"[distill] logged {self.dirpath} as W&B artifact {artifact.name}")
 
-    def _point_adapter_at_base(self, pl_module: L.LightningModule, weights: dict[str, Tensor]) -> None:
+    def _point_adapter_at_base(
+        self,
+        directory: Path,
+        pl_module: L.LightningModule,
+        tokenizer: PreTrainedTokenizerBase,
+        weights: dict[str, Tensor],
+    ) -> None:
         """An adapter on a model built from a config has no base to load: save that base beside it."""
         config = pl_module.model.peft_config["default"]
         if pl_module.model_name is not None:
             config.base_model_name_or_path = pl_module.model_name
             return
-        base_dir = self.dirpath / "base_model"
-        pl_module.causal_lm.save_pretrained(base_dir, state_dict=_base_weights(weights))
-        pl_module.tokenizer.save_pretrained(base_dir)
-        config.base_model_name_or_path = str(base_dir.resolve())
+        pl_module.causal_lm.save_pretrained(directory / "base_model", state_dict=_base_weights(weights))
+        tokenizer.save_pretrained(directory / "base_model")
+        # where the base will lie once the export is moved into place
+        config.base_model_name_or_path = str((self.dirpath / "base_model").resolve())
 
-    def _save_config(self, trainer: L.Trainer) -> None:
+    def _save_config(self, directory: Path, trainer: L.Trainer) -> None:
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback):
                 text = callback.parser.dump(callback.config, skip_none=False)
-                (self.dirpath / "distill_config.yaml").write_text(text)
+                (directory / "distill_config.yaml").write_text(text)
+
+
+def untrained_reason(trainer: L.Trainer) -> str | None:
+    """Why the model in hand is not the outcome of this fit, or None when it is."""
+    if trainer.interrupted:  # an exception or a pre-emption signal (SIGTERM) stopped it
+        return "the fit was stopped before its end (resume it with --ckpt_path last)"
+    if trainer.global_step == 0:
+        return "no optimizer step ran"
+    return None
+
+
+def with_template(
+    tokenizer: PreTrainedTokenizerBase, template: ChatTemplate | None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer to save: a copy carrying the chat template training rendered with, when it differs
+    from the tokenizer's own (a built-in or custom ``data.template``), so chat tools render alike."""
+    if template is None or tokenizer.chat_template == template.source:
+        return tokenizer
+    exported = copy.deepcopy(tokenizer)
+    exported.chat_template = template.source
+    return exported
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the complete directory ``new`` to ``target``. A crash at any point leaves one whole export:
+    the previous one at ``target`` (or, between the two renames, at ``.<name>.old`` beside it) or the new
+    one."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def gathered_state_dict(trainer: L.Trainer) -> dict[str, Tensor]:

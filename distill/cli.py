@@ -4,14 +4,21 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+import distill
+from distill.callbacks import PreemptionCheckpoint
 from distill.data.datamodule import DataModule
+
+OWN_CODE = (Path(distill.__file__).parent, Path(distill.callbacks.__file__).parent)
 
 
 def resolve_precision(precision: str | int | None) -> str | int | None:
@@ -32,6 +39,23 @@ class LogConfigCallback(SaveConfigCallback):
             logger.log_hyperparams({"config": json.loads(config)})
 
 
+class ConfigError(Exception):
+    """A value our own classes refused while the config was instantiated."""
+
+
+def own_refusal(error: BaseException) -> ValueError | None:
+    """The ValueError that one of distill's classes raised under jsonargparse's wrapping of it, if any."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    if not isinstance(error, ValueError) or error.__traceback__ is None:
+        return None
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_in = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return error if any(raised_in.is_relative_to(root) for root in OWN_CODE) else None
+
+
 class DistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -42,12 +66,23 @@ class DistillCLI(LightningCLI):
         )
         # the student's (or teachers') tokenizer is the data's: configured once, on the model
         parser.link_arguments("model.tokenizer_id", "data.init_args.tokenizer", apply_on="instantiate")
+        # in every run, not only in configs that list it: a pre-empted fit must never lose its steps
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("precision") is not None:
             config.trainer.precision = resolve_precision(config.precision)
             rank_zero_info(f"[distill] precision: {config.trainer.precision}")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            refusal = own_refusal(error)
+            if refusal is None:
+                raise
+            raise ConfigError(str(refusal)) from error
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
@@ -79,4 +114,12 @@ def main(argv: list[str] | None = None) -> None:
         return cache_main(args[1:])
     if args and args[0] == "collect":  # a friendlier name for teacher collection
         argv = ["predict", *args[1:]]
-    run_cli(argv)
+    try:
+        run_cli(argv)
+    except ConfigError as error:
+        # our message alone, not under jsonargparse's "Does not validate against any of the Union subtypes"
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SIGTERMException as stop:
+        # Lightning's own SIGTERM stop (outside training steps) exits 0; a stopped run has not succeeded
+        raise SystemExit(stop.code or 128 + signal.SIGTERM) from None

@@ -24,6 +24,8 @@ class SparseTargets:
     lse: Tensor  # (P,) float32 log-sum-exp of all of the teacher's logits (temperature 1)
     sample_ids: Tensor | None = None  # (P, S) int64 sampled ids, padded with 0
     sample_counts: Tensor | None = None  # (P, S) int32 draw counts, 0 on padding
+    nll: Tensor | None = None  # (P,) float32 teacher -log p(the token each position predicts), temperature 1;
+    # known where the teacher ran on the labels (collection, online KD), not in cache reads
 
     @property
     def num_positions(self) -> int:
@@ -64,4 +66,5 @@ def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
             if sampled
             else None
         ),
+        nll=torch.cat([p.nll for p in parts]) if all(p.nll is not None for p in parts) else None,
     )

@@ -267,13 +267,24 @@ def with_last_checkpoint(config: dict, directory: Path) -> Path:
 def check_killed_fit_resumes(tmp_path: Path, config_in: Callable[[str], Path], steps: list[str]) -> None:
     """A fit SIGKILLed at step 6 and resumed with ``--ckpt_path last`` logs steps 6-9 with the losses of
     an uninterrupted run of 10 steps."""
+    kill = {"class_path": "tests.probes.KillAt", "init_args": {"step": 6}}
+    check_stopped_fit_resumes(tmp_path, config_in, steps, kill, returncode=-9)
+
+
+def check_stopped_fit_resumes(
+    tmp_path: Path, config_in: Callable[[str], Path], steps: list[str], probe: dict, returncode: int
+) -> subprocess.CompletedProcess:
+    """A fit stopped by the callback ``probe`` (a kill or a signal) with exit status ``returncode``, its
+    last checkpoint at step 6, and resumed with ``--ckpt_path last``, logs steps 6-9 with the losses of an
+    uninterrupted run of 10 steps. Returns the stopped run."""
     run(["fit", "--config", str(config_in("reference")), *steps], clean_env())
     resumed = config_in("resumed")
-    kill = json.dumps({"class_path": "tests.probes.KillAt", "init_args": {"step": 6}})
-    killed = run(
-        ["fit", "--config", str(resumed), *steps, "--trainer.callbacks+", kill], clean_env(), check=False
+    stopped = run(
+        ["fit", "--config", str(resumed), *steps, "--trainer.callbacks+", json.dumps(probe)],
+        clean_env(),
+        check=False,
     )
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert stopped.returncode == returncode, stopped.stderr[-3000:]
     run(["fit", "--config", str(resumed), *steps, "--ckpt_path", "last"], clean_env())
     want = losses(tmp_path / "reference")
     assert sorted(want) == list(range(10))
@@ -282,3 +293,4 @@ def check_killed_fit_resumes(tmp_path: Path, config_in: Callable[[str], Path], s
     got = losses(resumed_log)
     assert sorted(got) == list(range(6, 10))
     assert all(abs(want[s] - got[s]) < 1e-5 for s in got), {s: (want[s], got[s]) for s in got}
+    return stopped

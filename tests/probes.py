@@ -45,6 +45,44 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class TermAt(L.Callback):
+    """Sends ``signal_name`` to the process when a training batch starts at ``step``, as a scheduler
+    pre-empting the job would (SIGTERM; SLURM's ``--signal=USR1@90`` sends SIGUSR1); with ``rank``, only
+    to that rank's process; with ``children``, to its DataLoader workers too, as SLURM signals every
+    process of the job."""
+
+    def __init__(
+        self, step: int, signal_name: str = "SIGTERM", rank: int | None = None, children: bool = False
+    ) -> None:
+        self.step = step
+        self.signal = signal.Signals[signal_name]
+        self.rank = rank
+        self.children = children
+        self.sent = False
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
+    ) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        if trainer.global_step == self.step and not self.sent:  # once, at the step's first micro-batch
+            self.sent = True
+            if self.children:
+                workers = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+                assert workers, "no DataLoader workers to signal: give the data num_workers > 0"
+                for worker in workers:
+                    os.kill(int(worker), self.signal)
+            os.kill(os.getpid(), self.signal)
+
+
+class TermInSanityCheck(L.Callback):
+    """Sends SIGTERM to the process at the first batch of the sanity check, before any training."""
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """Lightning's FSDP on CPU processes (gloo), so tests can shard without a GPU; Lightning itself only
     accepts FSDP on CUDA, torch's FSDP needs ``device_id`` set to the CPU, and gathering the full state

@@ -175,13 +175,13 @@ def test_sync_counts_after_add_remove_edit_reorder(tmp_path):
     new = [*old[4:], old[0], old[2], edited, sha("a"), sha("b"), sha("c")]  # reordered; 1 and 3 gone
     plan = cache.plan_sync(new)
     assert plan.keep == 8 and plan.to_collect == {"big": [edited, sha("a"), sha("b"), sha("c")]}
-    assert sorted(plan.drop) == sorted([old[1], old[3]])
-    assert cache.drop(plan.drop) == 2
+    assert sorted(plan.absent) == sorted([old[1], old[3]])
+    assert cache.drop(plan.absent) == 2
     reader = cache.reader()
     assert len(reader) == 8 and old[1] not in reader and old[0] in reader
     assert torch.equal(reader.get(old[5]).ids, samples[old[5]].ids.sort(1).values)
     again = cache.plan_sync(new)
-    assert again.keep == 8 and again.drop == [] and len(list((tmp_path / "c").glob("*.h5"))) == 1
+    assert again.keep == 8 and again.absent == [] and len(list((tmp_path / "c").glob("*.h5"))) == 1
 
 
 @pytest.mark.parametrize(
@@ -281,6 +281,7 @@ def test_compaction_interrupted_after_rename_is_consistent(tmp_path):
     (tmp_path / "c" / ".c-half-written.h5.partial").write_bytes(b"\x89HDF garbage")  # killed mid-write
     reader = cache.reader()
     assert len(reader) == 6 and sha(1) not in reader and sha(6) not in reader
+    reader.close()  # an open reader keeps every segment it indexed on disk
     cache.drop([sha(2)])  # a later compaction still keeps the leftovers superseded, then deletes them
     assert len(cache.reader()) == 5 and len(list((tmp_path / "c").glob("*.h5"))) == 1
 
@@ -295,6 +296,7 @@ def test_rank_shards_read_as_one_cache(tmp_path):
     reader = CacheReader(tmp_path / "c")
     assert len(reader) == 9 and set(reader.shas()) == set(samples)
     assert cache_stats(tmp_path / "c")["samples"] == 9
+    reader.close()  # an open reader keeps every segment it indexed on disk
     cache.compact()
     assert len(list((tmp_path / "c").glob("*.h5"))) == 1 and len(cache.reader()) == 9
     one = next((tmp_path / "c").glob("*.h5"))

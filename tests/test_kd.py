@@ -88,7 +88,7 @@ def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, kd
     main(["cache", "stats", str(tmp_path / "cache" / "train"), "--json"])
     stats = json.loads(capsys.readouterr().out)
     assert stats["settings"]["vocab_size"] == 32000 and 0 < stats["kl_stored_vs_exact"] < 1e-2
-    assert stats["teachers"]["t1"]["identity"]["model"] == str(kd_teacher_dir.resolve())
+    assert set(stats["teachers"]["t1"]["identity"]) == {"name", "weights_sha"}  # no path: a teacher may move
 
 
 def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, kd_teacher_dir):
@@ -132,7 +132,7 @@ def test_resumed_stream_continues_at_the_same_batch(tmp_path, kd_teacher_dir):
 def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(tmp_path, kd_teacher_dir):
     from distill.data import kd_datamodule as kd_data
 
-    budget_gb = 2e-4  # 200 kB: several chunks of the 48-sample set
+    budget_gb = 6e-5  # 60 kB, below the ~104 kB all targets need: 4 chunks of the 48-sample set
     config = kd_config(tmp_path, kd_teacher_dir, n=48, cache_size_gb=budget_gb)
     sizes: list[int] = []
     original = kd_data.KDDataModule.finish_chunk
@@ -156,6 +156,8 @@ def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(
         )
     finally:
         kd_data.KDDataModule.finish_chunk = original
+    assert (tmp_path / "cache" / "train-chunks" / "rank000").is_dir()  # chunked mode really ran
+    assert not (tmp_path / "cache" / "train").exists()
     assert len(sizes) >= 3, sizes
     assert max(sizes) <= budget_gb * 1e9, sizes
     assert not list((tmp_path / "cache" / "train-chunks").rglob("*.h5"))  # purged

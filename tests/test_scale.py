@@ -74,7 +74,7 @@ def test_slurm_launch_sets_ranks_and_world_size(tmp_path, kd_teacher_dir):
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["cached", "chunked"])
 def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, kd_teacher_dir, chunked):
-    extra = {"cache_size_gb": 2e-4} if chunked else {}
+    extra = {"cache_size_gb": 6e-5} if chunked else {}  # 60 kB: 4 chunks of the ~104 kB of targets
     steps = [
         "--trainer.max_steps",
         "10",
@@ -91,6 +91,8 @@ def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path,
         return with_last_checkpoint(config, directory)
 
     check_killed_fit_resumes(tmp_path, config_in, steps)
+    assert (tmp_path / "resumed" / "cache" / "train-chunks").is_dir() == chunked
+    assert (tmp_path / "resumed" / "cache" / "train").is_dir() != chunked
 
 
 def test_two_process_ddp_kd_fit_matches_one_process(tmp_path, kd_teacher_dir):

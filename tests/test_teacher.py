@@ -81,9 +81,9 @@ def test_sync_after_adding_removing_editing_and_reordering(tmp_path, teacher_dir
     write_jsonl(data, new_rows)
     dm = dataset_samples(config)
     caplog.clear()
-    with caplog.at_level(logging.INFO):
-        main(["collect", "--config", str(config)])
-    assert "keep 7, collect {t1: 3}, drop 3" in caplog.text
+    with caplog.at_level(logging.INFO):  # samples gone from the data are dropped only when asked
+        main(["collect", "--config", str(config), "--trainer.callbacks.init_args.prune", "true"])
+    assert "keep 7, collect {t1: 3}, 3 cached samples not in this data: pruned 3 samples" in caplog.text
     after = set(CacheReader(tmp_path / "cache" / "train").shas())
     assert after == {s.sha for s in dm.train}
     assert len(after & first) == 7  # the reordered ones were kept, not recollected

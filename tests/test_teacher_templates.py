@@ -138,7 +138,8 @@ def test_teacher_in_its_own_template_gives_one_row_per_student_position(chat_tok
     with pytest.raises(ValueError, match="needs the student's"):
         plan_jobs(module, [(StubCache(["inst", "plain", "same"]), samples)])
     jobs = plan_jobs(module, [(StubCache(["inst", "plain", "same"]), samples)], template=chatml)
-    assert [j.teacher_index for j in jobs] == [0, 1, 2]
+    assert [j.teacher_index for j in jobs] == [0, 1, 2] and not module.aligned  # planning changes nothing
+    module.prepare_jobs([(j.teacher_index, j.samples) for j in jobs], chatml)
     assert set(module.aligned) == {0}  # a teacher in the student's template keeps the plain path
 
     s_eot, t_eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|eot_id|>"])

@@ -77,7 +77,7 @@ def test_collect_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir
         torch.testing.assert_close(stored.lse, torch.logsumexp(dense, -1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [{}, {"packing": True, "cache_size_gb": 2e-5}])
+@pytest.mark.parametrize("extra", [{}, {"packing": True, "cache_size_gb": 4.8e-5}])
 def test_kd_fit_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir, chat_tokenizer, extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -102,4 +102,5 @@ def test_kd_fit_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir,
     cfg["model"]["init_args"]["tokenizer"] = str(chat_tokenizer_dir)
     path.write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(path)])
+    assert (tmp_path / "cache" / "train-chunks").is_dir() == ("cache_size_gb" in extra)
     assert len(logged_values(tmp_path, "train/kd")) == 6 and min(logged_values(tmp_path, "train/kd")) > 0

@@ -1,5 +1,7 @@
-"""``python -m distill cache stats PATH``: what a teacher cache holds and what it costs on disk;
-``python -m distill cache merge PATH OUT``: several teachers mixed into one, to save disk."""
+"""``python -m distill cache stats PATH``: what a teacher cache holds, what it costs on disk and what the
+teachers are worth on its data (perplexity); ``cache merge PATH OUT``: several teachers mixed into one,
+to save disk; ``cache prune PATH --keep-data FILE...``: drop the samples of other data, explicitly;
+``cache verify PATH [--repair]``: check every checksum and value, delete bad segments to recollect."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ from pathlib import Path
 
 import h5py
 
+from distill.cache.lock import WriterLock
 from distill.cache.reader import CacheReader
 from distill.cache.segment import scan_segments
 from distill.cache.spec import SPEC_FILE, CacheSpec
 from distill.cache.stats import cache_stats
-from distill.cache.store import open_cache
+from distill.cache.store import TeacherCache, open_cache
+from distill.cache.verify import repair_cache, verify_cache
+from distill.data.formats import read_records
 from distill.losses.kd import mix_teachers
 from distill.targets import SparseTargets
 
@@ -71,16 +76,20 @@ def merge_teachers(
         raise ValueError(f"{len(names)} teachers {names} but {len(weights)} weights")
     k = k or spec.k
     mixture = ",".join(f"{n}:{w:g}" for n, w in zip(names, weights, strict=True))
-    cache = open_cache(target, dataclasses.replace(spec, k=k, teachers=[{"name": name, "mixture": mixture}]))
     shas = reader.shas()  # the samples complete for every teacher
-    with cache.writer(name) as writer:
-        for start in range(0, len(shas), 256):
-            chunk = shas[start : start + 256]
-            per_teacher = [reader.read(chunk, n) for n in names]
-            tokens = reader.num_tokens(chunk, names[0])
-            for i, sha in enumerate(chunk):
-                mixed = mix_teachers([t[i] for t in per_teacher], weights, spec.vocab_size)
-                writer.append(sha, tokens[i], _top_k(mixed, k))
+    with WriterLock(target):
+        cache = open_cache(
+            target, dataclasses.replace(spec, k=k, teachers=[{"name": name, "mixture": mixture}])
+        )
+        writer = cache.writer(name)  # the mixture's NLL of the actual tokens is unknown: stored as NaN
+        with writer:
+            for start in range(0, len(shas), 256):
+                chunk = shas[start : start + 256]
+                per_teacher = [reader.read(chunk, n) for n in names]
+                tokens = reader.num_tokens(chunk, names[0])
+                for i, sha in enumerate(chunk):
+                    mixed = mix_teachers([t[i] for t in per_teacher], weights, spec.vocab_size)
+                    writer.append(sha, tokens[i], _top_k(mixed, k))
     reader.close()
     return len(shas)
 
@@ -112,15 +121,43 @@ def render(path: Path, stats: dict) -> str:
         f"  bytes/position     {bpp:.1f}" if bpp is not None else "  bytes/position     -",
         f"  scheme, K          {stats['scheme']}, {stats['k']}",
         f"  KL stored||exact   {kl:.2e} nats/position" if kl is not None else "  KL stored||exact   n/a",
+        f"  duplicate rows     {stats['duplicate_rows']:,}",
     ]
     for key, value in stats.get("settings", {}).items():
         lines.append(f"  {key:<18} {value}")
     for name, t in stats["teachers"].items():
         who = " ".join(f"{k}={v}" for k, v in t["identity"].items() if k != "name")
+        ppl = f"perplexity {t['teacher_ppl']:.2f}" if t["teacher_ppl"] is not None else "perplexity n/a"
         lines.append(
-            f"  teacher {name}: {t['samples']:,} samples, {t['positions']:,} positions {who}".rstrip()
+            f"  teacher {name}: {t['samples']:,} samples, {t['positions']:,} positions, {ppl} {who}".rstrip()
         )
     return "\n".join(lines)
+
+
+def prune_command(
+    path: Path, keep_data: list[Path], format: str, dry_run: bool, lock_timeout: float | None
+) -> None:
+    keep = [r.sha for r in read_records(keep_data, format)]
+    with WriterLock(path, lock_timeout):
+        spec = CacheSpec.from_json((path / SPEC_FILE).read_text())
+        freed = TeacherCache(path, spec).prune(keep, dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    print(f"{verb} {freed} from {path} (kept: the samples of the {len(set(keep))} records given)")
+
+
+def verify_command(path: Path, repair: bool, lock_timeout: float | None) -> None:
+    checked, bad = verify_cache(path)
+    for b in bad:
+        print(f"bad segment {b.path}: {b.problem} ({len(b.shas)} samples)")
+    if not bad:
+        print(f"{path}: {checked} segment(s), every checksum and value checked: ok")
+        return
+    if not repair:
+        print(f"{len(bad)} of {checked} segment(s) bad: `python -m distill cache verify {path} --repair`")
+        raise SystemExit(1)
+    repair_cache(path, bad, lock_timeout)
+    lost = sum(len(b.shas) for b in bad)
+    print(f"removed {len(bad)} segment(s) ({lost} samples): the next fit or collect recollects them")
 
 
 def main(argv: list[str]) -> None:
@@ -136,9 +173,23 @@ def main(argv: list[str]) -> None:
         "--weights", type=float, nargs="+", help="one per teacher, in name order (default: equal)"
     )
     merge.add_argument("--k", type=int, help="ids kept per position (default: the source's K)")
+    prune = sub.add_parser("prune", help="drop the cached samples that are not in the given data files")
+    prune.add_argument("path", type=Path, help="a cache directory")
+    prune.add_argument("--keep-data", type=Path, nargs="+", required=True, help="data files/dirs to keep")
+    prune.add_argument("--format", default="auto", help="record format of the files (default: auto)")
+    prune.add_argument("--dry-run", action="store_true", help="only report what would be freed")
+    verify = sub.add_parser("verify", help="check every checksum and value; --repair deletes bad segments")
+    verify.add_argument("path", type=Path, help="a cache directory")
+    verify.add_argument("--repair", action="store_true", help="delete bad segments: they are recollected")
+    for command in (prune, verify):
+        command.add_argument("--lock-timeout", type=float, help="seconds to wait for another writer")
     args = parser.parse_args(argv)
     if not args.path.exists():
         parser.error(f"{args.path} does not exist")
+    if args.command == "prune":
+        return prune_command(args.path, args.keep_data, args.format, args.dry_run, args.lock_timeout)
+    if args.command == "verify":
+        return verify_command(args.path, args.repair, args.lock_timeout)
     if args.command == "merge":
         count = merge_teachers(args.path, args.output, args.weights, args.k)
         print(f"merged {count} samples into {args.output}")

@@ -1,17 +1,20 @@
 """Compaction: rewrite segments without dropped or duplicate samples into one new segment whose rename
-is the commit (the old files it names in ``replaces`` are then only cleanup)."""
+is the commit (the old files it names in ``replaces`` are then only cleanup, deferred while any reader
+holds the readers lock). Callers hold the writer lock."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from distill.cache.reader import sha_keys
-from distill.cache.segment import Segment, open_segment
+from distill.cache.lock import nobody_reads
+from distill.cache.reader import named_corruption, sha_keys
+from distill.cache.segment import Segment, open_segment, scan_segments
 from distill.cache.spec import spec_from_attrs
 
 
@@ -25,34 +28,53 @@ def compact_segments(directory: Path, segments: list[Path], drop: np.ndarray) ->
     seen: dict[str, np.ndarray] = {}
     for p in segments:
         with open_segment(p) as f:
-            # keep files that an earlier, interrupted compaction superseded superseded, or they come back
+            # keep files that an earlier, interrupted compaction superseded, or they come back
             replaces += [n for n in json.loads(f.attrs["replaces"]) if (directory / n).exists()]
             for name, g in f["teachers"].items():
-                sha = g["sha"][:]
+                with named_corruption(p, name):
+                    sha, npos, nbytes = g["sha"][:], g["num_positions"][:], g["num_bytes"][:]
                 keep = np.zeros(len(sha), dtype=bool)
                 keep[np.unique(sha, return_index=True)[1]] = True
                 keep &= ~np.isin(sha, drop) & ~np.isin(sha, seen.get(name, sha_keys([])))
                 seen[name] = np.concatenate([seen.get(name, sha_keys([])), sha[keep]])
                 identities[name] = json.loads(g.attrs["teacher"])
                 plan.append((p, name, keep))
-                kept = [keep.sum(), g["num_positions"][:][keep].sum(), g["num_bytes"][:][keep].sum()]
+                kept = [keep.sum(), npos[keep].sum(), nbytes[keep].sum()]
                 sizes[name] = sizes.get(name, 0) + np.array(kept, dtype=np.int64)
     with open_segment(segments[0]) as f:
         spec = dataclasses.replace(spec_from_attrs(f), teachers=[])
     out = Segment(directory, "c", spec, replaces)
     groups = {name: out.group(identities[name], *map(int, sizes[name])) for name in sizes}
     for p, name, keep in plan:
-        with open_segment(p) as f:
+        with open_segment(p) as f, named_corruption(p, name):
             _copy_rows(f["teachers"][name], groups[name], keep, out)
     path = out.commit()
-    for n in replaces:
-        (directory / n).unlink(missing_ok=True)
+    delete_superseded(directory)
     return path
+
+
+def delete_superseded(directory: Path) -> int:
+    """Delete segments that a committed compaction replaced, unless a reader may still open them
+    (they are ignored by every new reader either way); returns how many were deleted."""
+    fd = nobody_reads(directory)
+    if fd is None:
+        return 0
+    try:
+        superseded = scan_segments(directory)[1]
+        for p in superseded:
+            p.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    return len(superseded)
 
 
 def _copy_rows(src: h5py.Group, dst: h5py.Group, keep: np.ndarray, out: Segment, block: int = 256) -> None:
     """Copy the kept samples' encoded bytes as they are (no re-encoding), ``block`` samples a read."""
-    index = {n: src[n][:] for n in ("sha", "num_tokens", "num_positions", "num_bytes", "kl") if n in src}
+    index = {
+        n: src[n][:] for n in ("sha", "num_tokens", "num_positions", "num_bytes", "kl", "nll") if n in src
+    }
+    if "nll" not in index:  # a segment written before the field: unknown
+        index["nll"] = np.full(len(index["sha"]), np.nan)
     npos, nbytes = index["num_positions"].astype(np.int64), index["num_bytes"]
     pos, byte = np.cumsum(npos) - npos, np.cumsum(nbytes) - nbytes
     for r0 in range(0, len(keep), block):

@@ -1,10 +1,16 @@
 """Reading a teacher cache: one SHA-sorted index per teacher over every committed segment, random and
-chunked access, handles reopened after fork."""
+chunked access through a bounded set of open files, reopened after fork, every read checked.
+
+An open reader of a directory holds the shared readers lock (``distill.cache.lock``), so the segments
+it indexed stay on disk until it is closed, whatever compaction or pruning happens meanwhile.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +19,11 @@ import h5py
 import numpy as np
 
 from distill.cache import codec
-from distill.cache.segment import open_segment, scan_segments
+from distill.cache.lock import hold_readers_lock
+from distill.cache.segment import CacheCorruptError, open_segment, scan_segments
 from distill.targets import SparseTargets
+
+MAX_ABS_LSE = 1e4  # raw-logit log-sum-exps of real models are tens; corrupt floats are far out
 
 
 def sha_keys(shas: Iterable[str]) -> np.ndarray:
@@ -33,7 +42,9 @@ class SampleIndex:
     nbytes: np.ndarray
     kl: np.ndarray  # (N,) KL summed over the sample's positions
     num_tokens: np.ndarray  # (N,) the sample's token count
+    nll: np.ndarray  # (N,) teacher NLL of the actual next tokens, summed over positions; NaN: unknown
     order: np.ndarray  # (N,) rows of the sorted arrays in storage order
+    duplicates: int = 0  # rows stored more than once (two writers collected the same sample)
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (rows, found mask) for S64 keys."""
@@ -45,48 +56,68 @@ class SampleIndex:
 class CacheReader:
     """Random and chunked access to a cache directory (all segments of all ranks) or one segment file.
 
-    Opens files lazily and reopens them in a forked process (DataLoader workers); pickles without its
-    h5py handles, so it can be handed to spawned workers too.
+    Opens files lazily, at most ``max_open`` at a time (least recently used closed first), and reopens
+    them in a forked process (DataLoader workers); pickles without its handles, so it can be handed to
+    spawned workers too. Checksum failures, unreadable files and impossible values raise
+    ``CacheCorruptError`` naming the segment, teacher and samples.
     """
 
-    def __init__(self, path: str | Path, teacher: str | None = None):
+    def __init__(self, path: str | Path, teacher: str | None = None, max_open: int = 16):
         self.path = Path(path)
         self.teacher = teacher
+        self.max_open = max_open
         self.segments: list[Path] = []
         self.formats: list[tuple[str, int, int]] = []  # (scheme, k, value_bits) per segment
+        self.vocab_sizes: list[int] = []
         self._index: dict[str, SampleIndex] | None = None
         self.stored_positions = 0  # every row in the files, duplicates included: for bytes/position
-        self._files: dict[int, h5py.File] = {}
+        self._files: OrderedDict[int, h5py.File] = OrderedDict()
         self._pid: int | None = None
+        self._readers_lock: int | None = None
+
+    def _process(self) -> None:
+        """Per process: own handles (inherited ones are not safe to share) and own hold on the lock."""
+        if self._pid != os.getpid():
+            self._files, self._pid = OrderedDict(), os.getpid()
+            self._readers_lock = hold_readers_lock(self.path) if self.path.is_dir() else None
 
     def _file(self, seg: int) -> h5py.File:
-        if self._pid != os.getpid():  # handles inherited through fork are not safe to share
-            self._files, self._pid = {}, os.getpid()
-        if seg not in self._files:
-            self._files[seg] = open_segment(self.segments[seg])
+        self._process()
+        if seg in self._files:
+            self._files.move_to_end(seg)
+            return self._files[seg]
+        while len(self._files) >= self.max_open:
+            self._files.popitem(last=False)[1].close()
+        self._files[seg] = open_segment(self.segments[seg])
         return self._files[seg]
 
     def load_index(self) -> dict[str, SampleIndex]:
         if self._index is not None:
             return self._index
+        self._process()  # the lock first: no segment listed below can be deleted before close()
         self.segments = [self.path] if self.path.is_file() else scan_segments(self.path)[0]
         parts: dict[str, list[tuple[np.ndarray, ...]]] = {}
         for s in range(len(self.segments)):
             f = self._file(s)
             self.formats.append((str(f.attrs["scheme"]), int(f.attrs["k"]), int(f.attrs["value_bits"])))
+            self.vocab_sizes.append(int(f.attrs["vocab_size"]))
             for name, g in f["teachers"].items():
-                npos, nbytes = g["num_positions"][:].astype(np.int64), g["num_bytes"][:]
-                kl = g["kl"][:] if "kl" in g else np.zeros(len(npos))
+                with named_corruption(self.segments[s], name):
+                    npos, nbytes = g["num_positions"][:].astype(np.int64), g["num_bytes"][:]
+                    kl = g["kl"][:] if "kl" in g else np.zeros(len(npos))
+                    nll = g["nll"][:] if "nll" in g else np.full(len(npos), np.nan)  # older segments
+                    cols = (g["sha"][:], g["num_tokens"][:])
                 pos, byte = np.cumsum(npos) - npos, np.cumsum(nbytes) - nbytes
                 parts.setdefault(name, []).append(
-                    (g["sha"][:], np.full(len(npos), s), pos, npos, byte, nbytes, kl, g["num_tokens"][:])
+                    (cols[0], np.full(len(npos), s), pos, npos, byte, nbytes, kl, cols[1], nll)
                 )
                 self.stored_positions += int(npos.sum())
         self._index = {}
         for name, chunks in parts.items():
             cols = [np.concatenate(c) for c in zip(*chunks, strict=True)]
             _, first = np.unique(cols[0], return_index=True)  # sorted by SHA; first occurrence kept
-            self._index[name] = SampleIndex(*(c[first] for c in cols), order=np.argsort(first))
+            duplicates = len(cols[0]) - len(first)
+            self._index[name] = SampleIndex(*(c[first] for c in cols), np.argsort(first), duplicates)
         return self._index
 
     def teachers(self) -> list[str]:
@@ -126,6 +157,17 @@ class CacheReader:
         ix = self.load_index()[self._one(teacher)]
         return ix.num_tokens[ix.find(sha_keys(shas))[0]].tolist()
 
+    def nll(self, shas: Sequence[str], teacher: str | None = None) -> np.ndarray:
+        """Per sample, the teacher's NLL of its actual next tokens summed over its positions (NaN where
+        the segment predates the field)."""
+        ix = self.load_index()[self._one(teacher)]
+        rows, found = ix.find(sha_keys(shas))
+        if not found.all():
+            raise KeyError(
+                f"{int((~found).sum())} samples not in the cache, e.g. {shas[int(np.argmin(found))]}"
+            )
+        return ix.nll[rows]
+
     def read(self, shas: Sequence[str], teacher: str | None = None) -> list[SparseTargets]:
         """Several samples at once (one read per segment where they lie close together)."""
         return self._read(self._one(teacher), shas)
@@ -158,33 +200,78 @@ class CacheReader:
         for seg in np.unique(ix.seg[rows]):
             sel = np.flatnonzero(ix.seg[rows] == seg)
             r = rows[sel]
-            g = self._file(int(seg))["teachers"][name]
-            tail = g.get("tail")
-            p0, p1 = int(ix.pos[r].min()), int((ix.pos[r] + ix.npos[r]).max())
-            b0, b1 = int(ix.byte[r].min()), int((ix.byte[r] + ix.nbytes[r]).max())
-            if b1 - b0 <= 2 * int(ix.nbytes[r].sum()) + (1 << 20):  # close together: one read each
-                lse, stream = g["lse"][p0:p1], g["stream"][b0:b1]
-                tails = tail[p0:p1] if tail is not None else None
-            else:
-                p0 = b0 = 0
-                lse, stream, tails = g["lse"], g["stream"], tail
-            for i, row in zip(sel, r, strict=True):
-                ps, bs = int(ix.pos[row]) - p0, int(ix.byte[row]) - b0
-                pe, be = ps + int(ix.npos[row]), bs + int(ix.nbytes[row])
-                out[i] = codec.decode_targets(
-                    np.asarray(stream[bs:be]),
-                    np.asarray(lse[ps:pe]),
-                    None if tails is None else np.asarray(tails[ps:pe]),
-                    *self.formats[int(seg)],
-                )
+            with named_corruption(self.segments[int(seg)], name, [shas[i] for i in sel]):
+                self._read_segment(int(seg), name, ix, sel, r, out)
         return out  # type: ignore[return-value]
 
+    def _read_segment(
+        self, seg: int, name: str, ix: SampleIndex, sel: np.ndarray, r: np.ndarray, out: list
+    ) -> None:
+        g = self._file(seg)["teachers"][name]
+        tail = g.get("tail")
+        p0, p1 = int(ix.pos[r].min()), int((ix.pos[r] + ix.npos[r]).max())
+        b0, b1 = int(ix.byte[r].min()), int((ix.byte[r] + ix.nbytes[r]).max())
+        if b1 - b0 <= 2 * int(ix.nbytes[r].sum()) + (1 << 20):  # close together: one read each
+            lse, stream = g["lse"][p0:p1], g["stream"][b0:b1]
+            tails = tail[p0:p1] if tail is not None else None
+        else:
+            p0 = b0 = 0
+            lse, stream, tails = g["lse"], g["stream"], tail
+        for i, row in zip(sel, r, strict=True):
+            ps, bs = int(ix.pos[row]) - p0, int(ix.byte[row]) - b0
+            pe, be = ps + int(ix.npos[row]), bs + int(ix.nbytes[row])
+            sample_lse = np.asarray(lse[ps:pe])
+            sample_tail = None if tails is None else np.asarray(tails[ps:pe])
+            check_values(sample_lse, sample_tail)
+            targets = codec.decode_targets(
+                np.asarray(stream[bs:be]), sample_lse, sample_tail, *self.formats[seg]
+            )
+            check_ids(targets, self.vocab_sizes[seg])
+            out[i] = targets
+
     def close(self) -> None:
+        """Close the files and release the readers lock; a later read indexes the cache afresh (the
+        segments indexed before may be gone by then)."""
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files = OrderedDict()
+        if self._readers_lock is not None and self._pid == os.getpid():
+            os.close(self._readers_lock)
+        self._readers_lock, self._pid = None, None
+        self._index, self.segments, self.formats, self.vocab_sizes = None, [], [], []
+        self.stored_positions = 0
+
+    def __del__(self) -> None:  # a reader dropped without close() must not hold the lock forever
+        if getattr(self, "_pid", None) is not None:
+            self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_files"], state["_pid"] = {}, None
+        state["_files"], state["_pid"], state["_readers_lock"] = OrderedDict(), None, None
         return state
+
+
+def check_values(lse: np.ndarray, tail: np.ndarray | None) -> None:
+    """What a checksum cannot catch: values no teacher produces (a bad write, another program's bytes)."""
+    if lse.size and not (np.isfinite(lse).all() and np.abs(lse).max() <= MAX_ABS_LSE):
+        raise ValueError(f"log-sum-exp values out of range (max |lse| {np.nanmax(np.abs(lse)):.3g})")
+    if tail is not None and tail.size and (np.isnan(tail).any() or tail.max() > 1e-2):
+        raise ValueError("tail log-masses that are not log-probabilities")
+
+
+def check_ids(targets: SparseTargets, vocab_size: int) -> None:
+    for ids in (targets.ids, targets.sample_ids):
+        if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"token ids outside the vocabulary [0, {vocab_size})")
+
+
+@contextmanager
+def named_corruption(segment: Path, teacher: str, shas: Sequence[str] = ()) -> Iterator[None]:
+    """A failed read of ``segment`` (checksum, truncation, undecodable bytes, impossible values) becomes
+    a CacheCorruptError naming the segment, the teacher and the samples being read."""
+    try:
+        yield
+    except CacheCorruptError:
+        raise
+    except (OSError, ValueError, IndexError) as error:
+        raise CacheCorruptError(segment, f"{type(error).__name__}: {error}", teacher, shas) from error

@@ -35,6 +35,7 @@ _FIELDS = {
     "num_positions": ("i4", 4096, True),
     "num_bytes": ("i8", 4096, True),
     "kl": ("f8", 4096, True),
+    "nll": ("f8", 4096, True),  # teacher -log p(actual next token) summed over the sample's positions
     "lse": ("f4", 16384, True),
     "tail": ("f2", 32768, True),
     "stream": ("u1", 65536, False),  # Rice bit streams: shuffling bytes of uint8 does nothing
@@ -84,7 +85,9 @@ class Segment:
         for name, (dtype, chunk, shuffle) in _FIELDS.items():
             if self.head or name not in ("kl", "tail"):
                 n = {"lse": positions, "tail": positions, "stream": nbytes}.get(name, rows)
+                # fletcher32: every chunk carries a checksum that HDF5 verifies on each read
                 opts = {"chunks": (min(chunk, n),), "compression": "lzf", "shuffle": shuffle} if n else {}
+                opts.update({"fletcher32": True} if n else {})
                 g.create_dataset(name, shape=(n,), dtype=dtype, **opts)
         self.file.attrs["teachers"] = json.dumps([*json.loads(self.file.attrs["teachers"]), identity])
         return g
@@ -104,6 +107,22 @@ class Segment:
         os.replace(self.partial, self.final)
         _fsync(self.final.parent)
         return self.final
+
+
+class CacheCorruptError(RuntimeError):
+    """A segment's bytes fail their checksum, cannot be read or hold impossible values."""
+
+    def __init__(self, segment: Path, problem: str, teacher: str | None = None, shas: Sequence[str] = ()):
+        self.segment, self.teacher, self.shas = Path(segment), teacher, list(shas)
+        which = f" teacher {teacher!r}," if teacher else ""
+        samples = (
+            f" samples {', '.join(self.shas[:4])}{' ...' if len(self.shas) > 4 else ''}," if shas else ""
+        )
+        super().__init__(
+            f"corrupt teacher cache segment {segment}:{which}{samples} {problem}. To repair: "
+            f"`python -m distill cache verify {self.segment.parent} --repair` removes the bad segment(s); "
+            "the next fit or collect then recollects exactly their samples."
+        )
 
 
 class CacheWriter:
@@ -132,18 +151,23 @@ class CacheWriter:
         self.commit_bytes = commit_bytes
         self.commit_seconds = commit_seconds
         self.measure_kl = measure_kl
-        self._rows: list[tuple[bytes, int, int, int, float]] = []
+        self._rows: list[tuple[bytes, int, int, int, float, float]] = []
         self._samples: list[codec.EncodedSample] = []
         self._pending_bytes = 0
         self._since = time.monotonic()
         self.committed: list[Path] = []
 
-    def append(self, sha: str, num_tokens: int, targets: SparseTargets) -> None:
-        self.extend([(sha, num_tokens, targets)])
+    def append(self, sha: str, num_tokens: int, targets: SparseTargets, nll: float = float("nan")) -> None:
+        self.extend([(sha, num_tokens, targets, nll)])
 
-    def extend(self, items: Iterable[tuple[str, int, SparseTargets]]) -> None:
+    def extend(
+        self, items: Iterable[tuple[str, int, SparseTargets] | tuple[str, int, SparseTargets, float]]
+    ) -> None:
+        """Items ``(sha, num_tokens, targets[, nll])``; ``nll``: the teacher's summed NLL of the sample's
+        actual next tokens (NaN: unknown)."""
         spec = self.spec
-        for sha, num_tokens, targets in items:
+        for sha, num_tokens, targets, *rest in items:
+            nll = float(rest[0]) if rest else float("nan")
             if not isinstance(sha, str) or len(sha) > 64 or not sha.isascii():
                 raise ValueError(f"sample keys are SHA-256 hex strings, got {sha!r}")
             e = codec.encode_targets(
@@ -151,7 +175,7 @@ class CacheWriter:
             )
             if not self._samples:
                 self._since = time.monotonic()
-            self._rows.append((sha.encode(), num_tokens, e.lse.shape[0], e.stream.size, e.kl))
+            self._rows.append((sha.encode(), num_tokens, e.lse.shape[0], e.stream.size, e.kl, nll))
             self._samples.append(e)
             self._pending_bytes += e.stream.size + 6 * e.lse.shape[0]
         if self._pending_bytes >= self.commit_bytes or time.monotonic() - self._since >= self.commit_seconds:
@@ -164,7 +188,7 @@ class CacheWriter:
         segment = Segment(self.directory, self.prefix, self.spec)
         cols = {
             name: np.array([r[i] for r in self._rows], dtype=_FIELDS[name][0])
-            for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl"))
+            for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl", "nll"))
         }
         cols["lse"] = np.concatenate([e.lse for e in self._samples])
         cols["stream"] = np.concatenate([e.stream for e in self._samples])
@@ -190,15 +214,24 @@ class CacheWriter:
 
 
 def open_segment(path: Path) -> h5py.File:
-    # committed segments never change, so HDF5's file locks buy nothing and break on some network FSs
-    return h5py.File(path, "r", locking=False)
+    """A committed segment, read-only; a truncated or unreadable file is a ``CacheCorruptError``."""
+    try:
+        # committed segments never change, so HDF5's file locks buy nothing and break on some network FSs
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise CacheCorruptError(path, f"the file cannot be opened ({error})") from error
+
+
+def replaced_names(path: Path) -> list[str]:
+    """The segments that ``path`` (a compacted segment) supersedes."""
+    with open_segment(path) as f:
+        return json.loads(f.attrs.get("replaces", "[]"))
 
 
 def scan_segments(directory: Path) -> tuple[list[Path], list[Path]]:
     """(live, superseded) committed segments. Partial files never match ``*.h5``."""
     paths = sorted(directory.glob("*.h5"))
-    replaced: set[str] = set()
-    for p in paths:
-        with open_segment(p) as f:
-            replaced.update(json.loads(f.attrs.get("replaces", "[]")))
+    replaced = {name for p in paths for name in replaced_names(p)}
     return [p for p in paths if p.name not in replaced], [p for p in paths if p.name in replaced]

@@ -1,4 +1,5 @@
-"""``cache_stats``: samples, positions, bytes per position and stored-vs-exact KL of a cache."""
+"""``cache_stats``: samples, positions, bytes per position, stored-vs-exact KL, duplicate rows and the
+teachers' perplexity on the cached data."""
 
 from __future__ import annotations
 
@@ -21,23 +22,30 @@ def cache_stats(path: str | Path) -> dict[str, Any]:
     for name, ix in index.items():
         positions = int(ix.npos.sum())
         kl = float(ix.kl.sum() / positions) if scheme != "sampled" and positions else None
+        known = np.isfinite(ix.nll)  # samples collected before the NLL was stored have NaN
+        nll = float(ix.nll[known].sum() / ix.npos[known].sum()) if ix.npos[known].sum() else None
         teachers[name] = {
             "samples": len(ix.sha),
             "positions": positions,
+            "duplicate_rows": ix.duplicates,
             "kl_stored_vs_exact": None if kl is None or np.isnan(kl) else kl,
+            "teacher_nll_per_position": nll,
+            "teacher_ppl": None if nll is None else float(np.exp(nll)),
         }
     kls = [(t["kl_stored_vs_exact"], t["positions"]) for t in teachers.values()]
     measured = all(kl is not None for kl, _ in kls) and sum(n for _, n in kls) > 0
-    reader.close()
-    return {
+    stats = {
         "samples": len(np.unique(np.concatenate([ix.sha for ix in index.values()] or [sha_keys([])]))),
         "positions": sum(t["positions"] for t in teachers.values()),
         "bytes": nbytes,
         "bytes_per_position": nbytes / reader.stored_positions if reader.stored_positions else None,
         "segments": len(reader.segments),
+        "duplicate_rows": sum(t["duplicate_rows"] for t in teachers.values()),
         "scheme": scheme,
         "k": k,
         "value_bits": bits,
         "teachers": teachers,
         "kl_stored_vs_exact": sum(kl * n for kl, n in kls) / sum(n for _, n in kls) if measured else None,
     }
+    reader.close()
+    return stats

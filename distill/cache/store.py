@@ -4,6 +4,7 @@ hand out writers and readers."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,25 +12,43 @@ from typing import Any
 
 import numpy as np
 
-from distill.cache.compaction import compact_segments
-from distill.cache.reader import CacheReader, sha_keys
+from distill.cache.compaction import compact_segments, delete_superseded
+from distill.cache.lock import LOCK_FILES, CacheLockedError, nobody_reads
+from distill.cache.reader import CacheReader, named_corruption, sha_keys
 from distill.cache.segment import CacheWriter, atomic_write_text, open_segment, scan_segments
 from distill.cache.spec import SPEC_FILE, CacheSpec, raise_stale, spec_from_attrs
 from distill.cache.stats import cache_stats
 
+MAX_SEGMENTS = 32  # a sync merges past this many live segments: each reader opens every one
+LARGE_SEGMENT_BYTES = 1 << 30  # segments this big are left alone by that merge
+
 
 @dataclass
 class SyncPlan:
-    """What to do to make a cache match a dataset; samples are matched by content SHA only, so moved or
-    reordered samples are kept and an edited one is a new SHA (collected) plus an old one (dropped)."""
+    """What to do to make a cache hold a dataset; samples are matched by content SHA only, so moved or
+    reordered samples are kept and an edited one is a new SHA (collected). Cached samples that are not
+    in this dataset (a subset run, another file list, an edit) are ``absent``: kept, never dropped
+    by a sync; ``TeacherCache.prune`` removes them when asked."""
 
     to_collect: dict[str, list[str]]  # per teacher: dataset samples it lacks, in dataset order
     keep: int  # dataset samples already complete for every teacher
-    drop: list[str]  # cached samples no longer in the dataset
+    absent: list[str]  # cached samples not in this dataset
 
     def __str__(self) -> str:
         todo = ", ".join(f"{t}: {len(s)}" for t, s in self.to_collect.items())
-        return f"keep {self.keep}, collect {{{todo}}}, drop {len(self.drop)}"
+        return f"keep {self.keep}, collect {{{todo}}}, {len(self.absent)} cached samples not in this data"
+
+
+@dataclass
+class Freed:
+    """What a prune removed (or would remove): samples, and the bytes of their targets (encoded stream
+    plus 6 bytes of lse and tail per position, before HDF5's compression)."""
+
+    samples: int
+    bytes: int
+
+    def __str__(self) -> str:
+        return f"{self.samples} samples, {self.bytes:,} bytes"
 
 
 class TeacherCache:
@@ -49,11 +68,11 @@ class TeacherCache:
         return plan_sync(self, dataset_shas)
 
     def drop(self, shas: Iterable[str]) -> int:
-        """Remove samples (all teachers) by rewriting the segments holding them; returns how many."""
+        """Remove samples (all teachers) by rewriting the segments holding them; returns how many.
+        Under the writer lock; readers open meanwhile keep the old segments until they close."""
         keys = sha_keys(shas)
-        live, superseded = scan_segments(self.path)
         hit, removed = [], set()
-        for p in live:
+        for p in scan_segments(self.path)[0]:
             with open_segment(p) as f:
                 found = {bytes(s) for g in f["teachers"].values() for s in np.intersect1d(g["sha"][:], keys)}
             if found:
@@ -61,9 +80,27 @@ class TeacherCache:
                 removed |= found
         if hit:
             compact_segments(self.path, hit, keys)
-        for p in superseded:  # left over by a crash after an earlier compaction's rename
-            p.unlink(missing_ok=True)
+        delete_superseded(self.path)  # also what a crash after an earlier compaction's rename left
         return len(removed)
+
+    def prune(self, keep: Sequence[str], dry_run: bool = False) -> Freed:
+        """Drop every sample not in ``keep`` (the SHAs of the data to keep); ``dry_run`` only counts.
+        Under the writer lock."""
+        reader = self.reader()
+        index = reader.load_index()
+        wanted = sha_keys(dict.fromkeys(keep))
+        gone = np.unique(
+            np.concatenate([ix.sha[~np.isin(ix.sha, wanted)] for ix in index.values()] or [sha_keys([])])
+        )
+        freed = 0
+        for ix in index.values():
+            rows, found = ix.find(gone)
+            rows = rows[found]
+            freed += int(ix.nbytes[rows].sum() + 6 * ix.npos[rows].sum())  # stream + lse (f4) + tail (f2)
+        reader.close()
+        if not dry_run and len(gone):
+            self.drop(s.decode() for s in gone)
+        return Freed(len(gone), freed)
 
     def compact(self) -> None:
         """Merge all segments into one (dropping duplicate samples): fewer files to open per worker."""
@@ -71,13 +108,28 @@ class TeacherCache:
         if len(live) > 1:
             compact_segments(self.path, live, sha_keys([]))
 
+    def tidy(self, max_segments: int = MAX_SEGMENTS) -> int:
+        """Merge the segments holding a sample twice (two runs collected it), and, past
+        ``max_segments`` live segments, the small ones (big ones are not rewritten again and again);
+        returns how many segments were merged. Under the writer lock, as every sync is."""
+        live, _ = scan_segments(self.path)
+        duplicated = segments_with_duplicates(live)
+        merge = set(duplicated)
+        if len(live) > max_segments:
+            merge |= {p for p in live if p.stat().st_size < LARGE_SEGMENT_BYTES}
+        if len(merge) > 1 or duplicated:
+            compact_segments(self.path, sorted(merge), sha_keys([]))
+            return len(merge)
+        delete_superseded(self.path)
+        return 0
+
     def clear(self) -> None:
         """Delete every segment (the spec stays): chunked KD purges a trained chunk this way."""
         for p in [*self.path.glob("*.h5"), *self.path.glob(".*.partial")]:
             p.unlink()
 
     def remove_partials(self) -> int:
-        """Delete uncommitted segments left by crashed writers. Only while no writer is running."""
+        """Delete uncommitted segments left by crashed writers. Under the writer lock (no writer runs)."""
         partials = list(self.path.glob(".*.partial"))
         for p in partials:
             p.unlink()
@@ -87,20 +139,46 @@ class TeacherCache:
         return cache_stats(self.path)
 
 
+def segments_with_duplicates(segments: Sequence[Path]) -> list[Path]:
+    """The segments holding a sample that one of ``segments`` (itself or another) holds already."""
+    per_teacher: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for n, p in enumerate(segments):
+        with open_segment(p) as f:
+            for name, g in f["teachers"].items():
+                with named_corruption(p, name):
+                    sha = g["sha"][:]
+                per_teacher.setdefault(name, []).append((sha, np.full(len(sha), n)))
+    hit: set[int] = set()
+    for parts in per_teacher.values():
+        sha, seg = (np.concatenate(c) for c in zip(*parts, strict=True))
+        _, inverse, counts = np.unique(sha, return_inverse=True, return_counts=True)
+        hit.update(seg[counts[inverse] > 1].tolist())
+    return [segments[n] for n in sorted(hit)]
+
+
 def open_cache(path: str | Path, spec: CacheSpec, rebuild: bool = False) -> TeacherCache:
     """Create the cache directory, or open it and check it against ``spec`` (StaleCacheError naming
-    each differing field). ``rebuild`` deletes its segments first. Under DDP call it on rank 0, then
-    barrier, so that one process creates or rebuilds."""
+    each differing field). ``rebuild`` deletes its segments first (under the writer lock). Under DDP
+    call it on rank 0, then barrier, so that one process creates or rebuilds."""
     directory = Path(path)
     marker = directory / SPEC_FILE
-    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not marker.exists())):
+    ours = [p for p in directory.iterdir() if p.name not in LOCK_FILES] if directory.is_dir() else []
+    if directory.exists() and (not directory.is_dir() or (ours and not marker.exists())):
         raise ValueError(f"{directory} exists and is not a teacher cache (no {SPEC_FILE}): not touching it")
     globals_only = dataclasses.replace(spec, teachers=[])
     if rebuild and directory.exists():
-        # segments first, marker last: a crash in between leaves a cache that is still stale, never mixed
-        for p in [*directory.glob("*.h5"), *directory.glob(".*.partial")]:
-            p.unlink()
-        marker.unlink(missing_ok=True)
+        readers = nobody_reads(directory)
+        if readers is None:
+            raise CacheLockedError(
+                f"{directory}: another run reads this cache, and rebuilding it would delete its targets "
+                "under it. Rebuild once that run has finished, or use another cache directory."
+            )
+        try:  # segments first, marker last: a crash in between leaves a cache still stale, never mixed
+            for p in [*directory.glob("*.h5"), *directory.glob(".*.partial")]:
+                p.unlink()
+            marker.unlink(missing_ok=True)
+        finally:
+            os.close(readers)
     directory.mkdir(parents=True, exist_ok=True)
     if not marker.exists():
         atomic_write_text(marker, globals_only.to_json())
@@ -125,6 +203,6 @@ def plan_sync(cache: TeacherCache, dataset_shas: Sequence[str]) -> SyncPlan:
         to_collect[t["name"]] = [s.decode() for s in wanted[~have]]
         complete &= have
     cached = np.unique(np.concatenate([ix.sha for ix in index.values()] or [sha_keys([])]))
-    drop = [s.decode() for s in np.setdiff1d(cached, wanted)]
+    absent = [s.decode() for s in np.setdiff1d(cached, wanted)]
     reader.close()
-    return SyncPlan(to_collect, int(complete.sum()), drop)
+    return SyncPlan(to_collect, int(complete.sum()), absent)

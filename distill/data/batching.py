@@ -1,12 +1,17 @@
-"""Samples -> padded batches, or several short samples packed into one row with no cross-attention."""
+"""Samples -> padded batches, or several short samples packed into one row with no cross-attention;
+validation batches sharded over ranks without repeating a sample."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+from torch.utils.data import IterableDataset
 
 from distill.data.encoding import IGNORE_INDEX, Encoded
+from distill.data.resume import yields
 
 
 def pack(samples: Sequence[Encoded], max_length: int) -> list[list[Encoded]]:
@@ -64,3 +69,46 @@ class Collator:
             batch["attention_mask"] = attention_mask
             batch["sha"] = [row[0].sha for row in rows]
         return batch
+
+
+def shard_batches(count: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """Rank ``rank``'s evaluation batches of items ``0..count-1``: each item in one batch of one rank.
+
+    The items are cut into ``steps * world_size`` contiguous batches of near-equal size (at most
+    ``batch_size``), dealt round-robin, so every rank runs ``steps`` batches (sharded models gather
+    weights in each forward, and a rank with one batch fewer would leave the others waiting). Only when
+    there are fewer items than batches (``count < steps * world_size``) do some ranks run one batch fewer.
+    """
+    steps = math.ceil(count / (batch_size * world_size))
+    groups = max(steps * world_size, 1)
+    bounds = [count * g // groups for g in range(groups + 1)]
+    mine = (range(bounds[g], bounds[g + 1]) for g in range(rank, groups, world_size))
+    return [list(batch) for batch in mine if batch]
+
+
+class EvalBatches(IterableDataset):
+    """This rank's collated evaluation batches of ``items`` (``shard_batches``).
+
+    An iterable dataset, so Lightning adds no ``DistributedSampler``: that one pads every rank to the same
+    count by repeating items, which counts those items twice in the validation sums.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        collate: Callable[[list[Any]], Any],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.items = items
+        self.collate = collate
+        self.batches = shard_batches(len(items), batch_size, rank, world_size)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.batches):
+            if yields(index, 0):
+                yield self.collate([self.items[i] for i in batch])

@@ -10,10 +10,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.data.batching import Collator, pack
-from distill.data.encoding import Encoded, EncodingStats, Truncation, encode_all
+from distill.data.batching import Collator, EvalBatches, pack
+from distill.data.encoding import Encoded, EncodingStats, NoTrainableTokensError, Truncation, encode_all
 from distill.data.formats import Format, Record, read_records
-from distill.data.resume import ResumableLoader, ShuffledBatches
+from distill.data.resume import ResumableLoader, ShuffledBatches, leave_sigterm_to_main
 from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
 
 
@@ -90,8 +90,7 @@ class DataModule(L.LightningDataModule):
         self.val: list[Encoded] = []
         self.stats: dict[str, float] = {}
         self.stop_token_ids: list[int] = []
-        # sample lists of the teacher-collection jobs, set by the cache writer from its sync plan
-        self.predict_jobs: list[list[Encoded]] | None = None
+        self._predict_jobs: list[list[Encoded]] | None = None  # see predict_only
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.chat_template: ChatTemplate | None = None  # resolved once a conversation is encoded
 
@@ -144,6 +143,9 @@ class DataModule(L.LightningDataModule):
         train_records, val_records = self.load_records()
         self.train, train_stats = self.encode(train_records)
         self.val, val_stats = self.encode(val_records) if val_records else ([], EncodingStats())
+        if (stage == "fit" and not self.train) or (stage == "predict" and not self.train + self.val):
+            # before any model is built: an empty fit would "succeed" and export an untrained model
+            raise NoTrainableTokensError(self._no_samples_message(len(train_records), train_stats))
         self.stats = {
             **{f"data/train_{k}": v for k, v in train_stats.as_dict().items()},
             **{f"data/val_{k}": v for k, v in val_stats.as_dict().items()},
@@ -151,6 +153,21 @@ class DataModule(L.LightningDataModule):
         rank_zero_info(f"[distill] train: {train_stats.as_dict()}")
         if val_records:
             rank_zero_info(f"[distill] val: {val_stats.as_dict()}")
+
+    def _no_samples_message(self, records: int, stats: EncodingStats) -> str:
+        files = ", ".join(map(str, _as_list(self.train_files)))
+        if not records:
+            why = (
+                "no training records: the files are empty, or val_fraction / max_train_samples "
+                f"(now {self.val_fraction} / {self.max_train_samples}) left none"
+            )
+        else:
+            why = (
+                f"all {records} training records were dropped: {stats.dropped_too_long} longer than "
+                f"max_seq_length={self.max_seq_length} (truncation '{self.truncation}'), "
+                f"{stats.dropped_no_trainable} without a trainable token"
+            )
+        return f"nothing to train on in data.train_files ({files}): {why}. Add samples or fix the data"
 
     @property
     def collator(self) -> Collator:
@@ -194,18 +211,24 @@ class DataModule(L.LightningDataModule):
         return ResumableLoader(rows, self._progress, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
+        # each rank validates its own shard, every sample once over all ranks (metrics are sums)
+        batches = EvalBatches(
+            self._rows(self.val, None), self.collator, self.eval_batch_size, self._rank, self._world_size
+        )
         return DataLoader(
-            self._rows(self.val, None),
-            batch_size=self.eval_batch_size,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
+            batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
         )
 
     test_dataloader = val_dataloader
 
+    def predict_only(self, jobs: list[list[Encoded]]) -> None:
+        """Predict these sample lists, one loader each (the cache writer's teacher x split jobs, from its
+        sync plan), instead of all samples once."""
+        self._predict_jobs = jobs
+
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per collection job (teacher x split), in order; by default all samples once."""
-        jobs = self.predict_jobs if self.predict_jobs is not None else [self.train + self.val]
+        jobs = self._predict_jobs if self._predict_jobs is not None else [self.train + self.val]
         return [
             DataLoader(
                 job, batch_size=self.eval_batch_size, collate_fn=self.collator, num_workers=self.num_workers

@@ -2,10 +2,21 @@
 
 Supported formats (detected per record, or forced with ``format``):
 
-- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``
-- ``messages`` (OpenAI): ``{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}``
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation",
+  "value": ...}]}``
+- ``messages`` (OpenAI): ``{"messages": [{"role": "user"|"assistant"|"system"|"tool", "content": ...}]}``;
+  ``content`` may be a list of parts (``[{"type": "text", "text": ...}]``), an assistant turn may carry
+  ``tool_calls``
 - ``alpaca``: ``{"instruction", "input"?, "output", "system"?}``
 - ``text``: ``{"text": ...}`` for continued pretraining
+
+Tool use is normalised as LLaMA-Factory reads it: a tool call (ShareGPT ``function_call``, OpenAI
+``tool_calls``) is an assistant turn whose content is the call as JSON (``{"name", "arguments"}``, a list
+when there are several), trained like any response, so the model learns to call; a tool result (ShareGPT
+``observation``, OpenAI ``tool``/``function``) is a ``tool`` turn, context that is never trained on.
+The tools a record declares (``tools``: a list of schemas, or its JSON string) are context too: they
+open the system message as ``TOOLS_HEADER`` + their JSON, so the model sees what it may call.
+Files may start with a UTF-8 byte-order mark.
 """
 
 from __future__ import annotations
@@ -26,8 +37,21 @@ _SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "model": "assistant",
+    "function_call": "assistant",
     "system": "system",
+    "observation": "tool",
+    "tool": "tool",
 }
+_MESSAGE_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
+TOOLS_HEADER = "You can call these tools:\n"
+# content parts that carry text; any other part (image_url, input_audio, file, ...) cannot be trained on
+_TEXT_PARTS = {"text": "text", "refusal": "refusal"}
 
 
 class DataFormatError(ValueError):
@@ -75,7 +99,7 @@ def read_records(sources: str | Path | list[str | Path], fmt: Format = "auto") -
 
 
 def _iter_raw(path: Path) -> Iterator[tuple[object, str]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first record
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -127,13 +151,12 @@ def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
     if kind == "alpaca":
         messages = _alpaca_messages(raw, where)
     else:
-        key, role_key, content_key = (
-            ("conversations", "from", "value") if kind == "sharegpt" else ("messages", "role", "content")
-        )
+        key = "conversations" if kind == "sharegpt" else "messages"
         turns = raw.get(key)
         if not isinstance(turns, list) or not turns:
             raise DataFormatError(f"{where}: '{key}' must be a non-empty list")
-        messages = [_turn(turn, i, role_key, content_key, where) for i, turn in enumerate(turns)]
+        turn = _sharegpt_turn if kind == "sharegpt" else _message_turn
+        messages = _with_tools([turn(t, i, where) for i, t in enumerate(turns)], raw.get("tools"), where)
     _check_conversation(messages, where)
     return Record(source=where, messages=tuple(messages))
 
@@ -161,18 +184,111 @@ def _alpaca_messages(raw: dict, where: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, *messages] if system.strip() else messages
 
 
-def _turn(turn: object, index: int, role_key: str, content_key: str, where: str) -> dict[str, str]:
+def _sharegpt_turn(turn: object, index: int, where: str) -> dict[str, str]:
     if not isinstance(turn, dict):
         raise DataFormatError(f"{where}: turn {index} must be an object")
-    role = turn.get(role_key)
-    if role_key == "from":
-        role = _SHAREGPT_ROLES.get(str(role))
-    if role not in ("system", "user", "assistant"):
-        raise DataFormatError(f"{where}: turn {index} has unknown {role_key} {turn.get(role_key)!r}")
-    content = turn.get(content_key)
+    role = _SHAREGPT_ROLES.get(str(turn.get("from")))
+    if role is None:
+        raise DataFormatError(
+            f"{where}: turn {index} has unknown from {turn.get('from')!r}; "
+            f"expected one of {sorted(_SHAREGPT_ROLES)}"
+        )
+    content = turn.get("value")
     if not isinstance(content, str):
-        raise DataFormatError(f"{where}: turn {index} is missing a string '{content_key}'")
+        raise DataFormatError(f"{where}: turn {index} is missing a string 'value'")
     return {"role": role, "content": content}
+
+
+def _message_turn(turn: object, index: int, where: str) -> dict[str, str]:
+    if not isinstance(turn, dict):
+        raise DataFormatError(f"{where}: turn {index} must be an object")
+    role = _MESSAGE_ROLES.get(str(turn.get("role")))
+    if role is None:
+        raise DataFormatError(
+            f"{where}: turn {index} has unknown role {turn.get('role')!r}; "
+            f"expected one of {sorted(_MESSAGE_ROLES)}"
+        )
+    calls = turn.get("tool_calls") or []
+    if calls and role != "assistant":
+        raise DataFormatError(f"{where}: turn {index}: only an assistant turn can make tool_calls")
+    content = turn.get("content")
+    if content is None and calls:
+        content = ""
+    texts = [_content_text(content, index, where)] if content != "" else []
+    if calls:
+        texts.append(_calls_json(calls, index, where))
+    return {"role": role, "content": "\n".join(texts)}
+
+
+def _content_text(content: object, index: int, where: str) -> str:
+    """A string, or the text parts of an OpenAI list of content parts joined as chat templates join them."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise DataFormatError(f"{where}: turn {index} is missing a string 'content'")
+    if not isinstance(content, list):
+        raise DataFormatError(
+            f"{where}: turn {index}: 'content' must be a string or a list of parts, "
+            f"got {type(content).__name__}"
+        )
+    texts = []
+    for number, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS:
+            raise DataFormatError(
+                f"{where}: turn {index}, content part {number} is of type {kind!r}: only text parts "
+                f"({sorted(_TEXT_PARTS)}) can be trained on by a text model; remove the part or the sample"
+            )
+        text = part.get(_TEXT_PARTS[kind])
+        if not isinstance(text, str):
+            raise DataFormatError(
+                f"{where}: turn {index}, content part {number} has no string {_TEXT_PARTS[kind]!r}"
+            )
+        texts.append(text)
+    return "".join(texts)
+
+
+def _calls_json(calls: object, index: int, where: str) -> str:
+    """OpenAI ``tool_calls`` as the JSON a ShareGPT ``function_call`` holds: ``{"name", "arguments"}``."""
+    if not isinstance(calls, list):
+        raise DataFormatError(f"{where}: turn {index}: 'tool_calls' must be a list")
+    normalised = []
+    for number, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataFormatError(f"{where}: turn {index}, tool call {number} has no function name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):  # OpenAI sends the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise DataFormatError(
+                    f"{where}: turn {index}, tool call {number}: 'arguments' is not valid JSON"
+                ) from None
+        normalised.append({"name": function["name"], "arguments": arguments})
+    value = normalised[0] if len(normalised) == 1 else normalised
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _with_tools(messages: list[dict[str, str]], tools: object, where: str) -> list[dict[str, str]]:
+    """``messages`` with the declared tools opening the system message (one is added if there is none)."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            raise DataFormatError(f"{where}: 'tools' is a string but not valid JSON") from None
+    if not tools:
+        return messages
+    if not isinstance(tools, list):
+        raise DataFormatError(f"{where}: 'tools' must be a list of tool schemas")
+    declared = TOOLS_HEADER + json.dumps(tools, ensure_ascii=False)
+    if messages and messages[0]["role"] == "system":
+        system = messages[0]["content"]
+        return [
+            {"role": "system", "content": f"{declared}\n\n{system}" if system else declared},
+            *messages[1:],
+        ]
+    return [{"role": "system", "content": declared}, *messages]
 
 
 def _check_conversation(messages: list[dict[str, str]], where: str) -> None:

@@ -5,26 +5,34 @@ At setup the caches are synced with the data and whatever they lack is collected
 chunk, chunk order and in-chunk order shuffled per epoch from the seed. When the whole training set's
 targets would not fit ``cache_size_gb``, each epoch alternates instead: collect chunk i (teacher loaded,
 then freed), train on it, purge it, next chunk; the disk never holds more than the budget.
+
+Lightning reads an epoch's length once, before the first epoch, so every epoch must yield exactly that
+many batches: the rows (packed once) and the chunks are the same in every epoch; only their order
+changes.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from distill.cache import CacheReader, CacheSpec, TeacherCache, open_cache
-from distill.data.batching import Collator, pack
+from distill.cache import CacheReader, CacheSpec, TeacherCache, WriterLock, open_cache
+from distill.data.batching import Collator, EvalBatches, pack
 from distill.data.datamodule import DataModule
 from distill.data.encoding import IGNORE_INDEX, Encoded
-from distill.data.resume import ResumableLoader, epoch_rng, yields
+from distill.data.resume import ResumableLoader, epoch_rng, leave_sigterm_to_main, yields
 from distill.targets import SparseTargets, concat_targets
 from distill.teacher.collect import (
     cache_spec,
@@ -33,6 +41,7 @@ from distill.teacher.collect import (
     label_policy,
     plan_jobs,
     sync_cache,
+    writer_locks,
 )
 from distill.teacher.module import Scheme, Teacher, TeacherModule
 
@@ -56,6 +65,11 @@ def bytes_per_position_bound(spec: CacheSpec) -> float:
     return 1.5 * per_position
 
 
+SEGMENT_BYTES = 16e3
+"""A bound of the bytes of one segment beyond its positions (HDF5 object headers of its datasets, about
+10 kB): a cache directory holds at least one, which only a tiny ``cache_size_gb`` notices."""
+
+
 @dataclass
 class KDCollator:
     """Rows of samples -> the student batch plus each teacher's targets at its trainable positions."""
@@ -64,8 +78,14 @@ class KDCollator:
     packing: bool
     vocab_size: int
 
-    def __call__(self, rows: list[list[Encoded]], targets: list[list[SparseTargets]]) -> dict[str, Any]:
-        """``targets[t][i]``: teacher t's targets of the i-th sample, samples in row order."""
+    def __call__(
+        self,
+        rows: list[list[Encoded]],
+        targets: list[list[SparseTargets]],
+        teacher_nll: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """``targets[t][i]``: teacher t's targets of the i-th sample, samples in row order;
+        ``teacher_nll``: per teacher name, its NLL of the labels summed over the samples (for the log)."""
         batch = self.collator(rows if self.packing else [row[0] for row in rows])
         samples = [s for row in rows for s in row]
         for per_sample in targets:
@@ -78,16 +98,35 @@ class KDCollator:
         batch.pop("sha", None)
         batch["targets"] = [concat_targets(per_sample) for per_sample in targets]
         batch["vocab_size"] = self.vocab_size
+        if teacher_nll is not None:
+            batch["teacher_nll"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in teacher_nll.items()}
         return batch
+
+
+def fill_chunks(order: Sequence[int], sizes: Sequence[float], limit: float) -> list[list[int]]:
+    """``order`` cut into consecutive chunks whose ``sizes`` sum to at most ``limit`` (an item larger than
+    that is a chunk of its own)."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    held = 0.0
+    for index in order:
+        if current and held + sizes[index] > limit:
+            chunks.append(current)
+            current, held = [], 0.0
+        current.append(index)
+        held += sizes[index]
+    return chunks + ([current] if current else [])
 
 
 class TargetStream(IterableDataset):
     """One epoch of KD batches, chunk by chunk; the same order on every run with the same seed and epoch.
 
-    ``plan(epoch)`` gives the chunks (lists of sample indices). Each rank takes every world-th sample of a
-    chunk, and all ranks stop at the same batch count per chunk (DDP needs equal steps). ``skip`` batches
-    are passed over without reading or collecting anything (resuming mid-epoch). With workers, worker w
-    produces batches skip + w, skip + w + W, ... and opens its own HDF5 handles.
+    ``plan(epoch)`` gives the chunks (lists of row indices). Each rank takes every world-th row of a
+    chunk, and all ranks stop at the same batch count per chunk (DDP needs equal steps), a count that
+    depends on the chunk's size alone. ``skip`` batches are passed over without reading or collecting
+    anything (resuming mid-epoch). With workers, worker w produces batches skip + w, skip + w + W, ...
+    and opens its own HDF5 handles. A chunk is purged when its batches are done, or when the epoch is
+    cut short (``max_steps``, a stop) and the stream is closed.
     """
 
     def __init__(self, data: KDDataModule, rank: int, world_size: int) -> None:
@@ -99,38 +138,39 @@ class TargetStream(IterableDataset):
 
     def batches(self, chunk: list[int]) -> list[list[list[Encoded]]]:
         """This rank's batches of one chunk: lists of rows (each row one sample, or several when packing)."""
-        data = self.data
-        per_rank = []
-        for r in range(self.world_size):
-            samples = [data.train[i] for i in chunk[r :: self.world_size]]
-            rows = pack(samples, data.max_seq_length) if data.packing else [[s] for s in samples]
-            per_rank.append([rows[b : b + data.batch_size] for b in range(0, len(rows), data.batch_size)])
-        steps = min(len(b) for b in per_rank)
-        return per_rank[self.rank][:steps]
+        rows, size = self.data.train_rows, self.data.batch_size
+        steps = math.ceil(len(chunk) // self.world_size / size)  # the smallest rank share's batch count
+        mine = [rows[i] for i in chunk[self.rank :: self.world_size]]
+        return [mine[b : b + size] for b in range(0, len(mine), size)][:steps]
 
     def __len__(self) -> int:
-        return sum(len(self.batches(chunk)) for chunk in self.data.plan(0))
+        return sum(len(self.batches(chunk)) for chunk in self.data.plan(self.epoch))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         data = self.data
         index = 0
         for chunk in data.plan(self.epoch):
             batches = self.batches(chunk)
-            if index + len(batches) <= self.skip:  # a chunk trained before the resume: not even collected
+            # nothing of this rank's in the chunk, or a chunk trained before the resume: not even collected
+            if not batches or index + len(batches) <= self.skip:
                 index += len(batches)
                 continue
-            reader = data.prepare_chunk([data.train[i] for i in chunk[self.rank :: self.world_size]])
-            for rows in batches:
-                if yields(index, self.skip):
-                    shas = [s.sha for row in rows for s in row]
-                    targets = [reader.read(shas, name) for name in data.teacher_names]
-                    yield data.kd_collator(rows, targets)
-                index += 1
-            data.finish_chunk(reader)
+            reader = data.prepare_chunk([s for rows in batches for row in rows for s in row])
+            try:
+                for rows in batches:
+                    if yields(index, self.skip):
+                        shas = [s.sha for row in rows for s in row]
+                        targets = [reader.read(shas, name) for name in data.teacher_names]
+                        nll = {name: float(reader.nll(shas, name).sum()) for name in data.teacher_names}
+                        yield data.kd_collator(rows, targets, nll)
+                    index += 1
+            finally:  # also when the loop stops mid-chunk and closes the stream
+                data.finish_chunk(reader)
 
 
 class TargetedSamples(Dataset):
-    """Map-style (sample rows, targets) for validation; the reader reopens its files in each worker."""
+    """Map-style (sample rows, targets, teacher NLL sums) for validation; the reader reopens its files in
+    each worker."""
 
     def __init__(self, rows: list, reader: CacheReader, teacher_names: list[str]) -> None:
         self.rows = rows
@@ -140,10 +180,11 @@ class TargetedSamples(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[list[Encoded], list[list[SparseTargets]]]:
+    def __getitem__(self, index: int) -> tuple[list[Encoded], list[list[SparseTargets]], dict[str, float]]:
         row = self.rows[index] if isinstance(self.rows[index], list) else [self.rows[index]]
         shas = [s.sha for s in row]
-        return row, [self.reader.read(shas, name) for name in self.teacher_names]
+        nll = {name: float(self.reader.nll(shas, name).sum()) for name in self.teacher_names}
+        return row, [self.reader.read(shas, name) for name in self.teacher_names], nll
 
 
 class KDDataModule(DataModule):
@@ -158,6 +199,8 @@ class KDDataModule(DataModule):
         cache_dir: str = "cache/kd",
         cache_size_gb: float | None = None,
         rebuild_cache: bool = False,
+        prune_cache: bool = False,
+        cache_lock_timeout: float | None = None,
         teacher_batch_size: int | None = None,
         chunk_samples: int = 256,
         **kwargs: Any,
@@ -174,10 +217,19 @@ class KDDataModule(DataModule):
             cache_size_gb: Disk budget of the caches; when the dataset's targets would exceed it, each
                 epoch collects, trains on and purges one chunk at a time. None: no limit.
             rebuild_cache: Delete caches made with other settings instead of failing.
+            prune_cache: Drop cached samples that are not in this run's data (default: keep them, so a
+                subset run never costs the full run its targets; ``python -m distill cache prune``).
+            cache_lock_timeout: Seconds to wait while another run writes the caches (None: as long as
+                it takes), then fail naming that run.
             teacher_batch_size: Samples per teacher forward (default: ``eval_batch_size``).
             chunk_samples: Samples per streamed chunk when the whole cache fits.
             **kwargs: Everything ``DataModule`` takes (files, template, max_seq_length, packing, ...).
         """
+        if cache_size_gb is not None and cache_size_gb <= 0:
+            raise ValueError(
+                "data.cache_size_gb must be a positive disk budget in GB, or null for no limit; "
+                f"got {cache_size_gb}"
+            )
         super().__init__(**kwargs)
         self.teachers = teachers
         self.teacher = TeacherModule(
@@ -187,6 +239,8 @@ class KDDataModule(DataModule):
         self.cache_dir = Path(cache_dir)
         self.cache_size_gb = cache_size_gb
         self.rebuild_cache = rebuild_cache
+        self.prune_cache = prune_cache
+        self.cache_lock_timeout = cache_lock_timeout
         self.teacher_batch_size = teacher_batch_size or self.eval_batch_size
         self.chunk_samples = chunk_samples
         self.teacher_names = [t.key for t in teachers]
@@ -194,12 +248,18 @@ class KDDataModule(DataModule):
         self.chunked = False
         self.readers: dict[str, CacheReader] = {}
         self._chunk_cache: TeacherCache | None = None
+        self._chunk_reader: CacheReader | None = None  # the reader of the chunk now on disk
+        self._chunks_lock: WriterLock | None = None  # rank 0 owns train-chunks/ for the whole run
         self._ready = False
 
     # ---- setup: sync, then collect what is missing ----------------------------------------------------
 
     def estimated_bytes(self, samples: list[Encoded]) -> float:
         return sum(map(trainable_positions, samples)) * bytes_per_position_bound(self.spec)
+
+    def split_bytes(self, samples: list[Encoded]) -> float:
+        """A bound of the disk a cache directory of ``samples`` takes."""
+        return self.estimated_bytes(samples) + SEGMENT_BYTES if samples else 0.0
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -216,37 +276,25 @@ class KDDataModule(DataModule):
             label_policy(self),
         )
         budget = None if self.cache_size_gb is None else self.cache_size_gb * 1e9
-        total = self.estimated_bytes(self.train) + self.estimated_bytes(self.val)
+        total = self.split_bytes(self.train) + self.split_bytes(self.val)
         self.chunked = budget is not None and total > budget
-        strategy = self.trainer.strategy if self.trainer else None
-        rank, world = self._rank, self._world_size
+        rank = self._rank
         full = [("val", self.val)] + ([] if self.chunked else [("train", self.train)])
         full = [(split, samples) for split, samples in full if samples]
-        if rank == 0:
-            for split, samples in full:
-                sync_cache(self.cache_dir / split, self.spec, samples, rebuild=self.rebuild_cache)
-            if self.chunked:
-                shutil.rmtree(self.cache_dir / "train-chunks", ignore_errors=True)
-        if strategy is not None:
-            strategy.barrier("kd-cache-sync")
-        caches = [
-            (open_cache(self.cache_dir / split, self.spec), samples[rank::world]) for split, samples in full
-        ]
-        jobs = plan_jobs(self.teacher, caches, template=self.chat_template)
-        collected = collect(self.teacher, jobs, self.collator, self.teacher_batch_size, self.device, rank)
-        if strategy is not None:
-            strategy.barrier("kd-cache-collected")
+        collected = self.sync_and_collect(full)
         rank_zero_info(f"[distill] collected {collected} samples on rank 0 before training")
         for split, _ in full:
             self.readers[split] = CacheReader(self.cache_dir / split)
+        if rank == 0:
+            self.report_teachers(dict(full))
         if self.chunked:
-            train_budget = budget - self.estimated_bytes(self.val)
-            largest = max(self.estimated_bytes([s]) for s in self.train)
+            train_budget = self.chunk_budget
+            largest = max(map(self.estimated_bytes, self.train_rows))
             if train_budget < largest:
                 raise ValueError(
                     f"data.cache_size_gb={self.cache_size_gb} leaves {train_budget / 1e9:.3g} GB for "
                     f"training "
-                    f"targets, less than one sample needs ({largest / 1e9:.3g} GB)"
+                    f"targets, less than one sample (or packed row) needs ({largest / 1e9:.3g} GB)"
                 )
             self._chunk_cache = open_cache(self.cache_dir / "train-chunks" / f"rank{rank:03d}", self.spec)
             rank_zero_info(
@@ -256,47 +304,155 @@ class KDDataModule(DataModule):
             )
         self._ready = True
 
+    def sync_and_collect(self, splits: list[tuple[str, list[Encoded]]]) -> int:
+        """Rank 0 syncs the caches holding their writer locks until every rank has collected what its
+        shard lacks (a second run waits, then plans again and collects nothing twice); returns the
+        number of samples this rank collected."""
+        strategy = self.trainer.strategy if self.trainer else None
+        rank, world = self._rank, self._world_size
+        locks = ExitStack()
+        if rank == 0:
+            locks = writer_locks([self.cache_dir / split for split, _ in splits], self.cache_lock_timeout)
+        with locks:
+            if rank == 0:
+                for split, samples in splits:
+                    sync_cache(
+                        self.cache_dir / split, self.spec, samples, self.rebuild_cache, self.prune_cache
+                    )
+                if self.chunked:
+                    self.own_chunk_directories()
+            if strategy is not None:
+                strategy.barrier("kd-cache-sync")
+            caches = [
+                (open_cache(self.cache_dir / split, self.spec), samples[rank::world])
+                for split, samples in splits
+            ]
+            jobs = plan_jobs(self.teacher, caches, template=self.chat_template)
+            collected = collect(
+                self.teacher,
+                jobs,
+                self.collator,
+                self.teacher_batch_size,
+                self.device,
+                rank,
+                template=self.chat_template,
+            )
+            if strategy is not None:
+                strategy.barrier("kd-cache-collected")
+        return collected
+
+    def own_chunk_directories(self) -> None:
+        """Lock ``train-chunks/`` for this run (another run on the same cache_dir waits until this one
+        ends: the chunks are this run's disk budget) and purge what an earlier run left there."""
+        self._chunks_lock = WriterLock(self.cache_dir / "train-chunks", self.cache_lock_timeout)
+        self._chunks_lock.acquire()
+        for leftover in (self.cache_dir / "train-chunks").glob("rank*"):
+            shutil.rmtree(leftover)
+
+    def report_teachers(self, splits: dict[str, list[Encoded]]) -> None:
+        """Log each teacher's perplexity on the tokens the student trains on, per split (also into
+        ``stats``): a teacher above the student's own ``val/ppl`` has little to teach."""
+        tokens = "assistant" if self.train_on_responses_only else "trained"
+        for name in self.teacher_names:
+            parts = []
+            for split, samples in sorted(splits.items(), key=lambda item: item[0] != "train"):
+                nll = self.readers[split].nll([s.sha for s in samples], name)
+                known = np.isfinite(nll)  # NaN: collected before the teacher's NLL was stored
+                positions = sum(trainable_positions(s) for s, k in zip(samples, known, strict=True) if k)
+                if not positions:
+                    parts.append(f"{split} n/a (cache collected before teacher NLLs were stored)")
+                    continue
+                ppl = math.exp(float(nll[known].sum()) / positions)
+                self.stats[f"teacher_ppl/{name}/{split}"] = ppl
+                parts.append(f"{split} {ppl:.1f}")
+            rank_zero_info(f"[distill] teacher {name} perplexity on {tokens} tokens: {', '.join(parts)}")
+
     @property
     def device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
 
     # ---- chunks ------------------------------------------------------------------------------------
 
-    def plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's chunks of training-sample indices, shuffled from (seed, epoch)."""
-        rng = epoch_rng(self.seed, epoch)
-        n = len(self.train)
+    @cached_property
+    def train_rows(self) -> list[list[Encoded]]:
+        """The training rows (one sample each, or several when packing), packed once in data order."""
+        if self.packing:
+            return pack(self.train, self.max_seq_length)
+        return [[sample] for sample in self.train]
+
+    @cached_property
+    def chunks(self) -> list[list[int]]:
+        """The training rows' fixed partition into chunks; each epoch streams them in an order of its own.
+
+        Fixed, so that every epoch yields the same number of batches. Without a budget: consecutive rows
+        of up to ``chunk_samples`` samples (neighbours in the cache). In chunked mode: rows drawn in an
+        order shuffled from the seed, as many per chunk as fit the disk budget.
+        """
+        rows = self.train_rows
         if not self.chunked:
-            chunks = [list(range(i, min(i + self.chunk_samples, n))) for i in range(0, n, self.chunk_samples)]
-            rng.shuffle(chunks)
-            for chunk in chunks:
-                rng.shuffle(chunk)
-            return chunks
-        order = list(range(n))
-        rng.shuffle(order)
-        budget = self.cache_size_gb * 1e9 - self.estimated_bytes(self.val)
-        chunks, current, used = [], [], 0.0
-        for i in order:
-            size = self.estimated_bytes([self.train[i]])
-            if current and used + size > budget:
-                chunks.append(current)
-                current, used = [], 0.0
-            current.append(i)
-            used += size
-        return chunks + ([current] if current else [])
+            return fill_chunks(range(len(rows)), [len(row) for row in rows], self.chunk_samples)
+        order = list(range(len(rows)))
+        random.Random(self.seed).shuffle(order)
+        return fill_chunks(order, [self.estimated_bytes(row) for row in rows], self.chunk_budget)
+
+    @property
+    def chunk_budget(self) -> float:
+        """Bytes of positions a chunk may hold: the budget less the validation cache and one segment."""
+        return self.cache_size_gb * 1e9 - self.split_bytes(self.val) - SEGMENT_BYTES
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's chunks of training-row indices: their order and the order within each shuffled
+        from (seed, epoch)."""
+        rng = epoch_rng(self.seed, epoch)
+        chunks = [list(chunk) for chunk in self.chunks]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            rng.shuffle(chunk)
+        return chunks
 
     def prepare_chunk(self, samples: list[Encoded]) -> CacheReader:
         """A reader holding this rank's samples of the chunk; in chunked mode they are collected first."""
         if not self.chunked:
             return self.readers["train"]
+        self.purge_chunk()  # left by an epoch cut short whose stream was not closed: one chunk at a time
         jobs = plan_jobs(self.teacher, [(self._chunk_cache, samples)], template=self.chat_template)
-        collect(self.teacher, jobs, self.collator, self.teacher_batch_size, self.device, self._rank)
-        return CacheReader(self._chunk_cache.path)
+        collect(
+            self.teacher,
+            jobs,
+            self.collator,
+            self.teacher_batch_size,
+            self.device,
+            self._rank,
+            template=self.chat_template,
+        )
+        self._chunk_reader = CacheReader(self._chunk_cache.path)
+        return self._chunk_reader
 
     def finish_chunk(self, reader: CacheReader) -> None:
-        if self.chunked:
-            reader.close()
+        """Purge the chunk ``reader`` reads, unless a newer chunk has replaced it already."""
+        if self.chunked and reader is self._chunk_reader:
+            self.purge_chunk()
+
+    def purge_chunk(self) -> None:
+        """Close the chunk's reader and delete its targets (chunked mode)."""
+        if self._chunk_reader is not None:
+            self._chunk_reader.close()
+            self._chunk_reader = None
+        if self._chunk_cache is not None:
             self._chunk_cache.clear()
+
+    def teardown(self, stage: str) -> None:
+        self.purge_chunk()  # a fit stopped mid-chunk leaves no targets beyond the budget's caches
+        self.release_chunk_directories()
+        for reader in self.readers.values():  # lets other runs delete what they superseded
+            reader.close()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.release_chunk_directories()  # Lightning skips teardown after a failure
+
+    def release_chunk_directories(self) -> None:
+        if self._chunks_lock is not None:
+            self._chunks_lock.release()
 
     # ---- loaders -----------------------------------------------------------------------------------
 
@@ -317,14 +473,17 @@ class KDDataModule(DataModule):
         collate = self.kd_collator
 
         def collate_rows(items: list) -> dict[str, Any]:
-            rows = [row for row, _ in items]
+            rows = [row for row, _, _ in items]
             targets = [
-                [t for _, per_teacher in items for t in per_teacher[i]] for i in range(len(self.teachers))
+                [t for _, per_teacher, _ in items for t in per_teacher[i]] for i in range(len(self.teachers))
             ]
-            return collate(rows, targets)
+            nll = {name: sum(item[2][name] for item in items) for name in self.teacher_names}
+            return collate(rows, targets, nll)
 
+        # each rank validates its own shard, every sample once over all ranks (metrics are sums)
+        batches = EvalBatches(samples, collate_rows, self.eval_batch_size, self._rank, self._world_size)
         return DataLoader(
-            samples, batch_size=self.eval_batch_size, collate_fn=collate_rows, num_workers=self.num_workers
+            batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
         )
 
     test_dataloader = val_dataloader

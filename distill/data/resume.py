@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -83,7 +84,7 @@ class ResumableLoader(DataLoader):
         self, stream: IterableDataset, progress: Callable[[], tuple[int, int]], **kwargs: Any
     ) -> None:
         """``progress()``: (epoch, batches of it trained so far), read from the fit loop."""
-        super().__init__(stream, batch_size=None, **kwargs)
+        super().__init__(stream, batch_size=None, worker_init_fn=leave_sigterm_to_main, **kwargs)
         self.progress = progress
         self._resume: dict[str, int] | None = None
 
@@ -103,3 +104,10 @@ class ResumableLoader(DataLoader):
             rank_zero_info(f"[distill] resuming epoch {epoch} after {self.dataset.skip} batches")
         self._resume = None
         return super().__iter__()
+
+
+def leave_sigterm_to_main(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM and leaves the stop to the main process
+    (``distill.callbacks.PreemptionCheckpoint`` saves, then ends its workers). PyTorch's own worker
+    handler dies of a SIGTERM sent to every process of the job (SLURM), and the fit with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -5,6 +5,12 @@ string. Assistant spans come from the template's structure: the conversation is 
 and the text an assistant turn adds after the generation prompt, up to and including its end-of-turn
 string, is that turn's span. Spans are character ranges; tokenization maps them to tokens by offsets,
 so nothing depends on how markers split into tokens.
+
+Tool results (``tool`` turns) are context, never trained on. Each template gives them the role of its
+family's convention (chatml: ``tool``; llama3: ``ipython``); alpaca, mistral, and a tokenizer's own or
+custom template that does not render ``tool`` turns (it drops or rejects them) get each one as a user
+turn that starts with ``TOOL_PREFIX``, so no tool result silently vanishes from the context. The mapping
+happens before rendering: the Jinja sources, which key the teacher caches, stay as they were.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,15 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, str | None]] = {
     "alpaca": (_ALPACA, None),
     "mistral": (_MISTRAL, None),
 }
+# the role a built-in template gives tool results; None: a user turn that starts with TOOL_PREFIX
+_BUILTIN_TOOL_ROLES: dict[str, str | None] = {
+    "chatml": "tool",
+    "llama3": "ipython",
+    "alpaca": None,
+    "mistral": None,
+}
+
+TOOL_PREFIX = "Tool output:\n"
 
 # Tried in order when the tokenizer's own template does not say what ends a turn.
 _KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -61,10 +77,14 @@ class ChatTemplate:
     name: str
     source: str  # Jinja
     end_of_turn: str
+    tool_role: str | None = "tool"
+    """The role tool results get in this template; None: a user turn that starts with ``TOOL_PREFIX``."""
 
     def render(
         self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool
     ) -> str:
+        if self.tool_role != "tool":
+            messages = [self._tool_turn(m) if m["role"] == "tool" else m for m in messages]
         return tokenizer.apply_chat_template(
             messages, chat_template=self.source, tokenize=False, add_generation_prompt=generation_prompt
         )
@@ -94,6 +114,11 @@ class ChatTemplate:
             spans.append((start, end + len(self.end_of_turn)))
         return full, spans
 
+    def _tool_turn(self, message: dict) -> dict:
+        if self.tool_role is None:
+            return {**message, "role": "user", "content": TOOL_PREFIX + message["content"]}
+        return {**message, "role": self.tool_role}
+
 
 def resolve_template(
     tokenizer: PreTrainedTokenizerBase, name: str | None = None, end_of_turn: str | None = None
@@ -119,7 +144,27 @@ def resolve_template(
         )
     if not end_of_turn:
         raise TemplateError(f"template {name!r}: no end-of-turn string; set data.end_of_turn")
-    return ChatTemplate(name=name, source=source, end_of_turn=end_of_turn)
+    if name in BUILTIN_TEMPLATES:
+        tool_role = _BUILTIN_TOOL_ROLES[name]
+    else:
+        tool_role = "tool" if _renders_tool_turns(tokenizer, source) else None
+    return ChatTemplate(name=name, source=source, end_of_turn=end_of_turn, tool_role=tool_role)
+
+
+def _renders_tool_turns(tokenizer: PreTrainedTokenizerBase, source: str) -> bool:
+    """Whether the template shows a tool turn's content (many drop unknown roles or raise on them)."""
+    marker = "distill-tool-probe-7f3a"
+    probe = [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "call"},
+        {"role": "tool", "content": marker},
+        {"role": "assistant", "content": "A"},
+    ]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
+    except jinja2.TemplateError:  # raise_exception on a role it does not know: tool turns go as user turns
+        return False
+    return marker in rendered
 
 
 def _detect_end_of_turn(tokenizer: PreTrainedTokenizerBase, source: str) -> str | None:

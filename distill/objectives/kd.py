@@ -19,9 +19,12 @@ class Distillation(Objective):
     ``online`` teachers run on the same batch in memory. Several teachers are mixed with
     ``teacher_weights`` over the union of their heads (at temperature 1; the loss then applies T to the
     mixture), so the weights can change without recollecting.
-    """
 
-    metric_names = ("ce", "kd", "agree")
+    Beside the student's ``ce`` it logs each teacher's own cross-entropy on the same labels
+    (``teacher_ce``, or ``teacher_ce/<name>`` with several teachers): a teacher whose CE is above the
+    student's has little to teach. Cached teachers' NLL sums arrive in ``batch["teacher_nll"]``
+    ({name: sum over the batch's trainable tokens}); online teachers' are computed from their logits.
+    """
 
     def __init__(
         self,
@@ -49,9 +52,12 @@ class Distillation(Objective):
             online_k: Top-k kept from the online teachers' full distributions.
         """
         if loss not in LOSSES:
-            raise ValueError(f"unknown KD loss {loss!r}; choose one of {sorted(LOSSES)}")
+            raise ValueError(f"unknown Distillation loss {loss!r}; choose one of {sorted(LOSSES)}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            raise ValueError(
+                f"Distillation alpha (the KD term's weight; 1 - alpha goes to cross-entropy) must be in "
+                f"[0, 1]; got {alpha}"
+            )
         if online and any(t.template is not None for t in online):
             raise ValueError("online teachers read the student's batch: a teacher template needs cached KD")
         self.loss = loss
@@ -63,6 +69,11 @@ class Distillation(Objective):
         self.online = online
         self.online_k = online_k
         self._online_module: TeacherModule | None = None
+        self.teacher_names = [t.key for t in online] if online else []
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return ("ce", "kd", "agree", *(teacher_ce_names(self.teacher_names).values() or ["teacher_ce"]))
 
     def mix(self, per_teacher: list[SparseTargets], vocab_size: int) -> SparseTargets:
         """One teacher's targets as they are, several mixed with ``teacher_weights``."""
@@ -74,7 +85,11 @@ class Distillation(Objective):
         return mix_teachers(per_teacher, weights, vocab_size)
 
     def setup(self, student: nn.Module) -> None:
+        """Learn the student's tokenizer and, for cached teachers, their names from the data module."""
         self.tokenizer_id = getattr(student, "tokenizer_id", None)
+        trainer = getattr(student, "_trainer", None)
+        if self.online is None and trainer is not None:
+            self.teacher_names = list(getattr(trainer.datamodule, "teacher_names", None) or [])
 
     @torch.no_grad()
     def online_targets(self, batch: dict) -> list[SparseTargets]:
@@ -85,12 +100,25 @@ class Distillation(Objective):
             self._online_models = [module.teacher_model(i) for i in range(len(self.online))]
         return [self._online_module.batch_targets(model, batch)[0] for model in self._online_models]
 
+    def teacher_ce_sums(self, batch: dict, per_teacher: list[SparseTargets]) -> dict[str, Tensor]:
+        """Each teacher's NLL of the labels summed over the batch, under its metric name."""
+        if self.online is None:
+            sums = batch.get("teacher_nll", {})
+        else:
+            pairs = zip(self.teacher_names, per_teacher, strict=True)
+            sums = {name: t.nll.double().sum() for name, t in pairs}
+        if len(sums) == 1 and len(self.teacher_names) <= 1:
+            return {"teacher_ce": next(iter(sums.values()))}
+        names = teacher_ce_names(self.teacher_names)
+        return {names[name]: value for name, value in sums.items() if name in names}
+
     def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
         if self.online is None:
             per_teacher, vocab_size = batch["targets"], int(batch["vocab_size"])
         else:  # the teachers load on the first call; then their vocabulary size is known
             per_teacher = self.online_targets(batch)
             vocab_size = self._online_module.vocab_size
+        teacher_ce = self.teacher_ce_sums(batch, per_teacher)
         targets = self.mix(per_teacher, vocab_size).to(hidden.device)
         if targets.num_positions != labels.shape[0]:
             raise ValueError(
@@ -133,4 +161,12 @@ class Distillation(Objective):
         loss_sum, correct, kd_sum, ce_sum, agree = over_chunks(
             chunk_loss, hidden, labels, *fields, chunk_size=self.chunk_size, num_outputs=5
         )
-        return TokenLoss(loss_sum, labels.numel(), correct, {"ce": ce_sum, "kd": kd_sum, "agree": agree})
+        sums = {"ce": ce_sum, "kd": kd_sum, "agree": agree, **teacher_ce}
+        return TokenLoss(loss_sum, labels.numel(), correct, sums)
+
+
+def teacher_ce_names(teachers: list[str]) -> dict[str, str]:
+    """Teacher name -> its CE metric: ``teacher_ce`` for one teacher, ``teacher_ce/<name>`` for several."""
+    if len(teachers) == 1:
+        return {teachers[0]: "teacher_ce"}
+    return {name: f"teacher_ce/{name}" for name in teachers}

@@ -1,37 +1,40 @@
 """Teacher collection pieces shared by ``predict`` (the cache-writer callback) and ``fit`` (KD data module).
 
-Both paths check the vocabularies, describe the run as a ``CacheSpec``, sync the caches with the data,
-run ``TeacherModule`` on the samples each teacher lacks and write its outputs on a background thread.
+Both paths check the vocabularies, describe the run as a ``CacheSpec``, and then, holding each cache's
+writer lock, sync the caches with the data, run ``TeacherModule`` on the samples each teacher lacks and
+write its outputs on a background thread. A second run on the same caches waits for the lock and then
+plans again, so it collects nothing twice. Syncing never drops samples that this run's data lacks.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from distill.cache import CacheSpec, CacheWriter, TeacherCache, open_cache
+from distill.cache import CacheSpec, CacheWriter, SyncPlan, TeacherCache, WriterLock, open_cache
 from distill.data.batching import Collator
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
 from distill.data.templates import ChatTemplate
-from distill.teacher.identity import check_same_vocabulary, tokenizer_hash
+from distill.teacher.identity import check_teacher_vocabulary, tokenizer_hash
 from distill.teacher.module import SparseOutput, TeacherModule
 
 _DONE = object()
 
 
 def check_vocabularies(teacher: TeacherModule, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Every teacher maps tokens to the student's ids: fails before any model is loaded."""
+    """Every teacher maps tokens to the student's ids and has a row for each: fails before any model is
+    loaded."""
     for t in teacher.teachers:
-        if t.model is not None:
-            check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(t.model), t.key)
+        check_teacher_vocabulary(tokenizer, t.model, t.model_config, t.key)
 
 
 def cache_spec(
@@ -65,15 +68,39 @@ def label_policy(data: DataModule) -> str:
     return f"responses_only={data.train_on_responses_only};truncation={data.truncation}"
 
 
-def sync_cache(path: str | Path, spec: CacheSpec, samples: Sequence[Encoded], rebuild: bool = False) -> None:
-    """Open (or rebuild) a cache for ``spec``, delete what a killed run left half-written and drop the
-    samples no longer in the data; logs what the sync will keep, collect and drop. Rank 0 only, while
-    no writer runs; other ranks wait at a barrier, then open the cache."""
+def writer_locks(paths: Iterable[Path], timeout: float | None = None) -> ExitStack:
+    """The writer locks of several caches, taken in path order (two runs never wait on each other
+    crosswise); released by closing the returned stack. Rank 0 takes them for all ranks."""
+    stack = ExitStack()
+    try:
+        for path in sorted({Path(p) for p in paths}):
+            stack.enter_context(WriterLock(path, timeout))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def sync_cache(
+    path: str | Path, spec: CacheSpec, samples: Sequence[Encoded], rebuild: bool = False, prune: bool = False
+) -> SyncPlan:
+    """Open (or rebuild) a cache for ``spec``, delete what a killed writer left half-written, merge
+    segments when they pile up or a sample is stored twice, and log what the sync keeps and collects.
+    Cached samples this data lacks (a subset run, other files) are kept unless ``prune``; the log says
+    how many and how to free them. Rank 0 only, holding the cache's writer lock."""
     cache = open_cache(path, spec, rebuild=rebuild)
-    cache.remove_partials()
+    cache.remove_partials()  # no writer can be running: we hold the lock
     plan = cache.plan_sync([s.sha for s in samples])
-    dropped = cache.drop(plan.drop) if plan.drop else 0
-    rank_zero_info(f"[distill] cache {cache.path}: {plan} (dropped {dropped})")
+    note = str(plan)
+    if plan.absent and prune:
+        note += f": pruned {cache.prune([s.sha for s in samples])}"
+    elif plan.absent:
+        note += f" (kept; to free them: `python -m distill cache prune {cache.path} --keep-data FILE...`)"
+    merged = cache.tidy()
+    if merged:
+        note += f"; merged {merged} segments"
+    rank_zero_info(f"[distill] cache {cache.path}: {note}")
+    return plan
 
 
 @dataclass
@@ -92,9 +119,9 @@ def plan_jobs(
 ) -> list[Job]:
     """The samples each teacher lacks in each cache, grouped by teacher so each is loaded once.
 
-    ``template`` is the student's chat template: teachers with a template of their own get their
-    samples encoded in it and aligned to the student's positions here (``TeacherModule.prepare_templates``),
-    so a sample that cannot be aligned fails before any teacher is loaded.
+    ``template`` is the student's chat template, which teachers with a template of their own need
+    (their samples are aligned by ``TeacherModule.prepare_jobs``): its absence fails here, before any
+    teacher is loaded.
     """
     jobs = []
     for cache, samples in caches:
@@ -105,20 +132,20 @@ def plan_jobs(
             if missing:
                 jobs.append(Job(cache, index, missing))
     jobs = sorted(jobs, key=lambda job: job.teacher_index)
-    own = {i for i, t in enumerate(teacher.teachers) if t.template is not None}
-    if own:
-        todo: dict[int, list[Encoded]] = {i: [] for i in own}
-        for job in jobs:
-            if job.teacher_index in own:
-                todo[job.teacher_index].extend(job.samples)
-        samples = [s for v in todo.values() for s in v]
-        if template is None and any(s.record is not None and s.record.messages is not None for s in samples):
-            names = [teacher.teachers[i].key for i in sorted(own)]
-            raise ValueError(
-                f"teachers {names} have their own chat template: plan_jobs needs the student's (template=)"
-            )
-        teacher.prepare_templates(todo, template)
+    own = [j for j in jobs if teacher.teachers[j.teacher_index].template is not None]
+    if template is None and any(
+        s.record is not None and s.record.messages is not None for j in own for s in j.samples
+    ):
+        names = sorted({teacher.teachers[j.teacher_index].key for j in own})
+        raise ValueError(
+            f"teachers {names} have their own chat template: plan_jobs needs the student's (template=)"
+        )
     return jobs
+
+
+def job_list(jobs: Sequence[Job]) -> list[tuple[int, list[Encoded]]]:
+    """(teacher index, samples) per job: what ``TeacherModule.prepare_jobs`` takes."""
+    return [(job.teacher_index, job.samples) for job in jobs]
 
 
 class BackgroundWriter:
@@ -157,7 +184,9 @@ class BackgroundWriter:
                     for earlier in self._writers.values():  # the previous job is complete: commit it
                         earlier.close()
                     self._writers[job] = self.open_writer(job)
-                self._writers[job].extend((o.sha, o.num_tokens, o.targets) for o in outputs)
+                self._writers[job].extend(
+                    (o.sha, o.num_tokens, o.targets, getattr(o, "nll", float("nan"))) for o in outputs
+                )
             for writer in self._writers.values():
                 writer.close()
         except BaseException as error:  # surfaced in the main thread
@@ -174,13 +203,15 @@ def collect(
     device: torch.device,
     rank: int = 0,
     commit_seconds: float = 30.0,
+    template: ChatTemplate | None = None,
 ) -> int:
     """Run the teacher over each job's samples (its ``predict_step``, outside the predict loop) and write
-    the outputs; frees the teacher afterwards. Returns the number of samples collected."""
+    the outputs; frees the teacher afterwards. ``template``: the student's chat template. Returns the
+    number of samples collected. Under the caches' writer locks (held by rank 0)."""
     if not jobs:
         return 0
+    teacher.prepare_jobs(job_list(jobs), template)  # aligns own-template samples before any teacher loads
     teacher.to(device)
-    teacher.job_teachers = [job.teacher_index for job in jobs]
     writer = BackgroundWriter(
         lambda j: jobs[j].cache.writer(
             teacher.teachers[jobs[j].teacher_index].key, rank, commit_seconds=commit_seconds

@@ -1,14 +1,23 @@
-"""What makes a cache reusable: fingerprints of models and tokenizers, and the shared-vocabulary check."""
+"""What makes a cache reusable: fingerprints of models and tokenizers, and the checks that a teacher
+shares the student's vocabulary and has a row for every token."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-_PEEK_BYTES = 1 << 20  # hashing whole multi-GB weight files would dominate a re-run's start-up
+_HASHED = (".safetensors", ".bin", ".json")
+_MEMO_FILE = ".distill_hash.json"
+# a file changed within this long of its hashing may change again under the same mtime (coarse
+# file-system clocks): its digest is not trusted from the memo, as git treats "racily clean" entries
+_RACY_NS = 2_000_000_000
+_ANNOUNCE_BYTES = 1 << 30  # hashing more takes seconds: say why the start is slow
 
 
 class VocabularyMismatchError(ValueError):
@@ -16,20 +25,101 @@ class VocabularyMismatchError(ValueError):
 
 
 def model_identity(name_or_path: str | None, config: dict | None = None) -> dict[str, str]:
-    """A hub revision or a hash of the local files (names, sizes, config and the first MiB of each)."""
+    """A hub revision, or a SHA-256 over the names and full contents of a local model's weight and
+    config files (independent of where the directory is)."""
     if name_or_path is None:
         blob = json.dumps(config or {}, sort_keys=True).encode()
         return {"model": "config", "weights_sha": hashlib.sha256(blob).hexdigest()[:16]}
     path = Path(name_or_path)
     if not path.is_dir():
         return {"model": name_or_path, "revision": _hub_revision(name_or_path)}
+    return {"weights_sha": weights_digest(path)[:16]}
+
+
+def weights_digest(directory: Path) -> str:
+    """SHA-256 over the weight and config files of ``directory``, each hashed in full once.
+
+    Per-file digests are memoised by (size, mtime, ctime, inode) in ``.distill_hash.json`` beside the
+    files (or under the user cache when the directory is read-only), so repeated starts read no weights.
+    """
+    files = sorted(
+        p for p in directory.iterdir() if p.is_file() and p.suffix in _HASHED and not p.name.startswith(".")
+    )
+    memo_path = _memo_path(directory)
+    memo = _read_memo(memo_path)
+    stamps = {file.name: _stamp(file) for file in files}
+    todo = {file.name for file in files if not _settled(memo.get(file.name), stamps[file.name])}
+    size = sum(stamps[name]["size"] for name in todo)
+    if size > _ANNOUNCE_BYTES:
+        rank_zero_info(
+            f"[distill] hashing {size / 1e9:.1f} GB of {directory} to identify its weights (once: the "
+            f"digests are kept in {memo_path})"
+        )
+    fresh: dict[str, dict] = {}
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
-        if file.suffix in (".safetensors", ".bin", ".json") and file.name != "distill_config.yaml":
-            digest.update(f"{file.name}:{file.stat().st_size}".encode())
-            with file.open("rb") as handle:
-                digest.update(handle.read(_PEEK_BYTES))
-    return {"model": str(path.resolve()), "weights_sha": digest.hexdigest()[:16]}
+    for file in files:
+        entry = memo.get(file.name)
+        if file.name in todo:
+            started = time.time_ns()
+            stamp = stamps[file.name]
+            settled = max(stamp["mtime_ns"], stamp["ctime_ns"]) < started - _RACY_NS
+            entry = {"stamp": stamp, "sha256": _file_digest(file), "trusted": settled}
+        fresh[file.name] = entry
+        digest.update(f"{file.name}:{entry['sha256']}\n".encode())
+    if fresh != memo:
+        _write_memo(memo_path, fresh)
+    return digest.hexdigest()
+
+
+def _settled(entry: object, stamp: dict[str, int]) -> bool:
+    """Whether a memo entry still holds the file's digest (same stamp, not hashed racily)."""
+    return (
+        isinstance(entry, dict)
+        and entry.get("stamp") == stamp
+        and entry.get("trusted") is True
+        and isinstance(entry.get("sha256"), str)
+    )
+
+
+def _file_digest(file: Path) -> str:
+    with file.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _stamp(file: Path) -> dict[str, int]:
+    stat = file.stat()
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+    }
+
+
+def _memo_path(directory: Path) -> Path:
+    if os.access(directory, os.W_OK):
+        return directory / _MEMO_FILE
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distill" / "weights"
+    return root / (hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16] + ".json")
+
+
+def _read_memo(path: Path) -> dict[str, dict]:
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: hash again
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _write_memo(path: Path, memo: dict[str, dict]) -> None:
+    """Atomically, by rename; a memo that cannot be written only costs the next start a re-hash."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(memo, indent=1, sort_keys=True))
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
 
 
 def _hub_revision(name: str) -> str:
@@ -55,6 +145,11 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def describe_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
+    """``tokenizer /path (32,000 tokens)``: how errors name a tokenizer."""
+    return f"tokenizer {tokenizer.name_or_path or '<unnamed>'} ({len(tokenizer):,} tokens)"
+
+
 def check_same_vocabulary(
     student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_name: str = "teacher"
 ) -> None:
@@ -68,17 +163,57 @@ def check_same_vocabulary(
         (token for token in set(ours) | set(theirs) if ours.get(token) != theirs.get(token)),
         key=lambda token: min(ours.get(token, 1 << 30), theirs.get(token, 1 << 30)),
     )
+    both = f"{teacher_name}'s {describe_tokenizer(teacher)} vs the student's {describe_tokenizer(student)}"
     if differing:
         shown = ", ".join(
             f"{t!r}: student {ours.get(t)} vs {teacher_name} {theirs.get(t)}" for t in differing[:5]
         )
         raise VocabularyMismatchError(
-            f"{teacher_name} and the student do not share a vocabulary ({len(differing)} tokens differ; "
-            f"first: {shown}). Distillation over token ids needs the same tokenizer family."
+            f"{teacher_name} and the student do not share a vocabulary ({both}; {len(differing)} tokens "
+            f"differ; first: {shown}). Distillation over token ids needs the same tokenizer family."
         )
     for name in ("bos_token", "eos_token", "unk_token"):
         if getattr(student, name) != getattr(teacher, name):
             raise VocabularyMismatchError(
                 f"{teacher_name}'s {name} is {getattr(teacher, name)!r} but the student's is "
-                f"{getattr(student, name)!r}"
+                f"{getattr(student, name)!r} ({both})"
             )
+
+
+def check_embedding_rows(
+    rows: int, tokenizer: PreTrainedTokenizerBase, model: str, role: str = "teacher"
+) -> None:
+    """A teacher or reference needs a trained row for every token id of the tokenizer: resizing it would
+    give the missing ids random logits, and every target over them would be meaningless."""
+    if rows < len(tokenizer):
+        raise ValueError(
+            f"{role} {model}: its embedding has {rows:,} rows but the {describe_tokenizer(tokenizer)} "
+            f"has ids up to {len(tokenizer) - 1:,}; a {role} is never resized (the new rows would be "
+            f"random). Use the tokenizer the {role} was trained with, or a {role} whose vocabulary "
+            "covers the student's tokenizer."
+        )
+
+
+def embedding_rows(name_or_path: str | None, config: dict | None = None) -> int | None:
+    """The vocabulary size a model's config declares (its embedding rows), read without the weights;
+    None when the config does not say (or, for ``config``, leaves it to the tokenizer)."""
+    if name_or_path is None:
+        return (config or {}).get("vocab_size")
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(name_or_path)
+    return getattr(loaded.get_text_config(), "vocab_size", None)
+
+
+def check_teacher_vocabulary(
+    tokenizer: PreTrainedTokenizerBase, name_or_path: str | None, config: dict | None, name: str
+) -> None:
+    """Before any model is loaded: the teacher's tokenizer is the student's family and its embedding has
+    a row for every token of ``tokenizer`` (the student's)."""
+    if name_or_path is not None:
+        from transformers import AutoTokenizer
+
+        check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(name_or_path), name)
+    rows = embedding_rows(name_or_path, config)
+    if rows is not None:
+        check_embedding_rows(rows, tokenizer, f"{name} ({name_or_path or 'model_config'})")

@@ -71,6 +71,7 @@ class SparseOutput:
     ids: Tensor  # (P, K) int64, ascending per row
     logits: Tensor  # (P, K) float32 raw logits (temperature 1)
     lse: Tensor  # (P,) float32
+    nll: float  # the teacher's -log p of the sample's trained tokens, summed over its P positions
     sample_ids: Tensor | None = None  # (P, S) int64
     sample_counts: Tensor | None = None  # (P, S) int32
 
@@ -158,7 +159,7 @@ class TeacherModule(L.LightningModule):
         self.chunk_size = chunk_size
         self.tokenizer_id = tokenizer or teachers[0].model
         self._vocab_size = vocab_size
-        self.job_teachers: list[int] = [0]  # teacher index of each predict dataloader, set by the writer
+        self.job_teachers: list[int] = [0]  # teacher index of each predict dataloader (prepare_jobs)
         # teachers reading their own template: index -> sha -> encoding and rows (see prepare_templates)
         self.aligned: dict[int, dict[str, TeacherSample]] = {}
         self._eot: dict[int, tuple[int, int]] = {}  # teacher index -> (its end-of-turn id, the student's)
@@ -195,6 +196,18 @@ class TeacherModule(L.LightningModule):
             )
         return self._templates[index]
 
+    def prepare_jobs(
+        self, jobs: list[tuple[int, list[Encoded]]], student_template: ChatTemplate | None
+    ) -> None:
+        """Predict dataloader j runs teacher ``jobs[j][0]`` on the samples ``jobs[j][1]``; those of
+        teachers reading their own template are aligned now (``prepare_templates``)."""
+        self.job_teachers = [index for index, _ in jobs]
+        own: dict[int, list[Encoded]] = {i: [] for i, t in enumerate(self.teachers) if t.template is not None}
+        for index, samples in jobs:
+            if index in own:
+                own[index].extend(samples)
+        self.prepare_templates(own, student_template)
+
     def prepare_templates(
         self, samples: dict[int, list[Encoded]], student_template: ChatTemplate | None
     ) -> None:
@@ -228,7 +241,9 @@ class TeacherModule(L.LightningModule):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         teacher = self.teachers[index]
-        model = load_causal_lm(teacher.model, teacher.model_config, self.tokenizer, teacher.dtype)
+        model = load_causal_lm(
+            teacher.model, teacher.model_config, self.tokenizer, teacher.dtype, role=f"teacher {teacher.key}"
+        )
         model = model.to(self.device).eval().requires_grad_(False)
         self._loaded = (index, model)
         return model
@@ -239,12 +254,14 @@ class TeacherModule(L.LightningModule):
 
     @torch.no_grad()
     def batch_targets(self, model: nn.Module, batch: dict) -> tuple[SparseTargets, Tensor]:
-        """The teacher's sparse distribution at every trainable position of ``batch`` (row-major, i.e.
-        sample after sample, packed rows included) and the number of those positions per row."""
+        """The teacher's sparse distribution (and NLL of the labels) at every trainable position of
+        ``batch`` (row-major, i.e. sample after sample, packed rows included) and the number of those
+        positions per row."""
         hidden = self._hidden(model, batch)
         trainable = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
         positions = hidden[:, :-1][trainable]  # (N, H)
-        return self._sparse(model.get_output_embeddings(), positions), trainable.sum(dim=1)
+        labels = batch["labels"][:, 1:][trainable]  # (N,)
+        return self._sparse(model.get_output_embeddings(), positions, labels), trainable.sum(dim=1)
 
     @staticmethod
     def _hidden(model: nn.Module, batch: dict) -> Tensor:
@@ -256,18 +273,26 @@ class TeacherModule(L.LightningModule):
         ).last_hidden_state
 
     def _sparse(
-        self, head: nn.Module, positions: Tensor, merge: tuple[int, int, Tensor] | None = None
+        self,
+        head: nn.Module,
+        positions: Tensor,
+        labels: Tensor,
+        merge: tuple[int, int, Tensor] | None = None,
     ) -> SparseTargets:
-        """Sparse distributions of (N, H) hidden states, ``chunk_size`` rows of logits at a time;
-        ``merge`` = (source id, target id, (N,) bool rows) moves source's probability onto target first."""
+        """Sparse distributions of (N, H) hidden states and the NLL of the (N,) ``labels``, ``chunk_size``
+        rows of logits at a time; ``merge`` = (source id, target id, (N,) bool rows) moves source's
+        probability onto target first."""
 
         def part(i: int, n: int) -> tuple:
             logits = head(positions[i : i + n])[:, : self.vocab_size]
             if merge is not None:
                 logits = merge_token(logits, merge[0], merge[1], merge[2][i : i + n])
-            return sparse_distribution(
+            label_logits = logits.gather(1, labels[i : i + n, None]).squeeze(1).float()  # (n,)
+            # read before sparse_distribution takes float32 logits as its scratch buffer
+            columns = sparse_distribution(
                 logits, self.k, self.scheme, self.num_draws, self.temperature, scratch=True
             )
+            return (*columns, columns[2] - label_logits)  # -log softmax(logits)[label] = lse - logit
 
         parts = [part(i, self.chunk_size) for i in range(0, positions.shape[0], self.chunk_size)]
         if not parts:  # no trainable position in the batch
@@ -290,11 +315,15 @@ class TeacherModule(L.LightningModule):
             [torch.as_tensor(v.rows, dtype=torch.long) + int(s) for v, s in zip(views, starts, strict=True)]
         ).to(self.device)
         positions = self._hidden(model, batch)[:, :-1][trainable][select]
+        labels = batch["labels"][:, 1:][trainable][select]  # the student's tokens, but for the end-of-turn
         merge = None
         if index in self._eot:
             rows = torch.cat([torch.full((len(v.rows),), v.merge_eot) for v in views]).to(self.device)
             merge = (*self._eot[index], rows)
-        return self._sparse(model.get_output_embeddings(), positions, merge), [len(v.rows) for v in views]
+            source, target = self._eot[index]
+            labels = torch.where(rows & (labels == source), target, labels)  # the student's end-of-turn
+        head = model.get_output_embeddings()
+        return self._sparse(head, positions, labels, merge), [len(v.rows) for v in views]
 
     @property
     def collator(self) -> Collator:
@@ -307,7 +336,7 @@ class TeacherModule(L.LightningModule):
         if self.teachers[index].template is not None and index not in self._prepared:
             raise RuntimeError(
                 f"teacher {self.teachers[index].key} reads its own chat template: its samples must be "
-                "aligned first (distill.teacher.collect.plan_jobs(..., template=<the student's template>))"
+                "aligned first (TeacherModule.prepare_jobs(jobs, <the student's template>))"
             )
         model = self.teacher_model(index)
         if index in self.aligned:  # the teacher reads its own template; rows follow the student's positions
@@ -322,9 +351,12 @@ class TeacherModule(L.LightningModule):
         start = 0
         for sha, count, length in zip(batch["sha"], per_sample, lengths, strict=True):
             rows = slice(start, start + count)
-            ids, logits, lse, sample_ids, sample_counts = (
+            ids, logits, lse, sample_ids, sample_counts, nll = (
                 c[rows] if c is not None else None for c in columns
             )
-            outputs.append(SparseOutput(sha, int(length), ids, logits, lse, sample_ids, sample_counts))
+            total_nll = float(nll.double().sum())
+            outputs.append(
+                SparseOutput(sha, int(length), ids, logits, lse, total_nll, sample_ids, sample_counts)
+            )
             start += count
         return outputs

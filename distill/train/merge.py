@@ -6,7 +6,23 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from distill.train.model import load_causal_lm
+
+
+def load_adapter(adapter_dir: str | Path, base: str | None = None) -> torch.nn.Module:
+    """The peft model of ``adapter_dir`` on its base (``base`` or the adapter's ``base_model_name_or_path``).
+
+    The base is loaded as training loaded it (``load_causal_lm`` with the adapter's tokenizer), so tokens
+    added to the tokenizer get their embedding rows before the adapter's trained ones are put in.
+    """
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(adapter_dir, base))
+    return PeftModel.from_pretrained(load_causal_lm(base, None, tokenizer), adapter_dir)
 
 
 def merge_adapter(
@@ -17,18 +33,16 @@ def merge_adapter(
     Keeps the tokenizer, chat template and generation config. A tied input/output embedding whose two
     sides the adapter trained apart is untied, so neither side's weights are lost on save.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(base)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged = load_adapter(adapter_dir, base).merge_and_unload()
     inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
     if merged.config.tie_word_embeddings and not torch.equal(inputs.weight, outputs.weight):
         merged.config.tie_word_embeddings = False
     merged.save_pretrained(output_dir)
-    source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(base)
-    AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(_tokenizer_source(adapter_dir, base)).save_pretrained(output_dir)
     for extra in ("chat_template.jinja", "distill_config.yaml"):
         if (adapter_dir / extra).exists():
             (output_dir / extra).write_text((adapter_dir / extra).read_text())
@@ -37,6 +51,11 @@ def merge_adapter(
             GenerationConfig.from_pretrained(source_dir).save_pretrained(output_dir)
             break
     return merged
+
+
+def _tokenizer_source(adapter_dir: Path, base: str) -> str | Path:
+    """distill saves the tokenizer it trained with beside the adapter; otherwise the base's."""
+    return adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
 
 
 def main(argv: list[str]) -> None:

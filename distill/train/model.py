@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.teacher.identity import check_embedding_rows
 
 
 @dataclass
@@ -21,7 +24,8 @@ class LoraOptions:
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or ``all-linear`` for every linear layer but the output head."""
     modules_to_save: list[str] | None = None
-    """Modules trained in full and saved with the adapter (e.g. ``[embed_tokens, lm_head]``)."""
+    """Modules trained in full and saved with the adapter (e.g. ``[lm_head]``). The embedding and the head
+    are added by themselves when the tokenizer has tokens the saved model has no rows for."""
     extra: dict = field(default_factory=dict)
     """Any other ``peft.LoraConfig`` argument (e.g. ``use_rslora: true``)."""
 
@@ -31,8 +35,13 @@ def load_causal_lm(
     config: dict | None,
     tokenizer: PreTrainedTokenizerBase,
     dtype: str | None = None,
+    role: str = "student",
 ) -> PreTrainedModel:
-    """From a hub name or local path, or built from a config dict (random init, for tests and demos)."""
+    """From a hub name or local path, or built from a config dict (random init, for tests and demos).
+
+    ``role``: a ``student`` whose embedding lacks rows for the tokenizer's tokens is resized (logged);
+    any other (``teacher t1``, ``reference``) is an error, as its new rows would be random.
+    """
     torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else dtype
     if name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
@@ -45,22 +54,58 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=built_dtype)
     else:
         raise ValueError("set model.model (a name or path) or model.model_config (a config dict)")
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        if role != "student":
+            check_embedding_rows(rows, tokenizer, f"{name_or_path or 'model_config'}", role)
         # the tokenizer has tokens the model lacks (e.g. added chat markers): give them rows
         model.resize_token_embeddings(len(tokenizer))
+        rank_zero_info(
+            f"[distill] {role} {name_or_path or 'model_config'}: {len(tokenizer) - rows:,} embedding rows "
+            f"added for the tokenizer's {len(tokenizer):,} tokens ({rows:,} in the model; the new rows "
+            "start untrained)"
+        )
     return model
 
 
 def add_lora(model: PreTrainedModel, options: LoraOptions) -> torch.nn.Module:
+    """A peft LoRA adapter on ``model``.
+
+    Embedding rows the saved model lacks (tokens added to its tokenizer, resized in ``load_causal_lm``)
+    start untrained: the input embedding and the output head are then trained in full and saved with
+    the adapter (``modules_to_save``; tied to each other when the model ties them). peft's
+    ``trainable_token_indices`` would train only the new rows, but it needs FSDP's ``use_orig_params``,
+    which the LoRA wrap policy turns off, and covers an untied head only through tying.
+    """
     from peft import LoraConfig, get_peft_model
 
+    modules_to_save = list(options.modules_to_save or [])
+    extra = dict(options.extra)
+    if _has_rows_beyond_saved_vocabulary(model):
+        modules_to_save += [name for name in _embedding_names(model) if name not in modules_to_save]
+        extra.setdefault("ensure_weight_tying", bool(getattr(model.config, "tie_word_embeddings", False)))
     config = LoraConfig(
         r=options.r,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=options.target_modules,
-        modules_to_save=options.modules_to_save,
+        modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
-        **options.extra,
+        **extra,
     )
     return get_peft_model(model, config)
+
+
+def _has_rows_beyond_saved_vocabulary(model: PreTrainedModel) -> bool:
+    if not model.name_or_path:  # built from a config: no saved model to fall back on
+        return False
+    saved = AutoConfig.from_pretrained(model.name_or_path).get_text_config().vocab_size
+    return model.get_input_embeddings().num_embeddings > saved
+
+
+def _embedding_names(model: PreTrainedModel) -> list[str]:
+    """The names peft matches ``modules_to_save`` by (``embed_tokens``, ``lm_head``; ``wte`` in GPT-2)."""
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return [
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if any(module is x for x in layers)
+    ]

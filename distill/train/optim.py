@@ -1,10 +1,39 @@
-"""Optimizers with device-aware defaults, given to the module as ``OptimizerCallable`` class paths."""
+"""Optimizers with device-aware defaults (``OptimizerCallable`` class paths) and their weight decay groups."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+from torch import nn
+
+NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+
+
+def decays(module_name: str, module: nn.Module, param_name: str) -> bool:
+    """Whether weight decay applies to ``module``'s own parameter ``param_name``: not to biases, nor to
+    the weights of normalisation layers, told by their class (``LayerNorm``, ``LlamaRMSNorm``, ...) or,
+    where a wrapper hides the class, by their name (GPT-2's ``ln_1``/``ln_f``, ``input_layernorm``)."""
+    kind = type(module).__name__
+    norm = isinstance(module, NORMS) or kind.endswith("Norm") or "LayerNorm" in kind or "RMSNorm" in kind
+    if param_name == "bias" or norm:  # not "Norm" anywhere: Baichuan's NormHead is the output matrix
+        return False
+    last = module_name.rsplit(".", 1)[-1].lower()
+    return not ("norm" in last or last == "ln" or last.startswith("ln_"))
+
+
+def weight_decay_groups(model: nn.Module) -> list[dict]:
+    """The trainable parameters of ``model`` in a decayed group and a group with ``weight_decay`` 0 (empty
+    groups left out: DeepSpeed drops them, and a schedule made for two groups no longer fits)."""
+    decayed, kept, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # tied weights: once
+                continue
+            seen.add(id(param))
+            (decayed if decays(module_name, module, param_name) else kept).append(param)
+    groups = [{"params": decayed}, {"params": kept, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class AdamW(torch.optim.AdamW):

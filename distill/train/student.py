@@ -16,13 +16,22 @@ from distill.objectives.base import Objective, TokenLoss
 from distill.objectives.ce import CrossEntropy
 from distill.train.metrics import TokenMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
-from distill.train.optim import AdamW
+from distill.train.optim import AdamW, weight_decay_groups
 from distill.train.sharding import (
     flat_parameters,
     shard_adapter_apart,
     transformers_zero3,
     unpartitioned,
 )
+
+
+def token_mean_scale(tokens: Tensor, accumulate_grad_batches: int, world_size: int) -> Tensor:
+    """What turns a token-summed loss into the mean over ``tokens`` (all ranks' trainable tokens).
+
+    Lightning divides every micro-batch's loss by ``accumulate_grad_batches`` and the strategy averages
+    gradients over ``world_size`` ranks; the factor undoes both and divides by the tokens instead.
+    """
+    return accumulate_grad_batches * world_size / tokens.clamp(min=1.0)
 
 
 class StudentModule(L.LightningModule):
@@ -91,6 +100,9 @@ class StudentModule(L.LightningModule):
             shard_adapter_apart(strategy, model)
         self.model = model
         self.objective.setup(self)
+        # set up, the objective may report more (e.g. one teacher CE per teacher of the data module)
+        self.train_metrics = TokenMetrics(self.objective.metric_names)
+        self.val_metrics = TokenMetrics(self.objective.metric_names)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -121,13 +133,12 @@ class StudentModule(L.LightningModule):
         values = self.train_metrics(out.loss_sum, out.correct, out.num_tokens, **out.sums)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, prog_bar=True, batch_size=1)
         if self._gradients_hidden:
-            # DeepSpeed averages the gradients over ranks and micro-batches itself: make each
-            # micro-batch's loss the mean over its trainable tokens on all ranks
-            tokens = torch.tensor(float(out.num_tokens), device=out.loss_sum.device)
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-            return out.loss_sum * self.trainer.world_size / tokens.clamp(min=1.0)
+            # DeepSpeed's gradients are out of reach: each micro-batch's loss becomes the mean over its
+            # tokens on all ranks. DeepSpeed divides it by the micro-batches once more (engine.backward
+            # with scale_wrt_gas), which then makes the step's gradient the mean of those means.
+            return out.loss_sum * self._token_mean_scale(out.num_tokens, out.loss_sum.device)
         self._step_tokens += out.num_tokens
-        # a token sum: on_before_optimizer_step divides the gradients by the step's trainable tokens
+        # a token sum: on_before_optimizer_step scales the gradients by the step's trainable tokens
         return out.loss_sum
 
     @property
@@ -136,24 +147,21 @@ class StudentModule(L.LightningModule):
         return isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the gradient the mean over every trainable token of the optimizer step.
-
-        Lightning divided each micro-batch loss by ``accumulate_grad_batches`` and DDP averaged over
-        ranks; undo both and divide by the token count summed over micro-batches and ranks, so a long
-        and a short micro-batch weigh by their tokens (per-micro-batch means do not: TRL #6006).
-        Under DeepSpeed the loss is normalised in ``training_step`` instead: there each micro-batch
-        weighs the same.
-        """
+        """Make the gradient the mean over every trainable token of the optimizer step, so a long and a
+        short micro-batch weigh by their tokens (per-micro-batch means do not: TRL #6006)."""
         if self._gradients_hidden:
             return
-        tokens = torch.tensor(float(self._step_tokens), device=self.device)
-        tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        scale = self._token_mean_scale(self._step_tokens, self.device)
         self._step_tokens = 0
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1.0)
         # the wrapped model's parameters: FSDP's flat ones hold the gradients when they replace the originals
         for param in self.trainer.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale.to(param.grad.dtype))
+
+    def _token_mean_scale(self, tokens: int, device: torch.device) -> Tensor:
+        """``token_mean_scale`` of ``tokens`` summed over the ranks, for this trainer."""
+        total = self.trainer.strategy.reduce(torch.tensor(float(tokens), device=device), reduce_op="sum")
+        return token_mean_scale(total, self.trainer.accumulate_grad_batches, self.trainer.world_size)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.compute_loss(batch)
@@ -190,16 +198,9 @@ class StudentModule(L.LightningModule):
         if flat_parameters(self.trainer.strategy):  # FSDP units of LoRA matrices: all decayed alike
             params = [p for p in self.trainer.model.parameters() if p.requires_grad]
             return self._with_schedule(self.optimizer_factory(params))
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        # biases and norms are not decayed; told apart by name, since sharding (FSDP, ZeRO-3) flattens
-        # parameters and their shapes no longer say which is which
-        kept = [name.endswith("bias") or "norm" in name.lower() for name, _ in named]
-        decay = [p for (_, p), no in zip(named, kept, strict=True) if not no]
-        no_decay = [p for (_, p), no in zip(named, kept, strict=True) if no]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # no empty group (LoRA trains matrices only): DeepSpeed drops it and the LR schedule, made for
-        # two groups, then no longer fits the optimizer's one
-        return self._with_schedule(self.optimizer_factory([group for group in groups if group["params"]]))
+        # biases and norms are not decayed, told by module rather than by shape: sharding (FSDP, ZeRO-3)
+        # flattens parameters, so their shapes no longer say which is which
+        return self._with_schedule(self.optimizer_factory(weight_decay_groups(self)))
 
     def _with_schedule(self, optimizer: torch.optim.Optimizer) -> dict:
         scheduler = get_scheduler(

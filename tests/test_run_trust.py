@@ -1,0 +1,227 @@
+"""A run that can be trusted: pre-emption saves and says so, DeepSpeed's accumulated gradient is the token
+mean, norms and biases are never decayed, and a bad config value is one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import nn
+
+from distill.cli import main
+from distill.train.optim import AdamW
+from distill.train.student import StudentModule
+from tests.helpers import (
+    TINY_LLAMA,
+    TOKENIZER_DIR,
+    check_stopped_fit_resumes,
+    clean_env,
+    conversation,
+    kd_config,
+    losses,
+    run,
+    with_last_checkpoint,
+    write_config,
+    write_jsonl,
+)
+
+# ---- item 3: SIGTERM / SIGUSR1 ----------------------------------------------------------------------
+
+
+def checkpointing_rarely(config: dict, directory: Path) -> Path:
+    """``config`` with a ModelCheckpoint that saves ``directory/checkpoints/last.ckpt`` only every 100
+    steps (any checkpoint of a 10-step run is the pre-emption's), written to ``directory/run.yaml``."""
+    config["trainer"]["enable_checkpointing"] = True
+    path = with_last_checkpoint(config, directory)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def preemptible_config(directory: Path, **trainer: object) -> Path:
+    """The SFT test run, checkpointing rarely."""
+    directory.mkdir()
+    train = write_jsonl(directory / "train.jsonl", [conversation(i, turns=1 + i % 3) for i in range(16)])
+    config = yaml.safe_load(write_config(directory, train, val_fraction=0.0, max_seq_length=96).read_text())
+    config["trainer"].update(trainer)
+    return checkpointing_rarely(config, directory)
+
+
+def test_sigterm_saves_last_checkpoint_exits_143_and_resumes_exactly(tmp_path):
+    """SIGTERM while step 5 trains: the fit finishes that step, saves last.ckpt at step 6 and exits 143;
+    ``--ckpt_path last`` then logs steps 6-9 with the losses of an uninterrupted 10-step run."""
+    steps = ["--trainer.max_steps", "10", "--trainer.enable_checkpointing", "true"]
+    term = {"class_path": "tests.probes.TermAt", "init_args": {"step": 5}}
+    stopped = check_stopped_fit_resumes(
+        tmp_path, lambda name: preemptible_config(tmp_path / name), steps, term, returncode=143
+    )
+    assert "SIGTERM at step 6" in stopped.stderr and "resume with --ckpt_path last" in stopped.stderr
+    (stopped_log,) = (tmp_path / "resumed").rglob("version_0")
+    assert sorted(losses(stopped_log)) == list(range(6))  # it stopped after the step in flight
+
+
+def test_sigusr1_amid_accumulation_saves_at_the_step_boundary_and_exports_nothing(tmp_path):
+    """SLURM's ``--signal=USR1@90``: sent at the first of two micro-batches of step 2, the fit completes
+    the optimizer step (a checkpoint amid accumulation would drop the gradients), saves it at step 3,
+    exits 128 + 10, and writes no Hugging Face export of the unfinished model."""
+    config = preemptible_config(tmp_path / "run", accumulate_grad_batches=2)
+    term = {"class_path": "tests.probes.TermAt", "init_args": {"step": 2, "signal_name": "SIGUSR1"}}
+    export = {"class_path": "distill.callbacks.HFExport", "init_args": {"dirpath": str(tmp_path / "hf")}}
+    args = ["fit", "--config", str(config), "--trainer.max_steps", "10", "--trainer.callbacks+"]
+
+    # a handler of the test's own, so that a fit which ignores the signal fails this test, not pytest
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main([*args, json.dumps(export), "--trainer.callbacks+", json.dumps(term)])
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]  # after the fit, the signal goes where it went before
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert stop.value.code == 138
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert not (tmp_path / "hf").exists()
+
+
+def test_sigterm_to_one_ddp_rank_stops_every_rank_after_one_collective_save(tmp_path):
+    """A checkpoint of a sharded model is a collective: a signal that reaches rank 0 alone (a local
+    ``kill``) must make both ranks save the same step and exit, not leave rank 1 waiting."""
+    config = preemptible_config(tmp_path / "run")
+    term = {"class_path": "tests.probes.TermAt", "init_args": {"step": 3, "rank": 0}}
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    args = ["fit", "--config", str(config), "--trainer.max_steps", "10", *ddp]
+    stopped = run([*args, "--trainer.callbacks+", json.dumps(term)], clean_env(), check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+
+
+def test_sigterm_to_every_process_of_a_kd_fit_with_workers_still_saves(tmp_path, kd_teacher_dir):
+    """SLURM signals every process of the job, the DataLoader workers too: PyTorch's worker handler dies
+    of a SIGTERM, and the main process then fails with "DataLoader worker ... is killed" (exit 1, no
+    checkpoint) unless the workers leave the signal to it."""
+    config = yaml.safe_load(kd_config(tmp_path, kd_teacher_dir, num_workers=1).read_text())
+    path = checkpointing_rarely(config, tmp_path)
+    term = {"class_path": "tests.probes.TermAt", "init_args": {"step": 3, "children": True}}
+    args = ["fit", "--config", str(path), "--trainer.max_steps", "10", "--trainer.callbacks+"]
+    stopped = run([*args, json.dumps(term)], clean_env(), check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+
+
+def test_sigterm_before_training_exits_143_not_0(tmp_path, chat_file):
+    """Outside the training steps Lightning's own SIGTERM stop applies (nothing trained to save): it
+    raises a SystemExit without a code, which a scheduler would read as success."""
+    probe = json.dumps({"class_path": "tests.probes.TermInSanityCheck"})
+    config = write_config(tmp_path, chat_file)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--trainer.callbacks+", probe])
+    assert stop.value.code == 143
+
+
+# ---- item 9: DeepSpeed and gradient accumulation ----------------------------------------------------
+
+
+def test_deepspeed_accumulated_loss_is_the_token_mean(monkeypatch):
+    """Lightning divides the returned loss by ``accumulate_grad_batches`` (A), and DeepSpeed's
+    ``engine.backward`` divides it by A again (``scale_wrt_gas``); over A micro-batches the loss that is
+    backpropagated must still be the mean over trainable tokens, not 1/A of it."""
+    accumulate = 4
+    torch.manual_seed(0)
+    module = StudentModule(model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR))
+    module.configure_model()
+    module._trainer = SimpleNamespace(
+        strategy=DeepSpeedStrategy(stage=2), accumulate_grad_batches=accumulate, world_size=1
+    )
+    monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+    returned = module.training_step(batch, 0)
+    backpropagated = sum(returned / accumulate / accumulate for _ in range(accumulate))
+    out = module.compute_loss(batch)
+    assert torch.allclose(backpropagated, out.loss_sum / out.num_tokens, rtol=1e-5)
+
+
+# ---- item 12: weight decay ---------------------------------------------------------------------------
+
+TINY_CONFIGS = {
+    "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64},
+    "bloom": {"n_layer": 2, "hidden_size": 32, "n_head": 4},
+    "falcon": {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "new_decoder_architecture": True,
+        "num_kv_heads": 2,
+        "bias": True,
+    },
+    "llama": {k: v for k, v in TINY_LLAMA.items() if k != "model_type"},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_norms_and_biases_are_not_decayed_and_matrices_are(model_type):
+    torch.manual_seed(0)
+    config = {"model_type": model_type, **TINY_CONFIGS[model_type]}
+    module = StudentModule(
+        model_config=config,
+        tokenizer=str(TOKENIZER_DIR),
+        optimizer=lambda params: AdamW(params, weight_decay=0.1),
+    )
+    module.configure_model()
+    module._trainer = SimpleNamespace(strategy=None, estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    norms = {
+        f"{name}.{param_name}"
+        for name, sub in module.named_modules()
+        if isinstance(sub, nn.LayerNorm) or "RMSNorm" in type(sub).__name__
+        for param_name, _ in sub.named_parameters(recurse=False)
+    }
+    assert norms  # the test sees the model's norms
+    for name, param in module.named_parameters():
+        if name in norms or name.endswith("bias"):
+            assert decay_of[id(param)] == 0.0, name
+        else:
+            assert param.ndim == 2 and decay_of[id(param)] == 0.1, name
+
+
+# ---- item 16: config errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "wanted"),
+    [
+        ("--model.init_args.objective.init_args.loss", "nonsense", ["'nonsense'", "forward_kl", "jsd"]),
+        ("--model.init_args.objective.init_args.alpha", "1.5", ["alpha", "[0, 1]", "1.5"]),
+        ("--data.init_args.cache_size_gb", "-1", ["cache_size_gb", "-1", "null"]),
+    ],
+    ids=["loss", "alpha", "cache_size_gb"],
+)
+def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir, capfd, flag, value, wanted):
+    config = kd_config(tmp_path, kd_teacher_dir)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), flag, value])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    # what precedes it are the one-line notes of seeding; then our message, alone, and nothing after it
+    (error,) = [line for line in lines if not line.startswith("Seed set to")]
+    assert error == lines[-1] and error.startswith("error: ")
+    assert all(word in error for word in wanted), error
+    assert "Traceback" not in err and "Union subtypes" not in err
+    assert not (tmp_path / "cache").exists()  # nothing was collected
