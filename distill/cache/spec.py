@@ -90,10 +90,6 @@ class CacheSpec:
                 diffs.append(f"teachers[{t['name']}]: cache has {t}, config asks for {wanted[t['name']]}")
         return diffs
 
-    def check_compatible(self, cached: CacheSpec) -> None:
-        """Raise StaleCacheError naming every differing field: a cache is never reused silently."""
-        raise_stale(self.differences(cached))
-
 
 def raise_stale(diffs: Sequence[str]) -> None:
     if diffs:
