@@ -285,6 +285,20 @@ def test_many_small_commits_are_merged_by_sync_with_identical_contents(tmp_path,
     assert_same_contents(CacheReader(cache.path), shas)
 
 
+def test_a_merge_past_the_threshold_writes_bounded_segments_and_leaves_merged_ones_alone(tmp_path):
+    shas = keys(40)
+    cache = open_cache(tmp_path / "c", spec())
+    fill(cache, shas, commit_every=1)
+    size = max(p.stat().st_size for p in segments(cache.path))
+    limit = 8 * size  # about 8 small segments per merged one: the spare disk a merge needs stays small
+    assert cache.tidy(max_segments=32, merged_bytes=limit) == 40
+    merged = segments(cache.path)
+    assert 4 <= len(merged) <= 6 and all(p.stat().st_size <= 1.5 * limit for p in merged), merged
+    assert_same_contents(CacheReader(cache.path), shas)
+    assert cache.tidy(max_segments=len(merged) - 1, merged_bytes=limit) == 0  # none is small any more
+    assert segments(cache.path) == merged
+
+
 def test_a_reader_keeps_at_most_max_open_files_open(tmp_path, monkeypatch):
     shas = keys(12)
     cache = open_cache(tmp_path / "c", spec())

@@ -17,6 +17,8 @@ from distill.cache.reader import named_corruption, sha_keys
 from distill.cache.segment import Segment, open_segment, scan_segments
 from distill.cache.spec import spec_from_attrs
 
+MERGED_PREFIX = "c"  # names of segments a compaction wrote (writers use r<rank>)
+
 
 def compact_segments(directory: Path, segments: list[Path], drop: np.ndarray) -> Path:
     """Rewrite ``segments`` without the ``drop`` SHAs and duplicates into one new segment that names
@@ -43,7 +45,7 @@ def compact_segments(directory: Path, segments: list[Path], drop: np.ndarray) ->
                 sizes[name] = sizes.get(name, 0) + np.array(kept, dtype=np.int64)
     with open_segment(segments[0]) as f:
         spec = dataclasses.replace(spec_from_attrs(f), teachers=[])
-    out = Segment(directory, "c", spec, replaces)
+    out = Segment(directory, MERGED_PREFIX, spec, replaces)
     groups = {name: out.group(identities[name], *map(int, sizes[name])) for name in sizes}
     for p, name, keep in plan:
         with open_segment(p) as f, named_corruption(p, name):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.cache.compaction import compact_segments, delete_superseded
+from distill.cache.compaction import MERGED_PREFIX, compact_segments, delete_superseded
 from distill.cache.lock import LOCK_FILES, CacheLockedError, nobody_reads
 from distill.cache.reader import CacheReader, named_corruption, sha_keys
 from distill.cache.segment import CacheWriter, atomic_write_text, open_segment, scan_segments
@@ -20,7 +20,7 @@ from distill.cache.spec import SPEC_FILE, CacheSpec, raise_stale, spec_from_attr
 from distill.cache.stats import cache_stats
 
 MAX_SEGMENTS = 32  # a sync merges past this many live segments: each reader opens every one
-LARGE_SEGMENT_BYTES = 1 << 30  # segments this big are left alone by that merge
+MERGED_SEGMENT_BYTES = 1 << 30  # merges write segments of about this size: the spare disk a merge needs
 
 
 @dataclass
@@ -108,20 +108,28 @@ class TeacherCache:
         if len(live) > 1:
             compact_segments(self.path, live, sha_keys([]))
 
-    def tidy(self, max_segments: int = MAX_SEGMENTS) -> int:
+    def tidy(self, max_segments: int = MAX_SEGMENTS, merged_bytes: int = MERGED_SEGMENT_BYTES) -> int:
         """Merge the segments holding a sample twice (two runs collected it), and, past
-        ``max_segments`` live segments, the small ones (big ones are not rewritten again and again);
+        ``max_segments`` live segments, the writers' segments into ones of about ``merged_bytes`` (a
+        merge needs about that much spare disk; a merged segment is never rewritten by this again);
         returns how many segments were merged. Under the writer lock, as every sync is."""
         live, _ = scan_segments(self.path)
         duplicated = segments_with_duplicates(live)
-        merge = set(duplicated)
+        if duplicated:
+            compact_segments(self.path, duplicated, sha_keys([]))
+            live, _ = scan_segments(self.path)
+        merged = len(duplicated)
         if len(live) > max_segments:
-            merge |= {p for p in live if p.stat().st_size < LARGE_SEGMENT_BYTES}
-        if len(merge) > 1 or duplicated:
-            compact_segments(self.path, sorted(merge), sha_keys([]))
-            return len(merge)
+            small = [p for p in live if not p.name.startswith(MERGED_PREFIX + "-")]
+            # writers' segments (merged ones are left alone) in consecutive runs of about merged_bytes
+            group_of = np.cumsum([p.stat().st_size for p in small]) // merged_bytes
+            for g in np.unique(group_of):
+                group = [p for p, of in zip(small, group_of, strict=True) if of == g]
+                if len(group) > 1:
+                    compact_segments(self.path, group, sha_keys([]))
+                    merged += len(group)
         delete_superseded(self.path)
-        return 0
+        return merged
 
     def clear(self) -> None:
         """Delete every segment (the spec stays): chunked KD purges a trained chunk this way."""
