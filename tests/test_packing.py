@@ -1,10 +1,12 @@
 """Packing several samples into one row must not change any per-token loss."""
 
+import random
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.data.batching import Collator, pack
+from distill.data.batching import Collator, best_fit_decreasing, pack
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from tests.helpers import TINY_LLAMA
 
@@ -18,10 +20,38 @@ def per_token_loss(model, batch) -> torch.Tensor:
     return loss[labels != IGNORE_INDEX]
 
 
-def test_pack_first_fit():
-    samples = [Encoded([1] * n, [1] * n, str(n), "") for n in (5, 4, 3, 2)]
+def naive_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The reference packer: each item into the first row it fits."""
+    rows: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        row = next((r for r in rows if sum(lengths[j] for j in r) + n <= capacity), None)
+        if row is None:
+            rows.append([i])
+        else:
+            row.append(i)
+    return rows
+
+
+def test_pack_fills_the_best_row_longest_first():
+    samples = [Encoded([1] * n, [1] * n, str(n), "") for n in (2, 5, 3, 4)]
     rows = pack(samples, max_length=7)
     assert [[len(s.input_ids) for s in row] for row in rows] == [[5, 2], [4, 3]]
+    # 6 goes where it fits best (free 6 after the 4), not into the first row with room (free 7)
+    assert best_fit_decreasing([8, 4, 6], 10) == [[0], [2, 1]]
+
+
+def test_best_fit_decreasing_covers_every_item_once_within_capacity_and_is_no_less_dense():
+    rng = random.Random(0)
+    for trial in range(20):
+        capacity = rng.choice([16, 64, 512])
+        lengths = [rng.randint(1, capacity) for _ in range(rng.randint(1, 300))]
+        lengths.append(capacity + 5)  # too long: a row of its own
+        rows = best_fit_decreasing(lengths, capacity)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in row) <= capacity for row in rows if len(row) > 1)
+        assert [len(lengths) - 1] in rows
+        assert len(rows) <= len(naive_first_fit(lengths, capacity)), trial
+        assert rows == best_fit_decreasing(lengths, capacity)  # a function of the lengths alone
 
 
 def test_packed_batch_gives_the_same_per_token_loss_as_unpacked():
@@ -36,8 +66,9 @@ def test_packed_batch_gives_the_same_per_token_loss_as_unpacked():
     for attention in ("sdpa", "eager"):
         config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=256, attn_implementation=attention)
         model = AutoModelForCausalLM.from_config(config).eval()
-        unpacked = collate(samples)
-        packed = collate(pack(samples, max_length=32))
+        rows = pack(samples, max_length=32)
+        unpacked = collate([s for row in rows for s in row])  # the same samples in the packed order
+        packed = collate(rows)
         assert packed["input_ids"].shape[0] < len(samples)
         assert "attention_mask" not in packed
         with torch.no_grad():

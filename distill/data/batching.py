@@ -3,6 +3,7 @@ validation batches sharded over ranks without repeating a sample."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -14,21 +15,40 @@ from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.resume import yields
 
 
-def pack(samples: Sequence[Encoded], max_length: int) -> list[list[Encoded]]:
-    """Greedy first-fit in the given order: each row holds samples whose lengths sum to <= max_length."""
-    rows: list[list[Encoded]] = []
-    row_lengths: list[int] = []
-    for sample in samples:
-        size = len(sample.input_ids)
-        for index, used in enumerate(row_lengths):
-            if used + size <= max_length:
-                rows[index].append(sample)
-                row_lengths[index] += size
-                break
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into rows of at most ``capacity`` (a longer item gets a row of its
+    own): longest first, each into the row it fills best. O(n log n): rows are kept in buckets by their
+    free space, and a sorted list of the non-empty free-space values finds the best row by bisection.
+    Ties keep the given order, so the result is a function of the lengths and their order alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    by_free: dict[int, list[int]] = {}  # free space -> rows with exactly that much free, newest last
+    free_values: list[int] = []  # sorted non-empty keys of by_free
+    for i in order:
+        size = lengths[i]
+        at = bisect.bisect_left(free_values, size)
+        if at < len(free_values):  # the row whose free space is the smallest that still fits
+            free = free_values[at]
+            row = by_free[free].pop()
+            if not by_free[free]:
+                del by_free[free], free_values[at]
         else:
-            rows.append([sample])
-            row_lengths.append(size)
+            free, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        left = max(free - size, 0)
+        if left:
+            if left not in by_free:
+                by_free[left] = []
+                bisect.insort(free_values, left)
+            by_free[left].append(row)
     return rows
+
+
+def pack(samples: Sequence[Encoded], max_length: int) -> list[list[Encoded]]:
+    """Rows of samples whose lengths sum to at most ``max_length`` (``best_fit_decreasing``)."""
+    rows = best_fit_decreasing([len(s.input_ids) for s in samples], max_length)
+    return [[samples[i] for i in row] for row in rows]
 
 
 class Collator:

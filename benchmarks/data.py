@@ -1,0 +1,102 @@
+"""Data path at real scale, part one: packing.
+
+Sample lengths are drawn (with replacement, seeded) from the bundled chat conversations' token lengths,
+encoded with the bundled tokenizer and chatml, then packed into rows of ``--max-length`` tokens by the
+old first-fit packer (quadratic: measured up to 32,000 samples) and by ``best_fit_decreasing`` (the
+packer now used, up to 1,000,000), timed in one run. The growth exponent is the slope of log(seconds)
+over log(samples) between the smallest and largest size; the fill ratio is tokens / (rows x max length).
+
+    python benchmarks/data.py [--max-length 1024] [--sizes 1000 8000 32000 1000000]
+
+Last line: one JSON object with pack_seconds_1m, pack_growth_exponent, pack_growth_exponent_old,
+fill_ratio_old, fill_ratio_new (at the largest size both packers ran) and the per-size figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+
+from _common import DATA, TOKENIZER, result
+from transformers import AutoTokenizer
+
+from distill.data.batching import best_fit_decreasing
+from distill.data.encoding import encode_all
+from distill.data.formats import read_records
+from distill.data.templates import resolve_template
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The packer this repository used before: each sample into the first row it fits, O(n x rows)."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        for r, u in enumerate(used):
+            if u + n <= capacity:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return rows
+
+
+def timed(packer, lengths: list[int], capacity: int) -> tuple[float, float]:
+    """(seconds, fill ratio) of one packing."""
+    start = time.perf_counter()
+    rows = packer(lengths, capacity)
+    seconds = time.perf_counter() - start
+    return seconds, sum(lengths) / (len(rows) * capacity)
+
+
+def growth(figures: dict[int, float]) -> float:
+    (n0, t0), (n1, t1) = min(figures.items()), max(figures.items())
+    return math.log(t1 / t0) / math.log(n1 / n0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 8000, 32000, 1_000_000])
+    parser.add_argument("--old-up-to", type=int, default=32000, help="largest size for the quadratic packer")
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    records = read_records([DATA / "chat_train.jsonl"])
+    samples, _ = encode_all(records, tokenizer, resolve_template(tokenizer, "chatml"), args.max_length)
+    pool = [len(s.input_ids) for s in samples]
+    rng = random.Random(0)
+    new: dict[int, tuple[float, float]] = {}
+    old: dict[int, tuple[float, float]] = {}
+    for n in args.sizes:
+        lengths = rng.choices(pool, k=n)
+        new[n] = timed(best_fit_decreasing, lengths, args.max_length)
+        if n <= args.old_up_to:
+            old[n] = timed(first_fit, lengths, args.max_length)
+        line = f"{n:>9,} samples: best-fit decreasing {new[n][0]:.3f} s, fill {new[n][1]:.4f}"
+        if n in old:
+            line += f"; first-fit {old[n][0]:.3f} s, fill {old[n][1]:.4f}"
+        print(line, flush=True)
+    both = max(old)
+    result(
+        {
+            "pack_seconds_1m": new[1_000_000][0] if 1_000_000 in new else None,
+            "pack_growth_exponent": round(growth({n: t for n, (t, _) in new.items()}), 3),
+            "pack_growth_exponent_old": round(growth({n: t for n, (t, _) in old.items()}), 3),
+            "fill_ratio_old": round(old[both][1], 4),
+            "fill_ratio_new": round(new[both][1], 4),
+            "fill_compared_at": both,
+            "max_length": args.max_length,
+            "pack_seconds_new": {n: round(t, 4) for n, (t, _) in new.items()},
+            "pack_seconds_old": {n: round(t, 4) for n, (t, _) in old.items()},
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
