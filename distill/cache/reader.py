@@ -160,13 +160,8 @@ class CacheReader:
     def nll(self, shas: Sequence[str], teacher: str | None = None) -> np.ndarray:
         """Per sample, the teacher's NLL of its actual next tokens summed over its positions (NaN where
         the segment predates the field)."""
-        ix = self.load_index()[self._one(teacher)]
-        rows, found = ix.find(sha_keys(shas))
-        if not found.all():
-            raise KeyError(
-                f"{int((~found).sum())} samples not in the cache, e.g. {shas[int(np.argmin(found))]}"
-            )
-        return ix.nll[rows]
+        name = self._one(teacher)
+        return self.load_index()[name].nll[self._stored_rows(name, shas)]
 
     def read(self, shas: Sequence[str], teacher: str | None = None) -> list[SparseTargets]:
         """Several samples at once (one read per segment where they lie close together)."""
@@ -188,14 +183,19 @@ class CacheReader:
             raise ValueError(f"the cache has teachers {names}: say which one to read")
         return names[0]
 
-    def _read(self, name: str, shas: Sequence[str]) -> list[SparseTargets]:
-        ix = self.load_index()[name]
-        rows, found = ix.find(sha_keys(shas))
+    def _stored_rows(self, name: str, shas: Sequence[str]) -> np.ndarray:
+        """Rows of ``shas`` in teacher ``name``'s index; KeyError naming one that is not stored."""
+        rows, found = self.load_index()[name].find(sha_keys(shas))
         if not found.all():
             raise KeyError(
                 f"{int((~found).sum())} samples not in the cache for teacher {name!r}, "
                 f"e.g. {shas[int(np.argmin(found))]}"
             )
+        return rows
+
+    def _read(self, name: str, shas: Sequence[str]) -> list[SparseTargets]:
+        ix = self.load_index()[name]
+        rows = self._stored_rows(name, shas)
         out: list[SparseTargets | None] = [None] * len(rows)
         for seg in np.unique(ix.seg[rows]):
             sel = np.flatnonzero(ix.seg[rows] == seg)

@@ -78,6 +78,14 @@ class KDCollator:
         return batch
 
 
+def teacher_reads(
+    reader: CacheReader, shas: list[str], teachers: list[str]
+) -> tuple[list[list[SparseTargets]], dict[str, float]]:
+    """Each teacher's targets of the samples ``shas`` and its NLL of their labels summed over them."""
+    targets = [reader.read(shas, name) for name in teachers]
+    return targets, {name: float(reader.nll(shas, name).sum()) for name in teachers}
+
+
 def fill_chunks(order: Sequence[int], sizes: Sequence[float], limit: float) -> list[list[int]]:
     """``order`` cut into consecutive chunks whose ``sizes`` sum to at most ``limit`` (an item larger than
     that is a chunk of its own)."""
@@ -135,9 +143,7 @@ class TargetStream(IterableDataset):
                 for rows in batches:
                     if yields(index, self.skip):
                         shas = [s.sha for row in rows for s in row]
-                        targets = [reader.read(shas, name) for name in data.teacher_names]
-                        nll = {name: float(reader.nll(shas, name).sum()) for name in data.teacher_names}
-                        yield data.kd_collator(rows, targets, nll)
+                        yield data.kd_collator(rows, *teacher_reads(reader, shas, data.teacher_names))
                     index += 1
             finally:  # also when the loop stops mid-chunk and closes the stream
                 data.finish_chunk(reader)
@@ -158,5 +164,4 @@ class TargetedSamples(Dataset):
     def __getitem__(self, index: int) -> tuple[list[Encoded], list[list[SparseTargets]], dict[str, float]]:
         row = self.rows[index] if isinstance(self.rows[index], list) else [self.rows[index]]
         shas = [s.sha for s in row]
-        nll = {name: float(self.reader.nll(shas, name).sum()) for name in self.teacher_names}
-        return row, [self.reader.read(shas, name) for name in self.teacher_names], nll
+        return row, *teacher_reads(self.reader, shas, self.teacher_names)
