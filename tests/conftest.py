@@ -15,6 +15,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenized_cache(tmp_path_factory) -> Path:
+    """One tokenized-data cache for the session (subprocesses inherit it), never the user's own."""
+    path = tmp_path_factory.mktemp("tokenized")
+    os.environ["DISTILL_DATA_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -45,10 +46,35 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return rows
 
 
-def pack(samples: Sequence[Encoded], max_length: int) -> list[list[Encoded]]:
-    """Rows of samples whose lengths sum to at most ``max_length`` (``best_fit_decreasing``)."""
-    rows = best_fit_decreasing([len(s.input_ids) for s in samples], max_length)
-    return [[samples[i] for i in row] for row in rows]
+def sample_lengths(samples: Sequence[Encoded]) -> list[int]:
+    """Token counts; memory-mapped samples (``TokenizedSamples``) give them from their index alone."""
+    lengths = getattr(samples, "lengths", None)
+    return lengths.tolist() if lengths is not None else [len(s.input_ids) for s in samples]
+
+
+class PackedRows(Sequence[list[Encoded]]):
+    """Rows of samples held as index lists: a row's samples are read only when the row is."""
+
+    def __init__(self, samples: Sequence[Encoded], rows: list[list[int]]) -> None:
+        self.samples = samples
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> list[Encoded]:
+        return [self.samples[i] for i in self.rows[index]]
+
+
+def pack(samples: Sequence[Encoded], max_length: int, seed: int | None = None) -> PackedRows:
+    """Rows of samples whose lengths sum to at most ``max_length`` (``best_fit_decreasing`` over the
+    samples in an order shuffled from ``seed``, which decides among rows of equal length)."""
+    lengths = sample_lengths(samples)
+    order = list(range(len(lengths)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    rows = best_fit_decreasing([lengths[i] for i in order], max_length)
+    return PackedRows(samples, [[order[i] for i in row] for row in rows])
 
 
 class Collator:

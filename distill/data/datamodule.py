@@ -1,8 +1,12 @@
-"""LightningDataModule: JSON/JSONL files -> encoded samples -> (packed) batches."""
+"""LightningDataModule: JSON/JSONL files -> encoded samples (tokenized once, then memory-mapped from
+the tokenized-data cache) -> (packed) batches."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -11,10 +15,30 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.data.batching import Collator, EvalBatches, pack
-from distill.data.encoding import Encoded, EncodingStats, NoTrainableTokensError, Truncation, encode_all
-from distill.data.formats import Format, Record, read_records
+from distill.data.chunks import encode_chunks
+from distill.data.encoding import (
+    Encoded,
+    EncodingStats,
+    NoTrainableTokensError,
+    Truncation,
+    check_some_trainable,
+)
+from distill.data.formats import Format, Record, find_files, read_records
 from distill.data.resume import ResumableLoader, ShuffledBatches, leave_sigterm_to_main
-from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
+from distill.data.templates import (
+    ChatTemplate,
+    TemplateError,
+    check_stops_on_end_of_turn,
+    resolve_template,
+)
+from distill.data.tokenized import (
+    TokenizedEntry,
+    TokenizedSamples,
+    default_root,
+    file_digest,
+    tokenizer_fingerprint,
+)
+from distill.progress import Progress
 
 
 class DataModule(L.LightningDataModule):
@@ -39,6 +63,8 @@ class DataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 42,
+        num_proc: int = 1,
+        tokenized_cache: str | None = None,
     ) -> None:
         """
         Args:
@@ -63,6 +89,10 @@ class DataModule(L.LightningDataModule):
             max_train_samples: Use at most this many training records (quick checks).
             max_eval_samples: Use at most this many validation records.
             seed: Seed of the validation split, the packing and each epoch's order of training rows.
+            num_proc: Processes that encode the records (once: the result goes to the tokenized cache).
+            tokenized_cache: Directory of the tokenized-data cache (default ``$DISTILL_DATA_CACHE``, else
+                ``~/.cache/distill/tokenized``): a rerun with the same files, tokenizer, template and
+                encoding options maps the samples from there instead of encoding them again.
         """
         super().__init__()
         # the tokenizer is linked from the model's (which may leave it unset): logged there once
@@ -86,8 +116,10 @@ class DataModule(L.LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
         self.seed = seed
-        self.train: list[Encoded] = []
-        self.val: list[Encoded] = []
+        self.num_proc = num_proc
+        self.tokenized_cache = Path(tokenized_cache) if tokenized_cache else default_root()
+        self.train: Sequence[Encoded] = []
+        self.val: Sequence[Encoded] = []
         self.stats: dict[str, float] = {}
         self.stop_token_ids: list[int] = []
         self._predict_jobs: list[list[Encoded]] | None = None  # see predict_only
@@ -120,38 +152,129 @@ class DataModule(L.LightningDataModule):
 
     def template_for(self, records: list[Record]) -> ChatTemplate | None:
         """The chat template, resolved and checked once: only needed when some record is a conversation."""
-        if self.chat_template is None and any(r.messages is not None for r in records):
+        if any(r.messages is not None for r in records):
+            self.resolve_chat_template()
+        return self.chat_template
+
+    def resolve_chat_template(self) -> ChatTemplate:
+        if self.chat_template is None:
             self.chat_template = resolve_template(self.tokenizer, self.template_name, self.end_of_turn)
             self.stop_token_ids = check_stops_on_end_of_turn(
                 self.tokenizer, self.chat_template, self.stop_tokens, self.add_eot_to_stop_tokens
             )
         return self.chat_template
 
-    def encode(self, records: list[Record]) -> tuple[list[Encoded], EncodingStats]:
-        return encode_all(
+    # ---- the tokenized-data cache ------------------------------------------------------------------
+
+    def split_inputs(self) -> dict[str, dict]:
+        """What each split's tokenized cache entry is keyed by (train, and val when there is one)."""
+        try:
+            template = resolve_template(self.tokenizer, self.template_name, self.end_of_turn)
+            chat = [template.source, template.end_of_turn, template.tool_role]
+        except TemplateError:  # no template: fine while no record is a conversation
+            chat = ["unresolved", self.template_name, self.end_of_turn]
+        common = {
+            "format": self.format,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "template": chat,
+            "max_seq_length": self.max_seq_length,
+            "truncation": self.truncation,
+            "train_on_responses_only": self.train_on_responses_only,
+        }
+        train = {**common, "files": _file_identities(self.train_files)}
+        if self.val_files:
+            return {
+                "train": {**train, "take": self.max_train_samples},
+                "val": {**common, "files": _file_identities(self.val_files), "take": self.max_eval_samples},
+            }
+        if self.val_fraction <= 0:
+            return {"train": {**train, "take": self.max_train_samples}}
+        split = {"val_fraction": self.val_fraction, "seed": self.seed}
+        return {
+            "train": {**train, "split": {**split, "part": "train"}, "take": self.max_train_samples},
+            "val": {**train, "split": {**split, "part": "val"}, "take": self.max_eval_samples},
+        }
+
+    def prepare_data(self) -> None:
+        """Local rank 0 of each node builds the tokenized cache entries this run lacks; Lightning holds
+        the other ranks at a barrier meanwhile, and their ``setup`` maps what was built."""
+        self.tokenized_splits()
+
+    def tokenized_splits(self) -> dict[str, TokenizedSamples]:
+        """Each split's samples from the tokenized cache, encoding (once, under the entry's lock) the
+        splits it does not hold yet."""
+        entries = {
+            split: TokenizedEntry(self.tokenized_cache, inputs)
+            for split, inputs in self.split_inputs().items()
+        }
+        opened = {split: entry.open() for split, entry in entries.items()}
+        missing = [split for split, samples in opened.items() if samples is None]
+        if missing:
+            with ExitStack() as locks:
+                for split in missing:
+                    locks.enter_context(entries[split].lock())
+                # another run may have built them while we waited for the locks
+                opened.update({split: entries[split].open() for split in missing})
+                todo = [split for split in missing if opened[split] is None]
+                if todo:
+                    records = dict(zip(("train", "val"), self.load_records(), strict=True))
+                    for split in todo:
+                        self.build_split(entries[split], split, records[split])
+                        opened[split] = entries[split].open()
+        return opened
+
+    def build_split(self, entry: TokenizedEntry, split: str, records: list[Record]) -> None:
+        template = self.template_for(records)
+        chunks = encode_chunks(
             records,
             self.tokenizer,
-            self.template_for(records),
+            template,
             self.max_seq_length,
             self.truncation,
             self.train_on_responses_only,
+            self.num_proc,
         )
+        with Progress(len(records), f"encoding {split} records", "records") as progress:
+
+            def counted():
+                total = EncodingStats()
+                for chunk in chunks:
+                    progress.update(chunk.stats.samples)
+                    total.add(chunk.stats)
+                    yield chunk
+                # before the entry is finished: a fully masked dataset is refused at every start
+                check_some_trainable(total, self.tokenizer, self.max_seq_length)
+
+            entry.build(counted(), {"conversations": template is not None})
+
+    def with_records(self, samples: Sequence[Encoded]) -> list[Encoded]:
+        """``samples`` with their records attached (read again from the files, matched by SHA), for
+        teachers that render each record in a chat template of their own."""
+        train, val = self.load_records()
+        by_sha = {record.sha: record for record in (*train, *val)}
+        return [replace(sample, record=by_sha[sample.sha]) for sample in samples]
 
     def setup(self, stage: str) -> None:
         if self.train or self.val:
             return
-        train_records, val_records = self.load_records()
-        self.train, train_stats = self.encode(train_records)
-        self.val, val_stats = self.encode(val_records) if val_records else ([], EncodingStats())
-        if (stage == "fit" and not self.train) or (stage == "predict" and not self.train + self.val):
+        splits = self.tokenized_splits()
+        if any(samples.meta.get("conversations") for samples in splits.values()):
+            self.resolve_chat_template()
+        self.train = splits["train"]
+        self.val = splits.get("val", [])
+        if stage == "predict":  # teacher collection: a teacher may render each record in its own template
+            self.train, self.val = self.with_records(self.train), self.with_records(self.val)
+        train_stats = splits["train"].stats
+        val_stats = splits["val"].stats if "val" in splits else EncodingStats()
+        if (stage == "fit" and not self.train) or (stage == "predict" and not (self.train or self.val)):
             # before any model is built: an empty fit would "succeed" and export an untrained model
-            raise NoTrainableTokensError(self._no_samples_message(len(train_records), train_stats))
+            raise NoTrainableTokensError(self._no_samples_message(train_stats.samples, train_stats))
         self.stats = {
             **{f"data/train_{k}": v for k, v in train_stats.as_dict().items()},
             **{f"data/val_{k}": v for k, v in val_stats.as_dict().items()},
         }
-        rank_zero_info(f"[distill] train: {train_stats.as_dict()}")
-        if val_records:
+        rank_zero_info(f"[distill] train: {train_stats.as_dict()} ({splits['train'].directory.parent})")
+        if "val" in splits:
             rank_zero_info(f"[distill] val: {val_stats.as_dict()}")
 
     def _no_samples_message(self, records: int, stats: EncodingStats) -> str:
@@ -174,13 +297,8 @@ class DataModule(L.LightningDataModule):
         pad_id = self.tokenizer.pad_token_id
         return Collator(pad_id if pad_id is not None else self.tokenizer.eos_token_id)
 
-    def _rows(self, samples: list[Encoded], shuffle_seed: int | None) -> list:
-        if not self.packing:
-            return samples
-        order = list(samples)
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed).shuffle(order)
-        return pack(order, self.max_seq_length)
+    def _rows(self, samples: Sequence[Encoded], shuffle_seed: int | None) -> Sequence:
+        return pack(samples, self.max_seq_length, shuffle_seed) if self.packing else samples
 
     @property
     def _rank(self) -> int:
@@ -228,7 +346,7 @@ class DataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per collection job (teacher x split), in order; by default all samples once."""
-        jobs = self._predict_jobs if self._predict_jobs is not None else [self.train + self.val]
+        jobs = self._predict_jobs if self._predict_jobs is not None else [[*self.train, *self.val]]
         return [
             DataLoader(
                 job, batch_size=self.eval_batch_size, collate_fn=self.collator, num_workers=self.num_workers
@@ -239,3 +357,10 @@ class DataModule(L.LightningDataModule):
 
 def _as_list(files: str | list[str]) -> list[str | Path]:
     return [files] if isinstance(files, str) else list(files)
+
+
+def _file_identities(files: str | list[str]) -> list[tuple[str, str]]:
+    """(resolved path, SHA-256 of the bytes) of every data file: any edit changes the cache key."""
+    return [
+        (str(path.resolve()), file_digest(path)) for source in _as_list(files) for path in find_files(source)
+    ]

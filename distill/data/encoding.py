@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -44,10 +44,25 @@ class EncodingStats:
     tokens: int = 0
     trainable_tokens: int = 0
     examples_without_labels: list[Encoded] = field(default_factory=list, repr=False)
+    COUNTS: ClassVar[tuple[str, ...]] = (
+        "samples",
+        "kept",
+        "truncated",
+        "dropped_too_long",
+        "dropped_no_trainable",
+        "tokens",
+        "trainable_tokens",
+    )
 
     @property
     def trainable_share(self) -> float:
         return self.trainable_tokens / max(self.tokens, 1)
+
+    def add(self, other: EncodingStats) -> None:
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        room = 3 - len(self.examples_without_labels)
+        self.examples_without_labels.extend(other.examples_without_labels[:room])
 
     def as_dict(self) -> dict[str, float]:
         names = ("samples", "kept", "truncated", "dropped_too_long", "dropped_no_trainable", "tokens")
@@ -90,7 +105,7 @@ def truncate(sample: Encoded, max_length: int, policy: Truncation) -> Encoded | 
     return Encoded(sample.input_ids[cut], sample.labels[cut], sample.sha, sample.source, sample.record)
 
 
-def encode_all(
+def encode_chunk(
     records: Iterable[Record],
     tokenizer: PreTrainedTokenizerBase,
     template: ChatTemplate | None,
@@ -118,13 +133,31 @@ def encode_all(
         stats.kept += 1
         stats.tokens += len(sample.input_ids)
         stats.trainable_tokens += sample.num_trainable
-    if stats.samples and not kept and stats.examples_without_labels:
+    return kept, stats
+
+
+def check_some_trainable(stats: EncodingStats, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    """Raise ``NoTrainableTokensError`` when every sample lost all its labels (showing the first)."""
+    if stats.samples and not stats.kept and stats.examples_without_labels:
         example = stats.examples_without_labels[0]
         raise NoTrainableTokensError(
             f"all {stats.samples} samples have every label masked (no response token survives masking "
             f"and truncation to {max_length} tokens). Check the template and max_seq_length. First sample "
             f"({example.source}), masked tokens shown as [...]:\n{show_labels(example, tokenizer)}"
         )
+
+
+def encode_all(
+    records: Iterable[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate | None,
+    max_length: int,
+    truncation: Truncation = "right",
+    train_on_responses_only: bool = True,
+) -> tuple[list[Encoded], EncodingStats]:
+    """``encode_chunk`` on all records, refusing a dataset whose every label is masked."""
+    kept, stats = encode_chunk(records, tokenizer, template, max_length, truncation, train_on_responses_only)
+    check_some_trainable(stats, tokenizer, max_length)
     return kept, stats
 
 

@@ -136,6 +136,9 @@ class KDDataModule(DataModule):
         if self._ready:
             return
         check_vocabularies(self.teacher, self.tokenizer)  # before any teacher is loaded
+        if any(t.template is not None for t in self.teachers):
+            # such a teacher renders each record in its own template: the mapped samples carry none
+            self.train, self.val = self.with_records(self.train), self.with_records(self.val)
         self.spec = cache_spec(
             self.teacher,
             self.tokenizer,

@@ -1,0 +1,103 @@
+"""Encoding at scale: records encoded in chunks, in parallel processes, each chunk returned as flat
+arrays (what the tokenized cache writes, and cheap to send between processes)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats, Truncation, encode_chunk
+from distill.data.formats import Record
+from distill.data.templates import ChatTemplate
+
+
+@dataclass
+class EncodedChunk:
+    """Consecutive kept samples as flat arrays, with the counts of their records."""
+
+    input_ids: np.ndarray  # int32, the samples' tokens concatenated
+    trainable: np.ndarray  # bool, aligned with input_ids: the token is a training target
+    lengths: np.ndarray  # int64, tokens per sample
+    shas: list[str]
+    sources: list[str]
+    stats: EncodingStats
+
+    @classmethod
+    def of(cls, samples: list[Encoded], stats: EncodingStats) -> EncodedChunk:
+        ids = [np.asarray(s.input_ids, np.int32) for s in samples]
+        labels = [np.asarray(s.labels, np.int64) for s in samples]
+        return cls(
+            input_ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
+            trainable=np.concatenate(labels) != IGNORE_INDEX if labels else np.zeros(0, bool),
+            lengths=np.array([len(s.input_ids) for s in samples], np.int64),
+            shas=[s.sha for s in samples],
+            sources=[s.source for s in samples],
+            stats=stats,
+        )
+
+    def samples(self) -> list[Encoded]:
+        bounds = np.concatenate([[0], np.cumsum(self.lengths)])
+        labels = np.where(self.trainable, self.input_ids, IGNORE_INDEX)
+        return [
+            Encoded(self.input_ids[a:b].tolist(), labels[a:b].tolist(), sha, source)
+            for a, b, sha, source in zip(bounds[:-1], bounds[1:], self.shas, self.sources, strict=True)
+        ]
+
+
+# what a forked encoding worker reads: (tokenizer, template, max_length, truncation, responses only)
+_worker_settings: tuple | None = None
+
+
+def _init_worker(settings: tuple) -> None:
+    global _worker_settings
+    _worker_settings = settings
+
+
+def _encode(records: Sequence[Record], settings: tuple) -> EncodedChunk:
+    kept, stats = encode_chunk(records, *settings)
+    for sample in stats.examples_without_labels:  # the parent holds the records already
+        sample.record = None
+    return EncodedChunk.of(kept, stats)
+
+
+def _encode_in_worker(records: Sequence[Record]) -> EncodedChunk:
+    return _encode(records, _worker_settings)
+
+
+def encode_chunks(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate | None,
+    max_length: int,
+    truncation: Truncation = "right",
+    train_on_responses_only: bool = True,
+    num_proc: int = 1,
+    chunk_size: int = 256,
+) -> Iterator[EncodedChunk]:
+    """``encode_chunk`` over consecutive chunks of ``records``, in order, in ``num_proc`` processes.
+
+    Workers are forked, so they share the tokenizer and template without pickling them; only the
+    chunks' records go out and flat arrays come back, so the results equal a serial run's.
+    """
+    settings = (tokenizer, template, max_length, truncation, train_on_responses_only)
+    chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
+    if num_proc <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield _encode(chunk, settings)
+        return
+    # the tokenizers library would warn at every fork and disable its threads: tell it up front
+    told = "TOKENIZERS_PARALLELISM" in os.environ
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        with multiprocessing.get_context("fork").Pool(
+            num_proc, initializer=_init_worker, initargs=(settings,)
+        ) as pool:
+            yield from pool.imap(_encode_in_worker, chunks)
+    finally:
+        if not told:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)

@@ -1,0 +1,257 @@
+"""The tokenized-data cache: a split's encoded samples written once to flat arrays on disk, then
+memory-mapped by every rank and DataLoader worker, and by every later run with the same inputs.
+
+Why flat numpy files rather than Arrow (``datasets``): a sample is two aligned token arrays cut out of
+one file by an offsets index, which is all the training path reads; ``np.memmap`` maps that with no
+conversion, no dependency and no copy per worker (the pages are the OS's, shared by every process on
+the node), and it is written as a stream, chunk after chunk, with nothing held in memory.
+
+An entry lives in ``<root>/<key>/``, where the key hashes everything that changes the encoding (the
+files' bytes and paths, the record format, the tokenizer's full definition, the resolved chat template,
+``max_seq_length``, truncation, masking, the split and its selection, ``FORMAT_VERSION``):
+
+    .writer.lock          held while building (another run waits, then finds the entry done)
+    building-<pid>/       a build in progress; a killed one is never read and is removed by the next
+    data/                 the finished entry, renamed into place in one step when complete
+      meta.json           what the arrays hold (counts, encoding stats, the key's inputs)
+      input_ids.bin       int32, every sample's tokens concatenated
+      trainable.bin       uint8, 1 where the token is a training target (its label is the token)
+      offsets.bin         int64, sample i is [offsets[i], offsets[i+1])
+      sha.bin             32 bytes per sample (the record's SHA-256)
+      sources.bin, source_offsets.bin   the records' ``path:line``, UTF-8
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from distill.cache.lock import WriterLock
+from distill.data.chunks import EncodedChunk
+from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats
+
+FORMAT_VERSION = 1
+_ARRAYS = {  # file -> (dtype, what its length counts)
+    "input_ids.bin": (np.int32, "tokens"),
+    "trainable.bin": (np.uint8, "tokens"),
+    "offsets.bin": (np.int64, "samples+1"),
+    "sha.bin": (np.uint8, "samples*32"),
+    "sources.bin": (np.uint8, "source_bytes"),
+    "source_offsets.bin": (np.int64, "samples+1"),
+}
+
+
+class DamagedCacheError(RuntimeError):
+    """A finished tokenized-cache entry whose files do not match its meta.json."""
+
+
+def default_root() -> Path:
+    """``$DISTILL_DATA_CACHE``, else ``$XDG_CACHE_HOME/distill/tokenized`` (``~/.cache/...``)."""
+    if os.environ.get("DISTILL_DATA_CACHE"):
+        return Path(os.environ["DISTILL_DATA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill" / "tokenized"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def entry_key(inputs: dict[str, Any]) -> str:
+    """The entry's name: a hash of the canonical JSON of everything that changes the encoding."""
+    blob = json.dumps({"version": FORMAT_VERSION, **inputs}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything of the tokenizer that encoding reads: its full definition (normalizer,
+    pre-tokenizer, model, added tokens), special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = (
+        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    extra = [
+        type(tokenizer).__name__,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.chat_template,
+    ]
+    return hashlib.sha256(json.dumps([definition, extra], ensure_ascii=False).encode()).hexdigest()
+
+
+class TokenizedSamples(Sequence[Encoded]):
+    """The samples of a finished entry, read from memory maps; ``Encoded`` objects are made on access
+    (without their ``record``) and ``lengths`` serves packing without touching any token."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / "meta.json").read_text())
+        self._check_sizes()
+        self._maps = {name: self._map(name) for name in _ARRAYS}
+        self.lengths = np.diff(self._maps["offsets.bin"])
+
+    def _expected(self, name: str) -> int:
+        count = _ARRAYS[name][1]
+        n = self.meta["samples"]
+        return {
+            "tokens": self.meta["tokens"],
+            "samples+1": n + 1,
+            "samples*32": n * 32,
+            "source_bytes": self.meta["source_bytes"],
+        }[count]
+
+    def _check_sizes(self) -> None:
+        for name, (dtype, _) in _ARRAYS.items():
+            path = self.directory / name
+            want = self._expected(name) * np.dtype(dtype).itemsize
+            have = path.stat().st_size if path.exists() else None
+            if have != want:
+                raise DamagedCacheError(
+                    f"{path}: {'missing' if have is None else f'{have:,} bytes'} where meta.json says "
+                    f"{want:,}: the tokenized cache entry is damaged"
+                )
+
+    def _map(self, name: str) -> np.ndarray:
+        dtype = _ARRAYS[name][0]
+        if self._expected(name) == 0:  # np.memmap refuses empty files
+            return np.zeros(0, dtype)
+        return np.memmap(self.directory / name, dtype=dtype, mode="r")
+
+    def __len__(self) -> int:
+        return self.meta["samples"]
+
+    @overload
+    def __getitem__(self, index: int) -> Encoded: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Encoded]: ...
+    def __getitem__(self, index: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        offsets, source_offsets = self._maps["offsets.bin"], self._maps["source_offsets.bin"]
+        start, end = int(offsets[index]), int(offsets[index + 1])
+        ids = self._maps["input_ids.bin"][start:end]
+        labels = np.where(self._maps["trainable.bin"][start:end].astype(bool), ids, IGNORE_INDEX)
+        sha = bytes(self._maps["sha.bin"][index * 32 : (index + 1) * 32]).hex()
+        source = bytes(
+            self._maps["sources.bin"][int(source_offsets[index]) : int(source_offsets[index + 1])]
+        ).decode()
+        return Encoded(ids.tolist(), labels.tolist(), sha, source)
+
+    def __iter__(self) -> Iterator[Encoded]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def stats(self) -> EncodingStats:
+        return EncodingStats(**self.meta["stats"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a spawned worker or rank maps the files itself instead of receiving copies of them
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])
+
+
+class TokenizedEntry:
+    """One entry of the cache: whether it is finished, building it (under its lock), opening it."""
+
+    def __init__(self, root: str | Path, inputs: dict[str, Any]) -> None:
+        self.inputs = inputs
+        self.path = Path(root) / entry_key(inputs)
+        self.data = self.path / "data"
+
+    def open(self) -> TokenizedSamples | None:
+        """The finished entry's samples; None when it is not built (or is damaged: it is then removed
+        so that it gets rebuilt, with a line saying why)."""
+        if not (self.data / "meta.json").exists():
+            return None
+        try:
+            return TokenizedSamples(self.data)
+        except DamagedCacheError as damage:
+            print(f"[distill] {damage}; it will be rebuilt", flush=True)
+            return None
+
+    def lock(self) -> WriterLock:
+        return WriterLock(self.path)
+
+    def build(self, chunks: Iterable[EncodedChunk], extra: dict[str, Any]) -> EncodingStats:
+        """Write the samples of ``chunks`` into ``building-<pid>/`` and rename it to ``data/`` once every
+        byte is on disk; the caller holds ``lock()``. Returns the summed stats."""
+        for stale in self.path.glob("building-*"):  # left by a killed build: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(self.data, ignore_errors=True)  # only there when open() found it damaged
+        building = self.path / f"building-{os.getpid()}"
+        building.mkdir(parents=True)
+        try:
+            return self._write(building, chunks, extra)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+
+    def _write(self, building: Path, chunks: Iterable[EncodedChunk], extra: dict[str, Any]) -> EncodingStats:
+        stats = EncodingStats()
+        tokens = source_bytes = samples = 0
+        with ExitStack() as opened:
+            files = {name: opened.enter_context(open(building / name, "wb")) for name in _ARRAYS}
+            files["offsets.bin"].write(np.zeros(1, np.int64).tobytes())
+            files["source_offsets.bin"].write(np.zeros(1, np.int64).tobytes())
+            for chunk in chunks:
+                stats.add(chunk.stats)
+                sources = [source.encode() for source in chunk.sources]
+                source_lengths = np.array([len(b) for b in sources], np.int64)
+                files["input_ids.bin"].write(chunk.input_ids.astype(np.int32).tobytes())
+                files["trainable.bin"].write(chunk.trainable.astype(np.uint8).tobytes())
+                files["offsets.bin"].write((tokens + np.cumsum(chunk.lengths)).astype(np.int64).tobytes())
+                files["sha.bin"].write(b"".join(bytes.fromhex(sha) for sha in chunk.shas))
+                files["sources.bin"].write(b"".join(sources))
+                files["source_offsets.bin"].write((source_bytes + np.cumsum(source_lengths)).tobytes())
+                tokens += int(chunk.lengths.sum())
+                source_bytes += int(source_lengths.sum())
+                samples += len(chunk.lengths)
+            for file in files.values():
+                file.flush()
+                os.fsync(file.fileno())
+        meta = {
+            "version": FORMAT_VERSION,
+            "samples": samples,
+            "tokens": tokens,
+            "source_bytes": source_bytes,
+            "stats": {name: getattr(stats, name) for name in EncodingStats.COUNTS},
+            "inputs": self.inputs,
+            **extra,
+        }
+        _write_synced(building / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+        os.rename(building, self.data)
+        _fsync_directory(self.path)
+        return stats
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

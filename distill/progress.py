@@ -1,0 +1,79 @@
+"""Progress of work outside Lightning's loops (encoding a dataset): a tqdm bar on a terminal, plain lines
+in a log file (SLURM, ``> log.txt``), where a bar's carriage returns would show nothing until the end."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm.auto import tqdm
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h02m05s``, ``3m20s``, ``12s``."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """``with Progress(total, "encoding train", "records") as progress: progress.update(n)``.
+
+    Not on a terminal: one line every ``every_seconds`` (and one at the end) with the count, the rate
+    and the ETA. ``enabled=False`` (other ranks) prints nothing.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        what: str,
+        unit: str = "items",
+        every_seconds: float = 30.0,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.total = total
+        self.what = what
+        self.unit = unit
+        self.every_seconds = every_seconds
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.enabled = enabled
+        self._bar = None
+        if enabled and self.stream.isatty():
+            self._bar = tqdm(total=total, desc=f"[distill] {what}", unit=f" {unit}", file=self.stream)
+        self._start = self._last_line = time.monotonic()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+        elif self.enabled and time.monotonic() - self._last_line >= self.every_seconds:
+            self._line()
+
+    def _line(self) -> None:
+        self._last_line = now = time.monotonic()
+        elapsed = now - self._start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta_text = format_seconds(eta) if eta == eta else "?"
+        share = self.done / self.total if self.total else 1.0
+        print(
+            f"[distill] {self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.0%}), "
+            f"{rate:,.0f} {self.unit}/s, elapsed {format_seconds(elapsed)}, ETA {eta_text}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and exc[0] is None:
+            self._line()
