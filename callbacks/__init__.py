@@ -3,7 +3,15 @@
 from distill.callbacks.hf_export import HFExport
 from distill.callbacks.memory import PeakMemory
 from distill.callbacks.preemption import PreemptionCheckpoint
+from distill.callbacks.progress import LoopProgress
 from distill.callbacks.teacher_cache import TeacherCacheWriter
 from distill.callbacks.throughput import TokenThroughput
 
-__all__ = ["HFExport", "PeakMemory", "PreemptionCheckpoint", "TeacherCacheWriter", "TokenThroughput"]
+__all__ = [
+    "HFExport",
+    "LoopProgress",
+    "PeakMemory",
+    "PreemptionCheckpoint",
+    "TeacherCacheWriter",
+    "TokenThroughput",
+]

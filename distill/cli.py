@@ -10,12 +10,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distill
-from distill.callbacks import PreemptionCheckpoint
+from distill.callbacks import LoopProgress, PreemptionCheckpoint
 from distill.data.datamodule import DataModule
 
 OWN_CODE = (Path(distill.__file__).parent, Path(distill.callbacks.__file__).parent)
@@ -68,12 +69,22 @@ class DistillCLI(LightningCLI):
         parser.link_arguments("model.tokenizer_id", "data.init_args.tokenizer", apply_on="instantiate")
         # in every run, not only in configs that list it: a pre-empted fit must never lose its steps
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        # progress a log file shows too (plain lines where stdout is no terminal), without listing it
+        parser.add_lightning_class_args(LoopProgress, "progress")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("precision") is not None:
             config.trainer.precision = resolve_precision(config.precision)
             rank_zero_info(f"[distill] precision: {config.trainer.precision}")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> L.Trainer:
+        # Lightning takes one progress bar: none if enable_progress_bar is false, the config's if it lists one
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in listed):
+            callbacks = [c for c in callbacks if not isinstance(c, LoopProgress)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
         try:

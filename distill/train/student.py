@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, get_scheduler
 from distill.data.encoding import IGNORE_INDEX
 from distill.objectives.base import Objective, TokenLoss
 from distill.objectives.ce import CrossEntropy
+from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import TokenMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
 from distill.train.optim import AdamW, weight_decay_groups
@@ -82,6 +83,8 @@ class StudentModule(L.LightningModule):
         self.train_metrics = TokenMetrics(self.objective.metric_names)
         self.val_metrics = TokenMetrics(self.objective.metric_names)
         self._step_tokens = 0
+        self.flops_shape: ModelShape | None = None  # what its FLOPs depend on, known once it is built
+        self.flops_per_batch: int | None = None  # of the last batch: ThroughputMonitor's MFU reads it
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -99,6 +102,7 @@ class StudentModule(L.LightningModule):
                 model = add_lora(model, self.lora)
             shard_adapter_apart(strategy, model)
         self.model = model
+        self.flops_shape = model_shape(self.causal_lm)
         self.objective.setup(self)
         # set up, the objective may report more (e.g. one teacher CE per teacher of the data module)
         self.train_metrics = TokenMetrics(self.objective.metric_names)
@@ -130,6 +134,8 @@ class StudentModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.compute_loss(batch)
+        rows, seq_len = batch["input_ids"].shape
+        self.flops_per_batch = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens)
         values = self.train_metrics(out.loss_sum, out.correct, out.num_tokens, **out.sums)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, prog_bar=True, batch_size=1)
         if self._gradients_hidden:
@@ -165,6 +171,10 @@ class StudentModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.compute_loss(batch)
+        rows, seq_len = batch["input_ids"].shape
+        self.flops_per_batch = transformer_flops(
+            self.flops_shape, rows, seq_len, out.num_tokens, backward=False
+        )
         self.val_metrics.update(out.loss_sum, out.correct, out.num_tokens, **out.sums)
 
     def on_validation_epoch_end(self) -> None:
