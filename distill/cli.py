@@ -1,5 +1,5 @@
-"""``python -m distill``: LightningCLI's fit/validate/test/predict, plus ``collect``, ``inspect``,
-``merge`` and ``cache stats``."""
+"""``python -m distill``: LightningCLI's fit/validate/test/predict, plus ``collect``, ``tokenize``,
+``inspect``, ``merge`` and ``cache stats``."""
 
 from __future__ import annotations
 
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         from distill.cache.cli import main as cache_main
 
         return cache_main(args[1:])
+    if args and args[0] == "tokenize":  # the tokenized-data cache alone: on a CPU node before a GPU job
+        run_cli(args[1:], run=False).datamodule.prepare_data()
+        return None
     if args and args[0] == "collect":  # a friendlier name for teacher collection
         argv = ["predict", *args[1:]]
     try:

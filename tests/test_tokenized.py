@@ -11,6 +11,7 @@ import pickle
 import pytest
 from transformers import AutoTokenizer
 
+from distill.cli import main
 from distill.data import datamodule as datamodule_module
 from distill.data.batching import pack
 from distill.data.chunks import EncodedChunk, encode_chunks
@@ -19,7 +20,7 @@ from distill.data.encoding import EncodingStats, NoTrainableTokensError, encode_
 from distill.data.formats import read_records
 from distill.data.templates import resolve_template
 from distill.data.tokenized import TokenizedEntry, TokenizedSamples
-from tests.helpers import conversation, write_jsonl
+from tests.helpers import conversation, write_config, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -238,3 +239,18 @@ def test_packing_reads_lengths_only_and_samples_pickle_as_a_path(tmp_path, monke
     same(pickle.loads(blob), data.train)
     meta = json.loads((data.train.directory / "meta.json").read_text())
     assert meta["samples"] == len(data.train) and meta["conversations"] is True
+
+
+def test_the_tokenize_command_builds_the_entries_a_fit_then_maps(tmp_path, chat_file, monkeypatch):
+    cache = tmp_path / "tokenized"
+    config = write_config(tmp_path, chat_file, tokenized_cache=str(cache))
+    main(["tokenize", "--config", str(config)])
+    built = sorted(json.loads(p.read_text())["samples"] for p in cache.glob("*/data/meta.json"))
+    assert built == [5, 19]  # val_fraction 0.2 of 24 records
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fit encoded again")
+
+    monkeypatch.setattr(datamodule_module, "encode_chunks", refuse)
+    main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    assert (tmp_path / "hf" / "config.json").exists()
