@@ -97,3 +97,13 @@ def test_bad_records_name_their_place(raw, message):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such data file"):
         read_records(tmp_path / "nope.jsonl")
+
+
+def test_a_line_separator_inside_a_jsonl_string_is_not_a_line_break(tmp_path):
+    path = tmp_path / "ls.jsonl"
+    text = "one\u2028two\u0085three"
+    first = json.dumps({"text": text}, ensure_ascii=False)
+    path.write_text(first + "\r\n" + json.dumps({"text": "b"}) + "\n")
+    records = read_records(path)
+    assert [r.text for r in records] == [text, "b"]
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:2"]

@@ -114,3 +114,33 @@ def test_killed_sft_fit_resumes_from_last_with_the_losses_of_an_uninterrupted_ru
         return with_last_checkpoint(config, directory)
 
     check_killed_fit_resumes(tmp_path, config_in, steps)
+
+
+def test_killed_streaming_pt_fit_resumes_at_the_exact_row(tmp_path):
+    """A streamed corpus read by two DataLoader workers, in rows of 48 tokens: killed at step 6 and
+    resumed, the fit trains the rows the uninterrupted run trained (the cursors, not a replay)."""
+    steps = ["--trainer.max_steps", "10", "--trainer.enable_checkpointing", "true"]
+    texts = [
+        {"text": f"Document {i}: " + " ".join(f"word{i * 7 + j}" for j in range(5 + i % 9))}
+        for i in range(40)
+    ]
+
+    def config_in(name: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        train = write_jsonl(directory / "corpus.jsonl", texts)
+        config = yaml.safe_load(
+            write_config(
+                directory,
+                train,
+                val_fraction=0.0,
+                max_seq_length=48,
+                streaming=True,
+                num_workers=2,
+                template=None,
+                train_on_responses_only=False,
+            ).read_text()
+        )
+        return with_last_checkpoint(config, directory)
+
+    check_killed_fit_resumes(tmp_path, config_in, steps)

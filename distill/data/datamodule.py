@@ -25,6 +25,7 @@ from distill.data.encoding import (
 )
 from distill.data.formats import Format, Record, find_files, read_records
 from distill.data.resume import ResumableLoader, ShuffledBatches, leave_sigterm_to_main
+from distill.data.streaming import StreamingLoader, StreamingRows, require_max_steps
 from distill.data.templates import (
     ChatTemplate,
     TemplateError,
@@ -57,6 +58,7 @@ class DataModule(L.LightningDataModule):
         max_seq_length: int = 1024,
         truncation: Truncation = "right",
         packing: bool = False,
+        streaming: bool = False,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -83,6 +85,10 @@ class DataModule(L.LightningDataModule):
             max_seq_length: Maximum tokens per sample (and per packed row).
             truncation: Over-long samples: ``right`` keeps the start, ``left`` keeps the end, ``drop``.
             packing: Pack several samples per row; attention stays within each sample.
+            streaming: Read ``train_files`` (``{"text"}`` JSONL, ``.txt`` with one document per line) as a
+                stream, tokenized on the fly into full rows of ``max_seq_length`` tokens, sharded over
+                ranks and workers, endless (the fit ends at ``trainer.max_steps``) and resumable at the
+                exact row: pretraining corpora larger than memory. Validation reads ``val_files``.
             batch_size: Rows per device per micro-batch.
             eval_batch_size: Rows per validation batch (default: ``batch_size``).
             num_workers: DataLoader worker processes.
@@ -95,6 +101,11 @@ class DataModule(L.LightningDataModule):
                 encoding options maps the samples from there instead of encoding them again.
         """
         super().__init__()
+        if streaming and val_fraction > 0:
+            raise ValueError(
+                "data.streaming reads train_files as a stream and holds nothing out: give the validation "
+                "documents as data.val_files and set data.val_fraction: 0"
+            )
         # the tokenizer is linked from the model's (which may leave it unset): logged there once
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train_files = train_files
@@ -110,6 +121,7 @@ class DataModule(L.LightningDataModule):
         self.max_seq_length = max_seq_length
         self.truncation = truncation
         self.packing = packing
+        self.streaming = streaming
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -123,6 +135,7 @@ class DataModule(L.LightningDataModule):
         self.stats: dict[str, float] = {}
         self.stop_token_ids: list[int] = []
         self._predict_jobs: list[list[Encoded]] | None = None  # see predict_only
+        self._set_up = False
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.chat_template: ChatTemplate | None = None  # resolved once a conversation is encoded
 
@@ -181,6 +194,12 @@ class DataModule(L.LightningDataModule):
             "truncation": self.truncation,
             "train_on_responses_only": self.train_on_responses_only,
         }
+        if self.streaming:  # the training files are a stream, never encoded whole
+            if not self.val_files:
+                return {}
+            return {
+                "val": {**common, "files": _file_identities(self.val_files), "take": self.max_eval_samples}
+            }
         train = {**common, "files": _file_identities(self.train_files)}
         if self.val_files:
             return {
@@ -217,11 +236,16 @@ class DataModule(L.LightningDataModule):
                 opened.update({split: entries[split].open() for split in missing})
                 todo = [split for split in missing if opened[split] is None]
                 if todo:
-                    records = dict(zip(("train", "val"), self.load_records(), strict=True))
+                    records = self._records_of(todo)
                     for split in todo:
                         self.build_split(entries[split], split, records[split])
                         opened[split] = entries[split].open()
         return opened
+
+    def _records_of(self, splits: list[str]) -> dict[str, list[Record]]:
+        if self.streaming:  # only validation is encoded: never read the corpus whole
+            return {"val": read_records(_as_list(self.val_files), self.format)[: self.max_eval_samples]}
+        return dict(zip(("train", "val"), self.load_records(), strict=True))
 
     def build_split(self, entry: TokenizedEntry, split: str, records: list[Record]) -> None:
         template = self.template_for(records)
@@ -255,27 +279,30 @@ class DataModule(L.LightningDataModule):
         return [replace(sample, record=by_sha[sample.sha]) for sample in samples]
 
     def setup(self, stage: str) -> None:
-        if self.train or self.val:
+        if self._set_up:
             return
         splits = self.tokenized_splits()
         if any(samples.meta.get("conversations") for samples in splits.values()):
             self.resolve_chat_template()
-        self.train = splits["train"]
+        self.train = splits.get("train", [])
         self.val = splits.get("val", [])
         if stage == "predict":  # teacher collection: a teacher may render each record in its own template
             self.train, self.val = self.with_records(self.train), self.with_records(self.val)
-        train_stats = splits["train"].stats
+        train_stats = splits["train"].stats if "train" in splits else EncodingStats()
         val_stats = splits["val"].stats if "val" in splits else EncodingStats()
-        if (stage == "fit" and not self.train) or (stage == "predict" and not (self.train or self.val)):
+        empty_fit = stage == "fit" and not self.train and not self.streaming
+        if empty_fit or (stage == "predict" and not (self.train or self.val)):
             # before any model is built: an empty fit would "succeed" and export an untrained model
             raise NoTrainableTokensError(self._no_samples_message(train_stats.samples, train_stats))
         self.stats = {
-            **{f"data/train_{k}": v for k, v in train_stats.as_dict().items()},
+            **({} if self.streaming else {f"data/train_{k}": v for k, v in train_stats.as_dict().items()}),
             **{f"data/val_{k}": v for k, v in val_stats.as_dict().items()},
         }
-        rank_zero_info(f"[distill] train: {train_stats.as_dict()} ({splits['train'].directory.parent})")
+        if "train" in splits:
+            rank_zero_info(f"[distill] train: {train_stats.as_dict()} ({splits['train'].directory.parent})")
         if "val" in splits:
             rank_zero_info(f"[distill] val: {val_stats.as_dict()}")
+        self._set_up = True
 
     def _no_samples_message(self, records: int, stats: EncodingStats) -> str:
         files = ", ".join(map(str, _as_list(self.train_files)))
@@ -316,6 +343,18 @@ class DataModule(L.LightningDataModule):
         return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            require_max_steps(self.trainer.max_steps if self.trainer else None)
+            stream = StreamingRows(
+                _as_list(self.train_files),
+                self.tokenizer,
+                self.max_seq_length,
+                self.batch_size,
+                self._rank,
+                self._world_size,
+                self.seed,
+            )
+            return StreamingLoader(stream, self._progress, num_workers=self.num_workers)
         # the order is a function of (seed, epoch), not of the global RNG, so `--ckpt_path` resumes
         # mid-epoch at the very next batch
         rows = ShuffledBatches(

@@ -101,7 +101,8 @@ def read_records(sources: str | Path | list[str | Path], fmt: Format = "auto") -
 def _iter_raw(path: Path) -> Iterator[tuple[object, str]]:
     text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first record
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # \n only: str.splitlines() would also cut at U+2028 and friends, valid inside a JSON string
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -90,6 +90,11 @@ class KDDataModule(DataModule):
             chunk_samples: Samples per streamed chunk when the whole cache fits.
             **kwargs: Everything ``DataModule`` takes (files, template, max_seq_length, packing, ...).
         """
+        if kwargs.get("streaming"):
+            raise ValueError(
+                "data.streaming does not combine with distillation: the teacher cache is keyed by known "
+                "samples; distil from files (chunked under data.cache_size_gb when the targets are large)"
+            )
         if cache_size_gb is not None and cache_size_gb <= 0:
             raise ValueError(
                 "data.cache_size_gb must be a positive disk budget in GB, or null for no limit; "

@@ -1,0 +1,352 @@
+"""Streaming pretraining data: text corpora larger than memory -> rows of exactly ``max_length`` tokens,
+sharded over ranks x DataLoader workers, endless, resumable at the exact next row.
+
+Input: JSONL files of ``{"text": ...}`` records and ``.txt`` files (one document per non-empty line, its
+line break removed), or directories of them (every ``*.jsonl`` and ``*.txt`` below, in a stable order;
+``.json`` files there are ignored: a JSON array cannot be read line by line). Files are read line by line
+from a byte offset, never whole; a bad line stops the stream with ``DataFormatError`` naming
+``path:line``, as ``distill.data.formats`` does, and a conversation record is an error: streaming is for
+text corpora.
+
+Sharding: the documents of a pass (every non-blank line of the files, taken in an order of the files
+drawn from (seed, pass)) are dealt round-robin, document ``i`` to shard ``i % (world_size *
+num_workers)``; worker ``j`` of rank ``r`` reads shard ``r * num_workers + j`` and skips the other
+shards' lines without decoding them. A shard tokenizes its documents ``docs_per_call`` at a time (one
+batch call of the fast tokenizer), each as ``encoding.encode_record`` does a text record (bos + ids +
+eos, as the tokenizer has them), and packs the token stream into rows of ``max_length`` tokens: a long
+document continues in the next row, short ones share a row. A batch is what ``batching.Collator`` makes
+of packed rows (``packed_batch``, without a tensor per piece): ``input_ids``, ``labels`` (ignored at each
+piece's first token), ``position_ids`` restarting per piece (no attention across documents), no padding.
+
+Endless: a shard at the end of the corpus starts the next pass, so every rank yields batches forever
+(DDP needs equal steps) and the fit is bounded by ``trainer.max_steps`` (``require_max_steps``).
+
+Resume: each batch carries its shard's ``Cursor`` after it (``CURSOR_KEY``, popped by
+``StreamingLoader`` in the main process). The loader's ``state_dict`` holds each shard's cursor after the
+last batch the fit trained (``progress()``, not the last one pulled: Lightning and the workers fetch
+ahead), gathered from all ranks, since a checkpoint keeps rank 0's loader state only; ``load_state_dict``
+makes each worker seek its file to the byte offset and skip the tokens already trained. Another world
+size, worker count, ``max_length``, seed or file list is an error (the shards would differ).
+
+Wiring, in ``DataModule``::
+
+    def train_dataloader(self):
+        require_max_steps(self.trainer.max_steps)
+        rows = StreamingRows(self.train_files, self.tokenizer, self.max_seq_length, self.batch_size,
+                             self._rank, self._world_size, self.seed)
+        return StreamingLoader(rows, self._progress, num_workers=self.num_workers)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from distill.data.encoding import IGNORE_INDEX
+from distill.data.formats import DataFormatError, detect_format, to_record
+from distill.data.resume import epoch_rng, leave_sigterm_to_main
+
+SUFFIXES = (".jsonl", ".txt")
+CURSOR_KEY = "stream_cursor"
+_BOM = b"\xef\xbb\xbf"
+
+
+class Cursor(NamedTuple):
+    """Where a shard resumes: in pass ``pass_no``, the ``file``-th file of that pass's order at byte
+    ``offset``, which starts its line ``line + 1``; ``doc`` is the pass's index of the next document
+    from there, of which ``skip`` tokens were already trained."""
+
+    pass_no: int = 0
+    file: int = 0
+    offset: int = 0
+    line: int = 0
+    doc: int = 0
+    skip: int = 0
+
+
+def stream_files(sources: str | Path | list[str | Path]) -> list[Path]:
+    """The ``.jsonl`` and ``.txt`` files of ``sources`` (files, or directories searched recursively)."""
+    files: list[Path] = []
+    for source in [sources] if isinstance(sources, (str, Path)) else sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"{path}: directory has no .jsonl or .txt files")
+            files += found
+        elif not path.is_file():
+            raise FileNotFoundError(f"{path}: no such data file or directory")
+        elif path.suffix not in SUFFIXES:
+            raise DataFormatError(f"{path}: streaming reads .jsonl and .txt files, line by line")
+        else:
+            files.append(path)
+    return files
+
+
+def require_max_steps(max_steps: int | None) -> None:
+    """The stream is endless: a fit on it must end at ``trainer.max_steps``."""
+    if max_steps is None or max_steps < 0:
+        raise ValueError(
+            "streaming data is endless (a shard at the end of the corpus starts a new pass): "
+            "set trainer.max_steps to bound the fit"
+        )
+
+
+def document_text(raw: bytes, suffix: str, where: str) -> str:
+    """The text of one line: a ``.txt`` line itself, a JSONL line's ``text`` record."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    if suffix == ".txt":
+        return line.rstrip("\r\n")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    kind = detect_format(value) if isinstance(value, dict) else None
+    if kind not in (None, "text"):
+        raise DataFormatError(
+            f'{where}: a {kind} record, but streaming is for text corpora ({{"text": ...}} records '
+            "or .txt lines); train on conversations without streaming"
+        )
+    return to_record(value, where, "text").text or ""
+
+
+class StreamingRows(IterableDataset):
+    """Endless collated batches of ``batch_size`` rows of ``max_length`` tokens from one shard of the
+    corpus per DataLoader worker; ``workers``, ``first`` and ``cursors`` are set by ``StreamingLoader``."""
+
+    def __init__(
+        self,
+        files: str | Path | list[str | Path],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        docs_per_call: int = 256,
+    ) -> None:
+        """``seed``: the order of the files in each pass; ``docs_per_call``: documents per tokenizer call."""
+        self.files = stream_files(files)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.docs_per_call = docs_per_call
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.workers = 1
+        self.first = 0  # the local shard that worker 0 reads (the next one after the trained batches)
+        self.cursors: dict[int, Cursor] = {}  # global shard -> where it starts
+
+    def file_order(self, pass_no: int) -> list[int]:
+        order = list(range(len(self.files)))
+        epoch_rng(self.seed, pass_no).shuffle(order)
+        return order
+
+    def documents(self, shard: int, at: Cursor) -> Iterator[tuple[str, Cursor, Cursor]]:
+        """Shard ``shard``'s documents from ``at`` on, endlessly: (text, cursor at it, cursor after it)."""
+        shards = self.world_size * self.workers
+        pass_no, first_file, offset, line, doc = at[:5]
+        while True:
+            whole_pass, found = (first_file, offset) == (0, 0), False
+            order = self.file_order(pass_no)
+            for position in range(first_file, len(order)):
+                path = self.files[order[position]]
+                with path.open("rb", buffering=1 << 20) as handle:
+                    handle.seek(offset)
+                    for raw in handle:
+                        start = Cursor(pass_no, position, offset, line, doc)
+                        offset, line = offset + len(raw), line + 1
+                        content = raw.removeprefix(_BOM) if start.offset == 0 else raw
+                        if not content or content.isspace():
+                            continue
+                        doc += 1
+                        if start.doc % shards == shard:
+                            found, text = True, document_text(content, path.suffix, f"{path}:{line}")
+                            yield text, start, Cursor(pass_no, position, offset, line, doc)
+                offset = line = 0
+            if whole_pass and not found:
+                raise ValueError(
+                    f"shard {shard} got no document: the corpus ({len(self.files)} files) has {doc} "
+                    f"documents, fewer than world_size x num_workers = {shards} shards"
+                )
+            pass_no, first_file, doc = pass_no + 1, 0, 0
+
+    def rows(self, shard: int, at: Cursor) -> Iterator[tuple[list[int], list[int], Cursor]]:
+        """Full rows of the shard from ``at`` on: (tokens, lengths of its pieces, cursor after the row)."""
+        documents = self.documents(shard, at)
+        tokens: list[int] = []
+        lengths: list[int] = []
+        skip = at.skip
+        while chunk := list(islice(documents, self.docs_per_call)):
+            texts = [text for text, _, _ in chunk]
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+            for (_, start, after), body in zip(chunk, encoded["input_ids"], strict=True):
+                ids = self.bos + body + self.eos
+                while skip < len(ids):
+                    piece = ids[skip : skip + self.max_length - len(tokens)]
+                    tokens += piece
+                    lengths.append(len(piece))
+                    skip += len(piece)
+                    if len(tokens) == self.max_length:
+                        yield tokens, lengths, start._replace(skip=skip) if skip < len(ids) else after
+                        tokens, lengths = [], []
+                skip = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        if workers != self.workers:
+            raise RuntimeError(
+                f"StreamingRows set up for {self.workers} workers runs in {workers}: iterate it through "
+                "StreamingLoader"
+            )
+        shard = self.rank * workers + (worker + self.first) % workers
+        rows = self.rows(shard, self.cursors.get(shard, Cursor()))
+        while True:
+            batch = [next(rows) for _ in range(self.batch_size)]
+            collated = packed_batch([tokens for tokens, _, _ in batch], [n for _, ns, _ in batch for n in ns])
+            collated[CURSOR_KEY] = {"shard": shard, "cursor": tuple(batch[-1][2])}
+            yield collated
+
+
+def packed_batch(rows: list[list[int]], lengths: list[int]) -> dict[str, Any]:
+    """Full rows of pieces (``lengths``, row after row) as ``batching.Collator`` packs them, in a few
+    tensor operations instead of several per piece: position ids restart at each piece, whose first
+    token is no target."""
+    input_ids = torch.tensor(rows, dtype=torch.long)  # (B, L)
+    sizes = torch.tensor(lengths)
+    starts = sizes.cumsum(0) - sizes  # of each piece in the flattened batch
+    start_of = torch.zeros(input_ids.numel(), dtype=torch.long)
+    start_of[starts] = starts
+    # the start of the piece at each position (repeat_interleave takes ms here)
+    position_ids = torch.arange(input_ids.numel()) - start_of.cummax(0).values
+    labels = input_ids.flatten().clone()
+    labels[starts] = IGNORE_INDEX
+    return {
+        "input_ids": input_ids,
+        "labels": labels.view_as(input_ids),
+        "position_ids": position_ids.view_as(input_ids),
+    }
+
+
+class StreamingLoader(DataLoader):
+    """A DataLoader over ``StreamingRows`` whose checkpointed state is each shard's cursor after the
+    batches the fit trained, so a resumed fit continues at the exact next row."""
+
+    def __init__(
+        self,
+        stream: StreamingRows,
+        progress: Callable[[], tuple[int, int]],
+        num_workers: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        """``progress()``: (epoch, batches trained so far), read from the fit loop; the stream is one
+        endless epoch, so the batch count is the run's."""
+        if kwargs.get("persistent_workers"):  # they would keep the cursors they started from
+            raise ValueError("StreamingLoader starts its workers at each iteration: no persistent_workers")
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker, **kwargs
+        )
+        stream.workers = max(num_workers, 1)
+        self.progress = progress
+        self._start: tuple[int, dict[int, Cursor]] = (0, {})  # (batches trained, cursors) to resume from
+        self._trained = self._local({})
+        self._pending: deque[tuple[int, int, Cursor]] = deque()  # (batch index, shard, cursor) pulled
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """What the cursors mean something under: the shards, the row length, the files and their order."""
+        stream = self.dataset
+        names = [path.name for path in stream.files]
+        return {
+            "seed": stream.seed,
+            "world_size": stream.world_size,
+            "num_workers": stream.workers,
+            "max_length": stream.max_length,
+            "files": names,
+        }
+
+    def _local(self, cursors: dict[int, Cursor]) -> dict[int, Cursor]:
+        first = self.dataset.rank * self.dataset.workers
+        return {g: cursors.get(g, Cursor()) for g in range(first, first + self.dataset.workers)}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        index, cursors = self._start
+        self.dataset.first, self.dataset.cursors = index % self.dataset.workers, dict(cursors)
+        self._trained, self._pending = self._local(cursors), deque()
+        batches = super().__iter__()
+        try:
+            for batch in batches:
+                where = batch.pop(CURSOR_KEY)
+                self._pending.append((index, where["shard"], Cursor(*where["cursor"])))
+                index += 1
+                self._commit()  # the pending ones are those fetched ahead: a few
+                yield batch
+        finally:
+            # now, while its queues live: after an error the iterator is freed by the garbage collector,
+            # which may close the queues first, and the workers (deaf to SIGTERM) would never hear the stop
+            getattr(batches, "_shutdown_workers", lambda: None)()
+
+    def _commit(self) -> int:
+        """The cursors of the batches trained by now become the state; returns their count."""
+        _, trained = self.progress()
+        while self._pending and self._pending[0][0] < trained:
+            _, shard, cursor = self._pending.popleft()
+            self._trained[shard] = cursor
+        return trained
+
+    def state_dict(self) -> dict[str, Any]:
+        trained = self._commit()
+        # plain tuples: a checkpoint loads with weights_only
+        cursors = _all_ranks({g: tuple(c) for g, c in self._trained.items()})
+        return {**self.layout, "batches": trained, "cursors": cursors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, now = {k: state.get(k) for k in self.layout}, self.layout
+        if saved != now:
+            changed = "; ".join(f"{k} {saved[k]} -> {v}" for k, v in now.items() if saved[k] != v)
+            raise ValueError(
+                f"cannot resume the data stream: {changed} since the checkpoint. Documents are dealt to "
+                "world_size x num_workers shards and the cursors point into these files: resume with "
+                "the same devices, nodes, data.num_workers, max_seq_length, seed and files"
+            )
+        cursors = {int(g): Cursor(*c) for g, c in state["cursors"].items()}
+        missing = sorted(set(self._local({})) - set(cursors))
+        if missing:
+            raise ValueError(f"the saved data stream state has no cursor for shards {missing}")
+        self._start = (state["batches"], self._local(cursors))
+        self._trained = self._local(cursors)
+        rank_zero_info(f"[distill] resuming the data stream after {state['batches']} batches")
+
+
+def _init_worker(worker_id: int) -> None:
+    """Workers leave SIGTERM to the main process and tokenize serially: they are the parallelism, and a
+    tokenizer whose thread pool ran before the fork (``TOKENIZERS_PARALLELISM=true``) hangs in a child."""
+    leave_sigterm_to_main(worker_id)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _all_ranks(cursors: dict[int, tuple[int, ...]]) -> dict[int, tuple[int, ...]]:
+    """Every rank's cursors (a collective: Lightning takes the loader state on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return cursors
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, cursors)
+    return {g: c for part in gathered for g, c in part.items()}
