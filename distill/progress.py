@@ -69,11 +69,18 @@ class Progress:
             flush=True,
         )
 
+    def close(self) -> None:
+        """The last line (or closes the bar): call when the work is done."""
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            self._line()
+
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
+        if exc[0] is None:
+            self.close()
+        elif self._bar is not None:
             self._bar.close()
-        elif self.enabled and exc[0] is None:
-            self._line()

@@ -250,3 +250,29 @@ def test_throughput_monitor_gets_flops_per_batch(tmp_path, chat_file):
     # forward-only count); their shares of trained positions differ, so not exactly 3x
     assert all(2 < t / val[0] < 5 for t in train), (train, val)
     assert not any(r.get("train/device/mfu") for r in rows)  # no peak FLOPs known for a CPU
+
+
+def test_work_outside_the_loops_prints_lines_with_rate_and_eta_in_a_log(monkeypatch):
+    import io
+    import itertools
+
+    from distill import progress as progress_module
+    from distill.progress import Progress
+
+    # each check, then each line, reads the clock
+    clock = itertools.chain([0.0, 10.0, 20.0, 45.0, 45.0, 50.0], itertools.repeat(60.0))
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    log = io.StringIO()  # not a terminal
+    with Progress(1000, "encoding train records", "records", every_seconds=30, stream=log) as work:
+        work.update(200)  # t=10: too soon for a line
+        work.update(300)  # t=20: too soon
+        work.update(400)  # t=45: a line
+    lines = log.getvalue().splitlines()
+    assert lines == [
+        "[distill] encoding train records: 900/1,000 records (90%), 20 records/s, elapsed 45s, ETA 5s",
+        "[distill] encoding train records: 900/1,000 records (90%), 18 records/s, elapsed 50s, ETA 6s",
+    ]
+    quiet = io.StringIO()
+    with Progress(10, "x", enabled=False, stream=quiet) as work:
+        work.update(10)
+    assert quiet.getvalue() == ""

@@ -24,6 +24,7 @@ from distill.data.batching import Collator
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
 from distill.data.templates import ChatTemplate
+from distill.progress import Progress
 from distill.teacher.identity import check_teacher_vocabulary, tokenizer_hash
 from distill.teacher.module import SparseOutput, TeacherModule
 
@@ -217,13 +218,17 @@ def collect(
             teacher.teachers[jobs[j].teacher_index].key, rank, commit_seconds=commit_seconds
         )
     )
+    total = sum(len(job.samples) for job in jobs)
+    progress = Progress(total, "collecting teacher targets", "samples", enabled=rank == 0)
     try:
         for j, job in enumerate(jobs):
             for start in range(0, len(job.samples), batch_size):
                 batch = collator(job.samples[start : start + batch_size])
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 writer.put(j, teacher.predict_step(batch, start // batch_size, j))
+                progress.update(len(batch["input_ids"]))
+        progress.close()
     finally:
         writer.close()
         teacher.release()
-    return sum(len(job.samples) for job in jobs)
+    return total
