@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,43 @@ def test_rice_round_trip():
         blob = codec.rice_encode(values)
         out, end = codec.rice_decode(np.frombuffer(b"xy" + blob, np.uint8), 2)
         assert np.array_equal(out, values.astype(np.int64)) and end == len(blob) + 2
+
+
+def rice_reference(values: np.ndarray) -> bytes:
+    """``rice_encode`` one bit at a time: the L of the fewest bits, unary high parts, then each value's
+    L low bits least significant first; bit strings packed most significant bit first."""
+    v = [int(x) for x in values]
+    if not v:
+        return struct.pack("<BII", 0, 0, 0)
+    sizes = [len(v) * (L + 1) + sum(x >> L for x in v) for L in range(max(v).bit_length() + 1)]
+    L = sizes.index(min(sizes))
+
+    def pack(bits: str) -> bytes:
+        bits += "0" * (-len(bits) % 8)
+        return bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+
+    unary = pack("".join("0" * (x >> L) + "1" for x in v))
+    low = pack("".join(format(x & ((1 << L) - 1), f"0{L}b")[::-1] if L else "" for x in v))
+    return struct.pack("<BII", L, len(v), len(unary)) + unary + low
+
+
+def test_rice_encode_equals_a_bit_by_bit_reference():
+    rng = np.random.default_rng(0)
+    for width in range(0, 41, 3):  # low parts of 0 to 40 bits, i.e. 1 to 8 bytes per value
+        for n in (1, 9, 300):
+            values = rng.integers(0, 2**width + 1, n)
+            assert codec.rice_encode(values) == rice_reference(values), (width, n)
+    gaps = np.diff(np.sort(rng.choice(V, (20, K), replace=False), axis=1), axis=1, prepend=0)
+    assert codec.rice_encode(gaps) == rice_reference(gaps.ravel())
+
+
+def test_encoding_is_the_same_whether_ids_arrive_sorted_or_by_value():
+    gen = torch.Generator().manual_seed(0)
+    by_value = head(peaked_logits(30, V, gen), K)
+    ids, order = by_value.ids.sort(dim=1)  # as collection hands them over
+    by_id = SparseTargets(ids, by_value.logits.gather(1, order), by_value.lse)
+    a, b = (codec.encode_targets(t, "topk", K, V, 6) for t in (by_value, by_id))
+    assert np.array_equal(a.stream, b.stream) and np.array_equal(a.tail, b.tail) and a.kl == b.kl
 
 
 def test_topk_round_trip_ids_exact_values_within_tolerance(tmp_path):

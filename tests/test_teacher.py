@@ -1,10 +1,12 @@
 """Teacher collection: sparse outputs against a dense reference, sync, stale caches, vocabulary, crashes."""
 
+import gc
 import logging
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -12,10 +14,11 @@ import torch
 from distill.cache import CacheReader, StaleCacheError, cache_stats
 from distill.cli import main
 from distill.teacher.identity import VocabularyMismatchError
-from distill.teacher.module import sparse_distribution
+from distill.teacher.module import Teacher, TeacherModule, sparse_distribution, top_k
 from tests.helpers import (
     ROOT,
     TINY_LLAMA,
+    TOKENIZER_DIR,
     clean_env,
     collect_config,
     conversation,
@@ -40,6 +43,55 @@ def test_sparse_distribution_matches_dense():
     ids, _, _, sample_ids, counts = sparse_distribution(logits, k=5, scheme="hybrid", num_draws=12)
     drawn = [set(s[c > 0].tolist()) for s, c in zip(sample_ids, counts, strict=True)]
     assert all(not (d & set(i.tolist())) for d, i in zip(drawn, ids, strict=True))  # tail draws only
+
+
+@pytest.mark.parametrize("vocab", [32000, 64 * 300 + 17])  # whole blocks; a partial last block
+def test_blocked_top_k_equals_torch_topk(vocab):
+    torch.manual_seed(0)
+    wide = torch.randn(40, vocab + 29) * 3
+    wide[0, 640:704] += 50  # row 0: the whole top-64 in one block
+    wide[1, -29 - 10 : -29] += 50  # row 1: the top-10 in the partial last block (or the last block)
+    for logits in (wide[:, :vocab].contiguous(), wide[:, :vocab]):  # a head sliced to the vocabulary
+        for k in (1, 10, 64):
+            values, ids = top_k(logits, k)
+            expected_values, expected_ids = logits.topk(k, dim=-1)
+            assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+    # bfloat16 makes ties: the same values, and ids that hold them
+    low = wide[:, :vocab].bfloat16()
+    values, ids = top_k(low, 64)
+    assert torch.equal(values, low.topk(64, dim=-1).values) and torch.equal(low.gather(1, ids), values)
+
+
+def test_log_sum_exp_within_a_float32_ulp_at_a_real_vocabulary():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 32000) * 4  # |lse| ~ 20: one float32 ulp is 1.9e-6
+    ids, head, lse, _, _ = sparse_distribution(logits.clone(), k=64, scratch=True)
+    assert (lse.double() - torch.logsumexp(logits.double(), -1)).abs().max() < 2.5e-6
+    assert torch.equal(ids, logits.topk(64).indices.sort().values)
+    assert torch.equal(head, logits.gather(-1, ids))
+
+
+def test_release_frees_the_teacher_collecting_garbage_only_for_a_cycle():
+    module = TeacherModule([Teacher(model_config=TINY_LLAMA, name="t")], tokenizer=str(TOKENIZER_DIR))
+    full_collections = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full_collections.append(1)
+
+    gc.callbacks.append(count)
+    try:
+        for cycle in (False, True):
+            model = module.teacher_model(0)
+            if cycle:
+                model.cycle = [model]  # only the garbage collector can free it
+            alive = weakref.ref(model)
+            del model
+            full_collections.clear()
+            module.release()
+            assert alive() is None and len(full_collections) == int(cycle)
+    finally:
+        gc.callbacks.remove(count)
 
 
 def test_collected_cache_equals_the_teachers_dense_output(tmp_path, teacher_dir):

@@ -46,10 +46,20 @@ def rice_encode(values: np.ndarray) -> bytes:
     L = int(np.argmin(sizes))
     high = v >> L
     bits = np.zeros(n + int(high.sum()), dtype=bool)
-    bits[np.arange(n) + np.cumsum(high)] = True  # value j ends with a 1 after its high_j zeros
+    ends = np.cumsum(high)
+    ends += np.arange(n)
+    bits[ends] = True  # value j ends with a 1 after its high_j zeros
     unary = np.packbits(bits)
-    low = (v[:, None] >> np.arange(L)) & 1  # (n, L) little-endian bits of each value
-    return _HEADER.pack(L, n, unary.size) + unary.tobytes() + np.packbits(low.astype(bool)).tobytes()
+    return _HEADER.pack(L, n, unary.size) + unary.tobytes() + _low_bits(v, L).tobytes()
+
+
+def _low_bits(v: np.ndarray, L: int) -> np.ndarray:
+    """The L low bits of each value, least significant first, one after another, packed into bytes:
+    each value's bytes (little-endian, as few as hold L bits) unpacked in place of an (n, L) int64
+    array of shifted copies."""
+    width = next(w for w in (1, 2, 4, 8) if 8 * w >= L)
+    low = (v & ((1 << L) - 1)).astype(f"<u{width}").view(np.uint8).reshape(v.size, width)
+    return np.packbits(np.unpackbits(low, axis=1, count=L, bitorder="little"))
 
 
 def rice_decode(buf: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
@@ -178,13 +188,15 @@ def encode_targets(
     num_pos = lse.shape[0]
     blob, tail, kl = b"", None, 0.0
     if scheme != "sampled":
-        ids, logits = _np(t.ids).astype(np.int64), _np(t.logits).astype(np.float32)
+        ids = _np(t.ids).astype(np.int64, copy=False)
+        logits = _np(t.logits).astype(np.float32, copy=False)
         if ids.shape != (num_pos, k) or logits.shape != ids.shape:
             raise ValueError(f"ids and logits must have shape {(num_pos, k)}, got {ids.shape} {logits.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise ValueError(f"token ids must be in [0, {vocab_size})")
-        order = np.argsort(ids, axis=1, kind="stable")
-        ids, logits = np.take_along_axis(ids, order, 1), np.take_along_axis(logits, order, 1)
+        if not (ids[:, 1:] > ids[:, :-1]).all():  # collection hands them over sorted already
+            order = np.argsort(ids, axis=1, kind="stable")
+            ids, logits = np.take_along_axis(ids, order, 1), np.take_along_axis(logits, order, 1)
         blob, q = encode_head(ids, logits, bits)
         tail = tail_log_mass(logits, lse).astype(np.float16)
         kl = float("nan")

@@ -7,6 +7,7 @@ memory and frees it when the next teacher's job starts.
 from __future__ import annotations
 
 import gc
+import weakref
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -80,6 +81,41 @@ class SparseOutput:
         return SparseTargets(self.ids, self.logits, self.lse, self.sample_ids, self.sample_counts)
 
 
+LOG2_E = 1.4426950408889634
+TOPK_BLOCK = 64  # columns per block of ``top_k``: 500 block maxima and 64 x 64 candidates at V=32000
+
+
+def top_k(logits: Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[Tensor, Tensor]:
+    """``logits.topk(k, dim=-1)`` of (n, V) rows: the k largest values, descending, and their ids.
+
+    On a CPU the k are picked among the elements of the k blocks of ``block`` columns with the
+    largest maxima: an element outside them is at most the smallest of those k maxima, so it cannot
+    beat the k-th largest element (at best it ties with it). torch.topk copies and heap-sorts each
+    whole row; this reads it once (the block maxima) and ranks 1/8 of it: 1.6-2x faster at V=32,000,
+    K=64. On a GPU torch.topk's radix select is one kernel already.
+    """
+    n, vocab = logits.shape
+    blocks = vocab // block
+    if logits.device.type != "cpu" or not 0 < 4 * k <= blocks:
+        return logits.topk(k, dim=-1)
+    whole = blocks * block
+    grid = logits[:, :whole].view(n, blocks, block)
+    chosen = grid.amax(dim=-1).topk(k, dim=-1).indices  # (n, k) blocks holding every top-k element
+    rows = torch.arange(n, device=logits.device)[:, None]
+    if logits.stride() == (whole, 1):  # one block is one row of a (n * blocks, block) view: row copies
+        candidates = grid.view(n * blocks, block).index_select(0, (chosen + rows * blocks).view(-1))
+    else:
+        candidates = grid[rows, chosen]
+    candidates = candidates.view(n, k * block)
+    if whole < vocab:  # the partial last block always competes
+        candidates = torch.cat([candidates, logits[:, whole:]], dim=1)
+    values, slots = candidates.topk(k, dim=-1)
+    ids = chosen.gather(1, (slots // block).clamp_(max=k - 1)) * block + slots % block
+    if whole < vocab:
+        ids = torch.where(slots >= k * block, slots - k * block + whole, ids)
+    return values, ids
+
+
 def sparse_distribution(
     logits: Tensor,
     k: int,
@@ -100,17 +136,21 @@ def sparse_distribution(
         head = torch.empty((n, 0), device=logits.device)
         peak = logits.amax(dim=-1).float()
     else:
-        head, ids = logits.topk(k, dim=-1)  # descending: column 0 is the row's maximum
+        head, ids = top_k(logits, k)  # descending: column 0 is the row's maximum
         peak = head[:, 0].float()
         ids, order = ids.sort(dim=-1)
         head = head.gather(-1, order).float()
     work = logits.float()
     if work.data_ptr() == logits.data_ptr() and not scratch:
         work = work.clone()
-    weights = work.sub_(peak[:, None]).exp_()  # exp(logit - max), in place
-    lse = peak + weights.sum(dim=-1).log()
+    work.sub_(peak[:, None])
     if scheme == "topk":
+        # exp(x) = 2 ** (x * log2(e)): torch's exp2 is ~3x faster than its exp on a CPU; the log-sum-exp
+        # stays within a float32 ulp of the exact one (the draws below keep exp: the same draws as ever)
+        lse = peak + work.mul_(LOG2_E).exp2_().sum(dim=-1).log()
         return ids, head, lse, None, None
+    weights = work.exp_()  # exp(logit - max), in place
+    lse = peak + weights.sum(dim=-1).log()
     if temperature != 1.0:
         weights.pow_(1.0 / temperature)  # exp((logit - max) / T)
     if scheme == "hybrid":
@@ -131,7 +171,7 @@ class TeacherModule(L.LightningModule):
         scheme: Scheme = "topk",
         num_draws: int = 0,
         temperature: float = 1.0,
-        chunk_size: int = 128,
+        chunk_size: int = 256,
         vocab_size: int | None = None,
         tokenizer: str | None = None,
     ) -> None:
@@ -143,8 +183,9 @@ class TeacherModule(L.LightningModule):
                 teacher: unbiased) or ``hybrid`` (exact head + draws from the tail).
             num_draws: Draws per position for ``sampled``/``hybrid``.
             temperature: Temperature of the draws (stored logits are always raw).
-            chunk_size: Positions whose logits exist at once (128: the (128, V) buffers stay in the CPU's
-                caches and heap; 512 was 25% slower on a CPU).
+            chunk_size: Positions whose logits exist at once (on a CPU at V=32,000, 256 was 5-9% faster
+                than 128, whose head matrix products are less efficient, and than 512, whose (512, V)
+                buffers leave the CPU's caches and heap).
             vocab_size: True vocabulary size (default: the tokenizer's); ids past it are never stored.
             tokenizer: Tokenizer of the student and teachers (linked from the data module).
         """
@@ -236,8 +277,7 @@ class TeacherModule(L.LightningModule):
         """The teacher of ``index``, loaded on first use; the previous one is freed first."""
         if self._loaded is not None and self._loaded[0] == index:
             return self._loaded[1]
-        self._loaded = None
-        gc.collect()
+        self.release()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         teacher = self.teachers[index]
@@ -249,8 +289,14 @@ class TeacherModule(L.LightningModule):
         return model
 
     def release(self) -> None:
+        """Free the loaded teacher. A full garbage collection (~0.25 s once transformers is imported)
+        runs only when a reference cycle keeps the model alive; otherwise dropping it freed it."""
+        if self._loaded is None:
+            return
+        model = weakref.ref(self._loaded[1])
         self._loaded = None
-        gc.collect()
+        if model() is not None:
+            gc.collect()
 
     @torch.no_grad()
     def batch_targets(self, model: nn.Module, batch: dict) -> tuple[SparseTargets, Tensor]:
