@@ -137,7 +137,8 @@ def test_export_carries_the_template_training_used_not_the_tokenizers_own(tmp_pa
 
     exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
     data = dataset_samples_with(args)
-    sample = next(s for s in data.with_records(data.train) if len(s.record.messages) > 3)
+    data.attach_records()
+    sample = next(s for s in data.train if len(s.record.messages) > 3)
     messages = list(sample.record.messages)
     trained_text = data.chat_template.render(data.tokenizer, messages, generation_prompt=False)
     assert exported.apply_chat_template(messages, tokenize=False) == trained_text

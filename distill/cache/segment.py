@@ -42,7 +42,8 @@ _FIELDS = {
 }
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename survives a crash once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,9 +54,9 @@ def _fsync(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 class Segment:
@@ -103,9 +104,9 @@ class Segment:
         """Close, fsync, rename, fsync the directory: after this returns the segment survives a crash
         (even power loss, where the file system honours fsync); before it, readers never see it."""
         self.file.close()
-        _fsync(self.partial)
+        fsync_path(self.partial)
         os.replace(self.partial, self.final)
-        _fsync(self.final.parent)
+        fsync_path(self.final.parent)
         return self.final
 
 

@@ -136,6 +136,7 @@ class DataModule(L.LightningDataModule):
         self.stop_token_ids: list[int] = []
         self._predict_jobs: list[list[Encoded]] | None = None  # see predict_only
         self._set_up = False
+        self._splits: dict[str, TokenizedSamples] | None = None  # see tokenized_splits
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.chat_template: ChatTemplate | None = None  # resolved once a conversation is encoded
 
@@ -148,8 +149,9 @@ class DataModule(L.LightningDataModule):
         return self._tokenizer
 
     def load_records(self) -> tuple[list[Record], list[Record]]:
-        """Training and validation records, split and capped as configured."""
-        train = read_records(_as_list(self.train_files), self.format)
+        """Training and validation records, split and capped as configured (streaming: validation only,
+        the corpus is never read whole)."""
+        train = [] if self.streaming else read_records(_as_list(self.train_files), self.format)
         if self.val_files:
             val = read_records(_as_list(self.val_files), self.format)
         elif self.val_fraction > 0:
@@ -221,7 +223,10 @@ class DataModule(L.LightningDataModule):
 
     def tokenized_splits(self) -> dict[str, TokenizedSamples]:
         """Each split's samples from the tokenized cache, encoding (once, under the entry's lock) the
-        splits it does not hold yet."""
+        splits it does not hold yet. Kept: ``prepare_data`` and ``setup`` in one process hash the files
+        once."""
+        if self._splits is not None:
+            return self._splits
         entries = {
             split: TokenizedEntry(self.tokenized_cache, inputs)
             for split, inputs in self.split_inputs().items()
@@ -236,16 +241,12 @@ class DataModule(L.LightningDataModule):
                 opened.update({split: entries[split].open() for split in missing})
                 todo = [split for split in missing if opened[split] is None]
                 if todo:
-                    records = self._records_of(todo)
+                    records = dict(zip(("train", "val"), self.load_records(), strict=True))
                     for split in todo:
                         self.build_split(entries[split], split, records[split])
                         opened[split] = entries[split].open()
+        self._splits = opened
         return opened
-
-    def _records_of(self, splits: list[str]) -> dict[str, list[Record]]:
-        if self.streaming:  # only validation is encoded: never read the corpus whole
-            return {"val": read_records(_as_list(self.val_files), self.format)[: self.max_eval_samples]}
-        return dict(zip(("train", "val"), self.load_records(), strict=True))
 
     def build_split(self, entry: TokenizedEntry, split: str, records: list[Record]) -> None:
         template = self.template_for(records)
@@ -271,12 +272,13 @@ class DataModule(L.LightningDataModule):
 
             entry.build(counted(), {"conversations": template is not None})
 
-    def with_records(self, samples: Sequence[Encoded]) -> list[Encoded]:
-        """``samples`` with their records attached (read again from the files, matched by SHA), for
-        teachers that render each record in a chat template of their own."""
+    def attach_records(self) -> None:
+        """Give the training and validation samples their records (read again from the files, once,
+        matched by SHA), for teachers that render each record in a chat template of their own."""
         train, val = self.load_records()
         by_sha = {record.sha: record for record in (*train, *val)}
-        return [replace(sample, record=by_sha[sample.sha]) for sample in samples]
+        self.train = [replace(sample, record=by_sha[sample.sha]) for sample in self.train]
+        self.val = [replace(sample, record=by_sha[sample.sha]) for sample in self.val]
 
     def setup(self, stage: str) -> None:
         if self._set_up:
@@ -287,7 +289,7 @@ class DataModule(L.LightningDataModule):
         self.train = splits.get("train", [])
         self.val = splits.get("val", [])
         if stage == "predict":  # teacher collection: a teacher may render each record in its own template
-            self.train, self.val = self.with_records(self.train), self.with_records(self.val)
+            self.attach_records()
         train_stats = splits["train"].stats if "train" in splits else EncodingStats()
         val_stats = splits["val"].stats if "val" in splits else EncodingStats()
         empty_fit = stage == "fit" and not self.train and not self.streaming

@@ -53,6 +53,7 @@ class EncodingStats:
         "tokens",
         "trainable_tokens",
     )
+    EXAMPLES: ClassVar[int] = 3  # fully masked samples kept to show in the error
 
     @property
     def trainable_share(self) -> float:
@@ -61,12 +62,12 @@ class EncodingStats:
     def add(self, other: EncodingStats) -> None:
         for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        room = 3 - len(self.examples_without_labels)
+        room = self.EXAMPLES - len(self.examples_without_labels)
         self.examples_without_labels.extend(other.examples_without_labels[:room])
 
     def as_dict(self) -> dict[str, float]:
-        names = ("samples", "kept", "truncated", "dropped_too_long", "dropped_no_trainable", "tokens")
-        return {**{n: getattr(self, n) for n in names}, "trainable_share": round(self.trainable_share, 4)}
+        counts = {n: getattr(self, n) for n in self.COUNTS if n != "trainable_tokens"}
+        return {**counts, "trainable_share": round(self.trainable_share, 4)}
 
 
 def encode_record(
@@ -126,7 +127,7 @@ def encode_chunk(
         stats.truncated += sample is not encoded
         if sample.num_trainable == 0:
             stats.dropped_no_trainable += 1
-            if len(stats.examples_without_labels) < 3:
+            if len(stats.examples_without_labels) < stats.EXAMPLES:
                 stats.examples_without_labels.append(sample)
             continue
         kept.append(sample)

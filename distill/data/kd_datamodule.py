@@ -143,7 +143,7 @@ class KDDataModule(DataModule):
         check_vocabularies(self.teacher, self.tokenizer)  # before any teacher is loaded
         if any(t.template is not None for t in self.teachers):
             # such a teacher renders each record in its own template: the mapped samples carry none
-            self.train, self.val = self.with_records(self.train), self.with_records(self.val)
+            self.attach_records()
         self.spec = cache_spec(
             self.teacher,
             self.tokenizer,

@@ -36,6 +36,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from distill.cache.lock import WriterLock
+from distill.cache.segment import fsync_path
 from distill.data.chunks import EncodedChunk
 from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats
 
@@ -236,22 +237,8 @@ class TokenizedEntry:
             "inputs": self.inputs,
             **extra,
         }
-        _write_synced(building / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+        (building / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        fsync_path(building / "meta.json")
         os.rename(building, self.data)
-        _fsync_directory(self.path)
+        fsync_path(self.path)
         return stats
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
