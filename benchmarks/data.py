@@ -2,7 +2,8 @@
 
 Encoding: ``--records`` synthetic conversations (the bundled ones repeated, each copy's first user turn
 numbered so that every record is distinct) encoded with the bundled tokenizer and the ``mistral``
-template by ``encode_chunks`` with ``num_proc`` 1 and 2 (records/s of each, and their ratio). Cached start:
+template by ``encode_chunks`` with ``num_proc`` 1 and 2, in 3 interleaved rounds (median records/s of
+each; the median and spread of the per-round ratio). Cached start:
 ``DataModule.setup`` on a file of those records with an empty tokenized cache (it encodes and writes
 the cache) vs a second, new DataModule on the same file (it maps the cache), in seconds.
 
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -77,17 +79,19 @@ def synthetic_records(path: Path, count: int) -> Path:
     return path
 
 
-def encode_rates(path: Path, tokenizer, max_length: int) -> dict[int, float]:
-    """records/s of ``encode_chunks`` (what the DataModule runs) with 1 and 2 processes."""
+def encode_rates(path: Path, tokenizer, max_length: int, rounds: int = 3) -> dict[int, list[float]]:
+    """records/s of ``encode_chunks`` (what the DataModule runs) with 1 and 2 processes, ``rounds``
+    interleaved pairs alternating which goes first (the machine's speed drifts between runs)."""
     records = read_records(path)
     template = resolve_template(tokenizer, "mistral")
-    rates = {}
-    for num_proc in (1, 2):
-        start = time.perf_counter()
-        for _ in encode_chunks(records, tokenizer, template, max_length, num_proc=num_proc):
-            pass
-        rates[num_proc] = len(records) / (time.perf_counter() - start)
-        print(f"encoding, {num_proc} process(es): {rates[num_proc]:,.0f} records/s", flush=True)
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for round_no in range(rounds):
+        for num_proc in (1, 2) if round_no % 2 == 0 else (2, 1):
+            start = time.perf_counter()
+            for _ in encode_chunks(records, tokenizer, template, max_length, num_proc=num_proc):
+                pass
+            rates[num_proc].append(len(records) / (time.perf_counter() - start))
+            print(f"encoding, {num_proc} process(es): {rates[num_proc][-1]:,.0f} records/s", flush=True)
     return rates
 
 
@@ -125,6 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_records(Path(tmp) / "records.jsonl", args.records)
         rates = encode_rates(path, tokenizer, args.max_length)
+        ratios = [two / one for one, two in zip(rates[1], rates[2], strict=True)]
         first = start_seconds(path, Path(tmp) / "cache", args.max_length)
         cached = start_seconds(path, Path(tmp) / "cache", args.max_length)
     print(f"start: {first:.2f} s encoding into the cache, {cached:.3f} s from it", flush=True)
@@ -146,9 +151,10 @@ def main() -> None:
     both = max(old)
     result(
         {
-            "encode_records_per_second_1": round(rates[1], 1),
-            "encode_records_per_second_2": round(rates[2], 1),
-            "encode_two_process_speedup": round(rates[2] / rates[1], 3),
+            "encode_records_per_second_1": round(statistics.median(rates[1]), 1),
+            "encode_records_per_second_2": round(statistics.median(rates[2]), 1),
+            "encode_two_process_speedup": round(statistics.median(ratios), 3),
+            "encode_two_process_speedup_spread": [round(min(ratios), 3), round(max(ratios), 3)],
             "first_start_seconds": round(first, 3),
             "cached_start_seconds": round(cached, 4),
             "cached_start_speedup": round(first / cached, 1),
