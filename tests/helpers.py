@@ -294,3 +294,11 @@ def check_stopped_fit_resumes(
     assert sorted(got) == list(range(6, 10))
     assert all(abs(want[s] - got[s]) < 1e-5 for s in got), {s: (want[s], got[s]) for s in got}
     return stopped
+
+
+def token_inputs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, batch: dict):
+    """``LossInputs`` of loss positions that all belong to one sequence (objectives of token units)."""
+    from distill.objectives.base import LossInputs
+
+    sequence = torch.zeros(labels.shape[0], dtype=torch.long)
+    return LossInputs(hidden, labels, sequence, hidden[-1:].detach(), head, batch)

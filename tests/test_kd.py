@@ -14,7 +14,7 @@ from distill.cli import main, run_cli
 from distill.objectives.kd import Distillation
 from distill.targets import concat_targets
 from distill.teacher.module import sparse_distribution
-from tests.helpers import kd_config, logged_values
+from tests.helpers import kd_config, logged_values, token_inputs
 
 V, H = 40, 16
 
@@ -38,7 +38,9 @@ def test_distillation_with_full_vocabulary_head_equals_dense_reference(alpha, te
     labels = torch.randint(0, V, (13,))
     ids, logits, lse, _, _ = sparse_distribution(teacher_logits, k=V)
     batch = {"targets": [concat_targets([SparseTargetsOf(ids, logits, lse)])], "vocab_size": V}
-    out = Distillation(alpha=alpha, temperature=temperature, chunk_size=4)(hidden, head, labels, batch)
+    out = Distillation(alpha=alpha, temperature=temperature, chunk_size=4)(
+        token_inputs(hidden, head, labels, batch)
+    )
     expected = dense_reference(head(hidden), teacher_logits, labels, alpha, temperature)
     torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-5)
     assert out.num_tokens == 13 and set(out.sums) == {"ce", "kd", "agree"}
@@ -61,7 +63,7 @@ def test_positions_that_do_not_match_the_data_are_an_error():
     ids, logits, lse, _, _ = sparse_distribution(torch.randn(5, V), k=4)
     batch = {"targets": [SparseTargetsOf(ids, logits, lse)], "vocab_size": V}
     with pytest.raises(ValueError, match="5 teacher positions for 6 trainable tokens"):
-        Distillation()(torch.randn(6, H), head, torch.zeros(6, dtype=torch.long), batch)
+        Distillation()(token_inputs(torch.randn(6, H), head, torch.zeros(6, dtype=torch.long), batch))
 
 
 def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, kd_teacher_dir, caplog, capsys):
@@ -219,8 +221,9 @@ def test_sampled_cache_needs_the_sampled_loss():
     batch = {"targets": [SparseTargetsOf(ids, logits, lse)], "vocab_size": V}
     batch["targets"][0].sample_ids, batch["targets"][0].sample_counts = sample_ids, counts
     with pytest.raises(ValueError, match="use loss sampled_ce"):
-        Distillation()(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
-    out = Distillation(loss="sampled_ce")(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
+        Distillation()(token_inputs(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch))
+    inputs = token_inputs(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
+    out = Distillation(loss="sampled_ce")(inputs)
     assert out.loss_sum.isfinite() and out.num_tokens == 4
 
 

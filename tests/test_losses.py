@@ -23,6 +23,7 @@ from distill.losses.kd import (
 )
 from distill.objectives.kd import Distillation
 from distill.targets import SparseTargets
+from tests.helpers import token_inputs
 
 P, V = 7, 50
 # Non-symmetric parameters, so that a swapped mixture (TRL #3043) shows up.
@@ -375,7 +376,7 @@ def test_distillation_in_chunks_matches_the_unchunked_loss_and_gradients():
     targets = top_k(logits(30), 8)
     labels = torch.randint(0, V, (P,), generator=gen)
     objective = Distillation(loss="jsd", temperature=2.0, alpha=0.7, chunk_size=3)
-    chunked = objective(hidden, head, labels, {"targets": [targets], "vocab_size": V})
+    chunked = objective(token_inputs(hidden, head, labels, {"targets": [targets], "vocab_size": V}))
     params = (hidden, head.weight, head.bias)
     grads = torch.autograd.grad(chunked.loss_sum, params)
     full = kd_loss(

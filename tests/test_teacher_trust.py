@@ -39,6 +39,7 @@ from tests.helpers import (
     kd_config,
     logged_values,
     save_tiny_teacher,
+    token_inputs,
 )
 
 
@@ -252,8 +253,8 @@ def test_the_objective_reports_the_teachers_ce_beside_the_students(tokenizer, te
     online.setup(SimpleNamespace(tokenizer_id=str(TOKENIZER_DIR)))
     assert online.metric_names == ("ce", "kd", "agree", "teacher_ce")
     head = torch.nn.Linear(32, 32000, bias=False)
-    out = online(torch.randn(labels.shape[0], 32), head, labels, batch)
-    model = online._online_module.teacher_model(0)
+    out = online(token_inputs(torch.randn(labels.shape[0], 32), head, labels, batch))
+    model = online._in_memory[0].teacher_model(0)
     rows = [batch["input_ids"][i][batch["attention_mask"][i].bool()] for i in range(2)]
     expected = 0.0
     for ids, row_labels in zip(rows, batch["labels"], strict=True):
@@ -291,7 +292,7 @@ def test_cached_teachers_each_get_their_ce_under_their_name():
     one = SparseTargets(torch.arange(V).repeat(3, 1), torch.zeros(3, V), torch.full((3,), math.log(V)))
     nll = {"a": torch.tensor(4.0, dtype=torch.float64), "b": torch.tensor(7.0, dtype=torch.float64)}
     batch = {"targets": [one, one], "vocab_size": V, "teacher_nll": nll}
-    out = objective(torch.randn(3, 4), torch.nn.Linear(4, V), torch.tensor([0, 1, 2]), batch)
+    out = objective(token_inputs(torch.randn(3, 4), torch.nn.Linear(4, V), torch.tensor([0, 1, 2]), batch))
     assert {k: float(v) for k, v in out.sums.items() if k.startswith("teacher")} == {
         "teacher_ce/a": 4.0,
         "teacher_ce/b": 7.0,

@@ -1,25 +1,54 @@
-"""Training objectives: what the student minimises, given its final hidden states at trainable positions.
+"""Training objectives: what the student minimises, given its final hidden states where loss is taken.
 
-An objective sees only the positions that carry loss (``hidden`` and ``labels`` of shape (N, H) and
-(N,)) and the output head, and returns token *sums*: the module divides by the number of trainable
-tokens of the whole optimizer step (all micro-batches, all ranks), not per micro-batch.
+The student runs its backbone once and hands the objective a ``LossInputs``: the hidden states at the
+positions that carry loss (flattened to (N, H)), the labels there, which sequence of the batch each of
+those positions belongs to, and each sequence's last non-pad hidden state (where a reward head reads).
+The objective returns a ``Loss``: *sums* over its unit (tokens for PT/SFT/KD, pairs for preference
+losses). The module divides by the units of the whole optimizer step (all micro-batches, all ranks),
+not per micro-batch, so a short and a long micro-batch weigh by what they hold.
+
+An objective is an ``nn.Module``: parameters it owns (a reward head) are trained, checkpointed, sharded
+and exported with the student. ``prepare`` runs before the forward without gradients (reference
+log-probs; rollouts) and may add to the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
 
 @dataclass
-class TokenLoss:
-    loss_sum: Tensor  # scalar, differentiable
-    num_tokens: int
-    correct: Tensor  # scalar: argmax predictions equal to the label
-    sums: dict[str, Tensor] = field(default_factory=dict)  # further per-token sums to log as means
+class LossInputs:
+    """What an objective reads of one micro-batch's forward."""
+
+    hidden: Tensor  # (N, H) final hidden states at the positions that carry loss
+    labels: Tensor  # (N,) the token each of those positions predicts
+    sequence: Tensor  # (N,) index of the batch's sequence (sample) each position belongs to
+    last_hidden: Tensor  # (S, H) each sequence's last non-pad position
+    head: nn.Module  # the output head: (n, H) -> (n, V) logits
+    batch: dict
+
+    @property
+    def num_sequences(self) -> int:
+        return self.last_hidden.shape[0]
+
+
+@dataclass
+class Loss:
+    loss_sum: Tensor  # scalar, differentiable: a sum over ``num_units``
+    num_units: int  # what the sums are over (tokens, pairs, sequences): the step normalises by these
+    num_tokens: int  # positions the head ran at (FLOPs, throughput)
+    correct: Tensor | None = None  # top-1 predictions equal to the label, over the tokens
+    sums: dict[str, Tensor] = field(default_factory=dict)  # further per-unit sums, logged as means
 
 
 def over_chunks(
@@ -46,16 +75,47 @@ def over_chunks(
     return totals
 
 
-class Objective:
-    """What the student minimises: ``__call__(hidden, head, labels, batch) -> TokenLoss``.
+def token_log_probs(
+    hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int = 1024, vocab_size: int | None = None
+) -> Tensor:
+    """(N,) log-probability of each label under the head, computed chunk by chunk (never all N x V
+    logits at once, in the forward or the backward pass)."""
 
-    ``metric_names`` lists the extra per-token sums it reports (logged as means on train and val).
+    def chunk(h: Tensor, y: Tensor) -> Tensor:
+        logits = head(h)
+        if vocab_size is not None and logits.shape[-1] > vocab_size:
+            logits = logits[:, :vocab_size]  # a padded head's extra rows are not tokens
+        logits = logits.float()
+        return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    parts = [
+        checkpoint(chunk, hidden[s : s + chunk_size], labels[s : s + chunk_size], use_reentrant=False)
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat(parts) if parts else hidden.sum(-1) * 0.0
+
+
+def per_sequence(values: Tensor, sequence: Tensor, num_sequences: int) -> Tensor:
+    """(S,) sums of per-position ``values`` (N,) by the sequence each position belongs to."""
+    return values.new_zeros(num_sequences).index_add(0, sequence, values)
+
+
+class Objective(nn.Module):
+    """What the student minimises: ``forward(inputs: LossInputs) -> Loss``.
+
+    ``unit`` names what ``Loss.num_units`` counts; ``metric_names`` the extra sums it reports (logged as
+    means per unit on train and val).
     """
 
+    unit: str = "token"
     metric_names: tuple[str, ...] = ()
 
-    def setup(self, student: nn.Module) -> None:
+    def setup(self, student: StudentModule) -> None:
         """Called once the student is built (e.g. to learn its tokenizer)."""
 
-    def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
+    @torch.no_grad()
+    def prepare(self, batch: dict, student: StudentModule) -> None:
+        """Work before the forward, without gradients: it may add tensors to ``batch``."""
+
+    def forward(self, inputs: LossInputs) -> Loss:
         raise NotImplementedError

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from distill.objectives.base import Objective, TokenLoss, over_chunks
+from distill.objectives.base import LossInputs, Objective, Loss, over_chunks
 
 
 class CrossEntropy(Objective):
@@ -16,13 +16,17 @@ class CrossEntropy(Objective):
         Args:
             chunk_size: Positions whose logits are computed at once; bounds peak memory at large vocabularies.
         """
+        super().__init__()
         self.chunk_size = chunk_size
 
-    def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
+    def forward(self, inputs: LossInputs) -> Loss:
+        head = inputs.head
+
         def chunk_loss(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             logits = head(h).float()  # (n, V)
             loss = F.cross_entropy(logits, y, reduction="sum")
             return loss, (logits.argmax(-1) == y).sum().detach()
 
-        loss_sum, correct = over_chunks(chunk_loss, hidden, labels, chunk_size=self.chunk_size)
-        return TokenLoss(loss_sum=loss_sum, num_tokens=labels.numel(), correct=correct)
+        loss_sum, correct = over_chunks(chunk_loss, inputs.hidden, inputs.labels, chunk_size=self.chunk_size)
+        tokens = inputs.labels.numel()
+        return Loss(loss_sum=loss_sum, num_units=tokens, num_tokens=tokens, correct=correct)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses.kd import LOSSES, cross_entropy, mix_teachers, student_log_probs
-from distill.objectives.base import Objective, TokenLoss, over_chunks
+from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.targets import SparseTargets, teacher_top1
 from distill.teacher.module import Teacher, TeacherModule
 
@@ -60,6 +60,7 @@ class Distillation(Objective):
             )
         if online and any(t.template is not None for t in online):
             raise ValueError("online teachers read the student's batch: a teacher template needs cached KD")
+        super().__init__()
         self.loss = loss
         self.temperature = temperature
         self.alpha = alpha
@@ -68,7 +69,8 @@ class Distillation(Objective):
         self.chunk_size = chunk_size
         self.online = online
         self.online_k = online_k
-        self._online_module: TeacherModule | None = None
+        # a list keeps the teachers out of the module tree: never trained, checkpointed or exported
+        self._in_memory: list[TeacherModule] = []
         self.teacher_names = [t.key for t in online] if online else []
 
     @property
@@ -94,11 +96,11 @@ class Distillation(Objective):
     @torch.no_grad()
     def online_targets(self, batch: dict) -> list[SparseTargets]:
         """Run each online teacher on the batch (all stay loaded: online KD is for small runs)."""
-        if self._online_module is None:
+        if not self._in_memory:
             module = TeacherModule(self.online, k=self.online_k, tokenizer=self.tokenizer_id)
-            self._online_module = module.to(batch["input_ids"].device)
+            self._in_memory.append(module.to(batch["input_ids"].device))
             self._online_models = [module.teacher_model(i) for i in range(len(self.online))]
-        return [self._online_module.batch_targets(model, batch)[0] for model in self._online_models]
+        return [self._in_memory[0].batch_targets(model, batch)[0] for model in self._online_models]
 
     def teacher_ce_sums(self, batch: dict, per_teacher: list[SparseTargets]) -> dict[str, Tensor]:
         """Each teacher's NLL of the labels summed over the batch, under its metric name."""
@@ -112,12 +114,13 @@ class Distillation(Objective):
         names = teacher_ce_names(self.teacher_names)
         return {names[name]: value for name, value in sums.items() if name in names}
 
-    def __call__(self, hidden: Tensor, head: nn.Module, labels: Tensor, batch: dict) -> TokenLoss:
+    def forward(self, inputs: LossInputs) -> Loss:
+        hidden, head, labels, batch = inputs.hidden, inputs.head, inputs.labels, inputs.batch
         if self.online is None:
             per_teacher, vocab_size = batch["targets"], int(batch["vocab_size"])
         else:  # the teachers load on the first call; then their vocabulary size is known
             per_teacher = self.online_targets(batch)
-            vocab_size = self._online_module.vocab_size
+            vocab_size = self._in_memory[0].vocab_size
         teacher_ce = self.teacher_ce_sums(batch, per_teacher)
         targets = self.mix(per_teacher, vocab_size).to(hidden.device)
         if targets.num_positions != labels.shape[0]:
@@ -162,7 +165,8 @@ class Distillation(Objective):
             chunk_loss, hidden, labels, *fields, chunk_size=self.chunk_size, num_outputs=5
         )
         sums = {"ce": ce_sum, "kd": kd_sum, "agree": agree, **teacher_ce}
-        return TokenLoss(loss_sum, labels.numel(), correct, sums)
+        tokens = labels.numel()
+        return Loss(loss_sum, num_units=tokens, num_tokens=tokens, correct=correct, sums=sums)
 
 
 def teacher_ce_names(teachers: list[str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Token-level metrics, kept as sums so that DDP reduction and epoch means weigh every token equally."""
+"""Training metrics, kept as sums so that DDP reduction and epoch means weigh every unit equally."""
 
 from __future__ import annotations
 
@@ -8,37 +8,51 @@ import torch
 from torchmetrics import Metric
 
 
-class TokenMetrics(Metric):
-    """Loss, perplexity and top-1 accuracy per token, plus any extra per-token sums an objective reports.
+class ObjectiveMetrics(Metric):
+    """Loss per unit (token, pair, ...), top-1 accuracy per token, perplexity for token objectives, and
+    the objective's extra sums as means per unit.
 
-    Perplexity is exp of the cross-entropy: the ``ce`` sum when the objective reports one (KD), else the loss.
+    Perplexity is exp of the cross-entropy: the ``ce`` sum when the objective reports one (KD), else the
+    loss; objectives of other units report no perplexity.
     """
 
     full_state_update = False
 
-    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, extra: tuple[str, ...] = (), unit: str = "token") -> None:
         super().__init__()
         self.extra = extra
-        for name in ("loss_sum", "correct", "tokens", *extra):
+        self.unit = unit
+        # metric names may hold "/" (rewards/chosen): the states get plain names
+        self._state_of = {name: f"extra_{i}" for i, name in enumerate(extra)}
+        for name in ("loss_sum", "units", "correct", "tokens", *self._state_of.values()):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("has_correct", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
 
     def update(
-        self, loss_sum: torch.Tensor, correct: torch.Tensor, tokens: int, **sums: torch.Tensor
+        self,
+        loss_sum: torch.Tensor,
+        correct: torch.Tensor | None,
+        units: int,
+        tokens: int,
+        **sums: torch.Tensor,
     ) -> None:
         self.loss_sum += loss_sum.detach().double()
-        self.correct += correct.detach().double()
+        self.units += units
         self.tokens += tokens
+        if correct is not None:
+            self.correct += correct.detach().double()
+            self.has_correct.fill_(1.0)
         for name, value in sums.items():
-            setattr(self, name, getattr(self, name) + value.detach().double())
+            state = self._state_of[name]
+            setattr(self, state, getattr(self, state) + value.detach().double())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        tokens = self.tokens.clamp(min=1)
-        loss = self.loss_sum / tokens
-        ce = self.ce / tokens if "ce" in self.extra else loss
-        values = {
-            "loss": loss,
-            "ppl": torch.exp(ce.clamp(max=math.log(1e30))),
-            "acc": self.correct / tokens,
-        }
-        values.update({name: getattr(self, name) / tokens for name in self.extra})
+        units = self.units.clamp(min=1)
+        values = {"loss": self.loss_sum / units}
+        if self.unit == "token":
+            ce = getattr(self, self._state_of["ce"]) / units if "ce" in self.extra else values["loss"]
+            values["ppl"] = torch.exp(ce.clamp(max=math.log(1e30)))
+        if self.has_correct > 0:
+            values["acc"] = self.correct / self.tokens.clamp(min=1)
+        values.update({name: getattr(self, state) / units for name, state in self._state_of.items()})
         return {k: v.float() for k, v in values.items()}

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, get_scheduler
 
 from distill.data.encoding import IGNORE_INDEX
-from distill.objectives.base import Objective, TokenLoss
+from distill.objectives.base import Loss, LossInputs, Objective
 from distill.objectives.ce import CrossEntropy
 from distill.train.flops import ModelShape, model_shape, transformer_flops
-from distill.train.metrics import TokenMetrics
+from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
 from distill.train.optim import AdamW, weight_decay_groups
 from distill.train.sharding import (
@@ -26,13 +26,36 @@ from distill.train.sharding import (
 )
 
 
-def token_mean_scale(tokens: Tensor, accumulate_grad_batches: int, world_size: int) -> Tensor:
-    """What turns a token-summed loss into the mean over ``tokens`` (all ranks' trainable tokens).
+def unit_mean_scale(units: Tensor, accumulate_grad_batches: int, world_size: int) -> Tensor:
+    """What turns a loss summed over units (tokens, pairs) into the mean over ``units`` (all ranks').
 
     Lightning divides every micro-batch's loss by ``accumulate_grad_batches`` and the strategy averages
-    gradients over ``world_size`` ranks; the factor undoes both and divides by the tokens instead.
+    gradients over ``world_size`` ranks; the factor undoes both and divides by the units instead.
     """
-    return accumulate_grad_batches * world_size / tokens.clamp(min=1.0)
+    return accumulate_grad_batches * world_size / units.clamp(min=1.0)
+
+
+def sequence_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(B, T) index of the sequence each token belongs to (-1: padding) and (S,) flat index (row * T + t)
+    of each sequence's last token.
+
+    Collated batches say it (``sequence_index``: several samples share a packed row, a preference pair
+    is two sequences); otherwise each row is one sequence, its padding the positions its
+    ``attention_mask`` leaves out.
+    """
+    ids = batch["input_ids"]
+    index = batch.get("sequence_index")
+    if index is None:
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        mask = batch.get("attention_mask")
+        index = rows if mask is None else torch.where(mask.bool(), rows, -1)
+    flat = index.reshape(-1)
+    valid = flat >= 0
+    count = int(flat.max()) + 1 if bool(valid.any()) else 0
+    positions = torch.arange(flat.numel(), device=ids.device)
+    last = torch.zeros(count, dtype=torch.long, device=ids.device)
+    last = last.scatter_reduce(0, flat[valid], positions[valid], reduce="amax", include_self=False)
+    return index, last
 
 
 class StudentModule(L.LightningModule):
@@ -59,8 +82,10 @@ class StudentModule(L.LightningModule):
                 ``trainer.precision``'s job.
             lora: Train a LoRA adapter instead of all weights.
             gradient_checkpointing: Recompute activations in backward to save memory.
-            objective: What to minimise: ``distill.objectives.CrossEntropy`` (``pt``/``sft``, the default)
-                or ``distill.objectives.Distillation`` (KD from cached or online teacher targets).
+            objective: What to minimise: ``distill.objectives.CrossEntropy`` (``pt``/``sft``, the default),
+                ``distill.objectives.Distillation`` (KD from cached or online teacher targets),
+                ``distill.objectives.Preference`` (DPO, IPO, SimPO, ORPO, ...) or
+                ``distill.objectives.RewardModel``.
             optimizer: Optimizer class path and arguments: ``distill.train.optim.AdamW``,
                 ``distill.train.optim.AdamW8bit`` or any ``torch.optim`` class.
             lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
@@ -80,9 +105,9 @@ class StudentModule(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
         self.model: nn.Module | None = None
-        self.train_metrics = TokenMetrics(self.objective.metric_names)
-        self.val_metrics = TokenMetrics(self.objective.metric_names)
-        self._step_tokens = 0
+        self.train_metrics = self._metrics()
+        self.val_metrics = self._metrics()
+        self._step_units = 0
         self.flops_shape: ModelShape | None = None  # what its FLOPs depend on, known once it is built
         self.flops_per_batch: int | None = None  # of the last batch: ThroughputMonitor's MFU reads it
 
@@ -105,8 +130,11 @@ class StudentModule(L.LightningModule):
         self.flops_shape = model_shape(self.causal_lm)
         self.objective.setup(self)
         # set up, the objective may report more (e.g. one teacher CE per teacher of the data module)
-        self.train_metrics = TokenMetrics(self.objective.metric_names)
-        self.val_metrics = TokenMetrics(self.objective.metric_names)
+        self.train_metrics = self._metrics()
+        self.val_metrics = self._metrics()
+
+    def _metrics(self) -> ObjectiveMetrics:
+        return ObjectiveMetrics(self.objective.metric_names, self.objective.unit)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -124,27 +152,36 @@ class StudentModule(L.LightningModule):
         )
         return outputs.last_hidden_state
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> TokenLoss:
+    def compute_loss(self, batch: dict[str, Tensor]) -> Loss:
+        self.objective.prepare(batch, self)
         hidden = self.forward_hidden(batch)
         # position t predicts token t + 1
         labels = batch["labels"][:, 1:]
         trainable = labels != IGNORE_INDEX
-        head = self.causal_lm.get_output_embeddings()
-        return self.objective(hidden[:, :-1][trainable], head, labels[trainable], batch)
+        sequence, last = sequence_layout(batch)
+        inputs = LossInputs(
+            hidden=hidden[:, :-1][trainable],
+            labels=labels[trainable],
+            sequence=sequence[:, :-1][trainable],
+            last_hidden=hidden.reshape(-1, hidden.shape[-1])[last],
+            head=self.causal_lm.get_output_embeddings(),
+            batch=batch,
+        )
+        return self.objective(inputs)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.compute_loss(batch)
         rows, seq_len = batch["input_ids"].shape
         self.flops_per_batch = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens)
-        values = self.train_metrics(out.loss_sum, out.correct, out.num_tokens, **out.sums)
+        values = self.train_metrics(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, prog_bar=True, batch_size=1)
         if self._gradients_hidden:
             # DeepSpeed's gradients are out of reach: each micro-batch's loss becomes the mean over its
-            # tokens on all ranks. DeepSpeed divides it by the micro-batches once more (engine.backward
+            # units on all ranks. DeepSpeed divides it by the micro-batches once more (engine.backward
             # with scale_wrt_gas), which then makes the step's gradient the mean of those means.
-            return out.loss_sum * self._token_mean_scale(out.num_tokens, out.loss_sum.device)
-        self._step_tokens += out.num_tokens
-        # a token sum: on_before_optimizer_step scales the gradients by the step's trainable tokens
+            return out.loss_sum * self._unit_mean_scale(out.num_units, out.loss_sum.device)
+        self._step_units += out.num_units
+        # a sum over units: on_before_optimizer_step scales the gradients by the step's units
         return out.loss_sum
 
     @property
@@ -153,21 +190,21 @@ class StudentModule(L.LightningModule):
         return isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the gradient the mean over every trainable token of the optimizer step, so a long and a
-        short micro-batch weigh by their tokens (per-micro-batch means do not: TRL #6006)."""
+        """Make the gradient the mean over every unit (trainable token, pair) of the optimizer step, so a
+        long and a short micro-batch weigh by what they hold (per-micro-batch means do not: TRL #6006)."""
         if self._gradients_hidden:
             return
-        scale = self._token_mean_scale(self._step_tokens, self.device)
-        self._step_tokens = 0
+        scale = self._unit_mean_scale(self._step_units, self.device)
+        self._step_units = 0
         # the wrapped model's parameters: FSDP's flat ones hold the gradients when they replace the originals
         for param in self.trainer.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale.to(param.grad.dtype))
 
-    def _token_mean_scale(self, tokens: int, device: torch.device) -> Tensor:
-        """``token_mean_scale`` of ``tokens`` summed over the ranks, for this trainer."""
-        total = self.trainer.strategy.reduce(torch.tensor(float(tokens), device=device), reduce_op="sum")
-        return token_mean_scale(total, self.trainer.accumulate_grad_batches, self.trainer.world_size)
+    def _unit_mean_scale(self, units: int, device: torch.device) -> Tensor:
+        """``unit_mean_scale`` of ``units`` summed over the ranks, for this trainer."""
+        total = self.trainer.strategy.reduce(torch.tensor(float(units), device=device), reduce_op="sum")
+        return unit_mean_scale(total, self.trainer.accumulate_grad_batches, self.trainer.world_size)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.compute_loss(batch)
@@ -175,7 +212,7 @@ class StudentModule(L.LightningModule):
         self.flops_per_batch = transformer_flops(
             self.flops_shape, rows, seq_len, out.num_tokens, backward=False
         )
-        self.val_metrics.update(out.loss_sum, out.correct, out.num_tokens, **out.sums)
+        self.val_metrics.update(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
