@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.objectives.base import LossInputs, Objective, Loss, over_chunks
+from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 
 
 class CrossEntropy(Objective):
