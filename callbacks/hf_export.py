@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.templates import ChatTemplate
+from distill.train.reward_export import SCORE_KEY, merged_weights, save_reward_model
 from distill.train.sharding import zero3
 
 
@@ -21,7 +22,8 @@ class HFExport(L.Callback):
     """Writes the model (or its LoRA adapter), the tokenizer and the resolved run config to ``dirpath``.
 
     The result loads with ``AutoModelForCausalLM.from_pretrained`` (full weights) or
-    ``distill.train.merge.load_adapter`` (adapter, its base resized to the adapter's vocabulary);
+    ``distill.train.merge.load_adapter`` (adapter, its base resized to the adapter's vocabulary); a
+    reward model (``distill.objectives.RewardModel``) with ``AutoModelForSequenceClassification``;
     ``python -m distill merge`` folds an adapter into its base. The tokenizer carries the chat template
     the data was rendered with. A fit that took no optimizer step or did not reach its end (an error, a
     pre-emption signal) exports nothing, and an export replaces the previous one only once complete.
@@ -68,7 +70,12 @@ class HFExport(L.Callback):
         generation_config = pl_module.causal_lm.generation_config
         if stop_ids:
             generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
-        if getattr(model, "peft_config", None) is not None:
+        if SCORE_KEY in state_dict:  # a reward model: a sequence classifier, adapter merged
+            if getattr(model, "peft_config", None) is not None:
+                weights = merged_weights(model, weights)
+            pad_id = getattr(trainer.datamodule, "pad_id", tokenizer.pad_token_id)
+            save_reward_model(directory, pl_module.causal_lm.config, weights, state_dict[SCORE_KEY], pad_id)
+        elif getattr(model, "peft_config", None) is not None:
             self._point_adapter_at_base(directory, pl_module, tokenizer, weights)
             # resized embeddings travel as modules_to_save; peft's own copy of them would be a third one
             _unwrapped(model).save_pretrained(directory, state_dict=weights, save_embedding_layers=False)

@@ -2,6 +2,7 @@
 
 from distill.data.datamodule import DataModule
 from distill.data.kd_datamodule import KDDataModule
+from distill.data.preference_datamodule import PreferenceDataModule
 from distill.objectives import CrossEntropy
 from distill.objectives.kd import Distillation
 from distill.teacher.module import Teacher, TeacherModule
@@ -14,6 +15,7 @@ __all__ = [
     "Distillation",
     "KDDataModule",
     "LoraOptions",
+    "PreferenceDataModule",
     "StudentModule",
     "Teacher",
     "TeacherModule",

@@ -302,3 +302,41 @@ def token_inputs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tens
 
     sequence = torch.zeros(labels.shape[0], dtype=torch.long)
     return LossInputs(hidden, labels, sequence, hidden[-1:].detach(), head, batch)
+
+
+def preference_pair(i: int) -> dict:
+    """A MedicalGPT-style pair: a right answer chosen, a wrong one rejected."""
+    return {
+        "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}],
+        "chosen": f"It is {2 * i}.",
+        "rejected": f"It is {2 * i + 1}, I think, or maybe not.",
+    }
+
+
+def preference_config(tmp_path: Path, model_dir: Path, objective: dict, n: int = 16, **data) -> Path:
+    """A fit config of ``objective`` on ``n`` tiny pairs (and 4 held out), policy from ``model_dir``."""
+    train = write_jsonl(tmp_path / "pairs.jsonl", [preference_pair(i) for i in range(n)])
+    val = write_jsonl(tmp_path / "pairs_val.jsonl", [preference_pair(100 + i) for i in range(4)])
+    config = yaml.safe_load(write_config(tmp_path, train).read_text())
+    config["model"]["init_args"] = {
+        "model": str(model_dir),
+        "objective": objective,
+        "optimizer": {"class_path": "distill.train.optim.AdamW", "init_args": {"lr": 0.003}},
+    }
+    config["data"] = {
+        "class_path": "distill.PreferenceDataModule",
+        "init_args": {
+            "train_files": str(train),
+            "val_files": str(val),
+            "template": "mistral",
+            "batch_size": 4,
+            "max_seq_length": 64,
+            **data,
+        },
+    }
+    config["trainer"]["max_steps"] = 4
+    config["trainer"]["val_check_interval"] = 4
+    config["trainer"]["check_val_every_n_epoch"] = None
+    path = tmp_path / "preference.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

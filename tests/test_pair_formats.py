@@ -254,3 +254,18 @@ def test_bad_input_names_file_and_line(tmp_path, row, message):
     with pytest.raises(DataFormatError) as err:
         read_pair_records(path)
     assert "bad.jsonl:2" in str(err.value) and message in str(err.value)
+
+
+def test_medicalgpt_history_becomes_earlier_turns_of_the_prompt(tmp_path):
+    path = tmp_path / "rm.jsonl"
+    row = {"history": [["hi", "hello"]], "question": "q?", "response_chosen": "a", "response_rejected": "b"}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "history": [["only one"]]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"rm.jsonl:2: 'history'"):
+        read_pair_records(path)
+    path.write_text(json.dumps(row) + "\n")
+    (record,), _ = read_pair_records(path)
+    assert record.prompt == (
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "q?"},
+    )

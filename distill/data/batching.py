@@ -97,6 +97,8 @@ class Collator:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        sequence_index = torch.full((len(rows), width), -1, dtype=torch.long)
+        sequences = 0
         for r, row in enumerate(rows):
             offset = 0
             for sample in row:
@@ -107,10 +109,17 @@ class Collator:
                 labels[r, offset] = IGNORE_INDEX
                 position_ids[r, offset : offset + n] = torch.arange(n)
                 attention_mask[r, offset : offset + n] = 1
+                sequence_index[r, offset : offset + n] = sequences
+                sequences += 1
                 offset += n
             # padding forms its own segment so it never joins the last sample's block
             position_ids[r, offset:] = torch.arange(width - offset)
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "sequence_index": sequence_index,  # which sample each token is of; -1: padding
+        }
         if not packed:
             batch["attention_mask"] = attention_mask
             batch["sha"] = [row[0].sha for row in rows]

@@ -3,6 +3,7 @@ arrays (what the tokenized cache writes, and cheap to send between processes).""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ class EncodedChunk:
     lengths: np.ndarray  # int64, tokens per sample
     shas: list[str]
     sources: list[str]
+    values: np.ndarray  # float32 per sample, NaN where it has none (``Encoded.value``)
     stats: EncodingStats
 
     @classmethod
@@ -37,16 +39,24 @@ class EncodedChunk:
             lengths=np.array([len(s.input_ids) for s in samples], np.int64),
             shas=[s.sha for s in samples],
             sources=[s.source for s in samples],
+            values=np.array([np.nan if s.value is None else s.value for s in samples], np.float32),
             stats=stats,
         )
 
     def samples(self) -> list[Encoded]:
         bounds = np.concatenate([[0], np.cumsum(self.lengths)])
         labels = np.where(self.trainable, self.input_ids, IGNORE_INDEX)
+        rows = zip(bounds[:-1], bounds[1:], self.shas, self.sources, self.values.tolist(), strict=True)
         return [
-            Encoded(self.input_ids[a:b].tolist(), labels[a:b].tolist(), sha, source)
-            for a, b, sha, source in zip(bounds[:-1], bounds[1:], self.shas, self.sources, strict=True)
+            Encoded(
+                self.input_ids[a:b].tolist(), labels[a:b].tolist(), sha, source, value=None if v != v else v
+            )
+            for a, b, sha, source, v in rows
         ]
+
+
+def _value(stored: float) -> float | None:
+    return None if math.isnan(stored) else stored
 
 
 # what a forked encoding worker reads: (tokenizer, template, max_length, truncation, responses only)

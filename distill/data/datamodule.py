@@ -4,7 +4,7 @@ the tokenized-data cache) -> (packed) batches."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.data.batching import Collator, EvalBatches, pack
-from distill.data.chunks import encode_chunks
+from distill.data.chunks import EncodedChunk, encode_chunks
 from distill.data.encoding import (
     Encoded,
     EncodingStats,
@@ -43,6 +43,8 @@ from distill.progress import Progress
 
 
 class DataModule(L.LightningDataModule):
+    records_kind = "samples"  # keys the tokenized cache: other record kinds encode the same files otherwise
+
     def __init__(
         self,
         train_files: str | list[str],
@@ -151,9 +153,9 @@ class DataModule(L.LightningDataModule):
     def load_records(self) -> tuple[list[Record], list[Record]]:
         """Training and validation records, split and capped as configured (streaming: validation only,
         the corpus is never read whole)."""
-        train = [] if self.streaming else read_records(_as_list(self.train_files), self.format)
+        train = [] if self.streaming else self.read_files(self.train_files)
         if self.val_files:
-            val = read_records(_as_list(self.val_files), self.format)
+            val = self.read_files(self.val_files)
         elif self.val_fraction > 0:
             order = list(range(len(train)))
             random.Random(self.seed).shuffle(order)
@@ -164,6 +166,10 @@ class DataModule(L.LightningDataModule):
         else:
             val = []
         return train[: self.max_train_samples], val[: self.max_eval_samples]
+
+    def read_files(self, files: str | list[str]) -> list[Record]:
+        """Every record of ``files`` in order."""
+        return read_records(_as_list(files), self.format)
 
     def template_for(self, records: list[Record]) -> ChatTemplate | None:
         """The chat template, resolved and checked once: only needed when some record is a conversation."""
@@ -189,6 +195,7 @@ class DataModule(L.LightningDataModule):
         except TemplateError:  # no template: fine while no record is a conversation
             chat = ["unresolved", self.template_name, self.end_of_turn]
         common = {
+            "records": self.records_kind,
             "format": self.format,
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "template": chat,
@@ -248,9 +255,9 @@ class DataModule(L.LightningDataModule):
         self._splits = opened
         return opened
 
-    def build_split(self, entry: TokenizedEntry, split: str, records: list[Record]) -> None:
-        template = self.template_for(records)
-        chunks = encode_chunks(
+    def encode_split(self, records: list[Record], template: ChatTemplate | None) -> Iterable[EncodedChunk]:
+        """The records encoded, truncated and filtered, chunk by chunk (in ``num_proc`` processes)."""
+        return encode_chunks(
             records,
             self.tokenizer,
             template,
@@ -259,6 +266,14 @@ class DataModule(L.LightningDataModule):
             self.train_on_responses_only,
             self.num_proc,
         )
+
+    def entry_meta(self, template: ChatTemplate | None) -> dict:
+        """What a tokenized cache entry records about its samples besides the counts."""
+        return {"conversations": template is not None}
+
+    def build_split(self, entry: TokenizedEntry, split: str, records: list[Record]) -> None:
+        template = self.template_for(records)
+        chunks = self.encode_split(records, template)
         with Progress(len(records), f"encoding {split} records", "records") as progress:
 
             def counted():
@@ -270,7 +285,7 @@ class DataModule(L.LightningDataModule):
                 # before the entry is finished: a fully masked dataset is refused at every start
                 check_some_trainable(total, self.tokenizer, self.max_seq_length)
 
-            entry.build(counted(), {"conversations": template is not None})
+            entry.build(counted(), self.entry_meta(template))
 
     def attach_records(self) -> None:
         """Give the training and validation samples their records (read again from the files, once,
@@ -322,9 +337,13 @@ class DataModule(L.LightningDataModule):
         return f"nothing to train on in data.train_files ({files}): {why}. Add samples or fix the data"
 
     @property
-    def collator(self) -> Collator:
+    def pad_id(self) -> int:
         pad_id = self.tokenizer.pad_token_id
-        return Collator(pad_id if pad_id is not None else self.tokenizer.eos_token_id)
+        return pad_id if pad_id is not None else self.tokenizer.eos_token_id
+
+    @property
+    def collator(self) -> Callable[[list], dict]:
+        return Collator(self.pad_id)
 
     def _rows(self, samples: Sequence[Encoded], shuffle_seed: int | None) -> Sequence:
         return pack(samples, self.max_seq_length, shuffle_seed) if self.packing else samples

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +27,9 @@ class Encoded:
     source: str
     record: Record | None = field(default=None, repr=False, compare=False)
     """The record it was encoded from, so a teacher with its own chat template can render it again."""
+    value: float | None = None
+    """A number the objective reads of the record besides its tokens (a pair's reward margin, a KTO
+    label as 1.0 or 0.0)."""
 
     @property
     def num_trainable(self) -> int:
@@ -84,16 +87,38 @@ def encode_record(
         return Encoded(ids, list(ids), record.sha, record.source, record)
     if template is None:
         raise ValueError(f"{record.source}: a conversation needs a chat template")
-    text, spans = template.render_with_spans(tokenizer, list(record.messages or ()), where=record.source)
+    ids, labels = encode_messages(
+        list(record.messages or ()),
+        tokenizer,
+        template,
+        record.source,
+        responses_only=train_on_responses_only,
+    )
+    return Encoded(ids, labels, record.sha, record.source, record)
+
+
+def encode_messages(
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    where: str,
+    responses_only: bool = True,
+    trained_from: int = 0,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a rendered conversation: labels on the assistant turns that start at or
+    after character ``trained_from`` (a preference pair trains its response, not the prompt's earlier
+    answers), or on every token when not ``responses_only``."""
+    text, spans = template.render_with_spans(tokenizer, messages, where=where)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
-    if not train_on_responses_only:
-        return Encoded(ids, list(ids), record.sha, record.source, record)
+    if not responses_only:
+        return ids, list(ids)
+    spans = [(s, e) for s, e in spans if s >= trained_from]
     labels = [
         token if any(end > s and start < e for s, e in spans) else IGNORE_INDEX
         for token, (start, end) in zip(ids, encoding["offset_mapping"], strict=True)
     ]
-    return Encoded(ids, labels, record.sha, record.source, record)
+    return ids, labels
 
 
 def truncate(sample: Encoded, max_length: int, policy: Truncation) -> Encoded | None:
@@ -103,7 +128,7 @@ def truncate(sample: Encoded, max_length: int, policy: Truncation) -> Encoded | 
     if policy == "drop":
         return None
     cut = slice(None, max_length) if policy == "right" else slice(-max_length, None)
-    return Encoded(sample.input_ids[cut], sample.labels[cut], sample.sha, sample.source, sample.record)
+    return replace(sample, input_ids=sample.input_ids[cut], labels=sample.labels[cut])
 
 
 def encode_chunk(

@@ -5,7 +5,8 @@ which opens the prompt unless the prompt already starts with a system message, a
 ``distill.data.formats`` reads them:
 
 - ``medicalgpt``: ``{"conversations": [ShareGPT turns of the prompt], "chosen": str, "rejected": str}``
-- ``medicalgpt_reward``: ``{"question": str, "response_chosen": str, "response_rejected": str}``
+- ``medicalgpt_reward``: ``{"question": str, "response_chosen": str, "response_rejected": str}``, with
+  optional ``history`` (``[[question, answer], ...]``: earlier exchanges of the prompt)
 - ``trl`` (also UltraFeedback): ``{"prompt" (or "messages"), "chosen", "rejected"}``, each a string or
   a list of messages; a response list that repeats the prompt first (UltraFeedback) has it removed
 - ``hh`` (HH-RLHF): ``{"chosen": [messages], "rejected": [messages]}``: the prompt is their common
@@ -167,7 +168,10 @@ def to_pair_record(raw: object, where: str, fmt: PairFormat = "auto") -> PairRec
         prompt_key, chosen_key, rejected_key = _PAIR_KEYS[kind]
         if kind == "trl" and "prompt" not in raw and "messages" in raw:
             prompt_key = "messages"
-        prompt = _prompt(_turns(raw.get(prompt_key), where, prompt_key, "user"), raw, where)
+        turns = _turns(raw.get(prompt_key), where, prompt_key, "user")
+        if kind == "medicalgpt_reward":
+            turns = _history(raw.get("history"), where) + turns
+        prompt = _prompt(turns, raw, where)
         chosen = _response(raw.get(chosen_key), prompt, where, chosen_key)
         rejected = _response(raw.get(rejected_key), prompt, where, rejected_key)
     else:
@@ -176,6 +180,22 @@ def to_pair_record(raw: object, where: str, fmt: PairFormat = "auto") -> PairRec
     if chosen == rejected:
         return None
     return PairRecord(where, tuple(prompt), tuple(chosen), tuple(rejected), margin)
+
+
+def _history(history: object, where: str) -> list[dict[str, str]]:
+    """MedicalGPT's earlier exchanges, ``[[question, answer], ...]``, as user and assistant turns."""
+    if history is None:
+        return []
+    turns = []
+    for index, exchange in enumerate(history if isinstance(history, list) else [None]):
+        if not (
+            isinstance(exchange, list) and len(exchange) == 2 and all(isinstance(t, str) for t in exchange)
+        ):
+            raise DataFormatError(
+                f"{where}: 'history' must be a list of [question, answer] string pairs (entry {index} is not)"
+            )
+        turns += [{"role": "user", "content": exchange[0]}, {"role": "assistant", "content": exchange[1]}]
+    return turns
 
 
 def _kto_record(raw: dict, where: str) -> UnpairedRecord:

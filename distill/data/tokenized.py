@@ -19,6 +19,8 @@ files' bytes and paths, the record format, the tokenizer's full definition, the 
       offsets.bin         int64, sample i is [offsets[i], offsets[i+1])
       sha.bin             32 bytes per sample (the record's SHA-256)
       sources.bin, source_offsets.bin   the records' ``path:line``, UTF-8
+      values.bin          float32 per sample, NaN where none: what a pair's objective reads of its
+                          record besides the tokens (a reward margin, a KTO label)
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from distill.cache.segment import fsync_path
 from distill.data.chunks import EncodedChunk
 from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ARRAYS = {  # file -> (dtype, what its length counts)
     "input_ids.bin": (np.int32, "tokens"),
     "trainable.bin": (np.uint8, "tokens"),
@@ -48,6 +50,7 @@ _ARRAYS = {  # file -> (dtype, what its length counts)
     "sha.bin": (np.uint8, "samples*32"),
     "sources.bin": (np.uint8, "source_bytes"),
     "source_offsets.bin": (np.int64, "samples+1"),
+    "values.bin": (np.float32, "samples"),
 }
 
 
@@ -108,6 +111,7 @@ class TokenizedSamples(Sequence[Encoded]):
         n = self.meta["samples"]
         return {
             "tokens": self.meta["tokens"],
+            "samples": n,
             "samples+1": n + 1,
             "samples*32": n * 32,
             "source_bytes": self.meta["source_bytes"],
@@ -152,7 +156,8 @@ class TokenizedSamples(Sequence[Encoded]):
         source = bytes(
             self._maps["sources.bin"][int(source_offsets[index]) : int(source_offsets[index + 1])]
         ).decode()
-        return Encoded(ids.tolist(), labels.tolist(), sha, source)
+        value = float(self._maps["values.bin"][index])
+        return Encoded(ids.tolist(), labels.tolist(), sha, source, value=None if np.isnan(value) else value)
 
     def __iter__(self) -> Iterator[Encoded]:
         return (self[i] for i in range(len(self)))
@@ -222,6 +227,7 @@ class TokenizedEntry:
                 files["sha.bin"].write(b"".join(bytes.fromhex(sha) for sha in chunk.shas))
                 files["sources.bin"].write(b"".join(sources))
                 files["source_offsets.bin"].write((source_bytes + np.cumsum(source_lengths)).tobytes())
+                files["values.bin"].write(chunk.values.astype(np.float32).tobytes())
                 tokens += int(chunk.lengths.sum())
                 source_bytes += int(source_lengths.sum())
                 samples += len(chunk.lengths)

@@ -3,5 +3,16 @@
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.objectives.ce import CrossEntropy
 from distill.objectives.kd import Distillation
+from distill.objectives.preference import Preference
+from distill.objectives.reward import RewardModel
 
-__all__ = ["CrossEntropy", "Distillation", "Loss", "LossInputs", "Objective", "over_chunks"]
+__all__ = [
+    "CrossEntropy",
+    "Distillation",
+    "Loss",
+    "LossInputs",
+    "Objective",
+    "Preference",
+    "RewardModel",
+    "over_chunks",
+]

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distill.data.encoding import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
 
@@ -100,6 +102,55 @@ def per_sequence(values: Tensor, sequence: Tensor, num_sequences: int) -> Tensor
     return values.new_zeros(num_sequences).index_add(0, sequence, values)
 
 
+def sequence_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(B, T) index of the sequence each token belongs to (-1: padding) and (S,) flat index (row * T + t)
+    of each sequence's last token.
+
+    Collated batches say it (``sequence_index``: several samples share a packed row, a preference pair
+    is two sequences); otherwise each row is one sequence, its padding the positions its
+    ``attention_mask`` leaves out.
+    """
+    ids = batch["input_ids"]
+    index = batch.get("sequence_index")
+    if index is None:
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        mask = batch.get("attention_mask")
+        index = rows if mask is None else torch.where(mask.bool(), rows, -1)
+    flat = index.reshape(-1)
+    valid = flat >= 0
+    count = int(flat.max()) + 1 if bool(valid.any()) else 0
+    positions = torch.arange(flat.numel(), device=ids.device)
+    last = torch.zeros(count, dtype=torch.long, device=ids.device)
+    last = last.scatter_reduce(0, flat[valid], positions[valid], reduce="amax", include_self=False)
+    return index, last
+
+
+def loss_inputs(hidden: Tensor, head: nn.Module, batch: dict) -> LossInputs:
+    """The loss positions of a forward's final hidden states (B, T, H): position t predicts token t + 1."""
+    labels = batch["labels"][:, 1:]
+    trainable = labels != IGNORE_INDEX
+    sequence, last = sequence_layout(batch)
+    return LossInputs(
+        hidden=hidden[:, :-1][trainable],
+        labels=labels[trainable],
+        sequence=sequence[:, :-1][trainable],
+        last_hidden=hidden.reshape(-1, hidden.shape[-1])[last],
+        head=head,
+        batch=batch,
+    )
+
+
+def require_pairs(batch: dict, objective: str) -> None:
+    """Refuse batches that are not preference pairs (sequences 2p, 2p + 1), which would be scored as
+    pairs of unrelated samples."""
+    if batch.get("unit_size") != 2:
+        what = "KTO samples" if batch.get("unit_size") == 1 else "single samples"
+        raise ValueError(
+            f"{objective} trains on preference pairs, but the batches hold {what}: use "
+            "distill.PreferenceDataModule with chosen/rejected records"
+        )
+
+
 class Objective(nn.Module):
     """What the student minimises: ``forward(inputs: LossInputs) -> Loss``.
 
@@ -119,3 +170,8 @@ class Objective(nn.Module):
 
     def forward(self, inputs: LossInputs) -> Loss:
         raise NotImplementedError
+
+    @staticmethod
+    def derived_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The logged metrics from the means of the reported sums (e.g. a std from a mean square)."""
+        return values

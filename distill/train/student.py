@@ -11,8 +11,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 from transformers import AutoTokenizer, get_scheduler
 
-from distill.data.encoding import IGNORE_INDEX
-from distill.objectives.base import Loss, LossInputs, Objective
+from distill.objectives.base import Loss, Objective, loss_inputs
 from distill.objectives.ce import CrossEntropy
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
@@ -33,29 +32,6 @@ def unit_mean_scale(units: Tensor, accumulate_grad_batches: int, world_size: int
     gradients over ``world_size`` ranks; the factor undoes both and divides by the units instead.
     """
     return accumulate_grad_batches * world_size / units.clamp(min=1.0)
-
-
-def sequence_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(B, T) index of the sequence each token belongs to (-1: padding) and (S,) flat index (row * T + t)
-    of each sequence's last token.
-
-    Collated batches say it (``sequence_index``: several samples share a packed row, a preference pair
-    is two sequences); otherwise each row is one sequence, its padding the positions its
-    ``attention_mask`` leaves out.
-    """
-    ids = batch["input_ids"]
-    index = batch.get("sequence_index")
-    if index is None:
-        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-        mask = batch.get("attention_mask")
-        index = rows if mask is None else torch.where(mask.bool(), rows, -1)
-    flat = index.reshape(-1)
-    valid = flat >= 0
-    count = int(flat.max()) + 1 if bool(valid.any()) else 0
-    positions = torch.arange(flat.numel(), device=ids.device)
-    last = torch.zeros(count, dtype=torch.long, device=ids.device)
-    last = last.scatter_reduce(0, flat[valid], positions[valid], reduce="amax", include_self=False)
-    return index, last
 
 
 class StudentModule(L.LightningModule):
@@ -119,6 +95,9 @@ class StudentModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         with transformers_zero3(strategy):
             model = load_causal_lm(self.model_name, self.model_config, self.tokenizer, self.dtype_name)
+        # from_pretrained returns a model in eval mode, and Lightning keeps the modes it finds: without
+        # this, dropout (LoRA's too) and gradient checkpointing would be off in training
+        model.train()
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -155,25 +134,14 @@ class StudentModule(L.LightningModule):
     def compute_loss(self, batch: dict[str, Tensor]) -> Loss:
         self.objective.prepare(batch, self)
         hidden = self.forward_hidden(batch)
-        # position t predicts token t + 1
-        labels = batch["labels"][:, 1:]
-        trainable = labels != IGNORE_INDEX
-        sequence, last = sequence_layout(batch)
-        inputs = LossInputs(
-            hidden=hidden[:, :-1][trainable],
-            labels=labels[trainable],
-            sequence=sequence[:, :-1][trainable],
-            last_hidden=hidden.reshape(-1, hidden.shape[-1])[last],
-            head=self.causal_lm.get_output_embeddings(),
-            batch=batch,
-        )
-        return self.objective(inputs)
+        return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.compute_loss(batch)
         rows, seq_len = batch["input_ids"].shape
         self.flops_per_batch = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens)
         values = self.train_metrics(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
+        values = self.objective.derived_metrics(values)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, prog_bar=True, batch_size=1)
         if self._gradients_hidden:
             # DeepSpeed's gradients are out of reach: each micro-batch's loss becomes the mean over its
@@ -215,7 +183,7 @@ class StudentModule(L.LightningModule):
         self.val_metrics.update(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
+        values = self.objective.derived_metrics(self.val_metrics.compute())
         self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
         self.val_metrics.reset()
 

@@ -1,0 +1,89 @@
+"""PreferenceDataModule: preference pairs (DPO family, reward models) or KTO samples -> batches of units.
+
+The records are read by ``distill.data.pairs``, encoded by ``distill.data.pair_encoding`` into the same
+tokenized-data cache as SFT samples (a pair as two consecutive samples), and batched as units:
+``batch_size`` counts pairs (or KTO samples), and shuffling, packing, rank sharding and resume move
+whole units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from distill.data.batching import pack
+from distill.data.chunks import EncodedChunk
+from distill.data.datamodule import DataModule
+from distill.data.encoding import Encoded
+from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit_chunks
+from distill.data.pairs import PairFormat, PairRecord, UnpairedRecord, read_pair_records
+from distill.data.templates import ChatTemplate
+
+
+class PreferenceDataModule(DataModule):
+    records_kind = "preference"
+
+    def __init__(self, format: PairFormat = "auto", **kwargs: Any) -> None:
+        """
+        Args:
+            format: Record format (``medicalgpt``, ``medicalgpt_reward``, ``trl``, ``hh``, ``kto``), or
+                ``auto`` to detect it per record. A file holds pairs or KTO samples, not both.
+            **kwargs: Everything ``DataModule`` takes (files, template, max_seq_length, packing,
+                batch_size in pairs, ...). Packed rows hold up to twice ``max_seq_length`` tokens, so a
+                pair whose responses each fit always fits one row.
+        """
+        if kwargs.get("streaming"):
+            raise ValueError("data.streaming reads plain text for pretraining; preference data is read whole")
+        if kwargs.get("train_on_responses_only") is False:
+            raise ValueError(
+                "preference objectives score the responses: train_on_responses_only must stay true"
+            )
+        kwargs["truncation"] = "left"  # of the prompt: both responses stay whole (pair_encoding)
+        super().__init__(format="auto", **kwargs)
+        self.format = format
+
+    def read_files(self, files: str | list[str]) -> list[PairRecord | UnpairedRecord]:
+        records, _ = read_pair_records(files if isinstance(files, list) else [files], self.format)
+        return records
+
+    def template_for(self, records: list) -> ChatTemplate:
+        return self.resolve_chat_template()
+
+    def encode_split(self, records: list, template: ChatTemplate | None) -> Iterable[EncodedChunk]:
+        return encode_unit_chunks(records, self.tokenizer, template, self.max_seq_length)
+
+    def entry_meta(self, template: ChatTemplate | None) -> dict:
+        return {**super().entry_meta(template), "unit_size": self._unit_size}
+
+    def load_records(self) -> tuple[list, list]:
+        train, val = super().load_records()
+        kinds = {type(r) for r in (*train, *val)}
+        if len(kinds) > 1:
+            raise ValueError(
+                "the training and validation files mix preference pairs and KTO samples: use one kind"
+            )
+        self._unit_size = 1 if kinds == {UnpairedRecord} else 2
+        return train, val
+
+    def setup(self, stage: str) -> None:
+        if self._set_up:
+            return
+        super().setup(stage)
+        splits = self.tokenized_splits()
+        sizes = {samples.meta["unit_size"] for samples in splits.values()}
+        if len(sizes) > 1:
+            raise ValueError("the training and validation files mix preference pairs and KTO samples")
+        self.unit_size = sizes.pop() if sizes else 2
+        self.train = Grouped(self.train, self.unit_size)
+        self.val = Grouped(self.val, self.unit_size)
+
+    @property
+    def is_kto(self) -> bool:
+        return self.unit_size == 1
+
+    @property
+    def collator(self) -> Callable[[list], dict]:
+        return UnitCollator(self.pad_id, packed=self.packing)
+
+    def _rows(self, samples: Sequence[Encoded], shuffle_seed: int | None) -> Sequence:
+        return pack(samples, 2 * self.max_seq_length, shuffle_seed) if self.packing else samples

@@ -1,0 +1,90 @@
+"""Reward model: a scalar head on the backbone, read at each sequence's last token, trained on pairs.
+
+The head is this objective's own ``nn.Linear(hidden, 1, bias=False)``, the layout of transformers'
+``*ForSequenceClassification.score`` with ``num_labels=1``: the optimizer, the checkpoint and the
+sharding strategy see it as part of the student, and ``HFExport`` writes the backbone with it as a
+model ``AutoModelForSequenceClassification`` loads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from distill.losses.preference import reward_pair
+from distill.objectives.base import Loss, LossInputs, Objective, require_pairs
+
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
+
+class RewardModel(Objective):
+    """Bradley-Terry loss ``-logsigmoid(r_chosen - r_rejected - margin)`` (+ ``center_rewards`` x
+    ``(r_chosen + r_rejected)**2``) on the head's scores of each pair."""
+
+    unit = "pair"
+    metric_names = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/mean", "rewards/sq")
+
+    def __init__(self, use_margin: bool = True, center_rewards: float = 0.0) -> None:
+        """
+        Args:
+            use_margin: Subtract each pair's ``margin`` field (when the data has one) inside the sigmoid.
+            center_rewards: Weight of ``(r_chosen + r_rejected)**2``, which keeps rewards centred on 0.
+        """
+        super().__init__()
+        self.use_margin = use_margin
+        self.center_rewards = center_rewards
+        self.score: nn.Linear | None = None
+
+    def setup(self, student: StudentModule) -> None:
+        tokenizer = student.tokenizer
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            # the exported classifier finds each sequence's last token as the last one that is not the
+            # pad token: with pad = EOS it would skip the EOS that ends every response
+            raise ValueError(
+                "RewardModel needs a tokenizer whose pad token is not its EOS token "
+                f"({tokenizer.eos_token!r}); give the tokenizer a pad token of its own (e.g. an unused "
+                "reserved token)"
+            )
+        if self.score is not None:
+            return
+        config = student.causal_lm.config.get_text_config()
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=getattr(config, "initializer_range", 0.02))
+        self.score.to(next(student.causal_lm.parameters()).dtype)
+
+    def rewards(self, last_hidden: Tensor) -> Tensor:
+        """(S,) the score of each sequence from its last token's hidden state."""
+        return self.score(last_hidden.to(self.score.weight.dtype)).squeeze(-1).float()
+
+    def forward(self, inputs: LossInputs) -> Loss:
+        require_pairs(inputs.batch, "RewardModel")
+        rewards = self.rewards(inputs.last_hidden)
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        margin = None
+        values = inputs.batch.get("sequence_values")
+        if self.use_margin and values is not None:
+            margin = torch.nan_to_num(values[0::2].to(chosen), nan=0.0)
+        out = reward_pair(chosen, rejected, margin=margin, center_rewards=self.center_rewards)
+        gap = (chosen - rejected).detach()
+        both = torch.cat([chosen, rejected]).detach()
+        metrics = {
+            "accuracy": (gap > 0).sum(),
+            "margin": gap.sum(),
+            "rewards/chosen": chosen.detach().sum(),
+            "rewards/rejected": rejected.detach().sum(),
+            # per pair: the mean and the mean square of its two rewards, for the std in derived_metrics
+            "rewards/mean": both.sum() / 2,
+            "rewards/sq": (both**2).sum() / 2,
+        }
+        return Loss(out.loss.sum(), num_units=chosen.shape[0], num_tokens=0, sums=metrics)
+
+    @staticmethod
+    def derived_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The rewards' std from their mean and mean square (in place of the mean square)."""
+        values = dict(values)
+        square = values.pop("rewards/sq")
+        values["rewards/std"] = (square - values["rewards/mean"] ** 2).clamp(min=0.0).sqrt()
+        return values

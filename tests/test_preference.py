@@ -1,0 +1,227 @@
+"""Preference and reward objectives on the one StudentModule path: log-probs, references, export, runs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from distill.cli import main, run_cli
+from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit
+from distill.data.pairs import PairRecord
+from distill.data.templates import resolve_template
+from distill.objectives import Preference
+from distill.objectives.base import loss_inputs
+from distill.train.model import LoraOptions
+from distill.train.student import StudentModule
+from tests.helpers import (
+    TOKENIZER_DIR,
+    check_killed_fit_resumes,
+    logged_values,
+    preference_config,
+    preference_pair,
+    save_tiny_teacher,
+    with_last_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return save_tiny_teacher(tmp_path_factory.mktemp("policy"))
+
+
+def pair_batch(tokenizer, n: int = 3, packed: bool = False) -> dict:
+    template = resolve_template(tokenizer, "mistral", None)
+    units = []
+    for i in range(n):
+        raw = preference_pair(i)
+        prompt = ({"role": "user", "content": raw["conversations"][0]["value"]},)
+        record = PairRecord(
+            f"pairs:{i}",
+            prompt,
+            ({"role": "assistant", "content": raw["chosen"]},),
+            ({"role": "assistant", "content": raw["rejected"]},),
+        )
+        units.extend(encode_unit(record, tokenizer, template))
+    grouped = Grouped(units, 2)
+    items = [list(grouped)] if packed else list(grouped)
+    return UnitCollator(tokenizer.pad_token_id, packed=packed)(items)
+
+
+def student_of(policy_dir, objective, lora: LoraOptions | None = None) -> StudentModule:
+    student = StudentModule(model=str(policy_dir), objective=objective, lora=lora)
+    student.configure_model()
+    return student
+
+
+def naive_sequence_logps(model, batch) -> torch.Tensor:
+    """Full (B, T, V) logits, one row per sequence: the log-prob sum of each row's labelled tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequence_log_probs_equal_a_full_logits_computation(policy_dir, packed):
+    objective = Preference(loss="sigmoid", chunk_size=5)
+    student = student_of(policy_dir, objective)
+    unpacked = pair_batch(student.tokenizer)
+    want = naive_sequence_logps(student.causal_lm, unpacked)
+    batch = pair_batch(student.tokenizer, packed=packed)
+    got = objective._sequence_logps(student.causal_lm, batch)
+    assert got.shape == (6,)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the policy's own forward: the loss of pairs whose reference is the policy is log 2, rewards 0
+    batch["reference_logps"] = want
+    out = objective(
+        loss_inputs(student.forward_hidden(batch), student.causal_lm.get_output_embeddings(), batch)
+    )
+    assert out.num_units == 3
+    assert float(out.loss_sum) == pytest.approx(3 * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+    assert float(out.sums["logps/chosen"]) == pytest.approx(float(want[0::2].sum()), rel=1e-4)
+
+
+def test_the_adapter_off_reference_is_the_base_model(policy_dir):
+    objective = Preference(loss="sigmoid")
+    student = student_of(policy_dir, objective, LoraOptions(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)
+    for name, param in student.model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: the policy is no longer the base
+            param.data.normal_(0, 0.5)
+    assert objective.resolved_reference == "adapter"
+    batch = pair_batch(student.tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(policy_dir)
+    reference = objective.reference_logps(batch, student)
+    assert_close(reference, naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
+    policy = naive_sequence_logps(student.model, batch)
+    assert (policy - reference).abs().max() > 1e-2  # the adapter is back on after the reference
+
+
+def test_the_frozen_reference_defaults_to_the_starting_weights(policy_dir):
+    objective = Preference(loss="ipo")
+    student = student_of(policy_dir, objective)
+    assert objective.resolved_reference == "model" and objective.reference_model == str(policy_dir)
+    with torch.no_grad():
+        student.causal_lm.get_input_embeddings().weight.mul_(1.5)  # training moved the policy
+    batch = pair_batch(student.tokenizer)
+    objective.prepare(batch, student)
+    base = AutoModelForCausalLM.from_pretrained(policy_dir)
+    assert_close(batch["reference_logps"], naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
+    assert not any(p.requires_grad for p in objective.frozen_reference(torch.device("cpu")).parameters())
+    assert not [k for k in student.state_dict() if "frozen" in k or k.startswith("objective.")]
+
+
+def test_reference_free_losses_load_no_reference(policy_dir):
+    for loss in ("simpo", "orpo"):
+        objective = Preference(loss=loss)
+        student = student_of(policy_dir, objective)
+        batch = pair_batch(student.tokenizer)
+        objective.prepare(batch, student)
+        assert "reference_logps" not in batch and not objective._frozen
+        hidden = student.forward_hidden(batch)
+        out = objective(loss_inputs(hidden, student.causal_lm.get_output_embeddings(), batch))
+        out.loss_sum.backward()
+        assert torch.isfinite(out.loss_sum)
+        assert ("nll" in out.sums) == (loss == "orpo")
+
+
+def test_a_student_built_from_a_config_must_name_its_reference():
+    student = StudentModule(
+        tokenizer=str(TOKENIZER_DIR),
+        model_config={
+            "model_type": "llama",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+        objective=Preference(loss="sigmoid"),
+    )
+    with pytest.raises(ValueError, match="reference_model"):
+        student.configure_model()
+    with pytest.raises(ValueError, match="needs a LoRA student"):
+        student_of_config = StudentModule(
+            tokenizer=str(TOKENIZER_DIR),
+            model_config=student.model_config,
+            objective=Preference(reference="adapter"),
+        )
+        student_of_config.configure_model()
+
+
+def test_dpo_fit_logs_trl_metrics_and_raises_held_out_accuracy(tmp_path, policy_dir):
+    objective = {"class_path": "distill.objectives.Preference", "init_args": {"loss": "sigmoid", "beta": 0.5}}
+    config = preference_config(tmp_path, policy_dir, objective, n=16)
+    main(["fit", "--config", str(config), "--trainer.max_steps", "12", "--trainer.val_check_interval", "4"])
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert logged_values(tmp_path / "logs", f"train/{name}") and logged_values(
+            tmp_path / "logs", f"val/{name}"
+        )
+    accuracy = logged_values(tmp_path / "logs", "val/rewards/accuracies")
+    margins = logged_values(tmp_path / "logs", "val/rewards/margins")
+    assert len(accuracy) == 3 and accuracy[-1] == 1.0 and margins[-1] > margins[0] > 0
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_reward_model_export_scores_what_the_module_scored(tmp_path, policy_dir):
+    objective = {"class_path": "distill.objectives.RewardModel", "init_args": {"center_rewards": 0.01}}
+    config = preference_config(tmp_path, policy_dir, objective, n=16)
+    cli = run_cli(["fit", "--config", str(config), "--trainer.max_steps", "6"])
+    assert logged_values(tmp_path / "logs", "val/accuracy") and logged_values(
+        tmp_path / "logs", "val/rewards/std"
+    )
+    module = cli.model
+    batch = pair_batch(module.tokenizer)
+    with torch.no_grad():
+        hidden = module.forward_hidden(batch)
+        want = module.objective.rewards(loss_inputs(hidden, None, batch).last_hidden)
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.num_labels == 1
+    with torch.no_grad():
+        got = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert got.shape == (6, 1)
+    assert_close(got.squeeze(-1), want, rtol=1e-4, atol=1e-4)
+    assert (want[0::2] - want[1::2]).abs().min() > 0  # a trained head tells the responses apart
+
+
+def test_a_lora_reward_model_exports_merged(tmp_path, policy_dir):
+    objective = {"class_path": "distill.objectives.RewardModel"}
+    config = preference_config(tmp_path, policy_dir, objective, n=8)
+    lora = '{"r": 4, "alpha": 8, "dropout": 0.0}'
+    cli = run_cli(
+        ["fit", "--config", str(config), "--trainer.max_steps", "3", "--model.init_args.lora", lora]
+    )
+    module = cli.model
+    assert any(p.requires_grad for p in module.objective.score.parameters())
+    batch = pair_batch(module.tokenizer)
+    with torch.no_grad():
+        want = module.objective.rewards(loss_inputs(module.forward_hidden(batch), None, batch).last_hidden)
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert_close(got.squeeze(-1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_killed_dpo_fit_resumes_exactly(tmp_path, policy_dir):
+    import yaml
+
+    objective = {"class_path": "distill.objectives.Preference", "init_args": {"loss": "sigmoid"}}
+    base = yaml.safe_load(preference_config(tmp_path, policy_dir, objective, n=80, packing=True).read_text())
+
+    def config_in(name: str):
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        config = copy.deepcopy(base)
+        config["trainer"]["logger"]["init_args"]["save_dir"] = str(directory)
+        config["trainer"]["val_check_interval"] = None
+        config["trainer"]["limit_val_batches"] = 0
+        config["trainer"]["enable_checkpointing"] = True
+        return with_last_checkpoint(config, directory)
+
+    check_killed_fit_resumes(tmp_path, config_in, ["--trainer.max_steps", "10"])
