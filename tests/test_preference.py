@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -225,3 +226,41 @@ def test_a_killed_dpo_fit_resumes_exactly(tmp_path, policy_dir):
         return with_last_checkpoint(config, directory)
 
     check_killed_fit_resumes(tmp_path, config_in, ["--trainer.max_steps", "10"])
+
+
+def test_the_precomputed_reference_equals_the_online_one_and_follows_the_reference(
+    tmp_path, policy_dir, caplog
+):
+    config = preference_config(tmp_path, policy_dir, {"class_path": "distill.objectives.Preference"}, n=8)
+    store = tmp_path / "reference"
+    objective_args = "--model.init_args.objective.init_args"
+    args = ["--config", str(config), f"{objective_args}.reference", "precomputed"]
+    args += [f"{objective_args}.reference_cache", str(store), "--trainer.max_steps", "2"]
+    with caplog.at_level(logging.INFO):
+        cli = run_cli(["fit", *args])
+    assert caplog.text.count("reference log-probs of 12 units") == 1  # 8 train + 4 val pairs, once
+    student, objective = cli.model, cli.model.objective
+    assert not objective._frozen  # the reference was freed once its log-probs were stored
+    (entry,) = store.iterdir()
+    assert (entry / "meta.json").exists() and len(list(entry.glob("part-*.npz"))) == 1
+    batch = pair_batch(student.tokenizer, n=2)  # pairs 0 and 1 of the training data
+    online = Preference(reference="model")
+    online.setup(student)
+    assert_close(
+        objective.stored_logps(batch), online.reference_logps(batch, student).double(), rtol=1e-5, atol=1e-5
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a second run maps the store
+        run_cli(["fit", *args])
+    assert "reference log-probs of" not in caplog.text
+    # another reference (its weights changed) is another store, computed afresh
+    moved = tmp_path / "moved"
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.3)
+    model.save_pretrained(moved)
+    with caplog.at_level(logging.INFO):
+        cli = run_cli(["fit", *args, f"{objective_args}.reference_model", str(moved)])
+    assert "reference log-probs of 12 units" in caplog.text and len(list(store.iterdir())) == 2
+    moved_logps = cli.model.objective.stored_logps(batch)
+    assert (moved_logps - objective.stored_logps(batch)).abs().max() > 1e-3

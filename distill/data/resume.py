@@ -100,8 +100,14 @@ class ResumableLoader(DataLoader):
         self.dataset.epoch = epoch
         self.dataset.skip = 0
         if self._resume is not None and self._resume["epoch"] == epoch:
-            self.dataset.skip = self._resume["batches"]
-            rank_zero_info(f"[distill] resuming epoch {epoch} after {self.dataset.skip} batches")
+            if self._resume["batches"] >= len(self.dataset):
+                # saved after the epoch's last batch: Lightning's restart counts that epoch done and trains
+                # the next one from this iterator (its epoch counter is epoch + 1 from then on)
+                self.dataset.epoch = epoch + 1
+                rank_zero_info(f"[distill] epoch {epoch} was complete: resuming at epoch {epoch + 1}")
+            else:
+                self.dataset.skip = self._resume["batches"]
+                rank_zero_info(f"[distill] resuming epoch {epoch} after {self.dataset.skip} batches")
         self._resume = None
         return super().__iter__()
 

@@ -7,14 +7,18 @@ with one ``index_add``; the loss is a pure function of those sums (``distill.los
 The reference model, for the losses that need one, runs in ``prepare`` without gradients:
 - ``adapter``: the policy itself with its LoRA adapter disabled (no second copy in memory);
 - ``model``: a frozen model loaded from ``reference_model`` (default: the policy's starting weights);
-- batches that already carry ``reference_logps`` (precomputed) are used as they are.
+- ``precomputed``: that frozen model runs once over every pair before the first step, its log-probs
+  go to a ``ReferenceStore`` and the model is freed: a DPO step then costs what an SFT step on the
+  same tokens costs, and the memory of the reference is gone.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
@@ -27,11 +31,12 @@ from distill.objectives.base import (
     require_pairs,
     token_log_probs,
 )
+from distill.objectives.reference_store import ReferenceStore
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
 
-ReferenceKind = Literal["auto", "adapter", "model"]
+ReferenceKind = Literal["auto", "adapter", "model", "precomputed"]
 PAIR_METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -57,6 +62,7 @@ class Preference(Objective):
         reference: ReferenceKind = "auto",
         reference_model: str | None = None,
         reference_dtype: str | None = None,
+        reference_cache: str = "cache/reference",
         chunk_size: int = 1024,
     ) -> None:
         """
@@ -69,10 +75,12 @@ class Preference(Objective):
             gamma: SimPO's target reward margin.
             sft_weight: Weight of the chosen response's per-token NLL added to the loss (RPO,
                 LLaMA-Factory's ``pref_ftx``); ORPO has it built in.
-            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto`` (adapter
-                when the student trains a LoRA adapter, else model).
+            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy), ``precomputed`` (the
+                frozen copy run once before training, its log-probs stored in ``reference_cache``) or
+                ``auto`` (adapter when the student trains a LoRA adapter, else model).
             reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
             reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            reference_cache: Directory of the precomputed reference log-probs.
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         if loss not in PAIR_LOSSES:
@@ -88,9 +96,11 @@ class Preference(Objective):
         self.reference = reference
         self.reference_model = reference_model
         self.reference_dtype = reference_dtype
+        self.reference_cache = reference_cache
         self.chunk_size = chunk_size
         # a list keeps the frozen reference out of the module tree: never trained, checkpointed or exported
         self._frozen: list[nn.Module] = []
+        self._precomputed: dict[str, np.ndarray] | None = None
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -105,7 +115,7 @@ class Preference(Objective):
             self.resolved_reference = "adapter" if has_adapter else "model"
         if self.resolved_reference == "adapter" and not has_adapter:
             raise ValueError("Preference reference 'adapter' needs a LoRA student (model.lora)")
-        if self.resolved_reference == "model" and self.reference_model is None:
+        if self.resolved_reference in ("model", "precomputed") and self.reference_model is None:
             if student.model_name is None:
                 raise ValueError(
                     "a student built from model_config has no starting weights to refer to: set "
@@ -122,10 +132,59 @@ class Preference(Objective):
 
     def reference_logps(self, batch: dict, student: StudentModule) -> Tensor:
         """(S,) the reference's log-prob sum of every sequence's response tokens."""
+        if self.resolved_reference == "precomputed":
+            if self._precomputed is None:
+                self._precomputed = self.precompute(student)
+            return self.stored_logps(batch)
         if self.resolved_reference == "adapter":
             with student.model.disable_adapter():
                 return self._sequence_logps(student.causal_lm, batch)
         return self._sequence_logps(self.frozen_reference(batch["input_ids"].device), batch)
+
+    def stored_logps(self, batch: dict) -> Tensor:
+        size, values = batch["unit_size"], []
+        for index, sha in enumerate(batch["sequence_sha"]):
+            unit = self._precomputed.get(sha)
+            if unit is None:
+                raise KeyError(f"no precomputed reference log-probs for sample {sha}: the store is stale")
+            values.append(unit[index % size])
+        return torch.tensor(values, dtype=torch.float64, device=batch["input_ids"].device)
+
+    def precompute(self, student: StudentModule) -> dict[str, np.ndarray]:
+        """The reference's log-probs of every unit of the training and validation data, from the store,
+        computed (this rank's share; the reference loaded, then freed) where the store lacks them."""
+        from distill.data.pair_encoding import UnitCollator
+        from distill.teacher.identity import model_identity
+
+        trainer, data = student.trainer, student.trainer.datamodule
+        entries = sorted(samples.directory.parent.name for samples in data.tokenized_splits().values())
+        identity = model_identity(self.reference_model)
+        store = ReferenceStore(
+            self.reference_cache, {"reference": identity, "dtype": self.reference_dtype, "data": entries}
+        )
+        rank, world = trainer.global_rank, trainer.world_size
+        if not store.complete and not store.has_part(rank, world):
+            units = [unit for split in (data.train, data.val) for unit in split][rank::world]
+            collate = UnitCollator(data.pad_id, packed=False)
+            device = student.device
+            model = self.frozen_reference(device)
+            shas, values = [], []
+            for start in range(0, len(units), data.eval_batch_size):
+                batch = collate(units[start : start + data.eval_batch_size])
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                logps = self._sequence_logps(model, batch).double().reshape(-1, batch["unit_size"])
+                shas += batch["sequence_sha"][:: batch["unit_size"]]
+                values.append(logps.cpu().numpy())
+            self._frozen.clear()  # freed: training needs no reference model from here on
+            store.write_part(rank, world, shas, np.concatenate(values) if values else np.zeros((0, 2)))
+            rank_zero_info(
+                f"[distill] reference log-probs of {len(units):,} units stored in {store.directory}"
+            )
+        trainer.strategy.barrier("reference_store")
+        if rank == 0 and not store.complete:
+            store.finish(world)
+        trainer.strategy.barrier("reference_store_done")
+        return store.load()
 
     def frozen_reference(self, device: torch.device) -> nn.Module:
         if not self._frozen:
