@@ -16,6 +16,7 @@ from distill.data.pairs import PairRecord
 from distill.data.templates import resolve_template
 from distill.objectives import Preference
 from distill.objectives.base import loss_inputs
+from distill.objectives.reference import sequence_logps
 from distill.train.model import LoraOptions
 from distill.train.student import StudentModule
 from tests.helpers import (
@@ -75,7 +76,7 @@ def test_sequence_log_probs_equal_a_full_logits_computation(policy_dir, packed):
     unpacked = pair_batch(student.tokenizer)
     want = naive_sequence_logps(student.causal_lm, unpacked)
     batch = pair_batch(student.tokenizer, packed=packed)
-    got = objective._sequence_logps(student.causal_lm, batch)
+    got = sequence_logps(student.causal_lm, batch, objective.chunk_size)
     assert got.shape == (6,)
     assert_close(got, want, rtol=1e-4, atol=1e-4)
     # the policy's own forward: the loss of pairs whose reference is the policy is log 2, rewards 0
@@ -95,10 +96,10 @@ def test_the_adapter_off_reference_is_the_base_model(policy_dir):
     for name, param in student.model.named_parameters():
         if "lora_B" in name:  # a trained adapter: the policy is no longer the base
             param.data.normal_(0, 0.5)
-    assert objective.resolved_reference == "adapter"
+    assert objective.reference.kind == "adapter"
     batch = pair_batch(student.tokenizer)
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
-    reference = objective.reference_logps(batch, student)
+    reference = objective.reference.logps(batch, student)
     assert_close(reference, naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
     policy = naive_sequence_logps(student.model, batch)
     assert (policy - reference).abs().max() > 1e-2  # the adapter is back on after the reference
@@ -107,14 +108,16 @@ def test_the_adapter_off_reference_is_the_base_model(policy_dir):
 def test_the_frozen_reference_defaults_to_the_starting_weights(policy_dir):
     objective = Preference(loss="ipo")
     student = student_of(policy_dir, objective)
-    assert objective.resolved_reference == "model" and objective.reference_model == str(policy_dir)
+    assert objective.reference.kind == "model" and objective.reference.model == str(policy_dir)
     with torch.no_grad():
         student.causal_lm.get_input_embeddings().weight.mul_(1.5)  # training moved the policy
     batch = pair_batch(student.tokenizer)
     objective.prepare(batch, student)
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
     assert_close(batch["reference_logps"], naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
-    assert not any(p.requires_grad for p in objective.frozen_reference(torch.device("cpu")).parameters())
+    assert not any(
+        p.requires_grad for p in objective.reference.frozen_model(torch.device("cpu")).parameters()
+    )
     assert not [k for k in student.state_dict() if "frozen" in k or k.startswith("objective.")]
 
 
@@ -124,7 +127,7 @@ def test_reference_free_losses_load_no_reference(policy_dir):
         student = student_of(policy_dir, objective)
         batch = pair_batch(student.tokenizer)
         objective.prepare(batch, student)
-        assert "reference_logps" not in batch and not objective._frozen
+        assert "reference_logps" not in batch and not objective.reference.frozen
         hidden = student.forward_hidden(batch)
         out = objective(loss_inputs(hidden, student.causal_lm.get_output_embeddings(), batch))
         out.loss_sum.backward()
@@ -240,14 +243,17 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
         cli = run_cli(["fit", *args])
     assert caplog.text.count("reference log-probs of 12 units") == 1  # 8 train + 4 val pairs, once
     student, objective = cli.model, cli.model.objective
-    assert not objective._frozen  # the reference was freed once its log-probs were stored
+    assert not objective.reference.frozen  # the reference was freed once its log-probs were stored
     (entry,) = store.iterdir()
     assert (entry / "meta.json").exists() and len(list(entry.glob("part-*.npz"))) == 1
     batch = pair_batch(student.tokenizer, n=2)  # pairs 0 and 1 of the training data
     online = Preference(reference="model")
     online.setup(student)
     assert_close(
-        objective.stored_logps(batch), online.reference_logps(batch, student).double(), rtol=1e-5, atol=1e-5
+        objective.reference.stored_logps(batch),
+        online.reference.logps(batch, student).double(),
+        rtol=1e-5,
+        atol=1e-5,
     )
     caplog.clear()
     with caplog.at_level(logging.INFO):  # a second run maps the store
@@ -262,5 +268,5 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     with caplog.at_level(logging.INFO):
         cli = run_cli(["fit", *args, f"{objective_args}.reference_model", str(moved)])
     assert "reference log-probs of 12 units" in caplog.text and len(list(store.iterdir())) == 2
-    moved_logps = cli.model.objective.stored_logps(batch)
-    assert (moved_logps - objective.stored_logps(batch)).abs().max() > 1e-3
+    moved_logps = cli.model.objective.reference.stored_logps(batch)
+    assert (moved_logps - objective.reference.stored_logps(batch)).abs().max() > 1e-3

@@ -17,7 +17,7 @@ from tests.helpers import (
 )
 
 
-@pytest.mark.parametrize("epoch_batches", [6, 3])
+@pytest.mark.parametrize("epoch_batches", [3])  # kill after epoch 1; 6-9 span epochs 2 and 3
 def test_sft_fit_killed_after_the_last_batch_of_an_epoch_resumes_exactly(tmp_path, epoch_batches):
     """Batches of 4, none held out. Killed at step 6 with its last checkpoint after step 5, the last
     batch of an epoch (epoch 0 of 6 batches; epoch 1 of 3), the resumed fit must train the next epoch

@@ -4,39 +4,30 @@ A batch holds pairs as sequences 2p (chosen) and 2p + 1 (rejected) (``Preference
 policy's log-probs are gathered at the response tokens only, chunk by chunk, and summed per sequence
 with one ``index_add``; the loss is a pure function of those sums (``distill.losses.preference``).
 
-The reference model, for the losses that need one, runs in ``prepare`` without gradients:
-- ``adapter``: the policy itself with its LoRA adapter disabled (no second copy in memory);
-- ``model``: a frozen model loaded from ``reference_model`` (default: the policy's starting weights);
-- ``precomputed``: that frozen model runs once over every pair before the first step, its log-probs
-  go to a ``ReferenceStore`` and the model is freed: a DPO step then costs what an SFT step on the
-  same tokens costs, and the memory of the reference is gone.
+The reference model, for the losses that need one, runs in ``prepare`` without gradients
+(``distill.objectives.reference``: the adapter-disabled policy, a frozen copy, or precomputed).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
 
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
 from distill.objectives.base import (
     Loss,
     LossInputs,
     Objective,
-    loss_inputs,
     per_sequence,
     require_pairs,
     token_log_probs,
 )
-from distill.objectives.reference_store import ReferenceStore
+from distill.objectives.reference import Reference, ReferenceKind
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
 
-ReferenceKind = Literal["auto", "adapter", "model", "precomputed"]
 PAIR_METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -93,119 +84,21 @@ class Preference(Objective):
         beta = beta if beta is not None else (2.0 if loss == "simpo" else 0.1)
         self.options = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
         self.sft_weight = sft_weight
-        self.reference = reference
-        self.reference_model = reference_model
-        self.reference_dtype = reference_dtype
-        self.reference_cache = reference_cache
+        self.reference = Reference(reference, reference_model, reference_dtype, reference_cache, chunk_size)
         self.chunk_size = chunk_size
-        # a list keeps the frozen reference out of the module tree: never trained, checkpointed or exported
-        self._frozen: list[nn.Module] = []
-        self._precomputed: dict[str, np.ndarray] | None = None
 
     @property
     def metric_names(self) -> tuple[str, ...]:
         return (*PAIR_METRICS, "nll") if self.sft_weight or self.loss == "orpo" else PAIR_METRICS
 
     def setup(self, student: StudentModule) -> None:
-        if not self.spec.reference:
-            return
-        has_adapter = student.lora is not None
-        self.resolved_reference = self.reference
-        if self.reference == "auto":
-            self.resolved_reference = "adapter" if has_adapter else "model"
-        if self.resolved_reference == "adapter" and not has_adapter:
-            raise ValueError("Preference reference 'adapter' needs a LoRA student (model.lora)")
-        if self.resolved_reference in ("model", "precomputed") and self.reference_model is None:
-            if student.model_name is None:
-                raise ValueError(
-                    "a student built from model_config has no starting weights to refer to: set "
-                    "objective.reference_model to the path of the reference (usually the SFT model)"
-                )
-            self.reference_model = student.model_name
-        self.reference_dtype = self.reference_dtype or student.dtype_name
-        self.tokenizer = student.tokenizer
+        if self.spec.reference:
+            self.reference.setup(student, "Preference")
 
     @torch.no_grad()
     def prepare(self, batch: dict, student: StudentModule) -> None:
         if self.spec.reference and "reference_logps" not in batch:
-            batch["reference_logps"] = self.reference_logps(batch, student)
-
-    def reference_logps(self, batch: dict, student: StudentModule) -> Tensor:
-        """(S,) the reference's log-prob sum of every sequence's response tokens."""
-        if self.resolved_reference == "precomputed":
-            if self._precomputed is None:
-                self._precomputed = self.precompute(student)
-            return self.stored_logps(batch)
-        if self.resolved_reference == "adapter":
-            with student.model.disable_adapter():
-                return self._sequence_logps(student.causal_lm, batch)
-        return self._sequence_logps(self.frozen_reference(batch["input_ids"].device), batch)
-
-    def stored_logps(self, batch: dict) -> Tensor:
-        size, values = batch["unit_size"], []
-        for index, sha in enumerate(batch["sequence_sha"]):
-            unit = self._precomputed.get(sha)
-            if unit is None:
-                raise KeyError(f"no precomputed reference log-probs for sample {sha}: the store is stale")
-            values.append(unit[index % size])
-        return torch.tensor(values, dtype=torch.float64, device=batch["input_ids"].device)
-
-    def precompute(self, student: StudentModule) -> dict[str, np.ndarray]:
-        """The reference's log-probs of every unit of the training and validation data, from the store,
-        computed (this rank's share; the reference loaded, then freed) where the store lacks them."""
-        from distill.data.pair_encoding import UnitCollator
-        from distill.teacher.identity import model_identity
-
-        trainer, data = student.trainer, student.trainer.datamodule
-        entries = sorted(samples.directory.parent.name for samples in data.tokenized_splits().values())
-        identity = model_identity(self.reference_model)
-        store = ReferenceStore(
-            self.reference_cache, {"reference": identity, "dtype": self.reference_dtype, "data": entries}
-        )
-        rank, world = trainer.global_rank, trainer.world_size
-        if not store.complete and not store.has_part(rank, world):
-            units = [unit for split in (data.train, data.val) for unit in split][rank::world]
-            collate = UnitCollator(data.pad_id, packed=False)
-            device = student.device
-            model = self.frozen_reference(device)
-            shas, values = [], []
-            for start in range(0, len(units), data.eval_batch_size):
-                batch = collate(units[start : start + data.eval_batch_size])
-                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                logps = self._sequence_logps(model, batch).double().reshape(-1, batch["unit_size"])
-                shas += batch["sequence_sha"][:: batch["unit_size"]]
-                values.append(logps.cpu().numpy())
-            self._frozen.clear()  # freed: training needs no reference model from here on
-            store.write_part(rank, world, shas, np.concatenate(values) if values else np.zeros((0, 2)))
-            rank_zero_info(
-                f"[distill] reference log-probs of {len(units):,} units stored in {store.directory}"
-            )
-        trainer.strategy.barrier("reference_store")
-        if rank == 0 and not store.complete:
-            store.finish(world)
-        trainer.strategy.barrier("reference_store_done")
-        return store.load()
-
-    def frozen_reference(self, device: torch.device) -> nn.Module:
-        if not self._frozen:
-            from distill.train.model import load_causal_lm
-
-            model = load_causal_lm(
-                self.reference_model, None, self.tokenizer, self.reference_dtype, role="reference"
-            )
-            self._frozen.append(model.to(device).eval().requires_grad_(False))
-        return self._frozen[0]
-
-    def _sequence_logps(self, model: nn.Module, batch: dict) -> Tensor:
-        outputs = model.get_decoder()(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-        )
-        inputs = loss_inputs(outputs.last_hidden_state, model.get_output_embeddings(), batch)
-        logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, self.chunk_size)
-        return per_sequence(logps, inputs.sequence, inputs.num_sequences)
+            batch["reference_logps"] = self.reference.logps(batch, student)
 
     def forward(self, inputs: LossInputs) -> Loss:
         require_pairs(inputs.batch, "Preference")

@@ -1,0 +1,139 @@
+"""The reference model of DPO-family and KTO objectives: its log-probs of each sequence's response.
+
+- ``adapter``: the policy itself with its LoRA adapter disabled (no second copy in memory);
+- ``model``: a frozen model loaded from ``model`` (default: the policy's starting weights), kept out
+  of the student's module tree (never trained, checkpointed or exported);
+- ``precomputed``: that frozen model runs once over every unit of the data before the first step, its
+  log-probs go to a ``ReferenceStore`` and the model is freed: a step then costs what an SFT step on
+  the same tokens costs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from distill.objectives.base import loss_inputs, per_sequence, token_log_probs
+from distill.objectives.reference_store import ReferenceStore
+
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
+ReferenceKind = Literal["auto", "adapter", "model", "precomputed"]
+
+
+class Reference:
+    def __init__(
+        self,
+        kind: ReferenceKind = "auto",
+        model: str | None = None,
+        dtype: str | None = None,
+        cache: str = "cache/reference",
+        chunk_size: int = 1024,
+    ) -> None:
+        self.kind = kind
+        self.model = model
+        self.dtype = dtype
+        self.cache = cache
+        self.chunk_size = chunk_size
+        # a list keeps the frozen model out of the student's module tree
+        self.frozen: list[nn.Module] = []
+        self.stored: dict[str, np.ndarray] | None = None
+
+    def setup(self, student: StudentModule, owner: str) -> None:
+        """Resolve ``auto`` and the default model from the student (``owner`` names the objective)."""
+        has_adapter = student.lora is not None
+        if self.kind == "auto":
+            self.kind = "adapter" if has_adapter else "model"
+        if self.kind == "adapter" and not has_adapter:
+            raise ValueError(f"{owner} reference 'adapter' needs a LoRA student (model.lora)")
+        if self.kind in ("model", "precomputed") and self.model is None:
+            if student.model_name is None:
+                raise ValueError(
+                    "a student built from model_config has no starting weights to refer to: set "
+                    "objective.reference_model to the path of the reference (usually the SFT model)"
+                )
+            self.model = student.model_name
+        self.dtype = self.dtype or student.dtype_name
+        self.tokenizer = student.tokenizer
+
+    @torch.no_grad()
+    def logps(self, batch: dict, student: StudentModule) -> Tensor:
+        """(S,) the reference's log-prob sum of every sequence's response tokens."""
+        if self.kind == "precomputed":
+            if self.stored is None:
+                self.stored = self.precompute(student)
+            return self.stored_logps(batch)
+        if self.kind == "adapter":
+            with student.model.disable_adapter():
+                return sequence_logps(student.causal_lm, batch, self.chunk_size)
+        return sequence_logps(self.frozen_model(batch["input_ids"].device), batch, self.chunk_size)
+
+    def stored_logps(self, batch: dict) -> Tensor:
+        size, values = batch["unit_size"], []
+        for index, sha in enumerate(batch["sequence_sha"]):
+            unit = self.stored.get(sha)
+            if unit is None:
+                raise KeyError(f"no precomputed reference log-probs for sample {sha}: the store is stale")
+            values.append(unit[index % size])
+        return torch.tensor(values, dtype=torch.float64, device=batch["input_ids"].device)
+
+    def precompute(self, student: StudentModule) -> dict[str, np.ndarray]:
+        """The reference's log-probs of every unit of the training and validation data, from the store,
+        computed (this rank's share; the reference loaded, then freed) where the store lacks them."""
+        from distill.data.pair_encoding import UnitCollator
+        from distill.teacher.identity import model_identity
+
+        trainer, data = student.trainer, student.trainer.datamodule
+        entries = sorted(samples.directory.parent.name for samples in data.tokenized_splits().values())
+        store = ReferenceStore(
+            self.cache, {"reference": model_identity(self.model), "dtype": self.dtype, "data": entries}
+        )
+        rank, world = trainer.global_rank, trainer.world_size
+        if not store.complete and not store.has_part(rank, world):
+            units = [unit for split in (data.train, data.val) for unit in split][rank::world]
+            collate = UnitCollator(data.pad_id, packed=False)
+            device = student.device
+            model = self.frozen_model(device)
+            shas, values = [], []
+            for start in range(0, len(units), data.eval_batch_size):
+                batch = collate(units[start : start + data.eval_batch_size])
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                logps = sequence_logps(model, batch, self.chunk_size).double()
+                shas += batch["sequence_sha"][:: batch["unit_size"]]
+                values.append(logps.reshape(-1, batch["unit_size"]).cpu().numpy())
+            self.frozen.clear()  # freed: training needs no reference model from here on
+            store.write_part(rank, world, shas, np.concatenate(values) if values else np.zeros((0, 2)))
+            rank_zero_info(
+                f"[distill] reference log-probs of {len(units):,} units stored in {store.directory}"
+            )
+        trainer.strategy.barrier("reference_store")
+        if rank == 0 and not store.complete:
+            store.finish(world)
+        trainer.strategy.barrier("reference_store_done")
+        return store.load()
+
+    def frozen_model(self, device: torch.device) -> nn.Module:
+        if not self.frozen:
+            from distill.train.model import load_causal_lm
+
+            model = load_causal_lm(self.model, None, self.tokenizer, self.dtype, role="reference")
+            self.frozen.append(model.to(device).eval().requires_grad_(False))
+        return self.frozen[0]
+
+
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> Tensor:
+    """(S,) ``model``'s log-prob sum of every sequence's labelled tokens (chunked at loss positions)."""
+    outputs = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    inputs = loss_inputs(outputs.last_hidden_state, model.get_output_embeddings(), batch)
+    logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, chunk_size)
+    return per_sequence(logps, inputs.sequence, inputs.num_sequences)
