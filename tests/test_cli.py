@@ -90,7 +90,7 @@ def base_configs(path: Path) -> list[str]:
     """Full configs stand alone; override files compose onto the demo they extend."""
     if "class_path" in (yaml.safe_load(path.read_text()).get("model") or {}):
         return []
-    preference = ("ipo.yaml", "simpo.yaml", "orpo.yaml", "dpo_lora.yaml")
+    preference = ("ipo.yaml", "simpo.yaml", "orpo.yaml", "kto.yaml", "dpo_lora.yaml")
     demo = "kd.yaml" if path.name.startswith("kd") else "dpo.yaml" if path.name in preference else "sft.yaml"
     return ["--config", str(ROOT / "configs" / demo)]
 

@@ -14,7 +14,7 @@ from distill.cli import main, run_cli
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit
 from distill.data.pairs import PairRecord
 from distill.data.templates import resolve_template
-from distill.objectives import Preference
+from distill.objectives import KTO, Preference
 from distill.objectives.base import loss_inputs
 from distill.objectives.reference import sequence_logps
 from distill.train.model import LoraOptions
@@ -270,3 +270,62 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     assert "reference log-probs of 12 units" in caplog.text and len(list(store.iterdir())) == 2
     moved_logps = cli.model.objective.reference.stored_logps(batch)
     assert (moved_logps - objective.reference.stored_logps(batch)).abs().max() > 1e-3
+
+
+def kto_rows(n: int, start: int = 0) -> list[dict]:
+    rows = []
+    for i in range(start, start + n):
+        pair = preference_pair(i)
+        prompt = [{"role": "user", "content": pair["conversations"][0]["value"]}]
+        rows += [
+            {"prompt": prompt, "completion": pair["chosen"], "label": True},
+            {"prompt": prompt, "completion": pair["rejected"], "label": False},
+        ]
+    return rows
+
+
+def test_kto_mismatched_completions_pair_each_prompt_with_the_next_completion(policy_dir):
+    from distill.data.batching import Collator
+    from distill.objectives.kto import mismatched_batch
+
+    student = student_of(policy_dir, KTO())
+    tokenizer = student.tokenizer
+    batch = pair_batch(tokenizer, n=2)  # four sequences: prompt 0 twice, prompt 1 twice
+    mixed = mismatched_batch(batch, Collator(tokenizer.pad_token_id))
+    texts = [
+        tokenizer.decode(row[mask.bool()])
+        for row, mask in zip(mixed["input_ids"], mixed["attention_mask"], strict=True)
+    ]
+    responses = [tokenizer.decode([t for t in row if t != -100]) for row in mixed["labels"].tolist()]
+    assert "What is 0 plus 0" in texts[1] and "It is 1, I think" in responses[0]
+    assert "What is 1 plus 1" in texts[3] and responses[3].startswith("It is 0.")  # wraps to the first
+
+
+def test_kto_fit_rewards_desirable_samples_over_undesirable_ones(tmp_path, policy_dir):
+    from tests.helpers import write_jsonl
+
+    objective = {"class_path": "distill.objectives.KTO", "init_args": {"beta": 0.5}}
+    config = preference_config(tmp_path, policy_dir, objective, n=4)
+    train = write_jsonl(tmp_path / "kto.jsonl", kto_rows(12))
+    val = write_jsonl(tmp_path / "kto_val.jsonl", kto_rows(3, start=100))
+    args = ["--data.init_args.train_files", str(train), "--data.init_args.val_files", str(val)]
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *args,
+            "--trainer.max_steps",
+            "8",
+            "--data.init_args.batch_size",
+            "6",
+        ]
+    )
+    kl = logged_values(tmp_path / "logs", "train/kl")
+    assert kl and all(value >= 0 for value in kl)
+    signed = logged_values(tmp_path / "logs", "val/rewards/signed")
+    assert logged_values(tmp_path / "logs", "val/rewards/accuracies")[-1] > 0.5 and signed[-1] > 0
+    pairs = {"class_path": "distill.objectives.Preference"}
+    config = preference_config(tmp_path, policy_dir, pairs, n=4)
+    with pytest.raises(ValueError, match="KTO samples"):
+        run_cli(["fit", "--config", str(config), *args, "--trainer.max_steps", "1"])

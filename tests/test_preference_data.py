@@ -4,6 +4,7 @@ bad input named by file and line."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -14,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.data import preference_datamodule
+from distill.cache.lock import WriterLock
+from distill.data import datamodule, preference_datamodule, tokenized
 from distill.data.encoding import IGNORE_INDEX, Encoded, encode_messages
 from distill.data.formats import DataFormatError
 from distill.data.pair_encoding import (
@@ -99,6 +101,17 @@ def fake_trainer(rank: int, world_size: int) -> SimpleNamespace:
 
 def sequence_tokens(batch: dict, s: int) -> list[int]:
     return batch["input_ids"][batch["sequence_index"] == s].tolist()
+
+
+@pytest.fixture(autouse=True)
+def _one_tokenizer(monkeypatch, tokenizer):
+    """The data modules share the session's tokenizer: loading it is most of their setup time."""
+
+    def load(name: str):
+        assert name == str(TOKENIZER_DIR)
+        return tokenizer
+
+    monkeypatch.setattr(datamodule, "AutoTokenizer", SimpleNamespace(from_pretrained=load))
 
 
 @pytest.fixture(scope="module")
@@ -477,3 +490,30 @@ def test_kto_units_are_single_samples_valued_by_their_label(tmp_path):
             assert batch["sequence_index"][r].tolist() == [r] * n + [-1] * (width - n)
         seen += batch["sha"]
     assert sorted(seen) == sorted(label) and sorted(label.values()) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+# ---- regressions -----------------------------------------------------------------------------------------
+
+
+def test_the_same_file_for_training_and_validation(tmp_path, monkeypatch):
+    # the wait for the lock is cut short: unpatched, the bug is a hang
+    patient = functools.partial(WriterLock, timeout=0.5, poll_seconds=0.05)
+    monkeypatch.setattr(tokenized, "WriterLock", patient)
+    path = pair_file(tmp_path / "train.jsonl", range(4))
+    dm = data(tmp_path, path, path)
+    assert [unit[0].sha for unit in dm.val] == [unit[0].sha for unit in dm.train]
+
+
+def test_predict_batches_with_packing(tmp_path):
+    dm = data(tmp_path, pair_file(tmp_path / "train.jsonl", range(4)), packing=True)
+    (loader,) = dm.predict_dataloader()
+    assert sorted(v for batch in loader for v in batch["sequence_values"].tolist()) == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+    ]

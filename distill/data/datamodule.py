@@ -242,16 +242,19 @@ class DataModule(L.LightningDataModule):
         missing = [split for split, samples in opened.items() if samples is None]
         if missing:
             with ExitStack() as locks:
-                for split in missing:
-                    locks.enter_context(entries[split].lock())
+                # each entry once: splits of the same files (train_files == val_files) share one
+                for entry in {entries[split].path: entries[split] for split in missing}.values():
+                    locks.enter_context(entry.lock())
                 # another run may have built them while we waited for the locks
                 opened.update({split: entries[split].open() for split in missing})
                 todo = [split for split in missing if opened[split] is None]
                 if todo:
                     records = dict(zip(("train", "val"), self.load_records(), strict=True))
                     for split in todo:
-                        self.build_split(entries[split], split, records[split])
-                        opened[split] = entries[split].open()
+                        opened[split] = entries[split].open()  # built above for a split it shares
+                        if opened[split] is None:
+                            self.build_split(entries[split], split, records[split])
+                            opened[split] = entries[split].open()
         self._splits = opened
         return opened
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 from distill.data.batching import pack
 from distill.data.chunks import EncodedChunk
 from distill.data.datamodule import DataModule
@@ -84,6 +86,16 @@ class PreferenceDataModule(DataModule):
     @property
     def collator(self) -> Callable[[list], dict]:
         return UnitCollator(self.pad_id, packed=self.packing)
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """Every unit once, unpacked (packing is for training rows)."""
+        units = [*self.train, *self.val]
+        collate = UnitCollator(self.pad_id, packed=False)
+        return [
+            DataLoader(
+                units, batch_size=self.eval_batch_size, collate_fn=collate, num_workers=self.num_workers
+            )
+        ]
 
     def _rows(self, samples: Sequence[Encoded], shuffle_seed: int | None) -> Sequence:
         return pack(samples, 2 * self.max_seq_length, shuffle_seed) if self.packing else samples

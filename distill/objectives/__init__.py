@@ -3,10 +3,12 @@
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.objectives.ce import CrossEntropy
 from distill.objectives.kd import Distillation
+from distill.objectives.kto import KTO
 from distill.objectives.preference import Preference
 from distill.objectives.reward import RewardModel
 
 __all__ = [
+    "KTO",
     "CrossEntropy",
     "Distillation",
     "Loss",

@@ -1,0 +1,141 @@
+"""KTO on unpaired samples, each a completion labelled desirable or not (``PreferenceDataModule`` on
+KTO records: one sequence per unit, the label in ``sequence_values`` as 1.0 / 0.0).
+
+The reference point z0 is the policy's KL to the reference estimated on mismatched completions: each
+sample's prompt followed by the next sample's completion (TRL's pairing), scored in ``prepare``
+without gradients by both models and averaged over the batch and the ranks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from distill.data.batching import Collator
+from distill.data.encoding import IGNORE_INDEX, Encoded
+from distill.data.pair_encoding import first_trainable
+from distill.losses.preference import kto, kto_kl_baseline
+from distill.objectives.base import Loss, LossInputs, Objective, per_sequence, token_log_probs
+from distill.objectives.reference import Reference, ReferenceKind, sequence_logps
+
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
+
+class KTO(Objective):
+    """``w_d (1 - sigmoid(beta (r - z0)))`` for desirable, ``w_u (1 - sigmoid(beta (z0 - r)))`` for
+    undesirable samples, ``r`` the log-ratio of policy and reference on the completion."""
+
+    unit = "sample"
+    metric_names = ("kl", "rewards/signed", "rewards/accuracies", "logps")
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        reference: ReferenceKind = "auto",
+        reference_model: str | None = None,
+        reference_dtype: str | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
+        """
+        Args:
+            beta: Scale of the implicit reward.
+            desirable_weight: Weight of desirable samples (raise it when they are the fewer: the KTO
+                paper keeps ``w_d n_d / (w_u n_u)`` in [1, 4/3]).
+            undesirable_weight: Weight of undesirable samples.
+            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``. Not
+                ``precomputed``: the mismatched completions change with every batch.
+            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
+            reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            chunk_size: Positions whose logits exist at once (forward and backward).
+        """
+        if reference == "precomputed":
+            raise ValueError(
+                "KTO scores mismatched completions that change with each batch: use reference "
+                "adapter or model, not precomputed"
+            )
+        super().__init__()
+        self.beta = beta
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+        self.reference = Reference(reference, reference_model, reference_dtype, chunk_size=chunk_size)
+        self.chunk_size = chunk_size
+
+    def setup(self, student: StudentModule) -> None:
+        self.reference.setup(student, "KTO")
+        pad = student.tokenizer.pad_token_id
+        self.collate = Collator(pad if pad is not None else student.tokenizer.eos_token_id)
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, student: StudentModule) -> None:
+        if batch.get("unit_size") != 1:
+            raise ValueError(
+                "KTO trains on KTO records ({prompt, completion, label}); the batches hold pairs"
+            )
+        if "reference_logps" not in batch:
+            batch["reference_logps"] = self.reference.logps(batch, student)
+        mismatched = {
+            k: v.to(batch["input_ids"].device) for k, v in mismatched_batch(batch, self.collate).items()
+        }
+        policy = sequence_logps(student.causal_lm, mismatched, self.chunk_size)
+        kl = kto_kl_baseline(policy, self.reference.logps(mismatched, student).to(policy))
+        if student.trainer.world_size > 1:  # one reference point for the whole step's batch
+            kl = student.trainer.strategy.reduce(kl, reduce_op="mean")
+        batch["kl_baseline"] = kl
+
+    def forward(self, inputs: LossInputs) -> Loss:
+        logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, self.chunk_size)
+        sums = per_sequence(logps, inputs.sequence, inputs.num_sequences)  # (S,)
+        batch = inputs.batch
+        desirable = batch["sequence_values"].to(sums.device) == 1.0
+        reference = batch["reference_logps"].to(sums)
+        out = kto(
+            sums,
+            reference,
+            desirable,
+            batch["kl_baseline"],
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
+        signed = torch.where(desirable, 1.0, -1.0) * self.beta * (sums - reference).detach()
+        count = inputs.num_sequences
+        metrics = {
+            "kl": batch["kl_baseline"].detach() * count,
+            "rewards/signed": signed.sum(),
+            "rewards/accuracies": (signed > 0).sum(),
+            "logps": sums.detach().sum(),
+        }
+        return Loss(out.loss.sum(), num_units=count, num_tokens=inputs.labels.numel(), sums=metrics)
+
+
+def mismatched_batch(batch: dict, collate: Collator) -> dict[str, Tensor]:
+    """Each sequence's prompt followed by the next sequence's completion, unpacked, no longer than the
+    batch's longest sequence (prompt tokens cut from the left first)."""
+    ids, labels = batch["input_ids"].reshape(-1), batch["labels"].reshape(-1)
+    index = batch.get("sequence_index")
+    index = index.reshape(-1) if index is not None else torch.zeros_like(ids)
+    count = int(index.max()) + 1
+    sequences = []
+    for s in range(count):
+        mask = index == s
+        sample = Encoded(ids[mask].tolist(), labels[mask].tolist(), "", "")
+        sequences.append(sample)
+    longest = max(len(s.input_ids) for s in sequences)
+    mixed = []
+    for s, sample in enumerate(sequences):
+        other = sequences[(s + 1) % count]
+        prompt = sample.input_ids[: first_trainable(sample)]
+        start = first_trainable(other)
+        completion, completion_labels = other.input_ids[start:], other.labels[start:]
+        room = max(longest - len(completion), 1)
+        prompt = prompt[-room:]
+        tokens = (prompt + completion)[:longest]
+        mixed.append(Encoded(tokens, ([IGNORE_INDEX] * len(prompt) + completion_labels)[:longest], "", ""))
+    out = collate(mixed)
+    out.pop("sha", None)
+    return out
