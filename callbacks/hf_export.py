@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.templates import ChatTemplate
-from distill.train.reward_export import SCORE_KEY, merged_weights, save_reward_model
+from distill.train.reward_export import SCORE_KEY, save_reward_adapter, save_reward_model
 from distill.train.sharding import zero3
 
 
@@ -70,12 +70,17 @@ class HFExport(L.Callback):
         generation_config = pl_module.causal_lm.generation_config
         if stop_ids:
             generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
-        if SCORE_KEY in state_dict:  # a reward model: a sequence classifier, adapter merged
-            if getattr(model, "peft_config", None) is not None:
-                weights = merged_weights(model, weights)
+        adapter = getattr(model, "peft_config", None) is not None
+        if SCORE_KEY in state_dict:  # a reward model: a sequence classifier (or an adapter of one)
             pad_id = getattr(trainer.datamodule, "pad_id", tokenizer.pad_token_id)
-            save_reward_model(directory, pl_module.causal_lm.config, weights, state_dict[SCORE_KEY], pad_id)
-        elif getattr(model, "peft_config", None) is not None:
+            if adapter:
+                self._point_adapter_at_base(directory, pl_module, tokenizer, weights)
+                save_reward_adapter(directory, _unwrapped(model), weights, state_dict[SCORE_KEY], pad_id)
+            else:
+                save_reward_model(
+                    directory, pl_module.causal_lm.config, weights, state_dict[SCORE_KEY], pad_id
+                )
+        elif adapter:
             self._point_adapter_at_base(directory, pl_module, tokenizer, weights)
             # resized embeddings travel as modules_to_save; peft's own copy of them would be a third one
             _unwrapped(model).save_pretrained(directory, state_dict=weights, save_embedding_layers=False)

@@ -194,7 +194,11 @@ def test_reward_model_export_scores_what_the_module_scored(tmp_path, policy_dir)
     assert (want[0::2] - want[1::2]).abs().min() > 0  # a trained head tells the responses apart
 
 
-def test_a_lora_reward_model_exports_merged(tmp_path, policy_dir):
+def test_a_lora_reward_model_exports_an_adapter_with_its_head_and_merges(tmp_path, policy_dir):
+    from peft import PeftModel
+
+    from distill.train.merge import merge_adapter
+
     objective = {"class_path": "distill.objectives.RewardModel"}
     config = preference_config(tmp_path, policy_dir, objective, n=8)
     lora = '{"r": 4, "alpha": 8, "dropout": 0.0}'
@@ -202,14 +206,20 @@ def test_a_lora_reward_model_exports_merged(tmp_path, policy_dir):
         ["fit", "--config", str(config), "--trainer.max_steps", "3", "--model.init_args.lora", lora]
     )
     module = cli.model
-    assert any(p.requires_grad for p in module.objective.score.parameters())
+    assert all(p.requires_grad for p in module.objective.score.parameters())  # trained in full
     batch = pair_batch(module.tokenizer)
     with torch.no_grad():
         want = module.objective.rewards(loss_inputs(module.forward_hidden(batch), None, batch).last_hidden)
-    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    exported = tmp_path / "hf"
+    assert (exported / "adapter_config.json").exists() and not (exported / "model.safetensors").exists()
+    base = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, pad_token_id=0)
+    scorer = PeftModel.from_pretrained(base, exported).eval()
+    merged = merge_adapter(exported, tmp_path / "merged").eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
-        got = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert_close(got.squeeze(-1), want, rtol=1e-4, atol=1e-4)
+        for model in (scorer, merged, reloaded):
+            assert_close(model(**inputs).logits.squeeze(-1), want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_killed_dpo_fit_resumes_exactly(tmp_path, policy_dir):

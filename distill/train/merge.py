@@ -1,4 +1,5 @@
-"""``python -m distill merge``: fold a LoRA adapter into its base model and save a plain HF model."""
+"""``python -m distill merge``: fold a LoRA adapter into its base model and save a plain HF model (a
+causal LM, or a sequence classifier for a reward model's adapter)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from distill.train.model import load_causal_lm
 
@@ -20,9 +21,16 @@ def load_adapter(adapter_dir: str | Path, base: str | None = None) -> torch.nn.M
     from peft import PeftConfig, PeftModel
 
     adapter_dir = Path(adapter_dir)
-    base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    config = PeftConfig.from_pretrained(adapter_dir)
+    base = base or config.base_model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(adapter_dir, base))
-    return PeftModel.from_pretrained(load_causal_lm(base, None, tokenizer), adapter_dir)
+    if config.task_type == "SEQ_CLS":  # a reward model's adapter: its head is in the adapter
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=1, pad_token_id=tokenizer.pad_token_id
+        )
+    else:
+        model = load_causal_lm(base, None, tokenizer)
+    return PeftModel.from_pretrained(model, adapter_dir)
 
 
 def merge_adapter(
@@ -39,7 +47,8 @@ def merge_adapter(
     base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     merged = load_adapter(adapter_dir, base).merge_and_unload()
     inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
-    if merged.config.tie_word_embeddings and not torch.equal(inputs.weight, outputs.weight):
+    tied = merged.config.tie_word_embeddings and outputs is not None  # a reward model has no LM head
+    if tied and not torch.equal(inputs.weight, outputs.weight):
         merged.config.tie_word_embeddings = False
     merged.save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(_tokenizer_source(adapter_dir, base)).save_pretrained(output_dir)

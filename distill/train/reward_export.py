@@ -14,32 +14,49 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 SCORE_KEY = "objective.score.weight"
 
 
-def merged_weights(peft_model: torch.nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The causal LM's weights with the LoRA adapter folded in, from the adapter model's state dict."""
+def save_reward_adapter(
+    directory: Path, peft_model: torch.nn.Module, weights: dict[str, Tensor], score: Tensor, pad_token_id: int
+) -> None:
+    """The LoRA adapter as a ``SEQ_CLS`` adapter with the head in ``modules_to_save``: it loads onto
+    ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)`` with ``PeftModel``, and
+    ``python -m distill merge`` folds it into that base."""
     from peft import get_peft_model
 
-    config = peft_model.peft_config["default"]
-    base = AutoModelForCausalLM.from_config(peft_model.get_base_model().config)
-    twin = get_peft_model(base, copy.deepcopy(config))
-    twin.load_state_dict(weights, strict=False)
-    return twin.merge_and_unload().state_dict()
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.task_type = "SEQ_CLS"
+    config.modules_to_save = [*(config.modules_to_save or []), "score"]
+    with torch.device("meta"):
+        base = AutoModelForSequenceClassification.from_config(
+            classifier_config(peft_model.get_base_model().config, pad_token_id)
+        )
+        twin = get_peft_model(base, config)
+    state = {name: tensor for name, tensor in weights.items() if "lora_" in name or "modules_to_save" in name}
+    head = score.reshape(1, -1)
+    state["base_model.model.score.modules_to_save.default.weight"] = head
+    state["base_model.model.score.original_module.weight"] = head
+    twin.save_pretrained(directory, state_dict=state, save_embedding_layers=False)
+
+
+def classifier_config(config: PretrainedConfig, pad_token_id: int) -> PretrainedConfig:
+    """``config`` for a sequence classifier of one score."""
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id  # the classifier finds each sequence's last token by it
+    config.architectures = None
+    return config
 
 
 def save_reward_model(
     directory: Path, config: PretrainedConfig, weights: dict[str, Tensor], score: Tensor, pad_token_id: int
 ) -> None:
     """Write ``weights`` (the causal LM's, merged) and ``score`` (1, H) as a sequence classifier."""
-    config = copy.deepcopy(config)
-    config.num_labels = 1
-    config.pad_token_id = pad_token_id  # the classifier finds each sequence's last token by it
-    config.architectures = None
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = AutoModelForSequenceClassification.from_config(classifier_config(config, pad_token_id))
     expected = set(model.state_dict())
     state = {name: tensor for name, tensor in weights.items() if name in expected}
     state["score.weight"] = score.reshape(1, -1)
