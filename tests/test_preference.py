@@ -339,3 +339,28 @@ def test_kto_fit_rewards_desirable_samples_over_undesirable_ones(tmp_path, polic
     config = preference_config(tmp_path, policy_dir, pairs, n=4)
     with pytest.raises(ValueError, match="KTO samples"):
         run_cli(["fit", "--config", str(config), *args, "--trainer.max_steps", "1"])
+
+
+def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
+    from distill.objectives.reference_store import ReferenceStore
+    from tests.helpers import clean_env, run
+
+    objective = {"class_path": "distill.objectives.Preference", "init_args": {"reference": "precomputed"}}
+    config = preference_config(tmp_path, policy_dir, objective, n=8)
+    objective_args = "--model.init_args.objective.init_args"
+    stores = {}
+    for name, extra in {
+        "one": [],
+        "two": ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+    }.items():
+        store = tmp_path / name
+        args = ["fit", "--config", str(config), f"{objective_args}.reference_cache", str(store), *extra]
+        run([*args, "--trainer.max_steps", "2"], clean_env())
+        (entry,) = store.iterdir()
+        parts = sorted(p.name for p in entry.glob("part-*.npz"))
+        assert parts == (["part-0-of-1.npz"] if name == "one" else ["part-0-of-2.npz", "part-1-of-2.npz"])
+        stores[name] = ReferenceStore.at(entry)
+    one, two = stores["one"].load(), stores["two"].load()
+    assert len(one) == 12 and sorted(one) == sorted(two)  # 8 training and 4 held-out pairs, each once
+    for sha, values in one.items():
+        assert values == pytest.approx(two[sha], abs=1e-5)

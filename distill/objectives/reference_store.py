@@ -28,6 +28,14 @@ class ReferenceStore:
         self.directory = Path(root) / hashlib.sha256(blob).hexdigest()[:24]
         self.inputs = inputs
 
+    @classmethod
+    def at(cls, directory: str | Path) -> ReferenceStore:
+        """The store in ``directory`` (to read it: its key's inputs are in its meta.json)."""
+        store = cls.__new__(cls)
+        store.directory = Path(directory)
+        store.inputs = json.loads((store.directory / "meta.json").read_text())["inputs"]
+        return store
+
     @property
     def complete(self) -> bool:
         return (self.directory / "meta.json").exists()
