@@ -77,17 +77,12 @@ def over_chunks(
     return totals
 
 
-def token_log_probs(
-    hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int = 1024, vocab_size: int | None = None
-) -> Tensor:
+def token_log_probs(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int = 1024) -> Tensor:
     """(N,) log-probability of each label under the head, computed chunk by chunk (never all N x V
     logits at once, in the forward or the backward pass)."""
 
     def chunk(h: Tensor, y: Tensor) -> Tensor:
-        logits = head(h)
-        if vocab_size is not None and logits.shape[-1] > vocab_size:
-            logits = logits[:, :vocab_size]  # a padded head's extra rows are not tokens
-        logits = logits.float()
+        logits = head(h).float()  # (n, V)
         return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     parts = [
