@@ -112,7 +112,7 @@ def test_ranks_x_workers_cover_every_token_of_the_corpus_once_per_pass(tmp_path,
     assert {tuple(seeded.file_order(p)) for p in range(3)} == {(0, 1), (1, 0)}
     for rank in range(2):
         got = list(islice(loader(data, tokenizer, lambda: (0, 0), rank, 2, seed=3), 40))
-        assert all(b.keys() == {"input_ids", "labels", "position_ids"} for b in got)
+        assert all(b.keys() == {"input_ids", "labels", "position_ids", "sequence_index"} for b in got)
         assert all(b["input_ids"].shape == (BATCH, LENGTH) for b in got)  # every row full
         for local in range(2):  # the loader reads its workers in turn
             assert same(got[local::2], reference(seeded, rank * 2 + local, 4, 20)), (rank, local)

@@ -239,10 +239,13 @@ def packed_batch(rows: list[list[int]], lengths: list[int]) -> dict[str, Any]:
     position_ids = torch.arange(input_ids.numel()) - start_of.cummax(0).values
     labels = input_ids.flatten().clone()
     labels[starts] = IGNORE_INDEX
+    first = torch.zeros(input_ids.numel(), dtype=torch.long)
+    first[starts] = 1
     return {
         "input_ids": input_ids,
         "labels": labels.view_as(input_ids),
         "position_ids": position_ids.view_as(input_ids),
+        "sequence_index": (first.cumsum(0) - 1).view_as(input_ids),  # the piece of each token
     }
 
 
