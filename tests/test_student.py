@@ -110,3 +110,18 @@ def test_adamw_fused_only_on_cuda():
 def test_8bit_adamw_without_cuda_is_a_clear_error():
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         AdamW8bit([torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_validate_then_fit_in_one_process(tmp_path):
+    """A validation before training (a baseline) leaves metric states a later fit can update."""
+    from distill.cli import run_cli
+    from tests.helpers import conversation, write_config, write_jsonl
+
+    chats = write_jsonl(tmp_path / "chat.jsonl", [conversation(i) for i in range(10)])
+    config = write_config(tmp_path, chats)
+    cli = run_cli(
+        ["--config", str(config), "--trainer.max_steps", "2", "--trainer.callbacks", "[]"], run=False
+    )
+    (before,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2 and before["val/loss"] > 0

@@ -36,12 +36,14 @@ class ObjectiveMetrics(Metric):
         tokens: int,
         **sums: torch.Tensor,
     ) -> None:
-        self.loss_sum += loss_sum.detach().double()
-        self.units += units
-        self.tokens += tokens
+        # new tensors, not in-place updates: states a validate() reset under inference mode would
+        # refuse an in-place update in a later fit's validation
+        self.loss_sum = self.loss_sum + loss_sum.detach().double()
+        self.units = self.units + units
+        self.tokens = self.tokens + tokens
         if correct is not None:
-            self.correct += correct.detach().double()
-            self.has_correct.fill_(1.0)
+            self.correct = self.correct + correct.detach().double()
+            self.has_correct = torch.ones_like(self.has_correct)
         for name, value in sums.items():
             state = self._state_of[name]
             setattr(self, state, getattr(self, state) + value.detach().double())
