@@ -14,7 +14,7 @@ from distill.cli import main, run_cli
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit
 from distill.data.pairs import PairRecord
 from distill.data.templates import resolve_template
-from distill.objectives import KTO, Preference
+from distill.objectives import KTO, Preference, RewardModel
 from distill.objectives.base import loss_inputs
 from distill.objectives.reference import sequence_logps
 from distill.train.model import LoraOptions
@@ -364,3 +364,41 @@ def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
     assert len(one) == 12 and sorted(one) == sorted(two)  # 8 training and 4 held-out pairs, each once
     for sha, values in one.items():
         assert values == pytest.approx(two[sha], abs=1e-5)
+
+
+def test_reward_model_freezes_an_untied_lm_head(tmp_path):
+    """An LM head the reward never uses must not be trainable: DDP would wait for its gradient."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tests.helpers import TINY_LLAMA
+
+    config = AutoConfig.for_model(
+        **{**TINY_LLAMA, "tie_word_embeddings": False}, vocab_size=32000, pad_token_id=0
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "untied")
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / "untied")
+    student = student_of(tmp_path / "untied", RewardModel())
+    assert not student.causal_lm.get_output_embeddings().weight.requires_grad
+    assert student.causal_lm.get_input_embeddings().weight.requires_grad
+    assert student.objective.score.weight.requires_grad
+
+
+def test_option_combinations_that_cannot_work_are_refused(tmp_path, policy_dir):
+    from distill.objectives.kto import mismatched_batch
+    from distill.objectives.reference_store import ReferenceStore
+
+    with pytest.raises(ValueError, match="NLL already"):
+        Preference(loss="orpo", sft_weight=0.5)
+    with pytest.raises(ValueError, match="not precomputed"):
+        KTO(reference="precomputed")
+    tokenizer = student_of(policy_dir, KTO()).tokenizer
+    one = {
+        k: v[:1] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+        for k, v in pair_batch(tokenizer, n=1).items()
+    }
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        mismatched_batch(one, None)
+    store = ReferenceStore(tmp_path, {"reference": "x"})
+    store.write_part(0, 2, ["00" * 32], torch.zeros(1, 2).numpy())
+    with pytest.raises(FileNotFoundError, match=r"ranks \[1\].*every node shares"):
+        store.finish(2)

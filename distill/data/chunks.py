@@ -48,9 +48,7 @@ class EncodedChunk:
         labels = np.where(self.trainable, self.input_ids, IGNORE_INDEX)
         rows = zip(bounds[:-1], bounds[1:], self.shas, self.sources, self.values.tolist(), strict=True)
         return [
-            Encoded(
-                self.input_ids[a:b].tolist(), labels[a:b].tolist(), sha, source, value=None if v != v else v
-            )
+            Encoded(self.input_ids[a:b].tolist(), labels[a:b].tolist(), sha, source, value=_value(v))
             for a, b, sha, source, v in rows
         ]
 

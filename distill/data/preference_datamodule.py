@@ -31,8 +31,9 @@ class PreferenceDataModule(DataModule):
             format: Record format (``medicalgpt``, ``medicalgpt_reward``, ``trl``, ``hh``, ``kto``), or
                 ``auto`` to detect it per record. A file holds pairs or KTO samples, not both.
             **kwargs: Everything ``DataModule`` takes (files, template, max_seq_length, packing,
-                batch_size in pairs, ...). Packed rows hold up to twice ``max_seq_length`` tokens, so a
-                pair whose responses each fit always fits one row.
+                ...). ``batch_size`` counts pairs (KTO samples), or packed rows with ``packing``;
+                packed rows hold up to twice ``max_seq_length`` tokens, so a pair whose responses
+                each fit always fits one row. ``truncation`` is always from the left of the prompt.
         """
         if kwargs.get("streaming"):
             raise ValueError("data.streaming reads plain text for pretraining; preference data is read whole")

@@ -73,8 +73,10 @@ class KTO(Objective):
     @torch.no_grad()
     def prepare(self, batch: dict, student: StudentModule) -> None:
         if batch.get("unit_size") != 1:
+            what = "preference pairs" if batch.get("unit_size") == 2 else "single samples"
             raise ValueError(
-                "KTO trains on KTO records ({prompt, completion, label}); the batches hold pairs"
+                f"KTO trains on KTO records ({{prompt, completion, label}}), but the batches hold {what}: "
+                "use distill.PreferenceDataModule with KTO records"
             )
         if "reference_logps" not in batch:
             batch["reference_logps"] = self.reference.logps(batch, student)
@@ -83,7 +85,9 @@ class KTO(Objective):
         }
         policy = sequence_logps(student.causal_lm, mismatched, self.chunk_size)
         kl = kto_kl_baseline(policy, self.reference.logps(mismatched, student).to(policy))
-        if student.trainer.world_size > 1:  # one reference point for the whole step's batch
+        # one reference point for the step's batches on all ranks; not in validation, where a rank may
+        # run one batch fewer than the others and would leave them waiting in the collective
+        if student.training and student.trainer.world_size > 1:
             kl = student.trainer.strategy.reduce(kl, reduce_op="mean")
         batch["kl_baseline"] = kl
 
@@ -117,9 +121,12 @@ def mismatched_batch(batch: dict, collate: Collator) -> dict[str, Tensor]:
     """Each sequence's prompt followed by the next sequence's completion, unpacked, no longer than the
     batch's longest sequence (prompt tokens cut from the left first)."""
     ids, labels = batch["input_ids"].reshape(-1), batch["labels"].reshape(-1)
-    index = batch.get("sequence_index")
-    index = index.reshape(-1) if index is not None else torch.zeros_like(ids)
+    index = batch["sequence_index"].reshape(-1)
     count = int(index.max()) + 1
+    if count < 2:
+        raise ValueError(
+            "KTO needs at least 2 samples per micro-batch to pair prompts with other completions"
+        )
     sequences = []
     for s in range(count):
         mask = index == s

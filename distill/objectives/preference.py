@@ -76,6 +76,8 @@ class Preference(Objective):
         """
         if loss not in PAIR_LOSSES:
             raise ValueError(f"unknown Preference loss {loss!r}; choose one of {sorted(PAIR_LOSSES)}")
+        if loss == "orpo" and sft_weight:
+            raise ValueError("ORPO's loss holds the chosen response's NLL already: leave sft_weight at 0")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"Preference label_smoothing must be in [0, 0.5); got {label_smoothing}")
         super().__init__()

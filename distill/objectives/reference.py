@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from distill.objectives.base import loss_inputs, per_sequence, token_log_probs
 from distill.objectives.reference_store import ReferenceStore
+from distill.train.sharding import zero3
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -60,6 +62,12 @@ class Reference:
             self.model = student.model_name
         self.dtype = self.dtype or student.dtype_name
         self.tokenizer = student.tokenizer
+        strategy = student._trainer.strategy if student._trainer is not None else None
+        if self.kind == "model" and (isinstance(strategy, FSDPStrategy) or zero3(strategy)):
+            rank_zero_warn(
+                f"[distill] {owner}'s frozen reference is a whole copy of the model on every rank, not "
+                "sharded: with FSDP or ZeRO-3 use reference adapter (LoRA) or precomputed"
+            )
 
     @torch.no_grad()
     def logps(self, batch: dict, student: StudentModule) -> Tensor:
@@ -95,13 +103,14 @@ class Reference:
         )
         rank, world = trainer.global_rank, trainer.world_size
         if not store.complete and not store.has_part(rank, world):
-            units = [unit for split in (data.train, data.val) for unit in split][rank::world]
+            splits = (data.train, data.val)
+            mine = [(split, i) for split in splits for i in range(len(split))][rank::world]
             collate = UnitCollator(data.pad_id, packed=False)
             device = student.device
             model = self.frozen_model(device)
             shas, values = [], []
-            for start in range(0, len(units), data.eval_batch_size):
-                batch = collate(units[start : start + data.eval_batch_size])
+            for start in range(0, len(mine), data.eval_batch_size):  # units read batch by batch
+                batch = collate([split[i] for split, i in mine[start : start + data.eval_batch_size]])
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 logps = sequence_logps(model, batch, self.chunk_size).double()
                 shas += batch["sequence_sha"][:: batch["unit_size"]]
@@ -109,7 +118,7 @@ class Reference:
             self.frozen.clear()  # freed: training needs no reference model from here on
             store.write_part(rank, world, shas, np.concatenate(values) if values else np.zeros((0, 2)))
             rank_zero_info(
-                f"[distill] reference log-probs of {len(units):,} units stored in {store.directory}"
+                f"[distill] reference log-probs of {len(mine):,} units stored in {store.directory}"
             )
         trainer.strategy.barrier("reference_store")
         if rank == 0 and not store.complete:

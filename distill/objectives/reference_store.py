@@ -61,6 +61,12 @@ class ReferenceStore:
 
     def finish(self, world_size: int) -> None:
         """Mark the store complete (rank 0, once every rank's part is written)."""
+        missing = [rank for rank in range(world_size) if not self.has_part(rank, world_size)]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.directory}: no reference log-probs of ranks {missing} after they wrote them: "
+                "objective.reference_cache must be a directory every node shares"
+            )
         meta = {"inputs": self.inputs, "parts": world_size}
         partial = self.directory / f".meta.json.{os.getpid()}"
         partial.write_text(json.dumps(meta, indent=1))

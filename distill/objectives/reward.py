@@ -48,12 +48,21 @@ class RewardModel(Objective):
                 f"({tokenizer.eos_token!r}); give the tokenizer a pad token of its own (e.g. an unused "
                 "reserved token)"
             )
+        lm = student.causal_lm
+        head = lm.get_output_embeddings()
+        if head is not None and head.weight is not lm.get_input_embeddings().weight:
+            # an untied LM head takes no part in the reward: trainable, DDP would wait for its gradient
+            head.requires_grad_(False)
         if self.score is not None:
             return
-        config = student.causal_lm.config.get_text_config()
-        self.score = nn.Linear(config.hidden_size, 1, bias=False)
-        nn.init.normal_(self.score.weight, std=getattr(config, "initializer_range", 0.02))
-        self.score.to(next(student.causal_lm.parameters()).dtype)
+        from distill.train.sharding import unpartitioned
+
+        config = lm.config.get_text_config()
+        strategy = student._trainer.strategy if student._trainer is not None else None
+        with unpartitioned(strategy):  # under ZeRO-3 the init would apply to an empty placeholder
+            self.score = nn.Linear(config.hidden_size, 1, bias=False)
+            nn.init.normal_(self.score.weight, std=getattr(config, "initializer_range", 0.02))
+            self.score.to(next(lm.parameters()).dtype)
 
     def rewards(self, last_hidden: Tensor) -> Tensor:
         """(S,) the score of each sequence from its last token's hidden state."""

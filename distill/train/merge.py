@@ -28,6 +28,8 @@ def load_adapter(adapter_dir: str | Path, base: str | None = None) -> torch.nn.M
         model = AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=1, pad_token_id=tokenizer.pad_token_id
         )
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # rows for added tokens
+            model.resize_token_embeddings(len(tokenizer))
     else:
         model = load_causal_lm(base, None, tokenizer)
     return PeftModel.from_pretrained(model, adapter_dir)
