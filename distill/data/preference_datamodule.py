@@ -8,7 +8,7 @@ whole units.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -87,6 +87,19 @@ class PreferenceDataModule(DataModule):
     @property
     def collator(self) -> Callable[[list], dict]:
         return UnitCollator(self.pad_id, packed=self.packing)
+
+    def identity(self) -> list[str]:
+        """What the encoded units are a function of: the tokenized-cache entries of the splits (keyed by
+        the files, the tokenizer, the template and the truncation)."""
+        return sorted(samples.directory.parent.name for samples in self.tokenized_splits().values())
+
+    def unit_batches(self, rank: int, world_size: int) -> Iterator[dict]:
+        """Rank ``rank``'s share of every training and validation unit, once each, in unpacked batches
+        of ``eval_batch_size`` units (read batch by batch)."""
+        units = [(split, i) for split in (self.train, self.val) for i in range(len(split))][rank::world_size]
+        collate = UnitCollator(self.pad_id, packed=False)
+        for start in range(0, len(units), self.eval_batch_size):
+            yield collate([split[i] for split, i in units[start : start + self.eval_batch_size]])
 
     def predict_dataloader(self) -> list[DataLoader]:
         """Every unit once, unpacked (packing is for training rows)."""

@@ -93,24 +93,17 @@ class Reference:
     def precompute(self, student: StudentModule) -> dict[str, np.ndarray]:
         """The reference's log-probs of every unit of the training and validation data, from the store,
         computed (this rank's share; the reference loaded, then freed) where the store lacks them."""
-        from distill.data.pair_encoding import UnitCollator
         from distill.teacher.identity import model_identity
 
         trainer, data = student.trainer, student.trainer.datamodule
-        entries = sorted(samples.directory.parent.name for samples in data.tokenized_splits().values())
-        store = ReferenceStore(
-            self.cache, {"reference": model_identity(self.model), "dtype": self.dtype, "data": entries}
-        )
+        identity = {"reference": model_identity(self.model), "dtype": self.dtype, "data": data.identity()}
+        store = ReferenceStore(self.cache, identity)
         rank, world = trainer.global_rank, trainer.world_size
         if not store.complete and not store.has_part(rank, world):
-            splits = (data.train, data.val)
-            mine = [(split, i) for split in splits for i in range(len(split))][rank::world]
-            collate = UnitCollator(data.pad_id, packed=False)
             device = student.device
             model = self.frozen_model(device)
             shas, values = [], []
-            for start in range(0, len(mine), data.eval_batch_size):  # units read batch by batch
-                batch = collate([split[i] for split, i in mine[start : start + data.eval_batch_size]])
+            for batch in data.unit_batches(rank, world):
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 logps = sequence_logps(model, batch, self.chunk_size).double()
                 shas += batch["sequence_sha"][:: batch["unit_size"]]
@@ -118,7 +111,7 @@ class Reference:
             self.frozen.clear()  # freed: training needs no reference model from here on
             store.write_part(rank, world, shas, np.concatenate(values) if values else np.zeros((0, 2)))
             rank_zero_info(
-                f"[distill] reference log-probs of {len(mine):,} units stored in {store.directory}"
+                f"[distill] reference log-probs of {len(shas):,} units stored in {store.directory}"
             )
         trainer.strategy.barrier("reference_store")
         if rank == 0 and not store.complete:
