@@ -96,7 +96,7 @@ def test_the_adapter_off_reference_is_the_base_model(policy_dir):
     for name, param in student.model.named_parameters():
         if "lora_B" in name:  # a trained adapter: the policy is no longer the base
             param.data.normal_(0, 0.5)
-    assert objective.reference.kind == "adapter"
+    assert objective.reference.kind == "adapter" and objective.extra_forwards == 1  # counted in FLOPs
     batch = pair_batch(student.tokenizer)
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
     reference = objective.reference.logps(batch, student)
@@ -128,6 +128,7 @@ def test_reference_free_losses_load_no_reference(policy_dir):
         batch = pair_batch(student.tokenizer)
         objective.prepare(batch, student)
         assert "reference_logps" not in batch and not objective.reference.frozen
+        assert objective.extra_forwards == 0
         hidden = student.forward_hidden(batch)
         out = objective(loss_inputs(hidden, student.causal_lm.get_output_embeddings(), batch))
         out.loss_sum.backward()
@@ -254,6 +255,7 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     assert caplog.text.count("reference log-probs of 12 units") == 1  # 8 train + 4 val pairs, once
     student, objective = cli.model, cli.model.objective
     assert not objective.reference.frozen  # the reference was freed once its log-probs were stored
+    assert objective.extra_forwards == 0
     (entry,) = store.iterdir()
     assert (entry / "meta.json").exists() and len(list(entry.glob("part-*.npz"))) == 1
     batch = pair_batch(student.tokenizer, n=2)  # pairs 0 and 1 of the training data

@@ -155,6 +155,7 @@ class Objective(nn.Module):
 
     unit: str = "token"
     metric_names: tuple[str, ...] = ()
+    extra_forwards: int = 0  # forwards without gradients ``prepare`` runs per batch (counted in FLOPs)
 
     def setup(self, student: StudentModule) -> None:
         """Called once the student is built (e.g. to learn its tokenizer)."""

@@ -29,6 +29,7 @@ class KTO(Objective):
     undesirable samples, ``r`` the log-ratio of policy and reference on the completion."""
 
     unit = "sample"
+    extra_forwards = 3  # the reference on the batch; policy and reference on the mismatched completions
     metric_names = ("kl", "rewards/signed", "rewards/accuracies", "logps")
 
     def __init__(

@@ -97,6 +97,10 @@ class Preference(Objective):
         if self.spec.reference:
             self.reference.setup(student, "Preference")
 
+    @property
+    def extra_forwards(self) -> int:
+        return int(self.spec.reference and self.reference.kind in ("adapter", "model"))
+
     @torch.no_grad()
     def prepare(self, batch: dict, student: StudentModule) -> None:
         if self.spec.reference and "reference_logps" not in batch:

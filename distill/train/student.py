@@ -140,6 +140,9 @@ class StudentModule(L.LightningModule):
         out = self.compute_loss(batch)
         rows, seq_len = batch["input_ids"].shape
         self.flops_per_batch = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens)
+        if self.objective.extra_forwards:  # reference models, mismatched completions
+            forward = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens, backward=False)
+            self.flops_per_batch += self.objective.extra_forwards * forward
         values = self.train_metrics(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
         values = self.objective.derived_metrics(values)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, prog_bar=True, batch_size=1)
