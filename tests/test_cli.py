@@ -157,3 +157,23 @@ def test_inspect_shows_masked_positions(tmp_path, chat_file, capsys):
     out = capsys.readouterr().out
     assert "template: mistral" in out and "[<s>[INST] You answer briefly." in out
     assert "It is 0, since 0 plus 0 is 0.</s>" in out and "trainable" in out
+
+
+@pytest.mark.parametrize("stage", ["dpo.yaml", "rm.yaml"])
+@pytest.mark.parametrize(
+    "strategy", sorted((ROOT / "configs" / "strategy").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_preference_configs_compose_with_the_strategy_configs(stage, strategy, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", f"configs/{stage}", "--config", str(strategy), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[20")]
+    resolved = yaml.safe_load("\n".join(printed))
+    assert (
+        resolved["trainer"]["strategy"] and resolved["data"]["class_path"] == "distill.PreferenceDataModule"
+    )
+    objective = resolved["model"]["init_args"]["objective"]["class_path"]
+    assert objective == (
+        "distill.objectives.Preference" if stage == "dpo.yaml" else "distill.objectives.RewardModel"
+    )
