@@ -404,3 +404,19 @@ def test_option_combinations_that_cannot_work_are_refused(tmp_path, policy_dir):
     store.write_part(0, 2, ["00" * 32], torch.zeros(1, 2).numpy())
     with pytest.raises(FileNotFoundError, match=r"ranks \[1\].*every node shares"):
         store.finish(2)
+
+
+def test_kto_mismatched_completions_of_a_packed_batch_are_packed(policy_dir):
+    from distill.data.batching import Collator
+    from distill.objectives.kto import mismatched_batch
+
+    tokenizer = student_of(policy_dir, KTO()).tokenizer
+    packed = pair_batch(tokenizer, n=4, packed=True)  # one row of 8 sequences
+    mixed = mismatched_batch(packed, Collator(tokenizer.pad_token_id))
+    assert "attention_mask" not in mixed and mixed["input_ids"].shape[1] <= packed["input_ids"].shape[1]
+    assert mixed["input_ids"].shape[0] < 8 and int(mixed["sequence_index"].max()) == 7
+    unpacked = mismatched_batch(pair_batch(tokenizer, n=4), Collator(tokenizer.pad_token_id))
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    # packing reorders the sequences; z0 is their mean, so only the set of values matters
+    got, want = sequence_logps(model, mixed).sort().values, sequence_logps(model, unpacked).sort().values
+    assert_close(got, want, rtol=1e-4, atol=1e-4)

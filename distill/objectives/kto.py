@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from distill.data.batching import Collator
+from distill.data.batching import Collator, pack
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.pair_encoding import first_trainable
 from distill.losses.preference import kto, kto_kl_baseline
@@ -119,8 +119,8 @@ class KTO(Objective):
 
 
 def mismatched_batch(batch: dict, collate: Collator) -> dict[str, Tensor]:
-    """Each sequence's prompt followed by the next sequence's completion, unpacked, no longer than the
-    batch's longest sequence (prompt tokens cut from the left first)."""
+    """Each sequence's prompt followed by the next sequence's completion, no longer than the batch's
+    longest sequence (prompt tokens cut from the left first), packed (in another order) when the batch is."""
     ids, labels = batch["input_ids"].reshape(-1), batch["labels"].reshape(-1)
     index = batch["sequence_index"].reshape(-1)
     count = int(index.max()) + 1
@@ -144,6 +144,9 @@ def mismatched_batch(batch: dict, collate: Collator) -> dict[str, Tensor]:
         prompt = prompt[-room:]
         tokens = (prompt + completion)[:longest]
         mixed.append(Encoded(tokens, ([IGNORE_INDEX] * len(prompt) + completion_labels)[:longest], "", ""))
-    out = collate(mixed)
+    if "attention_mask" not in batch:  # a packed batch: pack them alike, into rows as wide as its own
+        out = collate(list(pack(mixed, batch["input_ids"].shape[1])))
+    else:
+        out = collate(mixed)
     out.pop("sha", None)
     return out
