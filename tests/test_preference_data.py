@@ -294,7 +294,7 @@ def test_batches_count_pairs_and_each_pair_comes_once_and_whole(tmp_path):
     path = pair_file(tmp_path / "train.jsonl", range(8))
     records, _ = read_pair_records(path)
     dm = data(tmp_path, path, batch_size=3)
-    assert isinstance(dm.train, Grouped) and len(dm.train) == 8 and not dm.is_kto
+    assert isinstance(dm.train, Grouped) and len(dm.train) == 8 and dm.unit_size == 2
     assert [[s.sha for s in unit] for unit in dm.train] == [[r.sha, r.sha] for r in records]
     assert dm.train.lengths.tolist() == [len(c.input_ids) + len(r.input_ids) for c, r in dm.train]
     assert dm.stats["data/train_samples"] == dm.stats["data/train_kept"] == 8  # pairs, not samples
@@ -409,8 +409,8 @@ def test_one_file_read_as_kto_and_as_pairs_gets_two_entries(tmp_path):
     as_pairs = data(tmp_path, path, format="trl")
     kto_dir = as_kto.tokenized_splits()["train"].directory
     assert kto_dir != as_pairs.tokenized_splits()["train"].directory and len(entries(tmp_path)) == 2
-    assert as_kto.is_kto and [len(unit) for unit in as_kto.train] == [1] * 4
-    assert not as_pairs.is_kto and [len(unit) for unit in as_pairs.train] == [2] * 4
+    assert as_kto.unit_size == 1 and [len(unit) for unit in as_kto.train] == [1] * 4
+    assert as_pairs.unit_size == 2 and [len(unit) for unit in as_pairs.train] == [2] * 4
     assert {u[0].sha for u in as_kto.train}.isdisjoint(u[0].sha for u in as_pairs.train)
     # the KTO completion and the chosen response are the same tokens
     assert [u[0].input_ids for u in as_kto.train] == [u[0].input_ids for u in as_pairs.train]
@@ -459,6 +459,8 @@ def test_pairs_and_kto_samples_cannot_be_mixed_across_splits(tmp_path):
     samples_val = write_jsonl(tmp_path / "kto_val.jsonl", [kto(i) for i in range(10, 12)])
     with pytest.raises(ValueError, match="mix preference pairs and KTO samples"):
         data(tmp_path, pairs, samples_val)
+    with pytest.raises(ValueError, match="mix preference pairs and KTO samples"):  # within one split
+        data(tmp_path, pairs, train_files=[str(pairs), str(samples)])
     # each split cached by an earlier run of one kind: caught when the entries are opened
     data(tmp_path, pairs, pairs_val)
     data(tmp_path, samples, samples_val)
@@ -473,7 +475,7 @@ def test_kto_units_are_single_samples_valued_by_their_label(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [kto(i) for i in range(6)])
     records, _ = read_pair_records(path)
     dm = data(tmp_path, path, batch_size=4)
-    assert dm.is_kto and [len(unit) for unit in dm.train] == [1] * 6
+    assert dm.unit_size == 1 and [len(unit) for unit in dm.train] == [1] * 6
     for (sample,), record in zip(dm.train, records, strict=True):
         assert sample.sha == record.sha and sample.value == float(record.label)
         assert dm.tokenizer.decode(trained(sample)) == record.completion[0]["content"] + EOT

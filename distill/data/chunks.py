@@ -48,12 +48,13 @@ class EncodedChunk:
         labels = np.where(self.trainable, self.input_ids, IGNORE_INDEX)
         rows = zip(bounds[:-1], bounds[1:], self.shas, self.sources, self.values.tolist(), strict=True)
         return [
-            Encoded(self.input_ids[a:b].tolist(), labels[a:b].tolist(), sha, source, value=_value(v))
+            Encoded(self.input_ids[a:b].tolist(), labels[a:b].tolist(), sha, source, value=stored_value(v))
             for a, b, sha, source, v in rows
         ]
 
 
-def _value(stored: float) -> float | None:
+def stored_value(stored: float) -> float | None:
+    """``Encoded.value`` from its stored float (NaN: none)."""
     return None if math.isnan(stored) else stored
 
 

@@ -55,18 +55,12 @@ class PreferenceDataModule(DataModule):
     def encode_split(self, records: list, template: ChatTemplate | None) -> Iterable[EncodedChunk]:
         return encode_unit_chunks(records, self.tokenizer, template, self.max_seq_length)
 
-    def entry_meta(self, template: ChatTemplate | None) -> dict:
-        return {**super().entry_meta(template), "unit_size": self._unit_size}
-
-    def load_records(self) -> tuple[list, list]:
-        train, val = super().load_records()
-        kinds = {type(r) for r in (*train, *val)}
-        if len(kinds) > 1:
-            raise ValueError(
-                "the training and validation files mix preference pairs and KTO samples: use one kind"
-            )
-        self._unit_size = 1 if kinds == {UnpairedRecord} else 2
-        return train, val
+    def entry_meta(self, records: list, template: ChatTemplate | None) -> dict:
+        kinds = {type(record) for record in records}
+        if len(kinds) > 1:  # units of two sizes in one entry could not be told apart
+            raise ValueError("the data files mix preference pairs and KTO samples: use one kind")
+        unit_size = 1 if kinds == {UnpairedRecord} else 2
+        return {**super().entry_meta(records, template), "unit_size": unit_size}
 
     def setup(self, stage: str) -> None:
         if self._set_up:
@@ -75,14 +69,12 @@ class PreferenceDataModule(DataModule):
         splits = self.tokenized_splits()
         sizes = {samples.meta["unit_size"] for samples in splits.values()}
         if len(sizes) > 1:
-            raise ValueError("the training and validation files mix preference pairs and KTO samples")
+            raise ValueError(
+                "the training and validation files mix preference pairs and KTO samples: use one kind"
+            )
         self.unit_size = sizes.pop() if sizes else 2
         self.train = Grouped(self.train, self.unit_size)
         self.val = Grouped(self.val, self.unit_size)
-
-    @property
-    def is_kto(self) -> bool:
-        return self.unit_size == 1
 
     @property
     def collator(self) -> Callable[[list], dict]:

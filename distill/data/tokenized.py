@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.cache.lock import WriterLock
 from distill.cache.segment import fsync_path
-from distill.data.chunks import EncodedChunk
+from distill.data.chunks import EncodedChunk, stored_value
 from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats
 
 FORMAT_VERSION = 2
@@ -156,8 +156,8 @@ class TokenizedSamples(Sequence[Encoded]):
         source = bytes(
             self._maps["sources.bin"][int(source_offsets[index]) : int(source_offsets[index + 1])]
         ).decode()
-        value = float(self._maps["values.bin"][index])
-        return Encoded(ids.tolist(), labels.tolist(), sha, source, value=None if np.isnan(value) else value)
+        value = stored_value(float(self._maps["values.bin"][index]))
+        return Encoded(ids.tolist(), labels.tolist(), sha, source, value=value)
 
     def __iter__(self) -> Iterator[Encoded]:
         return (self[i] for i in range(len(self)))
