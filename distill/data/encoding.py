@@ -62,6 +62,25 @@ class EncodingStats:
     def trainable_share(self) -> float:
         return self.trainable_tokens / max(self.tokens, 1)
 
+    def count(self, unit: list[Encoded] | None, truncated: bool) -> bool:
+        """Count one record's outcome, its samples after truncation (a pair has two; None: dropped as
+        too long); whether it is kept, i.e. every sample has a trainable token."""
+        self.samples += 1
+        if unit is None:
+            self.dropped_too_long += 1
+            return False
+        self.truncated += truncated
+        untrained = [sample for sample in unit if sample.num_trainable == 0]
+        if untrained:
+            self.dropped_no_trainable += 1
+            if len(self.examples_without_labels) < self.EXAMPLES:
+                self.examples_without_labels.append(untrained[0])
+            return False
+        self.kept += 1
+        self.tokens += sum(len(sample.input_ids) for sample in unit)
+        self.trainable_tokens += sum(sample.num_trainable for sample in unit)
+        return True
+
     def add(self, other: EncodingStats) -> None:
         for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -143,22 +162,10 @@ def encode_chunk(
     stats = EncodingStats()
     kept: list[Encoded] = []
     for record in records:
-        stats.samples += 1
         encoded = encode_record(record, tokenizer, template, train_on_responses_only)
         sample = truncate(encoded, max_length, truncation)
-        if sample is None:
-            stats.dropped_too_long += 1
-            continue
-        stats.truncated += sample is not encoded
-        if sample.num_trainable == 0:
-            stats.dropped_no_trainable += 1
-            if len(stats.examples_without_labels) < stats.EXAMPLES:
-                stats.examples_without_labels.append(sample)
-            continue
-        kept.append(sample)
-        stats.kept += 1
-        stats.tokens += len(sample.input_ids)
-        stats.trainable_tokens += sample.num_trainable
+        if stats.count(None if sample is None else [sample], sample is not encoded):
+            kept.append(sample)
     return kept, stats
 
 

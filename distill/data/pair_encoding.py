@@ -88,22 +88,10 @@ def encode_unit_chunks(
     for start in range(0, len(records), CHUNK_RECORDS):
         stats, kept = EncodingStats(), []
         for record in records[start : start + CHUNK_RECORDS]:
-            stats.samples += 1
             encoded = encode_unit(record, tokenizer, template)
             unit = truncate_unit(encoded, max_length)
-            if unit is None:
-                stats.dropped_too_long += 1
-                continue
-            stats.truncated += unit is not encoded
-            if any(s.num_trainable == 0 for s in unit):
-                stats.dropped_no_trainable += 1
-                if len(stats.examples_without_labels) < stats.EXAMPLES:
-                    stats.examples_without_labels.append(next(s for s in unit if s.num_trainable == 0))
-                continue
-            kept.extend(unit)
-            stats.kept += 1
-            stats.tokens += sum(len(s.input_ids) for s in unit)
-            stats.trainable_tokens += sum(s.num_trainable for s in unit)
+            if stats.count(unit, unit is not encoded):
+                kept.extend(unit)
         yield EncodedChunk.of(kept, stats)
 
 
