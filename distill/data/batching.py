@@ -77,6 +77,11 @@ def pack(samples: Sequence[Encoded], max_length: int, seed: int | None = None) -
     return PackedRows(samples, [[order[i] for i in row] for row in rows])
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding is masked)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 class Collator:
     """Right-pads a list of samples (or packed rows of samples) into tensors.
 

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.data.batching import Collator, EvalBatches, pack
+from distill.data.batching import Collator, EvalBatches, pack, pad_token_id
 from distill.data.chunks import EncodedChunk, encode_chunks
 from distill.data.encoding import (
     Encoded,
@@ -341,8 +341,7 @@ class DataModule(L.LightningDataModule):
 
     @property
     def pad_id(self) -> int:
-        pad_id = self.tokenizer.pad_token_id
-        return pad_id if pad_id is not None else self.tokenizer.eos_token_id
+        return pad_token_id(self.tokenizer)
 
     @property
     def collator(self) -> Callable[[list], dict]:

@@ -97,6 +97,12 @@ def per_sequence(values: Tensor, sequence: Tensor, num_sequences: int) -> Tensor
     return values.new_zeros(num_sequences).index_add(0, sequence, values)
 
 
+def sequence_log_probs(inputs: LossInputs, chunk_size: int = 1024) -> Tensor:
+    """(S,) each sequence's log-prob sum of its labelled tokens."""
+    logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, chunk_size)
+    return per_sequence(logps, inputs.sequence, inputs.num_sequences)
+
+
 def sequence_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(B, T) index of the sequence each token belongs to (-1: padding) and (S,) flat index (row * T + t)
     of each sequence's last token.

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from distill.data.batching import Collator, pack
+from distill.data.batching import Collator, pack, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.pair_encoding import first_trainable
 from distill.losses.preference import kto, kto_kl_baseline
-from distill.objectives.base import Loss, LossInputs, Objective, per_sequence, token_log_probs
+from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
 from distill.objectives.reference import Reference, ReferenceKind, sequence_logps
 
 if TYPE_CHECKING:
@@ -68,8 +68,7 @@ class KTO(Objective):
 
     def setup(self, student: StudentModule) -> None:
         self.reference.setup(student, "KTO")
-        pad = student.tokenizer.pad_token_id
-        self.collate = Collator(pad if pad is not None else student.tokenizer.eos_token_id)
+        self.collate = Collator(pad_token_id(student.tokenizer))
 
     @torch.no_grad()
     def prepare(self, batch: dict, student: StudentModule) -> None:
@@ -93,8 +92,7 @@ class KTO(Objective):
         batch["kl_baseline"] = kl
 
     def forward(self, inputs: LossInputs) -> Loss:
-        logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, self.chunk_size)
-        sums = per_sequence(logps, inputs.sequence, inputs.num_sequences)  # (S,)
+        sums = sequence_log_probs(inputs, self.chunk_size)  # (S,)
         batch = inputs.batch
         desirable = batch["sequence_values"].to(sums.device) == 1.0
         reference = batch["reference_logps"].to(sums)

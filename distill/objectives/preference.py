@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
-from distill.objectives.base import (
-    Loss,
-    LossInputs,
-    Objective,
-    per_sequence,
-    require_pairs,
-    token_log_probs,
-)
+from distill.objectives.base import Loss, LossInputs, Objective, require_pairs, sequence_log_probs
 from distill.objectives.reference import Reference, ReferenceKind
 
 if TYPE_CHECKING:
@@ -108,10 +101,9 @@ class Preference(Objective):
 
     def forward(self, inputs: LossInputs) -> Loss:
         require_pairs(inputs.batch, "Preference")
-        logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, self.chunk_size)
         count = inputs.num_sequences
-        sums = per_sequence(logps, inputs.sequence, count)  # (S,)
-        tokens = per_sequence(torch.ones_like(logps), inputs.sequence, count).clamp(min=1)
+        sums = sequence_log_probs(inputs, self.chunk_size)  # (S,)
+        tokens = torch.bincount(inputs.sequence, minlength=count).clamp(min=1).to(sums)  # (S,)
         scale = tokens if self.spec.length_normalised else torch.ones_like(tokens)
         policy = sums / scale
         reference = {}

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from distill.objectives.base import loss_inputs, per_sequence, token_log_probs
+from distill.objectives.base import loss_inputs, sequence_log_probs
 from distill.objectives.reference_store import ReferenceStore
 from distill.train.sharding import zero3
 
@@ -137,5 +137,4 @@ def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> Ten
         use_cache=False,
     )
     inputs = loss_inputs(outputs.last_hidden_state, model.get_output_embeddings(), batch)
-    logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, chunk_size)
-    return per_sequence(logps, inputs.sequence, inputs.num_sequences)
+    return sequence_log_probs(inputs, chunk_size)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.data.batching import Collator
+from distill.data.batching import Collator, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.templates import ChatTemplate
 from distill.targets import SparseTargets
@@ -373,8 +373,7 @@ class TeacherModule(L.LightningModule):
 
     @property
     def collator(self) -> Collator:
-        pad_id = self.tokenizer.pad_token_id
-        return Collator(pad_id if pad_id is not None else self.tokenizer.eos_token_id)
+        return Collator(pad_token_id(self.tokenizer))
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
