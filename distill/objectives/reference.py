@@ -62,7 +62,7 @@ class Reference:
             self.model = student.model_name
         self.dtype = self.dtype or student.dtype_name
         self.tokenizer = student.tokenizer
-        strategy = student._trainer.strategy if student._trainer is not None else None
+        strategy = student.strategy
         if self.kind == "model" and (isinstance(strategy, FSDPStrategy) or zero3(strategy)):
             rank_zero_warn(
                 f"[distill] {owner}'s frozen reference is a whole copy of the model on every rank, not "

@@ -58,8 +58,7 @@ class RewardModel(Objective):
         from distill.train.sharding import unpartitioned
 
         config = lm.config.get_text_config()
-        strategy = student._trainer.strategy if student._trainer is not None else None
-        with unpartitioned(strategy):  # under ZeRO-3 the init would apply to an empty placeholder
+        with unpartitioned(student.strategy):  # under ZeRO-3 the init would apply to an empty placeholder
             self.score = nn.Linear(config.hidden_size, 1, bias=False)
             nn.init.normal_(self.score.weight, std=getattr(config, "initializer_range", 0.02))
             self.score.to(next(lm.parameters()).dtype)

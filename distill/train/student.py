@@ -7,7 +7,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from torch import Tensor, nn
 from transformers import AutoTokenizer, get_scheduler
 
@@ -92,7 +92,7 @@ class StudentModule(L.LightningModule):
             return
         if self.tokenizer is None:
             raise ValueError("set model.tokenizer: a model built from model_config needs a tokenizer")
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = self.strategy
         with transformers_zero3(strategy):
             model = load_causal_lm(self.model_name, self.model_config, self.tokenizer, self.dtype_name)
         # from_pretrained returns a model in eval mode, and Lightning keeps the modes it finds: without
@@ -114,6 +114,11 @@ class StudentModule(L.LightningModule):
 
     def _metrics(self) -> ObjectiveMetrics:
         return ObjectiveMetrics(self.objective.metric_names, self.objective.unit)
+
+    @property
+    def strategy(self) -> Strategy | None:
+        """The trainer's strategy (None outside a Trainer): what builds and shards the model."""
+        return self._trainer.strategy if self._trainer is not None else None
 
     @property
     def causal_lm(self) -> nn.Module:
