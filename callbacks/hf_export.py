@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.batching import pad_token_id
 from distill.data.templates import ChatTemplate
 from distill.train.reward_export import SCORE_KEY, save_reward_adapter, save_reward_model
 from distill.train.sharding import zero3
@@ -72,7 +73,7 @@ class HFExport(L.Callback):
             generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
         adapter = getattr(model, "peft_config", None) is not None
         if SCORE_KEY in state_dict:  # a reward model: a sequence classifier (or an adapter of one)
-            pad_id = getattr(trainer.datamodule, "pad_id", tokenizer.pad_token_id)
+            pad_id = pad_token_id(tokenizer)  # what the batches were padded with
             if adapter:
                 self._point_adapter_at_base(directory, pl_module, tokenizer, weights)
                 save_reward_adapter(directory, _unwrapped(model), weights, state_dict[SCORE_KEY], pad_id)

@@ -54,7 +54,7 @@ def classifier_config(config: PretrainedConfig, pad_token_id: int) -> Pretrained
 def save_reward_model(
     directory: Path, config: PretrainedConfig, weights: dict[str, Tensor], score: Tensor, pad_token_id: int
 ) -> None:
-    """Write ``weights`` (the causal LM's, merged) and ``score`` (1, H) as a sequence classifier."""
+    """Write ``weights`` (the causal LM's full state dict) and ``score`` (1, H) as a sequence classifier."""
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(classifier_config(config, pad_token_id))
     expected = set(model.state_dict())
