@@ -125,3 +125,14 @@ def test_validate_then_fit_in_one_process(tmp_path):
     (before,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2 and before["val/loss"] > 0
+
+
+def test_a_loaded_model_trains_in_train_mode(tmp_path):
+    """from_pretrained returns a model in eval mode and Lightning keeps the modes it finds: dropout and
+    gradient checkpointing would be off in training."""
+    from tests.helpers import save_tiny_teacher
+
+    student = StudentModule(model=str(save_tiny_teacher(tmp_path / "model")), gradient_checkpointing=True)
+    student.configure_model()
+    assert student.model.training and all(module.training for module in student.model.modules())
+    assert student.causal_lm.is_gradient_checkpointing

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from distill.losses.preference import reward_pair
 from distill.objectives.base import Loss, LossInputs, Objective, require_pairs
+from distill.train.sharding import unpartitioned
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -55,8 +56,6 @@ class RewardModel(Objective):
             head.requires_grad_(False)
         if self.score is not None:
             return
-        from distill.train.sharding import unpartitioned
-
         config = lm.config.get_text_config()
         with unpartitioned(student.strategy):  # under ZeRO-3 the init would apply to an empty placeholder
             self.score = nn.Linear(config.hidden_size, 1, bias=False)
