@@ -148,7 +148,7 @@ def quality(which: str, directory: Path) -> dict:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         return {"rm_heldout_accuracy": last_logged(directory, "val/accuracy")}
     cli = build(dpo_precomputed(directory), directory)
-    if which == "dpo_before":  # a process of its own: trainer.validate, then fit, fails in distill today
+    if which == "dpo_before":  # the untrained policy, validated in a process of its own
         (before,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
         return {
             "dpo_heldout_accuracy_before": before["val/rewards/accuracies"],
