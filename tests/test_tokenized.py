@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import pickle
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 from transformers import AutoTokenizer
@@ -208,6 +209,22 @@ def test_parallel_encoding_equals_serial(tmp_path, chat_tokenizer):
         stats.add(chunk.stats)
     assert stats.as_dict() == serial_stats.as_dict()
     assert serial_stats.truncated > 0 and serial_stats.kept == 1203
+
+
+class _DiesWhenUnpickled:
+    """A record that kills the worker process that receives it."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_worker_that_dies_fails_the_encoding_instead_of_hanging(tmp_path, chat_tokenizer):
+    rows = [conversation(i, turns=1) for i in range(12)]
+    records = read_records(write_jsonl(tmp_path / "few.jsonl", rows))
+    records[6] = _DiesWhenUnpickled()  # the second of three chunks
+    template = resolve_template(chat_tokenizer, "chatml")
+    with pytest.raises(BrokenProcessPool):
+        list(encode_chunks(records, chat_tokenizer, template, 64, num_proc=2, chunk_size=4))
 
 
 def test_a_cache_built_by_two_processes_equals_one_built_by_one(tmp_path):

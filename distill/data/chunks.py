@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,12 +59,14 @@ def stored_value(stored: float) -> float | None:
     return None if math.isnan(stored) else stored
 
 
-# what a forked encoding worker reads: (tokenizer, template, max_length, truncation, responses only)
+# what an encoding worker reads: (tokenizer, template, max_length, truncation, responses only)
 _worker_settings: tuple | None = None
 
 
 def _init_worker(settings: tuple) -> None:
     global _worker_settings
+    # ``num_proc`` workers already use the cores: the tokenizers library's own threads would oversubscribe
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_settings = settings
 
 
@@ -90,8 +93,11 @@ def encode_chunks(
 ) -> Iterator[EncodedChunk]:
     """``encode_chunk`` over consecutive chunks of ``records``, in order, in ``num_proc`` processes.
 
-    Workers are forked, so they share the tokenizer and template without pickling them; only the
-    chunks' records go out and flat arrays come back, so the results equal a serial run's.
+    Workers fork from a fresh server process, never from this one: a fork of a process that has run
+    torch (OpenMP) or has background threads can deadlock in the child. Each worker receives the
+    tokenizer and template once; only the chunks' records go out and flat arrays come back, so the
+    results equal a serial run's. A worker that dies fails the build (``BrokenProcessPool``) instead
+    of leaving it waiting.
     """
     settings = (tokenizer, template, max_length, truncation, train_on_responses_only)
     chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
@@ -99,14 +105,16 @@ def encode_chunks(
         for chunk in chunks:
             yield _encode(chunk, settings)
         return
-    # the tokenizers library would warn at every fork and disable its threads: tell it up front
-    told = "TOKENIZERS_PARALLELISM" in os.environ
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    context = multiprocessing.get_context("forkserver")
+    # the server imports this module (and transformers) once; every later pool forks ready workers
+    context.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(
+        min(num_proc, len(chunks)),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(settings,),
+    )
     try:
-        with multiprocessing.get_context("fork").Pool(
-            num_proc, initializer=_init_worker, initargs=(settings,)
-        ) as pool:
-            yield from pool.imap(_encode_in_worker, chunks)
+        yield from pool.map(_encode_in_worker, chunks)
     finally:
-        if not told:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        pool.shutdown(cancel_futures=True)
