@@ -1,5 +1,6 @@
 """Lightning callbacks of distill, usable by class path in configs (e.g. ``distill.callbacks.HFExport``)."""
 
+from distill.callbacks.completions import CompletionLog
 from distill.callbacks.hf_export import HFExport
 from distill.callbacks.memory import PeakMemory
 from distill.callbacks.preemption import PreemptionCheckpoint
@@ -8,6 +9,7 @@ from distill.callbacks.teacher_cache import TeacherCacheWriter
 from distill.callbacks.throughput import TokenThroughput
 
 __all__ = [
+    "CompletionLog",
     "HFExport",
     "LoopProgress",
     "PeakMemory",

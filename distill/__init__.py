@@ -3,19 +3,23 @@
 from distill.data.datamodule import DataModule
 from distill.data.kd_datamodule import KDDataModule
 from distill.data.preference_datamodule import PreferenceDataModule
-from distill.objectives import CrossEntropy
+from distill.data.prompt_datamodule import PromptDataModule
+from distill.objectives import GRPO, RLOO, CrossEntropy
 from distill.objectives.kd import Distillation
 from distill.teacher.module import Teacher, TeacherModule
 from distill.train.model import LoraOptions
 from distill.train.student import StudentModule
 
 __all__ = [
+    "GRPO",
+    "RLOO",
     "CrossEntropy",
     "DataModule",
     "Distillation",
     "KDDataModule",
     "LoraOptions",
     "PreferenceDataModule",
+    "PromptDataModule",
     "StudentModule",
     "Teacher",
     "TeacherModule",

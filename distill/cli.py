@@ -17,7 +17,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distill
 from distill.callbacks import LoopProgress, PreemptionCheckpoint
-from distill.data.datamodule import DataModule
 
 OWN_CODE = (Path(distill.__file__).parent, Path(distill.callbacks.__file__).parent)
 
@@ -99,7 +98,7 @@ class DistillCLI(LightningCLI):
 def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
     return DistillCLI(
         L.LightningModule,
-        DataModule,
+        L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LogConfigCallback,

@@ -107,3 +107,8 @@ class CPUFSDPStrategy(FSDPStrategy):
         config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
         with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
             return self.model.state_dict()
+
+
+def vowel_share(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """A reward that differs between random completions (tests of RL runs on tiny random policies)."""
+    return [sum(c in "aeiou" for c in text.lower()) / max(1, len(text)) for text in completions]

@@ -159,21 +159,30 @@ def test_inspect_shows_masked_positions(tmp_path, chat_file, capsys):
     assert "It is 0, since 0 plus 0 is 0.</s>" in out and "trainable" in out
 
 
-@pytest.mark.parametrize("stage", ["dpo.yaml", "rm.yaml"])
+STAGES = {
+    "dpo.yaml": ("distill.PreferenceDataModule", "distill.objectives.Preference"),
+    "rm.yaml": ("distill.PreferenceDataModule", "distill.objectives.RewardModel"),
+    "grpo.yaml": ("distill.PromptDataModule", "distill.objectives.GRPO"),
+    "rloo.yaml": ("distill.PromptDataModule", "distill.objectives.RLOO"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
 @pytest.mark.parametrize(
-    "strategy", sorted((ROOT / "configs" / "strategy").glob("*.yaml")), ids=lambda p: p.stem
+    "strategy",
+    [*sorted((ROOT / "configs" / "strategy").glob("*.yaml")), ROOT / "configs" / "overrides" / "lora.yaml"],
+    ids=lambda p: p.stem,
 )
-def test_preference_configs_compose_with_the_strategy_configs(stage, strategy, monkeypatch, capsys):
+def test_stage_configs_compose_with_the_strategy_and_lora_configs(stage, strategy, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["fit", "--config", f"configs/{stage}", "--config", str(strategy), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[20")]
     resolved = yaml.safe_load("\n".join(printed))
-    assert (
-        resolved["trainer"]["strategy"] and resolved["data"]["class_path"] == "distill.PreferenceDataModule"
+    data, objective = STAGES[stage]
+    composed = (
+        resolved["model"]["init_args"]["lora"] if strategy.stem == "lora" else resolved["trainer"]["strategy"]
     )
-    objective = resolved["model"]["init_args"]["objective"]["class_path"]
-    assert objective == (
-        "distill.objectives.Preference" if stage == "dpo.yaml" else "distill.objectives.RewardModel"
-    )
+    assert composed and resolved["data"]["class_path"] == data
+    assert resolved["model"]["init_args"]["objective"]["class_path"] == objective

@@ -77,12 +77,15 @@ def over_chunks(
     return totals
 
 
-def token_log_probs(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int = 1024) -> Tensor:
-    """(N,) log-probability of each label under the head, computed chunk by chunk (never all N x V
-    logits at once, in the forward or the backward pass)."""
+def token_log_probs(
+    hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int = 1024, temperature: float = 1.0
+) -> Tensor:
+    """(N,) log-probability of each label under the head (its logits divided by ``temperature``, the
+    distribution completions were sampled from), computed chunk by chunk (never all N x V logits at
+    once, in the forward or the backward pass)."""
 
     def chunk(h: Tensor, y: Tensor) -> Tensor:
-        logits = head(h).float()  # (n, V)
+        logits = head(h).float() / temperature  # (n, V)
         return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     parts = [

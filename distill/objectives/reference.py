@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from distill.objectives.base import loss_inputs, sequence_log_probs
+from distill.objectives.base import LossInputs, loss_inputs, sequence_log_probs, token_log_probs
 from distill.objectives.reference_store import ReferenceStore
 from distill.train.sharding import zero3
 
@@ -81,6 +81,17 @@ class Reference:
                 return sequence_logps(student.causal_lm, batch, self.chunk_size)
         return sequence_logps(self.frozen_model(batch["input_ids"].device), batch, self.chunk_size)
 
+    @torch.no_grad()
+    def token_logps(self, batch: dict, student: StudentModule, temperature: float = 1.0) -> Tensor:
+        """(N,) the reference's log-prob of every labelled token (on-policy completions: never stored)."""
+        if self.kind == "adapter":
+            with student.model.disable_adapter():
+                return token_logps(student.causal_lm, batch, self.chunk_size, temperature)
+        if self.kind == "model":
+            model = self.frozen_model(batch["input_ids"].device)
+            return token_logps(model, batch, self.chunk_size, temperature)
+        raise ValueError(f"a {self.kind!r} reference has no log-probs of sampled completions")
+
     def stored_logps(self, batch: dict) -> Tensor:
         size, values = batch["unit_size"], []
         for index, sha in enumerate(batch["sequence_sha"]):
@@ -128,13 +139,23 @@ class Reference:
         return self.frozen[0]
 
 
-def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> Tensor:
-    """(S,) ``model``'s log-prob sum of every sequence's labelled tokens (chunked at loss positions)."""
+def model_loss_inputs(model: nn.Module, batch: dict) -> LossInputs:
+    """``model``'s ``LossInputs`` of ``batch``: its final hidden states at the loss positions."""
     outputs = model.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
     )
-    inputs = loss_inputs(outputs.last_hidden_state, model.get_output_embeddings(), batch)
-    return sequence_log_probs(inputs, chunk_size)
+    return loss_inputs(outputs.last_hidden_state, model.get_output_embeddings(), batch)
+
+
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> Tensor:
+    """(S,) ``model``'s log-prob sum of every sequence's labelled tokens (chunked at loss positions)."""
+    return sequence_log_probs(model_loss_inputs(model, batch), chunk_size)
+
+
+def token_logps(model: nn.Module, batch: dict, chunk_size: int = 1024, temperature: float = 1.0) -> Tensor:
+    """(N,) ``model``'s log-prob of every labelled token, in ``LossInputs`` order."""
+    inputs = model_loss_inputs(model, batch)
+    return token_log_probs(inputs.hidden, inputs.head, inputs.labels, chunk_size, temperature)

@@ -1,0 +1,303 @@
+"""PromptDataModule: prompt files -> prompts rendered with the generation prompt, tokenized -> left-padded
+batches of prompts for RL (GRPO, RLOO), each prompt later the seed of a group of completions.
+
+Prompts are short and generation dominates an RL step, so they are encoded once in ``setup`` and kept in
+memory (no tokenized-data cache). Training batches resume at the exact next batch like SFT's.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from distill.data.batching import EvalBatches, pad_token_id
+from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records
+from distill.data.resume import ResumableLoader, ShuffledBatches, leave_sigterm_to_main
+from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt rendered with the generation prompt, its token ids, and its record's fields."""
+
+    input_ids: list[int]
+    text: str
+    messages: tuple[dict[str, str], ...]
+    fields: dict[str, Any]
+    source: str
+    sha: str
+
+
+class PromptCollator:
+    """Left-pads prompts into a batch, so every prompt ends at the last column, where generation starts."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, prompts: Sequence[EncodedPrompt]) -> dict[str, Any]:
+        width = max(len(p.input_ids) for p in prompts)
+        prompt_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            n = len(prompt.input_ids)
+            prompt_ids[row, width - n :] = torch.tensor(prompt.input_ids, dtype=torch.long)
+            prompt_mask[row, width - n :] = 1
+        keys = dict.fromkeys(key for p in prompts for key in p.fields)  # first-seen order
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "prompts": [p.text for p in prompts],
+            "messages": [list(p.messages) for p in prompts],
+            "fields": {key: [p.fields.get(key) for p in prompts] for key in keys},
+            "sources": [p.source for p in prompts],
+            "shas": [p.sha for p in prompts],
+            "unit_size": 1,
+        }
+
+
+class RepeatedSteps(ShuffledBatches):
+    """``ShuffledBatches`` whose every ``window`` batches (one optimizer step's) come ``repeats`` times in a
+    row: GRPO's ``num_iterations`` updates on one rollout."""
+
+    def __init__(self, *args: Any, repeats: int = 1, window: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.repeats = repeats
+        self.window = window
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        once = super().batches(epoch)
+        steps = [once[start : start + self.window] for start in range(0, len(once), self.window)]
+        return [batch for step in steps for _ in range(self.repeats) for batch in step]
+
+    def __len__(self) -> int:
+        return super().__len__() * self.repeats
+
+
+class PromptDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_files: str | list[str],
+        val_files: str | list[str] | None = None,
+        val_fraction: float = 0.0,
+        format: PromptFormat = "auto",
+        tokenizer: str | None = None,
+        template: str | None = None,
+        end_of_turn: str | None = None,
+        stop_tokens: list[str] | None = None,
+        add_eot_to_stop_tokens: bool = False,
+        max_prompt_length: int = 512,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        num_iterations: int = 1,
+        seed: int = 42,
+    ) -> None:
+        """
+        Args:
+            train_files: JSON/JSONL files or directories of them (``question``, ``messages``/ShareGPT or
+                TRL ``prompt`` records); every key besides the prompt is kept for the reward functions.
+            val_files: Validation files; when unset, ``val_fraction`` of the training prompts is held out.
+            val_fraction: Share of training prompts held out for validation when ``val_files`` is unset.
+            format: Record format (``question``, ``messages``, ``prompt``), or ``auto`` to detect it per
+                record.
+            tokenizer: Tokenizer name or path (linked to ``model.tokenizer`` by the CLI).
+            template: Chat template: ``chatml``, ``llama3``, ``alpaca``, ``mistral``, a Jinja string, or unset
+                for the tokenizer's own ``chat_template``.
+            end_of_turn: The string that ends an assistant turn, when it cannot be inferred from the template.
+            stop_tokens: Tokens the model already stops on besides its EOS.
+            add_eot_to_stop_tokens: Accept an end-of-turn that is not a stop token, adding it to the saved
+                model's generation_config instead of failing.
+            max_prompt_length: Prompts longer than this many tokens (rendered, with the generation prompt)
+                are dropped and counted.
+            batch_size: Prompts per device per step; each becomes a group of completions.
+            eval_batch_size: Prompts per validation batch (default: ``batch_size``).
+            num_workers: DataLoader worker processes.
+            max_train_samples: Use at most this many training prompts (quick checks).
+            max_eval_samples: Use at most this many validation prompts.
+            num_iterations: Times each optimizer step's prompt batches come in a row (GRPO's
+                ``num_iterations``: the repeats train again on the stored rollout).
+            seed: Seed of the validation split and of each epoch's order of training prompts.
+        """
+        super().__init__()
+        # the tokenizer is linked from the model's (which may leave it unset): logged there once
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.train_files = train_files
+        self.val_files = val_files
+        self.val_fraction = val_fraction
+        self.format = format
+        self.tokenizer_name = tokenizer
+        self.template_name = template
+        self.end_of_turn = end_of_turn
+        self.stop_tokens = stop_tokens or []
+        self.add_eot_to_stop_tokens = add_eot_to_stop_tokens
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_train_samples = max_train_samples
+        self.max_eval_samples = max_eval_samples
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+        self.num_iterations = num_iterations
+        self.seed = seed
+        self.train: list[EncodedPrompt] = []
+        self.val: list[EncodedPrompt] = []
+        self.stats: dict[str, float] = {}
+        self.stop_token_ids: list[int] = []
+        self.chat_template: ChatTemplate | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._set_up = False
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ValueError("data.tokenizer is not set (the CLI links it from model.tokenizer)")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return self._tokenizer
+
+    def resolve_chat_template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            self.chat_template = resolve_template(self.tokenizer, self.template_name, self.end_of_turn)
+            self.stop_token_ids = check_stops_on_end_of_turn(
+                self.tokenizer, self.chat_template, self.stop_tokens, self.add_eot_to_stop_tokens
+            )
+        return self.chat_template
+
+    @property
+    def generation_stop_ids(self) -> list[int]:
+        """The ids generation stops on: the template's end-of-turn, the EOS, then the stop tokens."""
+        template = self.resolve_chat_template()
+        # one token: resolving the template raised a TemplateError (a ValueError) otherwise
+        (end_of_turn,) = self.tokenizer(template.end_of_turn, add_special_tokens=False)["input_ids"]
+        stop = [end_of_turn, self.tokenizer.eos_token_id, *self.stop_token_ids]
+        return [i for i in dict.fromkeys(stop) if i is not None]
+
+    def load_records(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        """Training and validation records, split and capped as configured."""
+        train = read_prompt_records(_as_list(self.train_files), self.format)
+        if self.val_files:
+            val = read_prompt_records(_as_list(self.val_files), self.format)
+        elif self.val_fraction > 0:
+            order = list(range(len(train)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, round(len(train) * self.val_fraction))
+            held_out = set(order[:n_val])
+            val = [r for i, r in enumerate(train) if i in held_out]
+            train = [r for i, r in enumerate(train) if i not in held_out]
+        else:
+            val = []
+        return train[: self.max_train_samples], val[: self.max_eval_samples]
+
+    def encode(self, records: list[PromptRecord]) -> tuple[list[EncodedPrompt], list[str]]:
+        """The records rendered with the generation prompt and tokenized; the sources of those too long."""
+        template = self.resolve_chat_template()
+        texts = [template.render(self.tokenizer, list(r.messages), generation_prompt=True) for r in records]
+        # the template renders the BOS itself
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        kept, dropped = [], []
+        for record, text, input_ids in zip(records, texts, ids, strict=True):
+            if len(input_ids) > self.max_prompt_length:
+                dropped.append(record.source)
+            else:
+                kept.append(
+                    EncodedPrompt(input_ids, text, record.messages, record.fields, record.source, record.sha)
+                )
+        return kept, dropped
+
+    def setup(self, stage: str) -> None:
+        if self._set_up:
+            return
+        train_records, val_records = self.load_records()
+        self.train, train_dropped = self.encode(train_records)
+        self.val, val_dropped = self.encode(val_records)
+        dropped = train_dropped + val_dropped
+        if dropped:
+            rank_zero_warn(
+                f"dropped {len(train_dropped)} training and {len(val_dropped)} validation prompts longer "
+                f"than max_prompt_length={self.max_prompt_length} tokens (first: {dropped[0]})"
+            )
+        if not self.train:
+            files = ", ".join(map(str, _as_list(self.train_files)))
+            why = (
+                f"all {len(train_records)} were longer than max_prompt_length={self.max_prompt_length}"
+                if train_records
+                else f"val_fraction / max_train_samples (now {self.val_fraction} / "
+                f"{self.max_train_samples}) left none"
+            )
+            raise ValueError(f"no training prompts in data.train_files ({files}): {why}")
+        if val_records and not self.val:
+            files = ", ".join(map(str, _as_list(self.val_files or self.train_files)))
+            raise ValueError(
+                f"no validation prompts from {files}: all {len(val_records)} were longer than "
+                f"max_prompt_length={self.max_prompt_length}"
+            )
+        self.stats = {
+            "data/train_prompts": len(self.train),
+            "data/train_dropped_too_long": len(train_dropped),
+            "data/val_prompts": len(self.val),
+            "data/val_dropped_too_long": len(val_dropped),
+        }
+        rank_zero_info(f"[distill] prompts: {self.stats}")
+        self._set_up = True
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+    @property
+    def collator(self) -> PromptCollator:
+        return PromptCollator(self.pad_id)
+
+    @property
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer else 0
+
+    @property
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer else 1
+
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained) from Lightning's loop state."""
+        if self.trainer is None:  # used outside a Trainer
+            return 0, 0
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
+
+    def train_dataloader(self) -> DataLoader:
+        # the order is a function of (seed, epoch), so `--ckpt_path` resumes mid-epoch at the next batch
+        window = self.trainer.accumulate_grad_batches if self.trainer else 1
+        batches = RepeatedSteps(
+            self.train,
+            self.collator,
+            self.batch_size,
+            self.seed,
+            self._rank,
+            self._world_size,
+            repeats=self.num_iterations,
+            window=window,
+        )
+        return ResumableLoader(batches, self._progress, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # each rank its own shard, every prompt once over all ranks
+        batches = EvalBatches(self.val, self.collator, self.eval_batch_size, self._rank, self._world_size)
+        return DataLoader(
+            batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
+        )
+
+    test_dataloader = val_dataloader
+
+
+def _as_list(files: str | list[str]) -> list[str]:
+    return [files] if isinstance(files, str) else list(files)

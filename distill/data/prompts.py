@@ -1,0 +1,159 @@
+"""Read RL prompts (GRPO, RLOO): a conversation to answer, plus the fields its reward functions read.
+
+Formats (detected per record from its keys, or forced with ``fmt``):
+
+- ``question`` (MedicalGPT's GRPO data): ``{"question": str, "answer": ..., ...}``
+- ``messages``: ``{"messages": [OpenAI turns]}`` or ShareGPT ``{"conversations": [{"from", "value"}]}``;
+  earlier assistant turns are context, the last turn must be the user's
+- ``prompt`` (TRL): ``{"prompt": str}`` or ``{"prompt": [OpenAI turns]}``
+
+Every format takes an optional ``system`` string (the system turn, unless the turns open with one) and
+``tools`` as ``distill.data.formats`` reads them. Every other top-level key (``answer``, ``solution``,
+...) is kept in ``fields`` for the reward functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from distill.data.formats import (
+    DataFormatError,
+    _iter_raw,
+    _message_turn,
+    _sharegpt_turn,
+    _with_tools,
+    find_files,
+)
+
+PromptFormat = Literal["auto", "question", "messages", "prompt"]
+PROMPT_FORMATS: tuple[str, ...] = ("question", "messages", "prompt")
+# keys the rollout adds to each completion's fields: a record must not bring its own
+RESERVED_FIELDS = frozenset({"completion_length", "stopped", "messages"})
+# the keys that hold the prompt, by the format they mark (auto-detection)
+_PROMPT_KEYS = {
+    "question": "question",
+    "messages": "messages",
+    "conversations": "messages",
+    "prompt": "prompt",
+}
+# keys that become part of the prompt itself, never fields
+_PROMPT_PARTS = frozenset({"system", "tools"})
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A conversation ending with a user turn, the record's other keys, and where it came from."""
+
+    source: str  # "path:line" (JSONL) or "path[index]" (JSON array)
+    messages: tuple[dict[str, str], ...]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sha(self) -> str:
+        """SHA-256 of the content alone, so moving a prompt between files or lines keeps its key."""
+        content = {"messages": list(self.messages), "fields": self.fields}
+        canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def read_prompt_records(
+    sources: str | Path | list[str | Path], fmt: PromptFormat = "auto"
+) -> list[PromptRecord]:
+    """Read every prompt record of ``sources`` (files or directories) in order."""
+    if fmt != "auto" and fmt not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; expected 'auto' or one of {PROMPT_FORMATS}")
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    if not sources:
+        raise DataFormatError("no prompt files given")
+    paths = [path for source in sources for path in find_files(source)]
+    records = [to_prompt_record(raw, where, fmt) for path in paths for raw, where in _iter_raw(path)]
+    if not records:
+        raise DataFormatError(f"{', '.join(map(str, paths))}: no prompt records")
+    return records
+
+
+def detect_prompt_format(raw: dict, where: str) -> str:
+    keys = [key for key in _PROMPT_KEYS if key in raw]
+    if not keys:
+        raise DataFormatError(
+            f"{where}: unknown prompt record format with keys {sorted(raw)}; expected 'question' "
+            "(question), 'messages' or 'conversations' (messages) or 'prompt' (prompt)"
+        )
+    if len(keys) > 1:  # which one is the prompt would be a guess
+        raise DataFormatError(
+            f"{where}: the record has several prompt keys {keys}: keep one, or set the format"
+        )
+    return _PROMPT_KEYS[keys[0]]
+
+
+def to_prompt_record(raw: object, where: str, fmt: PromptFormat = "auto") -> PromptRecord:
+    """Normalise one raw JSON value into a ``PromptRecord``; raise ``DataFormatError`` naming ``where``."""
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    kind = detect_prompt_format(raw, where) if fmt == "auto" else fmt
+    if kind == "messages":
+        key = "messages" if "messages" in raw or "conversations" not in raw else "conversations"
+        turns = _turns(raw.get(key), key, where)
+    else:
+        key = kind  # the question, or TRL's prompt: a string, or a list of turns
+        if kind == "prompt" and isinstance(raw.get(key), list):
+            turns = _turns(raw[key], key, where)
+        else:
+            turns = [{"role": "user", "content": _text(raw, key, where)}]
+    messages = _prompt_messages(turns, raw, where)
+    fields = {k: v for k, v in raw.items() if k != key and k not in _PROMPT_PARTS}
+    reserved = sorted(RESERVED_FIELDS & fields.keys())
+    if reserved:
+        raise DataFormatError(
+            f"{where}: field(s) {reserved} are reserved (the rollout sets them on every completion): "
+            "rename them"
+        )
+    return PromptRecord(source=where, messages=tuple(messages), fields=fields)
+
+
+def _text(raw: dict, key: str, where: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        raise DataFormatError(f"{where}: missing field '{key}'")
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataFormatError(f"{where}: empty '{key}'")
+    return value
+
+
+def _turns(value: object, key: str, where: str) -> list[dict[str, str]]:
+    """A non-empty list of ShareGPT or OpenAI turns."""
+    if not isinstance(value, list) or not value:
+        raise DataFormatError(f"{where}: '{key}' must be a non-empty list of turns")
+    return [
+        (_sharegpt_turn if isinstance(turn, dict) and "from" in turn else _message_turn)(turn, i, where)
+        for i, turn in enumerate(value)
+    ]
+
+
+def _prompt_messages(turns: list[dict[str, str]], raw: dict, where: str) -> list[dict[str, str]]:
+    """``turns`` opened by the record's ``system`` and ``tools``, checked to end with a user turn."""
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataFormatError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    if system and system.strip() and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system}, *turns]
+    turns = _with_tools(turns, raw.get("tools"), where)
+    for index, message in enumerate(turns):
+        if message["role"] == "system" and index != 0:
+            raise DataFormatError(f"{where}: turn {index}: a system message must come first")
+    last = turns[-1]
+    if last["role"] != "user":
+        raise DataFormatError(
+            f"{where}: the last turn is {last['role']!r}: a prompt must end with a user turn (the one to "
+            "answer)"
+        )
+    if not last["content"].strip():
+        raise DataFormatError(f"{where}: the last user turn is empty")
+    return turns

@@ -1,0 +1,176 @@
+"""GRPO (Shao et al. 2024) with the Dr. GRPO and DAPO variants, on the one training path.
+
+``prepare`` samples ``num_generations`` completions of every prompt from the current policy, scores
+them and computes group-normalised advantages; the forward is then the student's on those completions,
+and the loss per token is the clipped surrogate (+ beta x the k3 KL to the reference), reduced by the
+named normaliser (``distill.losses.rl``).
+
+``num_iterations`` > 1 trains on one rollout that many times: the data module repeats each optimizer
+step's prompt batches (``PromptDataModule(num_iterations=...)``), the repeats reuse the stored rollout,
+and the ratio to the log-probs it was sampled with is what the clip bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from distill.losses.rl import (
+    NORMALISERS,
+    Normaliser,
+    clipped_surrogate,
+    group_advantages,
+    k3_kl,
+    reduce_tokens,
+)
+from distill.objectives.base import Loss, LossInputs, Objective
+from distill.objectives.reference import Reference, token_logps
+from distill.objectives.rollouts import (
+    Rollouts,
+    rollout_metrics,
+    store_rollout,
+    token_log_probs_and_entropy,
+)
+from distill.rollout.engine import Sampling
+
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
+
+class GRPO(Objective):
+    def __init__(
+        self,
+        rewards: Sequence[Callable],
+        num_generations: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        beta: float = 0.0,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        num_iterations: int = 1,
+        scale_rewards: bool = True,
+        loss_normaliser: Normaliser = "dapo",
+        reference: str = "auto",
+        reference_model: str | None = None,
+        reference_dtype: str | None = None,
+        seed: int = 0,
+        chunk_size: int = 1024,
+    ) -> None:
+        """
+        Args:
+            rewards: Reward functions (``distill.rewards.Accuracy``, ``Format``, ``Length``, ``TokenF1``,
+                ``ModelReward``, ``Function`` for any callable), each with its ``weight``.
+            num_generations: Completions sampled per prompt (the group G).
+            max_new_tokens: Longest completion; longer ones are cut (and count as truncated).
+            temperature: Sampling temperature; log-probs are of the same tempered distribution.
+            top_p: Nucleus sampling.
+            top_k: Top-k sampling (0: off).
+            beta: Weight of the k3 KL to the reference per token (0: no reference model at all).
+            epsilon: Lower clip bound of the ratio (1 - epsilon).
+            epsilon_high: Upper clip bound (1 + epsilon_high); DAPO's clip-higher (default: epsilon).
+            num_iterations: Updates per rollout (needs the data module's equal ``num_iterations``).
+            scale_rewards: Divide advantages by the group's reward std (False: Dr. GRPO).
+            loss_normaliser: ``grpo`` (each completion's token mean), ``dr_grpo`` (token sums over
+                ``max_new_tokens``) or ``dapo`` (the token mean over the optimizer step).
+            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``; with beta > 0.
+            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
+            reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
+            chunk_size: Positions whose logits exist at once (forward and backward).
+        """
+        if loss_normaliser not in NORMALISERS:
+            raise ValueError(f"unknown loss_normaliser {loss_normaliser!r}; choose one of {NORMALISERS}")
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+        if beta < 0 or epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
+            raise ValueError("beta must be >= 0 and the clip epsilons > 0")
+        super().__init__()
+        self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+        self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
+        self.beta = beta
+        self.epsilon_low = epsilon
+        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        self.num_iterations = num_iterations
+        self.scale_rewards = scale_rewards
+        self.normaliser = loss_normaliser
+        self.unit = "token" if loss_normaliser == "dapo" else "completion"
+        self.reference = Reference(reference, reference_model, reference_dtype, chunk_size=chunk_size)
+        self.chunk_size = chunk_size
+        self._stored: dict[tuple[str, ...], dict] = {}  # rollouts that later iterations reuse
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        names = (*self.rollouts.metric_names, "advantage_sq", "clip_ratio/low", "clip_ratio/high")
+        return (*names, "kl") if self.beta else names
+
+    @property
+    def extra_forwards(self) -> int:
+        return int(self.beta > 0) + int(self.num_iterations > 1)
+
+    def setup(self, student: StudentModule) -> None:
+        self.rollouts.setup(student)
+        if self.beta:
+            self.reference.setup(student, "GRPO")
+            if self.reference.kind == "precomputed":
+                raise ValueError(
+                    "GRPO samples its completions as it trains: the reference cannot be precomputed"
+                )
+        repeats = getattr(student.trainer.datamodule, "num_iterations", 1)
+        if repeats != self.num_iterations:
+            raise ValueError(
+                f"objective.num_iterations is {self.num_iterations} but the data module repeats each "
+                f"step's prompts {repeats} time(s): set data.num_iterations: {self.num_iterations}"
+            )
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, student: StudentModule) -> None:
+        key = tuple(batch["shas"])
+        stored = self._stored.get(key) if student.trainer.training else None
+        if stored is not None:  # a later iteration of this rollout
+            stored["uses"] -= 1
+            if not stored["uses"]:
+                del self._stored[key]
+            batch.update(stored["batch"])
+            return
+        rollout = self.rollouts.sample(batch, student)
+        g = self.rollouts.num_generations
+        store_rollout(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
+        temperature = self.sampling.temperature
+        if self.beta:
+            batch["reference_logps"] = self.reference.token_logps(batch, student, temperature)
+        if self.num_iterations > 1 and student.trainer.training:
+            batch["old_logps"] = token_logps(student.causal_lm, batch, self.chunk_size, temperature)
+            saved = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")}
+            self._stored[key] = {"batch": saved, "uses": self.num_iterations - 1}
+
+    def forward(self, inputs: LossInputs) -> Loss:
+        batch = inputs.batch
+        logps, entropy = token_log_probs_and_entropy(
+            inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
+        )
+        # one update per rollout: the policy sampled from is this one, ratio 1 with its gradient
+        old = batch.get("old_logps", logps.detach())
+        advantages = batch["advantages"].to(logps)
+        surrogate = clipped_surrogate(
+            logps, old, advantages[inputs.sequence], self.epsilon_low, self.epsilon_high
+        )
+        per_token = surrogate.loss
+        sums = self.rollouts.metric_sums(batch, entropy)
+        if self.beta:
+            kl = k3_kl(logps, batch["reference_logps"].to(logps))
+            per_token = per_token + self.beta * kl
+            sums["kl"] = kl.detach().sum()
+        loss_sum, units = reduce_tokens(
+            per_token, inputs.sequence, inputs.num_sequences, self.normaliser, self.sampling.max_new_tokens
+        )
+        sums["advantage_sq"] = (advantages**2).sum()
+        sums["clip_ratio/low"] = surrogate.clipped_low.sum().float()
+        sums["clip_ratio/high"] = surrogate.clipped_high.sum().float()
+        return Loss(loss_sum, num_units=units, num_tokens=inputs.labels.numel(), sums=sums)
+
+    def derived_metrics(self, values: dict) -> dict:
+        return rollout_metrics(values)

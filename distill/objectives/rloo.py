@@ -1,0 +1,121 @@
+"""RLOO (Ahmadian et al. 2024): REINFORCE on each completion's log-prob with a leave-one-out baseline
+over the k completions of its prompt, on the one training path.
+
+``prepare`` samples and scores the completions (``Rollouts``); the forward computes each completion's
+log-prob, and, with ``beta`` > 0, subtracts beta x its KL to the reference (the sum of per-token log
+ratios) from its reward before the baseline, as the RLOO paper and TRL's ``rloo_trainer`` do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from distill.losses.rl import leave_one_out_advantages, reinforce
+from distill.objectives.base import Loss, LossInputs, Objective, per_sequence
+from distill.objectives.reference import Reference
+from distill.objectives.rollouts import (
+    Rollouts,
+    rollout_metrics,
+    store_rollout,
+    token_log_probs_and_entropy,
+)
+from distill.rollout.engine import Sampling
+
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
+
+class RLOO(Objective):
+    unit = "completion"
+
+    def __init__(
+        self,
+        rewards: Sequence[Callable],
+        num_generations: int = 4,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        beta: float = 0.0,
+        reference: str = "auto",
+        reference_model: str | None = None,
+        reference_dtype: str | None = None,
+        seed: int = 0,
+        chunk_size: int = 1024,
+    ) -> None:
+        """
+        Args:
+            rewards: Reward functions (``distill.rewards.*``), each with its ``weight``.
+            num_generations: Completions sampled per prompt (k, at least 2).
+            max_new_tokens: Longest completion; longer ones are cut (and count as truncated).
+            temperature: Sampling temperature; log-probs are of the same tempered distribution.
+            top_p: Nucleus sampling.
+            top_k: Top-k sampling (0: off).
+            beta: KL-in-reward: reward - beta x sum of log(pi / pi_ref) over the completion (0: none,
+                and no reference model).
+            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``; with beta > 0.
+            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
+            reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
+            chunk_size: Positions whose logits exist at once (forward and backward).
+        """
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        super().__init__()
+        self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+        self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
+        self.beta = beta
+        self.reference = Reference(reference, reference_model, reference_dtype, chunk_size=chunk_size)
+        self.chunk_size = chunk_size
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        names = (*self.rollouts.metric_names, "advantage_sq")
+        return (*names, "kl") if self.beta else names
+
+    @property
+    def extra_forwards(self) -> int:
+        return int(self.beta > 0)
+
+    def setup(self, student: StudentModule) -> None:
+        self.rollouts.setup(student)
+        if self.beta:
+            self.reference.setup(student, "RLOO")
+            if self.reference.kind == "precomputed":
+                raise ValueError(
+                    "RLOO samples its completions as it trains: the reference cannot be precomputed"
+                )
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, student: StudentModule) -> None:
+        rollout = self.rollouts.sample(batch, student)
+        store_rollout(batch, rollout, advantages=torch.zeros_like(rollout.total))  # set in forward
+        if self.beta:
+            batch["reference_logps"] = self.reference.token_logps(batch, student, self.sampling.temperature)
+
+    def forward(self, inputs: LossInputs) -> Loss:
+        batch, count = inputs.batch, inputs.num_sequences
+        logps, entropy = token_log_probs_and_entropy(
+            inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
+        )
+        sequence_logps = per_sequence(logps, inputs.sequence, count)
+        rewards = batch["reward_total"].to(logps)
+        sums = self.rollouts.metric_sums(batch, entropy)
+        if self.beta:
+            log_ratio = logps.detach() - batch["reference_logps"].to(logps)
+            kl = per_sequence(log_ratio, inputs.sequence, count)
+            rewards = rewards - self.beta * kl
+            sums["kl"] = kl.sum()
+        advantages = leave_one_out_advantages(rewards, self.rollouts.num_generations)
+        sums["advantage_sq"] = (advantages**2).sum()
+        loss = reinforce(sequence_logps, advantages).sum()
+        return Loss(loss, num_units=count, num_tokens=inputs.labels.numel(), sums=sums)
+
+    def derived_metrics(self, values: dict) -> dict:
+        out = rollout_metrics(values)
+        if "kl" in out:  # a sum per completion, not per token
+            out["kl"] = values["kl"] / values["completions"].clamp(min=1e-12)
+        return out

@@ -1,0 +1,222 @@
+"""What GRPO and RLOO share: sampling a group of completions per prompt, scoring them, the training batch
+they become, and the metrics of a rollout.
+
+``Rollouts.sample`` runs in the objective's ``prepare`` (no gradients): the prompt batch of a
+``PromptDataModule`` -> ``num_generations`` completions per prompt from the current policy (an
+``Engine``) -> rewards (``distill.rewards``) -> rows of prompt + completion whose labels are the
+completion's tokens. Each call is seeded from (seed, epoch, the batch's prompts), so a fit resumed from a
+checkpoint draws the same completions it would have drawn (from the same weights); validation is seeded
+by the prompts alone, so every evaluation samples with the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from distill.rewards import names, score, weights
+from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
+from distill.rollout.engine import Engine, Sampling, TransformersEngine
+from distill.train.sharding import zero3
+
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
+
+@dataclass
+class Rollout:
+    batch: dict[str, Tensor]  # the rows the student trains on (``rollout_batch``)
+    completions: Completions
+    rewards: Tensor  # (S, F) each reward function's unweighted reward
+    total: Tensor  # (S,) the weighted sum: what advantages are computed from
+    prompts: list[str]  # (S,) each completion's prompt text
+    texts: list[str]  # (S,) the decoded completions
+
+
+def rollout_seed(*parts: object) -> int:
+    """A 63-bit seed from its parts, the same in every process (``hash`` of a str is salted)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class Rollouts:
+    def __init__(
+        self,
+        rewards: Sequence[Callable],
+        num_generations: int,
+        sampling: Sampling,
+        seed: int = 0,
+        engine: Engine | None = None,
+    ) -> None:
+        if not rewards:
+            raise ValueError("give at least one reward function (objective.rewards)")
+        if num_generations < 2:
+            raise ValueError("num_generations must be at least 2: advantages compare a prompt's completions")
+        self.functions = list(rewards)
+        self.names = names(self.functions)
+        self.weights = weights(self.functions)
+        self.num_generations = num_generations
+        self.sampling = sampling
+        self.seed = seed
+        self.engine = engine or TransformersEngine()
+        self.last: Rollout | None = None  # the latest training rollout, for the completion log
+
+    def setup(self, student: StudentModule) -> None:
+        data = student.trainer.datamodule if student._trainer is not None else None
+        stop_ids = getattr(data, "generation_stop_ids", None)
+        if not stop_ids:
+            raise ValueError(
+                "RL objectives sample from prompts: use distill.data.PromptDataModule, which says what "
+                "generation stops on (generation_stop_ids)"
+            )
+        strategy = student.strategy
+        # sharded weights: a rank that stops early must keep joining the others' gathers
+        synced = isinstance(strategy, FSDPStrategy) or zero3(strategy)
+        self.configure(student.tokenizer, stop_ids, data.pad_id, synced)
+
+    def configure(self, tokenizer, stop_ids: Sequence[int], pad_id: int, synced: bool = False) -> None:
+        """What sampling needs to know of the tokenizer and the strategy (``setup`` reads them off a fit)."""
+        self.tokenizer = tokenizer
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+        self.synced = synced
+
+    def _seed(self, batch: dict, student: StudentModule) -> int:
+        trainer = student.trainer
+        # keyed by the prompts, not the batch index: a repeat of the step (num_iterations) or a resumed
+        # fit draws the same noise for the same prompts
+        if trainer.training:
+            epoch = trainer.fit_loop.epoch_progress.current.completed
+            return rollout_seed(self.seed, "train", epoch, *batch["shas"])
+        return rollout_seed(self.seed, "eval", *batch["shas"])
+
+    def sample(self, batch: dict, student: StudentModule) -> Rollout:
+        """``roll`` of the current policy, seeded for this step; the training ones kept for the log."""
+        rollout = self.roll(student.model, batch, self._seed(batch, student))
+        if student.trainer.training:
+            self.last = rollout
+        return rollout
+
+    @torch.no_grad()
+    def roll(self, model: nn.Module, batch: dict, seed: int) -> Rollout:
+        """The prompts of ``batch`` -> ``num_generations`` completions each -> their rewards and rows."""
+        ids = self.engine(
+            model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            num_samples=self.num_generations,
+            sampling=self.sampling,
+            stop_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            seed=seed,
+            synced=self.synced,
+        )
+        completions = trim_at_stop(ids, self.stop_ids, self.pad_id)
+        texts = self.tokenizer.batch_decode(
+            torch.where(completions.mask, completions.ids, self.pad_id), skip_special_tokens=True
+        )
+        g = self.num_generations
+        repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
+        prompts = repeat(batch["prompts"])
+        fields = {key: repeat(values) for key, values in batch["fields"].items()}
+        fields["messages"] = repeat(batch["messages"])
+        fields["completion_length"] = completions.lengths.tolist()
+        fields["stopped"] = completions.stopped.tolist()
+        device = ids.device
+        rewards = score(self.functions, prompts, texts, fields, repeat(batch["sources"])).to(device)
+        return Rollout(
+            batch=rollout_batch(batch["prompt_ids"], batch["prompt_mask"], completions),
+            completions=completions,
+            rewards=rewards,
+            total=rewards @ self.weights.to(device),
+            prompts=prompts,
+            texts=texts,
+        )
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return (
+            "completions",
+            "reward",
+            "reward_sq",
+            *(f"rewards/{name}" for name in self.names),
+            "completion_tokens",
+            "completions/stopped",
+            "entropy",
+        )
+
+    def metric_sums(self, rollout_batch: dict, entropy: Tensor) -> dict[str, Tensor]:
+        """Sums over this micro-batch's completions (and tokens, for entropy)."""
+        total, rewards = rollout_batch["reward_total"], rollout_batch["rewards"]
+        sums = {
+            "completions": torch.tensor(float(total.numel()), device=total.device),
+            "reward": total.sum(),
+            "reward_sq": (total**2).sum(),
+            "completion_tokens": rollout_batch["completion_lengths"].sum().float(),
+            "completions/stopped": rollout_batch["stopped"].sum().float(),
+            "entropy": entropy.sum(),
+        }
+        sums.update({f"rewards/{name}": rewards[:, i].sum() for i, name in enumerate(self.names)})
+        return sums
+
+
+def rollout_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-completion and per-token means from the per-unit means of the sums (ratios of sums)."""
+    out = dict(values)
+    completions = out.pop("completions").clamp(min=1e-12)
+    tokens = out.pop("completion_tokens").clamp(min=1e-12)
+    reward = out["reward"] / completions
+    out["reward"] = reward
+    out["reward_std"] = (out.pop("reward_sq") / completions - reward**2).clamp(min=0).sqrt()
+    for key in [k for k in out if k.startswith("rewards/")]:
+        out[key] = out[key] / completions
+    out["completions/mean_length"] = tokens / completions
+    out["completions/stopped"] = out["completions/stopped"] / completions
+    out["completions/truncated"] = 1.0 - out["completions/stopped"]
+    for key in ("entropy", "kl", "clip_ratio/low", "clip_ratio/high"):
+        if key in out:
+            out[key] = out[key] / tokens
+    if "advantage_sq" in out:
+        out["advantage_std"] = (out.pop("advantage_sq") / completions).sqrt()
+    return out
+
+
+def store_rollout(batch: dict, rollout: Rollout, advantages: Tensor) -> None:
+    """The rollout's training rows and per-completion values into the loader's batch (``prepare``'s
+    output: the forward then runs on the completions, not on the prompts)."""
+    batch.update(rollout.batch)
+    batch["unit_size"] = 1
+    batch["rewards"] = rollout.rewards
+    batch["reward_total"] = rollout.total
+    batch["advantages"] = advantages
+    batch["completion_lengths"] = rollout.completions.lengths
+    batch["stopped"] = rollout.completions.stopped
+
+
+def token_log_probs_and_entropy(
+    hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """(N,) log-prob of each label and (N,) detached entropy of the sampling distribution, chunk by
+    chunk (one chunk's logits at a time, recomputed in backward)."""
+
+    def chunk(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = head(h).float() / temperature
+        log_z = torch.logsumexp(logits, dim=-1)
+        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+        return logits.gather(1, y[:, None]).squeeze(1) - log_z, entropy.detach()
+
+    parts = [
+        checkpoint(chunk, hidden[s : s + chunk_size], labels[s : s + chunk_size], use_reentrant=False)
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
+    if not parts:
+        zero = hidden.sum(-1) * 0.0
+        return zero, zero.detach()
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -1,0 +1,115 @@
+"""A reward model as a reward function: the RM stage's export, scoring each prompt + completion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from distill.rewards.scoring import snake_case
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelReward:
+    """The scalar of a ``*ForSequenceClassification`` model (``num_labels=1``) at each conversation's last
+    token, the conversation being the prompt's ``messages`` plus the completion as the assistant's turn.
+
+    A plain class, not an ``nn.Module``: the reward model is no part of the policy's parameters, optimizer
+    or checkpoint. It loads on the first call, so a config that names it parses without loading it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 8,
+        max_length: int = 1024,
+        device: str | None = None,
+        weight: float = 1.0,
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            path: Directory of the model and its tokenizer with a chat template (the RM stage's export).
+            batch_size: Conversations per forward.
+            max_length: Tokens kept per conversation, the last ones (the score is read at the end).
+            device: Where the model runs (default: this process's CUDA device if any, else the CPU).
+            weight: Weight of this reward in the total.
+            name: Name in the logged metrics (default ``model_reward``).
+        """
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(
+                f"ModelReward batch_size and max_length must be >= 1, got {batch_size}, {max_length}"
+            )
+        self.path = path
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = device
+        self.weight = weight
+        self.name = name or snake_case(type(self).__name__)
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    def load(self) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if not tokenizer.chat_template:
+            raise ValueError(f"ModelReward: the tokenizer at {self.path} has no chat template")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # "auto": the dtype the config names, float32 when it names none
+        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype="auto")
+        if model.config.num_labels != 1:
+            raise ValueError(f"ModelReward: {self.path} has {model.config.num_labels} labels, expected 1")
+        config = model.config.get_text_config()
+        if config.pad_token_id is None:
+            # the classifier reads each row at its last token that is not the pad token (with pad = EOS
+            # that skips a final EOS: the RM stage exports a tokenizer whose pad token is its own)
+            config.pad_token_id = tokenizer.pad_token_id
+        if self.device is not None:
+            device = torch.device(self.device)
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under DDP
+        else:
+            device = torch.device("cpu")
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+
+    def texts(self, messages: Sequence[list[dict]], completions: Sequence[str]) -> list[str]:
+        """Each conversation with its completion as the final assistant turn, rendered by the template."""
+        assert self.tokenizer is not None
+        return [
+            self.tokenizer.apply_chat_template(
+                [*conversation, {"role": "assistant", "content": completion}], tokenize=False
+            )
+            for conversation, completion in zip(messages, completions, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], completions: list[str], **fields) -> list[float]:
+        if "messages" not in fields:
+            raise ValueError("ModelReward needs the field 'messages' (the prompt conversation)")
+        if self.model is None:
+            self.load()
+        assert self.model is not None and self.tokenizer is not None
+        encoded = self.tokenizer(self.texts(fields["messages"], completions), add_special_tokens=False)
+        rows = [ids[-self.max_length :] for ids in encoded["input_ids"]]  # keep the end: the score is there
+        pad_id = self.model.config.get_text_config().pad_token_id
+        device = self.model.device
+        scores: list[float] = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            width = max(len(r) for r in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, row in enumerate(batch):  # right padding: causal, so padding cannot change a score
+                input_ids[i, : len(row)] = torch.tensor(row)
+                attention_mask[i, : len(row)] = 1
+            logits = self.model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores

@@ -1,0 +1,353 @@
+"""GRPO and RLOO on the one StudentModule path: the objectives against naive full-logits references,
+groups, the reuse of a rollout, the demo configs' runs, and resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from distill.cli import main
+from distill.objectives import GRPO, RLOO
+from distill.objectives.base import loss_inputs
+from distill.objectives.rollouts import Rollouts
+from distill.rewards import Format
+from distill.rollout import Sampling, rollout_batch, trim_at_stop
+from tests.helpers import (
+    ROOT,
+    TINY_LLAMA,
+    check_killed_fit_resumes,
+    logged_values,
+    losses_named,
+    save_tiny_teacher,
+    with_last_checkpoint,
+    write_jsonl,
+)
+
+PAD, EOT = 0, 7
+TEMPERATURE = 0.8
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=128, pad_token_id=PAD)
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+def completion_batch(num_prompts: int = 2, group: int = 3) -> dict:
+    """Rows of left-padded prompts and completions (some stopped at EOT), with rollout values."""
+    generator = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(8, 128, (num_prompts, 5), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_ids[1, :2], prompt_mask[1, :2] = PAD, 0
+    ids = torch.randint(8, 128, (num_prompts * group, 6), generator=generator)
+    ids[0, 2] = ids[4, 0] = EOT
+    completions = trim_at_stop(ids, [EOT], PAD)
+    batch = rollout_batch(prompt_ids, prompt_mask, completions)
+    total = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 0.5])[: num_prompts * group]
+    batch.update(
+        rewards=total[:, None],
+        reward_total=total,
+        completion_lengths=completions.lengths,
+        stopped=completions.stopped,
+    )
+    return batch
+
+
+def naive_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full (B, T, V) logits: the tempered log-prob of every label, and which row each belongs to."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).logits.float()
+    logp = torch.log_softmax(logits[:, :-1] / TEMPERATURE, dim=-1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    rows = torch.arange(labels.shape[0])[:, None].expand_as(labels)
+    return picked[mask], rows[mask]
+
+
+def objective_loss(objective, model, batch: dict):
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).last_hidden_state
+    return objective(loss_inputs(hidden, model.get_output_embeddings(), batch))
+
+
+def gradients(model) -> list[torch.Tensor]:
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("normaliser", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_grpo_loss_and_gradient_equal_a_full_logits_computation(policy, normaliser, beta):
+    batch = completion_batch()
+    advantages = torch.tensor([1.0, -0.5, -0.5, 1.2, -0.7, -0.5])
+    with torch.no_grad():
+        logps, rows = naive_token_logps(policy, batch)
+    # an older policy's log-probs and a reference's, off by enough that both clip bounds are hit
+    generator = torch.Generator().manual_seed(2)
+    batch["old_logps"] = logps + 0.4 * torch.randn(logps.shape, generator=generator)
+    batch["reference_logps"] = logps + 0.2 * torch.randn(logps.shape, generator=generator)
+    batch["advantages"] = advantages
+    low, high, max_new = 0.2, 0.28, 6
+    objective = GRPO(
+        [Format()], num_generations=3, max_new_tokens=max_new, temperature=TEMPERATURE, beta=beta,
+        epsilon=low, epsilon_high=high, loss_normaliser=normaliser,
+    )  # fmt: skip
+
+    out = objective_loss(objective, policy, batch)
+    (out.loss_sum / out.num_units).backward()
+    got = gradients(policy)
+
+    logps, rows = naive_token_logps(policy, batch)
+    ratio = torch.exp(logps - batch["old_logps"])
+    a = advantages[rows]
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1 - low, 1 + high) * a)
+    log_ref_ratio = batch["reference_logps"] - logps
+    per_token = per_token + beta * (torch.exp(log_ref_ratio) - log_ref_ratio - 1)
+    if normaliser == "dapo":  # every token of the step weighs the same
+        want, units = per_token.sum(), rows.numel()
+    else:
+        per_row = [per_token[rows == r] for r in range(6)]
+        reduce = (lambda t: t.mean()) if normaliser == "grpo" else (lambda t: t.sum() / max_new)
+        want, units = sum(reduce(t) for t in per_row), 6
+    (want / units).backward()
+    assert out.num_units == units
+    assert_close(out.loss_sum, want.detach(), rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, gradients(policy), strict=True):
+        assert_close(g, w, rtol=1e-4, atol=1e-6)
+    clipped = (ratio < 1 - low) & (a < 0), (ratio > 1 + high) & (a > 0)
+    assert out.sums["clip_ratio/low"] == clipped[0].sum() and out.sums["clip_ratio/high"] == clipped[1].sum()
+    assert clipped[0].any() and clipped[1].any()  # the case exercises both bounds
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_rloo_loss_and_gradient_equal_a_full_logits_computation(policy, beta):
+    batch = completion_batch()
+    with torch.no_grad():
+        logps, rows = naive_token_logps(policy, batch)
+    batch["reference_logps"] = logps - 0.3
+    objective = RLOO([Format()], num_generations=3, max_new_tokens=6, temperature=TEMPERATURE, beta=beta)
+
+    out = objective_loss(objective, policy, batch)
+    (out.loss_sum / out.num_units).backward()
+    got = gradients(policy)
+
+    logps, rows = naive_token_logps(policy, batch)
+    sequence = torch.zeros(6).index_add(0, rows, logps)
+    kl = torch.zeros(6).index_add(0, rows, logps.detach() - batch["reference_logps"])
+    rewards = (batch["reward_total"] - beta * kl).tolist()
+    advantages = []
+    for start in (0, 3):
+        group = rewards[start : start + 3]
+        advantages += [r - (sum(group) - r) / 2 for r in group]  # each against the mean of the others
+    want = -(torch.tensor(advantages) * sequence).sum()
+    (want / 6).backward()
+    assert out.num_units == 6
+    assert_close(out.loss_sum, want.detach(), rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, gradients(policy), strict=True):
+        assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def index_reward(prompts, completions, answer, **fields) -> list[float]:
+    return [float(a) for a in answer]
+
+
+def prompt_batch(lengths: list[int]) -> dict:
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.arange(10, 10 + n) + row
+        mask[row, width - n :] = 1
+    return {
+        "prompt_ids": ids,
+        "prompt_mask": mask,
+        "prompts": [f"prompt {i}" for i in range(len(lengths))],
+        "messages": [[{"role": "user", "content": f"prompt {i}"}] for i in range(len(lengths))],
+        "fields": {"answer": [str(i) for i in range(len(lengths))]},
+        "sources": [f"p.jsonl:{i + 1}" for i in range(len(lengths))],
+        "shas": [f"sha{i}" for i in range(len(lengths))],
+    }
+
+
+class Tokenizer:
+    def batch_decode(self, ids, skip_special_tokens: bool = True) -> list[str]:
+        return [" ".join(map(str, row.tolist())) for row in ids]
+
+
+def test_a_rollout_keeps_each_prompts_group_together_and_equals_generate(policy):
+    g, sampling = 4, Sampling(max_new_tokens=5, temperature=1.0)
+    rollouts = Rollouts([index_reward], g, sampling)
+    rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    batch = prompt_batch([3, 5, 2])
+    rollout = rollouts.roll(policy, batch, seed=11)
+    assert rollout.rewards[:, 0].tolist() == [0.0] * g + [1.0] * g + [2.0] * g  # prompt i's group: rows ig..
+    rows = rollout.batch["input_ids"]
+    for row in range(3 * g):
+        assert torch.equal(rows[row, :5], batch["prompt_ids"][row // g])
+    assert rollout.prompts == [p for p in batch["prompts"] for _ in range(g)]
+    # the engine adds nothing to generate: the same draws from the same seed
+    torch.manual_seed(11)
+    bare = policy.eval().generate(
+        input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], do_sample=True,
+        num_return_sequences=g, max_new_tokens=5, temperature=1.0, top_p=1.0, top_k=None, eos_token_id=[EOT],
+        pad_token_id=PAD,
+    )[:, 5:]  # fmt: skip
+    policy.train()
+    assert torch.equal(trim_at_stop(bare, [EOT], PAD).ids, rollout.completions.ids)
+
+
+def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
+    objective = GRPO([index_reward], num_generations=2, max_new_tokens=4, num_iterations=3)
+    objective.rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    sampled = []
+
+    def sample(batch, student):
+        sampled.append(batch["shas"])
+        return objective.rollouts.roll(policy, batch, seed=len(sampled))
+
+    monkeypatch.setattr(objective.rollouts, "sample", sample)
+    student = SimpleNamespace(trainer=SimpleNamespace(training=True), causal_lm=policy, model=policy)
+    seen = []
+    for _ in range(3):
+        batch = prompt_batch([3, 2])
+        objective.prepare(batch, student)
+        seen.append(batch)
+    assert len(sampled) == 1  # sampled once, trained on three times
+    for batch in seen[1:]:
+        assert torch.equal(batch["input_ids"], seen[0]["input_ids"])
+        assert torch.equal(batch["old_logps"], seen[0]["old_logps"])
+    objective.prepare(prompt_batch([3, 2]), student)  # its iterations used up: a new rollout
+    assert len(sampled) == 2
+    # the data module must repeat each step's prompts as often
+    data = SimpleNamespace(num_iterations=1, generation_stop_ids=[EOT], pad_id=PAD)
+    student = SimpleNamespace(
+        trainer=SimpleNamespace(datamodule=data), _trainer=True, tokenizer=None, strategy=None
+    )
+    with pytest.raises(ValueError, match=r"data\.num_iterations: 3"):
+        objective.setup(student)
+
+
+def test_rl_objectives_refuse_what_cannot_work():
+    with pytest.raises(ValueError, match="at least one reward"):
+        GRPO([])
+    with pytest.raises(ValueError, match="num_generations must be at least 2"):
+        RLOO([Format()], num_generations=1)
+    with pytest.raises(ValueError, match="unknown loss_normaliser"):
+        GRPO([Format()], loss_normaliser="mean")
+
+
+def rl_config(tmp_path, stage: str = "grpo.yaml", **objective) -> dict:
+    """A demo config writing only under ``tmp_path`` (CSV logs, export, completion log)."""
+    config = yaml.safe_load((ROOT / "configs" / stage).read_text())
+    trainer = config["trainer"]
+    trainer.update(
+        default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False, enable_checkpointing=False
+    )
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    trainer["callbacks"] = [
+        {"class_path": "distill.callbacks.HFExport", "init_args": {"dirpath": str(tmp_path / "hf")}},
+        {
+            "class_path": "distill.callbacks.CompletionLog",
+            "init_args": {"every_n_steps": 2, "num_completions": 3},
+        },
+    ]
+    config["model"]["init_args"]["objective"]["init_args"].update(objective)
+    config["model"]["init_args"]["model"] = str(ROOT / "distill" / "assets" / "teacher")
+    for key in ("train_files", "val_files"):
+        config["data"]["init_args"][key] = str(ROOT / config["data"]["init_args"][key])
+    return config
+
+
+def write(config: dict, path) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_the_grpo_demo_raises_the_held_out_reward(tmp_path):
+    config = rl_config(tmp_path)
+    config["trainer"].update(max_steps=12, val_check_interval=12, log_every_n_steps=1)
+    config["data"]["init_args"]["max_eval_samples"] = 16
+    path = write(config, tmp_path / "grpo.yaml")
+    main(["validate", "--config", path])  # the starting policy, logged at step 0
+    main(["fit", "--config", path])
+    reward = losses_named(tmp_path / "logs", "val/reward")
+    assert sorted(reward) == [0, 11]
+    before, after = reward[0], reward[11]
+    assert after > before + 0.15, (before, after)
+    for name in (
+        "reward_std", "rewards/token_f1", "rewards/format", "advantage_std", "clip_ratio/low",
+        "clip_ratio/high", "entropy", "completions/mean_length", "completions/stopped",
+        "completions/truncated",
+    ):  # fmt: skip
+        assert len(losses_named(tmp_path / "logs", f"train/{name}")) == 12, name
+    stopped = losses_named(tmp_path / "logs", "train/completions/stopped")
+    truncated = losses_named(tmp_path / "logs", "train/completions/truncated")
+    assert all(abs(stopped[s] + truncated[s] - 1) < 1e-6 for s in stopped)
+    (log,) = (tmp_path / "logs").rglob("completions.jsonl")
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [s for s in (1, 3, 5, 7, 9, 11) for _ in range(3)]
+    assert {"prompt", "completion", "reward", "token_f1", "format", "length", "stopped"} <= rows[0].keys()
+    assert rows[0]["prompt"].startswith("<s>[INST]")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_rloo_with_kl_to_the_adapter_off_reference_starts_at_zero_kl(tmp_path):
+    config = rl_config(tmp_path, "rloo.yaml", beta=0.1, num_generations=4, max_new_tokens=6)
+    config["model"]["init_args"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    config["trainer"].update(max_steps=3, val_check_interval=None, limit_val_batches=0, log_every_n_steps=1)
+    main(["fit", "--config", write(config, tmp_path / "rloo.yaml")])
+    kl = logged_values(tmp_path / "logs", "train/kl")
+    assert len(kl) == 3 and abs(kl[0]) < 1e-5  # before the first update the policy is its reference
+    assert any(abs(k) > 1e-6 for k in kl[1:])
+    assert (tmp_path / "hf" / "adapter_config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(tmp_path_factory):
+    return save_tiny_teacher(tmp_path_factory.mktemp("policy"))
+
+
+def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_dir):
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"question": f"Say {w}", "answer": w} for w in "abcdefgh"]
+    )
+    rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
+    base = rl_config(tmp_path, rewards=rewards, num_generations=2, max_new_tokens=4)
+    base["model"]["init_args"]["model"] = str(tiny_policy_dir)
+    base["data"]["init_args"].update(
+        train_files=str(prompts), val_files=None, batch_size=2, template="mistral"
+    )
+    base["trainer"].update(val_check_interval=None, limit_val_batches=0, log_every_n_steps=1)
+    base["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.01
+
+    def config_in(name: str):
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        config = copy.deepcopy(base)
+        config["trainer"]["logger"]["init_args"]["save_dir"] = str(directory)
+        config["trainer"]["enable_checkpointing"] = True
+        return with_last_checkpoint(config, directory)
+
+    check_killed_fit_resumes(tmp_path, config_in, ["--trainer.max_steps", "10"])
+    # the resumed steps' rewards are the uninterrupted run's: the same completions were drawn
+    want = losses_named(tmp_path / "reference", "train/reward")
+    (resumed,) = (tmp_path / "resumed").rglob("version_1")
+    got = losses_named(resumed, "train/reward")
+    assert sorted(got) == [6, 7, 8, 9] and all(want[s] == got[s] for s in got)
+    assert len(set(want.values())) > 5  # rewards that differ from step to step: the check can fail
