@@ -77,6 +77,27 @@ def kd_and_sft_configs(
     return {"kd": kd, "sft": sft}
 
 
+def demo_config(name: str, directory: Path) -> dict:
+    """``configs/<name>`` as it is, but writing only into ``directory``: CSV logs, no export or
+    checkpoints."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    config["trainer"].update(
+        default_root_dir=str(directory / "runs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        logger={
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(directory)},
+        },
+    )
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if "HFExport" not in str(c) and "Checkpoint" not in str(c)
+    ]
+    return config
+
+
 def build(config: dict, directory: Path):
     """A DistillCLI (not run) from a config dict, with paths relative to the repository."""
     import yaml

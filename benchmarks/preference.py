@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import ROOT, build, device_name, peak_memory_bytes, require_teacher, result
+from _common import ROOT, build, demo_config, device_name, peak_memory_bytes, require_teacher, result
 from train import Clock, child_env
 
 from distill.objectives.reference import sequence_logps
@@ -52,26 +52,8 @@ def load(name: str) -> dict:
     return yaml.safe_load((ROOT / "configs" / name).read_text())
 
 
-def quality_config(name: str, directory: Path) -> dict:
-    """A demo config as it is, but writing only into ``directory``: CSV logs, no export or checkpoints."""
-    config = load(name)
-    config["trainer"].update(
-        default_root_dir=str(directory / "runs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        logger={
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": str(directory)},
-        },
-    )
-    config["trainer"]["callbacks"] = [
-        c for c in config["trainer"]["callbacks"] if "HFExport" not in str(c) and "Checkpoint" not in str(c)
-    ]
-    return config
-
-
 def dpo_precomputed(directory: Path) -> dict:
-    config = quality_config("dpo.yaml", directory)
+    config = demo_config("dpo.yaml", directory)
     config["model"]["init_args"]["objective"]["init_args"].update(
         reference="precomputed", reference_cache=str(directory / "reference")
     )
@@ -144,7 +126,7 @@ def last_logged(directory: Path, key: str) -> float:
 
 def quality(which: str, directory: Path) -> dict:
     if which == "rm":
-        cli = build(quality_config("rm.yaml", directory), directory)
+        cli = build(demo_config("rm.yaml", directory), directory)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         return {"rm_heldout_accuracy": last_logged(directory, "val/accuracy")}
     cli = build(dpo_precomputed(directory), directory)

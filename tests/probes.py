@@ -112,3 +112,19 @@ class CPUFSDPStrategy(FSDPStrategy):
 def vowel_share(prompts: list[str], completions: list[str], **fields) -> list[float]:
     """A reward that differs between random completions (tests of RL runs on tiny random policies)."""
     return [sum(c in "aeiou" for c in text.lower()) / max(1, len(text)) for text in completions]
+
+
+class PromptLog(L.Callback):
+    """Appends the prompt SHAs of each training batch, and the rows they became, to
+    ``directory/prompts{rank}.jsonl`` (which prompts each rank trained on, as whole groups)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args
+    ) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        line = {"shas": batch["shas"], "rows": int(batch["input_ids"].shape[0])}
+        with open(self.directory / f"prompts{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(line) + "\n")

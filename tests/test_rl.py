@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from distill.callbacks import CompletionLog
+from lightning.pytorch.loggers import WandbLogger
 from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -243,6 +245,57 @@ def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
         objective.setup(student)
 
 
+class RecordingModel(torch.nn.Module):
+    """Records what ``generate`` was asked; returns the prompts with one EOT appended per sample."""
+
+    def generate(self, input_ids, num_return_sequences, **kwargs):
+        self.asked = kwargs
+        rows = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        return torch.cat([rows, torch.full((rows.shape[0], 1), EOT)], dim=1)
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_sharded_weights_make_every_rank_step_until_all_are_done(sharded):
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    rollouts = Rollouts([index_reward], 2, Sampling(max_new_tokens=3))
+    data = SimpleNamespace(generation_stop_ids=[EOT, 2], pad_id=PAD)
+    strategy = FSDPStrategy() if sharded else DDPStrategy()
+    student = SimpleNamespace(
+        trainer=SimpleNamespace(datamodule=data), _trainer=True, tokenizer=Tokenizer(), strategy=strategy
+    )
+    rollouts.setup(student)
+    model = RecordingModel()
+    rollout = rollouts.roll(model, prompt_batch([2, 3]), seed=0)
+    assert model.asked["synced_gpus"] is sharded and model.asked["eos_token_id"] == [EOT, 2]
+    assert model.asked["use_cache"] is True and rollout.completions.stopped.all()
+
+
+def test_the_completion_log_writes_a_wandb_table_or_jsonl_lines(tmp_path, policy):
+    class Tables(WandbLogger):
+        def log_table(self, key, columns, data, step):
+            self.logged = (key, columns, data, step)
+
+    rollouts = Rollouts([index_reward, Format()], 2, Sampling(max_new_tokens=3))
+    rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    rollouts.last = rollouts.roll(policy, prompt_batch([2, 3]), seed=0)
+    module = SimpleNamespace(objective=SimpleNamespace(rollouts=rollouts))
+    callback = CompletionLog(every_n_steps=2, num_completions=3)
+    wandb = Tables(save_dir=str(tmp_path), offline=True)
+    for step in (1, 2, 3):
+        callback.on_train_batch_end(SimpleNamespace(global_step=step, logger=wandb), module)
+        assert wandb.__dict__.get("logged", (None,) * 4)[3] == (1 if step < 3 else 3)
+    key, columns, data, _ = wandb.logged
+    assert key == "completions" and columns == ["step", "prompt", "completion", "reward", "index_reward",
+                                                "format", "length", "stopped"]  # fmt: skip
+    assert len(data) == 3 and [row[4] for row in data] == [0.0, 0.0, 1.0]  # prompt 0's group, then 1's
+    # any other logger: JSON lines in its directory
+    csv_logger = SimpleNamespace(log_dir=str(tmp_path / "csv"))
+    callback.on_train_batch_end(SimpleNamespace(global_step=1, logger=csv_logger), module)
+    rows = [json.loads(line) for line in (tmp_path / "csv" / "completions.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in rows] == rollouts.last.texts[:3]
+
+
 def test_rl_objectives_refuse_what_cannot_work():
     with pytest.raises(ValueError, match="at least one reward"):
         GRPO([])
@@ -351,3 +404,29 @@ def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_
     got = losses_named(resumed, "train/reward")
     assert sorted(got) == [6, 7, 8, 9] and all(want[s] == got[s] for s in got)
     assert len(set(want.values())) > 5  # rewards that differ from step to step: the check can fail
+
+
+def test_two_ranks_train_on_disjoint_prompts_each_with_its_whole_group(tmp_path, tiny_policy_dir):
+    from tests.helpers import clean_env, run
+
+    words = [f"w{i}" for i in range(8)]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"Say {w}", "answer": w} for w in words])
+    rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
+    config = rl_config(tmp_path, rewards=rewards, num_generations=3, max_new_tokens=4)
+    config["model"]["init_args"]["model"] = str(tiny_policy_dir)
+    config["data"]["init_args"].update(
+        train_files=str(prompts), val_files=None, batch_size=2, template="mistral"
+    )
+    config["trainer"].update(max_steps=2, val_check_interval=None, limit_val_batches=0)
+    probe = {"class_path": "tests.probes.PromptLog", "init_args": {"directory": str(tmp_path / "probe")}}
+    config["trainer"]["callbacks"].append(probe)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    run(["fit", "--config", write(config, tmp_path / "grpo.yaml"), *ddp], clean_env())
+    seen = {}
+    for rank in (0, 1):
+        lines = [
+            json.loads(x) for x in (tmp_path / "probe" / f"prompts{rank}.jsonl").read_text().splitlines()
+        ]
+        assert [line["rows"] for line in lines] == [6, 6]  # 2 prompts x their 3 completions, each step
+        seen[rank] = [sha for line in lines for sha in line["shas"]]
+    assert len(seen[0]) == len(seen[1]) == 4 and set(seen[0]).isdisjoint(seen[1])
