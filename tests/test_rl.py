@@ -296,6 +296,27 @@ def test_the_completion_log_writes_a_wandb_table_or_jsonl_lines(tmp_path, policy
     assert [r["completion"] for r in rows] == rollouts.last.texts[:3]
 
 
+def test_a_reward_model_from_the_rm_stage_scores_completions_as_it_was_trained(tmp_path, tiny_policy_dir):
+    from distill.cli import run_cli
+    from distill.objectives.base import loss_inputs
+    from distill.rewards import ModelReward
+    from tests.helpers import preference_config, preference_pair
+
+    objective = {"class_path": "distill.objectives.RewardModel"}
+    config = preference_config(tmp_path, tiny_policy_dir, objective, n=8)
+    module = run_cli(["fit", "--config", str(config), "--trainer.max_steps", "3"]).model
+    batch = next(iter(module.trainer.datamodule.val_dataloader()))  # held-out pairs 100.., chosen first
+    with torch.no_grad():
+        trained = module.objective.rewards(loss_inputs(module.forward_hidden(batch), None, batch).last_hidden)
+    pairs = [preference_pair(100 + i) for i in range(len(trained) // 2)]
+    questions = [p["conversations"][0]["value"] for p in pairs for _ in range(2)]
+    messages = [[{"role": "user", "content": q}] for q in questions]
+    completions = [text for p in pairs for text in (p["chosen"], p["rejected"])]
+    reward = ModelReward(str(tmp_path / "hf"), batch_size=3)
+    scores = reward(["unused"] * len(completions), completions, messages=messages)
+    assert_close(torch.tensor(scores), trained, rtol=1e-4, atol=1e-4)
+
+
 def test_rl_objectives_refuse_what_cannot_work():
     with pytest.raises(ValueError, match="at least one reward"):
         GRPO([])
