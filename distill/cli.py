@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         from distill.train.merge import main as merge_main
 
         return merge_main(args[1:])
+    if args and args[0] == "generate":
+        from distill.rollout.generate import main as generate_main
+
+        return generate_main(args[1:])
     if args and args[0] == "cache":
         from distill.cache.cli import main as cache_main
 

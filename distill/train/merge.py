@@ -23,7 +23,7 @@ def load_adapter(adapter_dir: str | Path, base: str | None = None) -> torch.nn.M
     adapter_dir = Path(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
     base = base or config.base_model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(adapter_dir, base))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir, base))
     if config.task_type == "SEQ_CLS":  # a reward model's adapter: its head is in the adapter
         model = AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=1, pad_token_id=tokenizer.pad_token_id
@@ -53,7 +53,7 @@ def merge_adapter(
     if tied and not torch.equal(inputs.weight, outputs.weight):
         merged.config.tie_word_embeddings = False
     merged.save_pretrained(output_dir)
-    AutoTokenizer.from_pretrained(_tokenizer_source(adapter_dir, base)).save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir, base)).save_pretrained(output_dir)
     for extra in ("chat_template.jinja", "distill_config.yaml"):
         if (adapter_dir / extra).exists():
             (output_dir / extra).write_text((adapter_dir / extra).read_text())
@@ -64,7 +64,7 @@ def merge_adapter(
     return merged
 
 
-def _tokenizer_source(adapter_dir: Path, base: str) -> str | Path:
+def tokenizer_source(adapter_dir: Path, base: str) -> str | Path:
     """distill saves the tokenizer it trained with beside the adapter; otherwise the base's."""
     return adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
 

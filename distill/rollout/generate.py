@@ -1,0 +1,205 @@
+"""``python -m distill generate``: a model's completions of a prompt file, written as SFT data.
+
+Any causal LM (a Hugging Face directory or hub name, a LoRA adapter on its base) answers the prompts of
+JSON/JSONL files in any format ``PromptDataModule`` reads. Each completion is one JSONL line in the
+messages format (the prompt's turns, then the answer as the assistant's), so the file trains as it is
+(``--data.init_args.train_files out.jsonl``): sequence-level distillation from a teacher, or a look at
+what a trained model says. Every line also carries ``prompt_sha``, ``sample``, ``source``, ``stopped``
+and the record's fields.
+
+The run is resumable: lines are appended batch by batch and flushed to disk, and a rerun skips the
+prompts whose completions are all there (by the prompt's SHA). It first drops a last line cut short by
+a crash. The settings are in ``<output>.meta.json``, and a rerun with other settings is refused rather
+than mixing two runs' completions in one file.
+
+    python -m distill generate --model out/sft --prompts prompts.jsonl --output completions.jsonl
+    python -m distill generate --config generate.yaml --temperature 0.7
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from jsonargparse import auto_cli
+
+from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
+from distill.objectives.rollouts import rollout_seed
+from distill.progress import Progress
+from distill.rollout.completions import trim_at_stop
+from distill.rollout.engine import Sampling, TransformersEngine
+from distill.train.merge import tokenizer_source
+
+
+def generate(
+    model: str,
+    prompts: str | list[str],
+    output: str,
+    adapter: str | None = None,
+    tokenizer: str | None = None,
+    template: str | None = None,
+    num_samples: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 8,
+    max_prompt_length: int = 2048,
+    seed: int = 0,
+    dtype: str = "auto",
+) -> Path:
+    """Write ``num_samples`` completions of every prompt to ``output`` (JSONL, messages format).
+
+    Args:
+        model: Hugging Face directory or hub name of the model (the base, when ``adapter`` is set).
+        prompts: JSON/JSONL files or directories of prompt records (``question``, ``messages`` or
+            ``prompt``).
+        output: The JSONL file to write; an existing one is resumed.
+        adapter: A LoRA adapter directory to apply to ``model``.
+        tokenizer: Tokenizer name or path (default: the adapter's, else the model's).
+        template: Chat template (``chatml``, ``llama3``, ``alpaca``, ``mistral`` or Jinja; default:
+            the tokenizer's own).
+        num_samples: Completions per prompt.
+        max_new_tokens: Longest completion; longer ones are cut (``stopped: false``).
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling.
+        top_k: Top-k sampling (0: off).
+        batch_size: Prompts per generate call.
+        max_prompt_length: Longer prompts are skipped and counted.
+        seed: Seed of the sampling (with each batch's prompts).
+        dtype: Weight dtype (``auto``: the checkpoint's; ``float32``, ``bfloat16``, ...).
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be at least 1, got {num_samples}, {batch_size}")
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+    data = PromptDataModule(
+        prompts,
+        tokenizer=tokenizer or (str(tokenizer_source(Path(adapter), model)) if adapter else model),
+        template=template,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+    )
+    data.setup("predict")
+    output_path = Path(output)
+    settings = {
+        "model": model,
+        "adapter": adapter,
+        "template": data.resolve_chat_template().name,
+        "num_samples": num_samples,
+        "sampling": asdict(sampling),
+        "seed": seed,
+    }
+    check_settings(output_path, settings)
+    done = completed_prompts(output_path, num_samples)
+    pending = [p for p in data.train if p.sha not in done]
+    print(
+        f"[distill] generate: {len(data.train)} prompts, {len(data.train) - len(pending)} already in "
+        f"{output_path}, {len(pending)} to go, {num_samples} completion(s) each"
+    )
+    policy = load_model(model, adapter, dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy.to(device).eval()
+    engine, stop_ids, pad_id = TransformersEngine(), data.generation_stop_ids, data.pad_id
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(output_path, "a", encoding="utf-8") as file,
+        Progress(len(pending), "generating", "prompts") as bar,
+    ):
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            batch = data.collator(chunk)
+            ids = engine(
+                policy,
+                batch["prompt_ids"].to(device),
+                batch["prompt_mask"].to(device),
+                num_samples=num_samples,
+                sampling=sampling,
+                stop_ids=stop_ids,
+                pad_id=pad_id,
+                seed=rollout_seed(seed, "generate", *batch["shas"]),
+            )
+            completions = trim_at_stop(ids, stop_ids, pad_id)
+            texts = data.tokenizer.batch_decode(
+                torch.where(completions.mask, completions.ids, pad_id), skip_special_tokens=True
+            )
+            stopped = completions.stopped.tolist()
+            for row, text in enumerate(texts):
+                line = completion_line(
+                    chunk[row // num_samples], text.strip(), row % num_samples, stopped[row]
+                )
+                file.write(json.dumps(line, ensure_ascii=False) + "\n")
+            file.flush()
+            os.fsync(file.fileno())  # a crash loses at most the batch being generated
+            bar.update(len(chunk))
+    print(f"[distill] generate: wrote {len(pending) * num_samples} completions to {output_path}")
+    return output_path
+
+
+def completion_line(prompt: EncodedPrompt, text: str, sample: int, stopped: bool) -> dict:
+    """One SFT record: the prompt's turns and the completion; then where it came from."""
+    return {
+        **prompt.fields,  # the record's own keys (an answer, an id), under the ones that say what this is
+        "messages": [*prompt.messages, {"role": "assistant", "content": text}],
+        "prompt_sha": prompt.sha,
+        "sample": sample,
+        "source": prompt.source,
+        "stopped": stopped,
+    }
+
+
+def completed_prompts(path: Path, num_samples: int) -> set[str]:
+    """SHAs of the prompts with all their completions in ``path``. A last line that is cut short (a
+    crash mid-write) is dropped from the file first; any other bad line is an error naming it."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        print(f"[distill] generate: dropping the last line of {path}, cut short by an interrupted run")
+        with open(path, "r+b") as file:
+            file.truncate(keep)
+        data = data[:keep]
+    counts: dict[str, int] = {}
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        try:
+            sha = json.loads(line)["prompt_sha"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path}:{number}: not a completion line written by distill generate ({error}); "
+                "write to another output"
+            ) from error
+        counts[sha] = counts.get(sha, 0) + 1
+    return {sha for sha, count in counts.items() if count >= num_samples}
+
+
+def check_settings(output: Path, settings: dict) -> None:
+    """Record the run's settings beside ``output``, or refuse to resume a file written with others."""
+    meta = output.with_name(output.name + ".meta.json")
+    if output.exists() and meta.exists():
+        before = json.loads(meta.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+            raise ValueError(
+                f"{output} was written with other settings ({', '.join(changed)} differ, see {meta}): "
+                "write to another output, or delete both files to start again"
+            )
+        return
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def load_model(model: str, adapter: str | None, dtype: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if adapter is not None:
+        from distill.train.merge import load_adapter
+
+        return load_adapter(adapter, base=model)  # in the base's dtype
+    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+
+
+def main(argv: list[str]) -> None:
+    auto_cli(generate, args=argv, as_positional=False)

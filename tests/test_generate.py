@@ -1,0 +1,108 @@
+"""``python -m distill generate``: completions as SFT data, resumable, settings kept, adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from distill.cli import main
+from distill.data.datamodule import DataModule
+from distill.rollout.generate import generate
+from tests.helpers import save_tiny_teacher, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_teacher(tmp_path_factory.mktemp("model"))
+
+
+def prompt_file(tmp_path, n: int = 5):
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i), "id": i} for i in range(n)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(model_dir, prompts, output, **options):
+    settings = {"template": "mistral", "num_samples": 2, "max_new_tokens": 5, "batch_size": 2, **options}
+    return generate(str(model_dir), str(prompts), str(output), **settings)
+
+
+def test_completions_are_sft_records_of_every_prompt(tmp_path, model_dir, tokenizer):
+    out = run(model_dir, prompt_file(tmp_path), tmp_path / "out" / "completions.jsonl")
+    rows = lines(out)
+    assert len(rows) == 10
+    assert [(r["id"], r["sample"]) for r in rows] == [(i, s) for i in range(5) for s in (0, 1)]
+    first = rows[0]
+    assert first["messages"][:-1] == [{"role": "user", "content": "What is 0 plus 0?"}]
+    assert first["messages"][-1]["role"] == "assistant" and first["answer"] == "0"
+    assert first["source"].endswith("prompts.jsonl:1") and isinstance(first["stopped"], bool)
+    meta = json.loads((tmp_path / "out" / "completions.jsonl.meta.json").read_text())
+    assert (
+        meta["sampling"]["max_new_tokens"] == 5 and meta["num_samples"] == 2 and meta["template"] == "mistral"
+    )
+    # the file trains as SFT data as it is: one sample per completion, the answers are what is trained
+    data = DataModule(train_files=str(out), tokenizer=str(model_dir), template="mistral")
+    data.setup("fit")
+    assert len(data.train) == 10 and all(sample.num_trainable for sample in data.train)
+
+
+def test_a_rerun_skips_done_prompts_and_drops_a_line_cut_short(tmp_path, model_dir):
+    prompts, out = prompt_file(tmp_path), tmp_path / "completions.jsonl"
+    whole = lines(run(model_dir, prompts, out))
+    # killed mid-run: two prompts done, the third's first line written, its second cut mid-line
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(text[:5]) + text[5][:20])
+    run(model_dir, prompts, out)
+    rows = lines(out)
+    assert rows[:5] == whole[:5]  # nothing written before is lost or rewritten
+    counts = {}
+    for row in rows:
+        counts[row["id"]] = counts.get(row["id"], 0) + 1
+    assert counts == {0: 2, 1: 2, 2: 3, 3: 2, 4: 2}  # prompt 2 had one of two: it is generated again
+    assert len(lines(run(model_dir, prompts, out))) == 11  # all done: nothing more
+
+
+def test_other_settings_or_a_foreign_file_are_refused(tmp_path, model_dir):
+    prompts, out = prompt_file(tmp_path), tmp_path / "completions.jsonl"
+    run(model_dir, prompts, out)
+    with pytest.raises(ValueError, match=r"other settings \(sampling differ"):
+        run(model_dir, prompts, out, temperature=0.5)
+    foreign = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(ValueError, match=r"sft\.jsonl:1: not a completion line"):
+        run(model_dir, prompts, foreign)
+
+
+def test_the_command_reads_a_config_and_overrides(tmp_path, model_dir):
+    out = tmp_path / "completions.jsonl"
+    config = {"model": str(model_dir), "prompts": str(prompt_file(tmp_path, 3)), "output": str(out)}
+    config.update(template="mistral", max_new_tokens=3, num_samples=1)
+    (tmp_path / "generate.yaml").write_text(yaml.safe_dump(config))
+    main(["generate", "--config", str(tmp_path / "generate.yaml"), "--num_samples", "2"])
+    assert len(lines(out)) == 6
+    assert json.loads((tmp_path / "completions.jsonl.meta.json").read_text())["num_samples"] == 2
+
+
+def test_an_adapter_generates_what_its_merged_model_generates(tmp_path, model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # an adapter that changes the outputs
+    peft.save_pretrained(tmp_path / "adapter")
+    peft.merge_and_unload().save_pretrained(tmp_path / "merged")
+    prompts = prompt_file(tmp_path, 3)
+    with_adapter = lines(run(model_dir, prompts, tmp_path / "a.jsonl", adapter=str(tmp_path / "adapter")))
+    merged = lines(run(tmp_path / "merged", prompts, tmp_path / "m.jsonl", tokenizer=str(model_dir)))
+    plain = lines(run(model_dir, prompts, tmp_path / "p.jsonl"))
+    answers = [[r["messages"][-1]["content"] for r in rows] for rows in (with_adapter, merged, plain)]
+    assert answers[0] == answers[1] and answers[0] != answers[2]
