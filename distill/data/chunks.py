@@ -108,6 +108,7 @@ def encode_chunks(
     context = multiprocessing.get_context("forkserver")
     # the server imports this module (and transformers) once; every later pool forks ready workers
     context.set_forkserver_preload([__name__])
+    others = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(
         min(num_proc, len(chunks)),
         mp_context=context,
@@ -116,5 +117,11 @@ def encode_chunks(
     )
     try:
         yield from pool.map(_encode_in_worker, chunks)
+    except BaseException:
+        # the pool's own clean-up after a dead worker can wait forever on a live one that never got its
+        # stop sentinel (seen in CI: BrokenProcessPool raised, then shutdown hung): the workers go first
+        for worker in set(multiprocessing.active_children()) - others:
+            worker.kill()
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
