@@ -3,7 +3,6 @@ the tokenized-data cache) -> (packed) batches."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
@@ -23,8 +22,14 @@ from distill.data.encoding import (
     Truncation,
     check_some_trainable,
 )
-from distill.data.formats import Format, Record, find_files, read_records
-from distill.data.resume import ResumableLoader, ShuffledBatches, leave_sigterm_to_main
+from distill.data.formats import Format, Record, as_list, find_files, read_records, split_held_out
+from distill.data.resume import (
+    ResumableLoader,
+    ShuffledBatches,
+    leave_sigterm_to_main,
+    rank_and_world,
+    trained_position,
+)
 from distill.data.streaming import StreamingLoader, StreamingRows, require_max_steps
 from distill.data.templates import (
     ChatTemplate,
@@ -157,19 +162,14 @@ class DataModule(L.LightningDataModule):
         if self.val_files:
             val = self.read_files(self.val_files)
         elif self.val_fraction > 0:
-            order = list(range(len(train)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, round(len(train) * self.val_fraction))
-            held_out = set(order[:n_val])
-            val = [r for i, r in enumerate(train) if i in held_out]
-            train = [r for i, r in enumerate(train) if i not in held_out]
+            train, val = split_held_out(train, self.val_fraction, self.seed)
         else:
             val = []
         return train[: self.max_train_samples], val[: self.max_eval_samples]
 
     def read_files(self, files: str | list[str]) -> list[Record]:
         """Every record of ``files`` in order."""
-        return read_records(_as_list(files), self.format)
+        return read_records(as_list(files), self.format)
 
     def template_for(self, records: list[Record]) -> ChatTemplate | None:
         """The chat template, resolved and checked once: only needed when some record is a conversation."""
@@ -325,7 +325,7 @@ class DataModule(L.LightningDataModule):
         self._set_up = True
 
     def _no_samples_message(self, records: int, stats: EncodingStats) -> str:
-        files = ", ".join(map(str, _as_list(self.train_files)))
+        files = ", ".join(map(str, as_list(self.train_files)))
         if not records:
             why = (
                 "no training records: the files are empty, or val_fraction / max_train_samples "
@@ -352,24 +352,20 @@ class DataModule(L.LightningDataModule):
 
     @property
     def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer else 0
+        return rank_and_world(self.trainer)[0]
 
     @property
     def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer else 1
+        return rank_and_world(self.trainer)[1]
 
     def _progress(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained) from Lightning's loop state."""
-        if self.trainer is None:  # used outside a Trainer
-            return 0, 0
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
+        return trained_position(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:
             require_max_steps(self.trainer.max_steps if self.trainer else None)
             stream = StreamingRows(
-                _as_list(self.train_files),
+                as_list(self.train_files),
                 self.tokenizer,
                 self.max_seq_length,
                 self.batch_size,
@@ -417,12 +413,8 @@ class DataModule(L.LightningDataModule):
         ]
 
 
-def _as_list(files: str | list[str]) -> list[str | Path]:
-    return [files] if isinstance(files, str) else list(files)
-
-
 def _file_identities(files: str | list[str]) -> list[tuple[str, str]]:
     """(resolved path, SHA-256 of the bytes) of every data file: any edit changes the cache key."""
     return [
-        (str(path.resolve()), file_digest(path)) for source in _as_list(files) for path in find_files(source)
+        (str(path.resolve()), file_digest(path)) for source in as_list(files) for path in find_files(source)
     ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,20 @@ class Record:
         content = {"text": self.text} if self.text is not None else {"messages": list(self.messages or ())}
         canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): a ``fraction`` of ``records`` (at least one) drawn by ``seed``, order kept."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[: max(1, round(len(records) * fraction))])
+    kept = [r for i, r in enumerate(records) if i not in held_out]
+    return kept, [r for i, r in enumerate(records) if i in held_out]
+
+
+def as_list(files: str | Path | list[str | Path]) -> list[str | Path]:
+    """One data source or several, as a list."""
+    return [files] if isinstance(files, (str, Path)) else list(files)
 
 
 def find_files(source: str | Path) -> list[Path]:
@@ -290,6 +305,23 @@ def _with_tools(messages: list[dict[str, str]], tools: object, where: str) -> li
             *messages[1:],
         ]
     return [{"role": "system", "content": declared}, *messages]
+
+
+def open_with_system(turns: list[dict[str, str]], raw: dict, where: str) -> list[dict[str, str]]:
+    """``turns`` opened by the record's ``system`` string (unless they open with a system turn) and its
+    declared ``tools``: how prompt and pair records take them."""
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataFormatError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    if system and system.strip() and not (turns and turns[0]["role"] == "system"):
+        turns = [{"role": "system", "content": system}, *turns]
+    return _with_tools(turns, raw.get("tools"), where)
+
+
+def check_system_first(turns: list[dict[str, str]], where: str, label: str = "turn") -> None:
+    for index, message in enumerate(turns):
+        if message["role"] == "system" and index != 0:
+            raise DataFormatError(f"{where}: {label} {index}: a system message must come first")
 
 
 def _check_conversation(messages: list[dict[str, str]], where: str) -> None:

@@ -32,8 +32,9 @@ from distill.data.formats import (
     _iter_raw,
     _message_turn,
     _sharegpt_turn,
-    _with_tools,
+    check_system_first,
     find_files,
+    open_with_system,
 )
 
 logger = logging.getLogger(__name__)
@@ -260,17 +261,10 @@ def _turns(value: object, where: str, key: str, role: str) -> list[dict[str, str
 
 def _prompt(turns: list[dict[str, str]], raw: dict, where: str) -> list[dict[str, str]]:
     """``turns`` opened by the record's ``system`` and ``tools``, checked to be something to answer."""
-    system = raw.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataFormatError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
-    if system and system.strip() and not (turns and turns[0]["role"] == "system"):
-        turns = [{"role": "system", "content": system}, *turns]
-    turns = _with_tools(turns, raw.get("tools"), where)
+    turns = open_with_system(turns, raw, where)
     if not any(m["content"].strip() for m in turns if m["role"] != "system"):
         raise DataFormatError(f"{where}: empty prompt")
-    for index, message in enumerate(turns):
-        if message["role"] == "system" and index != 0:
-            raise DataFormatError(f"{where}: prompt turn {index}: a system message must come first")
+    check_system_first(turns, where, "prompt turn")
     last = turns[-1]["role"]
     if last == "assistant":
         raise DataFormatError(f"{where}: the prompt ends with an assistant turn: nothing to respond to")

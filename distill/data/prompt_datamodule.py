@@ -7,7 +7,6 @@ memory (no tokenized-data cache). Training batches resume at the exact next batc
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,15 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.data.batching import EvalBatches, pad_token_id
+from distill.data.formats import as_list, split_held_out
 from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records
-from distill.data.resume import ResumableLoader, ShuffledBatches, leave_sigterm_to_main
+from distill.data.resume import (
+    ResumableLoader,
+    ShuffledBatches,
+    leave_sigterm_to_main,
+    rank_and_world,
+    trained_position,
+)
 from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
 
 
@@ -185,16 +191,11 @@ class PromptDataModule(L.LightningDataModule):
 
     def load_records(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """Training and validation records, split and capped as configured."""
-        train = read_prompt_records(_as_list(self.train_files), self.format)
+        train = read_prompt_records(as_list(self.train_files), self.format)
         if self.val_files:
-            val = read_prompt_records(_as_list(self.val_files), self.format)
+            val = read_prompt_records(as_list(self.val_files), self.format)
         elif self.val_fraction > 0:
-            order = list(range(len(train)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, round(len(train) * self.val_fraction))
-            held_out = set(order[:n_val])
-            val = [r for i, r in enumerate(train) if i in held_out]
-            train = [r for i, r in enumerate(train) if i not in held_out]
+            train, val = split_held_out(train, self.val_fraction, self.seed)
         else:
             val = []
         return train[: self.max_train_samples], val[: self.max_eval_samples]
@@ -228,7 +229,7 @@ class PromptDataModule(L.LightningDataModule):
                 f"than max_prompt_length={self.max_prompt_length} tokens (first: {dropped[0]})"
             )
         if not self.train:
-            files = ", ".join(map(str, _as_list(self.train_files)))
+            files = ", ".join(map(str, as_list(self.train_files)))
             why = (
                 f"all {len(train_records)} were longer than max_prompt_length={self.max_prompt_length}"
                 if train_records
@@ -237,7 +238,7 @@ class PromptDataModule(L.LightningDataModule):
             )
             raise ValueError(f"no training prompts in data.train_files ({files}): {why}")
         if val_records and not self.val:
-            files = ", ".join(map(str, _as_list(self.val_files or self.train_files)))
+            files = ", ".join(map(str, as_list(self.val_files or self.train_files)))
             raise ValueError(
                 f"no validation prompts from {files}: all {len(val_records)} were longer than "
                 f"max_prompt_length={self.max_prompt_length}"
@@ -259,45 +260,21 @@ class PromptDataModule(L.LightningDataModule):
     def collator(self) -> PromptCollator:
         return PromptCollator(self.pad_id)
 
-    @property
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer else 0
-
-    @property
-    def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer else 1
-
-    def _progress(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained) from Lightning's loop state."""
-        if self.trainer is None:  # used outside a Trainer
-            return 0, 0
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
-
     def train_dataloader(self) -> DataLoader:
         # the order is a function of (seed, epoch), so `--ckpt_path` resumes mid-epoch at the next batch
         window = self.trainer.accumulate_grad_batches if self.trainer else 1
+        rank, world = rank_and_world(self.trainer)
         batches = RepeatedSteps(
-            self.train,
-            self.collator,
-            self.batch_size,
-            self.seed,
-            self._rank,
-            self._world_size,
-            repeats=self.num_iterations,
-            window=window,
-        )
-        return ResumableLoader(batches, self._progress, num_workers=self.num_workers)
+            self.train, self.collator, self.batch_size, self.seed, rank, world,
+            repeats=self.num_iterations, window=window,
+        )  # fmt: skip
+        return ResumableLoader(batches, lambda: trained_position(self.trainer), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         # each rank its own shard, every prompt once over all ranks
-        batches = EvalBatches(self.val, self.collator, self.eval_batch_size, self._rank, self._world_size)
+        batches = EvalBatches(self.val, self.collator, self.eval_batch_size, *rank_and_world(self.trainer))
         return DataLoader(
             batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
         )
 
     test_dataloader = val_dataloader
-
-
-def _as_list(files: str | list[str]) -> list[str]:
-    return [files] if isinstance(files, str) else list(files)

@@ -25,8 +25,9 @@ from distill.data.formats import (
     _iter_raw,
     _message_turn,
     _sharegpt_turn,
-    _with_tools,
+    check_system_first,
     find_files,
+    open_with_system,
 )
 
 PromptFormat = Literal["auto", "question", "messages", "prompt"]
@@ -139,15 +140,8 @@ def _turns(value: object, key: str, where: str) -> list[dict[str, str]]:
 
 def _prompt_messages(turns: list[dict[str, str]], raw: dict, where: str) -> list[dict[str, str]]:
     """``turns`` opened by the record's ``system`` and ``tools``, checked to end with a user turn."""
-    system = raw.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataFormatError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
-    if system and system.strip() and turns[0]["role"] != "system":
-        turns = [{"role": "system", "content": system}, *turns]
-    turns = _with_tools(turns, raw.get("tools"), where)
-    for index, message in enumerate(turns):
-        if message["role"] == "system" and index != 0:
-            raise DataFormatError(f"{where}: turn {index}: a system message must come first")
+    turns = open_with_system(turns, raw, where)
+    check_system_first(turns, where)
     last = turns[-1]
     if last["role"] != "user":
         raise DataFormatError(

@@ -13,6 +13,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
+def rank_and_world(trainer: Any) -> tuple[int, int]:
+    """(global rank, world size) of a Trainer; (0, 1) outside one."""
+    return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
+
+def trained_position(trainer: Any) -> tuple[int, int]:
+    """(epoch, batches of it already trained) from Lightning's loop state; (0, 0) outside a Trainer."""
+    if trainer is None:
+        return 0, 0
+    loop = trainer.fit_loop
+    return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
+
+
 def epoch_rng(seed: int, epoch: int) -> random.Random:
     """The generator of one epoch's order: the same on every run, rank and worker."""
     return random.Random(seed * 1_000_003 + epoch)

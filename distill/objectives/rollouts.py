@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distill.data.resume import trained_position
 from distill.rewards import names, score, weights
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine
@@ -93,7 +94,7 @@ class Rollouts:
         # keyed by the prompts, not the batch index: a repeat of the step (num_iterations) or a resumed
         # fit draws the same noise for the same prompts
         if trainer.training:
-            epoch = trainer.fit_loop.epoch_progress.current.completed
+            epoch, _ = trained_position(trainer)
             return rollout_seed(self.seed, "train", epoch, *batch["shas"])
         return rollout_seed(self.seed, "eval", *batch["shas"])
 
