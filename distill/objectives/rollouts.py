@@ -120,9 +120,7 @@ class Rollouts:
             synced=self.synced,
         )
         completions = trim_at_stop(ids, self.stop_ids, self.pad_id)
-        texts = self.tokenizer.batch_decode(
-            torch.where(completions.mask, completions.ids, self.pad_id), skip_special_tokens=True
-        )
+        texts = self.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)  # pads after stops
         g = self.num_generations
         repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
         prompts = repeat(batch["prompts"])

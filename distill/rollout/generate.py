@@ -122,9 +122,7 @@ def generate(
                 seed=rollout_seed(seed, "generate", *batch["shas"]),
             )
             completions = trim_at_stop(ids, stop_ids, pad_id)
-            texts = data.tokenizer.batch_decode(
-                torch.where(completions.mask, completions.ids, pad_id), skip_special_tokens=True
-            )
+            texts = data.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
             stopped = completions.stopped.tolist()
             for row, text in enumerate(texts):
                 line = completion_line(
