@@ -6,8 +6,10 @@ import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +148,16 @@ def held_out_perplexity(model: torch.nn.Module, tokenizer, max_length: int = 256
         )
         tokens += int((labels != IGNORE_INDEX).sum())
     return math.exp(loss / tokens)
+
+
+class StepTime(L.Callback):
+    """Wall time of the training steps (batch start to batch end), validation left out."""
+
+    def __init__(self) -> None:
+        self.seconds, self.start = 0.0, 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.seconds += time.perf_counter() - self.start

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _common import build, demo_config, device_name, require_teacher, result
+from _common import StepTime, build, demo_config, device_name, require_teacher, result
 
 from distill.objectives.rollouts import rollout_seed
 from distill.rollout.completions import trim_at_stop
@@ -47,19 +47,6 @@ class TimedEngine:
         if self.trainer.training:
             self.seconds += time.perf_counter() - start
         return out
-
-
-class StepTime(L.Callback):
-    """Wall time of the training steps (batch start to batch end), validation left out."""
-
-    def __init__(self) -> None:
-        self.seconds, self.start = 0.0, 0.0
-
-    def on_train_batch_start(self, *args) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.seconds += time.perf_counter() - self.start
 
 
 def train_and_time(steps: int, directory: Path) -> dict:

@@ -253,8 +253,9 @@ def test_the_objective_reports_the_teachers_ce_beside_the_students(tokenizer, te
     online.setup(SimpleNamespace(tokenizer_id=str(TOKENIZER_DIR)))
     assert online.metric_names == ("ce", "kd", "agree", "teacher_ce")
     head = torch.nn.Linear(32, 32000, bias=False)
+    online.prepare(batch, None)
     out = online(token_inputs(torch.randn(labels.shape[0], 32), head, labels, batch))
-    model = online._in_memory[0].teacher_model(0)
+    (model,) = online.teachers.models(torch.device("cpu"))
     rows = [batch["input_ids"][i][batch["attention_mask"][i].bool()] for i in range(2)]
     expected = 0.0
     for ids, row_labels in zip(rows, batch["labels"], strict=True):

@@ -1,5 +1,7 @@
 """PromptDataModule: prompt files -> prompts rendered with the generation prompt, tokenized -> left-padded
-batches of prompts for RL (GRPO, RLOO), each prompt later the seed of a group of completions.
+batches of prompts for RL (GRPO, RLOO) and on-policy distillation, each prompt later the seed of a group
+of completions. With ``responses``, SFT files give each prompt its dataset response too (tokenized as
+SFT trains on it), which on-policy distillation uses on the batches the student does not sample.
 
 Prompts are short and generation dominates an RL step, so they are encoded once in ``setup`` and kept in
 memory (no tokenized-data cache). Training batches resume at the exact next batch like SFT's.
@@ -18,8 +20,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.data.batching import EvalBatches, pad_token_id
-from distill.data.formats import as_list, split_held_out
-from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records
+from distill.data.encoding import IGNORE_INDEX, encode_messages
+from distill.data.formats import DataFormatError, as_list, split_held_out
+from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records, read_response_records
 from distill.data.resume import (
     ResumableLoader,
     ShuffledBatches,
@@ -40,6 +43,7 @@ class EncodedPrompt:
     fields: dict[str, Any]
     source: str
     sha: str
+    response_ids: list[int] | None = None  # the dataset's response, its end-of-turn included
 
 
 class PromptCollator:
@@ -57,7 +61,17 @@ class PromptCollator:
             prompt_ids[row, width - n :] = torch.tensor(prompt.input_ids, dtype=torch.long)
             prompt_mask[row, width - n :] = 1
         keys = dict.fromkeys(key for p in prompts for key in p.fields)  # first-seen order
+        responses = {}
+        if prompts[0].response_ids is not None:
+            longest = max(len(p.response_ids) for p in prompts)
+            response_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+            response_mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
+            for row, prompt in enumerate(prompts):
+                response_ids[row, : len(prompt.response_ids)] = torch.tensor(prompt.response_ids)
+                response_mask[row, : len(prompt.response_ids)] = True
+            responses = {"response_ids": response_ids, "response_mask": response_mask}
         return {
+            **responses,
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "prompts": [p.text for p in prompts],
@@ -100,6 +114,8 @@ class PromptDataModule(L.LightningDataModule):
         stop_tokens: list[str] | None = None,
         add_eot_to_stop_tokens: bool = False,
         max_prompt_length: int = 512,
+        responses: bool = False,
+        max_response_length: int = 1024,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -125,6 +141,11 @@ class PromptDataModule(L.LightningDataModule):
                 model's generation_config instead of failing.
             max_prompt_length: Prompts longer than this many tokens (rendered, with the generation prompt)
                 are dropped and counted.
+            responses: Read SFT files (any format of ``distill.data.formats``) whose last turn is the
+                assistant's response: the turns before it are the prompt, the response is kept as SFT
+                tokenizes it (on-policy distillation trains on it when the student does not sample).
+            max_response_length: With ``responses``, records whose response is longer than this many
+                tokens are dropped and counted.
             batch_size: Prompts per device per step; each becomes a group of completions.
             eval_batch_size: Prompts per validation batch (default: ``batch_size``).
             num_workers: DataLoader worker processes.
@@ -147,6 +168,10 @@ class PromptDataModule(L.LightningDataModule):
         self.stop_tokens = stop_tokens or []
         self.add_eot_to_stop_tokens = add_eot_to_stop_tokens
         self.max_prompt_length = max_prompt_length
+        if responses and format != "auto":
+            raise ValueError("data.responses reads SFT files, whose format is detected per record: drop it")
+        self.responses = responses
+        self.max_response_length = max_response_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -191,9 +216,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def load_records(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """Training and validation records, split and capped as configured."""
-        train = read_prompt_records(as_list(self.train_files), self.format)
+        read = read_response_records if self.responses else lambda f: read_prompt_records(f, self.format)
+        train = read(as_list(self.train_files))
         if self.val_files:
-            val = read_prompt_records(as_list(self.val_files), self.format)
+            val = read(as_list(self.val_files))
         elif self.val_fraction > 0:
             train, val = split_held_out(train, self.val_fraction, self.seed)
         else:
@@ -208,13 +234,34 @@ class PromptDataModule(L.LightningDataModule):
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         kept, dropped = [], []
         for record, text, input_ids in zip(records, texts, ids, strict=True):
-            if len(input_ids) > self.max_prompt_length:
+            response = self.encode_response(record, input_ids, text) if self.responses else None
+            too_long = response is not None and len(response) > self.max_response_length
+            if len(input_ids) > self.max_prompt_length or too_long:
                 dropped.append(record.source)
             else:
                 kept.append(
-                    EncodedPrompt(input_ids, text, record.messages, record.fields, record.source, record.sha)
+                    EncodedPrompt(
+                        input_ids, text, record.messages, record.fields, record.source, record.sha, response
+                    )
                 )
         return kept, dropped
+
+    def encode_response(self, record: PromptRecord, prompt_ids: list[int], prompt_text: str) -> list[int]:
+        """The tokens SFT trains on in the record's response: the conversation with its response is
+        rendered and masked as SFT does it, and what follows the prompt's tokens is the response."""
+        messages = [*record.messages, {"role": "assistant", "content": record.response}]
+        template = self.resolve_chat_template()
+        ids, labels = encode_messages(
+            messages, self.tokenizer, template, record.source, trained_from=len(prompt_text)
+        )
+        trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        if ids[: len(prompt_ids)] != prompt_ids or not trained or trained[0] != len(prompt_ids):
+            raise DataFormatError(
+                f"{record.source}: under template {template.name!r} the response does not start where the "
+                "prompt with its generation prompt ends (the rendered prompt tokenizes differently once the "
+                "response follows): sampled and dataset responses would not be read alike"
+            )
+        return ids[trained[0] : trained[-1] + 1]
 
     def setup(self, stage: str) -> None:
         if self._set_up:
@@ -226,7 +273,9 @@ class PromptDataModule(L.LightningDataModule):
         if dropped:
             rank_zero_warn(
                 f"dropped {len(train_dropped)} training and {len(val_dropped)} validation prompts longer "
-                f"than max_prompt_length={self.max_prompt_length} tokens (first: {dropped[0]})"
+                f"than max_prompt_length={self.max_prompt_length} tokens"
+                + (f" or with responses longer than {self.max_response_length}" if self.responses else "")
+                + f" (first: {dropped[0]})"
             )
         if not self.train:
             files = ", ".join(map(str, as_list(self.train_files)))

@@ -10,6 +10,10 @@ Formats (detected per record from its keys, or forced with ``fmt``):
 Every format takes an optional ``system`` string (the system turn, unless the turns open with one) and
 ``tools`` as ``distill.data.formats`` reads them. Every other top-level key (``answer``, ``solution``,
 ...) is kept in ``fields`` for the reward functions.
+
+Prompts with their dataset responses (on-policy distillation mixes student samples with the dataset's
+answers): ``read_response_records`` reads SFT files (every format of ``distill.data.formats``); each
+conversation's last turn is the response and the turns before it the prompt.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from distill.data.formats import (
     _iter_raw,
     _message_turn,
     _sharegpt_turn,
+    as_list,
     check_system_first,
     find_files,
     open_with_system,
+    read_records,
 )
 
 PromptFormat = Literal["auto", "question", "messages", "prompt"]
@@ -52,11 +58,14 @@ class PromptRecord:
     source: str  # "path:line" (JSONL) or "path[index]" (JSON array)
     messages: tuple[dict[str, str], ...]
     fields: dict[str, Any] = field(default_factory=dict)
+    response: str | None = None  # the dataset's answer to the last user turn, where the file has one
 
     @property
     def sha(self) -> str:
         """SHA-256 of the content alone, so moving a prompt between files or lines keeps its key."""
-        content = {"messages": list(self.messages), "fields": self.fields}
+        content: dict[str, Any] = {"messages": list(self.messages), "fields": self.fields}
+        if self.response is not None:
+            content["response"] = self.response
         canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -75,6 +84,26 @@ def read_prompt_records(
     records = [to_prompt_record(raw, where, fmt) for path in paths for raw, where in _iter_raw(path)]
     if not records:
         raise DataFormatError(f"{', '.join(map(str, paths))}: no prompt records")
+    return records
+
+
+def read_response_records(sources: str | Path | list[str | Path]) -> list[PromptRecord]:
+    """SFT records as prompts with their responses: the last turn (an assistant's) is the response."""
+    records = []
+    for record in read_records(sources):
+        turns = list(record.messages or ())
+        if record.text is not None or turns[-1]["role"] != "assistant":
+            what = "plain text" if record.text is not None else f"its last turn is {turns[-1]['role']!r}"
+            raise DataFormatError(
+                f"{record.source}: a prompt with a response is a conversation ending with the assistant's "
+                f"answer; this record is {what}"
+            )
+        prompt = turns[:-1]
+        if not prompt or prompt[-1]["role"] != "user":
+            raise DataFormatError(f"{record.source}: the response must answer a user turn")
+        records.append(PromptRecord(record.source, tuple(prompt), response=turns[-1]["content"]))
+    if not records:
+        raise DataFormatError(f"{', '.join(map(str, as_list(sources)))}: no records")
     return records
 
 

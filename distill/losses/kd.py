@@ -367,3 +367,17 @@ def mix_teachers(
         parts.append(torch.where(hit, head_lp.gather(1, slot), uniform[:, None]) + _log(w / total))
     logits = torch.logsumexp(torch.stack(parts), 0).masked_fill(pad, float("-inf"))
     return SparseTargets(ids=union, logits=logits, lse=logits.new_zeros(logits.shape[0]))
+
+
+def reverse_kl_policy_gradient(student_logps: Tensor, teacher_logps: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,) a loss per sampled token whose gradient, in expectation over tokens drawn from the student,
+    is the gradient of the reverse KL(student || teacher) at that position, and (N,) the single-sample
+    estimate of that KL, ``log q(y) - log p(y)``.
+
+    The advantage of the sampled token y is ``log p_teacher(y) - log q_student(y)`` (detached) and the
+    loss ``-advantage * log q(y)``: E_{y~q}[grad log q(y) (log q(y) - log p(y))] = grad KL(q || p), since
+    E_{y~q}[grad log q(y)] = 0. Only the log-probs of the sampled tokens are needed (no distribution), so
+    it is the cheapest form, and the one for a teacher that returns log-probs only.
+    """
+    estimate = (student_logps - teacher_logps).detach()
+    return estimate * student_logps, estimate

@@ -5,6 +5,7 @@ from distill.objectives.ce import CrossEntropy
 from distill.objectives.grpo import GRPO
 from distill.objectives.kd import Distillation
 from distill.objectives.kto import KTO
+from distill.objectives.onpolicy import OnPolicyDistillation
 from distill.objectives.preference import Preference
 from distill.objectives.reward import RewardModel
 from distill.objectives.rloo import RLOO
@@ -18,6 +19,7 @@ __all__ = [
     "Loss",
     "LossInputs",
     "Objective",
+    "OnPolicyDistillation",
     "Preference",
     "RewardModel",
     "over_chunks",

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from distill.losses.kd import LOSSES, cross_entropy, mix_teachers, student_log_probs
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.targets import SparseTargets, teacher_top1
-from distill.teacher.module import Teacher, TeacherModule
+from distill.teacher.module import Teacher
+from distill.teacher.online import OnlineTeachers
 
 
 class Distillation(Objective):
@@ -18,7 +19,8 @@ class Distillation(Objective):
     trainable positions, as the KD data module builds them from the cache), or, for online KD, from
     ``online`` teachers run on the same batch in memory. Several teachers are mixed with
     ``teacher_weights`` over the union of their heads (at temperature 1; the loss then applies T to the
-    mixture), so the weights can change without recollecting.
+    mixture), so the weights can change without recollecting. Online teachers run in ``prepare`` and
+    leave in the batch what the KD data module puts there from the cache.
 
     Beside the student's ``ce`` it logs each teacher's own cross-entropy on the same labels
     (``teacher_ce``, or ``teacher_ce/<name>`` with several teachers): a teacher whose CE is above the
@@ -69,8 +71,8 @@ class Distillation(Objective):
         self.chunk_size = chunk_size
         self.online = online
         self.online_k = online_k
-        # a list keeps the teachers out of the module tree: never trained, checkpointed or exported
-        self._in_memory: list[TeacherModule] = []
+        # a plain object: the teachers stay out of the module tree (never trained, checkpointed, exported)
+        self.teachers: OnlineTeachers | None = None
         self.teacher_names = [t.key for t in online] if online else []
 
     @property
@@ -94,34 +96,27 @@ class Distillation(Objective):
             self.teacher_names = list(getattr(trainer.datamodule, "teacher_names", None) or [])
 
     @torch.no_grad()
-    def online_targets(self, batch: dict) -> list[SparseTargets]:
-        """Run each online teacher on the batch (all stay loaded: online KD is for small runs)."""
-        if not self._in_memory:
-            module = TeacherModule(self.online, k=self.online_k, tokenizer=self.tokenizer_id)
-            self._in_memory.append(module.to(batch["input_ids"].device))
-            self._online_models = [module.teacher_model(i) for i in range(len(self.online))]
-        return [self._in_memory[0].batch_targets(model, batch)[0] for model in self._online_models]
-
-    def teacher_ce_sums(self, batch: dict, per_teacher: list[SparseTargets]) -> dict[str, Tensor]:
-        """Each teacher's NLL of the labels summed over the batch, under its metric name."""
+    def prepare(self, batch: dict, student: nn.Module) -> None:
+        """Online teachers run on the batch (loaded on the first one) and leave what a cached batch
+        holds: their targets, the vocabulary size and their NLL sums of the labels."""
         if self.online is None:
-            sums = batch.get("teacher_nll", {})
-        else:
-            pairs = zip(self.teacher_names, per_teacher, strict=True)
-            sums = {name: t.nll.double().sum() for name, t in pairs}
+            return
+        if self.teachers is None:
+            self.teachers = OnlineTeachers(self.online, self.online_k, self.tokenizer_id)
+        store_targets(batch, self.teachers.targets(batch), self.teachers.names, self.teachers.vocab_size)
+
+    def teacher_ce_sums(self, batch: dict) -> dict[str, Tensor]:
+        """Each teacher's NLL of the labels summed over the batch, under its metric name."""
+        sums = batch.get("teacher_nll", {})
         if len(sums) == 1 and len(self.teacher_names) <= 1:
             return {"teacher_ce": next(iter(sums.values()))}
-        names = teacher_ce_names(self.teacher_names)
+        names = teacher_ce_names(self.teacher_names or list(sums))
         return {names[name]: value for name, value in sums.items() if name in names}
 
     def forward(self, inputs: LossInputs) -> Loss:
         hidden, head, labels, batch = inputs.hidden, inputs.head, inputs.labels, inputs.batch
-        if self.online is None:
-            per_teacher, vocab_size = batch["targets"], int(batch["vocab_size"])
-        else:  # the teachers load on the first call; then their vocabulary size is known
-            per_teacher = self.online_targets(batch)
-            vocab_size = self._in_memory[0].vocab_size
-        teacher_ce = self.teacher_ce_sums(batch, per_teacher)
+        per_teacher, vocab_size = batch["targets"], int(batch["vocab_size"])
+        teacher_ce = self.teacher_ce_sums(batch)
         targets = self.mix(per_teacher, vocab_size).to(hidden.device)
         if targets.num_positions != labels.shape[0]:
             raise ValueError(
@@ -167,6 +162,14 @@ class Distillation(Objective):
         sums = {"ce": ce_sum, "kd": kd_sum, "agree": agree, **teacher_ce}
         tokens = labels.numel()
         return Loss(loss_sum, num_units=tokens, num_tokens=tokens, correct=correct, sums=sums)
+
+
+def store_targets(batch: dict, per_teacher: list[SparseTargets], names: list[str], vocab_size: int) -> None:
+    """Teachers' targets at the batch's trainable positions into the batch, as the KD data module puts
+    cached ones there."""
+    batch["targets"] = per_teacher
+    batch["vocab_size"] = vocab_size
+    batch["teacher_nll"] = {name: t.nll.double().sum() for name, t in zip(names, per_teacher, strict=True)}
 
 
 def teacher_ce_names(teachers: list[str]) -> dict[str, str]:

@@ -47,6 +47,16 @@ def rollout_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def sampling_seed(seed: int, trainer, shas: Sequence[str]) -> int:
+    """The seed of a batch's sampling: keyed by its prompts, not the batch index, so a repeat of the step
+    (num_iterations) or a resumed fit draws the same noise for the same prompts; validation by the
+    prompts alone, so every evaluation samples with the same noise."""
+    if trainer.training:
+        epoch, _ = trained_position(trainer)
+        return rollout_seed(seed, "train", epoch, *shas)
+    return rollout_seed(seed, "eval", *shas)
+
+
 class Rollouts:
     def __init__(
         self,
@@ -89,18 +99,9 @@ class Rollouts:
         self.pad_id = pad_id
         self.synced = synced
 
-    def _seed(self, batch: dict, student: StudentModule) -> int:
-        trainer = student.trainer
-        # keyed by the prompts, not the batch index: a repeat of the step (num_iterations) or a resumed
-        # fit draws the same noise for the same prompts
-        if trainer.training:
-            epoch, _ = trained_position(trainer)
-            return rollout_seed(self.seed, "train", epoch, *batch["shas"])
-        return rollout_seed(self.seed, "eval", *batch["shas"])
-
     def sample(self, batch: dict, student: StudentModule) -> Rollout:
         """``roll`` of the current policy, seeded for this step; the training ones kept for the log."""
-        rollout = self.roll(student.model, batch, self._seed(batch, student))
+        rollout = self.roll(student.model, batch, sampling_seed(self.seed, student.trainer, batch["shas"]))
         if student.trainer.training:
             self.last = rollout
         return rollout

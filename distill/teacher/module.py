@@ -299,15 +299,24 @@ class TeacherModule(L.LightningModule):
             gc.collect()
 
     @torch.no_grad()
-    def batch_targets(self, model: nn.Module, batch: dict) -> tuple[SparseTargets, Tensor]:
+    def batch_targets(
+        self, model: nn.Module, batch: dict, merge: tuple[int, int] | None = None
+    ) -> tuple[SparseTargets, Tensor]:
         """The teacher's sparse distribution (and NLL of the labels) at every trainable position of
         ``batch`` (row-major, i.e. sample after sample, packed rows included) and the number of those
-        positions per row."""
+        positions per row. ``merge`` = (the teacher's end-of-turn id, the student's): the first's
+        probability moves onto the second at every position, and labels of the first become the second."""
         hidden = self._hidden(model, batch)
         trainable = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
         positions = hidden[:, :-1][trainable]  # (N, H)
         labels = batch["labels"][:, 1:][trainable]  # (N,)
-        return self._sparse(model.get_output_embeddings(), positions, labels), trainable.sum(dim=1)
+        head = model.get_output_embeddings()
+        if merge is None:
+            return self._sparse(head, positions, labels), trainable.sum(dim=1)
+        source, target = merge
+        rows = torch.ones_like(labels, dtype=torch.bool)
+        labels = torch.where(labels == source, target, labels)
+        return self._sparse(head, positions, labels, (source, target, rows)), trainable.sum(dim=1)
 
     @staticmethod
     def _hidden(model: nn.Module, batch: dict) -> Tensor:

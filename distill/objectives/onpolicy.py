@@ -1,0 +1,226 @@
+"""On-policy distillation: the student samples completions of the prompts, the teachers grade every
+sampled token (GKD, Agarwal et al. 2024; the reverse-KL "on-policy distillation" of Qwen3 and
+Thinking Machines), on the one training path.
+
+``prepare`` picks where a batch's completions come from: the student (a share ``lmbda`` of the training
+batches, and every validation batch when ``lmbda`` > 0), the first teacher (``seq_kd``: sequence-level
+KD) or the dataset's responses (``PromptDataModule(responses=True)``). The teachers, held in memory, run
+on the prompt + completion rows (``OnlineTeachers``: one with its own chat template reads the prompt in
+it) and leave their targets in the batch as the KD data module leaves cached ones; the forward is then
+the KD objective's, or the reverse-KL policy-gradient form, on the completion tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from distill.data.resume import trained_position
+from distill.losses.kd import LOSSES, reverse_kl_policy_gradient
+from distill.objectives.base import Loss, LossInputs, Objective, token_log_probs
+from distill.objectives.kd import Distillation, store_targets, teacher_ce_names
+from distill.objectives.rollouts import rollout_seed, sampling_seed
+from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
+from distill.rollout.engine import Engine, Sampling, TransformersEngine
+from distill.teacher.module import Teacher
+from distill.teacher.online import OnlineTeachers
+from distill.train.sharding import zero3
+
+if TYPE_CHECKING:
+    from distill.train.student import StudentModule
+
+POLICY_GRADIENT = "reverse_kl_pg"
+
+
+class OnPolicyDistillation(Objective):
+    def __init__(
+        self,
+        teachers: list[Teacher],
+        loss: str = "jsd",
+        beta: float = 0.5,
+        skew: float = 0.1,
+        temperature: float = 1.0,
+        lmbda: float = 1.0,
+        seq_kd: bool = False,
+        teacher_weights: list[float] | None = None,
+        online_k: int = 64,
+        num_generations: int = 1,
+        max_new_tokens: int = 128,
+        sampling_temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        chunk_size: int = 1024,
+        engine: Engine | None = None,
+    ) -> None:
+        """
+        Args:
+            teachers: Teacher models held in memory (each may read its own chat ``template``).
+            loss: A KD divergence on the teachers' top-``online_k`` + tail (``jsd``, as GKD, with
+                ``beta``; ``forward_kl``, ``reverse_kl``, ``skew_kl``, ``skew_reverse_kl``), or
+                ``reverse_kl_pg``: the policy-gradient form, per sampled token the advantage
+                ``log p_teacher - log p_student`` (needs only the teacher's log-prob of the token).
+            beta: JSD interpolation (0: forward KL, 1: reverse KL).
+            skew: Skew of ``skew_kl``/``skew_reverse_kl``.
+            temperature: Softens both distributions in the KD divergence (scaled by T**2).
+            lmbda: Share of training batches whose completions the student samples; the others use the
+                dataset's responses (or, with ``seq_kd``, the teacher's samples).
+            seq_kd: Batches the student does not sample are sampled from the first teacher (sequence-level
+                KD) instead of taken from the dataset.
+            teacher_weights: Mixture weights of several teachers (default: equal).
+            online_k: Top-k kept of each teacher's distribution at every position.
+            num_generations: Completions sampled per prompt.
+            max_new_tokens: Longest completion; longer ones are cut.
+            sampling_temperature: Temperature of the sampling (the divergences compare the untempered
+                distributions unless ``temperature`` says otherwise).
+            top_p: Nucleus sampling.
+            top_k: Top-k sampling (0: off).
+            seed: Seed of the sampling and of the lmbda draws (with the epoch and the prompts or step: a
+                resumed fit samples the same).
+            chunk_size: Positions whose logits exist at once (forward and backward).
+            engine: What samples (default: ``TransformersEngine``, ``model.generate``).
+        """
+        if loss != POLICY_GRADIENT and (loss not in LOSSES or loss == "sampled_ce"):
+            choices = sorted({*LOSSES, POLICY_GRADIENT} - {"sampled_ce"})
+            raise ValueError(f"unknown OnPolicyDistillation loss {loss!r}; choose one of {choices}")
+        if not teachers:
+            raise ValueError("give at least one teacher (objective.teachers)")
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda (the share of batches the student samples) must be in [0, 1]: {lmbda}")
+        if loss == POLICY_GRADIENT and (lmbda < 1.0 or seq_kd):
+            raise ValueError(
+                "the reverse_kl_pg form is a policy gradient: it is unbiased on the student's own samples "
+                "only, so it needs lmbda: 1.0 and no seq_kd"
+            )
+        if seq_kd and teachers[0].template is not None:
+            raise ValueError(
+                "seq_kd samples from the first teacher, which must read the student's chat template "
+                f"(teacher {teachers[0].key!r} has template {teachers[0].template!r})"
+            )
+        if num_generations < 1:
+            raise ValueError(f"num_generations must be at least 1, got {num_generations}")
+        super().__init__()
+        self.loss = loss
+        self.kd = Distillation(
+            loss="reverse_kl" if loss == POLICY_GRADIENT else loss,
+            temperature=temperature,
+            beta=beta,
+            skew=skew,
+            teacher_weights=teacher_weights,
+            chunk_size=chunk_size,
+        )
+        self.teacher_configs = list(teachers)
+        self.teacher_weights = teacher_weights
+        self.online_k = online_k
+        self.lmbda = lmbda
+        self.seq_kd = seq_kd
+        self.num_generations = num_generations
+        self.sampling = Sampling(max_new_tokens, sampling_temperature, top_p, top_k)
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.engine = engine or TransformersEngine()
+        self.teachers: OnlineTeachers | None = None  # a plain object: never trained, checkpointed, exported
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        teacher_ce = tuple(teacher_ce_names([t.key for t in self.teacher_configs]).values())
+        kd = ("ce", "kd") if self.loss == POLICY_GRADIENT else ("ce", "kd", "agree")
+        return (*kd, *teacher_ce, "on_policy")
+
+    def setup(self, student: StudentModule) -> None:
+        data = student.trainer.datamodule if student._trainer is not None else None
+        stop_ids = getattr(data, "generation_stop_ids", None)
+        if not stop_ids:
+            raise ValueError(
+                "on-policy distillation samples from prompts: use distill.data.PromptDataModule, which says "
+                "what generation stops on (generation_stop_ids)"
+            )
+        needs_responses = self.lmbda == 0.0 or (self.lmbda < 1.0 and not self.seq_kd)
+        if needs_responses and not getattr(data, "responses", False):
+            raise ValueError(
+                f"with lmbda {self.lmbda}{'' if self.seq_kd else ' and no seq_kd'}, batches train on the "
+                "dataset's responses: set data.responses: true (SFT files whose last turn is the response)"
+            )
+        strategy = student.strategy
+        self.configure(
+            student.tokenizer_id,
+            stop_ids,
+            data.pad_id,
+            data.resolve_chat_template(),
+            synced=isinstance(strategy, FSDPStrategy) or zero3(strategy),
+        )
+
+    def configure(self, tokenizer_id, stop_ids, pad_id: int, template, synced: bool = False) -> None:
+        """What sampling and the teachers need to know (``setup`` reads it off a fit)."""
+        self.teachers = OnlineTeachers(self.teacher_configs, self.online_k, tokenizer_id)
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+        self.template = template
+        self.synced = synced
+
+    def completion_source(self, trainer) -> str:
+        """``student``, ``teacher`` or ``dataset``: where this batch's completions come from."""
+        if not trainer.training:
+            return "student" if self.lmbda > 0 else "dataset"
+        otherwise = "teacher" if self.seq_kd else "dataset"
+        if self.lmbda in (0.0, 1.0):
+            return "student" if self.lmbda else otherwise
+        # a draw per micro-batch, the same on every rank (sharded generation needs all ranks to sample)
+        # and after a resume
+        u = random.Random(rollout_seed(self.seed, "lmbda", *trained_position(trainer))).random()
+        return "student" if u < self.lmbda else otherwise
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, student: StudentModule) -> None:
+        source = self.completion_source(student.trainer)
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        if source == "dataset":
+            ids, mask = batch["response_ids"], batch["response_mask"]
+            completions = Completions(ids, mask, stopped=mask.any(dim=1))  # they end with their end-of-turn
+            samples = 1
+        else:
+            model = student.model if source == "student" else self.teachers.models(prompt_ids.device)[0]
+            samples = self.num_generations
+            ids = self.engine(
+                model,
+                prompt_ids,
+                prompt_mask,
+                num_samples=samples,
+                sampling=self.sampling,
+                stop_ids=self.stop_ids,
+                pad_id=self.pad_id,
+                seed=sampling_seed(self.seed, student.trainer, batch["shas"]),
+                synced=self.synced,
+            )
+            completions = trim_at_stop(ids, self.stop_ids, self.pad_id)
+        batch.update(rollout_batch(prompt_ids, prompt_mask, completions))
+        messages = [m for m in batch["messages"] for _ in range(samples)]
+        per_teacher = self.teachers.completion_targets(batch, completions, messages, self.template)
+        store_targets(batch, per_teacher, self.teachers.names, self.teachers.vocab_size)
+        batch["on_policy"] = source == "student"
+
+    def forward(self, inputs: LossInputs) -> Loss:
+        batch = inputs.batch
+        out = self.policy_gradient(inputs) if self.loss == POLICY_GRADIENT else self.kd(inputs)
+        tokens = inputs.labels.numel()
+        out.sums["on_policy"] = inputs.hidden.new_tensor(float(tokens if batch["on_policy"] else 0))
+        return out
+
+    def policy_gradient(self, inputs: LossInputs) -> Loss:
+        """The reverse-KL policy-gradient loss over the sampled tokens, the teachers mixed by weight."""
+        batch = inputs.batch
+        logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, self.chunk_size)
+        per_teacher = [-t.nll.to(logps) for t in batch["targets"]]  # log p_teacher(sampled token)
+        weights = self.teacher_weights or [1.0] * len(per_teacher)
+        if len(weights) != len(per_teacher):
+            raise ValueError(f"{len(per_teacher)} teachers but {len(weights)} teacher_weights")
+        log_w = [math.log(w / sum(weights)) for w in weights]
+        teacher = torch.logsumexp(torch.stack([lp + w for lp, w in zip(per_teacher, log_w, strict=True)]), 0)
+        loss, estimate = reverse_kl_policy_gradient(logps, teacher)
+        sums = {"ce": -logps.detach().sum(), "kd": estimate.sum(), **self.kd.teacher_ce_sums(batch)}
+        tokens = inputs.labels.numel()
+        return Loss(loss.sum(), num_units=tokens, num_tokens=tokens, sums=sums)
