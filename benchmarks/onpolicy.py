@@ -48,9 +48,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data.encoding import IGNORE_INDEX
 from distill.data.prompt_datamodule import PromptDataModule
-from distill.objectives.rollouts import rollout_seed
 from distill.rollout.completions import rollout_batch, trim_at_stop
-from distill.rollout.engine import Sampling, TransformersEngine
+from distill.rollout.engine import Sampling, TransformersEngine, rollout_seed
 
 
 def quiet(config: dict, directory: Path, steps: int) -> dict:

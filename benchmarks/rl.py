@@ -31,8 +31,8 @@ import lightning as L
 import torch
 from _common import StepTime, build, demo_config, device_name, require_teacher, result
 
-from distill.objectives.rollouts import rollout_seed
 from distill.rollout.completions import trim_at_stop
+from distill.rollout.engine import rollout_seed
 
 
 class TimedEngine:

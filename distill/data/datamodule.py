@@ -158,7 +158,7 @@ class DataModule(L.LightningDataModule):
     def load_records(self) -> tuple[list[Record], list[Record]]:
         """Training and validation records, split and capped as configured (streaming: validation only,
         the corpus is never read whole)."""
-        train = [] if self.streaming else self.read_files(self.train_files)
+        train = self.read_files(self.train_files) if self.trains_on_files else []
         if self.val_files:
             val = self.read_files(self.val_files)
         elif self.val_fraction > 0:
@@ -166,6 +166,11 @@ class DataModule(L.LightningDataModule):
         else:
             val = []
         return train[: self.max_train_samples], val[: self.max_eval_samples]
+
+    @property
+    def trains_on_files(self) -> bool:
+        """Whether the training samples are the training files' records, encoded whole up front."""
+        return not self.streaming
 
     def read_files(self, files: str | list[str]) -> list[Record]:
         """Every record of ``files`` in order."""
@@ -203,7 +208,7 @@ class DataModule(L.LightningDataModule):
             "truncation": self.truncation,
             "train_on_responses_only": self.train_on_responses_only,
         }
-        if self.streaming:  # the training files are a stream, never encoded whole
+        if not self.trains_on_files:  # a stream (or sampled rounds): the training files are never encoded
             if not self.val_files:
                 return {}
             return {
@@ -310,12 +315,13 @@ class DataModule(L.LightningDataModule):
             self.attach_records()
         train_stats = splits["train"].stats if "train" in splits else EncodingStats()
         val_stats = splits["val"].stats if "val" in splits else EncodingStats()
-        empty_fit = stage == "fit" and not self.train and not self.streaming
+        empty_fit = stage == "fit" and not self.train and self.trains_on_files
         if empty_fit or (stage == "predict" and not (self.train or self.val)):
             # before any model is built: an empty fit would "succeed" and export an untrained model
             raise NoTrainableTokensError(self._no_samples_message(train_stats.samples, train_stats))
+        train_counts = train_stats.as_dict() if self.trains_on_files else {}
         self.stats = {
-            **({} if self.streaming else {f"data/train_{k}": v for k, v in train_stats.as_dict().items()}),
+            **{f"data/train_{k}": v for k, v in train_counts.items()},
             **{f"data/val_{k}": v for k, v in val_stats.as_dict().items()},
         }
         if "train" in splits:

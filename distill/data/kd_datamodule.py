@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -40,6 +41,7 @@ from distill.data.kd_batches import (
     trainable_positions,
 )
 from distill.data.resume import ResumableLoader, epoch_rng, leave_sigterm_to_main
+from distill.data.rounds import Rounds, RoundSamples, RoundStream
 from distill.teacher.collect import (
     cache_spec,
     check_vocabularies,
@@ -50,6 +52,7 @@ from distill.teacher.collect import (
     writer_locks,
 )
 from distill.teacher.module import Scheme, Teacher, TeacherModule
+from distill.train.sharding import zero3
 
 
 class KDDataModule(DataModule):
@@ -68,6 +71,7 @@ class KDDataModule(DataModule):
         cache_lock_timeout: float | None = None,
         teacher_batch_size: int | None = None,
         chunk_samples: int = 256,
+        rounds: Rounds | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -88,6 +92,9 @@ class KDDataModule(DataModule):
                 it takes), then fail naming that run.
             teacher_batch_size: Samples per teacher forward (default: ``eval_batch_size``).
             chunk_samples: Samples per streamed chunk when the whole cache fits.
+            rounds: On-policy rounds: ``train_files`` are prompts; each round the student samples
+                completions of some, the teachers' targets of those are collected into the chunk cache,
+                the student trains on them (``distill.data.rounds``).
             **kwargs: Everything ``DataModule`` takes (files, template, max_seq_length, packing, ...).
         """
         if kwargs.get("streaming"):
@@ -100,7 +107,14 @@ class KDDataModule(DataModule):
                 "data.cache_size_gb must be a positive disk budget in GB, or null for no limit; "
                 f"got {cache_size_gb}"
             )
+        if rounds is not None and (kwargs.get("packing") or kwargs.get("val_fraction")):
+            raise ValueError(
+                "data.rounds trains on each round's completions as they come: no packing, and validation "
+                "from data.val_files (SFT records), not val_fraction of the prompts"
+            )
         super().__init__(**kwargs)
+        self.rounds = rounds
+        self._round_samples: RoundSamples | None = None
         self.teachers = teachers
         self.teacher = TeacherModule(
             teachers,
@@ -126,6 +140,10 @@ class KDDataModule(DataModule):
         self._chunk_reader: CacheReader | None = None  # the reader of the chunk now on disk
         self._chunks_lock: WriterLock | None = None  # rank 0 owns train-chunks/ for the whole run
         self._ready = False
+
+    @property
+    def trains_on_files(self) -> bool:
+        return super().trains_on_files and self.rounds is None
 
     # ---- setup: sync, then collect what is missing ----------------------------------------------------
 
@@ -154,7 +172,7 @@ class KDDataModule(DataModule):
         )
         budget = None if self.cache_size_gb is None else self.cache_size_gb * 1e9
         total = self.split_bytes(self.train) + self.split_bytes(self.val)
-        self.chunked = budget is not None and total > budget
+        self.chunked = self.rounds is not None or (budget is not None and total > budget)
         rank = self._rank
         full = [("val", self.val)] + ([] if self.chunked else [("train", self.train)])
         full = [(split, samples) for split, samples in full if samples]
@@ -164,7 +182,9 @@ class KDDataModule(DataModule):
             self.readers[split] = CacheReader(self.cache_dir / split)
         if rank == 0:
             self.report_teachers(dict(full))
-        if self.chunked:
+        if self.rounds is not None:
+            self.setup_rounds()
+        elif self.chunked:
             train_budget = self.chunk_budget
             largest = max(map(self.estimated_bytes, self.train_rows))
             if train_budget < largest:
@@ -173,13 +193,39 @@ class KDDataModule(DataModule):
                     f"training "
                     f"targets, less than one sample (or packed row) needs ({largest / 1e9:.3g} GB)"
                 )
+        if self.chunked:
             self._chunk_cache = open_cache(self.cache_dir / "train-chunks" / f"rank{rank:03d}", self.spec)
+        if self.chunked and self.rounds is None:
             rank_zero_info(
                 f"[distill] chunked KD: ~{total / 1e9:.3g} GB of targets > "
                 f"cache_size_gb {self.cache_size_gb}; "
                 f"{len(self.plan(0))} chunks per epoch"
             )
         self._ready = True
+
+    def setup_rounds(self) -> None:
+        """Read the rounds' prompts and check that one round's targets fit the disk budget."""
+        directory = Path(self.rounds.directory) if self.rounds.directory else self.cache_dir / "rounds"
+        self._round_samples = RoundSamples(self.rounds, self, directory)
+        positions = self._round_samples.per_rank(self._world_size) * (self.rounds.max_new_tokens + 1)
+        needs = positions * bytes_per_position_bound(self.spec)
+        if self.cache_size_gb is not None and self.chunk_budget < needs:
+            raise ValueError(
+                f"data.cache_size_gb={self.cache_size_gb} leaves {self.chunk_budget / 1e9:.3g} GB for a "
+                f"round's targets, which may take {needs / 1e9:.3g} GB: lower data.rounds.prompts_per_round"
+            )
+        rank_zero_info(
+            f"[distill] on-policy rounds: {self.rounds.num_rounds} per epoch, "
+            f"{self.rounds.prompts_per_round} prompts x {self.rounds.num_generations} completions each, "
+            f"written to {directory}"
+        )
+
+    def round_samples(self, index: int) -> list[Encoded]:
+        """Round ``index``'s samples of this rank, sampled by the student being trained."""
+        strategy = self.trainer.strategy
+        synced = isinstance(strategy, FSDPStrategy) or zero3(strategy)  # all ranks step the sharded model
+        policy = self.trainer.lightning_module.model
+        return self._round_samples.samples(index, policy, self._rank, self._world_size, synced)
 
     def sync_and_collect(self, splits: list[tuple[str, list[Encoded]]]) -> int:
         """Rank 0 syncs the caches holding their writer locks until every rank has collected what its
@@ -338,6 +384,9 @@ class KDDataModule(DataModule):
         return KDCollator(self.collator, self.packing, self.spec.vocab_size)
 
     def train_dataloader(self) -> DataLoader:
+        if self.rounds is not None:  # the student samples each round in the main process
+            stream = RoundStream(self, self._round_samples, self._rank, self._world_size)
+            return ResumableLoader(stream, self._progress, num_workers=0)
         stream = TargetStream(self, self._rank, self._world_size)
         # collection runs on the accelerator, in the main process: no workers while chunks are collected
         workers = 0 if self.chunked else self.num_workers

@@ -23,9 +23,9 @@ from distill.data.resume import trained_position
 from distill.losses.kd import LOSSES, reverse_kl_policy_gradient
 from distill.objectives.base import Loss, LossInputs, Objective, token_log_probs
 from distill.objectives.kd import Distillation, store_targets, teacher_ce_names
-from distill.objectives.rollouts import rollout_seed, sampling_seed
+from distill.objectives.rollouts import sampling_seed
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
-from distill.rollout.engine import Engine, Sampling, TransformersEngine
+from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
 from distill.teacher.module import Teacher
 from distill.teacher.online import OnlineTeachers
 from distill.train.sharding import zero3

@@ -11,7 +11,6 @@ by the prompts alone, so every evaluation samples with the same noise.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from distill.data.resume import trained_position
 from distill.rewards import names, score, weights
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
-from distill.rollout.engine import Engine, Sampling, TransformersEngine
+from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
 from distill.train.sharding import zero3
 
 if TYPE_CHECKING:
@@ -39,12 +38,6 @@ class Rollout:
     total: Tensor  # (S,) the weighted sum: what advantages are computed from
     prompts: list[str]  # (S,) each completion's prompt text
     texts: list[str]  # (S,) the decoded completions
-
-
-def rollout_seed(*parts: object) -> int:
-    """A 63-bit seed from its parts, the same in every process (``hash`` of a str is salted)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def sampling_seed(seed: int, trainer, shas: Sequence[str]) -> int:

@@ -8,6 +8,7 @@ resumed fit draws the same rollouts. A faster engine (vLLM on GPUs) implements t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,12 @@ class Sampling:
             raise ValueError(f"temperature must be positive (sampling), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def rollout_seed(*parts: object) -> int:
+    """A 63-bit seed from its parts, the same in every process (``hash`` of a str is salted)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class Engine(Protocol):

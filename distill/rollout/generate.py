@@ -27,10 +27,9 @@ import torch
 from jsonargparse import auto_cli
 
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
-from distill.objectives.rollouts import rollout_seed
 from distill.progress import Progress
 from distill.rollout.completions import trim_at_stop
-from distill.rollout.engine import Sampling, TransformersEngine
+from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
 from distill.train.merge import tokenizer_source
 
 
@@ -102,14 +101,37 @@ def generate(
     policy = load_model(model, adapter, dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy.to(device).eval()
-    engine, stop_ids, pad_id = TransformersEngine(), data.generation_stop_ids, data.pad_id
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(output_path, "a", encoding="utf-8") as file,
-        Progress(len(pending), "generating", "prompts") as bar,
-    ):
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start : start + batch_size]
+    with Progress(len(pending), "generating", "prompts") as bar:
+        write_completions(
+            output_path, policy, data, pending, sampling, num_samples, batch_size, (seed, "generate"), bar
+        )
+    print(f"[distill] generate: wrote {len(pending) * num_samples} completions to {output_path}")
+    return output_path
+
+
+def write_completions(
+    path: Path,
+    policy: torch.nn.Module,
+    data: PromptDataModule,
+    prompts: list[EncodedPrompt],
+    sampling: Sampling,
+    num_samples: int,
+    batch_size: int,
+    seed: tuple,
+    progress: Progress | None = None,
+    engine: Engine | None = None,
+    synced: bool = False,
+) -> None:
+    """Append ``num_samples`` completions of each of ``prompts`` to ``path``, batch by batch, each batch
+    flushed to disk (a crash loses at most the batch being generated). Batches are seeded by ``seed``
+    and their prompts' SHAs."""
+    engine = engine or TransformersEngine()
+    stop_ids, pad_id = data.generation_stop_ids, data.pad_id
+    device = next(policy.parameters()).device
+    with open(path, "a", encoding="utf-8") as file:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
             batch = data.collator(chunk)
             ids = engine(
                 policy,
@@ -119,7 +141,8 @@ def generate(
                 sampling=sampling,
                 stop_ids=stop_ids,
                 pad_id=pad_id,
-                seed=rollout_seed(seed, "generate", *batch["shas"]),
+                seed=rollout_seed(*seed, *batch["shas"]),
+                synced=synced,
             )
             completions = trim_at_stop(ids, stop_ids, pad_id)
             texts = data.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
@@ -130,10 +153,9 @@ def generate(
                 )
                 file.write(json.dumps(line, ensure_ascii=False) + "\n")
             file.flush()
-            os.fsync(file.fileno())  # a crash loses at most the batch being generated
-            bar.update(len(chunk))
-    print(f"[distill] generate: wrote {len(pending) * num_samples} completions to {output_path}")
-    return output_path
+            os.fsync(file.fileno())
+            if progress is not None:
+                progress.update(len(chunk))
 
 
 def completion_line(prompt: EncodedPrompt, text: str, sample: int, stopped: bool) -> dict:
@@ -161,7 +183,8 @@ def completed_prompts(path: Path, num_samples: int) -> set[str]:
             file.truncate(keep)
         data = data[:keep]
     counts: dict[str, int] = {}
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    # \n only: str.splitlines() also cuts at U+2028 and friends, which a completion's JSON string may hold
+    for number, line in enumerate(data.decode("utf-8").split("\n")[:-1], start=1):
         try:
             sha = json.loads(line)["prompt_sha"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
@@ -171,6 +194,16 @@ def completed_prompts(path: Path, num_samples: int) -> set[str]:
             ) from error
         counts[sha] = counts.get(sha, 0) + 1
     return {sha for sha, count in counts.items() if count >= num_samples}
+
+
+def read_completions(path: Path) -> dict[tuple[str, int], tuple[dict, int]]:
+    """Each completion of ``path`` by (prompt SHA, sample number), with its line number; the first line
+    wins (a batch cut short by a crash is generated again after its surviving lines)."""
+    lines: dict[tuple[str, int], tuple[dict, int]] = {}
+    for number, text in enumerate(path.read_text(encoding="utf-8").split("\n")[:-1], start=1):
+        line = json.loads(text)
+        lines.setdefault((line["prompt_sha"], line["sample"]), (line, number))
+    return lines
 
 
 def check_settings(output: Path, settings: dict) -> None:

@@ -1,0 +1,214 @@
+"""On-policy rounds through the teacher cache, for a teacher too large to sit beside the student.
+
+Round r: the student, as it is when the round starts, samples completions of the round's prompts into
+``<directory>/round-<r>/rank<k>.jsonl`` (the ``generate`` command's SFT-ready lines, flushed batch by
+batch); those conversations are encoded as SFT samples; the cache collection fills the chunk cache with
+the teachers' targets of exactly those samples (crash safe, under the disk budget); the student trains
+on them; the chunk is purged. One epoch is ``num_rounds`` rounds (later epochs continue with new
+rounds). A killed fit resumes at its round and batch: the rounds before are not touched, the round it
+stopped in is read back from its file, which is first completed if the kill cut its generation short
+(by the weights and seeds that began it, which an exact resume restores).
+
+Lightning fetches one training batch ahead, so a round's first batch, and with it the round's
+sampling, is fetched when the previous round's last step starts: the student that samples round r has
+trained on all of round r - 1 but its last batch.
+
+The completions are stored as text and encoded again: the teachers and the student's update read the
+same tokens, which a tokenizer may split differently from how the student sampled them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import IterableDataset
+
+from distill.data.encoding import Encoded, encode_record, truncate
+from distill.data.formats import Record
+from distill.data.kd_batches import teacher_reads
+from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
+from distill.data.resume import epoch_rng, yields
+from distill.rollout.engine import Sampling
+from distill.rollout.generate import check_settings, completed_prompts, read_completions, write_completions
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from distill.data.kd_datamodule import KDDataModule
+
+
+@dataclass
+class Rounds:
+    """What each round samples: ``prompts_per_round`` prompts of the data module's ``train_files`` (prompt
+    records: ``question``, ``messages`` or ``prompt``, as RL reads them), ``num_generations`` completions
+    each."""
+
+    num_rounds: int
+    """Rounds per epoch."""
+    prompts_per_round: int
+    """Prompts of one round over all ranks (each rank samples its share)."""
+    num_generations: int = 1
+    """Completions sampled per prompt."""
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generation_batch_size: int = 16
+    """Prompts per ``generate`` call."""
+    max_prompt_length: int = 512
+    """Longer prompts are dropped and counted."""
+    seed: int = 0
+    """Seed of the rounds' prompt order and of the sampling."""
+    directory: str | None = None
+    """Where the rounds' completions are written (default: ``<cache_dir>/rounds``)."""
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1 or self.prompts_per_round < 1 or self.num_generations < 1:
+            raise ValueError(
+                "data.rounds: num_rounds, prompts_per_round and num_generations must be at least 1; got "
+                f"{self.num_rounds}, {self.prompts_per_round}, {self.num_generations}"
+            )
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+
+class RoundSamples:
+    """A round's prompts, its completions (sampled, or read back), and those as training samples."""
+
+    def __init__(self, rounds: Rounds, data: KDDataModule, directory: Path) -> None:
+        self.rounds = rounds
+        self.data = data
+        self.directory = directory
+        self.prompts = PromptDataModule(
+            data.train_files,
+            tokenizer=data.tokenizer_name,
+            template=data.template_name,
+            end_of_turn=data.end_of_turn,
+            stop_tokens=data.stop_tokens,
+            add_eot_to_stop_tokens=data.add_eot_to_stop_tokens,
+            max_prompt_length=rounds.max_prompt_length,
+            batch_size=rounds.generation_batch_size,
+            seed=rounds.seed,
+        )
+        self.prompts.setup("fit")
+        pool = len(self.prompts.train)
+        if rounds.prompts_per_round > pool:
+            raise ValueError(
+                f"data.rounds.prompts_per_round is {rounds.prompts_per_round}, but data.train_files hold "
+                f"{pool} usable prompts: a round samples each prompt once at most"
+            )
+        longest = rounds.max_prompt_length + rounds.max_new_tokens
+        if longest >= data.max_seq_length:
+            raise ValueError(
+                f"data.rounds: a prompt of max_prompt_length {rounds.max_prompt_length} tokens and "
+                f"{rounds.max_new_tokens} new ones need max_seq_length > {longest} (now "
+                f"{data.max_seq_length}); every completion must stay trainable"
+            )
+
+    def per_rank(self, world_size: int) -> int:
+        """Samples one rank trains on per round (all ranks the same: DDP needs equal steps)."""
+        return self.rounds.prompts_per_round // world_size * self.rounds.num_generations
+
+    def round_prompts(self, index: int, rank: int, world_size: int) -> list[EncodedPrompt]:
+        """This rank's prompts of round ``index``: rounds take consecutive slices of the prompts in an
+        order shuffled per pass over them (a pass holds as many whole rounds as fit)."""
+        pool, take = self.prompts.train, self.rounds.prompts_per_round // world_size * world_size
+        rounds_per_pass = len(pool) // self.rounds.prompts_per_round
+        order = list(range(len(pool)))
+        random.Random(f"rounds:{self.rounds.seed}:{index // rounds_per_pass}").shuffle(order)
+        start = index % rounds_per_pass * self.rounds.prompts_per_round
+        return [pool[i] for i in order[start : start + take]][rank::world_size]
+
+    def path(self, index: int, rank: int) -> Path:
+        return self.directory / f"round-{index:05d}" / f"rank{rank:03d}.jsonl"
+
+    def samples(
+        self, index: int, policy: nn.Module, rank: int, world_size: int, synced: bool
+    ) -> list[Encoded]:
+        """Round ``index``'s training samples: its completions sampled by ``policy`` where its file lacks
+        them, then read back in prompt order and encoded as SFT encodes them."""
+        rounds, prompts = self.rounds, self.round_prompts(index, rank, world_size)
+        path = self.path(index, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "round": index,
+            "prompts": [p.sha for p in prompts],
+            "num_generations": rounds.num_generations,
+            "sampling": asdict(rounds.sampling),
+            "seed": rounds.seed,
+        }
+        check_settings(path, settings)
+        done = completed_prompts(path, rounds.num_generations)
+        pending = [p for p in prompts if p.sha not in done]
+        if pending:
+            write_completions(
+                path, policy, self.prompts, pending, rounds.sampling, rounds.num_generations,
+                rounds.generation_batch_size, (rounds.seed, "round", index), synced=synced,
+            )  # fmt: skip
+        lines = read_completions(path)
+        data = self.data
+        samples = []
+        for prompt in prompts:
+            for sample in range(rounds.num_generations):
+                line, number = lines[(prompt.sha, sample)]
+                record = Record(source=f"{path}:{number}", messages=tuple(line["messages"]))
+                encoded = encode_record(record, data.tokenizer, data.chat_template, True)
+                samples.append(truncate(encoded, data.max_seq_length, "right"))
+        trainable = [s.num_trainable for s in samples]
+        if not all(trainable):
+            raise ValueError(f"{samples[trainable.index(0)].source}: a completion without a trainable token")
+        stopped = sum(lines[(p.sha, s)][0]["stopped"] for p in prompts for s in range(rounds.num_generations))
+        rank_zero_info(
+            f"[distill] round {index}: {len(samples)} completions of {len(prompts)} prompts on rank {rank} "
+            f"({len(samples) - len(pending) * rounds.num_generations} read back from {path}), "
+            f"{stopped / len(samples):.0%} stopped, {sum(trainable) / len(samples):.1f} tokens trained each"
+        )
+        return samples
+
+
+class RoundStream(IterableDataset):
+    """One epoch of rounds as KD batches: each round sampled, collected into the chunk cache, trained
+    on, purged. ``skip`` batches are passed over without sampling or collecting (resuming mid-epoch)."""
+
+    def __init__(self, data: KDDataModule, rounds: RoundSamples, rank: int, world_size: int) -> None:
+        self.data = data
+        self.rounds = rounds
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip = 0
+
+    @property
+    def batches_per_round(self) -> int:
+        return math.ceil(self.rounds.per_rank(self.world_size) / self.data.batch_size)
+
+    def __len__(self) -> int:
+        return self.rounds.rounds.num_rounds * self.batches_per_round
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        data, per_round, size = self.data, self.batches_per_round, self.data.batch_size
+        for offset in range(self.rounds.rounds.num_rounds):
+            first = offset * per_round
+            if first + per_round <= self.skip:  # trained before the resume
+                continue
+            index = self.epoch * self.rounds.rounds.num_rounds + offset
+            samples = data.round_samples(index)
+            epoch_rng(self.rounds.rounds.seed, index).shuffle(samples)
+            # duplicates (the same completion twice) are collected once and trained on twice
+            reader = data.prepare_chunk(list({s.sha: s for s in samples}.values()))
+            try:
+                for batch in range(per_round):
+                    if yields(first + batch, self.skip):
+                        rows = [[s] for s in samples[batch * size : (batch + 1) * size]]
+                        shas = [row[0].sha for row in rows]
+                        yield data.kd_collator(rows, *teacher_reads(reader, shas, data.teacher_names))
+            finally:
+                data.finish_chunk(reader)

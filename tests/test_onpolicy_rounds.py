@@ -1,0 +1,133 @@
+"""On-policy rounds through the cache: each round's completions written and collected (exactly those),
+trained on inside one fit, a killed fit resumed at its round and batch, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import distill.data.kd_datamodule as kd_datamodule
+from distill.cli import main
+from distill.data.encoding import encode_record, truncate
+from distill.data.formats import Record
+from distill.data.templates import resolve_template
+from tests.helpers import (
+    check_killed_fit_resumes,
+    kd_config,
+    logged_values,
+    with_last_checkpoint,
+    write_jsonl,
+)
+
+ROUNDS = {"num_rounds": 3, "prompts_per_round": 4, "num_generations": 2}
+ROUNDS.update(max_new_tokens=5, max_prompt_length=64)
+
+
+def prompt_file(tmp_path, n: int = 10):
+    rows = [{"question": f"Name the number after {i}.", "answer": str(i + 1)} for i in range(n)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def rounds_config(tmp_path, teacher_dir, **rounds) -> dict:
+    path = kd_config(
+        tmp_path,
+        teacher_dir,
+        train_files=str(prompt_file(tmp_path)),
+        rounds={**ROUNDS, **rounds},
+        max_seq_length=160,
+    )
+    config = yaml.safe_load(path.read_text())
+    config["model"]["init_args"]["objective"]["init_args"] = {"loss": "jsd", "alpha": 1.0}
+    config["trainer"]["max_steps"] = 6  # 3 rounds x 8 completions, batches of 4
+    return config
+
+
+def round_lines(directory, index: int) -> list[dict]:
+    path = directory / f"round-{index:05d}" / "rank000.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_each_round_collects_exactly_its_completions_and_trains_on_them(
+    tmp_path, kd_teacher_dir, tokenizer, monkeypatch
+):
+    collected = []
+    original = kd_datamodule.collect
+
+    def spy(teacher, jobs, *args, **kwargs):
+        collected.append(sorted(s.sha for job in jobs for s in job.samples))
+        return original(teacher, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(kd_datamodule, "collect", spy)
+    path = tmp_path / "rounds.yaml"
+    path.write_text(yaml.safe_dump(rounds_config(tmp_path, kd_teacher_dir)))
+    main(["fit", "--config", str(path)])
+
+    directory = tmp_path / "cache" / "rounds"
+    template = resolve_template(tokenizer, "mistral")
+    seen_prompts = []
+    assert len(collected) == 4  # the validation set, then one collection per round
+    for index in range(3):
+        lines = round_lines(directory, index)
+        assert len(lines) == 8 and sorted((ln["sample"]) for ln in lines) == [0, 0, 0, 0, 1, 1, 1, 1]
+        prompts = {ln["prompt_sha"] for ln in lines}
+        assert len(prompts) == 4  # four prompts a round, two completions each
+        seen_prompts.append(prompts)
+        for line in lines:
+            assert [m["role"] for m in line["messages"]] == ["user", "assistant"]
+        # what was collected for the round: exactly its samples, as SFT encodes its conversations
+        records = [Record(source="x", messages=tuple(ln["messages"])) for ln in lines]
+        shas = {truncate(encode_record(r, tokenizer, template), 160, "right").sha for r in records}
+        assert collected[index + 1] == sorted(shas)
+    assert not seen_prompts[0] & seen_prompts[1]  # 10 prompts: two rounds a pass, disjoint
+    assert not list((tmp_path / "cache" / "train-chunks").rglob("*.h5"))  # each round purged
+    assert len(logged_values(tmp_path, "train/kd")) == 6
+    # a rerun with other sampling settings is refused rather than mixing two runs' rounds
+    config = rounds_config(tmp_path, kd_teacher_dir, temperature=0.5)
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"round-00000/rank000\.jsonl was written with other settings"):
+        main(["fit", "--config", str(path)])
+
+
+def test_a_killed_rounds_fit_resumes_at_its_round_and_batch(tmp_path, kd_teacher_dir):
+    def config_in(name: str):
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        config = rounds_config(directory, kd_teacher_dir, num_rounds=5, num_generations=1)
+        config["data"]["init_args"]["batch_size"] = 2  # 2 batches a round
+        config["trainer"].update(val_check_interval=None, limit_val_batches=0, enable_checkpointing=True)
+        return with_last_checkpoint(config, directory)
+
+    check_killed_fit_resumes(tmp_path, config_in, ["--trainer.max_steps", "10"])
+    for run in ("reference", "resumed"):
+        for index in range(5):
+            lines = round_lines(tmp_path / run / "cache" / "rounds", index)
+            assert len(lines) == 4  # a resumed round is read back, not sampled again
+    reference, resumed = (round_lines(tmp_path / r / "cache" / "rounds", 4) for r in ("reference", "resumed"))
+    # the same student sampled the round after the resume
+    assert [ln["messages"] for ln in reference] == [ln["messages"] for ln in resumed]
+
+
+def test_rounds_refuse_what_cannot_work(tmp_path, kd_teacher_dir, capsys):
+    cases = [
+        ({"prompts_per_round": 11}, r"prompts_per_round is 11, but data\.train_files hold 10 usable prompts"),
+        ({"max_new_tokens": 200}, r"need max_seq_length > 264"),
+    ]
+    for rounds, error in cases:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(rounds_config(tmp_path, kd_teacher_dir, **rounds)))
+        with pytest.raises(ValueError, match=error):
+            main(["fit", "--config", str(path)])
+    path.write_text(yaml.safe_dump(rounds_config(tmp_path, kd_teacher_dir, num_rounds=0)))
+    with pytest.raises(SystemExit):  # a config error: the message alone
+        main(["fit", "--config", str(path)])
+    assert "data.rounds: num_rounds, prompts_per_round and num_generations must be at least 1" in (
+        capsys.readouterr().err
+    )
+    config = rounds_config(tmp_path, kd_teacher_dir)
+    config["data"]["init_args"]["packing"] = True
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path)])
+    assert "each round's completions as they come: no packing" in capsys.readouterr().err
