@@ -9,18 +9,22 @@ size and seed:
 - ``offline_kd``: configs/kd.yaml as it is (its fit collects the teacher's top-64 into the cache
   before the first step: not timed);
 - ``onpolicy``: configs/kd_onpolicy.yaml as it is (GKD: JSD(0.5), half the batches sampled by the
-  student, the teacher beside it).
+  student, the teacher beside it);
+- ``rounds``: configs/examples/kd_onpolicy_rounds.yaml over configs/kd.yaml, on the same prompts: every
+  4 steps the student answers 64 prompts, the teacher's top-64 of those answers is cached, trained on,
+  purged (JSD(0.5) on the student's own answers only; sampling and collection are in its step time).
 
 Each is measured on the held-out prompts of chat_val.jsonl: the student samples ``--samples`` answers
 per prompt (temperature 1, the same seeds for every student) and the teacher's mean per-token NLL of
 those answers is ``teacher_nll_*`` (lower: the student writes what the teacher would); ``ppl_*`` is the
-student's perplexity on the held-out responses. ``seconds_per_step_*``: the training steps' mean wall
-time (validation left out), generation and the teacher's forward included for on-policy.
+student's perplexity on the held-out responses. ``seconds_per_step_*``: the training loop's wall time
+over its steps (no validation runs): data included, so the rounds' sampling and collection and the
+on-policy teacher's forward count; offline KD's collection before the first step does not.
 
     python benchmarks/onpolicy.py [--warmup 150] [--steps 100] [--samples 4]
 
-Last line: one JSON object with teacher_nll_{sft,offline_kd,onpolicy}, ppl_{...},
-seconds_per_step_{offline_kd,onpolicy} (and sft's).
+Last line: one JSON object with teacher_nll_{sft,offline_kd,onpolicy,rounds}, ppl_{...},
+seconds_per_step_{offline_kd,onpolicy,rounds} (and sft's).
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
 from _common import (
     DATA,
     ROOT,
     TEACHER,
-    StepTime,
     build,
     device_name,
     held_out_perplexity,
@@ -74,10 +78,38 @@ def from_checkpoint(config: dict, model_dir: Path) -> dict:
     return config
 
 
+def rounds_config(kd: dict, steps: int) -> dict:
+    """configs/examples/kd_onpolicy_rounds.yaml over the KD config, its prompts the KD data's own."""
+    example = yaml.safe_load((ROOT / "configs" / "examples" / "kd_onpolicy_rounds.yaml").read_text())
+    config = yaml.safe_load(yaml.safe_dump(kd))
+    config["model"]["init_args"]["objective"]["init_args"].update(
+        example["model"]["init_args"]["objective"]["init_args"]
+    )
+    rounds = {**example["data"]["init_args"]["rounds"], "responses": True, "max_prompt_length": 192}
+    batches_per_round = rounds["prompts_per_round"] // config["data"]["init_args"]["batch_size"]
+    rounds["num_rounds"] = -(-steps // batches_per_round)
+    config["data"]["init_args"].update(
+        rounds=rounds,
+        cache_dir=str(Path(kd["data"]["init_args"]["cache_dir"]).with_name("rounds-cache")),
+        cache_size_gb=example["data"]["init_args"]["cache_size_gb"],
+    )
+    return config
+
+
+class LoopTime(L.Callback):
+    """Wall time of the training loop, first batch fetch to last step, the data's work included."""
+
+    def on_train_start(self, *args) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_end(self, *args) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
 def fit(config: dict, directory: Path):
-    """Fit ``config``; the trained causal LM and the training steps' mean seconds."""
+    """Fit ``config``; the trained causal LM and the training loop's seconds per step."""
     cli = build(config, directory)
-    timer = StepTime()
+    timer = LoopTime()
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli.model.causal_lm.eval(), timer.seconds / config["trainer"]["max_steps"]
@@ -137,7 +169,12 @@ def main() -> None:
 
         configs = kd_and_sft_configs(tmp, args.steps)
         onpolicy = yaml.safe_load((ROOT / "configs" / "kd_onpolicy.yaml").read_text())
-        runs = {"sft": configs["sft"], "offline_kd": configs["kd"], "onpolicy": onpolicy}
+        runs = {
+            "sft": configs["sft"],
+            "offline_kd": configs["kd"],
+            "onpolicy": onpolicy,
+            "rounds": rounds_config(configs["kd"], args.steps),
+        }
         for name, config in runs.items():
             config = from_checkpoint(quiet(config, tmp / name, args.steps), tmp / "warm")
             student, seconds[name] = fit(config, tmp / name)

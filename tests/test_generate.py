@@ -106,3 +106,16 @@ def test_an_adapter_generates_what_its_merged_model_generates(tmp_path, model_di
     plain = lines(run(model_dir, prompts, tmp_path / "p.jsonl"))
     answers = [[r["messages"][-1]["content"] for r in rows] for rows in (with_adapter, merged, plain)]
     assert answers[0] == answers[1] and answers[0] != answers[2]
+
+
+def test_a_completion_holding_a_line_separator_character_reads_back_as_one_line(tmp_path):
+    from distill.rollout.generate import completed_prompts, read_completions
+
+    # json.dumps(ensure_ascii=False) keeps U+2028 as it is: str.splitlines() would cut the line there
+    lines = [{"prompt_sha": "a", "sample": 0, "messages": [{"role": "assistant", "content": "x\u2028y"}]}]
+    lines.append({"prompt_sha": "a", "sample": 0, "messages": []})  # a batch generated again after a crash
+    path = tmp_path / "out.jsonl"
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    assert completed_prompts(path, num_samples=1) == {"a"}
+    ((line, number),) = read_completions(path).values()
+    assert number == 1 and line["messages"][0]["content"] == "x\u2028y"  # the first line wins

@@ -9,9 +9,8 @@ rounds). A killed fit resumes at its round and batch: the rounds before are not 
 stopped in is read back from its file, which is first completed if the kill cut its generation short
 (by the weights and seeds that began it, which an exact resume restores).
 
-Lightning fetches one training batch ahead, so a round's first batch, and with it the round's
-sampling, is fetched when the previous round's last step starts: the student that samples round r has
-trained on all of round r - 1 but its last batch.
+A round is sampled when its first batch is fetched, after the previous round's last optimizer step:
+the student that samples round r has trained on all of round r - 1 (the log says at which step).
 
 The completions are stored as text and encoded again: the teachers and the student's update read the
 same tokens, which a tokenizer may split differently from how the student sampled them.
@@ -46,8 +45,8 @@ if TYPE_CHECKING:
 @dataclass
 class Rounds:
     """What each round samples: ``prompts_per_round`` prompts of the data module's ``train_files`` (prompt
-    records: ``question``, ``messages`` or ``prompt``, as RL reads them), ``num_generations`` completions
-    each."""
+    records: ``question``, ``messages`` or ``prompt``, as RL reads them; or SFT records with
+    ``responses``), ``num_generations`` completions each."""
 
     num_rounds: int
     """Rounds per epoch."""
@@ -65,6 +64,9 @@ class Rounds:
     """Longer prompts are dropped and counted."""
     seed: int = 0
     """Seed of the rounds' prompt order and of the sampling."""
+    responses: bool = False
+    """``train_files`` are SFT records (any format): each one's last turn, an answer, is left out and
+    the turns before it are the prompt the student answers."""
     directory: str | None = None
     """Where the rounds' completions are written (default: ``<cache_dir>/rounds``)."""
 
@@ -95,6 +97,8 @@ class RoundSamples:
             stop_tokens=data.stop_tokens,
             add_eot_to_stop_tokens=data.add_eot_to_stop_tokens,
             max_prompt_length=rounds.max_prompt_length,
+            responses=rounds.responses,
+            max_response_length=data.max_seq_length,  # unused: the student answers
             batch_size=rounds.generation_batch_size,
             seed=rounds.seed,
         )
@@ -148,6 +152,7 @@ class RoundSamples:
         check_settings(path, settings)
         done = completed_prompts(path, rounds.num_generations)
         pending = [p for p in prompts if p.sha not in done]
+        step = self.data.trainer.global_step if self.data.trainer else 0
         if pending:
             write_completions(
                 path, policy, self.prompts, pending, rounds.sampling, rounds.num_generations,
@@ -168,7 +173,8 @@ class RoundSamples:
         stopped = sum(lines[(p.sha, s)][0]["stopped"] for p in prompts for s in range(rounds.num_generations))
         rank_zero_info(
             f"[distill] round {index}: {len(samples)} completions of {len(prompts)} prompts on rank {rank} "
-            f"({len(samples) - len(pending) * rounds.num_generations} read back from {path}), "
+            f"(sampled at step {step}: {len(pending) * rounds.num_generations}, read back from {path}: "
+            f"{len(samples) - len(pending) * rounds.num_generations}), "
             f"{stopped / len(samples):.0%} stopped, {sum(trainable) / len(samples):.1f} tokens trained each"
         )
         return samples
