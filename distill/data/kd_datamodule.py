@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import uuid
 from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
@@ -115,6 +116,7 @@ class KDDataModule(DataModule):
         super().__init__(**kwargs)
         self.rounds = rounds
         self._round_samples: RoundSamples | None = None
+        self.rounds_run: str | None = None  # names this fit's rounds; checkpointed, so a resume keeps it
         self.teachers = teachers
         self.teacher = TeacherModule(
             teachers,
@@ -205,8 +207,9 @@ class KDDataModule(DataModule):
 
     def setup_rounds(self) -> None:
         """Read the rounds' prompts and check that one round's targets fit the disk budget."""
-        directory = Path(self.rounds.directory) if self.rounds.directory else self.cache_dir / "rounds"
-        self._round_samples = RoundSamples(self.rounds, self, directory)
+        self._round_samples = RoundSamples(self.rounds, self)
+        run = uuid.uuid4().hex[:12]
+        self.rounds_run = self.trainer.strategy.broadcast(run) if self.trainer else run
         positions = self._round_samples.per_rank(self._world_size) * (self.rounds.max_new_tokens + 1)
         needs = positions * bytes_per_position_bound(self.spec)
         if self.cache_size_gb is not None and self.chunk_budget < needs:
@@ -217,15 +220,33 @@ class KDDataModule(DataModule):
         rank_zero_info(
             f"[distill] on-policy rounds: {self.rounds.num_rounds} per epoch, "
             f"{self.rounds.prompts_per_round} prompts x {self.rounds.num_generations} completions each, "
-            f"written to {directory}"
+            f"written under {self.rounds_directory.parent}"
         )
+
+    @property
+    def rounds_directory(self) -> Path:
+        """Where this fit's rounds are written: a new fit's own directory, a resumed fit's earlier one."""
+        base = Path(self.rounds.directory) if self.rounds.directory else self.cache_dir / "rounds"
+        return base / f"run-{self.rounds_run}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds_run": self.rounds_run} if self.rounds is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed fit reads back the rounds its first part sampled (Lightning restores this after
+        ``setup``, before the first batch)."""
+        if self.rounds is not None and state.get("rounds_run"):
+            self.rounds_run = state["rounds_run"]
 
     def round_samples(self, index: int) -> list[Encoded]:
         """Round ``index``'s samples of this rank, sampled by the student being trained."""
         strategy = self.trainer.strategy
         synced = isinstance(strategy, FSDPStrategy) or zero3(strategy)  # all ranks step the sharded model
         policy = self.trainer.lightning_module.model
-        return self._round_samples.samples(index, policy, self._rank, self._world_size, synced)
+        return self._round_samples.samples(
+            self.rounds_directory, index, policy,
+            rank=self._rank, world_size=self._world_size, synced=synced, step=self.trainer.global_step,
+        )  # fmt: skip
 
     def sync_and_collect(self, splits: list[tuple[str, list[Encoded]]]) -> int:
         """Rank 0 syncs the caches holding their writer locks until every rank has collected what its

@@ -1,13 +1,15 @@
 """On-policy rounds through the teacher cache, for a teacher too large to sit beside the student.
 
 Round r: the student, as it is when the round starts, samples completions of the round's prompts into
-``<directory>/round-<r>/rank<k>.jsonl`` (the ``generate`` command's SFT-ready lines, flushed batch by
-batch); those conversations are encoded as SFT samples; the cache collection fills the chunk cache with
-the teachers' targets of exactly those samples (crash safe, under the disk budget); the student trains
-on them; the chunk is purged. One epoch is ``num_rounds`` rounds (later epochs continue with new
-rounds). A killed fit resumes at its round and batch: the rounds before are not touched, the round it
-stopped in is read back from its file, which is first completed if the kill cut its generation short
-(by the weights and seeds that began it, which an exact resume restores).
+``<directory>/<run>/round-<r>/rank<k>.jsonl`` (the ``generate`` command's SFT-ready lines, flushed
+batch by batch; ``run`` names the fit and a resumed fit keeps it, so a new fit never reads rounds an
+earlier one sampled with other weights); those conversations are encoded as SFT samples; the cache
+collection fills the chunk cache with the teachers' targets of exactly those samples (crash safe,
+under the disk budget); the student trains on them; the chunk is purged. One epoch is ``num_rounds``
+rounds (later epochs continue with new rounds). A killed fit resumes at its round and batch: the
+rounds before are not touched, the round it stopped in is read back from its file, which is first
+completed if the kill cut its generation short (by the weights and seeds that began it, which an
+exact resume restores).
 
 A round is sampled when its first batch is fetched, after the previous round's last optimizer step:
 the student that samples round r has trained on all of round r - 1 (the log says at which step).
@@ -85,10 +87,9 @@ class Rounds:
 class RoundSamples:
     """A round's prompts, its completions (sampled, or read back), and those as training samples."""
 
-    def __init__(self, rounds: Rounds, data: KDDataModule, directory: Path) -> None:
+    def __init__(self, rounds: Rounds, data: KDDataModule) -> None:
         self.rounds = rounds
         self.data = data
-        self.directory = directory
         self.prompts = PromptDataModule(
             data.train_files,
             tokenizer=data.tokenizer_name,
@@ -131,16 +132,22 @@ class RoundSamples:
         start = index % rounds_per_pass * self.rounds.prompts_per_round
         return [pool[i] for i in order[start : start + take]][rank::world_size]
 
-    def path(self, index: int, rank: int) -> Path:
-        return self.directory / f"round-{index:05d}" / f"rank{rank:03d}.jsonl"
-
     def samples(
-        self, index: int, policy: nn.Module, rank: int, world_size: int, synced: bool
+        self,
+        directory: Path,
+        index: int,
+        policy: nn.Module,
+        *,
+        rank: int,
+        world_size: int,
+        synced: bool,
+        step: int,
     ) -> list[Encoded]:
-        """Round ``index``'s training samples: its completions sampled by ``policy`` where its file lacks
-        them, then read back in prompt order and encoded as SFT encodes them."""
+        """Round ``index``'s training samples: its completions sampled by ``policy`` (trained ``step``
+        steps) where its file in ``directory`` lacks them, then read back in prompt order and encoded
+        as SFT encodes them."""
         rounds, prompts = self.rounds, self.round_prompts(index, rank, world_size)
-        path = self.path(index, rank)
+        path = directory / f"round-{index:05d}" / f"rank{rank:03d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         settings = {
             "round": index,
@@ -152,7 +159,6 @@ class RoundSamples:
         check_settings(path, settings)
         done = completed_prompts(path, rounds.num_generations)
         pending = [p for p in prompts if p.sha not in done]
-        step = self.data.trainer.global_step if self.data.trainer else 0
         if pending:
             write_completions(
                 path, policy, self.prompts, pending, rounds.sampling, rounds.num_generations,
