@@ -1,15 +1,20 @@
 """Distillation regimes side by side: SFT vs offline cached KD vs on-policy KD, from the same student.
 
 The KD demo's student (configs/kd.yaml, 2.3M parameters) is first fine-tuned on the bundled
-conversations for ``--warmup`` steps (on-policy distillation starts from an SFT'd student, as in GKD);
+conversations for ``--warmup`` steps (on-policy distillation starts from an SFT'd student, as in GKD;
+after 150 steps this student's samples are still noise to the teacher, and on-policy KD then gains
+nothing over offline KD with the same loss);
 from that one checkpoint three runs of ``--steps`` steps each, with the same optimizer, schedule, batch
 size and seed:
 
 - ``sft``: cross-entropy on the dataset's responses (configs/kd.yaml's data, ``CrossEntropy``);
-- ``offline_kd``: configs/kd.yaml as it is (its fit collects the teacher's top-64 into the cache
-  before the first step: not timed);
+- ``offline_kd``: configs/kd.yaml as it is (forward KL, alpha 0.9; its fit collects the teacher's
+  top-64 into the cache before the first step: not timed);
+- ``offline_kd_same_loss``: the same, with on-policy's loss (JSD(0.5), alpha 1): the control that
+  separates the regime from the divergence;
 - ``onpolicy``: configs/kd_onpolicy.yaml as it is (GKD: JSD(0.5), half the batches sampled by the
   student, the teacher beside it);
+- ``onpolicy_pg``: the same with ``loss: reverse_kl_pg`` and ``lmbda: 1`` (the policy-gradient form);
 - ``rounds``: configs/examples/kd_onpolicy_rounds.yaml over configs/kd.yaml, on the same prompts: every
   4 steps the student answers 64 prompts, the teacher's top-64 of those answers is cached, trained on,
   purged (JSD(0.5) on the student's own answers only; sampling and collection are in its step time).
@@ -21,10 +26,10 @@ student's perplexity on the held-out responses. ``seconds_per_step_*``: the trai
 over its steps (no validation runs): data included, so the rounds' sampling and collection and the
 on-policy teacher's forward count; offline KD's collection before the first step does not.
 
-    python benchmarks/onpolicy.py [--warmup 150] [--steps 100] [--samples 4]
+    python benchmarks/onpolicy.py [--warmup 450] [--steps 100] [--samples 4]
 
-Last line: one JSON object with teacher_nll_{sft,offline_kd,onpolicy,rounds}, ppl_{...},
-seconds_per_step_{offline_kd,onpolicy,rounds} (and sft's).
+Last line: one JSON object with teacher_nll_<run>, ppl_<run> and seconds_per_step_<run> for every run
+above (and the starting point's teacher_nll_warm, ppl_warm).
 """
 
 from __future__ import annotations
@@ -143,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--warmup", type=int, default=150, help="SFT steps of the shared starting point")
+    parser.add_argument("--warmup", type=int, default=450, help="SFT steps of the shared starting point")
     parser.add_argument("--steps", type=int, default=100, help="steps of each regime")
     parser.add_argument("--samples", type=int, default=4, help="sampled answers per held-out prompt")
     args = parser.parse_args()
@@ -169,10 +174,19 @@ def main() -> None:
 
         configs = kd_and_sft_configs(tmp, args.steps)
         onpolicy = yaml.safe_load((ROOT / "configs" / "kd_onpolicy.yaml").read_text())
+        same_loss = yaml.safe_load(yaml.safe_dump(configs["kd"]))
+        objective = onpolicy["model"]["init_args"]["objective"]["init_args"]
+        same_loss["model"]["init_args"]["objective"]["init_args"].update(
+            loss=objective["loss"], beta=objective["beta"], alpha=1.0
+        )
+        pg = yaml.safe_load(yaml.safe_dump(onpolicy))
+        pg["model"]["init_args"]["objective"]["init_args"].update(loss="reverse_kl_pg", lmbda=1.0)
         runs = {
             "sft": configs["sft"],
             "offline_kd": configs["kd"],
+            "offline_kd_same_loss": same_loss,
             "onpolicy": onpolicy,
+            "onpolicy_pg": pg,
             "rounds": rounds_config(configs["kd"], args.steps),
         }
         for name, config in runs.items():
@@ -187,14 +201,16 @@ def main() -> None:
     )
     for name in ("warm", *runs):
         step = f", {seconds[name]:.3f} s/step" if name in seconds else ""
-        print(f"{name:>11}: teacher NLL of own samples {nll[name]:.3f}, held-out ppl {ppl[name]:.2f}{step}")
+        print(f"{name:>20}: teacher NLL of own samples {nll[name]:.3f}, held-out ppl {ppl[name]:.2f}{step}")
     print(f"on-policy vs offline KD: teacher NLL {nll['onpolicy'] - nll['offline_kd']:+.3f} nats/token")
+    print(f"on-policy vs offline KD with its loss: {nll['onpolicy'] - nll['offline_kd_same_loss']:+.3f}")
     result(
         {
             **{f"teacher_nll_{k}": round(v, 4) for k, v in nll.items()},
             **{f"ppl_{k}": round(v, 3) for k, v in ppl.items()},
             **{f"seconds_per_step_{k}": round(v, 4) for k, v in seconds.items()},
             "onpolicy_minus_offline_nll": round(nll["onpolicy"] - nll["offline_kd"], 4),
+            "onpolicy_minus_same_loss_nll": round(nll["onpolicy"] - nll["offline_kd_same_loss"], 4),
         }
     )
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from distill.data.resume import trained_position
+from distill.data.templates import ChatTemplate
 from distill.losses.kd import LOSSES, reverse_kl_policy_gradient
 from distill.objectives.base import Loss, LossInputs, Objective, token_log_probs
 from distill.objectives.kd import Distillation, store_targets, teacher_ce_names
@@ -154,7 +156,14 @@ class OnPolicyDistillation(Objective):
             synced=isinstance(strategy, FSDPStrategy) or zero3(strategy),
         )
 
-    def configure(self, tokenizer_id, stop_ids, pad_id: int, template, synced: bool = False) -> None:
+    def configure(
+        self,
+        tokenizer_id: str | None,
+        stop_ids: Sequence[int],
+        pad_id: int,
+        template: ChatTemplate | None,
+        synced: bool = False,
+    ) -> None:
         """What sampling and the teachers need to know (``setup`` reads it off a fit)."""
         self.teachers = OnlineTeachers(self.teacher_configs, self.online_k, tokenizer_id)
         self.stop_ids = list(stop_ids)
@@ -162,7 +171,7 @@ class OnPolicyDistillation(Objective):
         self.template = template
         self.synced = synced
 
-    def completion_source(self, trainer) -> str:
+    def completion_source(self, trainer: Any) -> str:
         """``student``, ``teacher`` or ``dataset``: where this batch's completions come from."""
         if not trainer.training:
             return "student" if self.lmbda > 0 else "dataset"
