@@ -11,7 +11,10 @@ size and seed:
 - ``offline_kd``: configs/kd.yaml as it is (forward KL, alpha 0.9; its fit collects the teacher's
   top-64 into the cache before the first step: not timed);
 - ``offline_kd_same_loss``: the same, with on-policy's loss (JSD(0.5), alpha 1): the control that
-  separates the regime from the divergence;
+  separates the regime from the divergence (it trains every assistant turn of every conversation);
+- ``offline_same_prompts``: configs/kd_onpolicy.yaml with ``lmbda: 0``: KD with on-policy's loss on the
+  dataset's answers to the very prompts on-policy samples from (the teacher in memory; the same loss
+  as cached KD, ``test_lmbda_zero_is_online_kd_on_the_datasets_responses``);
 - ``onpolicy``: configs/kd_onpolicy.yaml as it is (GKD: JSD(0.5), half the batches sampled by the
   student, the teacher beside it);
 - ``onpolicy_pg``: the same with ``loss: reverse_kl_pg`` and ``lmbda: 1`` (the policy-gradient form);
@@ -179,12 +182,15 @@ def main() -> None:
         same_loss["model"]["init_args"]["objective"]["init_args"].update(
             loss=objective["loss"], beta=objective["beta"], alpha=1.0
         )
+        same_prompts = yaml.safe_load(yaml.safe_dump(onpolicy))
+        same_prompts["model"]["init_args"]["objective"]["init_args"]["lmbda"] = 0.0
         pg = yaml.safe_load(yaml.safe_dump(onpolicy))
         pg["model"]["init_args"]["objective"]["init_args"].update(loss="reverse_kl_pg", lmbda=1.0)
         runs = {
             "sft": configs["sft"],
             "offline_kd": configs["kd"],
             "offline_kd_same_loss": same_loss,
+            "offline_same_prompts": same_prompts,
             "onpolicy": onpolicy,
             "onpolicy_pg": pg,
             "rounds": rounds_config(configs["kd"], args.steps),
@@ -204,6 +210,7 @@ def main() -> None:
         print(f"{name:>20}: teacher NLL of own samples {nll[name]:.3f}, held-out ppl {ppl[name]:.2f}{step}")
     print(f"on-policy vs offline KD: teacher NLL {nll['onpolicy'] - nll['offline_kd']:+.3f} nats/token")
     print(f"on-policy vs offline KD with its loss: {nll['onpolicy'] - nll['offline_kd_same_loss']:+.3f}")
+    print(f"on-policy vs offline on its prompts: {nll['onpolicy'] - nll['offline_same_prompts']:+.3f}")
     result(
         {
             **{f"teacher_nll_{k}": round(v, 4) for k, v in nll.items()},
@@ -211,6 +218,7 @@ def main() -> None:
             **{f"seconds_per_step_{k}": round(v, 4) for k, v in seconds.items()},
             "onpolicy_minus_offline_nll": round(nll["onpolicy"] - nll["offline_kd"], 4),
             "onpolicy_minus_same_loss_nll": round(nll["onpolicy"] - nll["offline_kd_same_loss"], 4),
+            "onpolicy_minus_same_prompts_nll": round(nll["onpolicy"] - nll["offline_same_prompts"], 4),
         }
     )
 
