@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -53,7 +52,7 @@ from distill.teacher.collect import (
     writer_locks,
 )
 from distill.teacher.module import Scheme, Teacher, TeacherModule
-from distill.train.sharding import zero3
+from distill.train.sharding import sharded
 
 
 class KDDataModule(DataModule):
@@ -240,8 +239,7 @@ class KDDataModule(DataModule):
 
     def round_samples(self, index: int) -> list[Encoded]:
         """Round ``index``'s samples of this rank, sampled by the student being trained."""
-        strategy = self.trainer.strategy
-        synced = isinstance(strategy, FSDPStrategy) or zero3(strategy)  # all ranks step the sharded model
+        synced = sharded(self.trainer.strategy)
         policy = self.trainer.lightning_module.model
         return self._round_samples.samples(
             self.rounds_directory, index, policy,

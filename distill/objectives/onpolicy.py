@@ -18,19 +18,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 
 from distill.data.resume import trained_position
 from distill.data.templates import ChatTemplate
 from distill.losses.kd import LOSSES, reverse_kl_policy_gradient
 from distill.objectives.base import Loss, LossInputs, Objective, token_log_probs
 from distill.objectives.kd import Distillation, store_targets, teacher_ce_names
-from distill.objectives.rollouts import sampling_seed
+from distill.objectives.rollouts import prompt_data, sampling_seed
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
 from distill.teacher.module import Teacher
 from distill.teacher.online import OnlineTeachers
-from distill.train.sharding import zero3
+from distill.train.sharding import sharded
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -134,26 +133,19 @@ class OnPolicyDistillation(Objective):
         return (*kd, *teacher_ce, "on_policy")
 
     def setup(self, student: StudentModule) -> None:
-        data = student.trainer.datamodule if student._trainer is not None else None
-        stop_ids = getattr(data, "generation_stop_ids", None)
-        if not stop_ids:
-            raise ValueError(
-                "on-policy distillation samples from prompts: use distill.data.PromptDataModule, which says "
-                "what generation stops on (generation_stop_ids)"
-            )
+        data = prompt_data(student, "on-policy distillation objectives")
         needs_responses = self.lmbda == 0.0 or (self.lmbda < 1.0 and not self.seq_kd)
         if needs_responses and not getattr(data, "responses", False):
             raise ValueError(
                 f"with lmbda {self.lmbda}{'' if self.seq_kd else ' and no seq_kd'}, batches train on the "
                 "dataset's responses: set data.responses: true (SFT files whose last turn is the response)"
             )
-        strategy = student.strategy
         self.configure(
             student.tokenizer_id,
-            stop_ids,
+            data.generation_stop_ids,
             data.pad_id,
             data.resolve_chat_template(),
-            synced=isinstance(strategy, FSDPStrategy) or zero3(strategy),
+            synced=sharded(student.strategy),
         )
 
     def configure(

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from distill.objectives.base import LossInputs, loss_inputs, sequence_log_probs, token_log_probs
 from distill.objectives.reference_store import ReferenceStore
-from distill.train.sharding import zero3
+from distill.train.sharding import sharded
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -62,8 +61,7 @@ class Reference:
             self.model = student.model_name
         self.dtype = self.dtype or student.dtype_name
         self.tokenizer = student.tokenizer
-        strategy = student.strategy
-        if self.kind == "model" and (isinstance(strategy, FSDPStrategy) or zero3(strategy)):
+        if self.kind == "model" and sharded(student.strategy):
             rank_zero_warn(
                 f"[distill] {owner}'s frozen reference is a whole copy of the model on every rank, not "
                 "sharded: with FSDP or ZeRO-3 use reference adapter (LoRA) or precomputed"

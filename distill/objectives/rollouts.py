@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -24,7 +23,7 @@ from distill.data.resume import trained_position
 from distill.rewards import names, score, weights
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
-from distill.train.sharding import zero3
+from distill.train.sharding import sharded
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -38,6 +37,17 @@ class Rollout:
     total: Tensor  # (S,) the weighted sum: what advantages are computed from
     prompts: list[str]  # (S,) each completion's prompt text
     texts: list[str]  # (S,) the decoded completions
+
+
+def prompt_data(student: StudentModule, who: str):
+    """The fit's data module, which must be one of prompts: it says what generation stops on."""
+    data = student.trainer.datamodule if student._trainer is not None else None
+    if not getattr(data, "generation_stop_ids", None):
+        raise ValueError(
+            f"{who} sample from prompts: use distill.data.PromptDataModule, which says what generation "
+            "stops on (generation_stop_ids)"
+        )
+    return data
 
 
 def sampling_seed(seed: int, trainer, shas: Sequence[str]) -> int:
@@ -73,17 +83,8 @@ class Rollouts:
         self.last: Rollout | None = None  # the latest training rollout, for the completion log
 
     def setup(self, student: StudentModule) -> None:
-        data = student.trainer.datamodule if student._trainer is not None else None
-        stop_ids = getattr(data, "generation_stop_ids", None)
-        if not stop_ids:
-            raise ValueError(
-                "RL objectives sample from prompts: use distill.data.PromptDataModule, which says what "
-                "generation stops on (generation_stop_ids)"
-            )
-        strategy = student.strategy
-        # sharded weights: a rank that stops early must keep joining the others' gathers
-        synced = isinstance(strategy, FSDPStrategy) or zero3(strategy)
-        self.configure(student.tokenizer, stop_ids, data.pad_id, synced)
+        data = prompt_data(student, "RL objectives")
+        self.configure(student.tokenizer, data.generation_stop_ids, data.pad_id, sharded(student.strategy))
 
     def configure(self, tokenizer, stop_ids: Sequence[int], pad_id: int, synced: bool = False) -> None:
         """What sampling needs to know of the tokenizer and the strategy (``setup`` reads them off a fit)."""

@@ -16,6 +16,12 @@ def zero3(strategy: Strategy | None) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
 
+def sharded(strategy: Strategy | None) -> bool:
+    """Whether the student's weights are sharded over the ranks (FSDP, ZeRO-3): every forward gathers
+    the shards from all ranks, so generation keeps each rank stepping until all are done."""
+    return isinstance(strategy, FSDPStrategy) or zero3(strategy)
+
+
 @contextmanager
 def transformers_zero3(strategy: Strategy | None) -> Iterator[None]:
     """Under DeepSpeed ZeRO-3, tell transformers that it builds into partitioned parameters.
