@@ -304,6 +304,18 @@ def token_inputs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tens
     return LossInputs(hidden, labels, sequence, hidden[-1:].detach(), head, batch)
 
 
+def objective_loss(objective, model: torch.nn.Module, batch: dict):
+    """``objective`` on a batch of rows through a causal LM's backbone and head, as the student runs it."""
+    from distill.objectives.base import loss_inputs
+
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).last_hidden_state
+    return objective(loss_inputs(hidden, model.get_output_embeddings(), batch))
+
+
 def preference_pair(i: int) -> dict:
     """A MedicalGPT-style pair: a right answer chosen, a wrong one rejected."""
     return {

@@ -20,7 +20,6 @@ from distill.data.prompt_datamodule import PromptDataModule
 from distill.data.templates import resolve_template
 from distill.losses.kd import reverse_kl_policy_gradient
 from distill.objectives import Distillation, OnPolicyDistillation
-from distill.objectives.base import loss_inputs
 from distill.teacher.module import Teacher
 from tests.helpers import (
     ROOT,
@@ -29,6 +28,7 @@ from tests.helpers import (
     check_killed_fit_resumes,
     conversation,
     logged_values,
+    objective_loss,
     save_tiny_teacher,
     with_last_checkpoint,
     write_jsonl,
@@ -93,15 +93,6 @@ def evaluating(model) -> SimpleNamespace:
     return SimpleNamespace(trainer=SimpleNamespace(training=False), model=model)
 
 
-def run_objective(objective, model, batch: dict):
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    ).last_hidden_state
-    return objective(loss_inputs(hidden, model.get_output_embeddings(), batch))
-
-
 def full_log_probs(model, batch: dict) -> torch.Tensor:
     """(N, V) log-softmax of full logits at every trained position, row after row."""
     logits = model(
@@ -140,7 +131,7 @@ def test_the_onpolicy_loss_and_gradient_equal_a_full_vocabulary_reference(studen
     assert engine.models == [student]  # the student sampled
     labels = batch["labels"][:, 1:]
     assert (labels != IGNORE_INDEX).sum(dim=1).tolist() == [5, 7]  # up to and including the stop token
-    out = run_objective(objective, student, batch)
+    out = objective_loss(objective, student, batch)
     (out.loss_sum / out.num_units).backward()
     got = gradients(student)
 
@@ -170,7 +161,7 @@ def test_the_policy_gradient_form_equals_a_naive_reference_with_teachers_mixed_b
     assert objective.metric_names == ("ce", "kd", "teacher_ce/t0", "teacher_ce/t1", "on_policy")
     batch = prompt_batch()
     objective.prepare(batch, evaluating(student))
-    out = run_objective(objective, student, batch)
+    out = objective_loss(objective, student, batch)
     out.loss_sum.backward()
     got = gradients(student)
 
@@ -232,14 +223,14 @@ def test_lmbda_zero_is_online_kd_on_the_datasets_responses(tmp_path, student, te
     online = Distillation(loss="jsd", beta=0.3, online=[teacher], online_k=16)
     online.setup(SimpleNamespace(tokenizer_id=str(TOKENIZER_DIR)))
     online.prepare(sft, None)
-    want = run_objective(online, student, sft)
+    want = objective_loss(online, student, sft)
 
     engine = FixedEngine(None)
     objective = OnPolicyDistillation([teacher], loss="jsd", beta=0.3, lmbda=0.0, online_k=16, engine=engine)
     objective.configure(str(TOKENIZER_DIR), data.generation_stop_ids, data.pad_id, template)
     training = SimpleNamespace(trainer=SimpleNamespace(training=True), model=student)
     objective.prepare(prompts, training)
-    got = run_objective(objective, student, prompts)
+    got = objective_loss(objective, student, prompts)
     assert engine.models == []  # nothing sampled
     assert got.num_units == want.num_units == sum(s.num_trainable for s in samples)
     assert_close(got.loss_sum, want.loss_sum, rtol=1e-4, atol=1e-5)

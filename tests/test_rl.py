@@ -27,6 +27,7 @@ from tests.helpers import (
     check_killed_fit_resumes,
     logged_values,
     losses_named,
+    objective_loss,
     save_tiny_teacher,
     with_last_checkpoint,
     write_jsonl,
@@ -76,15 +77,6 @@ def naive_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     rows = torch.arange(labels.shape[0])[:, None].expand_as(labels)
     return picked[mask], rows[mask]
-
-
-def objective_loss(objective, model, batch: dict):
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    ).last_hidden_state
-    return objective(loss_inputs(hidden, model.get_output_embeddings(), batch))
 
 
 def gradients(model) -> list[torch.Tensor]:
@@ -298,7 +290,6 @@ def test_the_completion_log_writes_a_wandb_table_or_jsonl_lines(tmp_path, policy
 
 def test_a_reward_model_from_the_rm_stage_scores_completions_as_it_was_trained(tmp_path, tiny_policy_dir):
     from distill.cli import run_cli
-    from distill.objectives.base import loss_inputs
     from distill.rewards import ModelReward
     from tests.helpers import preference_config, preference_pair
 

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -46,34 +47,37 @@ class EncodedPrompt:
     response_ids: list[int] | None = None  # the dataset's response, its end-of-turn included
 
 
+def padded(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """(B, L) token ids padded with ``pad_id`` (on the left: every sequence ends at the last column,
+    where generation starts) and the (B, L) bool mask of the tokens."""
+    width = max(len(ids) for ids in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[row, columns] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, columns] = True
+    return ids, mask
+
+
 class PromptCollator:
-    """Left-pads prompts into a batch, so every prompt ends at the last column, where generation starts."""
+    """Left-pads prompts into a batch, so every prompt ends at the last column, where generation starts;
+    the dataset's responses, where there are, right-padded beside them."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, prompts: Sequence[EncodedPrompt]) -> dict[str, Any]:
-        width = max(len(p.input_ids) for p in prompts)
-        prompt_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            n = len(prompt.input_ids)
-            prompt_ids[row, width - n :] = torch.tensor(prompt.input_ids, dtype=torch.long)
-            prompt_mask[row, width - n :] = 1
+        prompt_ids, prompt_mask = padded([p.input_ids for p in prompts], self.pad_id, left=True)
         keys = dict.fromkeys(key for p in prompts for key in p.fields)  # first-seen order
         responses = {}
         if prompts[0].response_ids is not None:
-            longest = max(len(p.response_ids) for p in prompts)
-            response_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
-            response_mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
-            for row, prompt in enumerate(prompts):
-                response_ids[row, : len(prompt.response_ids)] = torch.tensor(prompt.response_ids)
-                response_mask[row, : len(prompt.response_ids)] = True
+            response_ids, response_mask = padded([p.response_ids for p in prompts], self.pad_id)
             responses = {"response_ids": response_ids, "response_mask": response_mask}
         return {
             **responses,
             "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
+            "prompt_mask": prompt_mask.long(),
             "prompts": [p.text for p in prompts],
             "messages": [list(p.messages) for p in prompts],
             "fields": {key: [p.fields.get(key) for p in prompts] for key in keys},

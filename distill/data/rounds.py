@@ -166,17 +166,17 @@ class RoundSamples:
             )  # fmt: skip
         lines = read_completions(path)
         data = self.data
-        samples = []
+        samples, stopped = [], 0
         for prompt in prompts:
             for sample in range(rounds.num_generations):
                 line, number = lines[(prompt.sha, sample)]
                 record = Record(source=f"{path}:{number}", messages=tuple(line["messages"]))
                 encoded = encode_record(record, data.tokenizer, data.chat_template, True)
                 samples.append(truncate(encoded, data.max_seq_length, "right"))
+                stopped += line["stopped"]
         trainable = [s.num_trainable for s in samples]
         if not all(trainable):
             raise ValueError(f"{samples[trainable.index(0)].source}: a completion without a trainable token")
-        stopped = sum(lines[(p.sha, s)][0]["stopped"] for p in prompts for s in range(rounds.num_generations))
         rank_zero_info(
             f"[distill] round {index}: {len(samples)} completions of {len(prompts)} prompts on rank {rank} "
             f"(sampled at step {step}: {len(pending) * rounds.num_generations}, read back from {path}: "

@@ -182,27 +182,26 @@ def completed_prompts(path: Path, num_samples: int) -> set[str]:
         with open(path, "r+b") as file:
             file.truncate(keep)
         data = data[:keep]
-    counts: dict[str, int] = {}
+    lines = read_completions(path)
+    return {sha for sha, _ in lines if all((sha, sample) in lines for sample in range(num_samples))}
+
+
+def read_completions(path: Path) -> dict[tuple[str, int], tuple[dict, int]]:
+    """Each completion of ``path`` by (prompt SHA, sample number), with its line number; the first line
+    wins (a batch cut short by a crash is generated again after its surviving lines). A line that is not
+    a completion is an error naming it."""
+    lines: dict[tuple[str, int], tuple[dict, int]] = {}
     # \n only: str.splitlines() also cuts at U+2028 and friends, which a completion's JSON string may hold
-    for number, line in enumerate(data.decode("utf-8").split("\n")[:-1], start=1):
+    for number, text in enumerate(path.read_text(encoding="utf-8").split("\n")[:-1], start=1):
         try:
-            sha = json.loads(line)["prompt_sha"]
+            line = json.loads(text)
+            key = (line["prompt_sha"], line["sample"])
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(
                 f"{path}:{number}: not a completion line written by distill generate ({error}); "
                 "write to another output"
             ) from error
-        counts[sha] = counts.get(sha, 0) + 1
-    return {sha for sha, count in counts.items() if count >= num_samples}
-
-
-def read_completions(path: Path) -> dict[tuple[str, int], tuple[dict, int]]:
-    """Each completion of ``path`` by (prompt SHA, sample number), with its line number; the first line
-    wins (a batch cut short by a crash is generated again after its surviving lines)."""
-    lines: dict[tuple[str, int], tuple[dict, int]] = {}
-    for number, text in enumerate(path.read_text(encoding="utf-8").split("\n")[:-1], start=1):
-        line = json.loads(text)
-        lines.setdefault((line["prompt_sha"], line["sample"]), (line, number))
+        lines.setdefault(key, (line, number))
     return lines
 
 

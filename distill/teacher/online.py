@@ -13,8 +13,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from distill.data.batching import pad_token_id
+from distill.data.prompt_datamodule import padded
 from distill.data.templates import ChatTemplate
 from distill.rollout.completions import Completions, rollout_batch
 from distill.targets import SparseTargets
@@ -37,7 +39,7 @@ class OnlineTeachers:
         return self.module.vocab_size
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.module.tokenizer
 
     def models(self, device: torch.device) -> list[nn.Module]:
@@ -87,13 +89,7 @@ class OnlineTeachers:
         tokenizer = self.tokenizer
         texts = [template.render(tokenizer, list(m), generation_prompt=True) for m in messages]
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template renders the BOS
-        device = completions.ids.device
-        width = max(len(ids) for ids in encoded)
-        prompt_ids = torch.full((len(encoded), width), pad_token_id(tokenizer), dtype=torch.long)
-        prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            prompt_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            prompt_mask[row, width - len(ids) :] = 1
+        prompt_ids, prompt_mask = padded(encoded, pad_token_id(tokenizer), left=True)
         ids = completions.ids
         theirs, ours = end_of_turn_id(tokenizer, template), end_of_turn_id(tokenizer, student_template)
         merge = None
@@ -101,4 +97,5 @@ class OnlineTeachers:
             ids = torch.where(completions.mask & (ids == ours), theirs, ids)
             merge = (theirs, ours)
         completions = Completions(ids, completions.mask, completions.stopped)
-        return rollout_batch(prompt_ids.to(device), prompt_mask.to(device), completions), merge
+        device = ids.device
+        return rollout_batch(prompt_ids.to(device), prompt_mask.long().to(device), completions), merge
