@@ -1,5 +1,5 @@
-"""LightningDataModule: JSON/JSONL files -> encoded samples (tokenized once, then memory-mapped from
-the tokenized-data cache) -> (packed) batches."""
+"""LightningDataModule: JSON/JSONL/parquet/arrow/csv files or a Hugging Face dataset -> encoded samples
+(tokenized once, then memory-mapped from the tokenized-data cache) -> (packed) batches."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from distill.data.encoding import (
     Truncation,
     check_some_trainable,
 )
-from distill.data.formats import Format, Record, as_list, find_files, read_records, split_held_out
+from distill.data.formats import Format, Record, Source, find_files, read_records, split_held_out
+from distill.data.hf_datasets import DatasetSplit, split_sources
 from distill.data.resume import (
     ResumableLoader,
     ShuffledBatches,
@@ -52,9 +53,13 @@ class DataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_files: str | list[str],
+        train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         val_fraction: float = 0.0,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
         format: Format = "auto",
         tokenizer: str | None = None,
         template: str | None = None,
@@ -77,9 +82,17 @@ class DataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            train_files: JSON/JSONL files or directories of them (ShareGPT, messages, Alpaca or text records).
+            train_files: JSON/JSONL, parquet, arrow or csv files, or directories of them (ShareGPT,
+                messages, Alpaca or text records, detected per record or row).
             val_files: Validation files; when unset, ``val_fraction`` of the training records is held out.
-            val_fraction: Share of training records held out for validation when ``val_files`` is unset.
+            val_fraction: Share of training records held out for validation when neither ``val_files`` nor
+                ``val_split`` is set.
+            dataset_name: A Hugging Face dataset instead of files: a hub id, a directory written by
+                ``save_to_disk``, or a directory of data files ``datasets.load_dataset`` reads. When set,
+                ``train_files`` and ``val_files`` are not read (one flag overrides a config's files).
+            dataset_config: The dataset's config name, where it has several.
+            split: The dataset's training split.
+            val_split: The dataset's validation split (e.g. ``validation``); unset: ``val_fraction``.
             format: Record format, or ``auto`` to detect it per record.
             tokenizer: Tokenizer name or path (linked to ``model.tokenizer`` by the CLI).
             template: Chat template: ``chatml``, ``llama3``, ``alpaca``, ``mistral``, a Jinja string, or unset
@@ -92,10 +105,12 @@ class DataModule(L.LightningDataModule):
             max_seq_length: Maximum tokens per sample (and per packed row).
             truncation: Over-long samples: ``right`` keeps the start, ``left`` keeps the end, ``drop``.
             packing: Pack several samples per row; attention stays within each sample.
-            streaming: Read ``train_files`` (``{"text"}`` JSONL, ``.txt`` with one document per line) as a
-                stream, tokenized on the fly into full rows of ``max_seq_length`` tokens, sharded over
-                ranks and workers, endless (the fit ends at ``trainer.max_steps``) and resumable at the
-                exact row: pretraining corpora larger than memory. Validation reads ``val_files``.
+            streaming: Read ``train_files`` (``{"text"}`` JSONL, ``.txt`` with one document per line,
+                parquet/arrow/csv with a ``text`` column) or the ``dataset_name`` split (streamed by
+                ``datasets``) as a stream, tokenized on the fly into full rows of ``max_seq_length``
+                tokens, sharded over ranks and workers, endless (the fit ends at ``trainer.max_steps``)
+                and resumable at the exact row: pretraining corpora larger than memory. Validation reads
+                ``val_files`` or ``val_split``.
             batch_size: Rows per device per micro-batch.
             eval_batch_size: Rows per validation batch (default: ``batch_size``).
             num_workers: DataLoader worker processes.
@@ -111,12 +126,19 @@ class DataModule(L.LightningDataModule):
         if streaming and val_fraction > 0:
             raise ValueError(
                 "data.streaming reads train_files as a stream and holds nothing out: give the validation "
-                "documents as data.val_files and set data.val_fraction: 0"
+                "documents as data.val_files (or data.val_split) and set data.val_fraction: 0"
             )
+        self.train_sources, self.val_sources = split_sources(
+            train_files, val_files, dataset_name, dataset_config, split, val_split
+        )
         # the tokenizer is linked from the model's (which may leave it unset): logged there once
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train_files = train_files
         self.val_files = val_files
+        self.dataset_name = dataset_name
+        self.dataset_config = dataset_config
+        self.split = split
+        self.val_split = val_split
         self.val_fraction = val_fraction
         self.format = format
         self.tokenizer_name = tokenizer
@@ -158,9 +180,9 @@ class DataModule(L.LightningDataModule):
     def load_records(self) -> tuple[list[Record], list[Record]]:
         """Training and validation records, split and capped as configured (streaming: validation only,
         the corpus is never read whole)."""
-        train = self.read_files(self.train_files) if self.trains_on_files else []
-        if self.val_files:
-            val = self.read_files(self.val_files)
+        train = self.read_files(self.train_sources) if self.trains_on_files else []
+        if self.val_sources:
+            val = self.read_files(self.val_sources)
         elif self.val_fraction > 0:
             train, val = split_held_out(train, self.val_fraction, self.seed)
         else:
@@ -172,9 +194,9 @@ class DataModule(L.LightningDataModule):
         """Whether the training samples are the training files' records, encoded whole up front."""
         return not self.streaming
 
-    def read_files(self, files: str | list[str]) -> list[Record]:
-        """Every record of ``files`` in order."""
-        return read_records(as_list(files), self.format)
+    def read_files(self, files: list[Source]) -> list[Record]:
+        """Every record of ``files`` (files, directories, dataset splits) in order."""
+        return read_records(files, self.format)
 
     def template_for(self, records: list[Record]) -> ChatTemplate | None:
         """The chat template, resolved and checked once: only needed when some record is a conversation."""
@@ -209,16 +231,16 @@ class DataModule(L.LightningDataModule):
             "train_on_responses_only": self.train_on_responses_only,
         }
         if not self.trains_on_files:  # a stream (or sampled rounds): the training files are never encoded
-            if not self.val_files:
+            if not self.val_sources:
                 return {}
             return {
-                "val": {**common, "files": _file_identities(self.val_files), "take": self.max_eval_samples}
+                "val": {**common, "files": _file_identities(self.val_sources), "take": self.max_eval_samples}
             }
-        train = {**common, "files": _file_identities(self.train_files)}
-        if self.val_files:
+        train = {**common, "files": _file_identities(self.train_sources)}
+        if self.val_sources:
             return {
                 "train": {**train, "take": self.max_train_samples},
-                "val": {**common, "files": _file_identities(self.val_files), "take": self.max_eval_samples},
+                "val": {**common, "files": _file_identities(self.val_sources), "take": self.max_eval_samples},
             }
         if self.val_fraction <= 0:
             return {"train": {**train, "take": self.max_train_samples}}
@@ -331,7 +353,8 @@ class DataModule(L.LightningDataModule):
         self._set_up = True
 
     def _no_samples_message(self, records: int, stats: EncodingStats) -> str:
-        files = ", ".join(map(str, as_list(self.train_files)))
+        files = ", ".join(map(str, self.train_sources))
+        option = "dataset_name" if isinstance(self.train_sources[0], DatasetSplit) else "train_files"
         if not records:
             why = (
                 "no training records: the files are empty, or val_fraction / max_train_samples "
@@ -343,7 +366,7 @@ class DataModule(L.LightningDataModule):
                 f"max_seq_length={self.max_seq_length} (truncation '{self.truncation}'), "
                 f"{stats.dropped_no_trainable} without a trainable token"
             )
-        return f"nothing to train on in data.train_files ({files}): {why}. Add samples or fix the data"
+        return f"nothing to train on in data.{option} ({files}): {why}. Add samples or fix the data"
 
     @property
     def pad_id(self) -> int:
@@ -371,7 +394,7 @@ class DataModule(L.LightningDataModule):
         if self.streaming:
             require_max_steps(self.trainer.max_steps if self.trainer else None)
             stream = StreamingRows(
-                as_list(self.train_files),
+                self.train_sources,
                 self.tokenizer,
                 self.max_seq_length,
                 self.batch_size,
@@ -419,8 +442,11 @@ class DataModule(L.LightningDataModule):
         ]
 
 
-def _file_identities(files: str | list[str]) -> list[tuple[str, str]]:
-    """(resolved path, SHA-256 of the bytes) of every data file: any edit changes the cache key."""
+def _file_identities(sources: list[Source]) -> list:
+    """(resolved path, SHA-256 of the bytes) of every data file, and each dataset split's identity
+    (name, config, split, content fingerprint): any edit changes the cache key."""
     return [
-        (str(path.resolve()), file_digest(path)) for source in as_list(files) for path in find_files(source)
+        found.identity() if isinstance(found, DatasetSplit) else (str(found.resolve()), file_digest(found))
+        for source in sources
+        for found in find_files(source)
     ]

@@ -16,7 +16,9 @@ when there are several), trained like any response, so the model learns to call;
 ``observation``, OpenAI ``tool``/``function``) is a ``tool`` turn, context that is never trained on.
 The tools a record declares (``tools``: a list of schemas, or its JSON string) are context too: they
 open the system message as ``TOOLS_HEADER`` + their JSON, so the model sees what it may call.
-Files may start with a UTF-8 byte-order mark.
+Files may start with a UTF-8 byte-order mark. Parquet, arrow and csv files, and a split of a Hugging Face
+dataset (``hf_datasets.DatasetSplit``), are read row by row by ``distill.data.hf_datasets``; each row is
+normalised like a JSON object, and errors name it ``path, row 17`` (``dataset foo (split train), row 17``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, is_saved_dataset, table_rows
+
 Format = Literal["auto", "sharegpt", "messages", "alpaca", "text"]
 FORMATS: tuple[str, ...] = ("sharegpt", "messages", "alpaca", "text")
+DATA_SUFFIXES = (".json", ".jsonl", *TABLE_BUILDERS)
+Source = str | Path | DatasetSplit  # a file, a directory of files, or a dataset's split
 
 _SHAREGPT_ROLES = {
     "human": "user",
@@ -56,14 +62,14 @@ _TEXT_PARTS = {"text": "text", "refusal": "refusal"}
 
 
 class DataFormatError(ValueError):
-    """A record that cannot be read; the message names the file and line."""
+    """A record that cannot be read; the message names the file and line (a table's or dataset's row)."""
 
 
 @dataclass(frozen=True)
 class Record:
     """One training sample: either a conversation or a plain text, with where it came from."""
 
-    source: str  # "path:line" (JSONL) or "path[index]" (JSON array)
+    source: str  # "path:line" (JSONL), "path[index]" (JSON array) or "path, row index" (tables)
     messages: tuple[dict[str, str], ...] | None = None
     text: str | None = None
 
@@ -84,28 +90,32 @@ def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, lis
     return kept, [r for i, r in enumerate(records) if i in held_out]
 
 
-def as_list(files: str | Path | list[str | Path]) -> list[str | Path]:
+def as_list(files: Source | list[Source]) -> list[Source]:
     """One data source or several, as a list."""
-    return [files] if isinstance(files, (str, Path)) else list(files)
+    return [files] if isinstance(files, (str, Path, DatasetSplit)) else list(files)
 
 
-def find_files(source: str | Path) -> list[Path]:
-    """A file, or every ``*.json``/``*.jsonl`` below a directory, in a stable order."""
+def find_files(source: Source) -> list[Path | DatasetSplit]:
+    """A file, or every data file (``DATA_SUFFIXES``) below a directory, in a stable order; a dataset's
+    split is its own single source."""
+    if isinstance(source, DatasetSplit):
+        return [source]
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
+        if is_saved_dataset(path):  # its .json files are no records
+            raise FileNotFoundError(f"{path}: a dataset saved by save_to_disk: pass it as data.dataset_name")
+        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
         if not files:
-            raise FileNotFoundError(f"{path}: directory has no .json or .jsonl files")
+            raise FileNotFoundError(f"{path}: directory has no {', '.join(DATA_SUFFIXES)} files")
         return files
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file or directory")
     return [path]
 
 
-def read_records(sources: str | Path | list[str | Path], fmt: Format = "auto") -> list[Record]:
-    """Read every record of ``sources`` (files or directories) in order."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
+def read_records(sources: Source | list[Source], fmt: Format = "auto") -> list[Record]:
+    """Read every record of ``sources`` (files, directories or dataset splits) in order."""
+    sources = as_list(sources)
     records: list[Record] = []
     for source in sources:
         for path in find_files(source):
@@ -113,7 +123,11 @@ def read_records(sources: str | Path | list[str | Path], fmt: Format = "auto") -
     return records
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[object, str]]:
+def _iter_raw(path: Path | DatasetSplit) -> Iterator[tuple[object, str]]:
+    """Each raw record of a source with where it is."""
+    if isinstance(path, DatasetSplit) or path.suffix in TABLE_BUILDERS:
+        yield from table_rows(path)
+        return
     text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first record
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         # \n only: str.splitlines() would also cut at U+2028 and friends, valid inside a JSON string

@@ -24,14 +24,15 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from distill.data.formats import (
     DataFormatError,
+    Source,
     _iter_raw,
     _message_turn,
     _sharegpt_turn,
+    as_list,
     check_system_first,
     find_files,
     open_with_system,
@@ -102,11 +103,10 @@ class PairReadStats:
 
 
 def read_pair_records(
-    sources: str | Path | list[str | Path], fmt: PairFormat = "auto"
+    sources: Source | list[Source], fmt: PairFormat = "auto"
 ) -> tuple[list[PairRecord | UnpairedRecord], PairReadStats]:
-    """Read every pair or KTO record of ``sources`` (files or directories) in order."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
+    """Read every pair or KTO record of ``sources`` (files, directories or dataset splits) in order."""
+    sources = as_list(sources)
     records: list[PairRecord | UnpairedRecord] = []
     dropped: list[str] = []
     for source in sources:

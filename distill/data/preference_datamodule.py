@@ -17,6 +17,7 @@ from distill.data.batching import pack
 from distill.data.chunks import EncodedChunk
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
+from distill.data.formats import Source
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit_chunks
 from distill.data.pairs import PairFormat, PairRecord, UnpairedRecord, read_pair_records
 from distill.data.templates import ChatTemplate
@@ -45,8 +46,8 @@ class PreferenceDataModule(DataModule):
         super().__init__(format="auto", **kwargs)
         self.format = format
 
-    def read_files(self, files: str | list[str]) -> list[PairRecord | UnpairedRecord]:
-        records, _ = read_pair_records(files if isinstance(files, list) else [files], self.format)
+    def read_files(self, files: list[Source]) -> list[PairRecord | UnpairedRecord]:
+        records, _ = read_pair_records(files, self.format)
         return records
 
     def template_for(self, records: list) -> ChatTemplate:

@@ -22,7 +22,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.data.batching import EvalBatches, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, encode_messages
-from distill.data.formats import DataFormatError, as_list, split_held_out
+from distill.data.formats import DataFormatError, split_held_out
+from distill.data.hf_datasets import split_sources
 from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records, read_response_records
 from distill.data.resume import (
     ResumableLoader,
@@ -108,9 +109,13 @@ class RepeatedSteps(ShuffledBatches):
 class PromptDataModule(L.LightningDataModule):
     def __init__(
         self,
-        train_files: str | list[str],
+        train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         val_fraction: float = 0.0,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
         format: PromptFormat = "auto",
         tokenizer: str | None = None,
         template: str | None = None,
@@ -130,10 +135,18 @@ class PromptDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            train_files: JSON/JSONL files or directories of them (``question``, ``messages``/ShareGPT or
-                TRL ``prompt`` records); every key besides the prompt is kept for the reward functions.
+            train_files: JSON/JSONL, parquet, arrow or csv files or directories of them (``question``,
+                ``messages``/ShareGPT or TRL ``prompt`` records); every key besides the prompt is kept for
+                the reward functions.
             val_files: Validation files; when unset, ``val_fraction`` of the training prompts is held out.
-            val_fraction: Share of training prompts held out for validation when ``val_files`` is unset.
+            val_fraction: Share of training prompts held out for validation when neither ``val_files`` nor
+                ``val_split`` is set.
+            dataset_name: A Hugging Face dataset instead of files: a hub id, a directory written by
+                ``save_to_disk``, or a directory of data files ``datasets.load_dataset`` reads. When set,
+                ``train_files`` and ``val_files`` are not read.
+            dataset_config: The dataset's config name, where it has several.
+            split: The dataset's training split.
+            val_split: The dataset's validation split (e.g. ``validation``); unset: ``val_fraction``.
             format: Record format (``question``, ``messages``, ``prompt``), or ``auto`` to detect it per
                 record.
             tokenizer: Tokenizer name or path (linked to ``model.tokenizer`` by the CLI).
@@ -164,6 +177,13 @@ class PromptDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train_files = train_files
         self.val_files = val_files
+        self.dataset_name = dataset_name
+        self.dataset_config = dataset_config
+        self.split = split
+        self.val_split = val_split
+        self.train_sources, self.val_sources = split_sources(
+            train_files, val_files, dataset_name, dataset_config, split, val_split
+        )
         self.val_fraction = val_fraction
         self.format = format
         self.tokenizer_name = tokenizer
@@ -221,9 +241,9 @@ class PromptDataModule(L.LightningDataModule):
     def load_records(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """Training and validation records, split and capped as configured."""
         read = read_response_records if self.responses else lambda f: read_prompt_records(f, self.format)
-        train = read(as_list(self.train_files))
-        if self.val_files:
-            val = read(as_list(self.val_files))
+        train = read(self.train_sources)
+        if self.val_sources:
+            val = read(self.val_sources)
         elif self.val_fraction > 0:
             train, val = split_held_out(train, self.val_fraction, self.seed)
         else:
@@ -282,16 +302,17 @@ class PromptDataModule(L.LightningDataModule):
                 + f" (first: {dropped[0]})"
             )
         if not self.train:
-            files = ", ".join(map(str, as_list(self.train_files)))
+            files = ", ".join(map(str, self.train_sources))
             why = (
                 f"all {len(train_records)} were longer than max_prompt_length={self.max_prompt_length}"
                 if train_records
                 else f"val_fraction / max_train_samples (now {self.val_fraction} / "
                 f"{self.max_train_samples}) left none"
             )
-            raise ValueError(f"no training prompts in data.train_files ({files}): {why}")
+            option = "train_files" if self.dataset_name is None else "dataset_name"
+            raise ValueError(f"no training prompts in data.{option} ({files}): {why}")
         if val_records and not self.val:
-            files = ", ".join(map(str, as_list(self.val_files or self.train_files)))
+            files = ", ".join(map(str, self.val_sources or self.train_sources))
             raise ValueError(
                 f"no validation prompts from {files}: all {len(val_records)} were longer than "
                 f"max_prompt_length={self.max_prompt_length}"

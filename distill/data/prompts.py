@@ -21,11 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from distill.data.formats import (
     DataFormatError,
+    Source,
     _iter_raw,
     _message_turn,
     _sharegpt_turn,
@@ -70,14 +70,11 @@ class PromptRecord:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def read_prompt_records(
-    sources: str | Path | list[str | Path], fmt: PromptFormat = "auto"
-) -> list[PromptRecord]:
-    """Read every prompt record of ``sources`` (files or directories) in order."""
+def read_prompt_records(sources: Source | list[Source], fmt: PromptFormat = "auto") -> list[PromptRecord]:
+    """Read every prompt record of ``sources`` (files, directories or dataset splits) in order."""
     if fmt != "auto" and fmt not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; expected 'auto' or one of {PROMPT_FORMATS}")
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
+    sources = as_list(sources)
     if not sources:
         raise DataFormatError("no prompt files given")
     paths = [path for source in sources for path in find_files(source)]
@@ -87,7 +84,7 @@ def read_prompt_records(
     return records
 
 
-def read_response_records(sources: str | Path | list[str | Path]) -> list[PromptRecord]:
+def read_response_records(sources: Source | list[Source]) -> list[PromptRecord]:
     """SFT records as prompts with their responses: the last turn (an assistant's) is the response."""
     records = []
     for record in read_records(sources):

@@ -92,6 +92,9 @@ class RoundSamples:
         self.data = data
         self.prompts = PromptDataModule(
             data.train_files,
+            dataset_name=data.dataset_name,
+            dataset_config=data.dataset_config,
+            split=data.split,
             tokenizer=data.tokenizer_name,
             template=data.template_name,
             end_of_turn=data.end_of_turn,

@@ -2,11 +2,13 @@
 sharded over ranks x DataLoader workers, endless, resumable at the exact next row.
 
 Input: JSONL files of ``{"text": ...}`` records and ``.txt`` files (one document per non-empty line, its
-line break removed), or directories of them (every ``*.jsonl`` and ``*.txt`` below, in a stable order;
-``.json`` files there are ignored: a JSON array cannot be read line by line). Files are read line by line
-from a byte offset, never whole; a bad line stops the stream with ``DataFormatError`` naming
-``path:line``, as ``distill.data.formats`` does, and a conversation record is an error: streaming is for
-text corpora.
+line break removed), parquet, arrow and csv files with a ``text`` column (one document per row), or
+directories of them (every such file below, in a stable order; ``.json`` files there are ignored: a JSON
+array cannot be read line by line), or one split of a Hugging Face dataset (``hf_datasets.DatasetSplit``,
+streamed by ``datasets``). Line files are read line by line from a byte offset, tables and datasets
+Arrow batch by batch from a row, never whole; a bad line or row stops the stream with
+``DataFormatError`` naming ``path:line`` (``path, row 17``, ``dataset foo (split train), row 17``), as
+``distill.data.formats`` does, and a conversation record is an error: streaming is for text corpora.
 
 Sharding: the documents of a pass (every non-blank line of the files, taken in an order of the files
 drawn from (seed, pass)) are dealt round-robin, document ``i`` to shard ``i % (world_size *
@@ -25,8 +27,11 @@ Resume: each batch carries its shard's ``Cursor`` after it (``CURSOR_KEY``, popp
 ``StreamingLoader`` in the main process). The loader's ``state_dict`` holds each shard's cursor after the
 last batch the fit trained (``progress()``, not the last one pulled: Lightning and the workers fetch
 ahead), gathered from all ranks, since a checkpoint keeps rank 0's loader state only; ``load_state_dict``
-makes each worker seek its file to the byte offset and skip the tokens already trained. Another world
-size, worker count, ``max_length``, seed or file list is an error (the shards would differ).
+makes each worker seek its file to the byte offset (a table or dataset: to the row) and skip the tokens
+already trained. Another world size, worker count, ``max_length``, seed or file list (or dataset, config,
+split) is an error (the shards would differ). Resume is exact while the sources' content stays the same:
+a hub dataset is streamed at its newest revision, so one that changed between the runs would resume at
+the same row of other data; keep a local copy (``save_to_disk``) for a run that must resume exactly.
 
 Wiring, in ``DataModule``::
 
@@ -55,17 +60,21 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.data.encoding import IGNORE_INDEX
 from distill.data.formats import DataFormatError, detect_format, to_record
+from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, arrow_batches, row_at, row_where
 from distill.data.resume import epoch_rng, leave_sigterm_to_main
 
-SUFFIXES = (".jsonl", ".txt")
+LINE_SUFFIXES = (".jsonl", ".txt")
+SUFFIXES = (*LINE_SUFFIXES, *TABLE_BUILDERS)
+_TABLES = ", ".join(TABLE_BUILDERS)
 CURSOR_KEY = "stream_cursor"
 _BOM = b"\xef\xbb\xbf"
 
 
 class Cursor(NamedTuple):
     """Where a shard resumes: in pass ``pass_no``, the ``file``-th file of that pass's order at byte
-    ``offset``, which starts its line ``line + 1``; ``doc`` is the pass's index of the next document
-    from there, of which ``skip`` tokens were already trained."""
+    ``offset``, which starts its line ``line + 1`` (a table or dataset: at row ``offset``, and ``line`` is
+    the same); ``doc`` is the pass's index of the next document from there, of which ``skip`` tokens were
+    already trained."""
 
     pass_no: int = 0
     file: int = 0
@@ -75,20 +84,29 @@ class Cursor(NamedTuple):
     skip: int = 0
 
 
-def stream_files(sources: str | Path | list[str | Path]) -> list[Path]:
-    """The ``.jsonl`` and ``.txt`` files of ``sources`` (files, or directories searched recursively)."""
-    files: list[Path] = []
-    for source in [sources] if isinstance(sources, (str, Path)) else sources:
+Stream = Path | DatasetSplit
+
+
+def stream_files(sources: str | Stream | list[str | Stream]) -> list[Stream]:
+    """The ``SUFFIXES`` files of ``sources`` (files, or directories searched recursively) and their
+    dataset splits."""
+    files: list[Stream] = []
+    for source in [sources] if isinstance(sources, (str, Path, DatasetSplit)) else sources:
+        if isinstance(source, DatasetSplit):
+            files.append(source)
+            continue
         path = Path(source)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
             if not found:
-                raise FileNotFoundError(f"{path}: directory has no .jsonl or .txt files")
+                raise FileNotFoundError(f"{path}: directory has no .jsonl or .txt files (nor {_TABLES})")
             files += found
         elif not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file or directory")
         elif path.suffix not in SUFFIXES:
-            raise DataFormatError(f"{path}: streaming reads .jsonl and .txt files, line by line")
+            raise DataFormatError(
+                f"{path}: streaming reads .jsonl and .txt files, line by line, and {_TABLES} ones, row by row"
+            )
         else:
             files.append(path)
     return files
@@ -115,6 +133,11 @@ def document_text(raw: bytes, suffix: str, where: str) -> str:
         value = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    return record_text(value, where)
+
+
+def record_text(value: object, where: str) -> str:
+    """The text of a ``{"text"}`` record (a JSONL line's, a table row's)."""
     kind = detect_format(value) if isinstance(value, dict) else None
     if kind not in (None, "text"):
         raise DataFormatError(
@@ -167,19 +190,17 @@ class StreamingRows(IterableDataset):
             whole_pass, found = (first_file, offset) == (0, 0), False
             order = self.file_order(pass_no)
             for position in range(first_file, len(order)):
-                path = self.files[order[position]]
-                with path.open("rb", buffering=1 << 20) as handle:
-                    handle.seek(offset)
-                    for raw in handle:
-                        start = Cursor(pass_no, position, offset, line, doc)
-                        offset, line = offset + len(raw), line + 1
-                        content = raw.removeprefix(_BOM) if start.offset == 0 else raw
-                        if not content or content.isspace():
-                            continue
-                        doc += 1
-                        if start.doc % shards == shard:
-                            found, text = True, document_text(content, path.suffix, f"{path}:{line}")
-                            yield text, start, Cursor(pass_no, position, offset, line, doc)
+                source = self.files[order[position]]
+                units = _lines(source, offset, line) if _by_line(source) else _rows(source, offset)
+                for next_offset, next_line, read in units:
+                    start = Cursor(pass_no, position, offset, line, doc)
+                    offset, line = next_offset, next_line
+                    if read is None:  # a blank line
+                        continue
+                    doc += 1
+                    if start.doc % shards == shard:
+                        found = True
+                        yield read(), start, Cursor(pass_no, position, offset, line, doc)
                 offset = line = 0
             if whole_pass and not found:
                 raise ValueError(
@@ -277,7 +298,7 @@ class StreamingLoader(DataLoader):
     def layout(self) -> dict[str, Any]:
         """What the cursors mean something under: the shards, the row length, the files and their order."""
         stream = self.dataset
-        names = [path.name for path in stream.files]
+        names = [str(source) if isinstance(source, DatasetSplit) else source.name for source in stream.files]
         return {
             "seed": stream.seed,
             "world_size": stream.world_size,
@@ -337,6 +358,41 @@ class StreamingLoader(DataLoader):
         self._start = (state["batches"], self._local(cursors))
         self._trained = self._local(cursors)
         rank_zero_info(f"[distill] resuming the data stream after {state['batches']} batches")
+
+
+# (offset after the unit, line after it, reads its text; None: no document)
+Units = Iterator[tuple[int, int, Callable[[], str] | None]]
+
+
+def _by_line(source: Stream) -> bool:
+    return isinstance(source, Path) and source.suffix in LINE_SUFFIXES
+
+
+def _lines(path: Path, offset: int, line: int) -> Units:
+    """The lines of a ``.jsonl``/``.txt`` file from byte ``offset`` (line ``line + 1``) on; a line's text
+    is decoded only when its shard reads it."""
+    with path.open("rb", buffering=1 << 20) as handle:
+        handle.seek(offset)
+        for raw in handle:
+            content = raw.removeprefix(_BOM) if offset == 0 else raw
+            offset, line = offset + len(raw), line + 1
+            if not content or content.isspace():
+                yield offset, line, None
+            else:
+                yield offset, line, lambda c=content, n=line: document_text(c, path.suffix, f"{path}:{n}")
+
+
+def _rows(source: Stream, row: int) -> Units:
+    """The rows of a table file or a dataset split from row ``row`` on (``datasets`` streams them); a
+    row is turned into Python only when its shard reads it."""
+    for table in arrow_batches(source, row, streaming=True):
+        for index in range(table.num_rows):
+            row += 1
+            yield (
+                row,
+                row,
+                lambda t=table, i=index, n=row - 1: record_text(row_at(t, i), row_where(source, n)),
+            )
 
 
 def _init_worker(worker_id: int) -> None:
