@@ -34,6 +34,7 @@ from distill.objectives.rollouts import (
     token_log_probs_and_entropy,
 )
 from distill.rollout.engine import Sampling
+from distill.train.quantization import Quantization
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -57,6 +58,7 @@ class GRPO(Objective):
         reference: str = "auto",
         reference_model: str | None = None,
         reference_dtype: str | None = None,
+        reference_quantization: Quantization | None = None,
         seed: int = 0,
         chunk_size: int = 1024,
     ) -> None:
@@ -79,6 +81,8 @@ class GRPO(Objective):
             reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``; with beta > 0.
             reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
             reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
+                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
@@ -98,7 +102,13 @@ class GRPO(Objective):
         self.scale_rewards = scale_rewards
         self.normaliser = loss_normaliser
         self.unit = "token" if loss_normaliser == "dapo" else "completion"
-        self.reference = Reference(reference, reference_model, reference_dtype, chunk_size=chunk_size)
+        self.reference = Reference(
+            reference,
+            reference_model,
+            reference_dtype,
+            chunk_size=chunk_size,
+            quantization=reference_quantization,
+        )
         self.chunk_size = chunk_size
         self._stored: dict[tuple[str, ...], dict] = {}  # rollouts that later iterations reuse
 

@@ -19,6 +19,7 @@ from distill.data.pair_encoding import first_trainable
 from distill.losses.preference import kto, kto_kl_baseline
 from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
 from distill.objectives.reference import Reference, ReferenceKind, sequence_logps
+from distill.train.quantization import Quantization
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -40,6 +41,7 @@ class KTO(Objective):
         reference: ReferenceKind = "auto",
         reference_model: str | None = None,
         reference_dtype: str | None = None,
+        reference_quantization: Quantization | None = None,
         chunk_size: int = 1024,
     ) -> None:
         """
@@ -52,6 +54,8 @@ class KTO(Objective):
                 ``precomputed``: the mismatched completions change with every batch.
             reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
             reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
+                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         if reference == "precomputed":
@@ -63,7 +67,13 @@ class KTO(Objective):
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
-        self.reference = Reference(reference, reference_model, reference_dtype, chunk_size=chunk_size)
+        self.reference = Reference(
+            reference,
+            reference_model,
+            reference_dtype,
+            chunk_size=chunk_size,
+            quantization=reference_quantization,
+        )
         self.chunk_size = chunk_size
 
     def setup(self, student: StudentModule) -> None:

@@ -17,6 +17,7 @@ import torch
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
 from distill.objectives.base import Loss, LossInputs, Objective, require_pairs, sequence_log_probs
 from distill.objectives.reference import Reference, ReferenceKind
+from distill.train.quantization import Quantization
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -46,6 +47,7 @@ class Preference(Objective):
         reference: ReferenceKind = "auto",
         reference_model: str | None = None,
         reference_dtype: str | None = None,
+        reference_quantization: Quantization | None = None,
         reference_cache: str = "cache/reference",
         chunk_size: int = 1024,
     ) -> None:
@@ -64,6 +66,8 @@ class Preference(Objective):
                 ``auto`` (adapter when the student trains a LoRA adapter, else model).
             reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
             reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
+                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
             reference_cache: Directory of the precomputed reference log-probs.
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
@@ -79,7 +83,14 @@ class Preference(Objective):
         beta = beta if beta is not None else (2.0 if loss == "simpo" else 0.1)
         self.options = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
         self.sft_weight = sft_weight
-        self.reference = Reference(reference, reference_model, reference_dtype, reference_cache, chunk_size)
+        self.reference = Reference(
+            reference,
+            reference_model,
+            reference_dtype,
+            reference_cache,
+            chunk_size,
+            quantization=reference_quantization,
+        )
         self.chunk_size = chunk_size
 
     @property

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from distill.objectives.base import LossInputs, loss_inputs, sequence_log_probs, token_log_probs
 from distill.objectives.reference_store import ReferenceStore
+from distill.train.quantization import Quantization, check_quantization
 from distill.train.sharding import sharded
 
 if TYPE_CHECKING:
@@ -35,12 +36,15 @@ class Reference:
         dtype: str | None = None,
         cache: str = "cache/reference",
         chunk_size: int = 1024,
+        quantization: Quantization | None = None,
     ) -> None:
+        check_quantization(quantization, "objective.reference_quantization")
         self.kind = kind
         self.model = model
         self.dtype = dtype
         self.cache = cache
         self.chunk_size = chunk_size
+        self.quantization = quantization
         # a list keeps the frozen model out of the student's module tree
         self.frozen: list[nn.Module] = []
         self.stored: dict[str, np.ndarray] | None = None
@@ -52,6 +56,11 @@ class Reference:
             self.kind = "adapter" if has_adapter else "model"
         if self.kind == "adapter" and not has_adapter:
             raise ValueError(f"{owner} reference 'adapter' needs a LoRA student (model.lora)")
+        if self.kind == "adapter" and self.quantization is not None:
+            raise ValueError(
+                f"{owner} reference_quantization quantizes a frozen reference: the 'adapter' reference is "
+                "the student's own base; set reference: model or precomputed, or drop reference_quantization"
+            )
         if self.kind in ("model", "precomputed") and self.model is None:
             if student.model_name is None:
                 raise ValueError(
@@ -106,6 +115,8 @@ class Reference:
 
         trainer, data = student.trainer, student.trainer.datamodule
         identity = {"reference": model_identity(self.model), "dtype": self.dtype, "data": data.identity()}
+        if self.quantization is not None:  # absent otherwise: stores written before stay valid
+            identity["quantization"] = self.quantization.identity()
         store = ReferenceStore(self.cache, identity)
         rank, world = trainer.global_rank, trainer.world_size
         if not store.complete and not store.has_part(rank, world):
@@ -132,8 +143,12 @@ class Reference:
         if not self.frozen:
             from distill.train.model import load_causal_lm
 
-            model = load_causal_lm(self.model, None, self.tokenizer, self.dtype, role="reference")
-            self.frozen.append(model.to(device).eval().requires_grad_(False))
+            model = load_causal_lm(
+                self.model, None, self.tokenizer, self.dtype, "reference", self.quantization, device
+            )
+            if self.quantization is None:  # a quantized one is loaded onto the device, and stays there
+                model = model.to(device)
+            self.frozen.append(model.eval().requires_grad_(False))
         return self.frozen[0]
 
 

@@ -23,6 +23,7 @@ from distill.objectives.rollouts import (
     token_log_probs_and_entropy,
 )
 from distill.rollout.engine import Sampling
+from distill.train.quantization import Quantization
 
 if TYPE_CHECKING:
     from distill.train.student import StudentModule
@@ -43,6 +44,7 @@ class RLOO(Objective):
         reference: str = "auto",
         reference_model: str | None = None,
         reference_dtype: str | None = None,
+        reference_quantization: Quantization | None = None,
         seed: int = 0,
         chunk_size: int = 1024,
     ) -> None:
@@ -59,6 +61,8 @@ class RLOO(Objective):
             reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``; with beta > 0.
             reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
             reference_dtype: Weight dtype of the frozen reference (default: the student's).
+            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
+                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
@@ -68,7 +72,13 @@ class RLOO(Objective):
         self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
         self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
         self.beta = beta
-        self.reference = Reference(reference, reference_model, reference_dtype, chunk_size=chunk_size)
+        self.reference = Reference(
+            reference,
+            reference_model,
+            reference_dtype,
+            chunk_size=chunk_size,
+            quantization=reference_quantization,
+        )
         self.chunk_size = chunk_size
 
     @property

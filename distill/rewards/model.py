@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from distill.rewards.scoring import snake_case
+from distill.train.quantization import Quantization, check_quantization
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +30,7 @@ class ModelReward:
         device: str | None = None,
         weight: float = 1.0,
         name: str | None = None,
+        quantization: Quantization | None = None,
     ) -> None:
         """
         Args:
@@ -38,6 +40,8 @@ class ModelReward:
             device: Where the model runs (default: this process's CUDA device if any, else the CPU).
             weight: Weight of this reward in the total.
             name: Name in the logged metrics (default ``model_reward``).
+            quantization: Load the model with 8- or 4-bit bitsandbytes weights (a CUDA GPU and the
+                ``bnb`` extra; the score head stays unquantized).
         """
         if batch_size < 1 or max_length < 1:
             raise ValueError(
@@ -49,6 +53,10 @@ class ModelReward:
         self.device = device
         self.weight = weight
         self.name = name or snake_case(type(self).__name__)
+        check_quantization(quantization, f"{self.name} quantization")
+        if quantization is not None and device is not None and not device.startswith("cuda"):
+            raise ValueError(f"{self.name} quantization: bitsandbytes weights run on CUDA, not {device}")
+        self.quantization = quantization
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -60,8 +68,12 @@ class ModelReward:
             raise ValueError(f"ModelReward: the tokenizer at {self.path} has no chat template")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        device = self._device()
+        quantized = {}
+        if self.quantization is not None:  # loaded onto the device, where it stays
+            quantized = {"quantization_config": self.quantization.config(), "device_map": {"": device}}
         # "auto": the dtype the config names, float32 when it names none
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype="auto")
+        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype="auto", **quantized)
         if model.config.num_labels != 1:
             raise ValueError(f"ModelReward: {self.path} has {model.config.num_labels} labels, expected 1")
         config = model.config.get_text_config()
@@ -69,14 +81,17 @@ class ModelReward:
             # the classifier reads each row at its last token that is not the pad token (with pad = EOS
             # that skips a final EOS: the RM stage exports a tokenizer whose pad token is its own)
             config.pad_token_id = tokenizer.pad_token_id
-        if self.device is not None:
-            device = torch.device(self.device)
-        elif torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under DDP
-        else:
-            device = torch.device("cpu")
-        self.model = model.to(device).eval().requires_grad_(False)
+        if self.quantization is None:
+            model = model.to(device)
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under DDP
+        return torch.device("cpu")
 
     def texts(self, messages: Sequence[list[dict]], completions: Sequence[str]) -> list[str]:
         """Each conversation with its completion as the final assistant turn, rendered by the template."""

@@ -31,6 +31,7 @@ from distill.teacher.alignment import (
 )
 from distill.teacher.identity import model_identity
 from distill.train.model import load_causal_lm
+from distill.train.quantization import Quantization, check_quantization
 
 Scheme = Literal["topk", "sampled", "hybrid"]
 
@@ -53,6 +54,15 @@ class Teacher:
     each conversation in its format; its outputs are aligned to the student's positions by content."""
     end_of_turn: str | None = None
     """End-of-turn string of ``template``, when it cannot be inferred."""
+    quantization: Quantization | None = None
+    """Load ``model`` with 8- or 4-bit bitsandbytes weights (a CUDA GPU and the ``bnb`` extra). Its
+    distributions are the quantized model's: the cache keys them apart from the unquantized model's."""
+
+    def __post_init__(self) -> None:
+        owner = f"teacher {self.name or self.model or 'model_config'} quantization"
+        check_quantization(self.quantization, owner)
+        if self.quantization is not None and self.model is None:
+            raise ValueError(f"{owner}: quantized loading needs the teacher's model (a saved checkpoint)")
 
     @property
     def key(self) -> str:
@@ -224,6 +234,8 @@ class TeacherModule(L.LightningModule):
         ident = {"name": teacher.key, **model_identity(teacher.model, teacher.model_config)}
         if teacher.template is not None:  # absent otherwise: caches collected before stay valid
             ident["template"] = template_identity(teacher.template, teacher.end_of_turn)
+        if teacher.quantization is not None:  # likewise
+            ident["quantization"] = teacher.quantization.identity()
         return ident
 
     def teacher_template(self, index: int) -> ChatTemplate | None:
@@ -282,9 +294,17 @@ class TeacherModule(L.LightningModule):
             torch.cuda.empty_cache()
         teacher = self.teachers[index]
         model = load_causal_lm(
-            teacher.model, teacher.model_config, self.tokenizer, teacher.dtype, role=f"teacher {teacher.key}"
+            teacher.model,
+            teacher.model_config,
+            self.tokenizer,
+            teacher.dtype,
+            role=f"teacher {teacher.key}",
+            quantization=teacher.quantization,
+            device=self.device,
         )
-        model = model.to(self.device).eval().requires_grad_(False)
+        if teacher.quantization is None:  # a quantized one is loaded onto the device, and stays there
+            model = model.to(self.device)
+        model = model.eval().requires_grad_(False)
         self._loaded = (index, model)
         return model
 

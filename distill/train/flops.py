@@ -19,6 +19,7 @@ overestimate; sliding-window attention counts the whole sequence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -57,7 +58,7 @@ def model_shape(model: nn.Module) -> ModelShape:
     """The shape of a transformers causal LM (LoRA layers inside it count as body weights).
 
     Every 2-D weight but the embeddings' and the head's is a matmul weight; ZeRO-3's empty shards tell
-    their full shape in ``ds_shape``.
+    their full shape in ``ds_shape``, bitsandbytes' packed 4-bit ones in ``quant_state.shape``.
     """
     config = model.config.get_text_config()
     heads = config.num_attention_heads
@@ -84,8 +85,13 @@ def model_shape(model: nn.Module) -> ModelShape:
 
 
 def _shape(param: nn.Parameter) -> tuple[int, ...]:
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes' 4-bit weights are packed two per byte into (n / 2, 1)
+        return tuple(quant_state.shape)
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def _numel(param: nn.Parameter) -> int:
+    if getattr(param, "quant_state", None) is not None:
+        return math.prod(_shape(param))
     return int(getattr(param, "ds_numel", param.numel()))

@@ -1,5 +1,10 @@
 """``python -m distill merge``: fold a LoRA adapter into its base model and save a plain HF model (a
-causal LM, or a sequence classifier for a reward model's adapter)."""
+causal LM, or a sequence classifier for a reward model's adapter).
+
+A QLoRA adapter (trained on a base quantized at load time, ``model.quantization``) merges into its base
+loaded unquantized, in the base's own dtype, as MedicalGPT's merge does: folded into 4- or 8-bit weights,
+the adapter's small update would be rounded away. A base saved quantized is refused.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 
 from distill.train.model import load_causal_lm
 
@@ -47,6 +58,7 @@ def merge_adapter(
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    check_unquantized(base)
     merged = load_adapter(adapter_dir, base).merge_and_unload()
     inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
     tied = merged.config.tie_word_embeddings and outputs is not None  # a reward model has no LM head
@@ -64,6 +76,23 @@ def merge_adapter(
     return merged
 
 
+class QuantizedBase(ValueError):
+    """The base an adapter would be merged into is saved quantized."""
+
+
+def check_unquantized(base: str) -> None:
+    """Refuse a base whose config holds a ``quantization_config`` (a checkpoint saved quantized)."""
+    quantization = getattr(AutoConfig.from_pretrained(base), "quantization_config", None)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+    raise QuantizedBase(
+        f"the base {base} is saved quantized ({method} quantization_config in its config.json): merged into "
+        "quantized weights, the adapter's update would be rounded away; pass --base with the unquantized "
+        "model (the one it was quantized from)"
+    )
+
+
 def tokenizer_source(adapter_dir: Path, base: str) -> str | Path:
     """distill saves the tokenizer it trained with beside the adapter; otherwise the base's."""
     return adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
@@ -75,5 +104,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output", required=True, help="directory for the merged model")
     parser.add_argument("--base", default=None, help="base model name or path (default: from the adapter)")
     args = parser.parse_args(argv)
-    merge_adapter(args.adapter, args.output, args.base)
+    try:
+        merge_adapter(args.adapter, args.output, args.base)
+    except QuantizedBase as error:
+        parser.error(str(error))  # exit 2, the message alone
     print(f"merged {args.adapter} into {args.output}")

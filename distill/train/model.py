@@ -1,4 +1,4 @@
-"""Load or build a Hugging Face causal LM, optionally wrapped in a peft LoRA adapter."""
+"""Load or build a Hugging Face causal LM, optionally quantized or wrapped in a peft LoRA adapter."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.teacher.identity import check_embedding_rows
+from distill.train.quantization import Quantization
 
 
 @dataclass
@@ -36,14 +37,28 @@ def load_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     dtype: str | None = None,
     role: str = "student",
+    quantization: Quantization | None = None,
+    device: torch.device | str | int | None = None,
 ) -> PreTrainedModel:
     """From a hub name or local path, or built from a config dict (random init, for tests and demos).
 
     ``role``: a ``student`` whose embedding lacks rows for the tokenizer's tokens is resized (logged);
     any other (``teacher t1``, ``reference``) is an error, as its new rows would be random.
+    ``quantization``: bitsandbytes weights, loaded straight onto ``device`` (default: the current CUDA
+    device), where they stay (a quantized model cannot be moved or cast afterwards).
     """
     torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else dtype
-    if name_or_path is not None:
+    if quantization is not None:
+        if name_or_path is None:
+            raise ValueError(f"a quantized {role} loads from model (a saved checkpoint), not model_config")
+        placement = torch.cuda.current_device() if device is None else device
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            quantization_config=quantization.config(),
+            device_map={"": placement},
+        )
+    elif name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
     elif config is not None:
         config = dict(config)

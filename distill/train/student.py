@@ -17,9 +17,11 @@ from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
 from distill.train.optim import AdamW, weight_decay_groups
+from distill.train.quantization import Quantization, check_quantization, prepare_for_kbit_training
 from distill.train.sharding import (
     flat_parameters,
     shard_adapter_apart,
+    sharded,
     transformers_zero3,
     unpartitioned,
 )
@@ -42,6 +44,7 @@ class StudentModule(L.LightningModule):
         tokenizer: str | None = None,
         dtype: str | None = None,
         lora: LoraOptions | None = None,
+        quantization: Quantization | None = None,
         gradient_checkpointing: bool = False,
         objective: Objective | None = None,
         optimizer: OptimizerCallable = AdamW,
@@ -57,6 +60,8 @@ class StudentModule(L.LightningModule):
             dtype: Weight dtype when loading (``float32``, ``bfloat16``, ``auto``); mixed precision is
                 ``trainer.precision``'s job.
             lora: Train a LoRA adapter instead of all weights.
+            quantization: Load ``model`` with 8- or 4-bit bitsandbytes weights under the LoRA adapter
+                (QLoRA with ``load_in_4bit``); needs ``lora``, a CUDA GPU and the ``bnb`` extra.
             gradient_checkpointing: Recompute activations in backward to save memory.
             objective: What to minimise: ``distill.objectives.CrossEntropy`` (``pt``/``sft``, the default),
                 ``distill.objectives.Distillation`` (KD from cached or online teacher targets),
@@ -67,6 +72,17 @@ class StudentModule(L.LightningModule):
             lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
             warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
         """
+        check_quantization(quantization, "model.quantization")
+        if quantization is not None and lora is None:
+            raise ValueError(
+                "model.quantization: a quantized student trains through a LoRA adapter only (QLoRA): set "
+                "model.lora; bitsandbytes' 8- and 4-bit weights cannot be trained in full"
+            )
+        if quantization is not None and model is None:
+            raise ValueError(
+                "model.quantization: quantized loading needs model.model (a saved checkpoint to quantize); "
+                "a model built from model_config is not quantized"
+            )
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "optimizer"])
         self.model_name = model
@@ -75,6 +91,7 @@ class StudentModule(L.LightningModule):
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id) if self.tokenizer_id else None
         self.dtype_name = dtype
         self.lora = lora
+        self.quantization = quantization
         self.gradient_checkpointing = gradient_checkpointing
         self.objective = objective or CrossEntropy()
         self.optimizer_factory = optimizer
@@ -93,13 +110,28 @@ class StudentModule(L.LightningModule):
         if self.tokenizer is None:
             raise ValueError("set model.tokenizer: a model built from model_config needs a tokenizer")
         strategy = self.strategy
+        if self.quantization is not None and sharded(strategy):
+            raise ValueError(
+                "model.quantization: a quantized student cannot be sharded by FSDP or DeepSpeed ZeRO-3 here; "
+                "use DDP or deepspeed_stage2 (each rank holds the whole quantized base)"
+            )
         with transformers_zero3(strategy):
-            model = load_causal_lm(self.model_name, self.model_config, self.tokenizer, self.dtype_name)
+            model = load_causal_lm(
+                self.model_name,
+                self.model_config,
+                self.tokenizer,
+                self.dtype_name,
+                quantization=self.quantization,
+                device=strategy.root_device if strategy is not None else None,
+            )
         # from_pretrained returns a model in eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (LoRA's too) and gradient checkpointing would be off in training
         model.train()
-        if self.gradient_checkpointing:
+        if self.quantization is not None:  # enables gradient checkpointing itself, when asked
+            model = prepare_for_kbit_training(model, self.gradient_checkpointing)
+        elif self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.gradient_checkpointing:
             model.config.use_cache = False
         if self.lora is not None:
             with unpartitioned(strategy):
