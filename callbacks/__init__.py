@@ -5,6 +5,7 @@ from distill.callbacks.hf_export import HFExport
 from distill.callbacks.memory import PeakMemory
 from distill.callbacks.preemption import PreemptionCheckpoint
 from distill.callbacks.progress import LoopProgress
+from distill.callbacks.stage_results import StageResults
 from distill.callbacks.teacher_cache import TeacherCacheWriter
 from distill.callbacks.throughput import TokenThroughput
 
@@ -14,6 +15,7 @@ __all__ = [
     "LoopProgress",
     "PeakMemory",
     "PreemptionCheckpoint",
+    "StageResults",
     "TeacherCacheWriter",
     "TokenThroughput",
 ]

@@ -1,5 +1,5 @@
 """``python -m distill``: LightningCLI's fit/validate/test/predict, plus ``collect``, ``tokenize``,
-``inspect``, ``merge`` and ``cache stats``."""
+``inspect``, ``merge``, ``generate``, ``cache`` and ``pipeline``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distill
 from distill.callbacks import LoopProgress, PreemptionCheckpoint
+from distill.callbacks.hf_export import untrained_reason
 
 OWN_CODE = (Path(distill.__file__).parent, Path(distill.callbacks.__file__).parent)
 
@@ -64,6 +65,12 @@ class DistillCLI(LightningCLI):
             default=None,
             help="Like trainer.precision, plus 'auto': bf16-mixed if supported, else 16-mixed; 32 on CPU",
         )
+        parser.add_argument(
+            "--validate_after_fit",
+            type=bool,
+            default=False,
+            help="Validate the final weights once fit ends (what a pipeline stage's eval_results.json holds)",
+        )
         # the student's (or teachers') tokenizer is the data's: configured once, on the model
         parser.link_arguments("model.tokenizer_id", "data.init_args.tokenizer", apply_on="instantiate")
         # in every run, not only in configs that list it: a pre-empted fit must never lose its steps
@@ -76,6 +83,10 @@ class DistillCLI(LightningCLI):
         if config.get("precision") is not None:
             config.trainer.precision = resolve_precision(config.precision)
             rank_zero_info(f"[distill] precision: {config.trainer.precision}")
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("validate_after_fit") and untrained_reason(self.trainer) is None:
+            self.trainer.validate(self.model, datamodule=self.datamodule)
 
     def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> L.Trainer:
         # Lightning takes one progress bar: none if enable_progress_bar is false, the config's if it lists one
@@ -122,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         from distill.rollout.generate import main as generate_main
 
         return generate_main(args[1:])
+    if args and args[0] == "pipeline":
+        from distill.pipeline.runner import main as pipeline_main
+
+        return pipeline_main(args[1:])
     if args and args[0] == "cache":
         from distill.cache.cli import main as cache_main
 

@@ -33,15 +33,21 @@ class RankProbe(L.Callback):
 
 
 class KillAt(L.Callback):
-    """SIGKILLs the process when a training batch starts at ``step``: as a crash, no cleanup runs."""
+    """SIGKILLs the process when a training batch starts at ``step``: as a crash, no cleanup runs. With
+    ``once_marker``, only the first time (the file it creates marks that it has)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, once_marker: str | None = None) -> None:
         self.step = step
+        self.once_marker = Path(once_marker) if once_marker else None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
     ) -> None:
         if trainer.global_step == self.step:
+            if self.once_marker is not None:
+                if self.once_marker.exists():
+                    return
+                self.once_marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
 
 

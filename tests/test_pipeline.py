@@ -1,0 +1,312 @@
+"""``python -m distill pipeline``: stages chained through their exports and merges, skipped when complete,
+rerun from a changed stage, resumed after a kill; the stage files hold what they say."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from distill.pipeline.plan import plan
+from distill.pipeline.runner import launch_id, main, stage_key, wait_for
+from distill.pipeline.spec import PipelineError, read_pipeline
+from tests.helpers import (
+    ROOT,
+    TINY_LLAMA,
+    TOKENIZER_DIR,
+    clean_env,
+    conversation,
+    preference_pair,
+    run,
+    write_jsonl,
+)
+
+
+def stage_config(tmp_path, name: str, data: dict, model: dict, steps: int) -> str:
+    """A tiny CPU fit config: a checkpoint every step, logs and export in places the runner replaces."""
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": steps,
+            "log_every_n_steps": 1,
+            "val_check_interval": steps,
+            "check_val_every_n_epoch": None,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "x"}},
+            "callbacks": [
+                {"class_path": "distill.callbacks.HFExport", "init_args": {"dirpath": "elsewhere"}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": "elsewhere", "every_n_train_steps": 1, "save_top_k": 0},
+                },
+            ],
+        },
+        "model": {"class_path": "distill.StudentModule", "init_args": model},
+        "data": data,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def stage_configs(tmp_path) -> dict[str, str]:
+    """PT of a fresh tiny Llama on text, SFT with LoRA on conversations, DPO on pairs."""
+    texts = [
+        {"text": f"Document {i}: the number {i} follows {i - 1} and comes before {i + 1}."} for i in range(40)
+    ]
+    text = write_jsonl(tmp_path / "text.jsonl", texts)
+    chats = write_jsonl(tmp_path / "chat.jsonl", [conversation(i) for i in range(24)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [preference_pair(i) for i in range(16)])
+    optimizer = {"class_path": "distill.train.optim.AdamW", "init_args": {"lr": 0.01}}
+    common = {"batch_size": 4, "max_seq_length": 64, "val_fraction": 0.2}
+    return {
+        "pt": stage_config(
+            tmp_path,
+            "pt",
+            {
+                "class_path": "distill.DataModule",
+                "init_args": {"train_files": str(text), "packing": True, **common},
+            },
+            {"tokenizer": str(TOKENIZER_DIR), "model_config": TINY_LLAMA, "optimizer": optimizer},
+            steps=4,
+        ),
+        "sft": stage_config(
+            tmp_path,
+            "sft",
+            {
+                "class_path": "distill.DataModule",
+                "init_args": {"train_files": str(chats), "template": "mistral", **common},
+            },
+            {
+                "model": "replaced-by-the-runner",
+                "optimizer": optimizer,
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            },
+            steps=6,
+        ),
+        "dpo": stage_config(
+            tmp_path,
+            "dpo",
+            {
+                "class_path": "distill.PreferenceDataModule",
+                "init_args": {"train_files": str(pairs), **common},
+            },
+            {
+                "model": "replaced-by-the-runner",
+                "optimizer": {"class_path": "distill.train.optim.AdamW", "init_args": {"lr": 0.001}},
+                "objective": {"class_path": "distill.objectives.Preference", "init_args": {"beta": 0.1}},
+            },
+            steps=2,
+        ),
+    }
+
+
+def write_pipeline(path, output_dir, configs: dict[str, str], overrides: dict | None = None) -> str:
+    overrides = overrides or {}
+    stages = [{"name": n, "config": c, "overrides": overrides.get(n, {})} for n, c in configs.items()]
+    path.write_text(yaml.safe_dump({"output_dir": str(output_dir), "stages": stages}))
+    return str(path)
+
+
+def run_pipeline(pipeline: str, *extra: str, check: bool = True):
+    return run(["pipeline", "--config", pipeline, *extra], clean_env(), check=check)
+
+
+def marker(stage_dir) -> dict:
+    return json.loads((stage_dir / "complete.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A three-stage pipeline run once to its end."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    configs = stage_configs(tmp_path)
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml", tmp_path / "out", configs)
+    result = run_pipeline(pipeline)
+    return tmp_path, configs, pipeline, result
+
+
+def test_stages_chain_through_exports_and_the_merge(finished):
+    from transformers import AutoModelForCausalLM
+
+    from distill.train.merge import load_adapter
+
+    tmp_path, _, _, _ = finished
+    out = tmp_path / "out"
+    configs = {
+        name: yaml.safe_load((out / name / "config.yaml").read_text()) for name in ("pt", "sft", "dpo")
+    }
+    assert configs["sft"]["model"]["init_args"]["model"] == str(out / "pt" / "model")
+    assert configs["sft"]["model"]["init_args"]["model_config"] is None
+    # the LoRA stage's adapter was merged, and the merged model is what DPO trains and refers to
+    assert configs["dpo"]["model"]["init_args"]["model"] == str(out / "sft" / "merged")
+    assert configs["dpo"]["model"]["init_args"]["objective"]["init_args"]["reference_model"] is None
+    assert (out / "sft" / "model" / "adapter_config.json").is_file()
+    ids = torch.tensor([[1, 415, 2188, 349, 264, 1369, 28723, 2]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "sft" / "merged").eval()
+    adapter = load_adapter(out / "sft" / "model").eval()
+    with torch.no_grad():
+        want, got = adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()
+    # the merge changed something: the adapter over its base is not the PT model
+    base = AutoModelForCausalLM.from_pretrained(out / "pt" / "model").eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, got, atol=1e-4)
+
+
+def test_stage_files_hold_what_they_say(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp_path, _, _, _ = finished
+    steps = {"pt": 4, "sft": 6, "dpo": 2}
+    for name, max_steps in steps.items():
+        stage = tmp_path / "out" / name
+        train = json.loads((stage / "train_results.json").read_text())
+        assert train["global_step"] == max_steps
+        assert max_steps <= train["train_samples"] <= 4 * max_steps  # rows: up to batch_size 4 a step
+        assert train["train_runtime"] > 0 and train["train_tokens_per_second"] > 0
+        evaluated = json.loads((stage / "eval_results.json").read_text())
+        assert evaluated["step"] == max_steps and evaluated["eval_samples"] > 0
+        assert evaluated["eval_samples_per_second"] > 0 and evaluated["eval_tokens_per_second"] > 0
+        history = json.loads((stage / "trainer_state.json").read_text())["log_history"]
+        logged = [entry for entry in history if "loss" in entry]
+        assert [entry["step"] for entry in logged] == list(range(1, max_steps + 1))
+        assert all(entry["learning_rate"] >= 0 for entry in logged)
+        assert abs(train["train_loss"] - sum(e["loss"] for e in logged) / max_steps) < 1e-5
+        assert history[-1]["step"] == max_steps and "eval_loss" in history[-1]
+        assert (stage / "checkpoints" / "last.ckpt").is_file()
+        events = EventAccumulator(str(stage / "logs"))
+        events.Reload()
+        assert "train/loss" in events.Tags()["scalars"]
+        assert marker(stage)["model"] == str(stage / ("merged" if name == "sft" else "model"))
+    for name in ("pt", "sft"):  # token objectives: perplexity is exp of the evaluation's cross-entropy
+        evaluated = json.loads((tmp_path / "out" / name / "eval_results.json").read_text())
+        assert math.isclose(evaluated["perplexity"], math.exp(evaluated["eval_loss"]), rel_tol=1e-4)
+    assert "perplexity" not in json.loads((tmp_path / "out" / "dpo" / "eval_results.json").read_text())
+    assert "eval_rewards_accuracies" in json.loads(
+        (tmp_path / "out" / "dpo" / "eval_results.json").read_text()
+    )
+
+
+def pipeline_main(args: list[str], capsys) -> tuple[int, str, str]:
+    """``python -m distill pipeline`` in this process (no fit runs in it): exit code, stdout, stderr."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, monkeypatch, capsys):
+    tmp_path, configs, pipeline, _ = finished
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    before = {name: marker(out / name)["run_id"] for name in configs}
+    code, _, err = pipeline_main(["--config", pipeline], capsys)
+    assert code == 0 and all(f"{name}: complete" in err for name in configs), err[-2000:]
+    assert "distill fit" not in err
+    assert {name: marker(out / name)["run_id"] for name in configs} == before
+
+    # SFT changed (and killed at its step 3, once): --dry_run says it and DPO would run, writing nothing
+    kill = {
+        "class_path": "tests.probes.KillAt",
+        "init_args": {"step": 3, "once_marker": str(tmp_path / "killed")},
+    }
+    changed = write_pipeline(
+        tmp_path / "changed.yaml",
+        out,
+        configs,
+        {"sft": {"model.init_args.lora.r": 2, "trainer.max_steps": 5, "trainer.callbacks+": kill}},
+    )
+    code, plan_text, _ = pipeline_main(["--config", changed, "--dry_run"], capsys)
+    assert code == 0
+    assert (
+        "1. pt: complete, skipped" in plan_text
+        and "2. sft: runs" in plan_text
+        and "3. dpo: runs" in plan_text
+    )
+    assert {name: marker(out / name)["run_id"] for name in configs} == before
+    # --stages dpo alone cannot run on the stale SFT
+    code, _, err = pipeline_main(["--config", changed, "--stages", "dpo"], capsys)
+    assert code == 2 and "needs stage sft" in err
+
+    killed = run_pipeline(changed, check=False)
+    assert "pt: complete" in killed.stderr and "starting it afresh" in killed.stderr
+    assert killed.returncode == 2 and "stage sft failed (exit -9)" in killed.stderr, killed.stderr[-2000:]
+    sft = out / "sft"
+    assert not (sft / "complete.json").exists() and (sft / "checkpoints" / "last.ckpt").is_file()
+    assert marker(out / "dpo")["run_id"] == before["dpo"]  # not run yet, and stale: its key has changed
+
+    resumed = run_pipeline(changed)
+    assert "pt: complete" in resumed.stderr
+    assert f"sft: resuming from {sft / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
+    history = json.loads((sft / "trainer_state.json").read_text())["log_history"]
+    # the history came back with the checkpoint: steps 1-2 from the killed process, 3-5 from this one
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5]
+    assert json.loads((sft / "train_results.json").read_text())["global_step"] == 5
+    assert json.loads((sft / "model" / "adapter_config.json").read_text())["r"] == 2
+    after = {name: marker(out / name)["run_id"] for name in configs}
+    assert after["pt"] == before["pt"] and after["sft"] != before["sft"] and after["dpo"] != before["dpo"]
+    dpo = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
+    assert dpo["model"]["init_args"]["model"] == str(sft / "merged")
+
+
+def test_pipeline_file_errors_name_the_file_and_stage(tmp_path):
+    config = str(ROOT / "configs" / "sft.yaml")
+
+    def refused(stages, message):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({"stages": stages}))
+        with pytest.raises(PipelineError, match=message):
+            read_pipeline(path)
+
+    refused([{"name": "a", "config": config, "lr": 1}], r"stage 1: unknown keys \['lr'\]")
+    refused([{"name": "a", "config": config}, {"name": "a", "config": config}], "two stages are named 'a'")
+    refused([{"name": "a", "config": "nope.yaml"}], "stage a: config nope.yaml does not exist")
+    refused(
+        [{"name": "a", "config": config, "model": "${stages.b.model}"}, {"name": "b", "config": config}],
+        r"stage a: \$\{stages.b...\} names no earlier stage",
+    )
+    refused([], "non-empty list under 'stages'")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "pipelines").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_pipeline_config_plans(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    pipeline = read_pipeline(path)
+    stages = plan(pipeline)
+    assert [s.name for s in stages] == [s.name for s in pipeline.stages]
+    for earlier, stage in itertools.pairwise(stages):
+        if not earlier.trains_reward_model and stage.spec.model == "auto":
+            assert stage.config["model"]["init_args"]["model"] == str(earlier.model)
+        callbacks = {c["class_path"]: c.get("init_args") for c in stage.config["trainer"]["callbacks"]}
+        assert callbacks["distill.callbacks.HFExport"]["dirpath"] == str(stage.export)
+        assert callbacks["lightning.pytorch.callbacks.ModelCheckpoint"]["dirpath"] == str(
+            stage.dir / "checkpoints"
+        )
+    # keys differ when any stage's config does
+    assert len({stage_key(s, None) for s in stages}) == len(stages)
+
+
+def test_other_ranks_wait_for_rank_zero_of_their_own_launch(tmp_path, monkeypatch):
+    stages = plan(read_pipeline(ROOT / "configs" / "pipelines" / "demo.yaml"))
+    stage = stages[0]
+    stage.dir = tmp_path
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": "an earlier launch"}))
+    (tmp_path / "failed.json").write_text(json.dumps({"key": "k", "error": "stage pt failed (exit 1)"}))
+    # the stale stage.json of a killed launch is not taken for this launch's; rank 0's failure is raised
+    with pytest.raises(PipelineError, match="rank 0: stage pt failed"):
+        wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())
+    (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": launch_id(), "resume_from": None}))
+    assert wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())["resume_from"] is None
