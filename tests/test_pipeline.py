@@ -310,3 +310,34 @@ def test_other_ranks_wait_for_rank_zero_of_their_own_launch(tmp_path, monkeypatc
         wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())
     (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": launch_id(), "resume_from": None}))
     assert wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())["resume_from"] is None
+
+
+def test_chained_values_and_the_overrides_that_set_them_instead(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    stages = {s.name: s for s in plan(read_pipeline(ROOT / "configs" / "pipelines" / "demo_rl.yaml"))}
+    grpo = stages["grpo"].config["model"]["init_args"]
+    # the policy skips the reward model's stage; the reward model is the RM stage's export
+    assert grpo["model"] == str(stages["sft"].merged)
+    paths = [
+        r["init_args"]["path"] for r in grpo["objective"]["init_args"]["rewards"] if "path" in r["init_args"]
+    ]
+    assert paths == [str(stages["rm"].export)]
+    assert stages["rm"].config["model"]["init_args"]["model"] == str(stages["sft"].merged)
+
+    sft = str(ROOT / "configs" / "sft.yaml")
+    pipeline = tmp_path / "p.yaml"
+    explicit = {"model.init_args.model": "some/model", "model.init_args.model_config": None}
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "stages": [
+                    {"name": "a", "config": sft},
+                    {"name": "b", "config": sft, "overrides": explicit},
+                    {"name": "c", "config": sft, "model": "${stages.a.model}"},
+                ]
+            }
+        )
+    )
+    a, b, c = plan(read_pipeline(pipeline))
+    assert b.config["model"]["init_args"]["model"] == "some/model" and "model" not in b.inputs
+    assert c.config["model"]["init_args"]["model"] == str(a.export)

@@ -101,6 +101,31 @@ def test_warmup_then_cosine_schedule():
     assert len(optimizer.param_groups[1]["params"]) == 2 * TINY_LLAMA["num_hidden_layers"] + 1  # + final norm
 
 
+def test_warmup_ratio_is_a_share_of_the_run_and_excludes_warmup_steps():
+    module = tiny_student(optimizer=lambda p: torch.optim.SGD(p, lr=1.0), warmup_ratio=0.25)
+    module.trainer = L.Trainer(max_steps=20, logger=False, accelerator="cpu")
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])  # 5 warmup steps of 20
+    with pytest.raises(ValueError, match=r"warmup_steps and model\.warmup_ratio both set"):
+        StudentModule(model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), warmup_steps=2, warmup_ratio=0.1)
+
+
+def test_model_kwargs_reach_from_pretrained(tmp_path):
+    from tests.helpers import save_tiny_teacher
+
+    path = str(save_tiny_teacher(tmp_path / "model"))
+    for implementation in ("eager", "sdpa"):
+        student = StudentModule(model=path, model_kwargs={"attn_implementation": implementation})
+        student.configure_model()
+        assert student.causal_lm.config._attn_implementation == implementation
+
+
 def test_adamw_fused_only_on_cuda():
     param = torch.nn.Parameter(torch.zeros(2))
     assert AdamW([param]).defaults["fused"] is False

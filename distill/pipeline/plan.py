@@ -21,6 +21,12 @@ TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 FILE_LOGGERS = {"lightning.pytorch.loggers.CSVLogger", TENSORBOARD}
 MODEL_REWARD = "distill.rewards.ModelReward"
 REWARD_OBJECTIVE = "distill.objectives.RewardModel"
+# the override keys that set what ``auto`` would chain
+OVERRIDDEN = {
+    "model": "model.init_args.model",
+    "reference_model": "model.init_args.objective.init_args.reference_model",
+    "rewards": "model.init_args.objective.init_args.rewards",
+}
 
 
 @dataclass
@@ -136,21 +142,25 @@ def point_at_stage_dir(config: dict[str, Any], stage: Stage) -> None:
 
 def chain_models(stage: Stage, earlier: list[Stage], outputs: dict[str, dict[str, str]]) -> None:
     """Point the stage's model, reference and reward models at earlier stages' outputs (``auto``) or at
-    the pipeline file's paths, and record each in ``stage.inputs``."""
+    the pipeline file's paths, and record each in ``stage.inputs``. A value the stage's overrides set
+    is the stage's own choice: ``auto`` leaves it alone."""
     spec, model_args = stage.spec, stage.config["model"]["init_args"]
     policies = [s for s in earlier if not s.trains_reward_model]
-    model = _choice(spec.model, str(policies[-1].model) if policies else None, outputs)
+    auto = str(policies[-1].model) if policies and OVERRIDDEN["model"] not in spec.overrides else None
+    model = _choice(spec.model, auto, outputs)
     if model is not None:
         model_args.update(model=model, model_config=None, tokenizer=None)
         stage.inputs["model"] = model
     goal = objective(stage.config).get("init_args") or {}
     if "reference_model" in goal:
         fallback = None if model is not None else goal["reference_model"]  # None: the starting model
+        if OVERRIDDEN["reference_model"] in spec.overrides:
+            fallback = goal["reference_model"]
         reference = _choice(spec.reference_model, fallback, outputs, keep=goal["reference_model"])
         goal["reference_model"] = reference
         if reference is not None:
             stage.inputs["reference_model"] = reference
-    judges = [s for s in earlier if s.trains_reward_model]
+    judges = [s for s in earlier if s.trains_reward_model and OVERRIDDEN["rewards"] not in spec.overrides]
     for reward in goal.get("rewards") or []:
         if isinstance(reward, dict) and reward.get("class_path") == MODEL_REWARD:
             args = reward.setdefault("init_args", {})

@@ -39,14 +39,17 @@ def load_causal_lm(
     role: str = "student",
     quantization: Quantization | None = None,
     device: torch.device | str | int | None = None,
+    options: dict | None = None,
 ) -> PreTrainedModel:
     """From a hub name or local path, or built from a config dict (random init, for tests and demos).
 
     ``role``: a ``student`` whose embedding lacks rows for the tokenizer's tokens is resized (logged);
     any other (``teacher t1``, ``reference``) is an error, as its new rows would be random.
     ``quantization``: bitsandbytes weights, loaded straight onto ``device`` (default: the current CUDA
-    device), where they stay (a quantized model cannot be moved or cast afterwards).
+    device), where they stay (a quantized model cannot be moved or cast afterwards). ``options``: any
+    other ``from_pretrained`` argument (``attn_implementation``, ``trust_remote_code``, ``revision``).
     """
+    options = options or {}
     torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else dtype
     if quantization is not None:
         if name_or_path is None:
@@ -57,9 +60,10 @@ def load_causal_lm(
             dtype=torch_dtype,
             quantization_config=quantization.config(),
             device_map={"": placement},
+            **options,
         )
     elif name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **options)
     elif config is not None:
         config = dict(config)
         config.setdefault("vocab_size", len(tokenizer))

@@ -45,11 +45,13 @@ class StudentModule(L.LightningModule):
         dtype: str | None = None,
         lora: LoraOptions | None = None,
         quantization: Quantization | None = None,
+        model_kwargs: dict | None = None,
         gradient_checkpointing: bool = False,
         objective: Objective | None = None,
         optimizer: OptimizerCallable = AdamW,
         lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
         warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
     ) -> None:
         """
         Args:
@@ -62,6 +64,8 @@ class StudentModule(L.LightningModule):
             lora: Train a LoRA adapter instead of all weights.
             quantization: Load ``model`` with 8- or 4-bit bitsandbytes weights under the LoRA adapter
                 (QLoRA with ``load_in_4bit``); needs ``lora``, a CUDA GPU and the ``bnb`` extra.
+            model_kwargs: Any other ``from_pretrained`` argument for ``model``, e.g.
+                ``{attn_implementation: flash_attention_2, trust_remote_code: true, revision: main}``.
             gradient_checkpointing: Recompute activations in backward to save memory.
             objective: What to minimise: ``distill.objectives.CrossEntropy`` (``pt``/``sft``, the default),
                 ``distill.objectives.Distillation`` (KD from cached or online teacher targets),
@@ -71,7 +75,14 @@ class StudentModule(L.LightningModule):
                 ``distill.train.optim.AdamW8bit`` or any ``torch.optim`` class.
             lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
             warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
+            warmup_ratio: Warmup as a share of the run's optimizer steps instead (``warmup_steps`` unset).
         """
+        if warmup_steps and warmup_ratio:
+            raise ValueError("model.warmup_steps and model.warmup_ratio both set: set one of them")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(
+                f"model.warmup_ratio is a share of the run's steps, in [0, 1): got {warmup_ratio}"
+            )
         check_quantization(quantization, "model.quantization")
         if quantization is not None and lora is None:
             raise ValueError(
@@ -97,6 +108,8 @@ class StudentModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
+        self.warmup_ratio = warmup_ratio
+        self.model_kwargs = dict(model_kwargs or {})
         self.model: nn.Module | None = None
         self.train_metrics = self._metrics()
         self.val_metrics = self._metrics()
@@ -123,6 +136,7 @@ class StudentModule(L.LightningModule):
                 self.dtype_name,
                 quantization=self.quantization,
                 device=strategy.root_device if strategy is not None else None,
+                options=self.model_kwargs,
             )
         # from_pretrained returns a model in eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (LoRA's too) and gradient checkpointing would be off in training
@@ -258,10 +272,11 @@ class StudentModule(L.LightningModule):
         return self._with_schedule(self.optimizer_factory(weight_decay_groups(self)))
 
     def _with_schedule(self, optimizer: torch.optim.Optimizer) -> dict:
+        steps = self.trainer.estimated_stepping_batches
         scheduler = get_scheduler(
             "constant_with_warmup" if self.lr_schedule == "constant" else self.lr_schedule,
             optimizer,
-            num_warmup_steps=self.warmup_steps,
-            num_training_steps=self.trainer.estimated_stepping_batches,
+            num_warmup_steps=self.warmup_steps or round(self.warmup_ratio * steps),
+            num_training_steps=steps,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
