@@ -178,12 +178,14 @@ def split_sources(
             raise ValueError("set data.train_files (files or directories) or data.dataset_name")
         if dataset_config is not None or val_split is not None:
             raise ValueError("data.dataset_config and data.val_split select a data.dataset_name: set it")
-        files = [train_files] if isinstance(train_files, str) else list(train_files)
-        val = [] if not val_files else [val_files] if isinstance(val_files, str) else list(val_files)
-        return files, val
+        return _listed(train_files), _listed(val_files) if val_files else []
     if train_files or val_files:
         from lightning.pytorch.utilities import rank_zero_info
 
         rank_zero_info(f"[distill] reading data.dataset_name {dataset_name}, not data.train_files/val_files")
     val = [DatasetSplit(dataset_name, dataset_config, val_split)] if val_split else []
     return [DatasetSplit(dataset_name, dataset_config, split)], val
+
+
+def _listed(files: str | Path | list[str | Path]) -> list[str | Path]:
+    return [files] if isinstance(files, (str, Path)) else list(files)
