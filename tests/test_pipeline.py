@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from distill.pipeline.plan import plan
-from distill.pipeline.runner import launch_id, main, stage_key, wait_for
+from distill.pipeline.runner import launch_id, main, stage_env, stage_key, wait_for
 from distill.pipeline.spec import PipelineError, read_pipeline
 from tests.helpers import (
     ROOT,
@@ -310,6 +310,12 @@ def test_other_ranks_wait_for_rank_zero_of_their_own_launch(tmp_path, monkeypatc
         wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())
     (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": launch_id(), "resume_from": None}))
     assert wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())["resume_from"] is None
+    # under torchrun each stage's rank 0 hosts its own store, on a port of the stage's own
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    env = stage_env(2)
+    assert env["MASTER_PORT"] == "1237" and "TORCHELASTIC_USE_AGENT_STORE" not in env
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    assert stage_env(2)["MASTER_PORT"] == "1234"  # srun, or a single process: as launched
 
 
 def test_chained_values_and_the_overrides_that_set_them_instead(tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ class Runner:
             started = wait_for(stage.dir / "stage.json", key, stage, launch=launch_id())
         command = fit_command(stage, started.get("resume_from"))
         log(f"{stage.name}: {' '.join(command)}")
-        result = subprocess.run(command, env=child_env())
+        result = subprocess.run(command, env=stage_env(self.stages.index(stage)))
         if result.returncode != 0:
             message = f"stage {stage.name} failed (exit {result.returncode})"
             if self.rank == 0:
@@ -129,11 +129,13 @@ def fit_command(stage: Stage, resume_from: str | None) -> list[str]:
     return command + (["--ckpt_path", resume_from] if resume_from else [])
 
 
-def child_env() -> dict[str, str]:
-    """The environment of a stage's fit: the launcher's ranks, but each stage its own process group
-    (torchrun's agent store would carry one stage's rendezvous keys into the next)."""
+def stage_env(index: int) -> dict[str, str]:
+    """The environment of stage ``index``'s fit: the launcher's, so its ranks join one fit. torchrun's
+    agent store outlives a stage and would hand the next stage's ranks the last one's addresses: each
+    stage's rank 0 hosts its own store instead, on a port of its own (the same on every rank)."""
     env = dict(os.environ)
-    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    if env.pop("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true" and "MASTER_PORT" in env:
+        env["MASTER_PORT"] = str(int(env["MASTER_PORT"]) + 1 + index)
     return env
 
 
