@@ -139,12 +139,12 @@ class StageResults(L.Callback):
 
 
 def batch_size(batch: dict[str, Any]) -> tuple[int, int]:
-    """Samples (preference pairs and KTO samples as units; a packed row counts once) and non-padding
-    tokens of a batch."""
+    """Samples (preference pairs and KTO samples as units; an RL batch's completions; a packed row counts
+    once) and non-padding tokens of a batch."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else ids.numel()
-    if "unit_size" in batch:
+    if "sequence_sha" in batch:  # preference encodings: a unit is a pair (or a KTO sample)
         return len(batch["sequence_sha"]) // batch["unit_size"], tokens
     return ids.shape[0], tokens
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import yaml
+from distill.callbacks.stage_results import batch_size
 
 from distill.pipeline.plan import plan
 from distill.pipeline.runner import launch_id, main, stage_env, stage_key, wait_for
@@ -347,3 +348,14 @@ def test_chained_values_and_the_overrides_that_set_them_instead(tmp_path, monkey
     a, b, c = plan(read_pipeline(pipeline))
     assert b.config["model"]["init_args"]["model"] == "some/model" and "model" not in b.inputs
     assert c.config["model"]["init_args"]["model"] == str(a.export)
+
+
+def test_samples_count_pairs_completions_and_rows():
+    ids, mask = torch.ones(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    pairs = {"input_ids": ids, "attention_mask": mask, "sequence_sha": ["a", "a", "b", "b"], "unit_size": 2}
+    # an RL batch: the prompts' loader batch carries unit_size, the rollout's completions are its rows
+    completions = {"input_ids": ids, "attention_mask": mask, "unit_size": 1, "shas": ["p"]}
+    assert batch_size(pairs) == (2, 18)
+    assert batch_size(completions) == (4, 18)
+    assert batch_size({"input_ids": ids}) == (4, 20)

@@ -162,9 +162,16 @@ def test_the_student_loads_quantized_and_prepares_for_kbit_training(
     asked = {}
 
     def fake_load(
-        name_or_path, config, tokenizer, dtype=None, role="student", quantization=None, device=None
+        name_or_path,
+        config,
+        tokenizer,
+        dtype=None,
+        role="student",
+        quantization=None,
+        device=None,
+        options=None,
     ):
-        asked.update(name=name_or_path, config=quantization.config(), device=device)
+        asked.update(name=name_or_path, config=quantization.config(), device=device, options=options)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(
             AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(tokenizer))
@@ -179,9 +186,11 @@ def test_the_student_loads_quantized_and_prepares_for_kbit_training(
         lora=LoraOptions(r=4, alpha=8),
         quantization=Quantization(load_in_4bit=True),
         gradient_checkpointing=gradient_checkpointing,
+        model_kwargs={"attn_implementation": "eager"},
     )
     student.configure_model()
     assert asked["name"] == "some/model" and asked["config"].load_in_4bit
+    assert asked["options"] == {"attn_implementation": "eager"}
     # peft's preparation would turn checkpointing on by default: it follows the student's option
     assert student.causal_lm.is_activation_checkpointing is gradient_checkpointing
     trainable = {n for n, p in student.model.named_parameters() if p.requires_grad}
