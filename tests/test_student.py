@@ -1,4 +1,5 @@
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -8,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from distill.data.batching import Collator
 from distill.data.encoding import IGNORE_INDEX, Encoded
+from distill.train.metrics import ObjectiveMetrics
 from distill.train.optim import AdamW, AdamW8bit
 from distill.train.student import StudentModule
 from tests.helpers import TINY_LLAMA, TOKENIZER_DIR
@@ -161,3 +163,18 @@ def test_a_loaded_model_trains_in_train_mode(tmp_path):
     student.configure_model()
     assert student.model.training and all(module.training for module in student.model.modules())
     assert student.causal_lm.is_gradient_checkpointing
+
+
+def test_perplexity_is_logged_only_for_a_cross_entropy():
+    loss_sum, tokens = torch.tensor(6.0), 4
+
+    def computed(**options) -> dict[str, float]:
+        metrics = ObjectiveMetrics(**options)
+        extra = {"ce": torch.tensor(2.0)} if "ce" in options.get("extra", ()) else {}
+        metrics.update(loss_sum, None, units=tokens, tokens=tokens, **extra)
+        return {name: float(value) for name, value in metrics.compute().items()}
+
+    assert computed(loss_is_cross_entropy=True)["ppl"] == pytest.approx(math.exp(1.5))
+    assert computed(extra=("ce",))["ppl"] == pytest.approx(math.exp(0.5))  # KD: of its CE, not its loss
+    assert "ppl" not in computed()  # a token-level policy loss (GRPO's dapo)
+    assert "ppl" not in computed(unit="pair", loss_is_cross_entropy=False)

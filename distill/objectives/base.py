@@ -164,6 +164,7 @@ class Objective(nn.Module):
 
     unit: str = "token"
     metric_names: tuple[str, ...] = ()
+    loss_is_cross_entropy: bool = False  # then its loss per token is logged as a perplexity too
     extra_forwards: int = 0  # forwards without gradients ``prepare`` runs per batch (counted in FLOPs)
 
     def setup(self, student: StudentModule) -> None:

@@ -11,6 +11,8 @@ from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 class CrossEntropy(Objective):
     """Next-token cross-entropy on the labels: the ``pt`` and ``sft`` objectives."""
 
+    loss_is_cross_entropy = True
+
     def __init__(self, chunk_size: int = 1024) -> None:
         """
         Args:

@@ -9,19 +9,22 @@ from torchmetrics import Metric
 
 
 class ObjectiveMetrics(Metric):
-    """Loss per unit (token, pair, ...), top-1 accuracy per token, perplexity for token objectives, and
-    the objective's extra sums as means per unit.
+    """Loss per unit (token, pair, ...), top-1 accuracy per token, perplexity, and the objective's extra
+    sums as means per unit.
 
-    Perplexity is exp of the cross-entropy: the ``ce`` sum when the objective reports one (KD), else the
-    loss; objectives of other units report no perplexity.
+    Perplexity is exp of the cross-entropy per token: the ``ce`` sum when the objective reports one (KD),
+    else the loss when the loss is that cross-entropy (PT/SFT); a policy or preference loss has none.
     """
 
     full_state_update = False
 
-    def __init__(self, extra: tuple[str, ...] = (), unit: str = "token") -> None:
+    def __init__(
+        self, extra: tuple[str, ...] = (), unit: str = "token", loss_is_cross_entropy: bool = False
+    ) -> None:
         super().__init__()
         self.extra = extra
         self.unit = unit
+        self.loss_is_cross_entropy = loss_is_cross_entropy
         # metric names may hold "/" (rewards/chosen): the states get plain names
         self._state_of = {name: f"extra_{i}" for i, name in enumerate(extra)}
         for name in ("loss_sum", "units", "correct", "tokens", *self._state_of.values()):
@@ -51,8 +54,10 @@ class ObjectiveMetrics(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         units = self.units.clamp(min=1)
         values = {"loss": self.loss_sum / units}
-        if self.unit == "token":
-            ce = getattr(self, self._state_of["ce"]) / units if "ce" in self.extra else values["loss"]
+        ce = getattr(self, self._state_of["ce"]) / units if "ce" in self.extra else None
+        if ce is None and self.loss_is_cross_entropy and self.unit == "token":
+            ce = values["loss"]
+        if ce is not None:
             values["ppl"] = torch.exp(ce.clamp(max=math.log(1e30)))
         if self.has_correct > 0:
             values["acc"] = self.correct / self.tokens.clamp(min=1)

@@ -159,7 +159,8 @@ class StudentModule(L.LightningModule):
         self.val_metrics = self._metrics()
 
     def _metrics(self) -> ObjectiveMetrics:
-        return ObjectiveMetrics(self.objective.metric_names, self.objective.unit)
+        objective = self.objective
+        return ObjectiveMetrics(objective.metric_names, objective.unit, objective.loss_is_cross_entropy)
 
     @property
     def strategy(self) -> Strategy | None:
