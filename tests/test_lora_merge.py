@@ -61,10 +61,16 @@ def test_merge_command_line(tmp_path, chat_file):
     config = write_config(tmp_path, chat_file)
     lora = tmp_path / "lora.yaml"
     lora.write_text(yaml.safe_dump({"model": {"init_args": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}}}))
-    main(["fit", "--config", str(config), "--config", str(lora), "--trainer.max_steps", "2"])
+    eager = ["--model.model_kwargs", '{"attn_implementation": "eager"}']
+    main(["fit", "--config", str(config), "--config", str(lora), "--trainer.max_steps", "2", *eager])
     main(["merge", "--adapter", str(tmp_path / "hf"), "--output", str(tmp_path / "merged")])
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert model.config.tie_word_embeddings  # nothing untied it: the head was not trained
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+    # the base loads with the fit's from_pretrained arguments, unless told others
+    assert merge_adapter(tmp_path / "hf", tmp_path / "again").config._attn_implementation == "eager"
+    plain = merge_adapter(tmp_path / "hf", tmp_path / "again", model_kwargs={"attn_implementation": "sdpa"})
+    assert plain.config._attn_implementation == "sdpa"

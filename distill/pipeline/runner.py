@@ -158,7 +158,7 @@ def launch_id() -> str:
         "SLURM_STEP_ID",
         "MASTER_PORT",
     )
-    return ".".join(os.environ.get(name, "") for name in (*names, "MASTER_PORT"))
+    return ".".join(os.environ.get(name, "") for name in names)
 
 
 def wait_for(path: Path, key: str, stage: Stage, launch: str | None = None) -> dict[str, Any]:

@@ -4,14 +4,19 @@ causal LM, or a sequence classifier for a reward model's adapter).
 A QLoRA adapter (trained on a base quantized at load time, ``model.quantization``) merges into its base
 loaded unquantized, in the base's own dtype, as MedicalGPT's merge does: folded into 4- or 8-bit weights,
 the adapter's small update would be rounded away. A base saved quantized is refused.
+
+The base loads with the ``from_pretrained`` arguments the adapter was trained with (``model.model_kwargs``
+in the ``distill_config.yaml`` saved beside it: ``revision``, ``trust_remote_code``), or ``--model_kwargs``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -23,31 +28,35 @@ from transformers import (
 from distill.train.model import load_causal_lm
 
 
-def load_adapter(adapter_dir: str | Path, base: str | None = None) -> torch.nn.Module:
+def load_adapter(
+    adapter_dir: str | Path, base: str | None = None, model_kwargs: dict | None = None
+) -> torch.nn.Module:
     """The peft model of ``adapter_dir`` on its base (``base`` or the adapter's ``base_model_name_or_path``).
 
-    The base is loaded as training loaded it (``load_causal_lm`` with the adapter's tokenizer), so tokens
-    added to the tokenizer get their embedding rows before the adapter's trained ones are put in.
+    The base is loaded as training loaded it (``load_causal_lm`` with the adapter's tokenizer and
+    ``model_kwargs``, by default those of its training), so tokens added to the tokenizer get their
+    embedding rows before the adapter's trained ones are put in.
     """
     from peft import PeftConfig, PeftModel
 
     adapter_dir = Path(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
     base = base or config.base_model_name_or_path
+    options = trained_model_kwargs(adapter_dir) if model_kwargs is None else model_kwargs
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir, base))
     if config.task_type == "SEQ_CLS":  # a reward model's adapter: its head is in the adapter
         model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=1, pad_token_id=tokenizer.pad_token_id
+            base, num_labels=1, pad_token_id=tokenizer.pad_token_id, **options
         )
         if model.get_input_embeddings().num_embeddings < len(tokenizer):  # rows for added tokens
             model.resize_token_embeddings(len(tokenizer))
     else:
-        model = load_causal_lm(base, None, tokenizer)
+        model = load_causal_lm(base, None, tokenizer, options=options)
     return PeftModel.from_pretrained(model, adapter_dir)
 
 
 def merge_adapter(
-    adapter_dir: str | Path, output_dir: str | Path, base: str | None = None
+    adapter_dir: str | Path, output_dir: str | Path, base: str | None = None, model_kwargs: dict | None = None
 ) -> PreTrainedModel:
     """Merge ``adapter_dir`` into its base (``base`` or the adapter's ``base_model_name_or_path``).
 
@@ -58,8 +67,9 @@ def merge_adapter(
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    check_unquantized(base)
-    merged = load_adapter(adapter_dir, base).merge_and_unload()
+    options = trained_model_kwargs(adapter_dir) if model_kwargs is None else model_kwargs
+    check_unquantized(base, options)
+    merged = load_adapter(adapter_dir, base, options).merge_and_unload()
     inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
     tied = merged.config.tie_word_embeddings and outputs is not None  # a reward model has no LM head
     if tied and not torch.equal(inputs.weight, outputs.weight):
@@ -80,9 +90,10 @@ class QuantizedBase(ValueError):
     """The base an adapter would be merged into is saved quantized."""
 
 
-def check_unquantized(base: str) -> None:
+def check_unquantized(base: str, model_kwargs: dict | None = None) -> None:
     """Refuse a base whose config holds a ``quantization_config`` (a checkpoint saved quantized)."""
-    quantization = getattr(AutoConfig.from_pretrained(base), "quantization_config", None)
+    config_options = {k: v for k, v in (model_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
+    quantization = getattr(AutoConfig.from_pretrained(base, **config_options), "quantization_config", None)
     if quantization is None:
         return
     method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -91,6 +102,15 @@ def check_unquantized(base: str) -> None:
         "quantized weights, the adapter's update would be rounded away; pass --base with the unquantized "
         "model (the one it was quantized from)"
     )
+
+
+def trained_model_kwargs(adapter_dir: Path) -> dict:
+    """The ``model.model_kwargs`` of the fit that trained ``adapter_dir`` (none without its saved config)."""
+    path = adapter_dir / "distill_config.yaml"
+    if not path.exists():
+        return {}
+    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    return dict((model.get("init_args") or model).get("model_kwargs") or {})
 
 
 def tokenizer_source(adapter_dir: Path, base: str) -> str | Path:
@@ -103,9 +123,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="directory of the LoRA adapter (distill's export)")
     parser.add_argument("--output", required=True, help="directory for the merged model")
     parser.add_argument("--base", default=None, help="base model name or path (default: from the adapter)")
+    parser.add_argument(
+        "--model_kwargs",
+        type=json.loads,
+        default=None,
+        help="the base's from_pretrained arguments as JSON (default: the fit's model.model_kwargs)",
+    )
     args = parser.parse_args(argv)
     try:
-        merge_adapter(args.adapter, args.output, args.base)
+        merge_adapter(args.adapter, args.output, args.base, args.model_kwargs)
     except QuantizedBase as error:
         parser.error(str(error))  # exit 2, the message alone
     print(f"merged {args.adapter} into {args.output}")
