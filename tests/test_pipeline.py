@@ -216,6 +216,16 @@ def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, 
     assert "distill fit" not in err
     assert {name: marker(out / name)["run_id"] for name in configs} == before
 
+    # DPO's data edited in place reruns DPO; the same bytes written back (a new mtime) rerun nothing
+    pairs = tmp_path / "pairs.jsonl"
+    original = pairs.read_bytes()
+    pairs.write_bytes(original.replace(b"{", b'{"extra": 1, ', 1))
+    code, plan_text, _ = pipeline_main(["--config", pipeline, "--dry_run"], capsys)
+    assert "2. sft: complete, skipped" in plan_text and "3. dpo: runs" in plan_text, plan_text
+    pairs.write_bytes(original)
+    code, plan_text, _ = pipeline_main(["--config", pipeline, "--dry_run"], capsys)
+    assert "3. dpo: complete, skipped" in plan_text, plan_text
+
     # SFT changed (and killed at its step 3, once): --dry_run says it and DPO would run, writing nothing
     kill = {
         "class_path": "tests.probes.KillAt",
@@ -296,7 +306,7 @@ def test_every_pipeline_config_plans(path, monkeypatch):
             stage.dir / "checkpoints"
         )
     # keys differ when any stage's config does
-    assert len({stage_key(s, None) for s in stages}) == len(stages)
+    assert len({stage_key(s, None, "") for s in stages}) == len(stages)
 
 
 def test_other_ranks_wait_for_rank_zero_of_their_own_launch(tmp_path, monkeypatch):
@@ -359,3 +369,35 @@ def test_samples_count_pairs_completions_and_rows():
     assert batch_size(pairs) == (2, 18)
     assert batch_size(completions) == (4, 18)
     assert batch_size({"input_ids": ids}) == (4, 20)
+
+
+def test_a_stage_key_counts_the_local_data_it_reads(tmp_path):
+    import datasets
+
+    from distill.pipeline.inputs import ContentHashes, data_files
+
+    corpus = tmp_path / "corpus"
+    for folder in ("sub", ".cache"):
+        (corpus / folder).mkdir(parents=True)
+    write_jsonl(corpus / "a.jsonl", [{"text": "a"}])
+    write_jsonl(corpus / "sub" / "b.jsonl", [{"text": "b"}])
+    write_jsonl(corpus / ".cache" / "c.jsonl", [{"text": "c"}])
+
+    def config(**options) -> dict:
+        return {"data": {"init_args": options}}
+
+    assert data_files(config(train_files=str(corpus))) == [corpus / "a.jsonl", corpus / "sub" / "b.jsonl"]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["x", "y"]}).save_to_disk(str(saved))
+    (saved / "cache-0123.arrow").write_bytes(b"written by a map")
+    found = data_files(config(train_files=str(corpus), dataset_name=str(saved)))  # the dataset replaces files
+    assert found and all(f.parent == saved and not f.name.startswith("cache-") for f in found)
+    assert any(f.suffix == ".arrow" for f in found)
+    assert data_files(config(dataset_name="org/hub-dataset")) == []  # by name only: nothing is fetched
+
+    hashes = ContentHashes(tmp_path / "hashes.json")
+    first = hashes.of(corpus / "a.jsonl")
+    write_jsonl(corpus / "a.jsonl", [{"text": "a longer one"}])  # a new size: a new hash, whatever the mtime
+    assert hashes.of(corpus / "a.jsonl") != first
+    hashes.save()
+    assert ContentHashes(tmp_path / "hashes.json").known == hashes.known

@@ -4,10 +4,10 @@ its own ``python -m distill fit`` process, merging a LoRA stage's adapter before
 A stage directory holds ``config.yaml`` (what ran), ``stage.json`` (its key, written before the fit),
 ``model/`` (the export), ``merged/`` (LoRA stages), ``checkpoints/``, ``logs/`` (TensorBoard),
 ``train_results.json``, ``eval_results.json``, ``trainer_state.json``, and ``complete.json``, written
-last. A stage's key hashes its resolved config and the completion of the stage before it, so a changed
-config reruns that stage and every later one. Under ``srun`` or ``torchrun`` every rank runs the
-pipeline: each rank's fit joins the others' as a single run would, and only rank 0 writes the stage
-files, merges and marks completion, which the other ranks wait for.
+last. A stage's key hashes its resolved config, the content of its data files and the completion of the
+stage before it, so a changed config or data file reruns that stage and every later one. Under ``srun``
+or ``torchrun`` every rank runs the pipeline: each rank's fit joins the others' as a single run would,
+and only rank 0 writes the stage files, merges and marks completion, which the other ranks wait for.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from distill.pipeline.inputs import ContentHashes, data_digest
 from distill.pipeline.plan import Stage, plan
 from distill.pipeline.spec import PipelineError, read_pipeline
 
@@ -37,9 +38,10 @@ def global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def stage_key(stage: Stage, upstream: str | None) -> str:
-    """What ``complete.json`` must hold for ``stage`` to count as done: its config and its inputs' run."""
-    return hashlib.sha256(f"{stage.digest}:{upstream or ''}".encode()).hexdigest()
+def stage_key(stage: Stage, upstream: str | None, data: str) -> str:
+    """What ``complete.json`` must hold for ``stage`` to count as done: its config, its data's digest and
+    the run of the stage it loads from."""
+    return hashlib.sha256(f"{stage.digest}:{data}:{upstream or ''}".encode()).hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -58,16 +60,25 @@ def completion(stage: Stage, key: str) -> dict[str, Any] | None:
 
 
 class Runner:
-    def __init__(self, stages: list[Stage], selected: set[str], force: bool = False) -> None:
+    def __init__(
+        self, stages: list[Stage], selected: set[str], hashes: ContentHashes, force: bool = False
+    ) -> None:
         self.stages = stages
         self.selected = selected
+        self.hashes = hashes
         self.force = force
         self.rank = global_rank()
+
+    def key(self, stage: Stage, upstream: str | None) -> str:
+        key = stage_key(stage, upstream, data_digest(stage.config, self.hashes))
+        if self.rank == 0:
+            self.hashes.save()
+        return key
 
     def run(self) -> None:
         upstream: str | None = None  # the run id of the previous stage's completion
         for index, stage in enumerate(self.stages):
-            key = stage_key(stage, upstream)
+            key = self.key(stage, upstream)
             marker = completion(stage, key)
             if stage.name in self.selected and (marker is None or self.force):
                 marker = self.run_stage(stage, key, fresh=marker is not None)
@@ -78,7 +89,7 @@ class Runner:
                 if later:
                     raise PipelineError(
                         f"stage {later[0]} needs stage {stage.name}, which is not complete or is stale (its "
-                        f"config changed since it ran): add {stage.name} to --stages"
+                        f"config or data changed since it ran): add {stage.name} to --stages"
                     )
             upstream = marker["run_id"] if marker else None
 
@@ -187,11 +198,11 @@ def log(message: str) -> None:
     print(f"[pipeline] {message}", file=sys.stderr, flush=True)
 
 
-def describe(stages: list[Stage], selected: set[str]) -> str:
+def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> str:
     """The plan ``--dry_run`` prints: each stage's status, inputs, outputs and command."""
     lines, upstream = [], None
     for index, stage in enumerate(stages, start=1):
-        key = stage_key(stage, upstream)
+        key = stage_key(stage, upstream, data_digest(stage.config, hashes))
         marker = completion(stage, key)
         upstream = marker["run_id"] if marker else None
         if marker:
@@ -229,10 +240,11 @@ def main(argv: list[str]) -> None:
                 f"--stages: no stage {sorted(selected - set(names))} in {args.config} ({names})"
             )
         stages = plan(pipeline)
+        hashes = ContentHashes(Path(pipeline.output_dir) / "data_hashes.json")
         if args.dry_run:
-            print(f"pipeline {args.config} -> {pipeline.output_dir}\n{describe(stages, selected)}")
+            print(f"pipeline {args.config} -> {pipeline.output_dir}\n{describe(stages, selected, hashes)}")
             return
-        Runner(stages, selected, force=args.force).run()
+        Runner(stages, selected, hashes, force=args.force).run()
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
