@@ -178,3 +178,24 @@ def test_perplexity_is_logged_only_for_a_cross_entropy():
     assert computed(extra=("ce",))["ppl"] == pytest.approx(math.exp(0.5))  # KD: of its CE, not its loss
     assert "ppl" not in computed()  # a token-level policy loss (GRPO's dapo)
     assert "ppl" not in computed(unit="pair", loss_is_cross_entropy=False)
+
+
+def test_neftune_noises_the_embeddings_of_training_forwards_only():
+    with pytest.raises(ValueError, match="neftune_alpha"):
+        StudentModule(model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), neftune_alpha=0.0)
+    alpha = 5.0
+    module = tiny_student(neftune_alpha=alpha)
+    embeddings = module.model.get_input_embeddings()
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    clean = embeddings.weight[ids].detach()
+    bound = alpha / math.sqrt(16 * clean.size(-1))
+
+    module.train()
+    noise = embeddings(ids).detach() - clean
+    assert noise.abs().max() <= bound * (1 + 1e-5) and noise.abs().max() > 0.9 * bound  # uniform in +-bound
+    assert noise.abs().mean() == pytest.approx(bound / 2, rel=0.05)
+    assert not torch.equal(embeddings(ids), embeddings(ids))  # fresh noise each forward
+    with torch.no_grad():  # a reference or rollout forward of the same model
+        assert torch.equal(embeddings(ids), clean)
+    module.eval()
+    assert torch.equal(embeddings(ids).detach(), clean)

@@ -16,6 +16,7 @@ from distill.objectives.ce import CrossEntropy
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
+from distill.train.neftune import add_embedding_noise
 from distill.train.optim import AdamW, weight_decay_groups
 from distill.train.quantization import Quantization, check_quantization, prepare_for_kbit_training
 from distill.train.sharding import (
@@ -47,6 +48,7 @@ class StudentModule(L.LightningModule):
         quantization: Quantization | None = None,
         model_kwargs: dict | None = None,
         gradient_checkpointing: bool = False,
+        neftune_alpha: float | None = None,
         objective: Objective | None = None,
         optimizer: OptimizerCallable = AdamW,
         lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
@@ -67,6 +69,8 @@ class StudentModule(L.LightningModule):
             model_kwargs: Any other ``from_pretrained`` argument for ``model``, e.g.
                 ``{attn_implementation: flash_attention_2, trust_remote_code: true, revision: main}``.
             gradient_checkpointing: Recompute activations in backward to save memory.
+            neftune_alpha: NEFTune: uniform noise on the input embeddings of training forwards, bounded by
+                ``neftune_alpha / sqrt(length * width)`` (5 in the paper's SFT runs).
             objective: What to minimise: ``distill.objectives.CrossEntropy`` (``pt``/``sft``, the default),
                 ``distill.objectives.Distillation`` (KD from cached or online teacher targets),
                 ``distill.objectives.Preference`` (DPO, IPO, SimPO, ORPO, ...) or
@@ -82,6 +86,10 @@ class StudentModule(L.LightningModule):
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(
                 f"model.warmup_ratio is a share of the run's steps, in [0, 1): got {warmup_ratio}"
+            )
+        if neftune_alpha is not None and neftune_alpha <= 0:
+            raise ValueError(
+                f"model.neftune_alpha scales the noise, above 0 (the paper uses 5 to 15): {neftune_alpha}"
             )
         check_quantization(quantization, "model.quantization")
         if quantization is not None and lora is None:
@@ -104,6 +112,7 @@ class StudentModule(L.LightningModule):
         self.lora = lora
         self.quantization = quantization
         self.gradient_checkpointing = gradient_checkpointing
+        self.neftune_alpha = neftune_alpha
         self.objective = objective or CrossEntropy()
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
@@ -151,6 +160,8 @@ class StudentModule(L.LightningModule):
             with unpartitioned(strategy):
                 model = add_lora(model, self.lora)
             shard_adapter_apart(strategy, model)
+        if self.neftune_alpha is not None:
+            add_embedding_noise(model, self.neftune_alpha)
         self.model = model
         self.flops_shape = model_shape(self.causal_lm)
         self.objective.setup(self)
