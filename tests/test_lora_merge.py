@@ -74,3 +74,34 @@ def test_merge_command_line(tmp_path, chat_file):
     assert merge_adapter(tmp_path / "hf", tmp_path / "again").config._attn_implementation == "eager"
     plain = merge_adapter(tmp_path / "hf", tmp_path / "again", model_kwargs={"attn_implementation": "sdpa"})
     assert plain.config._attn_implementation == "sdpa"
+
+
+def test_a_saved_adapter_goes_on_training(tmp_path, teacher_dir):
+    """``model.lora.adapter`` (MedicalGPT's --peft_path): the student starts as the saved adapter is, with
+    its rank, and trains its LoRA weights only."""
+    import pytest
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distill.train.model import LoraOptions
+    from distill.train.student import StudentModule
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(teacher_dir), config).eval()
+    saved.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 415, 2936, 9060, 28723, 13]])
+
+    student = StudentModule(model=str(teacher_dir), lora=LoraOptions(r=16, adapter=str(tmp_path / "adapter")))
+    student.configure_model()
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student.model(ids).logits, saved(ids).logits)
+        with saved.disable_adapter():
+            assert not torch.allclose(saved(ids).logits, student.model(ids).logits, atol=1e-4)
+    trainable = [name for name, p in student.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert student.model.peft_config["default"].r == 2
+
+    with pytest.raises(FileNotFoundError, match=r"holds no adapter_config\.json"):
+        StudentModule(model=str(teacher_dir), lora=LoraOptions(adapter=str(tmp_path))).configure_model()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.teacher.identity import check_embedding_rows
@@ -29,6 +30,9 @@ class LoraOptions:
     are added by themselves when the tokenizer has tokens the saved model has no rows for."""
     extra: dict = field(default_factory=dict)
     """Any other ``peft.LoraConfig`` argument (e.g. ``use_rslora: true``)."""
+    adapter: str | None = None
+    """A saved adapter to go on training (an earlier stage's export, MedicalGPT's ``--peft_path``) instead
+    of a new one: its own rank, alpha and target modules apply, the options above do not."""
 
 
 def load_causal_lm(
@@ -98,6 +102,8 @@ def add_lora(model: PreTrainedModel, options: LoraOptions) -> torch.nn.Module:
     """
     from peft import LoraConfig, get_peft_model
 
+    if options.adapter is not None:
+        return load_trainable_adapter(model, options.adapter)
     modules_to_save = list(options.modules_to_save or [])
     extra = dict(options.extra)
     if _has_rows_beyond_saved_vocabulary(model):
@@ -113,6 +119,32 @@ def add_lora(model: PreTrainedModel, options: LoraOptions) -> torch.nn.Module:
         **extra,
     )
     return get_peft_model(model, config)
+
+
+def load_trainable_adapter(model: PreTrainedModel, adapter: str) -> torch.nn.Module:
+    """The saved LoRA ``adapter`` on ``model``, its weights trainable."""
+    from peft import PeftConfig, PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"model.lora.adapter: {adapter} holds no adapter_config.json (a peft adapter)"
+        )
+    config = PeftConfig.from_pretrained(adapter)
+    if config.peft_type != "LORA" or config.task_type not in (None, "CAUSAL_LM"):
+        raise ValueError(
+            f"model.lora.adapter: {adapter} is a {config.peft_type} adapter for {config.task_type}, not a "
+            "causal LM's LoRA adapter"
+        )
+    saved_base, base = config.base_model_name_or_path, model.name_or_path
+    if saved_base and base and _resolved(saved_base) != _resolved(base):
+        rank_zero_warn(
+            f"model.lora.adapter {adapter} was trained on {saved_base}; it goes on training on {base}"
+        )
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+
+
+def _resolved(name_or_path: str) -> str:
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
 def _has_rows_beyond_saved_vocabulary(model: PreTrainedModel) -> bool:
