@@ -306,3 +306,24 @@ def test_preference_pairs_from_parquet_are_those_of_the_jsonl(tmp_path):
 
     want = pairs(jsonl)
     assert len(want) == 8 and pairs(tmp_path / "pairs.parquet") == want
+
+
+def test_a_hub_dataset_loads_at_its_pinned_revision(tmp_path, monkeypatch):
+    asked = []
+
+    def load_dataset(name, config=None, **options):
+        asked.append((name, config, options))
+        return datasets.Dataset.from_list([{"text": f"pinned {i}"} for i in range(4)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = module(tmp_path, dataset_name="org/corpus", dataset_revision="v1.2", val_fraction=0.5)
+    train, val = data.load_records()
+    assert asked and all(options["revision"] == "v1.2" for *_, options in asked)
+    assert asked[0][:2] == ("org/corpus", None) and len(train) == len(val) == 2
+    assert train[0].source.startswith("dataset org/corpus (revision v1.2, split train), row ")
+    assert DatasetSplit("org/corpus", revision="v1.2") != DatasetSplit("org/corpus")  # other cache keys
+
+    with pytest.raises(ValueError, match="a local directory has no revisions"):
+        module(tmp_path, dataset_name=str(configs_dir(tmp_path)), dataset_revision="v1").load_records()
+    with pytest.raises(ValueError, match=r"data\.dataset_revision .* select a data\.dataset_name"):
+        module(tmp_path, train_files="x.jsonl", dataset_revision="v1")

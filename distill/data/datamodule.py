@@ -58,6 +58,7 @@ class DataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
+        dataset_revision: str | None = None,
         split: str = "train",
         val_split: str | None = None,
         format: Format = "auto",
@@ -91,6 +92,7 @@ class DataModule(L.LightningDataModule):
                 ``save_to_disk``, or a directory of data files ``datasets.load_dataset`` reads. When set,
                 ``train_files`` and ``val_files`` are not read (one flag overrides a config's files).
             dataset_config: The dataset's config name, where it has several.
+            dataset_revision: A hub dataset's branch, tag or commit (pins the data a config trains on).
             split: The dataset's training split.
             val_split: The dataset's validation split (e.g. ``validation``); unset: ``val_fraction``.
             format: Record format, or ``auto`` to detect it per record.
@@ -129,7 +131,7 @@ class DataModule(L.LightningDataModule):
                 "documents as data.val_files (or data.val_split) and set data.val_fraction: 0"
             )
         self.train_sources, self.val_sources = split_sources(
-            train_files, val_files, dataset_name, dataset_config, split, val_split
+            train_files, val_files, dataset_name, dataset_config, split, val_split, dataset_revision
         )
         # the tokenizer is linked from the model's (which may leave it unset): logged there once
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -137,6 +139,7 @@ class DataModule(L.LightningDataModule):
         self.val_files = val_files
         self.dataset_name = dataset_name
         self.dataset_config = dataset_config
+        self.dataset_revision = dataset_revision
         self.split = split
         self.val_split = val_split
         self.val_fraction = val_fraction

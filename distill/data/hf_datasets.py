@@ -35,10 +35,12 @@ class DatasetSplit:
     name: str
     config: str | None = None
     split: str = "train"
+    revision: str | None = None  # of a hub dataset: a branch, tag or commit
 
     def __str__(self) -> str:
         config = f"config {self.config}, " if self.config else ""
-        return f"dataset {self.name} ({config}split {self.split})"
+        revision = f"revision {self.revision}, " if self.revision else ""
+        return f"dataset {self.name} ({config}{revision}split {self.split})"
 
     @property
     def saved(self) -> bool:
@@ -54,11 +56,15 @@ class DatasetSplit:
         prepared once in the ``datasets`` cache from the hub (or, with ``streaming``, streamed from it)."""
         import datasets
 
+        if self.revision is not None and self.local:
+            raise ValueError(f"{self}: a local directory has no revisions: unset data.dataset_revision")
         if not self.saved:
             # a local directory's files are read as they are: the datasets cache misses an edit of a
             # file that a README config names; a hub dataset is cached per revision
             streaming = streaming or self.local
-            return datasets.load_dataset(self.name, self.config, split=self.split, streaming=streaming)
+            return datasets.load_dataset(
+                self.name, self.config, split=self.split, streaming=streaming, revision=self.revision
+            )
         if self.config:
             raise ValueError(f"{self}: a directory written by save_to_disk has no configs: unset the config")
         loaded = datasets.load_from_disk(self.name)  # memory-mapped: streaming reads it batch by batch
@@ -86,13 +92,15 @@ class DatasetSplit:
         else:
             content = self.load()._fingerprint
         name = str(Path(self.name).resolve()) if self.local else self.name
-        return {"dataset": name, "config": self.config, "split": self.split, "content": content}
+        pinned = {"revision": self.revision} if self.revision else {}  # keys of unpinned entries unchanged
+        return {"dataset": name, "config": self.config, "split": self.split, **pinned, "content": content}
 
     def data_files(self) -> list[Path]:
         """The local data files of the split, as ``datasets`` resolves them (patterns, README configs)."""
         import datasets
 
-        found = datasets.load_dataset_builder(self.name, self.config).config.data_files or {}
+        builder = datasets.load_dataset_builder(self.name, self.config, revision=self.revision)
+        found = builder.config.data_files or {}
         by_split = {str(split): files for split, files in found.items()}
         if self.split not in by_split:
             raise ValueError(f"{self}: no such split; the dataset has {sorted(by_split)}")
@@ -170,21 +178,25 @@ def split_sources(
     dataset_config: str | None,
     split: str,
     val_split: str | None,
+    revision: str | None = None,
 ) -> tuple[list[str | DatasetSplit], list[str | DatasetSplit]]:
     """(training sources, validation sources: empty when none is given) of a data module's options.
     ``dataset_name`` replaces the files, so that one flag on top of a config with files trains on it."""
     if dataset_name is None:
         if train_files is None:
             raise ValueError("set data.train_files (files or directories) or data.dataset_name")
-        if dataset_config is not None or val_split is not None:
-            raise ValueError("data.dataset_config and data.val_split select a data.dataset_name: set it")
+        if dataset_config is not None or val_split is not None or revision is not None:
+            raise ValueError(
+                "data.dataset_config, data.dataset_revision and data.val_split select a data.dataset_name: "
+                "set it"
+            )
         return _listed(train_files), _listed(val_files) if val_files else []
     if train_files or val_files:
         from lightning.pytorch.utilities import rank_zero_info
 
         rank_zero_info(f"[distill] reading data.dataset_name {dataset_name}, not data.train_files/val_files")
-    val = [DatasetSplit(dataset_name, dataset_config, val_split)] if val_split else []
-    return [DatasetSplit(dataset_name, dataset_config, split)], val
+    val = [DatasetSplit(dataset_name, dataset_config, val_split, revision)] if val_split else []
+    return [DatasetSplit(dataset_name, dataset_config, split, revision)], val
 
 
 def _listed(files: str | Path | list[str | Path]) -> list[str | Path]:

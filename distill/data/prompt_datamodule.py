@@ -114,6 +114,7 @@ class PromptDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
+        dataset_revision: str | None = None,
         split: str = "train",
         val_split: str | None = None,
         format: PromptFormat = "auto",
@@ -145,6 +146,7 @@ class PromptDataModule(L.LightningDataModule):
                 ``save_to_disk``, or a directory of data files ``datasets.load_dataset`` reads. When set,
                 ``train_files`` and ``val_files`` are not read.
             dataset_config: The dataset's config name, where it has several.
+            dataset_revision: A hub dataset's branch, tag or commit (pins the data a config trains on).
             split: The dataset's training split.
             val_split: The dataset's validation split (e.g. ``validation``); unset: ``val_fraction``.
             format: Record format (``question``, ``messages``, ``prompt``), or ``auto`` to detect it per
@@ -179,10 +181,11 @@ class PromptDataModule(L.LightningDataModule):
         self.val_files = val_files
         self.dataset_name = dataset_name
         self.dataset_config = dataset_config
+        self.dataset_revision = dataset_revision
         self.split = split
         self.val_split = val_split
         self.train_sources, self.val_sources = split_sources(
-            train_files, val_files, dataset_name, dataset_config, split, val_split
+            train_files, val_files, dataset_name, dataset_config, split, val_split, dataset_revision
         )
         self.val_fraction = val_fraction
         self.format = format

@@ -94,6 +94,7 @@ class RoundSamples:
             data.train_files,
             dataset_name=data.dataset_name,
             dataset_config=data.dataset_config,
+            dataset_revision=data.dataset_revision,
             split=data.split,
             tokenizer=data.tokenizer_name,
             template=data.template_name,

@@ -57,6 +57,7 @@ def data_files(config: dict[str, Any]) -> list[Path]:
             options.get("dataset_config"),
             options.get("split", "train"),
             options.get("val_split"),
+            options.get("dataset_revision"),
         )
     except ValueError:
         return []
