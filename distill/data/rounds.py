@@ -163,7 +163,7 @@ class RoundSamples:
         check_settings(path, settings)
         done = completed_prompts(path, rounds.num_generations)
         pending = [p for p in prompts if p.sha not in done]
-        if pending:
+        if pending or synced:  # synced: a rank with nothing left still joins the others' generate calls
             write_completions(
                 path, policy, self.prompts, pending, rounds.sampling, rounds.num_generations,
                 rounds.generation_batch_size, (rounds.seed, "round", index), synced=synced,
