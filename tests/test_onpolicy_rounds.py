@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 import yaml
 
 import distill.data.kd_datamodule as kd_datamodule
+import distill.data.rounds as rounds_module
+from distill import StudentModule
 from distill.cli import main
 from distill.data.encoding import encode_record, truncate
 from distill.data.formats import Record
@@ -75,6 +77,24 @@ def test_each_round_collects_exactly_its_completions_and_trains_on_them(
         return original(teacher, jobs, *args, **kwargs)
 
     monkeypatch.setattr(kd_datamodule, "collect", spy)
+    # where each round is sampled: in the training step, which Lightning runs inside the strategy's
+    # forward (the root FSDP unit's weights are gathered only there), not in the DataLoader
+    stepping, sampled_in_step = [], []
+    training_step, write = StudentModule.training_step, rounds_module.write_completions
+
+    def in_step(self, *args):
+        stepping.append(True)
+        try:
+            return training_step(self, *args)
+        finally:
+            stepping.pop()
+
+    def sample(*args, **kwargs):
+        sampled_in_step.append(bool(stepping))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(StudentModule, "training_step", in_step)
+    monkeypatch.setattr(rounds_module, "write_completions", sample)
     path = tmp_path / "rounds.yaml"
     path.write_text(yaml.safe_dump(rounds_config(tmp_path, kd_teacher_dir)))
     main(["fit", "--config", str(path)])
@@ -82,6 +102,7 @@ def test_each_round_collects_exactly_its_completions_and_trains_on_them(
     template = resolve_template(tokenizer, "mistral")
     seen_prompts = []
     assert len(collected) == 4  # the validation set, then one collection per round
+    assert sampled_in_step == [True, True, True]
     for index in range(3):
         lines = round_lines(tmp_path / "cache", index)
         assert len(lines) == 8 and sorted((ln["sample"]) for ln in lines) == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -139,7 +160,8 @@ def _sample_a_round_on_two_ranks(rank: int, directory, teacher, port: int) -> No
     )
     data.resolve_chat_template()
     torch.manual_seed(0)
-    policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(data.tokenizer)))
+    config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(data.tokenizer))
+    policy = AutoModelForCausalLM.from_config(config)
     sample = partial(
         RoundSamples(rounds, data).samples, directory / "rounds", 0, policy, rank=rank, world_size=2, step=0
     )
