@@ -1,19 +1,34 @@
 """On-policy rounds through the cache: each round's completions written and collected (exactly those),
-trained on inside one fit, a killed fit resumed at its round and batch, and the refusals."""
+trained on inside one fit, a killed fit resumed at its round and batch, sharded ranks sampling in step
+after a kill, and the refusals."""
 
 from __future__ import annotations
 
 import json
+import socket
+import time
+from datetime import timedelta
+from functools import partial
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 
 import distill.data.kd_datamodule as kd_datamodule
+import distill.data.rounds as rounds_module
+from distill import StudentModule
 from distill.cli import main
 from distill.data.encoding import encode_record, truncate
 from distill.data.formats import Record
+from distill.data.kd_datamodule import KDDataModule
+from distill.data.rounds import Rounds, RoundSamples
 from distill.data.templates import resolve_template
+from distill.teacher.module import Teacher
 from tests.helpers import (
+    TINY_LLAMA,
+    TOKENIZER_DIR,
     check_killed_fit_resumes,
     kd_config,
     logged_values,
@@ -62,6 +77,24 @@ def test_each_round_collects_exactly_its_completions_and_trains_on_them(
         return original(teacher, jobs, *args, **kwargs)
 
     monkeypatch.setattr(kd_datamodule, "collect", spy)
+    # where each round is sampled: in the training step, which Lightning runs inside the strategy's
+    # forward (the root FSDP unit's weights are gathered only there), not in the DataLoader
+    stepping, sampled_in_step = [], []
+    training_step, write = StudentModule.training_step, rounds_module.write_completions
+
+    def in_step(self, *args):
+        stepping.append(True)
+        try:
+            return training_step(self, *args)
+        finally:
+            stepping.pop()
+
+    def sample(*args, **kwargs):
+        sampled_in_step.append(bool(stepping))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(StudentModule, "training_step", in_step)
+    monkeypatch.setattr(rounds_module, "write_completions", sample)
     path = tmp_path / "rounds.yaml"
     path.write_text(yaml.safe_dump(rounds_config(tmp_path, kd_teacher_dir)))
     main(["fit", "--config", str(path)])
@@ -69,6 +102,7 @@ def test_each_round_collects_exactly_its_completions_and_trains_on_them(
     template = resolve_template(tokenizer, "mistral")
     seen_prompts = []
     assert len(collected) == 4  # the validation set, then one collection per round
+    assert sampled_in_step == [True, True, True]
     for index in range(3):
         lines = round_lines(tmp_path / "cache", index)
         assert len(lines) == 8 and sorted((ln["sample"]) for ln in lines) == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -107,6 +141,56 @@ def test_a_killed_rounds_fit_resumes_at_its_round_and_batch(tmp_path, kd_teacher
     reference, resumed = (round_lines(tmp_path / r / "cache", 4) for r in ("reference", "resumed"))
     # the same student sampled the round after the resume
     assert [ln["messages"] for ln in reference] == [ln["messages"] for ln in resumed]
+
+
+def _sample_a_round_on_two_ranks(rank: int, directory, teacher, port: int) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    rounds = Rounds(1, 4, num_generations=2, max_new_tokens=5, max_prompt_length=64, generation_batch_size=1)
+    data = KDDataModule(
+        [Teacher(model=str(teacher))],
+        train_files=str(prompt_file(directory)),
+        tokenizer=str(TOKENIZER_DIR),
+        template="mistral",
+        max_seq_length=160,
+        rounds=rounds,
+    )
+    data.resolve_chat_template()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(data.tokenizer))
+    policy = AutoModelForCausalLM.from_config(config)
+    sample = partial(
+        RoundSamples(rounds, data).samples, directory / "rounds", 0, policy, rank=rank, world_size=2, step=0
+    )
+    if rank == 0:  # its file was complete when the fit was killed; rank 1's had not begun
+        sample(synced=False)
+    # sharded: every forward is a collective, and transformers' synced generate all-reduces every token
+    trained = sample(synced=True)
+    counts = [None, None]
+    dist.all_gather_object(counts, len(trained))
+    assert counts == [4, 4]  # two prompts x two completions on each rank
+    dist.destroy_process_group()
+
+
+def test_sharded_ranks_sample_a_round_in_step_when_one_has_nothing_left(tmp_path, kd_teacher_dir):
+    """Rank 0 has nothing left to sample after a kill, rank 1 two generate calls: rank 0 joins both,
+    idle (sharded weights hang, or mismatch collectives, when ranks make different numbers of calls)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = (tmp_path, kd_teacher_dir, port)
+    ranks = mp.start_processes(_sample_a_round_on_two_ranks, args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish sampling the round: a rank hung in a generate call")
+    lines = [(tmp_path / "rounds" / "round-00000" / f"rank{r:03d}.jsonl").read_text() for r in (0, 1)]
+    assert [text.count("\n") for text in lines] == [4, 4]
 
 
 def test_rounds_refuse_what_cannot_work(tmp_path, kd_teacher_dir, capsys):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.cache import CacheReader, CacheSpec, TeacherCache, WriterLock, open_cache
@@ -52,7 +53,6 @@ from distill.teacher.collect import (
     writer_locks,
 )
 from distill.teacher.module import Scheme, Teacher, TeacherModule
-from distill.train.sharding import sharded
 
 
 class KDDataModule(DataModule):
@@ -237,10 +237,9 @@ class KDDataModule(DataModule):
         if self.rounds is not None and state.get("rounds_run"):
             self.rounds_run = state["rounds_run"]
 
-    def round_samples(self, index: int) -> list[Encoded]:
-        """Round ``index``'s samples of this rank, sampled by the student being trained."""
-        synced = sharded(self.trainer.strategy)
-        policy = self.trainer.lightning_module.model
+    def round_samples(self, index: int, policy: nn.Module, synced: bool) -> list[Encoded]:
+        """Round ``index``'s samples of this rank, sampled by ``policy``, the student being trained
+        (``synced``: its weights are sharded, every rank samples at once)."""
         return self._round_samples.samples(
             self.rounds_directory, index, policy,
             rank=self._rank, world_size=self._world_size, synced=synced, step=self.trainer.global_step,
@@ -403,7 +402,7 @@ class KDDataModule(DataModule):
         return KDCollator(self.collator, self.packing, self.spec.vocab_size)
 
     def train_dataloader(self) -> DataLoader:
-        if self.rounds is not None:  # the student samples each round in the main process
+        if self.rounds is not None:  # batches the student builds at its training step: sampled rounds
             stream = RoundStream(self, self._round_samples, self._rank, self._world_size)
             return ResumableLoader(stream, self._progress, num_workers=0)
         stream = TargetStream(self, self._rank, self._world_size)

@@ -11,8 +11,10 @@ rounds before are not touched, the round it stopped in is read back from its fil
 completed if the kill cut its generation short (by the weights and seeds that began it, which an
 exact resume restores).
 
-A round is sampled when its first batch is fetched, after the previous round's last optimizer step:
-the student that samples round r has trained on all of round r - 1 (the log says at which step).
+A round is sampled at the training step of its first batch, after the previous round's last optimizer
+step: the student that samples round r has trained on all of round r - 1 (the log says at which step).
+Batches are built there, not in the DataLoader: inside the strategy's forward, where sharded weights
+(FSDP, ZeRO-3) can generate, every rank together and in the same number of generate calls.
 
 The completions are stored as text and encoded again: the teachers and the student's update read the
 same tokens, which a tokenizer may split differently from how the student sampled them.
@@ -24,6 +26,7 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +44,7 @@ from distill.rollout.generate import check_settings, completed_prompts, read_com
 if TYPE_CHECKING:
     from torch import nn
 
+    from distill.cache import CacheReader
     from distill.data.kd_datamodule import KDDataModule
 
 
@@ -163,7 +167,7 @@ class RoundSamples:
         check_settings(path, settings)
         done = completed_prompts(path, rounds.num_generations)
         pending = [p for p in prompts if p.sha not in done]
-        if pending:
+        if pending or synced:  # synced: a rank with nothing left still joins the others' generate calls
             write_completions(
                 path, policy, self.prompts, pending, rounds.sampling, rounds.num_generations,
                 rounds.generation_batch_size, (rounds.seed, "round", index), synced=synced,
@@ -190,6 +194,37 @@ class RoundSamples:
         return samples
 
 
+class RoundChunk:
+    """One round's samples and the chunk of their teachers' targets, made when the student builds the
+    round's first batch: its batches carry ``build`` instead of tensors, which ``StudentModule`` calls at
+    its training step, inside the strategy's forward, where sharded weights (FSDP, ZeRO-3) can generate
+    (as RL objectives sample in ``prepare``), and after the previous round's last optimizer step."""
+
+    def __init__(self, data: KDDataModule, index: int, seed: int) -> None:
+        self.data = data
+        self.index = index
+        self.seed = seed
+        self.samples: list[Encoded] = []
+        self.reader: CacheReader | None = None
+
+    def batch(self, number: int, policy: nn.Module, synced: bool) -> dict[str, Any]:
+        """Batch ``number`` of the round; the first one built samples the round with ``policy`` (``synced``:
+        its weights are sharded, every rank samples at once) and collects its targets."""
+        data, size = self.data, self.data.batch_size
+        if self.reader is None:
+            self.samples = data.round_samples(self.index, policy, synced)
+            epoch_rng(self.seed, self.index).shuffle(self.samples)
+            # duplicates (the same completion twice) are collected once and trained on twice
+            self.reader = data.prepare_chunk(list({s.sha: s for s in self.samples}.values()))
+        rows = [[s] for s in self.samples[number * size : (number + 1) * size]]
+        shas = [row[0].sha for row in rows]
+        return data.kd_collator(rows, *teacher_reads(self.reader, shas, data.teacher_names))
+
+    def finish(self) -> None:
+        if self.reader is not None:
+            self.data.finish_chunk(self.reader)
+
+
 class RoundStream(IterableDataset):
     """One epoch of rounds as KD batches: each round sampled, collected into the chunk cache, trained
     on, purged. ``skip`` batches are passed over without sampling or collecting (resuming mid-epoch)."""
@@ -210,21 +245,15 @@ class RoundStream(IterableDataset):
         return self.rounds.rounds.num_rounds * self.batches_per_round
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        data, per_round, size = self.data, self.batches_per_round, self.data.batch_size
-        for offset in range(self.rounds.rounds.num_rounds):
+        per_round, num_rounds = self.batches_per_round, self.rounds.rounds.num_rounds
+        for offset in range(num_rounds):
             first = offset * per_round
             if first + per_round <= self.skip:  # trained before the resume
                 continue
-            index = self.epoch * self.rounds.rounds.num_rounds + offset
-            samples = data.round_samples(index)
-            epoch_rng(self.rounds.rounds.seed, index).shuffle(samples)
-            # duplicates (the same completion twice) are collected once and trained on twice
-            reader = data.prepare_chunk(list({s.sha: s for s in samples}.values()))
+            chunk = RoundChunk(self.data, self.epoch * num_rounds + offset, self.rounds.rounds.seed)
             try:
                 for batch in range(per_round):
                     if yields(first + batch, self.skip):
-                        rows = [[s] for s in samples[batch * size : (batch + 1) * size]]
-                        shas = [row[0].sha for row in rows]
-                        yield data.kd_collator(rows, *teacher_reads(reader, shas, data.teacher_names))
+                        yield {"build": partial(chunk.batch, batch)}
             finally:
-                data.finish_chunk(reader)
+                chunk.finish()

@@ -125,13 +125,19 @@ def write_completions(
 ) -> None:
     """Append ``num_samples`` completions of each of ``prompts`` to ``path``, batch by batch, each batch
     flushed to disk (a crash loses at most the batch being generated). Batches are seeded by ``seed``
-    and their prompts' SHAs."""
+    and their prompts' SHAs.
+
+    ``synced`` (sharded weights): every rank must call this at once, and every rank then makes as many
+    generate calls as the rank with the most batches; a rank with fewer (its file nearly complete after
+    a kill, or nothing left) steps through idle ones, whose completions are dropped.
+    """
     engine = engine or TransformersEngine()
     stop_ids, pad_id = data.generation_stop_ids, data.pad_id
     device = next(policy.parameters()).device
+    batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
+    calls = agreed_calls(len(batches), device) if synced else len(batches)
     with open(path, "a", encoding="utf-8") as file:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+        for chunk in batches:
             batch = data.collator(chunk)
             ids = engine(
                 policy,
@@ -156,6 +162,18 @@ def write_completions(
             os.fsync(file.fileno())
             if progress is not None:
                 progress.update(len(chunk))
+    for _ in range(calls - len(batches)):
+        # a one-token prompt: this rank's forwards serve only to gather the shards the other ranks need
+        one = torch.full((1, 1), pad_id, device=device)
+        engine(policy, one, torch.ones_like(one), num_samples=1, sampling=sampling, stop_ids=stop_ids,
+               pad_id=pad_id, seed=0, synced=True)  # fmt: skip
+
+
+def agreed_calls(calls: int, device: torch.device) -> int:
+    """The most generate calls any rank has to make (a collective: every rank calls it)."""
+    count = torch.tensor([calls], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
 
 
 def completion_line(prompt: EncodedPrompt, text: str, sample: int, stopped: bool) -> dict:

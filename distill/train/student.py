@@ -200,6 +200,7 @@ class StudentModule(L.LightningModule):
         return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self.build_batch(batch)
         out = self.compute_loss(batch)
         rows, seq_len = batch["input_ids"].shape
         self.flops_per_batch = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens)
@@ -217,6 +218,17 @@ class StudentModule(L.LightningModule):
         self._step_units += out.num_units
         # a sum over units: on_before_optimizer_step scales the gradients by the step's units
         return out.loss_sum
+
+    def build_batch(self, batch: dict) -> None:
+        """Fill a batch that only the student can build: ``build(policy, synced)`` (on-policy rounds sample
+        the student at a round's first batch). Lightning runs ``training_step`` inside the strategy's
+        forward, the one place where sharded weights (FSDP, ZeRO-3) can generate, as RL objectives do in
+        ``prepare``; the tensors then go where the loop puts a loader's batch."""
+        build = batch.pop("build", None)
+        if build is None:
+            return
+        built = self.trainer.precision_plugin.convert_input(build(self.model, sharded(self.strategy)))
+        batch.update(self.trainer.strategy.batch_to_device(built))
 
     @property
     def _gradients_hidden(self) -> bool:
