@@ -89,6 +89,39 @@ def test_sequence_log_probs_equal_a_full_logits_computation(policy_dir, packed):
     assert float(out.sums["logps/chosen"]) == pytest.approx(float(want[0::2].sum()), rel=1e-4)
 
 
+def test_ipo_logs_the_implicit_rewards_of_the_sums_and_keeps_its_loss_of_the_means():
+    """IPO's loss is over per-token means; rewards/* are beta (log pi - log ref) over the sums, as DPO's."""
+    from distill.objectives.base import LossInputs, sequence_log_probs
+
+    torch.manual_seed(0)
+    lengths = [6, 2, 3, 7, 4, 4, 5, 2]  # chosen, rejected of 4 pairs: longer, shorter, equal
+    sequence = torch.repeat_interleave(torch.arange(8), torch.tensor(lengths))
+    head = torch.nn.Linear(8, 16)
+    inputs = LossInputs(
+        torch.randn(len(sequence), 8),
+        torch.randint(0, 16, (len(sequence),)),
+        sequence,
+        torch.zeros(8, 8),
+        head,
+        {},
+    )
+    sums = sequence_log_probs(inputs).detach()
+    tokens = torch.tensor(lengths, dtype=sums.dtype)
+    # log pi - log ref on the sums; pairs 0, 1 and 3 are ordered one way by the sums, the other by the means
+    delta = torch.tensor([1.0, 0.6, 1.0, 2.0, 1.0, 0.5, 1.0, 0.45])
+    inputs.batch.update(unit_size=2, reference_logps=(sums - delta).double())
+    beta = 0.2
+    out = Preference(loss="ipo", beta=beta)(inputs)
+    chosen, rejected = beta * delta[0::2], beta * delta[1::2]
+    assert float(out.sums["rewards/chosen"]) == pytest.approx(float(chosen.sum()), rel=1e-5)
+    assert float(out.sums["rewards/rejected"]) == pytest.approx(float(rejected.sum()), rel=1e-5)
+    assert float(out.sums["rewards/margins"]) == pytest.approx(float((chosen - rejected).sum()), rel=1e-5)
+    assert float(out.sums["rewards/accuracies"]) == 3  # pairs 0, 2 and 3 (by the means: 1 and 2)
+    mean = delta / tokens
+    want = ((mean[0::2] - mean[1::2]) - 1 / (2 * beta)) ** 2  # the loss stays over the means
+    assert float(out.loss_sum) == pytest.approx(float(want.sum()), rel=1e-5)
+
+
 def test_the_adapter_off_reference_is_the_base_model(policy_dir):
     objective = Preference(loss="sigmoid")
     student = student_of(policy_dir, objective, LoraOptions(r=4, alpha=8, dropout=0.0))

@@ -114,7 +114,10 @@ def dpo_hinge(
 def ipo(
     chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float = 0.1
 ) -> PairLoss:
-    """IPO: (h - 1 / (2 beta))**2 over per-token mean log-probs (TRL's choice; the paper uses sums)."""
+    """IPO: (h - 1 / (2 beta))**2 over per-token mean log-probs (TRL's choice; the paper uses sums).
+
+    The rewards are of the inputs, the means: the implicit reward logged as ``rewards/*`` is over the sums.
+    """
     if beta <= 0:
         raise ValueError(f"ipo needs beta > 0, got {beta}")
     h, chosen_rewards, rejected_rewards = _dpo_terms(chosen, rejected, ref_chosen, ref_rejected, beta)
