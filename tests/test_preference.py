@@ -453,3 +453,54 @@ def test_kto_mismatched_completions_of_a_packed_batch_are_packed(policy_dir):
     # packing reorders the sequences; z0 is their mean, so only the set of values matters
     got, want = sequence_logps(model, mixed).sort().values, sequence_logps(model, unpacked).sort().values
     assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _ShiftedReference:
+    """A reference whose log-prob of each sequence is the policy's minus ``offset``."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def setup(self, student, owner: str) -> None:
+        pass
+
+    def logps(self, batch: dict, student) -> torch.Tensor:
+        return sequence_logps(student.causal_lm, batch) - self.offset
+
+
+def _kto_reference_point_on_two_ranks(rank: int, store: str) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+    from transformers import AutoConfig
+
+    from distill.data.encoding import Encoded
+    from tests.helpers import TINY_LLAMA
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA, vocab_size=64))
+    trainer = SimpleNamespace(world_size=2, strategy=DDPStrategy())  # its reduce: over the gloo group
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    student = SimpleNamespace(training=True, causal_lm=model, tokenizer=tokenizer, trainer=trainer)
+    samples = [
+        Encoded([1, 5 + i, 9, 10 + i], [-100, -100, 9, 10 + i], f"{i:064x}", f"kto:{i}", value=float(i % 2))
+        for i in range(4)
+    ]
+    # the mean over the batch and the ranks, then clamped; not each rank's mean clamped, then averaged
+    for offsets, want in (([-2.0, 1.0], 0.0), ([-1.0, 2.0], 0.5)):
+        objective = KTO()
+        objective.reference = _ShiftedReference(offsets[rank])  # policy - reference = the rank's offset
+        objective.setup(student)
+        batch = UnitCollator(0, packed=False)([[sample] for sample in samples])
+        objective.prepare(batch, student)
+        assert float(batch["kl_baseline"]) == pytest.approx(want, abs=1e-5), (rank, offsets)
+    dist.destroy_process_group()
+
+
+def test_kto_reference_point_is_the_mean_over_the_ranks_clamped(tmp_path):
+    import torch.multiprocessing as mp
+
+    store = str(tmp_path / "store")
+    mp.start_processes(_kto_reference_point_on_two_ranks, (store,), nprocs=2, start_method="spawn")
