@@ -154,6 +154,24 @@ def test_the_frozen_reference_defaults_to_the_starting_weights(policy_dir):
     assert not [k for k in student.state_dict() if "frozen" in k or k.startswith("objective.")]
 
 
+def test_the_frozen_reference_loads_the_starting_weights_as_the_student_loaded_them(tmp_path, policy_dir):
+    import shutil
+
+    eager = {"attn_implementation": "eager"}  # not this model's default: shows which arguments applied
+    objective = Preference(loss="sigmoid")
+    student = StudentModule(model=str(policy_dir), objective=objective, model_kwargs=eager)
+    student.configure_model()
+    assert student.causal_lm.config._attn_implementation == "eager"
+    frozen = objective.reference.frozen_model(torch.device("cpu"))
+    assert frozen.config._attn_implementation == "eager"
+    assert objective.reference.store_identity(["entry"])["model_kwargs"] == eager  # a revision keys the store
+    # another reference_model: model.model_kwargs (a revision of model.model) are not its arguments
+    other = Preference(loss="sigmoid", reference_model=str(shutil.copytree(policy_dir, tmp_path / "other")))
+    StudentModule(model=str(policy_dir), objective=other, model_kwargs=eager).configure_model()
+    assert other.reference.frozen_model(torch.device("cpu")).config._attn_implementation != "eager"
+    assert "model_kwargs" not in other.reference.store_identity(["entry"])
+
+
 def test_reference_free_losses_load_no_reference(policy_dir):
     for loss in ("simpo", "orpo"):
         objective = Preference(loss=loss)
