@@ -89,6 +89,39 @@ def test_sequence_log_probs_equal_a_full_logits_computation(policy_dir, packed):
     assert float(out.sums["logps/chosen"]) == pytest.approx(float(want[0::2].sum()), rel=1e-4)
 
 
+def test_ipo_logs_the_implicit_rewards_of_the_sums_and_keeps_its_loss_of_the_means():
+    """IPO's loss is over per-token means; rewards/* are beta (log pi - log ref) over the sums, as DPO's."""
+    from distill.objectives.base import LossInputs, sequence_log_probs
+
+    torch.manual_seed(0)
+    lengths = [6, 2, 3, 7, 4, 4, 5, 2]  # chosen, rejected of 4 pairs: longer, shorter, equal
+    sequence = torch.repeat_interleave(torch.arange(8), torch.tensor(lengths))
+    head = torch.nn.Linear(8, 16)
+    inputs = LossInputs(
+        torch.randn(len(sequence), 8),
+        torch.randint(0, 16, (len(sequence),)),
+        sequence,
+        torch.zeros(8, 8),
+        head,
+        {},
+    )
+    sums = sequence_log_probs(inputs).detach()
+    tokens = torch.tensor(lengths, dtype=sums.dtype)
+    # log pi - log ref on the sums; pairs 0, 1 and 3 are ordered one way by the sums, the other by the means
+    delta = torch.tensor([1.0, 0.6, 1.0, 2.0, 1.0, 0.5, 1.0, 0.45])
+    inputs.batch.update(unit_size=2, reference_logps=(sums - delta).double())
+    beta = 0.2
+    out = Preference(loss="ipo", beta=beta)(inputs)
+    chosen, rejected = beta * delta[0::2], beta * delta[1::2]
+    assert float(out.sums["rewards/chosen"]) == pytest.approx(float(chosen.sum()), rel=1e-5)
+    assert float(out.sums["rewards/rejected"]) == pytest.approx(float(rejected.sum()), rel=1e-5)
+    assert float(out.sums["rewards/margins"]) == pytest.approx(float((chosen - rejected).sum()), rel=1e-5)
+    assert float(out.sums["rewards/accuracies"]) == 3  # pairs 0, 2 and 3 (by the means: 1 and 2)
+    mean = delta / tokens
+    want = ((mean[0::2] - mean[1::2]) - 1 / (2 * beta)) ** 2  # the loss stays over the means
+    assert float(out.loss_sum) == pytest.approx(float(want.sum()), rel=1e-5)
+
+
 def test_the_adapter_off_reference_is_the_base_model(policy_dir):
     objective = Preference(loss="sigmoid")
     student = student_of(policy_dir, objective, LoraOptions(r=4, alpha=8, dropout=0.0))
@@ -119,6 +152,24 @@ def test_the_frozen_reference_defaults_to_the_starting_weights(policy_dir):
         p.requires_grad for p in objective.reference.frozen_model(torch.device("cpu")).parameters()
     )
     assert not [k for k in student.state_dict() if "frozen" in k or k.startswith("objective.")]
+
+
+def test_the_frozen_reference_loads_the_starting_weights_as_the_student_loaded_them(tmp_path, policy_dir):
+    import shutil
+
+    eager = {"attn_implementation": "eager"}  # not this model's default: shows which arguments applied
+    objective = Preference(loss="sigmoid")
+    student = StudentModule(model=str(policy_dir), objective=objective, model_kwargs=eager)
+    student.configure_model()
+    assert student.causal_lm.config._attn_implementation == "eager"
+    frozen = objective.reference.frozen_model(torch.device("cpu"))
+    assert frozen.config._attn_implementation == "eager"
+    assert objective.reference.store_identity(["entry"])["model_kwargs"] == eager  # a revision keys the store
+    # another reference_model: model.model_kwargs (a revision of model.model) are not its arguments
+    other = Preference(loss="sigmoid", reference_model=str(shutil.copytree(policy_dir, tmp_path / "other")))
+    StudentModule(model=str(policy_dir), objective=other, model_kwargs=eager).configure_model()
+    assert other.reference.frozen_model(torch.device("cpu")).config._attn_implementation != "eager"
+    assert "model_kwargs" not in other.reference.store_identity(["entry"])
 
 
 def test_reference_free_losses_load_no_reference(policy_dir):
@@ -420,3 +471,54 @@ def test_kto_mismatched_completions_of_a_packed_batch_are_packed(policy_dir):
     # packing reorders the sequences; z0 is their mean, so only the set of values matters
     got, want = sequence_logps(model, mixed).sort().values, sequence_logps(model, unpacked).sort().values
     assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _ShiftedReference:
+    """A reference whose log-prob of each sequence is the policy's minus ``offset``."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def setup(self, student, owner: str) -> None:
+        pass
+
+    def logps(self, batch: dict, student) -> torch.Tensor:
+        return sequence_logps(student.causal_lm, batch) - self.offset
+
+
+def _kto_reference_point_on_two_ranks(rank: int, store: str) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+    from transformers import AutoConfig
+
+    from distill.data.encoding import Encoded
+    from tests.helpers import TINY_LLAMA
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA, vocab_size=64))
+    trainer = SimpleNamespace(world_size=2, strategy=DDPStrategy())  # its reduce: over the gloo group
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    student = SimpleNamespace(training=True, causal_lm=model, tokenizer=tokenizer, trainer=trainer)
+    samples = [
+        Encoded([1, 5 + i, 9, 10 + i], [-100, -100, 9, 10 + i], f"{i:064x}", f"kto:{i}", value=float(i % 2))
+        for i in range(4)
+    ]
+    # the mean over the batch and the ranks, then clamped; not each rank's mean clamped, then averaged
+    for offsets, want in (([-2.0, 1.0], 0.0), ([-1.0, 2.0], 0.5)):
+        objective = KTO()
+        objective.reference = _ShiftedReference(offsets[rank])  # policy - reference = the rank's offset
+        objective.setup(student)
+        batch = UnitCollator(0, packed=False)([[sample] for sample in samples])
+        objective.prepare(batch, student)
+        assert float(batch["kl_baseline"]) == pytest.approx(want, abs=1e-5), (rank, offsets)
+    dist.destroy_process_group()
+
+
+def test_kto_reference_point_is_the_mean_over_the_ranks_clamped(tmp_path):
+    import torch.multiprocessing as mp
+
+    store = str(tmp_path / "store")
+    mp.start_processes(_kto_reference_point_on_two_ranks, (store,), nprocs=2, start_method="spawn")

@@ -8,6 +8,7 @@ import functools
 import logging
 import math
 import re
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from distill.cache.lock import WriterLock
-from distill.data import datamodule, preference_datamodule, tokenized
+from distill.data import chunks, datamodule, preference_datamodule, tokenized
 from distill.data.encoding import IGNORE_INDEX, Encoded, encode_messages
 from distill.data.formats import DataFormatError
 from distill.data.pair_encoding import (
@@ -205,6 +206,35 @@ def test_an_over_long_pair_is_cut_and_one_whose_response_cannot_fit_dropped(tmp_
     assert all(len(s.input_ids) <= 30 for unit in dm.train for s in unit)
     want = truncate_unit(encode_unit(records[1], tokenizer, mistral), 30)
     assert [(s.input_ids, s.labels) for s in dm.train[1]] == [(s.input_ids, s.labels) for s in want]
+
+
+def test_a_truncation_other_than_left_is_refused(tmp_path):
+    path = pair_file(tmp_path / "train.jsonl", range(2))
+    for truncation in ("right", "drop"):
+        with pytest.raises(ValueError, match=rf"data.truncation '{truncation}'.*left of its prompt"):
+            PreferenceDataModule(train_files=str(path), tokenizer=str(TOKENIZER_DIR), truncation=truncation)
+    assert PreferenceDataModule(train_files=str(path), truncation="left").truncation == "left"
+
+
+def test_num_proc_encodes_pairs_in_worker_processes_as_one_process_would(tmp_path, monkeypatch):
+    pools = []
+
+    class RecordedPool(ProcessPoolExecutor):
+        def __init__(self, max_workers: int, **kwargs) -> None:
+            pools.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(chunks, "ProcessPoolExecutor", RecordedPool)
+    path = pair_file(tmp_path / "train.jsonl", range(260))  # two chunks of 256 records
+    serial = data(tmp_path, path)
+    assert pools == []
+    parallel = data(tmp_path, path, num_proc=2, tokenized_cache=str(tmp_path / "cache2"))
+    assert pools == [2]
+    assert parallel.stats == serial.stats and len(parallel.train) == len(serial.train) == 260
+    for a_unit, b_unit in zip(serial.train, parallel.train, strict=True):
+        assert [(s.input_ids, s.labels, s.sha, s.source, s.value) for s in a_unit] == [
+            (s.input_ids, s.labels, s.sha, s.source, s.value) for s in b_unit
+        ]
 
 
 # ---- units: grouping and collating ------------------------------------------------------------------

@@ -157,6 +157,10 @@ def test_kto_kl_baseline():
     diffs = torch.tensor([3.0, -1.0, -1.5], dtype=torch.float64)
     assert kto_kl_baseline(diffs, torch.zeros(3, dtype=torch.float64)).item() == pytest.approx(0.5 / 3)
     assert kto_kl_baseline(-diffs, torch.zeros(3, dtype=torch.float64)).item() == 0.0
+    # another rank's mean of 1.0: the mean over the ranks, (-0.5 / 3 + 1) / 2, is what is clamped
+    other_rank = lambda kl: (kl + 1.0) / 2  # noqa: E731
+    z0 = kto_kl_baseline(-diffs, torch.zeros(3, dtype=torch.float64), other_rank)
+    assert z0.item() == pytest.approx((1.0 - 0.5 / 3) / 2)
     with pytest.raises(ValueError, match="at least one"):
         kto_kl_baseline(torch.zeros(0), torch.zeros(0))
 

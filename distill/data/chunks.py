@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -59,15 +61,22 @@ def stored_value(stored: float) -> float | None:
     return None if math.isnan(stored) else stored
 
 
-# what an encoding worker reads: (tokenizer, template, max_length, truncation, responses only)
-_worker_settings: tuple | None = None
+ChunkEncoder = Callable[[Sequence[Any]], EncodedChunk]
+"""Encodes one chunk of records (picklable, as a module-level function or a ``partial`` of one: each
+worker process receives it once)."""
+
+_worker_encode: ChunkEncoder | None = None  # what an encoding worker runs on each chunk
 
 
-def _init_worker(settings: tuple) -> None:
-    global _worker_settings
+def _init_worker(encode: ChunkEncoder) -> None:
+    global _worker_encode
     # ``num_proc`` workers already use the cores: the tokenizers library's own threads would oversubscribe
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_settings = settings
+    _worker_encode = encode
+
+
+def _encode_in_worker(records: Sequence[Any]) -> EncodedChunk:
+    return _worker_encode(records)
 
 
 def _encode(records: Sequence[Record], settings: tuple) -> EncodedChunk:
@@ -75,10 +84,6 @@ def _encode(records: Sequence[Record], settings: tuple) -> EncodedChunk:
     for sample in stats.examples_without_labels:  # the parent holds the records already
         sample.record = None
     return EncodedChunk.of(kept, stats)
-
-
-def _encode_in_worker(records: Sequence[Record]) -> EncodedChunk:
-    return _encode(records, _worker_settings)
 
 
 def encode_chunks(
@@ -91,19 +96,27 @@ def encode_chunks(
     num_proc: int = 1,
     chunk_size: int = 256,
 ) -> Iterator[EncodedChunk]:
-    """``encode_chunk`` over consecutive chunks of ``records``, in order, in ``num_proc`` processes.
+    """``encode_chunk`` over consecutive chunks of ``records``, in order, in ``num_proc`` processes
+    (``map_chunks``)."""
+    settings = (tokenizer, template, max_length, truncation, train_on_responses_only)
+    return map_chunks(records, partial(_encode, settings=settings), num_proc, chunk_size)
+
+
+def map_chunks(
+    records: Sequence[Any], encode: ChunkEncoder, num_proc: int = 1, chunk_size: int = 256
+) -> Iterator[EncodedChunk]:
+    """``encode`` over consecutive chunks of ``records``, in order, in ``num_proc`` processes.
 
     Workers fork from a fresh server process, never from this one: a fork of a process that has run
-    torch (OpenMP) or has background threads can deadlock in the child. Each worker receives the
-    tokenizer and template once; only the chunks' records go out and flat arrays come back, so the
-    results equal a serial run's. A worker that dies fails the build (``BrokenProcessPool``) instead
-    of leaving it waiting.
+    torch (OpenMP) or has background threads can deadlock in the child. Each worker receives ``encode``
+    (with the tokenizer and template it holds) once; only the chunks' records go out and flat arrays
+    come back, so the results equal a serial run's. A worker that dies fails the build
+    (``BrokenProcessPool``) instead of leaving it waiting.
     """
-    settings = (tokenizer, template, max_length, truncation, train_on_responses_only)
     chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
     if num_proc <= 1 or len(chunks) <= 1:
         for chunk in chunks:
-            yield _encode(chunk, settings)
+            yield encode(chunk)
         return
     context = multiprocessing.get_context("forkserver")
     # the server imports this module (and transformers) once; every later pool forks ready workers
@@ -113,7 +126,7 @@ def encode_chunks(
         min(num_proc, len(chunks)),
         mp_context=context,
         initializer=_init_worker,
-        initargs=(settings,),
+        initargs=(encode,),
     )
     try:
         yield from pool.map(_encode_in_worker, chunks)

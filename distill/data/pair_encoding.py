@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.batching import Collator
-from distill.data.chunks import EncodedChunk
+from distill.data.chunks import EncodedChunk, map_chunks
 from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats, encode_messages
 from distill.data.pairs import Messages, PairRecord, UnpairedRecord
 from distill.data.templates import ChatTemplate
@@ -77,22 +78,33 @@ def encode_unit(
     return [completion]
 
 
+def encode_unit_chunk(
+    records: Sequence[PairRecord | UnpairedRecord],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    max_length: int,
+) -> EncodedChunk:
+    """Encode, truncate and filter units; stats count units (pairs or KTO samples), tokens count both
+    responses of a pair."""
+    stats, kept = EncodingStats(), []
+    for record in records:
+        encoded = encode_unit(record, tokenizer, template)
+        unit = truncate_unit(encoded, max_length)
+        if stats.count(unit, unit is not encoded):
+            kept.extend(unit)
+    return EncodedChunk.of(kept, stats)
+
+
 def encode_unit_chunks(
     records: Sequence[PairRecord | UnpairedRecord],
     tokenizer: PreTrainedTokenizerBase,
     template: ChatTemplate,
     max_length: int,
+    num_proc: int = 1,
 ) -> Iterator[EncodedChunk]:
-    """Encode, truncate and filter units; stats count units (pairs or KTO samples), tokens count both
-    responses of a pair."""
-    for start in range(0, len(records), CHUNK_RECORDS):
-        stats, kept = EncodingStats(), []
-        for record in records[start : start + CHUNK_RECORDS]:
-            encoded = encode_unit(record, tokenizer, template)
-            unit = truncate_unit(encoded, max_length)
-            if stats.count(unit, unit is not encoded):
-                kept.extend(unit)
-        yield EncodedChunk.of(kept, stats)
+    """``encode_unit_chunk`` over consecutive chunks of ``records``, in order, in ``num_proc`` processes."""
+    encode = partial(encode_unit_chunk, tokenizer=tokenizer, template=template, max_length=max_length)
+    return map_chunks(records, encode, num_proc, CHUNK_RECORDS)
 
 
 class Grouped(Sequence[list[Encoded]]):

@@ -26,15 +26,17 @@ from distill.data.templates import ChatTemplate
 class PreferenceDataModule(DataModule):
     records_kind = "preference"
 
-    def __init__(self, format: PairFormat = "auto", **kwargs: Any) -> None:
+    def __init__(self, format: PairFormat = "auto", truncation: str = "left", **kwargs: Any) -> None:
         """
         Args:
             format: Record format (``medicalgpt``, ``medicalgpt_reward``, ``trl``, ``hh``, ``kto``), or
                 ``auto`` to detect it per record. A file holds pairs or KTO samples, not both.
+            truncation: ``left`` only: an over-long pair loses prompt tokens from the left, the same
+                number from both responses, which stay whole.
             **kwargs: Everything ``DataModule`` takes (files, template, max_seq_length, packing,
                 ...). ``batch_size`` counts pairs (KTO samples), or packed rows with ``packing``;
                 packed rows hold up to twice ``max_seq_length`` tokens, so a pair whose responses
-                each fit always fits one row. ``truncation`` is always from the left of the prompt.
+                each fit always fits one row.
         """
         if kwargs.get("streaming"):
             raise ValueError("data.streaming reads plain text for pretraining; preference data is read whole")
@@ -42,8 +44,13 @@ class PreferenceDataModule(DataModule):
             raise ValueError(
                 "preference objectives score the responses: train_on_responses_only must stay true"
             )
-        kwargs["truncation"] = "left"  # of the prompt: both responses stay whole (pair_encoding)
-        super().__init__(format="auto", **kwargs)
+        if truncation != "left":
+            raise ValueError(
+                f"data.truncation {truncation!r}: preference data cuts an over-long pair from the left of "
+                "its prompt, so that both responses stay whole and comparable; set truncation: left (or "
+                "leave it out), or raise max_seq_length"
+            )
+        super().__init__(format="auto", truncation=truncation, **kwargs)
         self.format = format
 
     def read_files(self, files: list[Source]) -> list[PairRecord | UnpairedRecord]:
@@ -54,7 +61,7 @@ class PreferenceDataModule(DataModule):
         return self.resolve_chat_template()
 
     def encode_split(self, records: list, template: ChatTemplate | None) -> Iterable[EncodedChunk]:
-        return encode_unit_chunks(records, self.tokenizer, template, self.max_seq_length)
+        return encode_unit_chunks(records, self.tokenizer, template, self.max_seq_length, self.num_proc)
 
     def entry_meta(self, records: list, template: ChatTemplate | None) -> dict:
         kinds = {type(record) for record in records}

@@ -114,7 +114,10 @@ def dpo_hinge(
 def ipo(
     chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float = 0.1
 ) -> PairLoss:
-    """IPO: (h - 1 / (2 beta))**2 over per-token mean log-probs (TRL's choice; the paper uses sums)."""
+    """IPO: (h - 1 / (2 beta))**2 over per-token mean log-probs (TRL's choice; the paper uses sums).
+
+    The rewards are of the inputs, the means: the implicit reward logged as ``rewards/*`` is over the sums.
+    """
     if beta <= 0:
         raise ValueError(f"ipo needs beta > 0, got {beta}")
     h, chosen_rewards, rejected_rewards = _dpo_terms(chosen, rejected, ref_chosen, ref_rejected, beta)
@@ -148,16 +151,25 @@ def orpo(chosen: Tensor, rejected: Tensor, *, beta: float = 0.1) -> PairLoss:
     return PairLoss(loss, beta * chosen.detach(), beta * rejected.detach())
 
 
-def kto_kl_baseline(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
+def kto_kl_baseline(
+    mismatched_logps: Tensor,
+    mismatched_ref_logps: Tensor,
+    mean_over_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """KTO's reference point z0: mean(policy - reference) over mismatched completions, clamped at 0, detached.
 
-    As in TRL the mean is clamped, not each difference (that would bias z0 upwards).
+    ``mean_over_ranks`` (e.g. an all-reduce mean) averages each rank's mean over the ranks. As in TRL
+    the mean over the batch and the ranks is clamped, not each difference nor each rank's mean (either
+    would bias z0 upwards).
     """
     _check_shapes(mismatched_logps=mismatched_logps, mismatched_ref_logps=mismatched_ref_logps)
     if mismatched_logps.numel() == 0:
         raise ValueError("kto_kl_baseline needs at least one mismatched completion")
     logps, ref_logps = _upcast(mismatched_logps, mismatched_ref_logps)
-    return (logps - ref_logps).mean().clamp(min=0.0).detach()
+    kl = (logps - ref_logps).mean().detach()
+    if mean_over_ranks is not None:
+        kl = mean_over_ranks(kl)
+    return kl.clamp(min=0.0)
 
 
 def kto(

@@ -3,11 +3,12 @@ KTO records: one sequence per unit, the label in ``sequence_values`` as 1.0 / 0.
 
 The reference point z0 is the policy's KL to the reference estimated on mismatched completions: each
 sample's prompt followed by the next sample's completion (TRL's pairing), scored in ``prepare``
-without gradients by both models and averaged over the batch and the ranks.
+without gradients by both models, averaged over the batch and the ranks, then clamped at 0.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,12 +95,13 @@ class KTO(Objective):
             k: v.to(batch["input_ids"].device) for k, v in mismatched_batch(batch, self.collate).items()
         }
         policy = sequence_logps(student.causal_lm, mismatched, self.chunk_size)
-        kl = kto_kl_baseline(policy, self.reference.logps(mismatched, student).to(policy))
         # one reference point for the step's batches on all ranks; not in validation, where a rank may
         # run one batch fewer than the others and would leave them waiting in the collective
+        mean_over_ranks = None
         if student.training and student.trainer.world_size > 1:
-            kl = student.trainer.strategy.reduce(kl, reduce_op="mean")
-        batch["kl_baseline"] = kl
+            mean_over_ranks = partial(student.trainer.strategy.reduce, reduce_op="mean")
+        reference = self.reference.logps(mismatched, student).to(policy)
+        batch["kl_baseline"] = kto_kl_baseline(policy, reference, mean_over_ranks)
 
     def forward(self, inputs: LossInputs) -> Loss:
         sums = sequence_log_probs(inputs, self.chunk_size)  # (S,)

@@ -119,7 +119,8 @@ class Preference(Objective):
         policy = sums / scale
         reference = {}
         if self.spec.reference:
-            ref = inputs.batch["reference_logps"].to(policy) / scale
+            ref_sums = inputs.batch["reference_logps"].to(sums)  # (S,)
+            ref = ref_sums / scale
             reference = {"ref_chosen": ref[0::2], "ref_rejected": ref[1::2]}
         out: PairLoss = pair_loss(self.loss, policy[0::2], policy[1::2], **reference, **self.options)
         loss = out.loss
@@ -127,6 +128,11 @@ class Preference(Objective):
         if self.sft_weight:
             loss = loss + self.sft_weight * nll
         chosen, rejected = out.chosen_rewards, out.rejected_rewards
+        if self.spec.reference and self.spec.length_normalised:
+            # IPO's loss takes per-token means, but its implicit reward, as every reference loss's, is
+            # beta (log pi(y) - log ref(y)) over the sums (TRL's rewards/*): the loss's own are of the means
+            rewards = self.options["beta"] * (sums - ref_sums).detach()  # (S,)
+            chosen, rejected = rewards[0::2], rewards[1::2]
         metrics = {
             "rewards/chosen": chosen.sum(),
             "rewards/rejected": rejected.sum(),

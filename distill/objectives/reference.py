@@ -1,8 +1,9 @@
 """The reference model of DPO-family and KTO objectives: its log-probs of each sequence's response.
 
 - ``adapter``: the policy itself with its LoRA adapter disabled (no second copy in memory);
-- ``model``: a frozen model loaded from ``model`` (default: the policy's starting weights), kept out
-  of the student's module tree (never trained, checkpointed or exported);
+- ``model``: a frozen model loaded from ``model`` (default: the policy's starting weights, loaded with
+  the student's ``from_pretrained`` arguments: the same revision), kept out of the student's module
+  tree (never trained, checkpointed or exported);
 - ``precomputed``: that frozen model runs once over every unit of the data before the first step, its
   log-probs go to a ``ReferenceStore`` and the model is freed: a step then costs what an SFT step on
   the same tokens costs.
@@ -45,6 +46,7 @@ class Reference:
         self.cache = cache
         self.chunk_size = chunk_size
         self.quantization = quantization
+        self.model_kwargs: dict = {}  # from_pretrained arguments of the frozen model (see setup)
         # a list keeps the frozen model out of the student's module tree
         self.frozen: list[nn.Module] = []
         self.stored: dict[str, np.ndarray] | None = None
@@ -68,6 +70,8 @@ class Reference:
                     "objective.reference_model to the path of the reference (usually the SFT model)"
                 )
             self.model = student.model_name
+        if self.model == student.model_name:  # the starting weights: at the revision the student loaded
+            self.model_kwargs = dict(student.model_kwargs)
         self.dtype = self.dtype or student.dtype_name
         self.tokenizer = student.tokenizer
         if self.kind == "model" and sharded(student.strategy):
@@ -111,13 +115,8 @@ class Reference:
     def precompute(self, student: StudentModule) -> dict[str, np.ndarray]:
         """The reference's log-probs of every unit of the training and validation data, from the store,
         computed (this rank's share; the reference loaded, then freed) where the store lacks them."""
-        from distill.teacher.identity import model_identity
-
         trainer, data = student.trainer, student.trainer.datamodule
-        identity = {"reference": model_identity(self.model), "dtype": self.dtype, "data": data.identity()}
-        if self.quantization is not None:  # absent otherwise: stores written before stay valid
-            identity["quantization"] = self.quantization.identity()
-        store = ReferenceStore(self.cache, identity)
+        store = ReferenceStore(self.cache, self.store_identity(data.identity()))
         rank, world = trainer.global_rank, trainer.world_size
         if not store.complete and not store.has_part(rank, world):
             device = student.device
@@ -139,12 +138,31 @@ class Reference:
         trainer.strategy.barrier("reference_store_done")
         return store.load()
 
+    def store_identity(self, data: list[str]) -> dict:
+        """What the precomputed log-probs of ``data`` (its tokenized-cache entries) are a function of."""
+        from distill.teacher.identity import model_identity
+
+        identity = {"reference": model_identity(self.model), "dtype": self.dtype, "data": data}
+        # each absent when unset: stores written before stay valid
+        if self.quantization is not None:
+            identity["quantization"] = self.quantization.identity()
+        if self.model_kwargs:  # a revision, or remote code, changes the weights a hub name stands for
+            identity["model_kwargs"] = self.model_kwargs
+        return identity
+
     def frozen_model(self, device: torch.device) -> nn.Module:
         if not self.frozen:
             from distill.train.model import load_causal_lm
 
             model = load_causal_lm(
-                self.model, None, self.tokenizer, self.dtype, "reference", self.quantization, device
+                self.model,
+                None,
+                self.tokenizer,
+                self.dtype,
+                "reference",
+                self.quantization,
+                device,
+                options=self.model_kwargs,
             )
             if self.quantization is None:  # a quantized one is loaded onto the device, and stays there
                 model = model.to(device)
