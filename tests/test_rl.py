@@ -21,9 +21,12 @@ from distill.objectives.base import loss_inputs
 from distill.objectives.rollouts import Rollouts
 from distill.rewards import Format
 from distill.rollout import Sampling, rollout_batch, trim_at_stop
+from distill.train.model import LoraOptions
+from distill.train.student import StudentModule
 from tests.helpers import (
     ROOT,
     TINY_LLAMA,
+    TOKENIZER_DIR,
     check_killed_fit_resumes,
     logged_values,
     losses_named,
@@ -206,7 +209,12 @@ def test_a_rollout_keeps_each_prompts_group_together_and_equals_generate(policy)
     assert torch.equal(trim_at_stop(bare, [EOT], PAD).ids, rollout.completions.ids)
 
 
-def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
+def repeated(batch: dict, window: int, iteration: int, iterations: int) -> dict:
+    """A prompt batch as the data module repeats it for ``iterations`` updates (num_iterations)."""
+    return {**batch, "window": window, "iteration": iteration, "iterations": iterations}
+
+
+def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy, monkeypatch):
     objective = GRPO([index_reward], num_generations=2, max_new_tokens=4, num_iterations=3)
     objective.rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
     sampled = []
@@ -218,16 +226,26 @@ def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
     monkeypatch.setattr(objective.rollouts, "sample", sample)
     student = SimpleNamespace(trainer=SimpleNamespace(training=True), causal_lm=policy, model=policy)
     seen = []
-    for _ in range(3):
-        batch = prompt_batch([3, 2])
+    for iteration in range(3):
+        batch = repeated(prompt_batch([3, 2]), 0, iteration, 3)
         objective.prepare(batch, student)
         seen.append(batch)
     assert len(sampled) == 1  # sampled once, trained on three times
     for batch in seen[1:]:
         assert torch.equal(batch["input_ids"], seen[0]["input_ids"])
-        assert torch.equal(batch["old_logps"], seen[0]["old_logps"])
-    objective.prepare(prompt_batch([3, 2]), student)  # its iterations used up: a new rollout
-    assert len(sampled) == 2
+        assert batch["noise_seed"] == seen[0]["noise_seed"]  # the same dropout and NEFTune noise
+    assert objective.rank_state() is None  # its iterations used up: nothing kept
+    # a window cut short (limit_train_batches) leaves nothing behind once the next one starts
+    objective.prepare(repeated(prompt_batch([3, 2]), 1, 0, 3), student)
+    assert objective.rank_state()["window"] == 1
+    objective.prepare(repeated(prompt_batch([4, 2]), 2, 0, 3), student)
+    assert list(objective.rank_state()["rows"]) == [("sha0", "sha1")] and len(sampled) == 3
+    assert objective.rank_state()["window"] == 2
+    # an iteration with no kept rollout (a checkpoint without it) samples one for the iterations left
+    objective.prepare(repeated(prompt_batch([5, 2]), 3, 2, 3), student)
+    assert len(sampled) == 4 and objective.rank_state() is None
+    with pytest.raises(ValueError, match="batches that say their iteration"):
+        objective.prepare(prompt_batch([3, 2]), student)
     # the data module must repeat each step's prompts as often
     data = SimpleNamespace(num_iterations=1, generation_stop_ids=[EOT], pad_id=PAD)
     student = SimpleNamespace(
@@ -235,6 +253,50 @@ def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
     )
     with pytest.raises(ValueError, match=r"data\.num_iterations: 3"):
         objective.setup(student)
+
+
+def completion_length(prompts, completions, **fields) -> list[float]:
+    return [float(len(c)) for c in completions]
+
+
+def grpo_student(**model) -> StudentModule:
+    """A tiny StudentModule training GRPO with 2 iterations per rollout, as a fit's first step sees it."""
+    objective = GRPO([completion_length], num_generations=4, max_new_tokens=6, num_iterations=2)
+    student = StudentModule(
+        model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), objective=objective, **model
+    )
+    progress = SimpleNamespace(current=SimpleNamespace(completed=0, ready=0))
+    loop = SimpleNamespace(epoch_progress=progress, epoch_loop=SimpleNamespace(batch_progress=progress))
+    data = SimpleNamespace(num_iterations=2, generation_stop_ids=[EOT], pad_id=PAD)
+    student._trainer = SimpleNamespace(
+        datamodule=data, strategy=None, training=True, fit_loop=loop, world_size=1, global_rank=0
+    )
+    torch.manual_seed(0)
+    student.configure_model()
+    return student
+
+
+def test_a_rollouts_ratio_is_one_at_the_same_weights_with_dropout_and_neftune(tmp_path):
+    # LoRA dropout 0.5 and NEFTune: two forwards at the same weights differ unless they draw the same noise
+    model = {"lora": LoraOptions(r=4, alpha=8, dropout=0.5), "neftune_alpha": 5.0}
+    student = grpo_student(**model)
+    prompts = prompt_batch([3, 2])
+    first = student.compute_loss(repeated(prompts, 0, 0, 2))
+    checkpoint = {}
+    student.on_save_checkpoint(checkpoint)  # between the iterations, at the same weights (lr 0)
+    second = student.compute_loss(repeated(prompts, 0, 1, 2))
+    for out in (first, second):
+        assert out.sums["clip_ratio/low"] == out.sums["clip_ratio/high"] == 0
+    assert second.loss_sum == first.loss_sum  # ratio exactly 1: the same function of the same weights
+    assert student.objective.rank_state() is None  # the last iteration took the rollout out
+    # a fit resumed between the iterations trains the second on the kept rollout, not a new one
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    resumed = grpo_student(**model)
+    resumed.on_load_checkpoint(torch.load(tmp_path / "last.ckpt", weights_only=True))
+    resumed.objective.rollouts.engine = None  # sampling again would fail
+    again = resumed.compute_loss(repeated(prompts, 0, 1, 2))
+    assert again.loss_sum == second.loss_sum and again.sums["reward"] == second.sums["reward"]
+    assert resumed.objective.rank_state() is None
 
 
 class RecordingModel(torch.nn.Module):
