@@ -455,10 +455,11 @@ def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_
         tmp_path / "prompts.jsonl", [{"question": f"Say {w}", "answer": w} for w in "abcdefgh"]
     )
     rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
-    base = rl_config(tmp_path, rewards=rewards, num_generations=2, max_new_tokens=4)
+    # 4 updates per rollout: the kill at step 6 falls between the third and fourth of the second's
+    base = rl_config(tmp_path, rewards=rewards, num_generations=2, max_new_tokens=4, num_iterations=4)
     base["model"]["init_args"]["model"] = str(tiny_policy_dir)
     base["data"]["init_args"].update(
-        train_files=str(prompts), val_files=None, batch_size=2, template="mistral"
+        train_files=str(prompts), val_files=None, batch_size=2, template="mistral", num_iterations=4
     )
     base["trainer"].update(val_check_interval=None, limit_val_batches=0, log_every_n_steps=1)
     base["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.01
@@ -477,7 +478,8 @@ def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_
     (resumed,) = (tmp_path / "resumed").rglob("version_1")
     got = losses_named(resumed, "train/reward")
     assert sorted(got) == [6, 7, 8, 9] and all(want[s] == got[s] for s in got)
-    assert len(set(want.values())) > 5  # rewards that differ from step to step: the check can fail
+    # one rollout per 4 steps, and rewards that differ between rollouts: the check can fail
+    assert want[0] == want[3] != want[4] == want[7] != want[8]
 
 
 def test_two_ranks_train_on_disjoint_prompts_each_with_its_whole_group(tmp_path, tiny_policy_dir):

@@ -183,6 +183,11 @@ class Objective(nn.Module):
         """The logged metrics from the means of the reported sums (e.g. a std from a mean square)."""
         return values
 
+    @property
+    def keeps_rank_state(self) -> bool:
+        """Whether ``rank_state`` may hold anything (the same on every rank: gathering it is a collective)."""
+        return False
+
     def rank_state(self) -> dict | None:
         """What this rank's objective holds from one optimizer step to the next that a resumed fit needs
         (GRPO's rollouts kept for later iterations): tensors on the CPU, or None. A checkpoint keeps

@@ -197,6 +197,10 @@ class GRPO(Objective):
     def derived_metrics(self, values: dict) -> dict:
         return rollout_metrics(values)
 
+    @property
+    def keeps_rank_state(self) -> bool:
+        return self.num_iterations > 1
+
     def rank_state(self) -> dict | None:
         return self.kept.state()
 

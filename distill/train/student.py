@@ -302,6 +302,8 @@ class StudentModule(L.LightningModule):
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.objective.keeps_rank_state:
+            return
         states = every_rank(self.objective.rank_state())
         if any(state is not None for state in states):
             checkpoint["objective_rank_states"] = states
