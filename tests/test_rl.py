@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from distill.callbacks import CompletionLog
 from lightning.pytorch.loggers import WandbLogger
@@ -297,6 +300,30 @@ def test_a_rollouts_ratio_is_one_at_the_same_weights_with_dropout_and_neftune(tm
     again = resumed.compute_loss(repeated(prompts, 0, 1, 2))
     assert again.loss_sum == second.loss_sum and again.sums["reward"] == second.sums["reward"]
     assert resumed.objective.rank_state() is None
+
+
+def _kept_rollouts_on_two_ranks(rank: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    objective = GRPO([index_reward], num_generations=2, num_iterations=2)
+    objective.kept.take((f"sha{rank}",), 0, 0, 2)
+    objective.kept.keep((f"sha{rank}",), {"old_logps": torch.tensor([float(rank)])})
+    checkpoint = {}
+    StudentModule.on_save_checkpoint(SimpleNamespace(objective=objective), checkpoint)  # a collective
+    assert len(checkpoint["objective_rank_states"]) == 2  # rank 0's checkpoint is the one written
+    resumed = GRPO([index_reward], num_generations=2, num_iterations=2)
+    fit = SimpleNamespace(objective=resumed, trainer=SimpleNamespace(world_size=2), global_rank=rank)
+    StudentModule.on_load_checkpoint(fit, checkpoint)
+    state = resumed.rank_state()
+    assert list(state["rows"]) == [(f"sha{rank}",)]
+    assert state["rows"][(f"sha{rank}",)]["old_logps"].item() == rank
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_keeps_every_ranks_kept_rollouts():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_kept_rollouts_on_two_ranks, (port,), nprocs=2, start_method="fork")  # imports done
 
 
 class RecordingModel(torch.nn.Module):
