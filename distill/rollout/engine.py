@@ -95,7 +95,6 @@ def generation_options(sampling: Sampling, num_samples: int, stop_ids: list[int]
         pad_token_id=pad_id,
         use_cache=True,
     )
-    GenerationConfig(**options).validate(strict=True)  # a complete, consistent config
     return options
 
 

@@ -58,6 +58,10 @@ def generate(
 ) -> Path:
     """Write ``num_samples`` completions of every prompt to ``output`` (JSONL, messages format).
 
+    Sampling follows these options alone, as RL and on-policy training sample: the model's own
+    ``generation_config.json`` (a ``repetition_penalty``, a ``top_k``) is not applied. Set
+    ``temperature``, ``top_p`` and ``top_k`` to its card's values to sample as it recommends.
+
     Args:
         model: Hugging Face directory or hub name of the model (the base, when ``adapter`` is set).
         prompts: JSON/JSONL files or directories of prompt records (``question``, ``messages`` or
