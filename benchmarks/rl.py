@@ -32,7 +32,7 @@ import torch
 from _common import StepTime, build, demo_config, device_name, require_teacher, result
 
 from distill.rollout.completions import trim_at_stop
-from distill.rollout.engine import rollout_seed
+from distill.rollout.engine import generation_options, rollout_seed
 
 
 class TimedEngine:
@@ -73,22 +73,13 @@ def train_and_time(steps: int, directory: Path) -> dict:
 
 
 def bare_generate(model, batch: dict, rollouts, seed: int) -> torch.Tensor:
-    """What the engine calls, with nothing around it."""
-    sampling = rollouts.sampling
-    torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=batch["prompt_ids"],
-        attention_mask=batch["prompt_mask"],
-        do_sample=True,
-        num_return_sequences=rollouts.num_generations,
-        max_new_tokens=sampling.max_new_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k or None,
-        eos_token_id=rollouts.stop_ids,
-        pad_token_id=rollouts.pad_id,
-        use_cache=True,
+    """What the engine calls (every generation option given: ``generation_options``), with nothing
+    around it."""
+    options = generation_options(
+        rollouts.sampling, rollouts.num_generations, rollouts.stop_ids, rollouts.pad_id
     )
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], **options)
     return out[:, batch["prompt_ids"].shape[1] :]
 
 

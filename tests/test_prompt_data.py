@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
@@ -317,16 +318,60 @@ def test_a_resumed_loader_continues_after_the_trained_batches(tmp_path):
     assert [b["sources"] for b in stream] == [b["sources"] for b in stream]
 
 
-def test_num_iterations_repeats_each_optimizer_steps_batches_in_a_row(tmp_path):
+def test_num_iterations_repeats_each_whole_optimizer_steps_batches_in_a_row(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [question(i) for i in range(10)])
     once = [b["shas"] for b in data(path, batch_size=2).train_dataloader()]  # 5 batches
     dm = data(path, batch_size=2, num_iterations=3)
     dm.trainer = fake_trainer(0, 1, accumulate=2)
     loader = dm.train_dataloader()
-    steps = [once[0:2], once[2:4], once[4:5]]  # the last step is short
-    assert [b["shas"] for b in loader] == [b for step in steps for _ in range(3) for b in step]
-    assert len(loader) == 15
+    steps = [once[0:2], once[2:4]]  # the fifth batch would make a short last step: it waits for an epoch
+    batches = list(loader)
+    assert [b["shas"] for b in batches] == [b for step in steps for _ in range(3) for b in step]
+    assert [(b["window"], b["iteration"], b["iterations"]) for b in batches] == [
+        (w, i, 3) for w in (0, 1) for i in range(3) for _ in range(2)
+    ]
+    assert len(loader) == 12
     loader.load_state_dict({"epoch": 0, "batches": 7})  # resumes inside the second step's repeats
-    assert [b["shas"] for b in loader] == [once[3], once[2], once[3], once[2], once[3], *[once[4]] * 3]
+    assert [b["shas"] for b in loader] == [once[3], once[2], once[3], once[2], once[3]]
     with pytest.raises(ValueError, match="num_iterations must be at least 1"):
         data(path, num_iterations=0)
+    dm = data(path, batch_size=4, num_iterations=2)
+    dm.trainer = fake_trainer(0, 1, accumulate=4)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=4 batches of data.batch_size=4 prompts"):
+        dm.train_dataloader()  # 10 prompts: not one whole step of 16
+
+
+class StepRecorder(L.LightningModule):
+    """The prompts each optimizer step of a real fit trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.steps: list[list[str]] = [[]]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.steps[-1].extend(batch["shas"])
+        return self.weight.sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.steps.append([])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_no_optimizer_step_of_a_fit_holds_a_prompt_twice(tmp_path):
+    # 3 batches per epoch, 2 per step, 2 iterations: Lightning steps after every 2 batches and at an
+    # epoch's end, so a repeated short last window [b2] would be one step [b2, b2]
+    dm = data(write_jsonl(tmp_path / "train.jsonl", [question(i) for i in range(6)]), batch_size=2,
+              num_iterations=2)  # fmt: skip
+    module = StepRecorder()
+    trainer = L.Trainer(
+        max_epochs=2, accumulate_grad_batches=2, accelerator="cpu", logger=False, limit_val_batches=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    steps = module.steps[:-1]
+    assert [len(step) - len(set(step)) for step in steps] == [0] * len(steps)  # no prompt twice in one update
+    assert len(steps) == 4 and all(len(step) == 4 for step in steps)  # 2 windows x 2 iterations
+    assert steps[0] == steps[1] and steps[2] == steps[3]  # each window's iterations, one step each

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from distill.callbacks import CompletionLog
 from lightning.pytorch.loggers import WandbLogger
@@ -21,9 +24,12 @@ from distill.objectives.base import loss_inputs
 from distill.objectives.rollouts import Rollouts
 from distill.rewards import Format
 from distill.rollout import Sampling, rollout_batch, trim_at_stop
+from distill.train.model import LoraOptions
+from distill.train.student import StudentModule
 from tests.helpers import (
     ROOT,
     TINY_LLAMA,
+    TOKENIZER_DIR,
     check_killed_fit_resumes,
     logged_values,
     losses_named,
@@ -206,7 +212,12 @@ def test_a_rollout_keeps_each_prompts_group_together_and_equals_generate(policy)
     assert torch.equal(trim_at_stop(bare, [EOT], PAD).ids, rollout.completions.ids)
 
 
-def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
+def repeated(batch: dict, window: int, iteration: int, iterations: int) -> dict:
+    """A prompt batch as the data module repeats it for ``iterations`` updates (num_iterations)."""
+    return {**batch, "window": window, "iteration": iteration, "iterations": iterations}
+
+
+def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy, monkeypatch):
     objective = GRPO([index_reward], num_generations=2, max_new_tokens=4, num_iterations=3)
     objective.rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
     sampled = []
@@ -218,16 +229,26 @@ def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
     monkeypatch.setattr(objective.rollouts, "sample", sample)
     student = SimpleNamespace(trainer=SimpleNamespace(training=True), causal_lm=policy, model=policy)
     seen = []
-    for _ in range(3):
-        batch = prompt_batch([3, 2])
+    for iteration in range(3):
+        batch = repeated(prompt_batch([3, 2]), 0, iteration, 3)
         objective.prepare(batch, student)
         seen.append(batch)
     assert len(sampled) == 1  # sampled once, trained on three times
     for batch in seen[1:]:
         assert torch.equal(batch["input_ids"], seen[0]["input_ids"])
-        assert torch.equal(batch["old_logps"], seen[0]["old_logps"])
-    objective.prepare(prompt_batch([3, 2]), student)  # its iterations used up: a new rollout
-    assert len(sampled) == 2
+        assert batch["noise_seed"] == seen[0]["noise_seed"]  # the same dropout and NEFTune noise
+    assert objective.rank_state() is None  # its iterations used up: nothing kept
+    # a window cut short (limit_train_batches) leaves nothing behind once the next one starts
+    objective.prepare(repeated(prompt_batch([3, 2]), 1, 0, 3), student)
+    assert objective.rank_state()["window"] == 1
+    objective.prepare(repeated(prompt_batch([4, 2]), 2, 0, 3), student)
+    assert list(objective.rank_state()["rows"]) == [("sha0", "sha1")] and len(sampled) == 3
+    assert objective.rank_state()["window"] == 2
+    # an iteration with no kept rollout (a checkpoint without it) samples one for the iterations left
+    objective.prepare(repeated(prompt_batch([5, 2]), 3, 2, 3), student)
+    assert len(sampled) == 4 and objective.rank_state() is None
+    with pytest.raises(ValueError, match="batches that say their iteration"):
+        objective.prepare(prompt_batch([3, 2]), student)
     # the data module must repeat each step's prompts as often
     data = SimpleNamespace(num_iterations=1, generation_stop_ids=[EOT], pad_id=PAD)
     student = SimpleNamespace(
@@ -235,6 +256,74 @@ def test_later_iterations_reuse_the_stored_rollout(policy, monkeypatch):
     )
     with pytest.raises(ValueError, match=r"data\.num_iterations: 3"):
         objective.setup(student)
+
+
+def completion_length(prompts, completions, **fields) -> list[float]:
+    return [float(len(c)) for c in completions]
+
+
+def grpo_student(**model) -> StudentModule:
+    """A tiny StudentModule training GRPO with 2 iterations per rollout, as a fit's first step sees it."""
+    objective = GRPO([completion_length], num_generations=4, max_new_tokens=6, num_iterations=2)
+    student = StudentModule(
+        model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), objective=objective, **model
+    )
+    progress = SimpleNamespace(current=SimpleNamespace(completed=0, ready=0))
+    loop = SimpleNamespace(epoch_progress=progress, epoch_loop=SimpleNamespace(batch_progress=progress))
+    data = SimpleNamespace(num_iterations=2, generation_stop_ids=[EOT], pad_id=PAD)
+    student._trainer = SimpleNamespace(
+        datamodule=data, strategy=None, training=True, fit_loop=loop, world_size=1, global_rank=0
+    )
+    torch.manual_seed(0)
+    student.configure_model()
+    return student
+
+
+def test_a_rollouts_ratio_is_one_at_the_same_weights_with_dropout_and_neftune(tmp_path):
+    # LoRA dropout 0.5 and NEFTune: two forwards at the same weights differ unless they draw the same noise
+    model = {"lora": LoraOptions(r=4, alpha=8, dropout=0.5), "neftune_alpha": 5.0}
+    student = grpo_student(**model)
+    prompts = prompt_batch([3, 2])
+    first = student.compute_loss(repeated(prompts, 0, 0, 2))
+    checkpoint = {}
+    student.on_save_checkpoint(checkpoint)  # between the iterations, at the same weights (lr 0)
+    second = student.compute_loss(repeated(prompts, 0, 1, 2))
+    for out in (first, second):
+        assert out.sums["clip_ratio/low"] == out.sums["clip_ratio/high"] == 0
+    assert second.loss_sum == first.loss_sum  # ratio exactly 1: the same function of the same weights
+    assert student.objective.rank_state() is None  # the last iteration took the rollout out
+    # a fit resumed between the iterations trains the second on the kept rollout, not a new one
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    resumed = grpo_student(**model)
+    resumed.on_load_checkpoint(torch.load(tmp_path / "last.ckpt", weights_only=True))
+    resumed.objective.rollouts.engine = None  # sampling again would fail
+    again = resumed.compute_loss(repeated(prompts, 0, 1, 2))
+    assert again.loss_sum == second.loss_sum and again.sums["reward"] == second.sums["reward"]
+    assert resumed.objective.rank_state() is None
+
+
+def _kept_rollouts_on_two_ranks(rank: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    objective = GRPO([index_reward], num_generations=2, num_iterations=2)
+    objective.kept.take((f"sha{rank}",), 0, 0, 2)
+    objective.kept.keep((f"sha{rank}",), {"old_logps": torch.tensor([float(rank)])})
+    checkpoint = {}
+    StudentModule.on_save_checkpoint(SimpleNamespace(objective=objective), checkpoint)  # a collective
+    assert len(checkpoint["objective_rank_states"]) == 2  # rank 0's checkpoint is the one written
+    resumed = GRPO([index_reward], num_generations=2, num_iterations=2)
+    fit = SimpleNamespace(objective=resumed, trainer=SimpleNamespace(world_size=2), global_rank=rank)
+    StudentModule.on_load_checkpoint(fit, checkpoint)
+    state = resumed.rank_state()
+    assert list(state["rows"]) == [(f"sha{rank}",)]
+    assert state["rows"][(f"sha{rank}",)]["old_logps"].item() == rank
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_keeps_every_ranks_kept_rollouts():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_kept_rollouts_on_two_ranks, (port,), nprocs=2, start_method="fork")  # imports done
 
 
 class RecordingModel(torch.nn.Module):
@@ -393,10 +482,11 @@ def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_
         tmp_path / "prompts.jsonl", [{"question": f"Say {w}", "answer": w} for w in "abcdefgh"]
     )
     rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
-    base = rl_config(tmp_path, rewards=rewards, num_generations=2, max_new_tokens=4)
+    # 4 updates per rollout: the kill at step 6 falls between the third and fourth of the second's
+    base = rl_config(tmp_path, rewards=rewards, num_generations=2, max_new_tokens=4, num_iterations=4)
     base["model"]["init_args"]["model"] = str(tiny_policy_dir)
     base["data"]["init_args"].update(
-        train_files=str(prompts), val_files=None, batch_size=2, template="mistral"
+        train_files=str(prompts), val_files=None, batch_size=2, template="mistral", num_iterations=4
     )
     base["trainer"].update(val_check_interval=None, limit_val_batches=0, log_every_n_steps=1)
     base["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.01
@@ -415,7 +505,8 @@ def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_
     (resumed,) = (tmp_path / "resumed").rglob("version_1")
     got = losses_named(resumed, "train/reward")
     assert sorted(got) == [6, 7, 8, 9] and all(want[s] == got[s] for s in got)
-    assert len(set(want.values())) > 5  # rewards that differ from step to step: the check can fail
+    # one rollout per 4 steps, and rewards that differ between rollouts: the check can fail
+    assert want[0] == want[3] != want[4] == want[7] != want[8]
 
 
 def test_two_ranks_train_on_disjoint_prompts_each_with_its_whole_group(tmp_path, tiny_policy_dir):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from distill.data.encoding import IGNORE_INDEX
 from distill.rollout import Sampling, TransformersEngine, rollout_batch, trim_at_stop
@@ -98,6 +100,31 @@ def test_the_engine_samples_reproducibly_from_its_seed_and_restores_train_mode(t
     assert first.shape == (6, 6) and torch.equal(first, again)
     assert not torch.equal(first, other)
     assert tiny_policy.training  # back in train mode after sampling in eval mode
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_checkpoints_own_generation_config_does_not_change_what_is_sampled(tiny_policy, lora):
+    # what Qwen2.5-Instruct-like checkpoints ship, pushed far enough to change every draw
+    shipped = GenerationConfig(
+        repetition_penalty=5.0, no_repeat_ngram_size=1, top_k=1, min_new_tokens=6, suppress_tokens=[9, 10]
+    )
+    prompts, mask = torch.tensor([[PAD, 5, 6], [8, 9, 10]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    options = dict(num_samples=3, sampling=Sampling(max_new_tokens=6), stop_ids=[EOT], pad_id=PAD, seed=3)
+    drawn = {}
+    for name, defaults in (("shipped", shipped), ("clean", GenerationConfig())):
+        model = copy.deepcopy(tiny_policy)
+        model.generation_config = defaults
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        drawn[name] = TransformersEngine()(model, prompts, mask, **options)
+        if name == "shipped":  # honoured, the checkpoint's options would have changed the draws
+            torch.manual_seed(3)
+            with torch.no_grad():
+                own = model.eval().generate(input_ids=prompts, attention_mask=mask, max_new_tokens=6)
+            assert not torch.equal(own[:, 3:], drawn[name][::3])
+    assert torch.equal(drawn["shipped"], drawn["clean"])
 
 
 def test_sampling_options_are_checked():

@@ -9,7 +9,7 @@ memory (no tokenized-data cache). Training batches resume at the exact next batc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from distill.data.resume import (
     leave_sigterm_to_main,
     rank_and_world,
     trained_position,
+    yields,
 )
 from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
 
@@ -90,20 +91,71 @@ class PromptCollator:
 
 class RepeatedSteps(ShuffledBatches):
     """``ShuffledBatches`` whose every ``window`` batches (one optimizer step's) come ``repeats`` times in a
-    row: GRPO's ``num_iterations`` updates on one rollout."""
+    row: GRPO's ``num_iterations`` updates on one rollout. Each batch says where it stands: ``window``
+    (its window's index, counted over the epochs), ``iteration`` (0 .. ``repeats`` - 1) and
+    ``iterations``; the first iteration samples the rollout and the others reuse it.
+
+    Lightning ends an optimizer step after every ``window`` batches of an epoch and at the epoch's last
+    batch. A last window shorter than ``window`` would therefore hold all its iterations in one step: one
+    update, each prompt counted ``repeats`` times. With repeats, only whole windows are trained: the
+    batches after an epoch's last whole window are left out of that epoch (as TRL's ``RepeatSampler``
+    leaves out a partial generation batch), and the next epoch's order trains them.
+    """
 
     def __init__(self, *args: Any, repeats: int = 1, window: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.repeats = repeats
         self.window = window
 
-    def batches(self, epoch: int) -> list[list[int]]:
+    @property
+    def kept(self) -> int:
+        """Batches of the epoch's order that are trained: all, or with repeats those of whole windows."""
+        once = super().__len__()
+        return once if self.repeats == 1 else once // self.window * self.window
+
+    def windows(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's optimizer-step windows of batches (row indices), each trained ``repeats`` times."""
         once = super().batches(epoch)
-        steps = [once[start : start + self.window] for start in range(0, len(once), self.window)]
-        return [batch for step in steps for _ in range(self.repeats) for batch in step]
+        return [once[start : start + self.window] for start in range(0, self.kept, self.window)]
+
+    def schedule(self, epoch: int) -> list[tuple[list[int], dict[str, int]]]:
+        """Every batch of the epoch in order, with where it stands in its window's iterations."""
+        windows = self.windows(epoch)
+        return [
+            (batch, {"window": epoch * len(windows) + w, "iteration": i, "iterations": self.repeats})
+            for w, step in enumerate(windows)
+            for i in range(self.repeats)
+            for batch in step
+        ]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return [batch for batch, _ in self.schedule(epoch)]
 
     def __len__(self) -> int:
-        return super().__len__() * self.repeats
+        return self.kept * self.repeats
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, (batch, where) in enumerate(self.schedule(self.epoch)):
+            if yields(index, self.skip):
+                yield {**self.collate([self.rows[i] for i in batch]), **where}
+
+
+def check_whole_windows(batches: RepeatedSteps) -> None:
+    """Refuse an epoch too short for one whole optimizer step; say what each epoch leaves out."""
+    if not batches.kept:
+        raise ValueError(
+            f"data.num_iterations {batches.repeats} trains whole optimizer steps of trainer."
+            f"accumulate_grad_batches={batches.window} batches of data.batch_size={batches.batch_size} "
+            f"prompts, but each rank has {batches.rows_per_rank} prompt(s) per epoch: lower "
+            "accumulate_grad_batches or batch_size, or add prompts"
+        )
+    left = batches.rows_per_rank - batches.kept * batches.batch_size
+    if left > 0:
+        rank_zero_info(
+            f"[distill] num_iterations {batches.repeats}: each epoch trains whole optimizer steps of "
+            f"{batches.window} batches; the last {left} prompt(s) per rank of each epoch's order wait "
+            "for a later epoch's order"
+        )
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -171,7 +223,9 @@ class PromptDataModule(L.LightningDataModule):
             max_train_samples: Use at most this many training prompts (quick checks).
             max_eval_samples: Use at most this many validation prompts.
             num_iterations: Times each optimizer step's prompt batches come in a row (GRPO's
-                ``num_iterations``: the repeats train again on the stored rollout).
+                ``num_iterations``: the repeats train again on the stored rollout). Above 1, an epoch
+                trains whole steps only: the prompts after its last whole step wait for the next
+                epoch's order, so that no step holds a prompt twice.
             seed: Seed of the validation split and of each epoch's order of training prompts.
         """
         super().__init__()
@@ -345,6 +399,8 @@ class PromptDataModule(L.LightningDataModule):
             self.train, self.collator, self.batch_size, self.seed, rank, world,
             repeats=self.num_iterations, window=window,
         )  # fmt: skip
+        if self.num_iterations > 1:
+            check_whole_windows(batches)
         return ResumableLoader(batches, lambda: trained_position(self.trainer), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

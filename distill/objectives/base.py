@@ -9,7 +9,8 @@ not per micro-batch, so a short and a long micro-batch weigh by what they hold.
 
 An objective is an ``nn.Module``: parameters it owns (a reward head) are trained, checkpointed, sharded
 and exported with the student. ``prepare`` runs before the forward without gradients (reference
-log-probs; rollouts) and may add to the batch.
+log-probs; rollouts) and may add to the batch: ``noise_seed`` makes the training forward's dropout and
+NEFTune noise a function of that seed (GRPO's repeated iterations of one rollout).
 """
 
 from __future__ import annotations
@@ -181,3 +182,17 @@ class Objective(nn.Module):
     def derived_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
         """The logged metrics from the means of the reported sums (e.g. a std from a mean square)."""
         return values
+
+    @property
+    def keeps_rank_state(self) -> bool:
+        """Whether ``rank_state`` may hold anything (the same on every rank: gathering it is a collective)."""
+        return False
+
+    def rank_state(self) -> dict | None:
+        """What this rank's objective holds from one optimizer step to the next that a resumed fit needs
+        (GRPO's rollouts kept for later iterations): tensors on the CPU, or None. A checkpoint keeps
+        every rank's."""
+        return None
+
+    def load_rank_state(self, state: dict | None) -> None:
+        """This rank's ``rank_state`` at the checkpoint (None: none, or another world size)."""

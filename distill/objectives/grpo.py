@@ -6,8 +6,11 @@ and the loss per token is the clipped surrogate (+ beta x the k3 KL to the refer
 named normaliser (``distill.losses.rl``).
 
 ``num_iterations`` > 1 trains on one rollout that many times: the data module repeats each optimizer
-step's prompt batches (``PromptDataModule(num_iterations=...)``), the repeats reuse the stored rollout,
-and the ratio to the log-probs it was sampled with is what the clip bounds.
+step's prompt batches (``PromptDataModule(num_iterations=...)``), the repeats reuse the kept rollout
+(``distill.objectives.iterations``), and the ratio to the log-probs it was sampled with is what the
+clip bounds. Those log-probs are the first iteration's training forward, detached, and every iteration's
+forward draws the same dropout and NEFTune noise (``noise_seed``): the policy is one function of its
+weights across the iterations, so the ratio is exactly 1 until the weights change.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from distill.losses.rl import (
     NORMALISERS,
@@ -26,14 +30,15 @@ from distill.losses.rl import (
     reduce_tokens,
 )
 from distill.objectives.base import Loss, LossInputs, Objective
-from distill.objectives.reference import Reference, token_logps
+from distill.objectives.iterations import KeptRollouts
+from distill.objectives.reference import Reference
 from distill.objectives.rollouts import (
     Rollouts,
     rollout_metrics,
     store_rollout,
     token_log_probs_and_entropy,
 )
-from distill.rollout.engine import Sampling
+from distill.rollout.engine import Sampling, rollout_seed
 from distill.train.quantization import Quantization
 
 if TYPE_CHECKING:
@@ -110,7 +115,7 @@ class GRPO(Objective):
             quantization=reference_quantization,
         )
         self.chunk_size = chunk_size
-        self._stored: dict[tuple[str, ...], dict] = {}  # rollouts that later iterations reuse
+        self.kept = KeptRollouts()
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -119,7 +124,7 @@ class GRPO(Objective):
 
     @property
     def extra_forwards(self) -> int:
-        return int(self.beta > 0) + int(self.num_iterations > 1)
+        return int(self.beta > 0)
 
     def setup(self, student: StudentModule) -> None:
         self.rollouts.setup(student)
@@ -138,32 +143,39 @@ class GRPO(Objective):
 
     @torch.no_grad()
     def prepare(self, batch: dict, student: StudentModule) -> None:
+        repeated = student.trainer.training and self.num_iterations > 1
         key = tuple(batch["shas"])
-        stored = self._stored.get(key) if student.trainer.training else None
-        if stored is not None:  # a later iteration of this rollout
-            stored["uses"] -= 1
-            if not stored["uses"]:
-                del self._stored[key]
-            batch.update(stored["batch"])
-            return
+        if repeated:
+            if "iteration" not in batch:
+                raise ValueError(
+                    "GRPO with num_iterations > 1 trains on batches that say their iteration: use "
+                    "distill.data.PromptDataModule with the same num_iterations"
+                )
+            window, iteration = batch["window"], batch["iteration"]
+            kept = self.kept.take(key, window, iteration, batch["iterations"])
+            if kept is not None:  # a later iteration of this window's rollout
+                device = batch["prompt_ids"].device
+                batch.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in kept.items()})
+                return
+        before = set(batch)
         rollout = self.rollouts.sample(batch, student)
         g = self.rollouts.num_generations
         store_rollout(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
-        temperature = self.sampling.temperature
         if self.beta:
-            batch["reference_logps"] = self.reference.token_logps(batch, student, temperature)
-        if self.num_iterations > 1 and student.trainer.training:
-            batch["old_logps"] = token_logps(student.causal_lm, batch, self.chunk_size, temperature)
-            saved = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")}
-            self._stored[key] = {"batch": saved, "uses": self.num_iterations - 1}
+            batch["reference_logps"] = self.reference.token_logps(batch, student, self.sampling.temperature)
+        if repeated and iteration < batch["iterations"] - 1:  # later iterations train on it again
+            batch["noise_seed"] = rollout_seed(self.rollouts.seed, "noise", window, *key)
+            self.kept.keep(key, {k: v for k, v in batch.items() if k not in before})
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch = inputs.batch
         logps, entropy = token_log_probs_and_entropy(
             inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
         )
-        # one update per rollout: the policy sampled from is this one, ratio 1 with its gradient
-        old = batch.get("old_logps", logps.detach())
+        old = batch.get("old_logps")
+        if old is None:  # a rollout's first update: the policy sampled from is this one, ratio 1
+            old = logps.detach()
+            self.kept.add_old_logps(tuple(batch["shas"]), old)  # for its later iterations, if kept
         advantages = batch["advantages"].to(logps)
         surrogate = clipped_surrogate(
             logps, old, advantages[inputs.sequence], self.epsilon_low, self.epsilon_high
@@ -184,3 +196,13 @@ class GRPO(Objective):
 
     def derived_metrics(self, values: dict) -> dict:
         return rollout_metrics(values)
+
+    @property
+    def keeps_rank_state(self) -> bool:
+        return self.num_iterations > 1
+
+    def rank_state(self) -> dict | None:
+        return self.kept.state()
+
+    def load_rank_state(self, state: dict | None) -> None:
+        self.kept.load(state)

@@ -4,6 +4,11 @@ An engine maps left-padded prompts to ``num_samples`` completions each (token id
 stop token). ``TransformersEngine`` is the built-in: ``model.generate`` with the KV cache, in eval mode
 (also when training uses gradient checkpointing, which turns the cache off), seeded per call so that a
 resumed fit draws the same rollouts. A faster engine (vLLM on GPUs) implements the same call.
+
+What is sampled is defined by ``Sampling`` alone: the temperature-scaled softmax, cut by top-k and top-p,
+the distribution whose log-probs the RL and on-policy losses take. A checkpoint's saved
+``generation_config.json`` (Qwen2.5-Instruct's ``repetition_penalty`` 1.05 and ``top_k`` 20) is not
+read: sampling from it would train off-policy.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from transformers import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,58 @@ def rollout_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+# Options distill has none of, each at the value that turns it off (plain multinomial sampling). The
+# ones not named here are left unset: transformers reads None as off.
+OFF: dict[str, object] = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "early_stopping": False,
+    "length_penalty": 1.0,
+    "min_length": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "token_healing": False,
+    "use_mtp": False,
+    "output_scores": False,
+    "output_logits": False,
+    "return_dict_in_generate": False,
+}
+
+
+def generation_options(sampling: Sampling, num_samples: int, stop_ids: list[int], pad_id: int) -> dict:
+    """Every option of transformers' ``GenerationConfig``, from ``sampling`` alone.
+
+    ``generate`` fills each option it is not given from the model's saved ``generation_config`` (also when
+    handed a ``GenerationConfig``: its unset fields, or in transformers 4.x its fields equal to the
+    global defaults); its keyword arguments are the one layer above, so all of them are given.
+    """
+    fresh = GenerationConfig()  # this transformers' options, at its defaults (None: unset, off)
+    options = {k: v for k, v in vars(fresh).items() if not k.startswith("_") and k != "transformers_version"}
+    options.update({k: v for k, v in OFF.items() if k in options})
+    options.update(
+        do_sample=True,
+        num_return_sequences=num_samples,
+        max_new_tokens=sampling.max_new_tokens,
+        max_length=None,  # max_new_tokens decides
+        min_new_tokens=None,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k or None,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    return options
+
+
 class Engine(Protocol):
     def __call__(
         self,
@@ -60,7 +118,8 @@ class Engine(Protocol):
 
 
 class TransformersEngine:
-    """``model.generate`` (sampling, KV cache, eval mode), seeded by ``seed``."""
+    """``model.generate`` (sampling, KV cache, eval mode), seeded by ``seed``, with every generation option
+    given (``generation_options``): the checkpoint's own defaults never act."""
 
     def __call__(
         self,
@@ -84,16 +143,8 @@ class TransformersEngine:
                 out = model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
-                    do_sample=True,
-                    num_return_sequences=num_samples,
-                    max_new_tokens=sampling.max_new_tokens,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k or None,
-                    eos_token_id=stop_ids,
-                    pad_token_id=pad_id,
-                    use_cache=True,
                     synced_gpus=synced,
+                    **generation_options(sampling, num_samples, stop_ids, pad_id),
                 )
         finally:
             model.train(was_training)

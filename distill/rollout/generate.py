@@ -7,6 +7,12 @@ messages format (the prompt's turns, then the answer as the assistant's), so the
 what a trained model says. Every line also carries ``prompt_sha``, ``sample``, ``source``, ``stopped``
 and the record's fields.
 
+Sampling is defined by the options below alone, as RL and on-policy distillation sample: the model's
+saved ``generation_config.json`` (its ``repetition_penalty``, ``top_k``, ...) is not read, so the settings
+recorded with the output say what was sampled and a sequence-level distillation file holds samples of
+the model's own distribution. Set ``--temperature``, ``--top_p`` and ``--top_k`` to the checkpoint's
+recommended values to sample as its card says (a repetition penalty has no option).
+
 The run is resumable: lines are appended batch by batch and flushed to disk, and a rerun skips the
 prompts whose completions are all there (by the prompt's SHA). It first drops a last line cut short by
 a crash. The settings are in ``<output>.meta.json``, and a rerun with other settings is refused rather
@@ -51,6 +57,10 @@ def generate(
     dtype: str = "auto",
 ) -> Path:
     """Write ``num_samples`` completions of every prompt to ``output`` (JSONL, messages format).
+
+    Sampling follows these options alone, as RL and on-policy training sample: the model's own
+    ``generation_config.json`` (a ``repetition_penalty``, a ``top_k``) is not applied. Set
+    ``temperature``, ``top_p`` and ``top_k`` to its card's values to sample as it recommends.
 
     Args:
         model: Hugging Face directory or hub name of the model (the base, when ``adapter`` is set).

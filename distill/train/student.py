@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoTokenizer, get_scheduler
 
@@ -35,6 +39,27 @@ def unit_mean_scale(units: Tensor, accumulate_grad_batches: int, world_size: int
     gradients over ``world_size`` ranks; the factor undoes both and divides by the units instead.
     """
     return accumulate_grad_batches * world_size / units.clamp(min=1.0)
+
+
+@contextmanager
+def seeded_noise(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Dropout and NEFTune noise drawn from ``seed``, the global generators untouched (``None``: drawn
+    from them). Recomputation in backward (gradient checkpointing) restores the state the forward saw."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def every_rank(state: dict | None) -> list[dict | None]:
+    """``state`` of every rank, by rank (a collective: Lightning builds a checkpoint on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    gathered: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
 
 
 class StudentModule(L.LightningModule):
@@ -196,8 +221,9 @@ class StudentModule(L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Loss:
         self.objective.prepare(batch, self)
-        hidden = self.forward_hidden(batch)
-        return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch))
+        with seeded_noise(batch.get("noise_seed"), self.device):
+            hidden = self.forward_hidden(batch)
+            return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self.build_batch(batch)
@@ -286,6 +312,25 @@ class StudentModule(L.LightningModule):
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger is not None:
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.objective.keeps_rank_state:
+            return
+        states = every_rank(self.objective.rank_state())
+        if any(state is not None for state in states):
+            checkpoint["objective_rank_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("objective_rank_states")
+        if states is None:
+            return
+        if len(states) != self.trainer.world_size:  # other ranks, other shares of the data
+            rank_zero_info(
+                f"[distill] the checkpoint holds the objective's state of {len(states)} ranks, this fit has "
+                f"{self.trainer.world_size}: it starts without it (GRPO samples its kept rollouts again)"
+            )
+            return
+        self.objective.load_rank_state(states[self.global_rank])
 
     def configure_optimizers(self) -> dict:
         if flat_parameters(self.trainer.strategy):  # FSDP units of LoRA matrices: all decayed alike
