@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -401,3 +403,110 @@ def test_a_stage_key_counts_the_local_data_it_reads(tmp_path):
     assert hashes.of(corpus / "a.jsonl") != first
     hashes.save()
     assert ContentHashes(tmp_path / "hashes.json").known == hashes.known
+
+
+class TinyFit(L.LightningModule):
+    """A linear layer on dict batches (``input_ids``), logging ``train/loss`` and ``val/loss``; its
+    ``objective.rollouts`` holds one fixed rollout for ``CompletionLog``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        completions = SimpleNamespace(lengths=torch.tensor([3]), stopped=torch.tensor([True]))
+        rollout = SimpleNamespace(
+            prompts=["p"], texts=["t"], total=torch.ones(1), rewards=torch.ones(1, 1), completions=completions
+        )
+        self.objective = SimpleNamespace(rollouts=SimpleNamespace(last=rollout, names=["r"]))
+
+    def loss(self, batch) -> torch.Tensor:
+        return self.layer(batch["input_ids"].float()).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def tiny_loader(batches: int):
+    rows = [{"input_ids": torch.full((4,), float(i) / 10)} for i in range(2 * batches)]
+    return torch.utils.data.DataLoader(rows, batch_size=2)
+
+
+def tiny_trainer(root, callbacks, **options) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        default_root_dir=str(root),
+    )
+    return L.Trainer(callbacks=callbacks, **{**defaults, **options})
+
+
+def test_callbacks_act_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    from distill.callbacks import CompletionLog, StageResults
+    from distill.callbacks.steps import OptimizerSteps
+
+    class Ended(L.Callback):
+        def __init__(self) -> None:
+            self.steps, self.ended = OptimizerSteps(), []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.steps.start(trainer)
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if self.steps.ended(trainer):
+                self.ended.append(trainer.global_step)
+
+    # 7 micro-batches an epoch, 2 a step: the last window of each epoch is one micro-batch short
+    ended = Ended()
+    callbacks = [ended, CompletionLog(every_n_steps=1, num_completions=1), StageResults(str(tmp_path))]
+    trainer = tiny_trainer(tmp_path, callbacks, max_epochs=2, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(TinyFit(), train_dataloaders=tiny_loader(7))
+    assert trainer.global_step == 8 and ended.ended == list(range(1, 9))
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))  # once a step, not once a micro-batch
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history] == list(range(1, 9))
+
+
+def test_a_resumed_fit_keeps_its_runtime_and_the_validation_of_its_checkpoint_step(tmp_path):
+    from distill.callbacks import StageResults
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 3:
+                raise RuntimeError("killed at step 3")
+
+    def fit(*extra: L.Callback, ckpt_path=None) -> dict:
+        # a checkpoint at every second step's end, before that step's validation runs
+        checkpoint = ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=2, save_last=True)
+        callbacks = [StageResults(str(tmp_path)), checkpoint, *extra]
+        trainer = tiny_trainer(
+            tmp_path, callbacks, max_steps=4, val_check_interval=2, check_val_every_n_epoch=None
+        )
+        trainer.fit(TinyFit(), tiny_loader(8), tiny_loader(2), ckpt_path=ckpt_path)
+        return json.loads((tmp_path / "train_results.json").read_text())
+
+    with pytest.raises(RuntimeError, match="killed at step 3"):
+        fit(Crash())
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    resumed = fit(ckpt_path=last)
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]  # step 2's from the killed run
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+    # rerun at completion (a pipeline killed during its merge): nothing trains, the results stay
+    again = fit(ckpt_path=last)
+    assert 0 < again["train_runtime"] <= resumed["train_runtime"], (again, resumed)
+    assert again["global_step"] == 4 and again["train_samples"] == resumed["train_samples"]
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]
