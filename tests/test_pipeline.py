@@ -6,6 +6,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -14,9 +20,18 @@ import torch
 import yaml
 from distill.callbacks.stage_results import batch_size
 
-from distill.pipeline.plan import plan
-from distill.pipeline.runner import launch_id, main, stage_env, stage_key, wait_for
-from distill.pipeline.spec import PipelineError, read_pipeline
+from distill.pipeline.inputs import ContentHashes, data_digest
+from distill.pipeline.plan import Stage, plan
+from distill.pipeline.runner import (
+    Runner,
+    describe,
+    launch_id,
+    main,
+    stage_env,
+    stage_key,
+    wait_for,
+)
+from distill.pipeline.spec import PipelineError, StageSpec, read_pipeline
 from tests.helpers import (
     ROOT,
     TINY_LLAMA,
@@ -312,17 +327,28 @@ def test_every_pipeline_config_plans(path, monkeypatch):
 
 
 def test_other_ranks_wait_for_rank_zero_of_their_own_launch(tmp_path, monkeypatch):
-    stages = plan(read_pipeline(ROOT / "configs" / "pipelines" / "demo.yaml"))
-    stage = stages[0]
-    stage.dir = tmp_path
+    from distill.pipeline.runner import failure_elsewhere
+
+    stage = fake_stage(tmp_path)
+    stage.dir.mkdir()
     monkeypatch.setenv("MASTER_PORT", "1234")
-    (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": "an earlier launch"}))
-    (tmp_path / "failed.json").write_text(json.dumps({"key": "k", "error": "stage pt failed (exit 1)"}))
-    # the stale stage.json of a killed launch is not taken for this launch's; rank 0's failure is raised
-    with pytest.raises(PipelineError, match="rank 0: stage pt failed"):
-        wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())
-    (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": launch_id(), "resume_from": None}))
-    assert wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())["resume_from"] is None
+    launch = launch_id()
+
+    def failed() -> str | None:
+        return failure_elsewhere(stage, "k", launch, rank=1)
+
+    (stage.dir / "stage.json").write_text(json.dumps({"key": "k", "launch": "an earlier launch"}))
+    # an earlier launch's failure is not this launch's: the stale files of a killed launch are ignored
+    (stage.dir / "failed.json").write_text(json.dumps({"key": "k", "error": "stage a failed (exit 1)"}))
+    assert failed() is None
+    (stage.dir / "failed.json").write_text(
+        json.dumps({"key": "k", "launch": launch, "rank": 0, "error": "stage a failed (exit 1)"})
+    )
+    with pytest.raises(PipelineError, match=r"rank 0: stage a failed \(exit 1\)"):
+        wait_for(stage.dir / "stage.json", "k", failed, launch=launch)
+    (stage.dir / "failed.json").unlink()
+    (stage.dir / "stage.json").write_text(json.dumps({"key": "k", "launch": launch, "resume_from": None}))
+    assert wait_for(stage.dir / "stage.json", "k", failed, launch=launch)["resume_from"] is None
     # under torchrun each stage's rank 0 hosts its own store, on a port of the stage's own
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     env = stage_env(2)
@@ -510,3 +536,198 @@ def test_a_resumed_fit_keeps_its_runtime_and_the_validation_of_its_checkpoint_st
     assert again["global_step"] == 4 and again["train_samples"] == resumed["train_samples"]
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]
+
+
+def fake_stage(out, lora: bool = False) -> Stage:
+    """Stage ``a`` of a pipeline under ``out``, with a config that only the runner reads (its fit is
+    replaced where it runs)."""
+    init_args = {"lora": {"r": 4}} if lora else {}
+    config = {"model": {"init_args": init_args}, "data": {"init_args": {}}}
+    return Stage(spec=StageSpec(name="a", config=("unused.yaml",)), dir=out / "a", config=config)
+
+
+def test_the_pipeline_removes_only_directories_it_made(tmp_path, monkeypatch):
+    from distill.pipeline import runner
+
+    ran = tmp_path / "ran"  # what the stage's fit writes
+    fit = [sys.executable, "-c", f"open({str(ran)!r}, 'a').write('fit ')"]
+    monkeypatch.setattr(runner, "fit_command", lambda stage, resume: fit)
+    out = tmp_path / "out"
+    stage = fake_stage(out)
+    hashes = ContentHashes(out / "data_hashes.json")
+    # a standalone run's directory where the stage would go: refused, untouched, and --dry_run says so
+    (stage.dir / "checkpoints").mkdir(parents=True)
+    (stage.dir / "checkpoints" / "last.ckpt").write_bytes(b"weeks of training")
+    with pytest.raises(
+        PipelineError, match=rf"stage a: {stage.dir} exists and was not made by this pipeline"
+    ):
+        Runner([stage], {"a"}, hashes).run()
+    assert (stage.dir / "checkpoints" / "last.ckpt").read_bytes() == b"weeks of training"
+    assert not ran.exists()
+    text, refusals = describe([stage], {"a"}, hashes)
+    assert f"1. a: refused: {stage.dir} was not made by this pipeline" in text
+    assert refusals and "move it away" in refusals[0]
+    # a directory the pipeline made for another config: removed and run afresh
+    (stage.dir / "checkpoints" / "last.ckpt").unlink()
+    (stage.dir / "stage.json").write_text(json.dumps({"key": "another config's"}))
+    (stage.dir / "checkpoints" / "last.ckpt").write_bytes(b"the other config's")
+    Runner([stage], {"a"}, hashes).run()
+    assert ran.read_text() == "fit " and not (stage.dir / "checkpoints").exists()
+    assert json.loads((stage.dir / "complete.json").read_text())["model"] == str(stage.model)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".a.")] == []  # nothing left behind
+
+
+# runs stage ``a`` (``fake_stage``) with a fit that runs ``sys.argv[2]``; a LoRA stage whose merge fails
+# with ``sys.argv[3]`` when that is given
+RUNNER = """
+import sys
+from pathlib import Path
+
+from distill.pipeline import runner
+from distill.pipeline.inputs import ContentHashes
+from distill.pipeline.plan import Stage
+from distill.pipeline.spec import PipelineError, StageSpec
+
+out, fit, merge_error = Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
+runner.fit_command = lambda stage, resume: [sys.executable, "-c", fit]
+
+
+def merge(stage):
+    raise PipelineError(merge_error)
+
+
+runner.merge = merge
+config = {"model": {"init_args": {"lora": {"r": 4}} if merge_error else {}}, "data": {"init_args": {}}}
+stage = Stage(spec=StageSpec(name="a", config=("unused.yaml",)), dir=out / "a", config=config)
+try:
+    runner.Runner([stage], {"a"}, ContentHashes(out / "data_hashes.json")).run()
+except PipelineError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def start_runner(tmp_path, name: str, *args: str, **env: str):
+    """A runner process, its stderr in ``tmp_path/name.err``."""
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    err = tmp_path / f"{name}.err"
+    with open(err, "w") as stream:
+        process = subprocess.Popen(
+            [sys.executable, str(script), *args], cwd=ROOT, env=clean_env(**env), stderr=stream
+        )
+    return process, err
+
+
+def wait_until(check, seconds: float = 120.0):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def gone(pid: int) -> bool:
+    """Whether the process ended (a zombie nobody reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+# a fit that says its pid; on SIGTERM it saves ("stopped") and exits as PreemptionCheckpoint does
+SLEEPER = """
+import os, signal, sys, time
+from pathlib import Path
+here = Path(os.environ["FAKE_DIR"])
+def stop(signum, frame):
+    (here / "stopped").write_text(str(signum))
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+(here / "fit.pid").write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_second_run_waits_for_the_first_and_a_fit_ends_with_its_runner(tmp_path):
+    from distill.cache.lock import WriterLock
+
+    out, pid_file = tmp_path / "out", tmp_path / "fit.pid"
+    with WriterLock(out):  # another pipeline run holds the output directory
+        first, err = start_runner(tmp_path, "first", str(out), SLEEPER, FAKE_DIR=str(tmp_path))
+        wait_until(lambda: "waiting" in err.read_text() or first.poll() is not None)
+        assert first.poll() is None and f"is being written by pid {os.getpid()}" in err.read_text()
+        assert not (out / "a").exists()
+    wait_until(pid_file.exists)  # the lock released, the first run goes on into its fit
+    fit = int(pid_file.read_text())
+    try:
+        first.kill()  # kill -9 of the runner alone: its fit must not go on as an orphan
+        first.wait()
+        wait_until(lambda: gone(fit), seconds=20)
+    finally:
+        if not gone(fit):
+            os.kill(fit, signal.SIGKILL)
+    pid_file.unlink()
+    # SIGTERM to the runner (a scheduler stopping the job) reaches the fit, which saves and stops
+    second, err = start_runner(tmp_path, "second", str(out), SLEEPER, FAKE_DIR=str(tmp_path))
+    wait_until(pid_file.exists)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) == 2
+    assert (tmp_path / "stopped").read_text() == str(int(signal.SIGTERM))
+    assert "stage a failed (exit 143)" in err.read_text()
+
+
+# a rank's fit: joins the other rank's (the process group), then FAIL_RANK's exits 3 at once while the
+# other waits in a collective that will never complete; FAIL_RANK -1: both succeed
+RANK_FIT = """
+import os, sys, time
+from pathlib import Path
+rank, here = int(os.environ["RANK"]), Path(os.environ["FAKE_DIR"])
+(here / f"joined{rank}").touch()
+deadline = time.time() + 30
+while not (here / f"joined{1 - rank}").exists():
+    if time.time() > deadline:
+        sys.exit("the other rank never joined")
+    time.sleep(0.1)
+fail = int(os.environ["FAIL_RANK"])
+if fail == rank:
+    sys.exit(3)
+if fail >= 0:
+    time.sleep(120)
+"""
+
+
+def run_two_ranks(tmp_path, out, name: str, fail_rank: int, *args: str) -> list[str]:
+    """Both ranks' runners to their end (bounded): their stderr."""
+    fake = tmp_path / name
+    fake.mkdir()
+    env = {"WORLD_SIZE": "2", "MASTER_PORT": "29611", "FAKE_DIR": str(fake), "FAIL_RANK": str(fail_rank)}
+    ranks = [
+        start_runner(tmp_path, f"{name}{r}", str(out), RANK_FIT, *args, RANK=str(r), **env) for r in (0, 1)
+    ]
+    try:
+        for process, _ in ranks:
+            process.wait(timeout=150)
+    finally:
+        for process, _ in ranks:
+            if process.poll() is None:
+                process.kill()
+    return [err.read_text() for _, err in ranks]
+
+
+def test_every_rank_ends_with_the_failing_ranks_message(tmp_path):
+    out = tmp_path / "out"
+    stage = fake_stage(out)
+    key = stage_key(stage, None, data_digest(stage.config, ContentHashes(tmp_path / "hashes.json")))
+    # an earlier launch failed at this stage: its markers must not end this launch's rank 1
+    stage.dir.mkdir(parents=True)
+    (stage.dir / "stage.json").write_text(json.dumps({"key": key, "launch": "an earlier launch"}))
+    (stage.dir / "failed.json").write_text(json.dumps({"key": key, "error": "an earlier failure"}))
+    rank0, rank1 = run_two_ranks(tmp_path, out, "fit", 1)
+    assert "an earlier failure" not in rank0 + rank1
+    assert "error: stage a failed on rank 1 (exit 3)" in rank1, rank1[-2000:]
+    assert "error: rank 1: stage a failed on rank 1 (exit 3)" in rank0, rank0[-2000:]
+    # rank 0 fails after the fit (its merge): rank 1, waiting for completion, ends with its message
+    rank0, rank1 = run_two_ranks(tmp_path, out, "merge", -1, "merging the adapter failed")
+    assert "error: merging the adapter failed" in rank0, rank0[-2000:]
+    assert "error: rank 0: merging the adapter failed" in rank1, rank1[-2000:]
