@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from distill.pipeline.plan import Stage, plan
 from distill.pipeline.runner import (
     Runner,
     describe,
+    fit_command,
     launch_id,
     main,
     stage_env,
@@ -33,6 +35,7 @@ from distill.pipeline.runner import (
 )
 from distill.pipeline.spec import PipelineError, StageSpec, read_pipeline
 from tests.helpers import (
+    LAUNCH_VARS,
     ROOT,
     TINY_LLAMA,
     TOKENIZER_DIR,
@@ -226,6 +229,8 @@ def pipeline_main(args: list[str], capsys) -> tuple[int, str, str]:
 def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, monkeypatch, capsys):
     tmp_path, configs, pipeline, _ = finished
     monkeypatch.chdir(ROOT)
+    for name in [k for k in os.environ if k.startswith(LAUNCH_VARS)]:  # as run_pipeline's clean_env
+        monkeypatch.delenv(name)
     out = tmp_path / "out"
     before = {name: marker(out / name)["run_id"] for name in configs}
     code, _, err = pipeline_main(["--config", pipeline], capsys)
@@ -234,25 +239,23 @@ def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, 
     assert {name: marker(out / name)["run_id"] for name in configs} == before
 
     # DPO's data edited in place reruns DPO; the same bytes written back (a new mtime) rerun nothing
+    stages = plan(read_pipeline(pipeline))
+    hashes = ContentHashes(out / "data_hashes.json")
     pairs = tmp_path / "pairs.jsonl"
     original = pairs.read_bytes()
     pairs.write_bytes(original.replace(b"{", b'{"extra": 1, ', 1))
-    code, plan_text, _ = pipeline_main(["--config", pipeline, "--dry_run"], capsys)
+    plan_text, _ = describe(stages, set(configs), hashes)
     assert "2. sft: complete, skipped" in plan_text and "3. dpo: runs" in plan_text, plan_text
     pairs.write_bytes(original)
-    code, plan_text, _ = pipeline_main(["--config", pipeline, "--dry_run"], capsys)
+    plan_text, _ = describe(stages, set(configs), hashes)
     assert "3. dpo: complete, skipped" in plan_text, plan_text
 
-    # SFT changed (and killed at its step 3, once): --dry_run says it and DPO would run, writing nothing
-    kill = {
-        "class_path": "tests.probes.KillAt",
-        "init_args": {"step": 3, "once_marker": str(tmp_path / "killed")},
-    }
+    # SFT changed: --dry_run says it and DPO would run, writing nothing
     changed = write_pipeline(
         tmp_path / "changed.yaml",
         out,
         configs,
-        {"sft": {"model.init_args.lora.r": 2, "trainer.max_steps": 5, "trainer.callbacks+": kill}},
+        {"sft": {"model.init_args.lora.r": 2, "trainer.max_steps": 5}},
     )
     code, plan_text, _ = pipeline_main(["--config", changed, "--dry_run"], capsys)
     assert code == 0
@@ -263,28 +266,44 @@ def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, 
     )
     assert {name: marker(out / name)["run_id"] for name in configs} == before
     # --stages dpo alone cannot run on the stale SFT
-    code, _, err = pipeline_main(["--config", changed, "--stages", "dpo"], capsys)
-    assert code == 2 and "needs stage sft" in err
+    stages = plan(read_pipeline(changed))
+    with pytest.raises(PipelineError, match="needs stage sft"):
+        Runner(stages, {"dpo"}, hashes).run()
 
-    killed = run_pipeline(changed, check=False)
-    assert "pt: complete" in killed.stderr and "starting it afresh" in killed.stderr
-    assert killed.returncode == 2 and "stage sft failed (exit -9)" in killed.stderr, killed.stderr[-2000:]
+    # the changed SFT reruns afresh from the PT model kept; DPO, not selected, stays as it was
+    code, _, err = pipeline_main(["--config", changed, "--stages", "pt,sft"], capsys)
+    assert code == 0, err[-2000:]
+    assert "pt: complete" in err and "sft: its config or inputs changed" in err
     sft = out / "sft"
-    assert not (sft / "complete.json").exists() and (sft / "checkpoints" / "last.ckpt").is_file()
-    assert marker(out / "dpo")["run_id"] == before["dpo"]  # not run yet, and stale: its key has changed
-
-    resumed = run_pipeline(changed)
-    assert "pt: complete" in resumed.stderr
-    assert f"sft: resuming from {sft / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
-    history = json.loads((sft / "trainer_state.json").read_text())["log_history"]
-    # the history came back with the checkpoint: steps 1-2 from the killed process, 3-5 from this one
-    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5]
     assert json.loads((sft / "train_results.json").read_text())["global_step"] == 5
     assert json.loads((sft / "model" / "adapter_config.json").read_text())["r"] == 2
     after = {name: marker(out / name)["run_id"] for name in configs}
-    assert after["pt"] == before["pt"] and after["sft"] != before["sft"] and after["dpo"] != before["dpo"]
-    dpo = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
-    assert dpo["model"]["init_args"]["model"] == str(sft / "merged")
+    assert after["pt"] == before["pt"] and after["sft"] != before["sft"] and after["dpo"] == before["dpo"]
+    plan_text, _ = describe(stages, set(configs), hashes)
+    assert "2. sft: complete, skipped" in plan_text and "3. dpo: runs" in plan_text, plan_text
+
+
+def test_a_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """What a kill leaves (``stage.json`` of this key, ``last.ckpt``, no ``complete.json``) resumes;
+    the resumed fit's history is ``test_a_resumed_fit_keeps_its_runtime_and_...``'s."""
+    from distill.pipeline import runner
+
+    resumed = []
+    monkeypatch.setattr(
+        runner, "fit_command", lambda stage, resume: resumed.append(resume) or [sys.executable, "-c", ""]
+    )
+    stage = fake_stage(tmp_path / "out")
+    hashes = ContentHashes(tmp_path / "out" / "data_hashes.json")
+    key = stage_key(stage, None, data_digest(stage.config, hashes))
+    stage.checkpoint.parent.mkdir(parents=True)
+    stage.checkpoint.write_bytes(b"step 3")
+    (stage.dir / "stage.json").write_text(json.dumps({"key": key, "launch": "killed", "resume_from": None}))
+    assert "1. a: resumes from" in describe([stage], {"a"}, hashes)[0]
+    Runner([stage], {"a"}, hashes).run()
+    assert resumed == [None, str(stage.checkpoint)]  # the plan's command line, then the fit's
+    assert f"a: resuming from {stage.checkpoint}" in capsys.readouterr().err
+    assert stage.checkpoint.read_bytes() == b"step 3" and (stage.dir / "complete.json").is_file()
+    assert fit_command(stage, "x.ckpt")[-2:] == ["--ckpt_path", "x.ckpt"]
 
 
 def test_pipeline_file_errors_name_the_file_and_stage(tmp_path):
@@ -580,7 +599,9 @@ def test_the_pipeline_removes_only_directories_it_made(tmp_path, monkeypatch):
 # runs stage ``a`` (``fake_stage``) with a fit that runs ``sys.argv[2]``; a LoRA stage whose merge fails
 # with ``sys.argv[3]`` when that is given
 RUNNER = """
+import os
 import sys
+import time
 from pathlib import Path
 
 from distill.pipeline import runner
@@ -597,6 +618,16 @@ def merge(stage):
 
 
 runner.merge = merge
+if "AFTER" in os.environ:  # rank 1 tells when it waits for rank 0, which starts only then
+    here, wait_for = Path(os.environ["FAKE_DIR"]), runner.wait_for
+
+    def waiting(*args, **kwargs):
+        (here / "waiting").touch()
+        return wait_for(*args, **kwargs)
+
+    runner.wait_for = waiting
+    while os.environ["RANK"] == "0" and not (here / "waiting").exists():
+        time.sleep(0.1)
 config = {"model": {"init_args": {"lora": {"r": 4}} if merge_error else {}}, "data": {"init_args": {}}}
 stage = Stage(spec=StageSpec(name="a", config=("unused.yaml",)), dir=out / "a", config=config)
 try:
@@ -619,10 +650,10 @@ def start_runner(tmp_path, name: str, *args: str, **env: str):
     return process, err
 
 
-def wait_until(check, seconds: float = 120.0):
+def wait_until(check, what: str, seconds: float = 120.0):
     deadline = time.monotonic() + seconds
     while not check():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
         time.sleep(0.1)
 
 
@@ -655,26 +686,39 @@ def test_a_second_run_waits_for_the_first_and_a_fit_ends_with_its_runner(tmp_pat
     out, pid_file = tmp_path / "out", tmp_path / "fit.pid"
     with WriterLock(out):  # another pipeline run holds the output directory
         first, err = start_runner(tmp_path, "first", str(out), SLEEPER, FAKE_DIR=str(tmp_path))
-        wait_until(lambda: "waiting" in err.read_text() or first.poll() is not None)
+        wait_until(lambda: "waiting" in err.read_text() or pid_file.exists(), "the first run to wait")
         assert first.poll() is None and f"is being written by pid {os.getpid()}" in err.read_text()
         assert not (out / "a").exists()
-    wait_until(pid_file.exists)  # the lock released, the first run goes on into its fit
+    wait_until(pid_file.exists, "the first run's fit")  # the lock released, it goes on into its fit
     fit = int(pid_file.read_text())
     try:
         first.kill()  # kill -9 of the runner alone: its fit must not go on as an orphan
         first.wait()
-        wait_until(lambda: gone(fit), seconds=20)
+        wait_until(lambda: gone(fit), "the fit of the killed runner to end", seconds=20)
     finally:
         if not gone(fit):
             os.kill(fit, signal.SIGKILL)
-    pid_file.unlink()
-    # SIGTERM to the runner (a scheduler stopping the job) reaches the fit, which saves and stops
-    second, err = start_runner(tmp_path, "second", str(out), SLEEPER, FAKE_DIR=str(tmp_path))
-    wait_until(pid_file.exists)
-    second.send_signal(signal.SIGTERM)
-    assert second.wait(timeout=60) == 2
-    assert (tmp_path / "stopped").read_text() == str(int(signal.SIGTERM))
-    assert "stage a failed (exit 143)" in err.read_text()
+
+
+def test_a_signal_to_the_runner_reaches_its_fit(tmp_path, monkeypatch):
+    from distill.pipeline.runner import run_child
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    pid_file = tmp_path / "fit.pid"
+
+    def scheduler() -> None:  # SIGTERM to the runner alone, as a scheduler stopping the job sends it
+        wait_until(pid_file.exists, "the fit")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=scheduler, daemon=True).start()
+    try:
+        code = run_child([sys.executable, "-c", SLEEPER])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and (tmp_path / "stopped").read_text() == str(int(signal.SIGTERM))
+    assert received == []  # passed on to the fit while it ran, not left to the runner's own handling
 
 
 # a rank's fit: joins the other rank's (the process group), then FAIL_RANK's exits 3 at once while the
@@ -697,11 +741,12 @@ if fail >= 0:
 """
 
 
-def run_two_ranks(tmp_path, out, name: str, fail_rank: int, *args: str) -> list[str]:
+def run_two_ranks(tmp_path, out, name: str, fail_rank: int, *args: str, **extra: str) -> list[str]:
     """Both ranks' runners to their end (bounded): their stderr."""
     fake = tmp_path / name
     fake.mkdir()
     env = {"WORLD_SIZE": "2", "MASTER_PORT": "29611", "FAKE_DIR": str(fake), "FAIL_RANK": str(fail_rank)}
+    env.update(extra)
     ranks = [
         start_runner(tmp_path, f"{name}{r}", str(out), RANK_FIT, *args, RANK=str(r), **env) for r in (0, 1)
     ]
@@ -723,11 +768,28 @@ def test_every_rank_ends_with_the_failing_ranks_message(tmp_path):
     stage.dir.mkdir(parents=True)
     (stage.dir / "stage.json").write_text(json.dumps({"key": key, "launch": "an earlier launch"}))
     (stage.dir / "failed.json").write_text(json.dumps({"key": key, "error": "an earlier failure"}))
-    rank0, rank1 = run_two_ranks(tmp_path, out, "fit", 1)
+    rank0, rank1 = run_two_ranks(tmp_path, out, "fit", 1, AFTER="rank 1 waits")
     assert "an earlier failure" not in rank0 + rank1
     assert "error: stage a failed on rank 1 (exit 3)" in rank1, rank1[-2000:]
     assert "error: rank 1: stage a failed on rank 1 (exit 3)" in rank0, rank0[-2000:]
-    # rank 0 fails after the fit (its merge): rank 1, waiting for completion, ends with its message
-    rank0, rank1 = run_two_ranks(tmp_path, out, "merge", -1, "merging the adapter failed")
-    assert "error: merging the adapter failed" in rank0, rank0[-2000:]
-    assert "error: rank 0: merging the adapter failed" in rank1, rank1[-2000:]
+
+
+def test_a_failure_outside_the_fit_is_marked_for_the_other_ranks(tmp_path, monkeypatch):
+    from distill.pipeline import runner
+
+    monkeypatch.setattr(runner, "fit_command", lambda stage, resume: [sys.executable, "-c", ""])
+
+    def merge(stage) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "merge", merge)
+    stage = fake_stage(tmp_path / "out", lora=True)
+    hashes = ContentHashes(tmp_path / "out" / "data_hashes.json")
+    key = stage_key(stage, None, data_digest(stage.config, hashes))
+    with pytest.raises(OSError, match="No space left"):
+        Runner([stage], {"a"}, hashes).run()
+    # rank 1, done with its fit, waits for rank 0's completion: it ends with rank 0's error
+    with pytest.raises(PipelineError, match=r"rank 0: OSError: \[Errno 28\] No space left on device"):
+        wait_for(
+            stage.dir / "complete.json", key, lambda: runner.failure_elsewhere(stage, key, launch_id(), 1)
+        )
