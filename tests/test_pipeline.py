@@ -788,6 +788,8 @@ def test_a_failure_outside_the_fit_is_marked_for_the_other_ranks(tmp_path, monke
     key = stage_key(stage, None, data_digest(stage.config, hashes))
     with pytest.raises(OSError, match="No space left"):
         Runner([stage], {"a"}, hashes).run()
+    failed = json.loads((stage.dir / "failed.json").read_text())
+    assert failed["launch"] == launch_id() and failed["error"].startswith("OSError: [Errno 28]")
     # rank 1, done with its fit, waits for rank 0's completion: it ends with rank 0's error
     with pytest.raises(PipelineError, match=r"rank 0: OSError: \[Errno 28\] No space left on device"):
         wait_for(
