@@ -596,6 +596,19 @@ def test_the_pipeline_removes_only_directories_it_made(tmp_path, monkeypatch):
     assert [p.name for p in out.iterdir() if p.name.startswith(".a.")] == []  # nothing left behind
 
 
+def test_a_dry_run_reports_a_directory_the_pipeline_would_refuse(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    pipeline = tmp_path / "p.yaml"
+    stages = [{"name": "important_data", "config": str(ROOT / "configs" / "sft.yaml")}]
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "stages": stages}))
+    (tmp_path / "important_data").mkdir()
+    (tmp_path / "important_data" / "notes.txt").write_text("mine")
+    code, plan_text, err = pipeline_main(["--config", str(pipeline), "--dry_run"], capsys)
+    assert code == 2 and "1. important_data: refused" in plan_text
+    assert f"error: stage important_data: {tmp_path / 'important_data'} exists and was not made" in err
+    assert (tmp_path / "important_data" / "notes.txt").read_text() == "mine"
+
+
 # runs stage ``a`` (``fake_stage``) with a fit that runs ``sys.argv[2]``; a LoRA stage whose merge fails
 # with ``sys.argv[3]`` when that is given
 RUNNER = """
