@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+from distill.callbacks.steps import OptimizerSteps
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -23,12 +24,19 @@ class CompletionLog(L.Callback):
             raise ValueError("every_n_steps and num_completions must be at least 1")
         self.every_n_steps = every_n_steps
         self.num_completions = num_completions
+        self._steps = OptimizerSteps()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._steps.start(trainer)
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step
+        # once per logged optimizer step, not at each of its micro-batches
+        if not self._steps.ended(trainer) or (step - 1) % self.every_n_steps:
+            return
         rollouts = getattr(pl_module.objective, "rollouts", None)
-        if rollouts is None or rollouts.last is None or (step - 1) % self.every_n_steps:
+        if rollouts is None or rollouts.last is None:
             return
         rows = completion_rows(rollouts.last, rollouts.names, step, self.num_completions)
         logger = trainer.logger

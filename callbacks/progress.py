@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import lightning as L
+from distill.callbacks.steps import OptimizerSteps
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from distill.data.encoding import IGNORE_INDEX
@@ -87,7 +88,8 @@ class LoopProgress(TQDMProgressBar):
         self.lines = lines
         self.metrics = tuple(metrics)
         self._plain = bool(lines)
-        self._seen_step = self._printed_step = self._start_step = 0
+        self._printed_step = self._start_step = 0
+        self._steps = OptimizerSteps()
         self._reset_counts(0.0)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -136,17 +138,16 @@ class LoopProgress(TQDMProgressBar):
                 bar.refresh()
         if self.prints_lines:
             self._count(batch)
-            if trainer.global_step != self._seen_step:  # an optimizer step ended (not amid accumulation)
-                self._seen_step = trainer.global_step
-                if self._train_line_due(trainer):
-                    self._print_train_line(trainer, batch_idx)
+            if self._steps.ended(trainer) and self._train_line_due(trainer):
+                self._print_train_line(trainer, batch_idx)
 
     # ---- the lines --------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._start = time.monotonic()
-        self._start_step = self._seen_step = self._printed_step = trainer.global_step
+        self._start_step = self._printed_step = trainer.global_step
+        self._steps.start(trainer)
         total = trainer.estimated_stepping_batches  # an iterable dataset without max_steps: -1
         self._total_steps = total if total > 0 else math.inf
         self._reset_counts(self._start)

@@ -11,17 +11,20 @@ from typing import Any
 import lightning as L
 import torch
 from distill.callbacks.hf_export import untrained_reason
+from distill.callbacks.steps import OptimizerSteps
 
 
 class StageResults(L.Callback):
     """Writes ``train_results.json`` at the end of a fit, ``eval_results.json`` after each validation
     outside a fit (``--validate_after_fit true`` runs one on the final weights) and ``trainer_state.json``
-    (every logged step's loss and learning rate, every validation) at each checkpoint and the end.
+    (every logged step's loss and learning rate, every validation) at each checkpoint, after each
+    validation in the fit and at the end.
 
     Names follow the Hugging Face Trainer (``train_loss``, ``eval_loss``, ``perplexity``,
     ``*_samples_per_second``) plus ``*_tokens_per_second``. ``perplexity`` is the objective's ``ppl``
     (exp of the cross-entropy; objectives whose unit is not a token, such as DPO's pairs, have none). The
-    history and the running totals are kept in checkpoints, so a resumed fit reports the whole run.
+    history and the running totals (training time included) are kept in checkpoints, so a resumed fit
+    reports the whole run, and a fit resumed at its end the run it completes.
     """
 
     def __init__(self, dirpath: str) -> None:
@@ -33,18 +36,52 @@ class StageResults(L.Callback):
         self.log_history: list[dict[str, Any]] = []
         self.totals = {"seconds": 0.0, "samples": 0, "tokens": 0, "loss_sum": 0.0, "batches": 0}
         self._window = {"loss_sum": 0.0, "batches": 0}
-        self._started = 0.0
+        self._started: float | None = None  # while training runs: when it (re)started
+        self._step = 0  # the optimizer steps taken when a checkpoint saves this state
+        self._steps = OptimizerSteps()
         self._eval = {"started": 0.0, "samples": 0, "tokens": 0}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log_history": self.log_history, "totals": dict(self.totals)}
+        return {"log_history": self.log_history, "totals": self._totals_now(), "step": self._step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.log_history = list(state_dict["log_history"])
         self.totals.update(state_dict["totals"])
+        if "step" in state_dict:
+            self.log_history += self._validation_after_checkpoint(state_dict["step"])
+
+    def _validation_after_checkpoint(self, step: int) -> list[dict[str, Any]]:
+        """The validation that ran at the checkpoint's own step, after the checkpoint was saved (a
+        ``ModelCheckpoint`` saves at the step's end, before its validation), as ``trainer_state.json``
+        kept it: a resumed fit does not run that validation again."""
+        try:
+            written = json.loads((self.dirpath / "trainer_state.json").read_text())["log_history"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        kept = {json.dumps(entry, sort_keys=True) for entry in self.log_history}
+        return [
+            entry
+            for entry in written
+            if isinstance(entry, dict)
+            and entry.get("step") == step
+            and "eval_runtime" in entry
+            and json.dumps(entry, sort_keys=True) not in kept
+        ]
+
+    def _totals_now(self) -> dict[str, Any]:
+        """The running totals, the training time so far included."""
+        elapsed = time.monotonic() - self._started if self._started is not None else 0.0
+        return {**self.totals, "seconds": self.totals["seconds"] + elapsed}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.monotonic()
+        self._step = trainer.global_step
+        self._steps.start(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a fit resumed at its end trains nothing and calls neither this nor on_train_start
+        self.totals = self._totals_now()
+        self._started = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -57,7 +94,8 @@ class StageResults(L.Callback):
             for totals in (self.totals, self._window):
                 totals["loss_sum"] += float(loss)
                 totals["batches"] += 1
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        self._step = trainer.global_step
+        stepped = self._steps.ended(trainer)
         if stepped and trainer.global_step % trainer.log_every_n_steps == 0 and self._window["batches"]:
             self.log_history.append(
                 {
@@ -100,6 +138,8 @@ class StageResults(L.Callback):
         )
         if trainer.state.fn == "fit":
             self.log_history.append(results)
+            if trainer.is_global_zero:  # kept on disk for a resume from this step's checkpoint
+                write_json(self.dirpath / "trainer_state.json", self.trainer_state(trainer))
         elif trainer.is_global_zero:
             write_json(self.dirpath / "eval_results.json", results)
 
@@ -108,7 +148,6 @@ class StageResults(L.Callback):
             write_json(self.dirpath / "trainer_state.json", self.trainer_state(trainer))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.totals["seconds"] += time.monotonic() - self._started
         samples, tokens = reduced(trainer, self.totals["samples"], self.totals["tokens"])
         if untrained_reason(trainer) is not None or not trainer.is_global_zero:
             return

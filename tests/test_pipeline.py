@@ -6,16 +6,36 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from distill.callbacks.stage_results import batch_size
 
-from distill.pipeline.plan import plan
-from distill.pipeline.runner import launch_id, main, stage_env, stage_key, wait_for
-from distill.pipeline.spec import PipelineError, read_pipeline
+from distill.pipeline.inputs import ContentHashes, data_digest
+from distill.pipeline.plan import Stage, plan
+from distill.pipeline.runner import (
+    Runner,
+    describe,
+    fit_command,
+    launch_id,
+    main,
+    stage_env,
+    stage_key,
+    wait_for,
+)
+from distill.pipeline.spec import PipelineError, StageSpec, read_pipeline
 from tests.helpers import (
+    LAUNCH_VARS,
     ROOT,
     TINY_LLAMA,
     TOKENIZER_DIR,
@@ -209,6 +229,8 @@ def pipeline_main(args: list[str], capsys) -> tuple[int, str, str]:
 def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, monkeypatch, capsys):
     tmp_path, configs, pipeline, _ = finished
     monkeypatch.chdir(ROOT)
+    for name in [k for k in os.environ if k.startswith(LAUNCH_VARS)]:  # as run_pipeline's clean_env
+        monkeypatch.delenv(name)
     out = tmp_path / "out"
     before = {name: marker(out / name)["run_id"] for name in configs}
     code, _, err = pipeline_main(["--config", pipeline], capsys)
@@ -217,57 +239,71 @@ def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, 
     assert {name: marker(out / name)["run_id"] for name in configs} == before
 
     # DPO's data edited in place reruns DPO; the same bytes written back (a new mtime) rerun nothing
+    stages = plan(read_pipeline(pipeline))
+    hashes = ContentHashes(out / "data_hashes.json")
     pairs = tmp_path / "pairs.jsonl"
     original = pairs.read_bytes()
     pairs.write_bytes(original.replace(b"{", b'{"extra": 1, ', 1))
-    code, plan_text, _ = pipeline_main(["--config", pipeline, "--dry_run"], capsys)
+    plan_text, _ = describe(stages, set(configs), hashes)
     assert "2. sft: complete, skipped" in plan_text and "3. dpo: runs" in plan_text, plan_text
     pairs.write_bytes(original)
-    code, plan_text, _ = pipeline_main(["--config", pipeline, "--dry_run"], capsys)
+    plan_text, _ = describe(stages, set(configs), hashes)
     assert "3. dpo: complete, skipped" in plan_text, plan_text
 
-    # SFT changed (and killed at its step 3, once): --dry_run says it and DPO would run, writing nothing
-    kill = {
-        "class_path": "tests.probes.KillAt",
-        "init_args": {"step": 3, "once_marker": str(tmp_path / "killed")},
-    }
+    # SFT changed: --dry_run says it and DPO would run, writing nothing
     changed = write_pipeline(
         tmp_path / "changed.yaml",
         out,
         configs,
-        {"sft": {"model.init_args.lora.r": 2, "trainer.max_steps": 5, "trainer.callbacks+": kill}},
+        {"sft": {"model.init_args.lora.r": 2, "trainer.max_steps": 5}},
     )
-    code, plan_text, _ = pipeline_main(["--config", changed, "--dry_run"], capsys)
-    assert code == 0
+    stages = plan(read_pipeline(changed))
+    plan_text, refusals = describe(stages, set(configs), hashes)
     assert (
         "1. pt: complete, skipped" in plan_text
         and "2. sft: runs" in plan_text
         and "3. dpo: runs" in plan_text
+        and not refusals
     )
     assert {name: marker(out / name)["run_id"] for name in configs} == before
     # --stages dpo alone cannot run on the stale SFT
-    code, _, err = pipeline_main(["--config", changed, "--stages", "dpo"], capsys)
-    assert code == 2 and "needs stage sft" in err
+    with pytest.raises(PipelineError, match="needs stage sft"):
+        Runner(stages, {"dpo"}, hashes).run()
 
-    killed = run_pipeline(changed, check=False)
-    assert "pt: complete" in killed.stderr and "starting it afresh" in killed.stderr
-    assert killed.returncode == 2 and "stage sft failed (exit -9)" in killed.stderr, killed.stderr[-2000:]
+    # the changed SFT reruns afresh from the PT model kept; DPO, not selected, stays as it was
+    code, _, err = pipeline_main(["--config", changed, "--stages", "pt,sft"], capsys)
+    assert code == 0, err[-2000:]
+    assert "pt: complete" in err and "sft: its config or inputs changed" in err
     sft = out / "sft"
-    assert not (sft / "complete.json").exists() and (sft / "checkpoints" / "last.ckpt").is_file()
-    assert marker(out / "dpo")["run_id"] == before["dpo"]  # not run yet, and stale: its key has changed
-
-    resumed = run_pipeline(changed)
-    assert "pt: complete" in resumed.stderr
-    assert f"sft: resuming from {sft / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
-    history = json.loads((sft / "trainer_state.json").read_text())["log_history"]
-    # the history came back with the checkpoint: steps 1-2 from the killed process, 3-5 from this one
-    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5]
     assert json.loads((sft / "train_results.json").read_text())["global_step"] == 5
     assert json.loads((sft / "model" / "adapter_config.json").read_text())["r"] == 2
     after = {name: marker(out / name)["run_id"] for name in configs}
-    assert after["pt"] == before["pt"] and after["sft"] != before["sft"] and after["dpo"] != before["dpo"]
-    dpo = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
-    assert dpo["model"]["init_args"]["model"] == str(sft / "merged")
+    assert after["pt"] == before["pt"] and after["sft"] != before["sft"] and after["dpo"] == before["dpo"]
+    plan_text, _ = describe(stages, set(configs), hashes)
+    assert "2. sft: complete, skipped" in plan_text and "3. dpo: runs" in plan_text, plan_text
+
+
+def test_a_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """What a kill leaves (``stage.json`` of this key, ``last.ckpt``, no ``complete.json``) resumes;
+    the resumed fit's history is ``test_a_resumed_fit_keeps_its_runtime_and_...``'s."""
+    from distill.pipeline import runner
+
+    resumed = []
+    monkeypatch.setattr(
+        runner, "fit_command", lambda stage, resume: resumed.append(resume) or [sys.executable, "-c", ""]
+    )
+    stage = fake_stage(tmp_path / "out")
+    hashes = ContentHashes(tmp_path / "out" / "data_hashes.json")
+    key = stage_key(stage, None, data_digest(stage.config, hashes))
+    stage.checkpoint.parent.mkdir(parents=True)
+    stage.checkpoint.write_bytes(b"step 3")
+    (stage.dir / "stage.json").write_text(json.dumps({"key": key, "launch": "killed", "resume_from": None}))
+    assert "1. a: resumes from" in describe([stage], {"a"}, hashes)[0]
+    Runner([stage], {"a"}, hashes).run()
+    assert resumed == [None, str(stage.checkpoint)]  # the plan's command line, then the fit's
+    assert f"a: resuming from {stage.checkpoint}" in capsys.readouterr().err
+    assert stage.checkpoint.read_bytes() == b"step 3" and (stage.dir / "complete.json").is_file()
+    assert fit_command(stage, "x.ckpt")[-2:] == ["--ckpt_path", "x.ckpt"]
 
 
 def test_pipeline_file_errors_name_the_file_and_stage(tmp_path):
@@ -310,17 +346,28 @@ def test_every_pipeline_config_plans(path, monkeypatch):
 
 
 def test_other_ranks_wait_for_rank_zero_of_their_own_launch(tmp_path, monkeypatch):
-    stages = plan(read_pipeline(ROOT / "configs" / "pipelines" / "demo.yaml"))
-    stage = stages[0]
-    stage.dir = tmp_path
+    from distill.pipeline.runner import failure_elsewhere
+
+    stage = fake_stage(tmp_path)
+    stage.dir.mkdir()
     monkeypatch.setenv("MASTER_PORT", "1234")
-    (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": "an earlier launch"}))
-    (tmp_path / "failed.json").write_text(json.dumps({"key": "k", "error": "stage pt failed (exit 1)"}))
-    # the stale stage.json of a killed launch is not taken for this launch's; rank 0's failure is raised
-    with pytest.raises(PipelineError, match="rank 0: stage pt failed"):
-        wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())
-    (tmp_path / "stage.json").write_text(json.dumps({"key": "k", "launch": launch_id(), "resume_from": None}))
-    assert wait_for(tmp_path / "stage.json", "k", stage, launch=launch_id())["resume_from"] is None
+    launch = launch_id()
+
+    def failed() -> str | None:
+        return failure_elsewhere(stage, "k", launch, rank=1)
+
+    (stage.dir / "stage.json").write_text(json.dumps({"key": "k", "launch": "an earlier launch"}))
+    # an earlier launch's failure is not this launch's: the stale files of a killed launch are ignored
+    (stage.dir / "failed.json").write_text(json.dumps({"key": "k", "error": "stage a failed (exit 1)"}))
+    assert failed() is None
+    (stage.dir / "failed.json").write_text(
+        json.dumps({"key": "k", "launch": launch, "rank": 0, "error": "stage a failed (exit 1)"})
+    )
+    with pytest.raises(PipelineError, match=r"rank 0: stage a failed \(exit 1\)"):
+        wait_for(stage.dir / "stage.json", "k", failed, launch=launch)
+    (stage.dir / "failed.json").unlink()
+    (stage.dir / "stage.json").write_text(json.dumps({"key": "k", "launch": launch, "resume_from": None}))
+    assert wait_for(stage.dir / "stage.json", "k", failed, launch=launch)["resume_from"] is None
     # under torchrun each stage's rank 0 hosts its own store, on a port of the stage's own
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     env = stage_env(2)
@@ -401,3 +448,370 @@ def test_a_stage_key_counts_the_local_data_it_reads(tmp_path):
     assert hashes.of(corpus / "a.jsonl") != first
     hashes.save()
     assert ContentHashes(tmp_path / "hashes.json").known == hashes.known
+
+
+class TinyFit(L.LightningModule):
+    """A linear layer on dict batches (``input_ids``), logging ``train/loss`` and ``val/loss``; its
+    ``objective.rollouts`` holds one fixed rollout for ``CompletionLog``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        completions = SimpleNamespace(lengths=torch.tensor([3]), stopped=torch.tensor([True]))
+        rollout = SimpleNamespace(
+            prompts=["p"], texts=["t"], total=torch.ones(1), rewards=torch.ones(1, 1), completions=completions
+        )
+        self.objective = SimpleNamespace(rollouts=SimpleNamespace(last=rollout, names=["r"]))
+
+    def loss(self, batch) -> torch.Tensor:
+        return self.layer(batch["input_ids"].float()).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def tiny_loader(batches: int):
+    rows = [{"input_ids": torch.full((4,), float(i) / 10)} for i in range(2 * batches)]
+    return torch.utils.data.DataLoader(rows, batch_size=2)
+
+
+def tiny_trainer(root, callbacks, **options) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        default_root_dir=str(root),
+    )
+    return L.Trainer(callbacks=callbacks, **{**defaults, **options})
+
+
+def test_callbacks_act_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    from distill.callbacks import CompletionLog, StageResults
+    from distill.callbacks.steps import OptimizerSteps
+
+    class Ended(L.Callback):
+        def __init__(self) -> None:
+            self.steps, self.ended = OptimizerSteps(), []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.steps.start(trainer)
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if self.steps.ended(trainer):
+                self.ended.append(trainer.global_step)
+
+    # 7 micro-batches an epoch, 2 a step: the last window of each epoch is one micro-batch short
+    ended = Ended()
+    callbacks = [ended, CompletionLog(every_n_steps=1, num_completions=1), StageResults(str(tmp_path))]
+    trainer = tiny_trainer(tmp_path, callbacks, max_epochs=2, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(TinyFit(), train_dataloaders=tiny_loader(7))
+    assert trainer.global_step == 8 and ended.ended == list(range(1, 9))
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))  # once a step, not once a micro-batch
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history] == list(range(1, 9))
+
+
+def test_a_resumed_fit_keeps_its_runtime_and_the_validation_of_its_checkpoint_step(tmp_path):
+    from distill.callbacks import StageResults
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 3:
+                raise RuntimeError("killed at step 3")
+
+    def fit(*extra: L.Callback, ckpt_path=None) -> dict:
+        # a checkpoint at every second step's end, before that step's validation runs
+        checkpoint = ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=2, save_last=True)
+        callbacks = [StageResults(str(tmp_path)), checkpoint, *extra]
+        trainer = tiny_trainer(
+            tmp_path, callbacks, max_steps=4, val_check_interval=2, check_val_every_n_epoch=None
+        )
+        trainer.fit(TinyFit(), tiny_loader(8), tiny_loader(2), ckpt_path=ckpt_path)
+        return json.loads((tmp_path / "train_results.json").read_text())
+
+    with pytest.raises(RuntimeError, match="killed at step 3"):
+        fit(Crash())
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    resumed = fit(ckpt_path=last)
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]  # step 2's from the killed run
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+    # rerun at completion (a pipeline killed during its merge): nothing trains, the results stay
+    again = fit(ckpt_path=last)
+    assert 0 < again["train_runtime"] <= resumed["train_runtime"], (again, resumed)
+    assert again["global_step"] == 4 and again["train_samples"] == resumed["train_samples"]
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]
+
+
+def fake_stage(out, lora: bool = False) -> Stage:
+    """Stage ``a`` of a pipeline under ``out``, with a config that only the runner reads (its fit is
+    replaced where it runs)."""
+    init_args = {"lora": {"r": 4}} if lora else {}
+    config = {"model": {"init_args": init_args}, "data": {"init_args": {}}}
+    return Stage(spec=StageSpec(name="a", config=("unused.yaml",)), dir=out / "a", config=config)
+
+
+def test_the_pipeline_removes_only_directories_it_made(tmp_path, monkeypatch):
+    from distill.pipeline import runner
+
+    ran = tmp_path / "ran"  # what the stage's fit writes
+    fit = [sys.executable, "-c", f"open({str(ran)!r}, 'a').write('fit ')"]
+    monkeypatch.setattr(runner, "fit_command", lambda stage, resume: fit)
+    out = tmp_path / "out"
+    stage = fake_stage(out)
+    hashes = ContentHashes(out / "data_hashes.json")
+    # a standalone run's directory where the stage would go: refused, untouched, and --dry_run says so
+    (stage.dir / "checkpoints").mkdir(parents=True)
+    (stage.dir / "checkpoints" / "last.ckpt").write_bytes(b"weeks of training")
+    with pytest.raises(
+        PipelineError, match=rf"stage a: {stage.dir} exists and was not made by this pipeline"
+    ):
+        Runner([stage], {"a"}, hashes).run()
+    assert (stage.dir / "checkpoints" / "last.ckpt").read_bytes() == b"weeks of training"
+    assert not ran.exists()
+    text, refusals = describe([stage], {"a"}, hashes)
+    assert f"1. a: refused: {stage.dir} was not made by this pipeline" in text
+    assert refusals and "move it away" in refusals[0]
+    # a directory the pipeline made for another config: removed and run afresh
+    (stage.dir / "checkpoints" / "last.ckpt").unlink()
+    (stage.dir / "stage.json").write_text(json.dumps({"key": "another config's"}))
+    (stage.dir / "checkpoints" / "last.ckpt").write_bytes(b"the other config's")
+    Runner([stage], {"a"}, hashes).run()
+    assert ran.read_text() == "fit " and not (stage.dir / "checkpoints").exists()
+    assert json.loads((stage.dir / "complete.json").read_text())["model"] == str(stage.model)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".a.")] == []  # nothing left behind
+
+
+def test_a_dry_run_reports_a_directory_the_pipeline_would_refuse(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    pipeline = tmp_path / "p.yaml"
+    stages = [{"name": "important_data", "config": str(ROOT / "configs" / "sft.yaml")}]
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "stages": stages}))
+    (tmp_path / "important_data").mkdir()
+    (tmp_path / "important_data" / "notes.txt").write_text("mine")
+    code, plan_text, err = pipeline_main(["--config", str(pipeline), "--dry_run"], capsys)
+    assert code == 2 and "1. important_data: refused" in plan_text
+    assert f"error: stage important_data: {tmp_path / 'important_data'} exists and was not made" in err
+    assert (tmp_path / "important_data" / "notes.txt").read_text() == "mine"
+
+
+# runs stage ``a`` (``fake_stage``) with a fit that runs ``sys.argv[2]``; a LoRA stage whose merge fails
+# with ``sys.argv[3]`` when that is given
+RUNNER = """
+import importlib.util
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+# the runner's own imports, not the package's (Lightning, Transformers: seconds a process, for nothing
+# a stand-in fit needs)
+package = types.ModuleType("distill")
+package.__path__ = list(importlib.util.find_spec("distill").submodule_search_locations)
+sys.modules["distill"] = package
+from distill.pipeline import runner
+from distill.pipeline.inputs import ContentHashes
+from distill.pipeline.plan import Stage
+from distill.pipeline.spec import PipelineError, StageSpec
+
+out, fit, merge_error = Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
+runner.fit_command = lambda stage, resume: [sys.executable, "-c", fit]
+
+
+def merge(stage):
+    raise PipelineError(merge_error)
+
+
+runner.merge = merge
+if "AFTER" in os.environ:  # rank 1 tells when it waits for rank 0, which starts only then
+    here, wait_for = Path(os.environ["FAKE_DIR"]), runner.wait_for
+
+    def waiting(*args, **kwargs):
+        (here / "waiting").touch()
+        return wait_for(*args, **kwargs)
+
+    runner.wait_for = waiting
+    while os.environ["RANK"] == "0" and not (here / "waiting").exists():
+        time.sleep(0.1)
+config = {"model": {"init_args": {"lora": {"r": 4}} if merge_error else {}}, "data": {"init_args": {}}}
+stage = Stage(spec=StageSpec(name="a", config=("unused.yaml",)), dir=out / "a", config=config)
+try:
+    runner.Runner([stage], {"a"}, ContentHashes(out / "data_hashes.json")).run()
+except PipelineError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def start_runner(tmp_path, name: str, *args: str, **env: str):
+    """A runner process, its stderr in ``tmp_path/name.err``."""
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    err = tmp_path / f"{name}.err"
+    with open(err, "w") as stream:
+        process = subprocess.Popen(
+            [sys.executable, str(script), *args], cwd=ROOT, env=clean_env(**env), stderr=stream
+        )
+    return process, err
+
+
+def wait_until(check, what: str, seconds: float = 120.0):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def gone(pid: int) -> bool:
+    """Whether the process ended (a zombie nobody reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+# a fit that says its pid; on SIGTERM it saves ("stopped") and exits as PreemptionCheckpoint does
+SLEEPER = """
+import os, signal, sys, time
+from pathlib import Path
+here = Path(os.environ["FAKE_DIR"])
+def stop(signum, frame):
+    (here / "stopped").write_text(str(signum))
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+(here / "fit.pid").write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_second_run_waits_for_the_first_and_a_fit_ends_with_its_runner(tmp_path):
+    from distill.cache.lock import WriterLock
+
+    out, pid_file = tmp_path / "out", tmp_path / "fit.pid"
+    with WriterLock(out):  # another pipeline run holds the output directory
+        first, err = start_runner(tmp_path, "first", str(out), SLEEPER, FAKE_DIR=str(tmp_path))
+        wait_until(lambda: "waiting" in err.read_text() or pid_file.exists(), "the first run to wait")
+        assert first.poll() is None and f"is being written by pid {os.getpid()}" in err.read_text()
+        assert not (out / "a").exists()
+    wait_until(pid_file.exists, "the first run's fit")  # the lock released, it goes on into its fit
+    fit = int(pid_file.read_text())
+    try:
+        first.kill()  # kill -9 of the runner alone: its fit must not go on as an orphan
+        first.wait()
+        wait_until(lambda: gone(fit), "the fit of the killed runner to end", seconds=20)
+    finally:
+        if not gone(fit):
+            os.kill(fit, signal.SIGKILL)
+
+
+def test_a_signal_to_the_runner_reaches_its_fit(tmp_path, monkeypatch):
+    from distill.pipeline.runner import run_child
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    pid_file = tmp_path / "fit.pid"
+
+    def scheduler() -> None:  # SIGTERM to the runner alone, as a scheduler stopping the job sends it
+        wait_until(pid_file.exists, "the fit")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=scheduler, daemon=True).start()
+    try:
+        code = run_child([sys.executable, "-c", SLEEPER])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and (tmp_path / "stopped").read_text() == str(int(signal.SIGTERM))
+    assert received == []  # passed on to the fit while it ran, not left to the runner's own handling
+
+
+# a rank's fit: joins the other rank's (the process group), then FAIL_RANK's exits 3 at once while the
+# other waits in a collective that will never complete; FAIL_RANK -1: both succeed
+RANK_FIT = """
+import os, sys, time
+from pathlib import Path
+rank, here = int(os.environ["RANK"]), Path(os.environ["FAKE_DIR"])
+(here / f"joined{rank}").touch()
+deadline = time.time() + 30
+while not (here / f"joined{1 - rank}").exists():
+    if time.time() > deadline:
+        sys.exit("the other rank never joined")
+    time.sleep(0.1)
+fail = int(os.environ["FAIL_RANK"])
+if fail == rank:
+    sys.exit(3)
+if fail >= 0:
+    time.sleep(120)
+"""
+
+
+def run_two_ranks(tmp_path, out, name: str, fail_rank: int, *args: str, **extra: str) -> list[str]:
+    """Both ranks' runners to their end (bounded): their stderr."""
+    fake = tmp_path / name
+    fake.mkdir()
+    env = {"WORLD_SIZE": "2", "MASTER_PORT": "29611", "FAKE_DIR": str(fake), "FAIL_RANK": str(fail_rank)}
+    env.update(extra)
+    ranks = [
+        start_runner(tmp_path, f"{name}{r}", str(out), RANK_FIT, *args, RANK=str(r), **env) for r in (0, 1)
+    ]
+    try:
+        for process, _ in ranks:
+            process.wait(timeout=150)
+    finally:
+        for process, _ in ranks:
+            if process.poll() is None:
+                process.kill()
+    return [err.read_text() for _, err in ranks]
+
+
+def test_every_rank_ends_with_the_failing_ranks_message(tmp_path):
+    out = tmp_path / "out"
+    stage = fake_stage(out)
+    key = stage_key(stage, None, data_digest(stage.config, ContentHashes(tmp_path / "hashes.json")))
+    # an earlier launch failed at this stage: its markers must not end this launch's rank 1
+    stage.dir.mkdir(parents=True)
+    (stage.dir / "stage.json").write_text(json.dumps({"key": key, "launch": "an earlier launch"}))
+    (stage.dir / "failed.json").write_text(json.dumps({"key": key, "error": "an earlier failure"}))
+    rank0, rank1 = run_two_ranks(tmp_path, out, "fit", 1, AFTER="rank 1 waits")
+    assert "an earlier failure" not in rank0 + rank1
+    assert "error: stage a failed on rank 1 (exit 3)" in rank1, rank1[-2000:]
+    assert "error: rank 1: stage a failed on rank 1 (exit 3)" in rank0, rank0[-2000:]
+
+
+def test_a_failure_outside_the_fit_is_marked_for_the_other_ranks(tmp_path, monkeypatch):
+    from distill.pipeline import runner
+
+    monkeypatch.setattr(runner, "fit_command", lambda stage, resume: [sys.executable, "-c", ""])
+
+    def merge(stage) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "merge", merge)
+    stage = fake_stage(tmp_path / "out", lora=True)
+    hashes = ContentHashes(tmp_path / "out" / "data_hashes.json")
+    key = stage_key(stage, None, data_digest(stage.config, hashes))
+    with pytest.raises(OSError, match="No space left"):
+        Runner([stage], {"a"}, hashes).run()
+    failed = json.loads((stage.dir / "failed.json").read_text())
+    assert failed["launch"] == launch_id() and failed["error"].startswith("OSError: [Errno 28]")
+    # rank 1, done with its fit, waits for rank 0's completion: it ends with rank 0's error
+    with pytest.raises(PipelineError, match=r"rank 0: OSError: \[Errno 28\] No space left on device"):
+        wait_for(
+            stage.dir / "complete.json", key, lambda: runner.failure_elsewhere(stage, key, launch_id(), 1)
+        )

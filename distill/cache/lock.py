@@ -29,13 +29,21 @@ class WriterLock:
     """Exclusive lock of a cache directory for everything that adds or removes segments.
 
     ``timeout`` None waits for as long as the holder works (it logs whom it waits for); a number of
-    seconds raises ``CacheLockedError`` naming the holder once it has waited that long.
+    seconds raises ``CacheLockedError`` naming the holder once it has waited that long. ``what`` names
+    the directory in those messages (a pipeline locks its output directory with this lock too).
     """
 
-    def __init__(self, directory: str | Path, timeout: float | None = None, poll_seconds: float = 0.5):
+    def __init__(
+        self,
+        directory: str | Path,
+        timeout: float | None = None,
+        poll_seconds: float = 0.5,
+        what: str = "cache",
+    ):
         self.path = Path(directory) / WRITER_LOCK
         self.timeout = timeout
         self.poll_seconds = poll_seconds
+        self.what = what
         self._fd: int | None = None
 
     def holder(self) -> str:
@@ -54,12 +62,12 @@ class WriterLock:
             if self.timeout is not None and waited >= self.timeout:
                 os.close(fd)
                 raise CacheLockedError(
-                    f"{self.path.parent}: another run writes this cache ({self.holder()}); gave up after "
-                    f"{waited:.0f} s. Wait for it to finish, or use another cache directory."
+                    f"{self.path.parent}: another run writes this {self.what} ({self.holder()}); gave up "
+                    f"after {waited:.0f} s. Wait for it to finish, or use another {self.what} directory."
                 )
             if not told:
                 print(
-                    f"[distill] cache {self.path.parent} is being written by {self.holder()}: waiting",
+                    f"[distill] {self.what} {self.path.parent} is being written by {self.holder()}: waiting",
                     file=sys.stderr,
                     flush=True,
                 )

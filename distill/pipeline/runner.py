@@ -8,29 +8,41 @@ last. A stage's key hashes its resolved config, the content of its data files an
 stage before it, so a changed config or data file reruns that stage and every later one. Under ``srun``
 or ``torchrun`` every rank runs the pipeline: each rank's fit joins the others' as a single run would,
 and only rank 0 writes the stage files, merges and marks completion, which the other ranks wait for.
+
+The pipeline removes a stage directory only when it made it (``stage.json`` inside), holds its output
+directory's lock while it runs (a second run waits), and its fits and merges die with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from distill.cache.lock import WriterLock
 from distill.pipeline.inputs import ContentHashes, data_digest
 from distill.pipeline.plan import Stage, plan
 from distill.pipeline.spec import PipelineError, read_pipeline
 
 POLL_SECONDS = 1.0
+STAGE_MARKER = "stage.json"  # in every stage directory the pipeline made, and only there
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
 
 def global_rank() -> int:
@@ -76,6 +88,11 @@ class Runner:
         return key
 
     def run(self) -> None:
+        # every stage directory is under the pipeline's output directory
+        with pipeline_lock(self.stages[0].dir.parent, self.rank):
+            self._run()
+
+    def _run(self) -> None:
         upstream: str | None = None  # the run id of the previous stage's completion
         for index, stage in enumerate(self.stages):
             key = self.key(stage, upstream)
@@ -94,20 +111,40 @@ class Runner:
             upstream = marker["run_id"] if marker else None
 
     def run_stage(self, stage: Stage, key: str, fresh: bool) -> dict[str, Any]:
+        """Run the stage on this rank; whatever fails here (the fit, ``prepare``, the merge, a marker) is
+        marked for the other ranks of this launch, which end with this rank's message."""
+        refused = foreign(stage)  # every rank sees it: no marker can go into a directory not ours
+        if refused:
+            raise PipelineError(refused)
+        launch = launch_id()
+        try:
+            return self._run_stage(stage, key, fresh, launch)
+        except OtherRankFailed:
+            raise
+        except BaseException as error:
+            message = str(error) if isinstance(error, PipelineError) else f"{type(error).__name__}: {error}"
+            mark_failure(stage, key, launch, self.rank, message)
+            raise
+
+    def _run_stage(self, stage: Stage, key: str, fresh: bool, launch: str) -> dict[str, Any]:
+        def elsewhere() -> str | None:
+            return failure_elsewhere(stage, key, launch, self.rank)
+
         if self.rank == 0:
-            started = self.prepare(stage, key, fresh)
+            started = self.prepare(stage, key, fresh, launch)
         else:
-            started = wait_for(stage.dir / "stage.json", key, stage, launch=launch_id())
+            started = wait_for(stage.dir / STAGE_MARKER, key, elsewhere, launch=launch)
         command = fit_command(stage, started.get("resume_from"))
         log(f"{stage.name}: {' '.join(command)}")
-        result = subprocess.run(command, env=stage_env(self.stages.index(stage)))
-        if result.returncode != 0:
-            message = f"stage {stage.name} failed (exit {result.returncode})"
-            if self.rank == 0:
-                write_json(stage.dir / "failed.json", {"key": key, "error": message})
-            raise PipelineError(f"{message}; rerun the pipeline to resume it from {stage.checkpoint}")
+        code = run_child(command, env=stage_env(self.stages.index(stage)), stop_when=elsewhere)
+        if code != 0:
+            where = "" if self.rank == 0 else f" on rank {self.rank}"
+            raise PipelineError(
+                f"stage {stage.name} failed{where} (exit {code}); rerun the pipeline to resume it from "
+                f"{stage.checkpoint}"
+            )
         if self.rank != 0:
-            return wait_for(stage.dir / "complete.json", key, stage)
+            return wait_for(stage.dir / "complete.json", key, elsewhere)
         if stage.lora:
             merge(stage)
         marker = {"key": key, "run_id": uuid.uuid4().hex, "model": str(stage.model), "finished": now()}
@@ -115,24 +152,146 @@ class Runner:
         log(f"{stage.name}: complete -> {stage.model}")
         return marker
 
-    def prepare(self, stage: Stage, key: str, fresh: bool) -> dict[str, Any]:
+    def prepare(self, stage: Stage, key: str, fresh: bool, launch: str) -> dict[str, Any]:
         """Clear a stage left by another config (or all of it: ``fresh``), keep a killed run's checkpoint,
         write what will run."""
-        previous = read_json(stage.dir / "stage.json")
+        previous = read_json(stage.dir / STAGE_MARKER)
         if stage.dir.exists() and (fresh or (previous or {}).get("key") != key):
             why = "rerun by --force" if fresh else "its config or inputs changed since its last run"
             log(f"{stage.name}: {why}: starting it afresh, its previous outputs removed")
-            shutil.rmtree(stage.dir)
-        for stale in ("complete.json", "failed.json"):
-            (stage.dir / stale).unlink(missing_ok=True)
+            remove_stage_dir(stage)
+        for stale in [stage.dir / "complete.json", *stage.dir.glob("failed*.json")]:
+            stale.unlink(missing_ok=True)
         resume = str(stage.checkpoint) if stage.checkpoint.exists() else None
         if resume:
             log(f"{stage.name}: resuming from {resume}")
         stage.dir.mkdir(parents=True, exist_ok=True)
+        started = {"key": key, "launch": launch, "resume_from": resume, "started": now()}
+        write_json(stage.dir / STAGE_MARKER, started)  # first: the directory is the pipeline's from now on
         (stage.dir / "config.yaml").write_text(yaml.safe_dump(stage.config, sort_keys=False))
-        started = {"key": key, "launch": launch_id(), "resume_from": resume, "started": now()}
-        write_json(stage.dir / "stage.json", started)
         return started
+
+
+class OtherRankFailed(PipelineError):
+    """Another rank of this launch marked a failure: this rank ends with its message."""
+
+
+def foreign(stage: Stage) -> str | None:
+    """Why the stage's directory may not be used or removed: it exists and holds something, but not the
+    marker of a directory the pipeline made; None when it is the pipeline's, empty or absent."""
+    directory = stage.dir
+    if not directory.exists() and not directory.is_symlink():
+        return None
+    # ours: marked, or empty but for the failure markers of a stage that failed before its stage.json
+    marked = (directory / STAGE_MARKER).is_file()
+    if (
+        directory.is_dir()
+        and not directory.is_symlink()
+        and (marked or all(is_failure_marker(p) for p in directory.iterdir()))
+    ):
+        return None
+    return (
+        f"stage {stage.name}: {directory} exists and was not made by this pipeline (it has no "
+        f"{STAGE_MARKER}), so the pipeline neither writes into it nor removes it: move it away, or choose "
+        f"another output_dir or stage name"
+    )
+
+
+def remove_stage_dir(stage: Stage) -> None:
+    """Remove the stage's directory (``foreign`` said it is the pipeline's) at once for the other ranks:
+    renamed away first, so none of them sees a half-removed directory without its marker."""
+    doomed = stage.dir.with_name(f".{stage.dir.name}.removed-{uuid.uuid4().hex[:8]}")
+    stage.dir.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def failure_marker(stage: Stage, rank: int) -> Path:
+    return stage.dir / ("failed.json" if rank == 0 else f"failed.rank{rank}.json")
+
+
+def is_failure_marker(path: Path) -> bool:
+    return path.name.startswith("failed") and path.suffix == ".json"
+
+
+def mark_failure(stage: Stage, key: str, launch: str, rank: int, message: str) -> None:
+    """Tell this launch's other ranks that this rank failed at this stage (as far as the disk allows:
+    the error in hand is what this rank reports either way)."""
+    with contextlib.suppress(OSError):
+        stage.dir.mkdir(parents=True, exist_ok=True)  # a failure before prepare made it
+        marker = {"key": key, "launch": launch, "rank": rank, "error": message, "failed": now()}
+        write_json(failure_marker(stage, rank), marker)
+
+
+def failure_elsewhere(stage: Stage, key: str, launch: str, rank: int) -> str | None:
+    """The message of another rank's failure at this stage in this launch, if one is marked."""
+    for path in sorted(p for p in stage.dir.glob("failed*.json") if is_failure_marker(p)):
+        marker = read_json(path)
+        if (
+            marker is not None
+            and marker.get("key") == key
+            and marker.get("launch") == launch
+            and marker.get("rank", 0) != rank
+        ):
+            return f"rank {marker.get('rank', 0)}: {marker.get('error')}"
+    return None
+
+
+@contextlib.contextmanager
+def pipeline_lock(output_dir: Path, rank: int) -> Iterator[None]:
+    """The output directory's lock, held by rank 0 while the pipeline runs (the other ranks follow rank
+    0's markers): a second run on the same directory waits, naming the holder, until the first ends."""
+    if rank != 0:
+        yield
+        return
+    with WriterLock(output_dir, what="pipeline output"):
+        yield
+
+
+def run_child(
+    command: list[str], env: dict[str, str] | None = None, stop_when: Callable[[], str | None] | None = None
+) -> int:
+    """Run ``command`` to its end and return its exit code. The child dies with this process (a killed
+    runner leaves no fit behind to race a rerun), SIGTERM and SIGINT sent to this process are passed on
+    (a fit saves its checkpoint and stops), and ``stop_when`` is asked while it runs: a message ends
+    the child and is raised (``OtherRankFailed``)."""
+    child = subprocess.Popen(command, env=env, preexec_fn=die_with_parent())
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # only it may set signal handlers
+        previous = {s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in FORWARDED}
+    try:
+        while True:
+            try:
+                return child.wait(timeout=POLL_SECONDS)
+            except subprocess.TimeoutExpired:
+                reason = stop_when() if stop_when is not None else None
+                if reason is not None:
+                    raise OtherRankFailed(reason) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:  # given up on: stopped (a fit saves where it is), killed if it lingers
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGKILL the child when this process ends (``PR_SET_PDEATHSIG``);
+    None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request: nobody would send the signal
+            os._exit(1)
+
+    return preexec
 
 
 def fit_command(stage: Stage, resume_from: str | None) -> list[str]:
@@ -155,7 +314,7 @@ def merge(stage: Stage) -> None:
     command = [sys.executable, "-m", "distill", "merge", "--adapter", str(stage.export), "--output"]
     command.append(str(stage.merged))
     shutil.rmtree(stage.merged, ignore_errors=True)
-    if subprocess.run(command).returncode != 0:
+    if run_child(command) != 0:
         raise PipelineError(f"stage {stage.name}: merging {stage.export} failed (the error is above)")
 
 
@@ -172,15 +331,18 @@ def launch_id() -> str:
     return ".".join(os.environ.get(name, "") for name in names)
 
 
-def wait_for(path: Path, key: str, stage: Stage, launch: str | None = None) -> dict[str, Any]:
-    """Rank 0's marker ``path`` once it holds ``key`` (and ``launch``); rank 0's failure is raised."""
+def wait_for(
+    path: Path, key: str, failed: Callable[[], str | None], launch: str | None = None
+) -> dict[str, Any]:
+    """Rank 0's marker ``path`` once it holds ``key`` (and ``launch``); a failure another rank of this
+    launch marked (``failed``'s message) is raised."""
     while True:
         marker = read_json(path)
         if marker is not None and marker.get("key") == key and launch in (None, marker.get("launch")):
             return marker
-        failed = read_json(stage.dir / "failed.json")
-        if failed is not None and failed.get("key") == key:
-            raise PipelineError(f"rank 0: {failed['error']}")
+        reason = failed()
+        if reason is not None:
+            raise OtherRankFailed(reason)
         time.sleep(POLL_SECONDS)
 
 
@@ -198,9 +360,10 @@ def log(message: str) -> None:
     print(f"[pipeline] {message}", file=sys.stderr, flush=True)
 
 
-def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> str:
-    """The plan ``--dry_run`` prints: each stage's status, inputs, outputs and command."""
-    lines, upstream = [], None
+def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> tuple[str, list[str]]:
+    """The plan ``--dry_run`` prints (each stage's status, inputs, outputs and command), and why the
+    stages that a run would refuse are refused."""
+    lines, upstream, refusals = [], None, []
     for index, stage in enumerate(stages, start=1):
         key = stage_key(stage, upstream, data_digest(stage.config, hashes))
         marker = completion(stage, key)
@@ -209,6 +372,9 @@ def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> 
             status = "complete, skipped"
         elif stage.name not in selected:
             status = "not selected"
+        elif foreign(stage):
+            refusals.append(foreign(stage))
+            status = f"refused: {stage.dir} was not made by this pipeline"
         elif stage.checkpoint.exists() and (read_json(stage.dir / "stage.json") or {}).get("key") == key:
             status = f"resumes from {stage.checkpoint}"
         else:
@@ -221,7 +387,7 @@ def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> 
             f"   output: {stage.model}" + (f" (adapter {stage.export}, merged)" if stage.lora else "")
         )
         lines.append(f"   run: python {' '.join(fit_command(stage, None)[1:])}")
-    return "\n".join(lines)
+    return "\n".join(lines), refusals
 
 
 def main(argv: list[str]) -> None:
@@ -242,7 +408,10 @@ def main(argv: list[str]) -> None:
         stages = plan(pipeline)
         hashes = ContentHashes(Path(pipeline.output_dir) / "data_hashes.json")
         if args.dry_run:
-            print(f"pipeline {args.config} -> {pipeline.output_dir}\n{describe(stages, selected, hashes)}")
+            plan_text, refusals = describe(stages, selected, hashes)
+            print(f"pipeline {args.config} -> {pipeline.output_dir}\n{plan_text}")
+            if refusals:
+                raise PipelineError("\n".join(refusals))
             return
         Runner(stages, selected, hashes, force=args.force).run()
     except PipelineError as error:
