@@ -46,6 +46,7 @@ from distill.data.tokenized import (
     tokenizer_fingerprint,
 )
 from distill.progress import Progress
+from distill.ranges import require
 
 
 class DataModule(L.LightningDataModule):
@@ -125,6 +126,14 @@ class DataModule(L.LightningDataModule):
                 encoding options maps the samples from there instead of encoding them again.
         """
         super().__init__()
+        require("data.val_fraction", val_fraction, at_least=0, below=1)
+        require("data.max_seq_length", max_seq_length, at_least=2)  # a sample of one token has no target
+        require("data.batch_size", batch_size, at_least=1)
+        require("data.eval_batch_size", eval_batch_size, at_least=1)
+        require("data.num_workers", num_workers, at_least=0)
+        require("data.max_train_samples", max_train_samples, at_least=1)
+        require("data.max_eval_samples", max_eval_samples, at_least=0)
+        require("data.num_proc", num_proc, at_least=1)
         if streaming and val_fraction > 0:
             raise ValueError(
                 "data.streaming reads train_files as a stream and holds nothing out: give the validation "

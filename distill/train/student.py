@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, get_scheduler
 
 from distill.objectives.base import Loss, Objective, loss_inputs
 from distill.objectives.ce import CrossEntropy
+from distill.ranges import require
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
@@ -81,6 +82,7 @@ class StudentModule(L.LightningModule):
             warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
             warmup_ratio: Warmup as a share of the run's optimizer steps instead (``warmup_steps`` unset).
         """
+        require("model.warmup_steps", warmup_steps, at_least=0)
         if warmup_steps and warmup_ratio:
             raise ValueError("model.warmup_steps and model.warmup_ratio both set: set one of them")
         if not 0.0 <= warmup_ratio < 1.0:
