@@ -29,6 +29,7 @@ from distill.data.resume import (
     ShuffledBatches,
     leave_sigterm_to_main,
     rank_and_world,
+    trained_batches,
     trained_position,
 )
 from distill.data.streaming import StreamingLoader, StreamingRows, require_max_steps
@@ -402,6 +403,9 @@ class DataModule(L.LightningDataModule):
     def _progress(self) -> tuple[int, int]:
         return trained_position(self.trainer)
 
+    def _trained_batches(self) -> int:
+        return trained_batches(self.trainer)
+
     def train_dataloader(self) -> DataLoader:
         if self.streaming:
             require_max_steps(self.trainer.max_steps if self.trainer else None)
@@ -414,7 +418,7 @@ class DataModule(L.LightningDataModule):
                 self._world_size,
                 self.seed,
             )
-            return StreamingLoader(stream, self._progress, num_workers=self.num_workers)
+            return StreamingLoader(stream, self._trained_batches, num_workers=self.num_workers)
         # the order is a function of (seed, epoch), not of the global RNG, so `--ckpt_path` resumes
         # mid-epoch at the very next batch
         rows = ShuffledBatches(
