@@ -119,3 +119,23 @@ def test_a_completion_holding_a_line_separator_character_reads_back_as_one_line(
     assert completed_prompts(path, num_samples=1) == {"a"}
     ((line, number),) = read_completions(path).values()
     assert number == 1 and line["messages"][0]["content"] == "x\u2028y"  # the first line wins
+
+
+def test_dtype_applies_to_a_model_and_to_an_adapter_on_it(tmp_path, model_dir):
+    """``--dtype`` was ignored with ``--adapter`` (the base loaded in its saved float32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distill.rollout.generate import load_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "a")
+    for adapter in (None, str(tmp_path / "a")):
+        policy = load_model(str(model_dir), adapter, "bfloat16")
+        assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}, adapter
+        assert any("lora_A" in name for name, _ in policy.named_parameters()) == (adapter is not None)
+    assert {p.dtype for p in load_model(str(model_dir), str(tmp_path / "a"), "auto").parameters()} == {
+        torch.float32
+    }
+    with pytest.raises(ValueError, match=r"--dtype is auto or a float type .* got 'int8'"):
+        run(model_dir, prompt_file(tmp_path), tmp_path / "out.jsonl", dtype="int8")

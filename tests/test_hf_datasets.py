@@ -204,7 +204,7 @@ def documents(n: int) -> list[dict]:
 def stream_loader(source, tokenizer, trained: list[int]) -> StreamingLoader:
     """Rank 1 of 2, two workers: shards 2 and 3 of 4."""
     rows = StreamingRows(source, tokenizer, LENGTH, BATCH, rank=1, world_size=2, seed=0)
-    return StreamingLoader(rows, lambda: (0, trained[0]), num_workers=2)
+    return StreamingLoader(rows, lambda: trained[0], num_workers=2)
 
 
 def same(got: list[dict], want: list[dict]) -> bool:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from distill import DataModule
+from distill import DataModule, LoraOptions, StudentModule
 from distill.data.resume import ResumableLoader, ShuffledBatches
 from tests.helpers import (
+    TINY_LLAMA,
     TOKENIZER_DIR,
     check_killed_fit_resumes,
     conversation,
@@ -144,3 +148,57 @@ def test_killed_streaming_pt_fit_resumes_at_the_exact_row(tmp_path):
         return with_last_checkpoint(config, directory)
 
     check_killed_fit_resumes(tmp_path, config_in, steps)
+
+
+class Stopped(Exception):
+    pass
+
+
+class StepLosses(Callback):
+    """Each optimizer step's training loss (of its one micro-batch), as computed; stops at ``stop``."""
+
+    def __init__(self, stop: int | None = None) -> None:
+        self.stop = stop
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.stop:
+            raise Stopped
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step - 1] = outputs["loss"].item()
+
+
+@pytest.mark.parametrize("stop", [3, 4], ids=["mid-epoch", "at-epoch-end"])
+def test_a_resumed_fit_draws_the_dropout_masks_of_an_uninterrupted_run(tmp_path, stop):
+    """LoRA dropout 0.5, 4 batches per epoch. Stopped before step ``stop`` and resumed from last.ckpt, the
+    fit computes the very losses of the uninterrupted run: each step's randomness is a function of its
+    place in the run (the global generators were left as the resumed process had them)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(8)])
+
+    def fit(name: str, stop: int | None = None, ckpt_path: str | None = None) -> dict[int, float]:
+        data = DataModule(
+            str(train), tokenizer=str(TOKENIZER_DIR), template="mistral", max_seq_length=64, batch_size=2
+        )
+        lora = LoraOptions(r=4, alpha=8, dropout=0.5)
+        module = StudentModule(model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), lora=lora)
+        losses = StepLosses(stop)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=6,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ModelCheckpoint(tmp_path / name, every_n_train_steps=1, save_last=True), losses],
+        )
+        torch.manual_seed(0)  # the same initial weights
+        with contextlib.suppress(Stopped):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False)  # our own file
+        return losses.losses
+
+    want = fit("reference")
+    assert sorted(want) == list(range(6))
+    assert sorted(fit("run", stop=stop)) == list(range(stop))
+    got = fit("run", ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+    assert sorted(got) == list(range(stop, 6))
+    assert all(got[s] == want[s] for s in got), {s: (want[s], got[s]) for s in got}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,9 @@ import yaml
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
+from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule, PromptDataModule
 from distill.cli import main
+from distill.objectives import GRPO, KTO, RLOO, CrossEntropy, OnPolicyDistillation, Preference
 from distill.train.optim import AdamW
 from distill.train.student import StudentModule
 from tests.helpers import (
@@ -209,8 +212,9 @@ def test_norms_and_biases_are_not_decayed_and_matrices_are(model_type):
         ("--model.init_args.objective.init_args.loss", "nonsense", ["'nonsense'", "forward_kl", "jsd"]),
         ("--model.init_args.objective.init_args.alpha", "1.5", ["alpha", "[0, 1]", "1.5"]),
         ("--data.init_args.cache_size_gb", "-1", ["cache_size_gb", "-1", "null"]),
+        ("--model.init_args.objective.init_args.chunk_size", "-4", ["chunk_size must be >= 1, got -4"]),
     ],
-    ids=["loss", "alpha", "cache_size_gb"],
+    ids=["loss", "alpha", "cache_size_gb", "chunk_size"],
 )
 def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir, capfd, flag, value, wanted):
     config = kd_config(tmp_path, kd_teacher_dir)
@@ -225,3 +229,40 @@ def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir
     assert all(word in error for word in wanted), error
     assert "Traceback" not in err and "Union subtypes" not in err
     assert not (tmp_path / "cache").exists()  # nothing was collected
+
+
+@pytest.mark.parametrize(
+    ("build", "option", "wanted"),
+    [
+        (CrossEntropy, {"chunk_size": -1}, "objective.chunk_size must be >= 1, got -1"),
+        (CrossEntropy, {"chunk_size": 0}, "objective.chunk_size must be >= 1, got 0"),
+        (Distillation, {"chunk_size": 0}, "objective.chunk_size must be >= 1, got 0"),
+        (Distillation, {"temperature": 0.0}, "objective.temperature must be > 0, got 0.0"),
+        (Preference, {"chunk_size": -8}, "objective.chunk_size must be >= 1, got -8"),
+        (KTO, {"chunk_size": 0}, "objective.chunk_size must be >= 1, got 0"),
+        (lambda **kw: GRPO([], **kw), {"chunk_size": -1}, "objective.chunk_size must be >= 1, got -1"),
+        (lambda **kw: RLOO([], **kw), {"top_k": -1}, "objective.top_k must be >= 0, got -1"),
+        (lambda **kw: OnPolicyDistillation([], **kw), {"chunk_size": 0}, "objective.chunk_size must be >= 1"),
+        (DataModule, {"batch_size": 0}, "data.batch_size must be >= 1, got 0"),
+        (DataModule, {"val_fraction": -0.2}, "data.val_fraction must be in [0, 1), got -0.2"),
+        (DataModule, {"val_fraction": 1.0}, "data.val_fraction must be in [0, 1), got 1.0"),
+        (DataModule, {"max_seq_length": 1}, "data.max_seq_length must be >= 2, got 1"),
+        (DataModule, {"num_proc": 0}, "data.num_proc must be >= 1, got 0"),
+        (DataModule, {"max_train_samples": -5}, "data.max_train_samples must be >= 1, got -5"),
+        (PreferenceDataModule, {"eval_batch_size": 0}, "data.eval_batch_size must be >= 1, got 0"),
+        (PromptDataModule, {"batch_size": 0}, "data.batch_size must be >= 1, got 0"),
+        (PromptDataModule, {"max_prompt_length": 0}, "data.max_prompt_length must be >= 1, got 0"),
+        (lambda **kw: KDDataModule([], **kw), {"chunk_samples": 0}, "data.chunk_samples must be >= 1, got 0"),
+        (
+            lambda **kw: KDDataModule([], **kw),
+            {"value_bits": 17},
+            "data.value_bits must be in [2, 16], got 17",
+        ),
+        (StudentModule, {"warmup_steps": -3}, "model.warmup_steps must be >= 0, got -3"),
+    ],
+)
+def test_an_option_that_cannot_work_is_refused_where_it_is_given(build, option, wanted):
+    """A negative chunk size trained on nothing and reported success; a zero batch size ended in a bare
+    ZeroDivisionError: each is refused at construction, naming the option, its value and its range."""
+    with pytest.raises(ValueError, match=re.escape(wanted)):
+        build(**option)

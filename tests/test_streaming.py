@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from distill.data.batching import Collator
 from distill.data.encoding import Encoded, encode_record
 from distill.data.formats import DataFormatError, Record
+from distill.data.resume import trained_batches
 from distill.data.streaming import Cursor, StreamingLoader, StreamingRows, require_max_steps
 from tests.helpers import write_jsonl
 
@@ -111,7 +112,7 @@ def test_ranks_x_workers_cover_every_token_of_the_corpus_once_per_pass(tmp_path,
     assert 2 * sum(map(len, corpus(seeded, 0)[0::4])) < 20 * BATCH * LENGTH
     assert {tuple(seeded.file_order(p)) for p in range(3)} == {(0, 1), (1, 0)}
     for rank in range(2):
-        got = list(islice(loader(data, tokenizer, lambda: (0, 0), rank, 2, seed=3), 40))
+        got = list(islice(loader(data, tokenizer, lambda: 0, rank, 2, seed=3), 40))
         assert all(b.keys() == {"input_ids", "labels", "position_ids", "sequence_index"} for b in got)
         assert all(b["input_ids"].shape == (BATCH, LENGTH) for b in got)  # every row full
         for local in range(2):  # the loader reads its workers in turn
@@ -139,7 +140,7 @@ def test_a_resumed_stream_yields_the_rows_of_an_uninterrupted_run(tmp_path, toke
     trained = [0]
 
     def make() -> StreamingLoader:
-        return loader(path, tokenizer, lambda: (0, trained[0]), rank=1, world_size=2)
+        return loader(path, tokenizer, lambda: trained[0], rank=1, world_size=2)
 
     full = list(islice(make(), 30))
     cursors = []
@@ -195,12 +196,7 @@ class Recorder(L.LightningModule):
 
     def train_dataloader(self) -> StreamingLoader:
         require_max_steps(self.trainer.max_steps)
-        loop = self.trainer.fit_loop
-
-        def progress() -> tuple[int, int]:
-            return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
-
-        return loader(self.data, self.tokenizer, progress)
+        return loader(self.data, self.tokenizer, lambda: trained_batches(self.trainer))
 
     def training_step(self, batch, batch_idx):
         self.seen.setdefault(self.global_step, []).append(batch["input_ids"])
@@ -210,12 +206,22 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(module: Recorder, directory: Path, steps: int, accumulate: int, *callbacks, **kwargs) -> None:
+def fit(
+    module: Recorder,
+    directory: Path,
+    steps: int,
+    accumulate: int,
+    *callbacks,
+    epoch: int | None = None,
+    **kwargs,
+) -> None:
+    """``epoch``: batches per epoch (``limit_train_batches``); None: one endless epoch."""
     checkpoint = ModelCheckpoint(directory, every_n_train_steps=1, save_last=True, save_top_k=0)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps,
+        limit_train_batches=epoch,
         accumulate_grad_batches=accumulate,
         logger=False,
         enable_progress_bar=False,
@@ -246,12 +252,34 @@ def test_a_stopped_fit_resumes_at_the_next_row(tmp_path, tokenizer, accumulate):
     assert not torch.equal(resumed.seen[3][0], uninterrupted.seen[0][0])
 
 
+@pytest.mark.parametrize(
+    "stop", [None, 3, 4], ids=["uninterrupted", "stopped-mid-epoch", "stopped-at-epoch-end"]
+)
+def test_each_epoch_of_a_cut_stream_trains_the_next_rows(tmp_path, tokenizer, stop):
+    """Cut into epochs of 2 batches (``limit_train_batches``), the stream goes on with the next rows at
+    each epoch, as one endless epoch trains them, also when stopped and resumed in an epoch or at its
+    end: every epoch began again at the stream's start (or the resume point) and trained the same rows."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts(12)])
+    endless = Recorder(path, tokenizer)
+    fit(endless, tmp_path / "endless", 6, 1)
+    cut = Recorder(path, tokenizer)
+    if stop is not None:
+        with pytest.raises(Stopped):
+            fit(Recorder(path, tokenizer), tmp_path / "cut", 6, 1, StopAt(stop), epoch=2)
+    last = tmp_path / "cut" / "last.ckpt"
+    fit(cut, tmp_path / "cut", 6, 1, epoch=2, ckpt_path=str(last) if stop is not None else None)
+    assert sorted(cut.seen) == list(range(stop or 0, 6))
+    for step, (batch,) in cut.seen.items():
+        assert torch.equal(batch, endless.seen[step][0]), step
+    assert len({tuple(b[0].flatten().tolist()) for b in endless.seen.values()}) == 6  # no two alike
+
+
 def _resume_on_two_ranks(rank: int, path: Path, tokenizer, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     trained = [0]
 
     def make() -> StreamingLoader:  # no workers: they would start by spawn too, importing all again
-        return loader(path, tokenizer, lambda: (0, trained[0]), rank, 2, num_workers=0)
+        return loader(path, tokenizer, lambda: trained[0], rank, 2, num_workers=0)
 
     full = list(islice(make(), 10))
     first = make()
@@ -275,13 +303,13 @@ def test_state_gathers_the_cursors_of_every_rank(tmp_path, tokenizer):
 
 def test_resuming_with_other_shards_is_a_clear_error(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts(8)])
-    state = loader(path, tokenizer, lambda: (0, 0), rank=0, world_size=2).state_dict()
+    state = loader(path, tokenizer, lambda: 0, rank=0, world_size=2).state_dict()
     with pytest.raises(ValueError, match=r"world_size 2 -> 1.*same devices, nodes, data.num_workers"):
-        loader(path, tokenizer, lambda: (0, 0)).load_state_dict(state)
+        loader(path, tokenizer, lambda: 0).load_state_dict(state)
     with pytest.raises(ValueError, match="num_workers 2 -> 1"):
-        loader(path, tokenizer, lambda: (0, 0), 0, 2, num_workers=0).load_state_dict(state)
+        loader(path, tokenizer, lambda: 0, 0, 2, num_workers=0).load_state_dict(state)
     with pytest.raises(ValueError, match=r"no cursor for shards \[2, 3\]"):
-        loader(path, tokenizer, lambda: (0, 0), rank=1, world_size=2).load_state_dict(state)
+        loader(path, tokenizer, lambda: 0, rank=1, world_size=2).load_state_dict(state)
 
 
 @pytest.mark.parametrize(
@@ -297,7 +325,7 @@ def test_a_bad_line_names_its_file_and_line(tmp_path, tokenizer, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(f'{{"text": "one"}}\n\n{{"text": "two"}}\n{line}\n{{"text": "four"}}\n')
     with pytest.raises(DataFormatError, match=f"{path}:4: {message}"):
-        list(islice(loader(path, tokenizer, lambda: (0, 0)), 4))  # raised in a worker, re-raised here
+        list(islice(loader(path, tokenizer, lambda: 0), 4))  # raised in a worker, re-raised here
 
 
 def test_txt_lines_are_documents(tmp_path, tokenizer):
@@ -316,7 +344,7 @@ def test_workers_ignore_sigterm_and_tokenize_serially(tmp_path, tokenizer, monke
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        loader(path, tokenizer, lambda: (0, 0)).worker_init_fn(0)
+        loader(path, tokenizer, lambda: 0).worker_init_fn(0)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -326,9 +354,9 @@ def test_workers_ignore_sigterm_and_tokenize_serially(tmp_path, tokenizer, monke
 def test_loader_setup_and_limits_are_explicit(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts(3)])
     with pytest.raises(ValueError, match="fewer than world_size x num_workers = 4 shards"):
-        list(islice(loader(path, tokenizer, lambda: (0, 0), rank=1, world_size=2), 2))
+        list(islice(loader(path, tokenizer, lambda: 0, rank=1, world_size=2), 2))
     with pytest.raises(ValueError, match="no persistent_workers"):
-        StreamingLoader(StreamingRows(path, tokenizer, 8, 1), lambda: (0, 0), 2, persistent_workers=True)
+        StreamingLoader(StreamingRows(path, tokenizer, 8, 1), lambda: 0, 2, persistent_workers=True)
     with pytest.raises(ValueError, match=r"set trainer\.max_steps"):
         require_max_steps(-1)
     require_max_steps(10)

@@ -29,6 +29,7 @@ from distill.data.resume import (
     ShuffledBatches,
     leave_sigterm_to_main,
     rank_and_world,
+    trained_batches,
     trained_position,
 )
 from distill.data.streaming import StreamingLoader, StreamingRows, require_max_steps
@@ -46,6 +47,7 @@ from distill.data.tokenized import (
     tokenizer_fingerprint,
 )
 from distill.progress import Progress
+from distill.ranges import require
 
 
 class DataModule(L.LightningDataModule):
@@ -125,6 +127,14 @@ class DataModule(L.LightningDataModule):
                 encoding options maps the samples from there instead of encoding them again.
         """
         super().__init__()
+        require("data.val_fraction", val_fraction, at_least=0, below=1)
+        require("data.max_seq_length", max_seq_length, at_least=2)  # a sample of one token has no target
+        require("data.batch_size", batch_size, at_least=1)
+        require("data.eval_batch_size", eval_batch_size, at_least=1)
+        require("data.num_workers", num_workers, at_least=0)
+        require("data.max_train_samples", max_train_samples, at_least=1)
+        require("data.max_eval_samples", max_eval_samples, at_least=0)
+        require("data.num_proc", num_proc, at_least=1)
         if streaming and val_fraction > 0:
             raise ValueError(
                 "data.streaming reads train_files as a stream and holds nothing out: give the validation "
@@ -393,6 +403,9 @@ class DataModule(L.LightningDataModule):
     def _progress(self) -> tuple[int, int]:
         return trained_position(self.trainer)
 
+    def _trained_batches(self) -> int:
+        return trained_batches(self.trainer)
+
     def train_dataloader(self) -> DataLoader:
         if self.streaming:
             require_max_steps(self.trainer.max_steps if self.trainer else None)
@@ -405,7 +418,7 @@ class DataModule(L.LightningDataModule):
                 self._world_size,
                 self.seed,
             )
-            return StreamingLoader(stream, self._progress, num_workers=self.num_workers)
+            return StreamingLoader(stream, self._trained_batches, num_workers=self.num_workers)
         # the order is a function of (seed, epoch), not of the global RNG, so `--ckpt_path` resumes
         # mid-epoch at the very next batch
         rows = ShuffledBatches(

@@ -43,6 +43,7 @@ from distill.data.kd_batches import (
 )
 from distill.data.resume import ResumableLoader, epoch_rng, leave_sigterm_to_main
 from distill.data.rounds import Rounds, RoundSamples, RoundStream
+from distill.ranges import require
 from distill.teacher.collect import (
     cache_spec,
     check_vocabularies,
@@ -102,6 +103,13 @@ class KDDataModule(DataModule):
                 "data.streaming does not combine with distillation: the teacher cache is keyed by known "
                 "samples; distil from files (chunked under data.cache_size_gb when the targets are large)"
             )
+        require("data.k", k, at_least=0)
+        require("data.num_draws", num_draws, at_least=0)
+        require("data.draw_temperature", draw_temperature, above=0)
+        require("data.value_bits", value_bits, at_least=2, at_most=16)
+        require("data.cache_lock_timeout", cache_lock_timeout, at_least=0)
+        require("data.teacher_batch_size", teacher_batch_size, at_least=1)
+        require("data.chunk_samples", chunk_samples, at_least=1)
         if cache_size_gb is not None and cache_size_gb <= 0:
             raise ValueError(
                 "data.cache_size_gb must be a positive disk budget in GB, or null for no limit; "

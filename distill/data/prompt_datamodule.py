@@ -34,6 +34,7 @@ from distill.data.resume import (
     yields,
 )
 from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
+from distill.ranges import require
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,14 @@ class PromptDataModule(L.LightningDataModule):
             seed: Seed of the validation split and of each epoch's order of training prompts.
         """
         super().__init__()
+        require("data.val_fraction", val_fraction, at_least=0, below=1)
+        require("data.max_prompt_length", max_prompt_length, at_least=1)
+        require("data.max_response_length", max_response_length, at_least=1)
+        require("data.batch_size", batch_size, at_least=1)
+        require("data.eval_batch_size", eval_batch_size, at_least=1)
+        require("data.num_workers", num_workers, at_least=0)
+        require("data.max_train_samples", max_train_samples, at_least=1)
+        require("data.max_eval_samples", max_eval_samples, at_least=0)
         # the tokenizer is linked from the model's (which may leave it unset): logged there once
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train_files = train_files

@@ -26,6 +26,12 @@ def trained_position(trainer: Any) -> tuple[int, int]:
     return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.ready
 
 
+def trained_batches(trainer: Any) -> int:
+    """Batches trained by the fit over all its epochs, restored with the loop's state on a resume; 0
+    outside a Trainer."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready if trainer is not None else 0
+
+
 def epoch_rng(seed: int, epoch: int) -> random.Random:
     """The generator of one epoch's order: the same on every run, rank and worker."""
     return random.Random(seed * 1_000_003 + epoch)

@@ -32,6 +32,9 @@ already trained. Another world size, worker count, ``max_length``, seed or file 
 split) is an error (the shards would differ). Resume is exact while the sources' content stays the same:
 a hub dataset is streamed at its newest revision, so one that changed between the runs would resume at
 the same row of other data; keep a local copy (``save_to_disk``) for a run that must resume exactly.
+Every iteration of the loader starts after the batches trained so far: the first after a resume, and
+each new epoch of a fit that cuts the stream into epochs (``trainer.limit_train_batches``), which goes
+on with the next rows rather than training the same ones again.
 
 Wiring, in ``DataModule``::
 
@@ -39,7 +42,7 @@ Wiring, in ``DataModule``::
         require_max_steps(self.trainer.max_steps)
         rows = StreamingRows(self.train_files, self.tokenizer, self.max_seq_length, self.batch_size,
                              self._rank, self._world_size, self.seed)
-        return StreamingLoader(rows, self._progress, num_workers=self.num_workers)
+        return StreamingLoader(rows, self._trained_batches, num_workers=self.num_workers)
 """
 
 from __future__ import annotations
@@ -277,12 +280,12 @@ class StreamingLoader(DataLoader):
     def __init__(
         self,
         stream: StreamingRows,
-        progress: Callable[[], tuple[int, int]],
+        progress: Callable[[], int],
         num_workers: int = 0,
         **kwargs: Any,
     ) -> None:
-        """``progress()``: (epoch, batches trained so far), read from the fit loop; the stream is one
-        endless epoch, so the batch count is the run's."""
+        """``progress()``: the batches the fit trained so far, over all its epochs
+        (``resume.trained_batches``)."""
         if kwargs.get("persistent_workers"):  # they would keep the cursors they started from
             raise ValueError("StreamingLoader starts its workers at each iteration: no persistent_workers")
         super().__init__(
@@ -290,8 +293,8 @@ class StreamingLoader(DataLoader):
         )
         stream.workers = max(num_workers, 1)
         self.progress = progress
-        self._start: tuple[int, dict[int, Cursor]] = (0, {})  # (batches trained, cursors) to resume from
-        self._trained = self._local({})
+        self._trained = self._local({})  # each shard's cursor after the batches trained
+        self._count = 0  # batches trained, whose cursors are in _trained
         self._pending: deque[tuple[int, int, Cursor]] = deque()  # (batch index, shard, cursor) pulled
 
     @property
@@ -312,9 +315,11 @@ class StreamingLoader(DataLoader):
         return {g: cursors.get(g, Cursor()) for g in range(first, first + self.dataset.workers)}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        index, cursors = self._start
-        self.dataset.first, self.dataset.cursors = index % self.dataset.workers, dict(cursors)
-        self._trained, self._pending = self._local(cursors), deque()
+        # after the batches trained so far: those of the epochs before (a new epoch goes on with the
+        # stream), or those of a checkpoint; the ones pulled beyond them were never trained
+        index = self._commit()
+        self.dataset.first, self.dataset.cursors = index % self.dataset.workers, dict(self._trained)
+        self._pending = deque()
         batches = super().__iter__()
         try:
             for batch in batches:
@@ -330,11 +335,11 @@ class StreamingLoader(DataLoader):
 
     def _commit(self) -> int:
         """The cursors of the batches trained by now become the state; returns their count."""
-        _, trained = self.progress()
+        trained = self.progress()
         while self._pending and self._pending[0][0] < trained:
-            _, shard, cursor = self._pending.popleft()
-            self._trained[shard] = cursor
-        return trained
+            index, shard, cursor = self._pending.popleft()
+            self._trained[shard], self._count = cursor, index + 1
+        return self._count
 
     def state_dict(self) -> dict[str, Any]:
         trained = self._commit()
@@ -355,8 +360,7 @@ class StreamingLoader(DataLoader):
         missing = sorted(set(self._local({})) - set(cursors))
         if missing:
             raise ValueError(f"the saved data stream state has no cursor for shards {missing}")
-        self._start = (state["batches"], self._local(cursors))
-        self._trained = self._local(cursors)
+        self._trained, self._count, self._pending = self._local(cursors), state["batches"], deque()
         rank_zero_info(f"[distill] resuming the data stream after {state['batches']} batches")
 
 

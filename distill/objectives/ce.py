@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
+from distill.ranges import require
 
 
 class CrossEntropy(Objective):
@@ -18,6 +19,7 @@ class CrossEntropy(Objective):
         Args:
             chunk_size: Positions whose logits are computed at once; bounds peak memory at large vocabularies.
         """
+        require("objective.chunk_size", chunk_size, at_least=1)
         super().__init__()
         self.chunk_size = chunk_size
 

@@ -38,6 +38,7 @@ from distill.objectives.rollouts import (
     store_rollout,
     token_log_probs_and_entropy,
 )
+from distill.ranges import require
 from distill.rollout.engine import Sampling, rollout_seed
 from distill.train.quantization import Quantization
 
@@ -91,6 +92,8 @@ class GRPO(Objective):
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
+        require("objective.chunk_size", chunk_size, at_least=1)
+        require("objective.top_k", top_k, at_least=0)
         if loss_normaliser not in NORMALISERS:
             raise ValueError(f"unknown loss_normaliser {loss_normaliser!r}; choose one of {NORMALISERS}")
         if num_iterations < 1:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from distill.losses.kd import LOSSES, cross_entropy, mix_teachers, student_log_probs
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
+from distill.ranges import require
 from distill.targets import SparseTargets, teacher_top1
 from distill.teacher.module import Teacher
 from distill.teacher.online import OnlineTeachers
@@ -53,6 +54,11 @@ class Distillation(Objective):
             online: Teachers held in memory and run on each batch instead of reading a cache.
             online_k: Top-k kept from the online teachers' full distributions.
         """
+        require("objective.chunk_size", chunk_size, at_least=1)
+        require("objective.temperature", temperature, above=0)
+        require("objective.beta", beta, at_least=0, at_most=1)
+        require("objective.skew", skew, at_least=0, at_most=1)
+        require("objective.online_k", online_k, at_least=1)
         if loss not in LOSSES:
             raise ValueError(f"unknown Distillation loss {loss!r}; choose one of {sorted(LOSSES)}")
         if not 0.0 <= alpha <= 1.0:

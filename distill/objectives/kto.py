@@ -20,6 +20,7 @@ from distill.data.pair_encoding import first_trainable
 from distill.losses.preference import kto, kto_kl_baseline
 from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
 from distill.objectives.reference import Reference, ReferenceKind, sequence_logps
+from distill.ranges import require
 from distill.train.quantization import Quantization
 
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ class KTO(Objective):
                 (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
+        require("objective.chunk_size", chunk_size, at_least=1)
+        require("objective.beta", beta, above=0)
+        require("objective.desirable_weight", desirable_weight, at_least=0)
+        require("objective.undesirable_weight", undesirable_weight, at_least=0)
         if reference == "precomputed":
             raise ValueError(
                 "KTO scores mismatched completions that change with each batch: use reference "

@@ -25,6 +25,7 @@ from distill.losses.kd import LOSSES, reverse_kl_policy_gradient
 from distill.objectives.base import Loss, LossInputs, Objective, token_log_probs
 from distill.objectives.kd import Distillation, store_targets, teacher_ce_names
 from distill.objectives.rollouts import prompt_data, sampling_seed
+from distill.ranges import require
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
 from distill.teacher.module import Teacher
@@ -85,6 +86,12 @@ class OnPolicyDistillation(Objective):
             chunk_size: Positions whose logits exist at once (forward and backward).
             engine: What samples (default: ``TransformersEngine``, ``model.generate``).
         """
+        require("objective.chunk_size", chunk_size, at_least=1)
+        require("objective.temperature", temperature, above=0)
+        require("objective.beta", beta, at_least=0, at_most=1)
+        require("objective.skew", skew, at_least=0, at_most=1)
+        require("objective.online_k", online_k, at_least=1)
+        require("objective.top_k", top_k, at_least=0)
         if loss != POLICY_GRADIENT and (loss not in LOSSES or loss == "sampled_ce"):
             choices = sorted({*LOSSES, POLICY_GRADIENT} - {"sampled_ce"})
             raise ValueError(f"unknown OnPolicyDistillation loss {loss!r}; choose one of {choices}")

@@ -17,6 +17,7 @@ import torch
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
 from distill.objectives.base import Loss, LossInputs, Objective, require_pairs, sequence_log_probs
 from distill.objectives.reference import Reference, ReferenceKind
+from distill.ranges import require
 from distill.train.quantization import Quantization
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ class Preference(Objective):
             reference_cache: Directory of the precomputed reference log-probs.
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
+        require("objective.chunk_size", chunk_size, at_least=1)
+        require("objective.beta", beta, above=0)
+        require("objective.sft_weight", sft_weight, at_least=0)
         if loss not in PAIR_LOSSES:
             raise ValueError(f"unknown Preference loss {loss!r}; choose one of {sorted(PAIR_LOSSES)}")
         if loss == "orpo" and sft_weight:

@@ -22,6 +22,7 @@ from distill.objectives.rollouts import (
     store_rollout,
     token_log_probs_and_entropy,
 )
+from distill.ranges import require
 from distill.rollout.engine import Sampling
 from distill.train.quantization import Quantization
 
@@ -66,6 +67,8 @@ class RLOO(Objective):
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
+        require("objective.chunk_size", chunk_size, at_least=1)
+        require("objective.top_k", top_k, at_least=0)
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         super().__init__()

@@ -83,6 +83,7 @@ def generate(
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be at least 1, got {num_samples}, {batch_size}")
+    check_dtype(dtype)
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
     data = PromptDataModule(
         prompts,
@@ -250,13 +251,23 @@ def check_settings(output: Path, settings: dict) -> None:
 
 
 def load_model(model: str, adapter: str | None, dtype: str) -> torch.nn.Module:
+    """``model`` (with ``adapter`` on it) with weights of ``dtype`` (``check_dtype``'s)."""
     from transformers import AutoModelForCausalLM
 
     if adapter is not None:
         from distill.train.merge import load_adapter
 
-        return load_adapter(adapter, base=model)  # in the base's dtype
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        return load_adapter(adapter, base=model, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        model, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+    )
+
+
+def check_dtype(dtype: str) -> None:
+    """``auto`` (the checkpoint's) or the name of a torch float type."""
+    named = getattr(torch, dtype, None)
+    if dtype != "auto" and not (isinstance(named, torch.dtype) and named.is_floating_point):
+        raise ValueError(f"--dtype is auto or a float type (float32, bfloat16, float16), got {dtype!r}")
 
 
 def main(argv: list[str]) -> None:

@@ -29,13 +29,17 @@ from distill.train.model import load_causal_lm
 
 
 def load_adapter(
-    adapter_dir: str | Path, base: str | None = None, model_kwargs: dict | None = None
+    adapter_dir: str | Path,
+    base: str | None = None,
+    model_kwargs: dict | None = None,
+    dtype: str | None = None,
 ) -> torch.nn.Module:
     """The peft model of ``adapter_dir`` on its base (``base`` or the adapter's ``base_model_name_or_path``).
 
     The base is loaded as training loaded it (``load_causal_lm`` with the adapter's tokenizer and
     ``model_kwargs``, by default those of its training), so tokens added to the tokenizer get their
-    embedding rows before the adapter's trained ones are put in.
+    embedding rows before the adapter's trained ones are put in. ``dtype`` (``float32``, ``bfloat16``,
+    ...): the base's weights and the adapter's; unset or ``auto``: each as saved.
     """
     from peft import PeftConfig, PeftModel
 
@@ -44,15 +48,18 @@ def load_adapter(
     base = base or config.base_model_name_or_path
     options = trained_model_kwargs(adapter_dir) if model_kwargs is None else model_kwargs
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir, base))
+    torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else None
     if config.task_type == "SEQ_CLS":  # a reward model's adapter: its head is in the adapter
         model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=1, pad_token_id=tokenizer.pad_token_id, **options
+            base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch_dtype, **options
         )
         if model.get_input_embeddings().num_embeddings < len(tokenizer):  # rows for added tokens
             model.resize_token_embeddings(len(tokenizer))
     else:
-        model = load_causal_lm(base, None, tokenizer, options=options)
-    return PeftModel.from_pretrained(model, adapter_dir)
+        model = load_causal_lm(base, None, tokenizer, dtype, options=options)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    # peft loads the adapter's weights as saved (upcasting half ones to float32)
+    return peft_model if torch_dtype is None else peft_model.to(torch_dtype)
 
 
 def merge_adapter(

@@ -17,12 +17,14 @@ from transformers import AutoTokenizer, get_scheduler
 
 from distill.objectives.base import Loss, Objective, loss_inputs
 from distill.objectives.ce import CrossEntropy
+from distill.ranges import require
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
 from distill.train.neftune import add_embedding_noise
 from distill.train.optim import AdamW, weight_decay_groups
 from distill.train.quantization import Quantization, check_quantization, prepare_for_kbit_training
+from distill.train.randomness import CHECKPOINT_KEY, draw_run_seed, seed_step
 from distill.train.sharding import (
     flat_parameters,
     shard_adapter_apart,
@@ -106,6 +108,7 @@ class StudentModule(L.LightningModule):
             warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
             warmup_ratio: Warmup as a share of the run's optimizer steps instead (``warmup_steps`` unset).
         """
+        require("model.warmup_steps", warmup_steps, at_least=0)
         if warmup_steps and warmup_ratio:
             raise ValueError("model.warmup_steps and model.warmup_ratio both set: set one of them")
         if not 0.0 <= warmup_ratio < 1.0:
@@ -150,6 +153,7 @@ class StudentModule(L.LightningModule):
         self._step_units = 0
         self.flops_shape: ModelShape | None = None  # what its FLOPs depend on, known once it is built
         self.flops_per_batch: int | None = None  # of the last batch: ThroughputMonitor's MFU reads it
+        self._run_seed: int | None = None  # of each training step's randomness (``train.randomness``)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -309,11 +313,18 @@ class StudentModule(L.LightningModule):
         self.val_metrics.to(device)
 
     def on_train_start(self) -> None:
+        if self._run_seed is None:  # a resumed fit has the checkpoint's
+            self._run_seed = self.trainer.strategy.broadcast(draw_run_seed())
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger is not None:
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
 
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        # dropout masks and noise of a function of the batch's place, so a resumed fit draws the same ones
+        seed_step(self._run_seed, self.global_rank, self.current_epoch, batch_idx)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self._run_seed
         if not self.objective.keeps_rank_state:
             return
         states = every_rank(self.objective.rank_state())
@@ -321,6 +332,7 @@ class StudentModule(L.LightningModule):
             checkpoint["objective_rank_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._run_seed = checkpoint.get(CHECKPOINT_KEY)
         states = checkpoint.get("objective_rank_states")
         if states is None:
             return
