@@ -308,11 +308,13 @@ def _kept_rollouts_on_two_ranks(rank: int, port: int) -> None:
     objective.kept.take((f"sha{rank}",), 0, 0, 2)
     objective.kept.keep((f"sha{rank}",), {"old_logps": torch.tensor([float(rank)])})
     checkpoint = {}
-    StudentModule.on_save_checkpoint(SimpleNamespace(objective=objective), checkpoint)  # a collective
+    fit = SimpleNamespace(objective=objective, _run_seed=1234)
+    StudentModule.on_save_checkpoint(fit, checkpoint)  # a collective
     assert len(checkpoint["objective_rank_states"]) == 2  # rank 0's checkpoint is the one written
     resumed = GRPO([index_reward], num_generations=2, num_iterations=2)
     fit = SimpleNamespace(objective=resumed, trainer=SimpleNamespace(world_size=2), global_rank=rank)
     StudentModule.on_load_checkpoint(fit, checkpoint)
+    assert fit._run_seed == 1234
     state = resumed.rank_state()
     assert list(state["rows"]) == [(f"sha{rank}",)]
     assert state["rows"][(f"sha{rank}",)]["old_logps"].item() == rank
