@@ -50,14 +50,15 @@ class PreemptionCheckpoint(L.Callback):
         self._over: dict[int, Any] = {}
         self._step_at_batch_start = 0
         self._training = False  # a training step may have run: there is something to save
-        self._speaker = -1  # the pid of rank 0's main process: its DataLoader workers get Ctrl-C too
+        self._pid = -1  # the process that set the handlers; DataLoader workers forked from it inherit them
+        self._rank_zero = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Take the signals before any DataLoader worker starts: a worker inherits the handler, and one
         with the default handler dies of SLURM's SIGUSR1 (sent to every process of the job), the fit
         with it."""
         self._received, self._stop_code, self._over, self._training = 0, None, {}, False
-        self._speaker = os.getpid() if trainer.is_global_zero else -1
+        self._pid, self._rank_zero = os.getpid(), trainer.is_global_zero
         if stage == "fit" and _main_thread():
             taken = [signum for signum in self.signals if signal.getsignal(signum) != signal.SIG_IGN]
             self._before_fit = {signum: signal.signal(signum, self._record) for signum in taken}
@@ -81,6 +82,10 @@ class PreemptionCheckpoint(L.Callback):
             self._over, self._before_fit = self._before_fit, {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            # a DataLoader worker (Ctrl-C reaches the terminal's whole process group): the main process
+            # stops the fit and then ends its workers; one that died first would fail the fit
+            return
         if signum in self._over:
             # the fit is over but this handler was put back: do what the handler from before the fit does
             previous = self._over[signum]
@@ -90,7 +95,7 @@ class PreemptionCheckpoint(L.Callback):
             # nothing trained yet, or a second Ctrl-C: the usual KeyboardInterrupt, now
             _act_as(self._before_fit.get(signum, signal.default_int_handler), signum, frame)
         else:
-            if signum == signal.SIGINT and os.getpid() == self._speaker:  # print may not run in a handler
+            if signum == signal.SIGINT and self._rank_zero:  # os.write: print may not run in a handler
                 os.write(
                     2,
                     b"\n[distill] SIGINT: saving last.ckpt after this optimizer step; Ctrl-C again "

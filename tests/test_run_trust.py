@@ -97,19 +97,16 @@ def test_sigusr1_amid_accumulation_saves_at_the_step_boundary_and_exports_nothin
 
 
 def test_ctrl_c_saves_last_checkpoint_at_the_step_boundary_and_exits_130(tmp_path):
-    """Ctrl-C (SIGINT) stops like SIGTERM: Lightning alone raised KeyboardInterrupt amid the step and
-    exited 1 with nothing saved."""
+    """Ctrl-C (SIGINT, sent to the terminal's whole process group, DataLoader workers too) stops like
+    SIGTERM: Lightning alone raised KeyboardInterrupt amid the step and exited 1 with nothing saved, and
+    a worker that dies of it fails the fit ("DataLoader worker ... exited unexpectedly")."""
     config = preemptible_config(tmp_path / "run")
-    term = {"class_path": "tests.probes.TermAt", "init_args": {"step": 2, "signal_name": "SIGINT"}}
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.max_steps",
-        "10",
-        "--trainer.callbacks+",
-        json.dumps(term),
-    ]
+    term = {
+        "class_path": "tests.probes.TermAt",
+        "init_args": {"step": 2, "signal_name": "SIGINT", "children": True},
+    }
+    args = ["fit", "--config", str(config), "--trainer.max_steps", "10", "--data.init_args.num_workers", "1"]
+    args += ["--trainer.callbacks+", json.dumps(term)]
     previous = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as stop:
