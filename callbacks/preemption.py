@@ -24,8 +24,10 @@ class PreemptionCheckpoint(L.Callback):
     finish. The checkpoint is written under a temporary name and renamed over ``last.ckpt``: a kill or a
     full disk during the write leaves the previous one whole.
 
-    Ctrl-C (SIGINT) before the first training step stops at once (nothing to save), and a second Ctrl-C
-    stops without waiting for the save; a signal the process was started ignoring stays ignored.
+    Ctrl-C (SIGINT) before the first training step or after the last stops at once (nothing to save),
+    and a second Ctrl-C stops without waiting for the save; a signal the process was started ignoring
+    stays ignored. DataLoader workers, which a terminal's Ctrl-C reaches too, leave every stop to the
+    main process.
 
     Lightning alone stops after the micro-batch in flight (amid gradient accumulation), saves nothing and
     exits 0. While training runs this callback owns the signals, Lightning's SLURM auto-requeue of
@@ -68,6 +70,9 @@ class PreemptionCheckpoint(L.Callback):
         if _main_thread():  # take SIGTERM back from Lightning, which set its own handler since
             for signum in self._before_fit:
                 signal.signal(signum, self._record)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = False  # a Ctrl-C during what follows (an export) interrupts it
 
     def on_exception(self, trainer: L.Trainer, *args: Any) -> None:
         self._restore()  # Lightning then puts back the handlers it found (ours): see _record
