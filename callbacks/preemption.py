@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -19,7 +20,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 class PreemptionCheckpoint(L.Callback):
     """On one of ``signals`` the fit finishes the optimizer step in flight, saves ``last.ckpt`` into the
     ModelCheckpoint's directory (so ``--ckpt_path last`` resumes it exactly) and exits with status
-    128 + the signal's number (143 for SIGTERM), so a scheduler knows the job did not finish.
+    128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C), so a scheduler knows the job did not
+    finish. The checkpoint is written under a temporary name and renamed over ``last.ckpt``: a kill or a
+    full disk during the write leaves the previous one whole.
+
+    Ctrl-C (SIGINT) before the first training step or after the last stops at once (nothing to save),
+    and a second Ctrl-C stops without waiting for the save; a signal the process was started ignoring
+    stays ignored. DataLoader workers, which a terminal's Ctrl-C reaches too, leave every stop to the
+    main process.
 
     Lightning alone stops after the micro-batch in flight (amid gradient accumulation), saves nothing and
     exits 0. While training runs this callback owns the signals, Lightning's SLURM auto-requeue of
@@ -28,11 +36,11 @@ class PreemptionCheckpoint(L.Callback):
     ``python -m distill`` then exits 143 as well).
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
         """
         Args:
             signals: Signal names that stop the fit; SLURM sends SIGUSR1 ahead of the time limit
-                with ``#SBATCH --signal=USR1@90``.
+                with ``#SBATCH --signal=USR1@90``, a terminal's Ctrl-C sends SIGINT.
         """
         unknown = [name for name in signals if name not in signal.Signals.__members__]
         if unknown:
@@ -43,19 +51,28 @@ class PreemptionCheckpoint(L.Callback):
         self._before_fit: dict[int, Any] = {}
         self._over: dict[int, Any] = {}
         self._step_at_batch_start = 0
+        self._training = False  # a training step may have run: there is something to save
+        self._pid = -1  # the process that set the handlers; DataLoader workers forked from it inherit them
+        self._rank_zero = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Take the signals before any DataLoader worker starts: a worker inherits the handler, and one
         with the default handler dies of SLURM's SIGUSR1 (sent to every process of the job), the fit
         with it."""
-        self._received, self._stop_code, self._over = 0, None, {}
+        self._received, self._stop_code, self._over, self._training = 0, None, {}, False
+        self._pid, self._rank_zero = os.getpid(), trainer.is_global_zero
         if stage == "fit" and _main_thread():
-            self._before_fit = {signum: signal.signal(signum, self._record) for signum in self.signals}
+            taken = [signum for signum in self.signals if signal.getsignal(signum) != signal.SIG_IGN]
+            self._before_fit = {signum: signal.signal(signum, self._record) for signum in taken}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = True
         if _main_thread():  # take SIGTERM back from Lightning, which set its own handler since
-            for signum in self.signals:
+            for signum in self._before_fit:
                 signal.signal(signum, self._record)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = False  # a Ctrl-C during what follows (an export) interrupts it
 
     def on_exception(self, trainer: L.Trainer, *args: Any) -> None:
         self._restore()  # Lightning then puts back the handlers it found (ours): see _record
@@ -70,16 +87,26 @@ class PreemptionCheckpoint(L.Callback):
             self._over, self._before_fit = self._before_fit, {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        if signum not in self._over:
-            self._received = signum
+        if os.getpid() != self._pid:
+            # a DataLoader worker (Ctrl-C reaches the terminal's whole process group): the main process
+            # stops the fit and then ends its workers; one that died first would fail the fit
             return
-        # the fit is over but this handler was put back: do what the handler from before the fit does
-        previous = self._over[signum]
-        signal.signal(signum, previous)
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signum)
+        if signum in self._over:
+            # the fit is over but this handler was put back: do what the handler from before the fit does
+            previous = self._over[signum]
+            signal.signal(signum, previous)
+            _act_as(previous, signum, frame)
+        elif signum == signal.SIGINT and (not self._training or self._received == signum):
+            # nothing trained yet, or a second Ctrl-C: the usual KeyboardInterrupt, now
+            _act_as(self._before_fit.get(signum, signal.default_int_handler), signum, frame)
+        else:
+            if signum == signal.SIGINT and self._rank_zero:  # os.write: print may not run in a handler
+                os.write(
+                    2,
+                    b"\n[distill] SIGINT: saving last.ckpt after this optimizer step; Ctrl-C again "
+                    b"stops without saving\n",
+                )
+            self._received = signum
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._stop_if_saved()
@@ -98,10 +125,7 @@ class PreemptionCheckpoint(L.Callback):
         if not signum:
             return
         path, found_by_last = self._checkpoint_path(trainer)
-        if trainer.is_global_zero and path.is_symlink():  # save_last="link": keep its target intact
-            path.unlink()
-        trainer.strategy.barrier("preemption-checkpoint")
-        trainer.save_checkpoint(path)
+        _save_atomically(trainer, path)
         resume = "--ckpt_path last" if found_by_last else f"--ckpt_path {path}"
         name = signal.Signals(signum).name
         rank_zero_info(f"[distill] {name} at step {trainer.global_step}: saved {path}; resume with {resume}")
@@ -121,6 +145,74 @@ class PreemptionCheckpoint(L.Callback):
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             return Path(callback.dirpath) / "last.ckpt", True
         return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt", False
+
+
+def _save_atomically(trainer: L.Trainer, path: Path) -> None:
+    """Save to a temporary name beside ``path``, fsync it and rename it over ``path``: whatever
+    interrupts the write, ``path`` is the previous checkpoint or the new one, whole. (Lightning's writer
+    stages a file in the system's temp directory and, where that is another file system, such as a
+    node-local /tmp with checkpoints on shared storage, copies it over the target in place.) Renaming
+    also replaces a ``save_last="link"`` symlink rather than writing through it into its target.
+
+    A sharded checkpoint (a directory: DeepSpeed, FSDP) cannot replace a directory in one rename: the
+    old one is renamed aside first and deleted after, so a kill between the two renames leaves it as
+    ``.last.ckpt.old``."""
+    # no "last*.ckpt" name: ModelCheckpoint takes any such file for a resume point
+    partial = path.with_name(f".{path.name}.partial")
+    if trainer.is_global_zero:
+        _remove(partial)  # what a save killed earlier left
+    trainer.strategy.barrier("preemption-checkpoint")
+    try:
+        trainer.save_checkpoint(partial)  # a collective under sharding: every rank writes its part
+    except BaseException:
+        if trainer.is_global_zero:
+            _remove(partial)
+        raise
+    if trainer.is_global_zero:
+        _fsync_tree(partial)
+        if partial.is_dir() and path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(partial, path)
+            _remove(old)
+        else:
+            if partial.is_dir() or path.is_dir():  # a rename cannot put a directory over a file or back
+                _remove(path)
+            os.replace(partial, path)
+        _fsync(path.parent)
+    trainer.strategy.barrier("preemption-checkpoint-saved")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file of a directory and the directories: a rename only keeps what is on
+    disk when the machine goes down."""
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        _fsync(p)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _act_as(handler: Any, signum: int, frame: FrameType | None) -> None:
+    """Do what ``handler`` (a handler from ``signal.signal``) does with the signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _main_thread() -> bool:

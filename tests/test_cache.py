@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
 import pickle
+import re
+import resource
 import shutil
 import signal
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ import torch
 from distill.cache import CacheReader, CacheSpec, StaleCacheError, cache_stats, codec, open_cache
 from distill.cache import segment as cache_segment
 from distill.targets import SparseTargets
+from distill.teacher.collect import BackgroundWriter
 
 V, K = 1000, 8
 BIG = {"name": "big", "path": "org/big", "revision": "abc"}
@@ -305,6 +310,60 @@ def test_kill_9_keeps_committed_samples_and_recollects_the_rest(tmp_path):
     assert cache.remove_partials() == 1
     write(cache, {"s3": head(torch.randn(4, V), K), "s4": head(torch.randn(4, V), K)})
     assert cache.plan_sync([f"s{i}" for i in range(5)]).keep == 5
+
+
+def writer_on_a_small_disk(path: Path) -> None:
+    """Commit three samples, then write more with every file limited to 20 KB (RLIMIT_FSIZE): HDF5's
+    writes fail as on a full disk (EFBIG rather than ENOSPC, and no mount needed)."""
+    cache = open_cache(path / "c", spec())
+    write(cache, make_samples(3))
+    gen = torch.Generator().manual_seed(1)
+    more = {sha(f"big {i}"): head(peaked_logits(400, V, gen), K) for i in range(20)}
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    try:
+        write(cache, more)
+    except OSError as error:
+        (path / "error.txt").write_text(f"{error.errno} {error}")
+
+
+def test_a_failed_segment_write_is_an_error_not_a_crash_and_leaves_no_partial_file(tmp_path):
+    """HDF5 cannot close a file whose writes failed: on a full disk the writer died of a segmentation
+    fault at exit (rc 139) and left its ``.partial`` file on the full disk."""
+    process = multiprocessing.get_context("spawn").Process(target=writer_on_a_small_disk, args=(tmp_path,))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == 0
+    number, message = (tmp_path / "error.txt").read_text().split(" ", 1)
+    assert int(number) == errno.EFBIG and ".partial" in message
+    assert not list((tmp_path / "c").glob(".*.partial"))
+    assert sorted(open_cache(tmp_path / "c", spec()).reader().shas()) == sorted(make_samples(3))
+
+
+@pytest.mark.timeout(120)  # the writer thread hung when the final commit failed
+def test_a_full_disk_is_one_clear_error_naming_the_directory_and_the_space_needed(tmp_path, monkeypatch):
+    """ENOSPC (here where a network file system reports it: at fsync) ends the collection with a message
+    that says where and how much space it needs, last in the traceback; the cache stays as it was."""
+    cache = open_cache(tmp_path / "c", spec())
+    write(cache, make_samples(3))
+    files = sorted((tmp_path / "c").iterdir())
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    writer = BackgroundWriter(lambda job: cache.writer("big"))
+    writer.put(
+        0, [SimpleNamespace(sha=s, num_tokens=9, targets=t) for s, t in make_samples(4, start=3).items()]
+    )
+    with pytest.raises(RuntimeError) as failed:
+        writer.close()
+    monkeypatch.undo()
+    message = str(failed.value)
+    assert f"{tmp_path / 'c'}: no space left on its disk" in message, message
+    assert re.search(r"a segment of about [\d.]+ MiB could not be written and [\d.,]+ MiB are free", message)
+    assert sorted((tmp_path / "c").iterdir()) == files  # no .partial left behind
+    assert sorted(cache.reader().shas()) == sorted(make_samples(3))
 
 
 def test_compaction_interrupted_after_rename_is_consistent(tmp_path):

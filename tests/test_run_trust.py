@@ -3,6 +3,7 @@ mean, norms and biases are never decayed, and a bad config value is one clear li
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from distill.callbacks import PreemptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
@@ -94,6 +97,72 @@ def test_sigusr1_amid_accumulation_saves_at_the_step_boundary_and_exports_nothin
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert not (tmp_path / "hf").exists()
+
+
+def test_ctrl_c_saves_last_checkpoint_at_the_step_boundary_and_exits_130(tmp_path):
+    """Ctrl-C (SIGINT, sent to the terminal's whole process group, DataLoader workers too) stops like
+    SIGTERM: Lightning alone raised KeyboardInterrupt amid the step and exited 1 with nothing saved, and
+    a worker that dies of it fails the fit ("DataLoader worker ... exited unexpectedly")."""
+    config = preemptible_config(tmp_path / "run")
+    term = {
+        "class_path": "tests.probes.TermAt",
+        "init_args": {"step": 2, "signal_name": "SIGINT", "children": True},
+    }
+    args = ["fit", "--config", str(config), "--trainer.max_steps", "10", "--data.init_args.num_workers", "1"]
+    args += ["--trainer.callbacks+", json.dumps(term)]
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 130
+        with pytest.raises(KeyboardInterrupt):  # after the fit Ctrl-C interrupts as it did before
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    directory = tmp_path / "run" / "checkpoints"
+    assert torch.load(directory / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert os.listdir(directory) == ["last.ckpt"]
+
+
+def test_a_preemption_save_that_dies_midway_keeps_the_previous_last_checkpoint(tmp_path):
+    """The checkpoint is written beside last.ckpt and renamed over it: a write that stops after part
+    of the bytes (Lightning's writer copies its staged file over the target in place when the system's
+    temp directory is another file system) leaves the previous last.ckpt whole and no temporary file;
+    the next save replaces it."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    torch.save({"global_step": 3}, directory / "last.ckpt")
+
+    def dies_midway(path: str | Path) -> None:
+        Path(path).write_bytes(b"PK\x03\x04 the first bytes of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    trainer = SimpleNamespace(
+        global_step=5,
+        world_size=1,
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        checkpoint_callback=ModelCheckpoint(dirpath=directory),
+        strategy=SimpleNamespace(barrier=lambda name=None: None),
+        save_checkpoint=dies_midway,
+    )
+    callback = PreemptionCheckpoint()
+    callback.setup(trainer, None, "fit")
+    try:
+        callback.on_train_start(trainer, None)
+        callback.on_train_batch_start(trainer)
+        os.kill(os.getpid(), signal.SIGTERM)
+        trainer.global_step = 6
+        with pytest.raises(OSError, match="No space left"):
+            callback.on_train_batch_end(trainer)
+        assert torch.load(directory / "last.ckpt")["global_step"] == 3
+        assert os.listdir(directory) == ["last.ckpt"]
+        trainer.save_checkpoint = lambda path: torch.save({"global_step": 6}, path)
+        callback.on_train_batch_end(trainer)
+    finally:
+        callback.teardown(trainer, None, "fit")
+    assert torch.load(directory / "last.ckpt")["global_step"] == 6
+    assert os.listdir(directory) == ["last.ckpt"]
 
 
 def test_sigterm_to_one_ddp_rank_stops_every_rank_after_one_collective_save(tmp_path):

@@ -11,13 +11,18 @@ supersedes, so the switch-over is the single atomic rename as well.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -53,32 +58,92 @@ def fsync_path(path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves nothing behind
+        raise
     fsync_path(path.parent)
+
+
+class CacheSpaceError(OSError):
+    """The disk holding a cache is full (or its quota is): a segment could not be written."""
+
+
+class _PartialFile(io.FileIO):
+    """A segment's ``.partial`` file under HDF5's ``fileobj`` driver, which keeps write errors from HDF5.
+
+    HDF5 does not survive a failed write: a segment whose flush fails on a full disk cannot be closed,
+    and the process then dies in a segmentation fault (measured: rc 139 at exit, after "Can't close
+    file ... No space left on device" in the middle of a traceback). Here the first failed write or
+    resize is kept in ``error`` and reported to HDF5 as done; the segment then discards the file and
+    raises that error once HDF5 has let go of it."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # a write may store part of the bytes: the driver ignores counts
+                    written = super().write(view[done:])
+                    if not written:
+                        raise OSError(errno.EIO, "the file system accepted no bytes")
+                    done += written
+            except OSError as error:
+                self.error = error
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as error:  # HDF5 extends the file to its end of allocation on close
+                self.error = error
+        return self.tell() if size is None else size
 
 
 class Segment:
     """A segment file being written: fixed-size chunked datasets filled front to back, then committed
     by rename. Sizes are known before writing, so no chunk is ever rewritten (appending to resizable
-    lzf datasets rewrites the last partial chunk and left ~7% of dead space in the file)."""
+    lzf datasets rewrites the last partial chunk and left ~7% of dead space in the file).
+
+    Use it as a context manager: leaving the block without ``commit`` (an error, a full disk) closes
+    and deletes the partial file; a full disk is then a ``CacheSpaceError`` naming the directory and
+    the space the segment needed."""
 
     def __init__(self, directory: Path, prefix: str, spec: CacheSpec, replaces: Sequence[str] = ()):
         now = time.time_ns()  # names sort in commit order (the reader's storage order), are never reused
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}"
         self.final = directory / f"{prefix}-{stamp}-{uuid.uuid4().hex[:8]}.h5"
         self.partial = directory / f".{self.final.name}.partial"
-        # a chunk cache far above the chunk size keeps partly filled chunks in memory until complete
-        self.file = h5py.File(self.partial, "w-", libver=_LIBVER, rdcc_nbytes=16 << 20)
-        for fl in fields(CacheSpec):
-            if fl.name != "teachers":
-                self.file.attrs[fl.name] = getattr(spec, fl.name)
-        self.file.attrs["encoding"] = ENCODING
-        self.file.attrs["replaces"] = json.dumps(list(replaces))
-        self.file.attrs["teachers"] = "[]"
+        self.nbytes = 0  # what the datasets hold before compression: about the space the file needs
+        self._raw = _PartialFile(self.partial, "x+")
+        try:
+            # a chunk cache far above the chunk size keeps partly filled chunks in memory until complete
+            self.file = h5py.File(self._raw, "w", libver=_LIBVER, rdcc_nbytes=16 << 20)
+            for fl in fields(CacheSpec):
+                if fl.name != "teachers":
+                    self.file.attrs[fl.name] = getattr(spec, fl.name)
+            self.file.attrs["encoding"] = ENCODING
+            self.file.attrs["replaces"] = json.dumps(list(replaces))
+            self.file.attrs["teachers"] = "[]"
+        except BaseException:
+            self._raw.close()
+            self.partial.unlink(missing_ok=True)
+            raise
         self.head = spec.scheme != "sampled"
         self._filled: dict[str, int] = {}
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        if error is not None:
+            self._discard(error)
 
     def group(self, identity: dict[str, str], rows: int, positions: int, nbytes: int) -> h5py.Group:
         g = self.file.create_group(f"teachers/{identity['name']}")
@@ -90,6 +155,7 @@ class Segment:
                 opts = {"chunks": (min(chunk, n),), "compression": "lzf", "shuffle": shuffle} if n else {}
                 opts.update({"fletcher32": True} if n else {})
                 g.create_dataset(name, shape=(n,), dtype=dtype, **opts)
+                self.nbytes += n * np.dtype(dtype).itemsize
         self.file.attrs["teachers"] = json.dumps([*json.loads(self.file.attrs["teachers"]), identity])
         return g
 
@@ -99,15 +165,51 @@ class Segment:
             if len(data):
                 g[name][start : start + len(data)] = data
             self._filled[g[name].name] = start + len(data)
+        self._raise_write_error()  # a full disk ends the segment now, not after all of it was encoded
 
     def commit(self) -> Path:
         """Close, fsync, rename, fsync the directory: after this returns the segment survives a crash
         (even power loss, where the file system honours fsync); before it, readers never see it."""
         self.file.close()
-        fsync_path(self.partial)
+        self._raise_write_error()
+        os.fsync(self._raw.fileno())  # a network file system may report a full disk only here
+        self._raw.close()
         os.replace(self.partial, self.final)
         fsync_path(self.final.parent)
         return self.final
+
+    def _raise_write_error(self) -> None:
+        if self._raw.error is not None:
+            error = self._raw.error
+            raise OSError(error.errno, error.strerror, str(self.partial)) from error
+
+    def _discard(self, error: BaseException) -> None:
+        """Let HDF5 go of the file, delete it, and say what a full disk needs."""
+        # the file is deleted whatever state it was left in; failed writes were kept from HDF5, so
+        # closing it cannot crash the process
+        with contextlib.suppress(Exception):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self._raw.close()
+        self.partial.unlink(missing_ok=True)
+        cause = self._raw.error or error
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            directory = self.partial.parent
+            free = shutil.disk_usage(directory).free
+            raise CacheSpaceError(
+                cause.errno,
+                f"{directory}: no space left on its disk for the teacher cache: a segment of about "
+                f"{_megabytes(self.nbytes)} could not be written and {_megabytes(free)} are free (the "
+                f"unfinished segment was deleted). Make at least {_megabytes(self.nbytes)} free there (more "
+                "for the samples still to collect) or put the cache on a larger disk, then rerun: the "
+                "samples already committed are kept and only the rest is collected",
+            ) from error
+        if cause is not error:  # HDF5 failed on what a failed write left: the write is the news
+            raise OSError(cause.errno, cause.strerror, str(self.partial)) from error
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
 
 
 class CacheCorruptError(RuntimeError):
@@ -186,20 +288,20 @@ class CacheWriter:
         """Write everything appended since the last commit as one segment; None when there was nothing."""
         if not self._samples:
             return None
-        segment = Segment(self.directory, self.prefix, self.spec)
         cols = {
             name: np.array([r[i] for r in self._rows], dtype=_FIELDS[name][0])
             for i, name in enumerate(("sha", "num_tokens", "num_positions", "num_bytes", "kl", "nll"))
         }
         cols["lse"] = np.concatenate([e.lse for e in self._samples])
         cols["stream"] = np.concatenate([e.stream for e in self._samples])
-        if segment.head:
+        if self.spec.scheme != "sampled":
             cols["tail"] = np.concatenate([e.tail for e in self._samples])
         else:
             del cols["kl"]  # draws are stored exactly: nothing to measure
-        g = segment.group(self.identity, len(self._rows), len(cols["lse"]), len(cols["stream"]))
-        segment.write(g, cols)
-        path = segment.commit()
+        with Segment(self.directory, self.prefix, self.spec) as segment:
+            g = segment.group(self.identity, len(self._rows), len(cols["lse"]), len(cols["stream"]))
+            segment.write(g, cols)
+            path = segment.commit()
         self._rows, self._samples, self._pending_bytes = [], [], 0
         self.committed.append(path)
         return path
@@ -210,8 +312,9 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        if not isinstance(error, CacheSpaceError):  # a full disk stays full: no second try
+            self.close()
 
 
 def open_segment(path: Path) -> h5py.File:

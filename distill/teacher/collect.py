@@ -175,9 +175,11 @@ class BackgroundWriter:
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise RuntimeError("the teacher cache writer failed") from self._error
+            # its message last, not only mid-traceback: a full disk says where and how much it needs
+            raise RuntimeError(f"the teacher cache writer failed: {self._error}") from self._error
 
     def _drain(self) -> None:
+        item = None
         try:
             while (item := self._queue.get()) is not _DONE:
                 job, outputs = item
@@ -192,8 +194,8 @@ class BackgroundWriter:
                 writer.close()
         except BaseException as error:  # surfaced in the main thread
             self._error = error
-            while self._queue.get() is not _DONE:  # unblock the producer
-                pass
+            while item is not _DONE:  # unblock the producer (unless the final commits failed: it is done)
+                item = self._queue.get()
 
 
 def collect(
