@@ -289,7 +289,7 @@ def crashing_writer(path: Path) -> None:
         w.append(f"s{i}", 4, head(torch.randn(4, V, generator=gen), K))
         if i == 2:
             w.commit()
-    seg = cache_segment.Segment(cache.path, "r000", cache.spec)
+    seg = cache_segment.Segment(cache.path, "r000", cache.spec, 2)
     seg.group(cache.spec.teacher("big"), 2, 8, 10_000)
     seg.file.flush()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -244,12 +244,54 @@ def test_corrupt_and_truncated_segments_are_named_errors_and_verify_repairs_them
         main(["cache", "verify", str(cache.path)])
     report = capsys.readouterr().out
     assert f"bad segment {first}" in report and f"bad segment {second}" in report and str(third) not in report
+    # the truncated file's index is gone with its bytes: what it held comes from its name
+    assert report.count("(3 samples)") == 2, report
     main(["cache", "verify", str(cache.path), "--repair"])
-    assert "removed 2 segment(s)" in capsys.readouterr().out and segments(cache.path) == [third]
+    out = capsys.readouterr().out
+    assert "removed 2 segment(s) (6 samples)" in out and segments(cache.path) == [third]
     plan = open_cache(cache.path, spec()).plan_sync(shas)
     assert plan.to_collect == {"big": shas[:6]} and plan.keep == 3  # exactly the lost samples
     main(["cache", "verify", str(cache.path)])
     assert ": ok" in capsys.readouterr().out
+
+
+def test_verify_counts_the_samples_of_a_truncated_segment_it_cannot_open(tmp_path, capsys):
+    cache = open_cache(tmp_path / "c", spec())
+    fill(cache, keys(40))
+    (lost,) = segments(cache.path)
+    lost.write_bytes(lost.read_bytes()[:4096])
+    main(["cache", "verify", str(cache.path), "--repair"])
+    out = capsys.readouterr().out
+    assert f"bad segment {lost}: " in out and "(40 samples)" in out, out
+    assert "removed 1 segment(s) (40 samples)" in out and not segments(cache.path)
+
+
+def test_cache_commands_refuse_a_directory_that_is_not_a_cache(tmp_path, capsys):
+    caches = tmp_path / "cache" / "kd"
+    open_cache(caches / "train", spec())
+    for command in (["stats"], ["verify"], ["prune", "--keep-data", str(tmp_path)]):
+        with pytest.raises(SystemExit) as stop:
+            main(["cache", command[0], str(caches), *command[1:]])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and f"{caches} is not a teacher cache (it holds no cache.json)" in error
+        assert f"the caches in it: {caches / 'train'}" in error
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["cache", "stats", str(tmp_path / "empty")])
+    assert stop.value.code == 2 and "give a cache directory" in capsys.readouterr().err
+
+
+def test_prune_refuses_keep_data_that_holds_no_records(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [conversation(i) for i in range(4)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cache = open_cache(tmp_path / "c", spec())
+    fill(cache, [r.sha for r in read_records([data], "auto")])
+    with pytest.raises(SystemExit) as stop:
+        main(["cache", "prune", str(cache.path), "--keep-data", str(data), str(empty)])
+    message = str(stop.value.code)
+    assert f"--keep-data {empty} holds no records" in message and f"rm -r {cache.path}" in message
+    assert len(CacheReader(cache.path).shas()) == 4  # nothing freed
 
 
 def test_values_no_teacher_produces_are_corruption(tmp_path):

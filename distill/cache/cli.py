@@ -134,10 +134,31 @@ def render(path: Path, stats: dict) -> str:
     return "\n".join(lines)
 
 
+def not_a_cache(path: Path) -> str:
+    """Why ``path`` is refused, and the caches under it (a user may give ``cache/kd`` for its ``train``)."""
+    if not path.is_dir():
+        return f"{path} is a file, not a teacher cache directory (a directory holding {SPEC_FILE})"
+    inside = sorted(str(p.parent) for pattern in ("*", "*/*") for p in path.glob(f"{pattern}/{SPEC_FILE}"))
+    message = f"{path} is not a teacher cache (it holds no {SPEC_FILE})"
+    if inside:
+        return f"{message}; the caches in it: {', '.join(inside)}"
+    return f"{message}: give a cache directory, e.g. cache/kd/train"
+
+
 def prune_command(
     path: Path, keep_data: list[Path], format: str, dry_run: bool, lock_timeout: float | None
 ) -> None:
-    keep = [r.sha for r in read_records(keep_data, format)]
+    keep = []
+    for source in keep_data:
+        shas = [r.sha for r in read_records([source], format)]
+        if not shas:  # an empty or wrong file would otherwise mean "keep nothing": every sample freed
+            raise SystemExit(
+                f"error: --keep-data {source} holds no records, so pruning to it would free every sample "
+                f"of {path}; nothing was pruned. Give the data whose samples to keep; to empty the cache, "
+                f"delete it (`rm -r {path}`, with no run using it): the next fit or collect recollects "
+                "what its data needs"
+            )
+        keep += shas
     with WriterLock(path, lock_timeout):
         spec = CacheSpec.from_json((path / SPEC_FILE).read_text())
         freed = TeacherCache(path, spec).prune(keep, dry_run=dry_run)
@@ -148,7 +169,8 @@ def prune_command(
 def verify_command(path: Path, repair: bool, lock_timeout: float | None) -> None:
     checked, bad = verify_cache(path)
     for b in bad:
-        print(f"bad segment {b.path}: {b.problem} ({len(b.shas)} samples)")
+        held = "number of samples unknown" if b.samples is None else f"{b.samples} samples"
+        print(f"bad segment {b.path}: {b.problem} ({held})")
     if not bad:
         print(f"{path}: {checked} segment(s), every checksum and value checked: ok")
         return
@@ -156,8 +178,11 @@ def verify_command(path: Path, repair: bool, lock_timeout: float | None) -> None
         print(f"{len(bad)} of {checked} segment(s) bad: `python -m distill cache verify {path} --repair`")
         raise SystemExit(1)
     repair_cache(path, bad, lock_timeout)
-    lost = sum(len(b.shas) for b in bad)
-    print(f"removed {len(bad)} segment(s) ({lost} samples): the next fit or collect recollects them")
+    lost = f"{sum(b.samples or 0 for b in bad)} samples"
+    unknown = sum(b.samples is None for b in bad)
+    if unknown:
+        lost += f" and those of {unknown} segment(s) of an unknown count"
+    print(f"removed {len(bad)} segment(s) ({lost}): the next fit or collect recollects them")
 
 
 def main(argv: list[str]) -> None:
@@ -186,6 +211,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if not args.path.exists():
         parser.error(f"{args.path} does not exist")
+    if (args.path.is_dir() or args.command != "stats") and not (args.path / SPEC_FILE).is_file():
+        parser.error(not_a_cache(args.path))
     if args.command == "prune":
         return prune_command(args.path, args.keep_data, args.format, args.dry_run, args.lock_timeout)
     if args.command == "verify":

@@ -45,7 +45,8 @@ def compact_segments(directory: Path, segments: list[Path], drop: np.ndarray) ->
                 sizes[name] = sizes.get(name, 0) + np.array(kept, dtype=np.int64)
     with open_segment(segments[0]) as f:
         spec = dataclasses.replace(spec_from_attrs(f), teachers=[])
-    with Segment(directory, MERGED_PREFIX, spec, replaces) as out:
+    samples = len(np.unique(np.concatenate([*seen.values(), sha_keys([])])))
+    with Segment(directory, MERGED_PREFIX, spec, samples, replaces) as out:
         groups = {name: out.group(identities[name], *map(int, sizes[name])) for name in sizes}
         for p, name, keep in plan:
             with open_segment(p) as f, named_corruption(p, name):

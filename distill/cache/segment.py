@@ -16,6 +16,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -115,10 +116,14 @@ class Segment:
     and deletes the partial file; a full disk is then a ``CacheSpaceError`` naming the directory and
     the space the segment needed."""
 
-    def __init__(self, directory: Path, prefix: str, spec: CacheSpec, replaces: Sequence[str] = ()):
+    def __init__(
+        self, directory: Path, prefix: str, spec: CacheSpec, samples: int, replaces: Sequence[str] = ()
+    ):
         now = time.time_ns()  # names sort in commit order (the reader's storage order), are never reused
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}"
-        self.final = directory / f"{prefix}-{stamp}-{uuid.uuid4().hex[:8]}.h5"
+        # the name carries the number of samples: the one record of them that truncating or
+        # overwriting the file cannot take, so `cache verify --repair` can say what a lost file held
+        self.final = directory / f"{prefix}-{stamp}-{uuid.uuid4().hex[:8]}-n{samples}.h5"
         self.partial = directory / f".{self.final.name}.partial"
         self.nbytes = 0  # what the datasets hold before compression: about the space the file needs
         self._raw = _PartialFile(self.partial, "x+")
@@ -298,7 +303,8 @@ class CacheWriter:
             cols["tail"] = np.concatenate([e.tail for e in self._samples])
         else:
             del cols["kl"]  # draws are stored exactly: nothing to measure
-        with Segment(self.directory, self.prefix, self.spec) as segment:
+        samples = len({r[0] for r in self._rows})
+        with Segment(self.directory, self.prefix, self.spec, samples) as segment:
             g = segment.group(self.identity, len(self._rows), len(cols["lse"]), len(cols["stream"]))
             segment.write(g, cols)
             path = segment.commit()
@@ -326,6 +332,15 @@ def open_segment(path: Path) -> h5py.File:
         raise
     except OSError as error:
         raise CacheCorruptError(path, f"the file cannot be opened ({error})") from error
+
+
+_SAMPLES_IN_NAME = re.compile(r"-n(\d+)\.h5$")
+
+
+def named_samples(path: Path) -> int | None:
+    """The number of samples a committed segment held, from its name (None: named before names had it)."""
+    match = _SAMPLES_IN_NAME.search(path.name)
+    return int(match.group(1)) if match else None
 
 
 def replaced_names(path: Path) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from distill.cache.lock import WriterLock
 from distill.cache.reader import CacheReader
-from distill.cache.segment import CacheCorruptError, open_segment, replaced_names
+from distill.cache.segment import CacheCorruptError, named_samples, open_segment, replaced_names
 
 
 @dataclass
@@ -17,6 +17,15 @@ class BadSegment:
     path: Path
     problem: str
     shas: list[str] = field(default_factory=list)  # the samples it held, where its index is readable
+
+    @property
+    def samples(self) -> int | None:
+        """How many samples it held: its name says so even when its bytes are lost (a truncated file);
+        a segment named before names carried the count has only its index, if that is readable."""
+        held = named_samples(self.path)
+        if held is None and self.shas:
+            return len(self.shas)
+        return held
 
 
 def verify_cache(directory: Path) -> tuple[int, list[BadSegment]]:
