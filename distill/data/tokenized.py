@@ -231,6 +231,7 @@ class TokenizedEntry:
         self.inputs = inputs
         self.path = Path(root) / entry_key(inputs)
         self.data = self.path / "data"
+        self._reported: str | None = None  # the damage last printed: the caller opens again under the lock
 
     def open(self) -> TokenizedSamples | None:
         """The finished entry's samples, their sizes and checksums verified; None when it is not built
@@ -242,7 +243,9 @@ class TokenizedEntry:
             samples.verify()
             return samples
         except DamagedCacheError as damage:
-            print(f"[distill] {damage}; it will be rebuilt", flush=True)
+            if str(damage) != self._reported:
+                print(f"[distill] {damage}; it will be rebuilt", flush=True)
+                self._reported = str(damage)
             return None
 
     def lock(self) -> WriterLock:
