@@ -470,7 +470,7 @@ def test_a_pair_missing_rejected_is_refused_naming_its_line(tmp_path):
         data(tmp_path, path)
 
 
-def test_an_identical_pair_is_dropped_with_a_warning_naming_its_line(tmp_path, caplog):
+def test_an_identical_pair_is_dropped_with_a_warning_naming_its_line(tmp_path, caplog, monkeypatch):
     rows = [pair(0), {"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}, pair(2)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="distill.data.pairs"):
@@ -480,6 +480,19 @@ def test_an_identical_pair_is_dropped_with_a_warning_naming_its_line(tmp_path, c
     assert [unit[0].sha for unit in dm.train] == [r.sha for r in records] and len(records) == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"{path}:2" in m and "chosen equals rejected" in m for m in warnings), warnings
+    caplog.clear()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read the files although the cache holds the pairs")
+
+    monkeypatch.setattr(preference_datamodule, "read_pair_records", refuse)
+    with caplog.at_level(logging.WARNING, logger="distill.data.pairs"):
+        data(tmp_path, path)  # maps the entry: the warning comes from it
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        len(warnings) == 1
+        and f"dropped 1 preference pairs whose chosen equals rejected (first: {path}:2)" in warnings[0]
+    ), warnings
 
 
 def test_pairs_and_kto_samples_cannot_be_mixed_across_splits(tmp_path):

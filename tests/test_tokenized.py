@@ -9,6 +9,7 @@ import os
 import pickle
 from concurrent.futures.process import BrokenProcessPool
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -185,6 +186,70 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, capsys):
     second.setup("fit")
     assert "input_ids.bin" in capsys.readouterr().out
     same(second.train, reference)
+
+
+def _swap_two_token_ids(data_dir) -> str:
+    ids = np.memmap(data_dir / "input_ids.bin", dtype=np.int32, mode="r+")
+    i = int(np.flatnonzero(ids[:-1] != ids[1:])[0])
+    ids[i], ids[i + 1] = ids[i + 1], ids[i]  # both valid ids, every size unchanged
+    ids.flush()
+    return f"{data_dir / 'input_ids.bin'}: its bytes do not match the checksum"
+
+
+def _move_one_offset(data_dir) -> str:
+    offsets = np.memmap(data_dir / "offsets.bin", dtype=np.int64, mode="r+")
+    offsets[1] += 1  # still ascending: one token moves from the second sample to the first
+    offsets.flush()
+    return f"{data_dir / 'offsets.bin'}: its bytes do not match the checksum"
+
+
+def _out_of_vocabulary_id(data_dir) -> str:
+    ids = np.memmap(data_dir / "input_ids.bin", dtype=np.int32, mode="r+")
+    ids[3] = 10**6
+    ids.flush()
+    return f"{data_dir / 'input_ids.bin'}: its bytes do not match the checksum"
+
+
+def _garbage_meta(data_dir) -> str:
+    (data_dir / "meta.json").write_text('{"samples": 3, "tok')
+    return f"{data_dir / 'meta.json'}: unreadable"
+
+
+def _meta_without_counts(data_dir) -> str:
+    (data_dir / "meta.json").write_text("[1, 2]")
+    return f"{data_dir / 'meta.json'}: not the meta.json of a tokenized cache entry"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_swap_two_token_ids, _move_one_offset, _out_of_vocabulary_id, _garbage_meta, _meta_without_counts],
+    ids=lambda damage: damage.__name__.strip("_"),
+)
+def test_an_entry_edited_in_place_is_named_and_rebuilt_once(tmp_path, capsys, damage):
+    first = make_data(tmp_path)
+    first.setup("fit")
+    reference = list(first.train)
+    message = damage(first.train.directory)
+    second = make_data(tmp_path)
+    second.setup("fit")
+    assert capsys.readouterr().out.count(message) == 1  # named once, though opened again under the lock
+    same(second.train, reference)
+    third = make_data(tmp_path)  # the rebuilt entry is whole: no rerun keeps failing
+    third.setup("fit")
+    assert "damaged" not in capsys.readouterr().out
+    same(third.train, reference)
+
+
+def test_an_entry_without_checksums_is_rebuilt(tmp_path, capsys):
+    first = make_data(tmp_path)
+    first.setup("fit")
+    meta_path = first.train.directory / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["checksums"]  # as distill wrote its entries before they had checksums
+    meta_path.write_text(json.dumps(meta))
+    make_data(tmp_path).setup("fit")
+    assert f"{meta_path}: no checksums of the arrays" in capsys.readouterr().out
+    assert "checksums" in json.loads(meta_path.read_text())
 
 
 def test_a_fully_masked_dataset_fails_at_every_start_and_leaves_no_entry(tmp_path):

@@ -310,7 +310,7 @@ class DataModule(L.LightningDataModule):
             self.num_proc,
         )
 
-    def entry_meta(self, records: list[Record], template: ChatTemplate | None) -> dict:
+    def entry_meta(self, split: str, records: list[Record], template: ChatTemplate | None) -> dict:
         """What a tokenized cache entry records about its samples besides the counts."""
         return {"conversations": template is not None}
 
@@ -328,7 +328,7 @@ class DataModule(L.LightningDataModule):
                 # before the entry is finished: a fully masked dataset is refused at every start
                 check_some_trainable(total, self.tokenizer, self.max_seq_length)
 
-            entry.build(counted(), self.entry_meta(records, template))
+            entry.build(counted(), self.entry_meta(split, records, template))
 
     def attach_records(self) -> None:
         """Give the training and validation samples their records (read again from the files, once,

@@ -23,7 +23,8 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from distill.data.formats import (
@@ -100,6 +101,18 @@ class UnpairedRecord:
 class PairReadStats:
     records: int = 0
     identical_dropped: int = 0
+    identical_first: list[str] = field(default_factory=list)  # the first few dropped, as path:line
+
+
+def warn_identical_dropped(count: int, first: Sequence[str], read_from: str = "") -> None:
+    """The warning for the pairs whose chosen equals rejected; ``read_from`` names where the count was
+    read when the files were not (a tokenized cache entry)."""
+    logger.warning(
+        "dropped %d preference pairs whose chosen equals rejected (first: %s)%s",
+        count,
+        ", ".join(first[:_SHOWN_DROPPED]),
+        f" [counted when {read_from} was built]" if read_from else "",
+    )
 
 
 def read_pair_records(
@@ -127,12 +140,9 @@ def read_pair_records(
                 else:
                     records.append(record)
     if dropped:
-        logger.warning(
-            "dropped %d preference pairs whose chosen equals rejected (first: %s)",
-            len(dropped),
-            ", ".join(dropped[:_SHOWN_DROPPED]),
-        )
-    return records, PairReadStats(records=len(records), identical_dropped=len(dropped))
+        warn_identical_dropped(len(dropped), dropped)
+    stats = PairReadStats(len(records), len(dropped), dropped[:_SHOWN_DROPPED])
+    return records, stats
 
 
 def detect_pair_format(raw: dict) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from distill.data.batching import pack
@@ -19,7 +20,14 @@ from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
 from distill.data.formats import Source
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit_chunks
-from distill.data.pairs import PairFormat, PairRecord, UnpairedRecord, read_pair_records
+from distill.data.pairs import (
+    PairFormat,
+    PairReadStats,
+    PairRecord,
+    UnpairedRecord,
+    read_pair_records,
+    warn_identical_dropped,
+)
 from distill.data.templates import ChatTemplate
 
 
@@ -52,9 +60,13 @@ class PreferenceDataModule(DataModule):
             )
         super().__init__(format="auto", truncation=truncation, **kwargs)
         self.format = format
+        # what reading each list of files dropped, kept in the entries built from it: a later run that
+        # maps the entries warns from there, as reading the files did
+        self._read_stats: dict[tuple[str, ...], PairReadStats] = {}
 
     def read_files(self, files: list[Source]) -> list[PairRecord | UnpairedRecord]:
-        records, _ = read_pair_records(files, self.format)
+        records, stats = read_pair_records(files, self.format)
+        self._read_stats[tuple(map(str, files))] = stats
         return records
 
     def template_for(self, records: list) -> ChatTemplate:
@@ -63,18 +75,37 @@ class PreferenceDataModule(DataModule):
     def encode_split(self, records: list, template: ChatTemplate | None) -> Iterable[EncodedChunk]:
         return encode_unit_chunks(records, self.tokenizer, template, self.max_seq_length, self.num_proc)
 
-    def entry_meta(self, records: list, template: ChatTemplate | None) -> dict:
+    def entry_meta(self, split: str, records: list, template: ChatTemplate | None) -> dict:
         kinds = {type(record) for record in records}
         if len(kinds) > 1:  # units of two sizes in one entry could not be told apart
             raise ValueError("the data files mix preference pairs and KTO samples: use one kind")
         unit_size = 1 if kinds == {UnpairedRecord} else 2
-        return {**super().entry_meta(records, template), "unit_size": unit_size}
+        files = self.val_sources if split == "val" and self.val_sources else self.train_sources
+        read = self._read_stats[tuple(map(str, files))]
+        return {
+            **super().entry_meta(split, records, template),
+            "unit_size": unit_size,
+            "identical_dropped": [read.identical_dropped, read.identical_first],
+        }
+
+    def _warn_identical_dropped_from_cache(self) -> None:
+        """The "chosen equals rejected" warning of a run whose entries were all mapped, not built: it
+        read no file, so the count comes from the entries (once per list of files)."""
+        if self._read_stats or rank_zero_only.rank != 0:  # reading the files has warned already
+            return
+        warned = set()
+        for samples in self.tokenized_splits().values():
+            count, first = samples.meta.get("identical_dropped", [0, []])
+            if count and (count, tuple(first)) not in warned:
+                warned.add((count, tuple(first)))
+                warn_identical_dropped(count, first, f"the tokenized cache entry {samples.directory.parent}")
 
     def setup(self, stage: str) -> None:
         if self._set_up:
             return
         super().setup(stage)
         splits = self.tokenized_splits()
+        self._warn_identical_dropped_from_cache()
         sizes = {samples.meta["unit_size"] for samples in splits.values()}
         if len(sizes) > 1:
             raise ValueError(

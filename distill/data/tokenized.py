@@ -13,7 +13,8 @@ files' bytes and paths, the record format, the tokenizer's full definition, the 
     .writer.lock          held while building (another run waits, then finds the entry done)
     building-<pid>/       a build in progress; a killed one is never read and is removed by the next
     data/                 the finished entry, renamed into place in one step when complete
-      meta.json           what the arrays hold (counts, encoding stats, the key's inputs)
+      meta.json           what the arrays hold (counts, encoding stats, the key's inputs, each array's
+                          xxh3-64 checksum, verified whenever a run opens the entry)
       input_ids.bin       int32, every sample's tokens concatenated
       trainable.bin       uint8, 1 where the token is a training target (its label is the token)
       offsets.bin         int64, sample i is [offsets[i], offsets[i+1])
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
+import xxhash
 from transformers import PreTrainedTokenizerBase
 
 from distill.cache.lock import WriterLock
@@ -54,8 +56,17 @@ _ARRAYS = {  # file -> (dtype, what its length counts)
 }
 
 
+_COUNTS = ("samples", "tokens", "source_bytes")  # meta.json's sizes of the arrays
+
+
 class DamagedCacheError(RuntimeError):
     """A finished tokenized-cache entry whose files do not match its meta.json."""
+
+
+def array_checksum(array: np.ndarray) -> str:
+    """xxh3-64 of an array's bytes: ~16 GB/s here, so verifying an entry costs little next to a start
+    (``benchmarks/tokenized.py``); it guards against damage, not against forgery."""
+    return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
 def default_root() -> Path:
@@ -101,10 +112,49 @@ class TokenizedSamples(Sequence[Encoded]):
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.meta = json.loads((self.directory / "meta.json").read_text())
+        self.meta = self._read_meta()
         self._check_sizes()
         self._maps = {name: self._map(name) for name in _ARRAYS}
         self.lengths = np.diff(self._maps["offsets.bin"])
+
+    def _read_meta(self) -> dict[str, Any]:
+        path = self.directory / "meta.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DamagedCacheError(
+                f"{path}: unreadable ({error}): the tokenized cache entry is damaged"
+            ) from error
+        stats = meta.get("stats") if isinstance(meta, dict) else None
+        if not (
+            isinstance(meta, dict)
+            and all(isinstance(meta.get(count), int) and meta[count] >= 0 for count in _COUNTS)
+            and isinstance(stats, dict)
+            and all(isinstance(stats.get(count), int) for count in EncodingStats.COUNTS)
+        ):
+            raise DamagedCacheError(
+                f"{path}: not the meta.json of a tokenized cache entry (it lacks the counts "
+                f"{', '.join(_COUNTS)} or the encoding stats): the entry is damaged"
+            )
+        return meta
+
+    def verify(self) -> None:
+        """Check every array against the checksum its build recorded: bytes edited in place (valid
+        token ids, an offset) keep every size and would otherwise train silently. Reads each file
+        once; the spawned workers and ranks that unpickle these samples trust the check of their
+        parent."""
+        checksums = self.meta.get("checksums")
+        if not isinstance(checksums, dict):
+            raise DamagedCacheError(
+                f"{self.directory / 'meta.json'}: no checksums of the arrays (written by an older "
+                "distill, or edited): the tokenized cache entry cannot be verified"
+            )
+        for name, array in self._maps.items():
+            if checksums.get(name) != array_checksum(array):
+                raise DamagedCacheError(
+                    f"{self.directory / name}: its bytes do not match the checksum in meta.json (edited "
+                    "or corrupted in place): the tokenized cache entry is damaged"
+                )
 
     def _expected(self, name: str) -> int:
         count = _ARRAYS[name][1]
@@ -181,16 +231,21 @@ class TokenizedEntry:
         self.inputs = inputs
         self.path = Path(root) / entry_key(inputs)
         self.data = self.path / "data"
+        self._reported: str | None = None  # the damage last printed: the caller opens again under the lock
 
     def open(self) -> TokenizedSamples | None:
-        """The finished entry's samples; None when it is not built (or is damaged: it is then removed
-        so that it gets rebuilt, with a line saying why)."""
+        """The finished entry's samples, their sizes and checksums verified; None when it is not built
+        (or is damaged: the caller then rebuilds it, after a line naming the file and the damage)."""
         if not (self.data / "meta.json").exists():
             return None
         try:
-            return TokenizedSamples(self.data)
+            samples = TokenizedSamples(self.data)
+            samples.verify()
+            return samples
         except DamagedCacheError as damage:
-            print(f"[distill] {damage}; it will be rebuilt", flush=True)
+            if str(damage) != self._reported:
+                print(f"[distill] {damage}; it will be rebuilt", flush=True)
+                self._reported = str(damage)
             return None
 
     def lock(self) -> WriterLock:
@@ -213,21 +268,27 @@ class TokenizedEntry:
     def _write(self, building: Path, chunks: Iterable[EncodedChunk], extra: dict[str, Any]) -> EncodingStats:
         stats = EncodingStats()
         tokens = source_bytes = samples = 0
+        hashes = {name: xxhash.xxh3_64() for name in _ARRAYS}  # of the bytes as written: no second read
         with ExitStack() as opened:
             files = {name: opened.enter_context(open(building / name, "wb")) for name in _ARRAYS}
-            files["offsets.bin"].write(np.zeros(1, np.int64).tobytes())
-            files["source_offsets.bin"].write(np.zeros(1, np.int64).tobytes())
+
+            def put(name: str, data: bytes) -> None:
+                files[name].write(data)
+                hashes[name].update(data)
+
+            put("offsets.bin", np.zeros(1, np.int64).tobytes())
+            put("source_offsets.bin", np.zeros(1, np.int64).tobytes())
             for chunk in chunks:
                 stats.add(chunk.stats)
                 sources = [source.encode() for source in chunk.sources]
                 source_lengths = np.array([len(b) for b in sources], np.int64)
-                files["input_ids.bin"].write(chunk.input_ids.astype(np.int32).tobytes())
-                files["trainable.bin"].write(chunk.trainable.astype(np.uint8).tobytes())
-                files["offsets.bin"].write((tokens + np.cumsum(chunk.lengths)).astype(np.int64).tobytes())
-                files["sha.bin"].write(b"".join(bytes.fromhex(sha) for sha in chunk.shas))
-                files["sources.bin"].write(b"".join(sources))
-                files["source_offsets.bin"].write((source_bytes + np.cumsum(source_lengths)).tobytes())
-                files["values.bin"].write(chunk.values.astype(np.float32).tobytes())
+                put("input_ids.bin", chunk.input_ids.astype(np.int32).tobytes())
+                put("trainable.bin", chunk.trainable.astype(np.uint8).tobytes())
+                put("offsets.bin", (tokens + np.cumsum(chunk.lengths)).astype(np.int64).tobytes())
+                put("sha.bin", b"".join(bytes.fromhex(sha) for sha in chunk.shas))
+                put("sources.bin", b"".join(sources))
+                put("source_offsets.bin", (source_bytes + np.cumsum(source_lengths)).tobytes())
+                put("values.bin", chunk.values.astype(np.float32).tobytes())
                 tokens += int(chunk.lengths.sum())
                 source_bytes += int(source_lengths.sum())
                 samples += len(chunk.lengths)
@@ -240,6 +301,7 @@ class TokenizedEntry:
             "tokens": tokens,
             "source_bytes": source_bytes,
             "stats": {name: getattr(stats, name) for name in EncodingStats.COUNTS},
+            "checksums": {name: digest.hexdigest() for name, digest in hashes.items()},
             "inputs": self.inputs,
             **extra,
         }
