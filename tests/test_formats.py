@@ -152,7 +152,7 @@ def test_a_jsonl_file_is_read_a_line_at_a_time_not_whole(tmp_path, monkeypatch):
     path.write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n')
     for whole in ("read_text", "read_bytes"):
         monkeypatch.setattr(
-            Path, whole, lambda *_, whole=whole: pytest.fail(f"the data file was read whole ({whole})")
+            Path, whole, lambda *_, whole=whole, **__: pytest.fail(f"the data file was read whole ({whole})")
         )
     raw = _iter_raw(path)
     assert next(raw) == ({"text": "first"}, f"{path}:1")  # the first record before the bad line is read
