@@ -95,7 +95,8 @@ class DataModule(L.LightningDataModule):
         Args:
             train_files: JSON/JSONL, parquet, arrow or csv files, or directories of them (ShareGPT,
                 messages, Alpaca or text records, detected per record or row).
-            val_files: Validation files; when unset, ``val_fraction`` of the training records is held out.
+            val_files: Validation files (with no records: an error); when unset, ``val_fraction`` of the
+                training records is held out.
             val_fraction: Share of training records held out for validation when neither ``val_files`` nor
                 ``val_split`` is set.
             dataset_name: A Hugging Face dataset instead of files: a hub id, a directory written by
