@@ -5,6 +5,7 @@ a byte-order mark) read and mask correctly."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -117,6 +118,24 @@ def as_lightning_prepares(loader, rank: int, world: int):
 def on_rank(monkeypatch, rank: int, world: int) -> None:
     monkeypatch.setattr(DataModule, "_rank", property(lambda self: rank))
     monkeypatch.setattr(DataModule, "_world_size", property(lambda self: world))
+
+
+def test_an_empty_validation_file_given_is_an_error_naming_it(tmp_path):
+    """Not a run that validates nothing without a word (issue 25 #8)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(4)])
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n  \n")
+    data = DataModule(
+        train_files=str(train),
+        val_files=str(val),
+        tokenizer=str(TOKENIZER_DIR),
+        template="mistral",
+        tokenized_cache=str(tmp_path / "tokenized"),
+    )
+    with pytest.raises(
+        DataFormatError, match=rf"^data\.val_files \({re.escape(str(val))}\) holds no records"
+    ):
+        data.setup("fit")
 
 
 def validated_rows(batch) -> list[tuple[int, ...]]:

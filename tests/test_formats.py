@@ -1,8 +1,13 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from distill.data.formats import DataFormatError, read_records, to_record
+from distill.data.formats import DataFormatError, _iter_raw, read_records, to_record
+from distill.data.pairs import read_pair_records
+from distill.data.prompts import read_prompt_records
+from distill.data.streaming import _lines
 from tests.helpers import write_jsonl
 
 
@@ -107,3 +112,49 @@ def test_a_line_separator_inside_a_jsonl_string_is_not_a_line_break(tmp_path):
     records = read_records(path)
     assert [r.text for r in records] == [text, "b"]
     assert [r.source for r in records] == [f"{path}:1", f"{path}:2"]
+
+
+# ---- a byte that is not UTF-8 (issue 25 #2) -------------------------------------------------------
+
+
+def read_streamed(path):
+    """The documents of a ``.txt`` or ``.jsonl`` file as a stream reads them."""
+    return [read() for _, _, read in _lines(path, 0, 0) if read is not None]
+
+
+@pytest.mark.parametrize(
+    ("read", "name", "content", "line"),
+    [
+        (read_records, "sft.jsonl", b'\xef\xbb\xbf{"text": "ok"}\n\n{"text": "caf\xe9"}\n', 3),
+        (read_records, "sft.json", b'\n[{"text": "ok"},\n {"text": "caf\xe9"}]\n', 3),
+        (read_records, "sft.csv", b"text\nok\ncaf\xe9\nlast\n", 3),
+        (read_pair_records, "pairs.jsonl", b'{"prompt": "Q", "chosen": "A", "rejected": "\xff"}\n', 1),
+        (read_prompt_records, "prompts.jsonl", b'{"question": "ok"}\n{"question": "caf\xe9"}\n', 2),
+        (read_streamed, "corpus.txt", b"ok\nsecond\ncaf\xe9\n", 3),
+    ],
+    ids=["sft-jsonl", "sft-json-array", "sft-csv", "preference", "prompts", "stream"],
+)
+def test_a_byte_that_is_not_utf8_names_the_file_the_line_and_the_byte_offset(
+    tmp_path, read, name, content, line
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    offset = next(i for i, byte in enumerate(content) if byte in b"\xe9\xff")
+    where = re.escape(
+        f"{path}:{line}: not UTF-8: byte 0x{content[offset]:02x} at byte offset {offset} of the file"
+    )
+    with pytest.raises(DataFormatError, match=f"^{where} .*re-encode it"):
+        read(path)
+
+
+def test_a_jsonl_file_is_read_a_line_at_a_time_not_whole(tmp_path, monkeypatch):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n')
+    for whole in ("read_text", "read_bytes"):
+        monkeypatch.setattr(
+            Path, whole, lambda *_, whole=whole, **__: pytest.fail(f"the data file was read whole ({whole})")
+        )
+    raw = _iter_raw(path)
+    assert next(raw) == ({"text": "first"}, f"{path}:1")  # the first record before the bad line is read
+    with pytest.raises(DataFormatError, match=r"big\.jsonl:2: not UTF-8"):
+        next(raw)

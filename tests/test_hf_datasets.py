@@ -327,3 +327,20 @@ def test_a_hub_dataset_loads_at_its_pinned_revision(tmp_path, monkeypatch):
         module(tmp_path, dataset_name=str(configs_dir(tmp_path)), dataset_revision="v1").load_records()
     with pytest.raises(ValueError, match=r"data\.dataset_revision .* select a data\.dataset_name"):
         module(tmp_path, train_files="x.jsonl", dataset_revision="v1")
+
+
+def test_an_empty_saved_split_names_the_dataset_and_the_split(tmp_path):
+    """A split saved without rows has no Arrow file, on which ``datasets`` fails with a bare IndexError."""
+    rows = datasets.Dataset.from_list([{"text": "hello"}, {"text": "world"}])
+    datasets.DatasetDict({"train": rows, "validation": rows.select([])}).save_to_disk(tmp_path / "dict")
+    name = str(tmp_path / "dict")
+    train, val = module(tmp_path, dataset_name=name).load_records()  # the other split, empty, is not read
+    assert [r.text for r in train] == ["hello", "world"] and val == []
+    empty = re.escape(f"dataset {name} (split validation): the split is empty")
+    with pytest.raises(ValueError, match=f"^{empty}.*choose another split"):
+        module(tmp_path, dataset_name=name, val_split="validation").load_records()
+    rows.select([]).save_to_disk(tmp_path / "one")
+    with pytest.raises(
+        ValueError, match=re.escape(f"dataset {tmp_path / 'one'} (split train): the split is empty")
+    ):
+        module(tmp_path, dataset_name=str(tmp_path / "one")).load_records()

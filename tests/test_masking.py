@@ -119,7 +119,7 @@ def test_counts_and_dropped_samples(tokenizer):
     assert (stats.samples, stats.kept, stats.truncated, stats.dropped_no_trainable) == (2, 1, 1, 1)
     assert 0 < stats.trainable_share < 1
     _, stats = encode_all(records, tokenizer, template, max_length=64, truncation="drop")
-    assert stats.dropped_too_long == 1
+    assert stats.dropped_too_long == 1 and stats.too_long == ["t:2"]  # named in the warning
 
 
 def test_all_labels_masked_stops_with_a_decoded_sample(tokenizer):

@@ -199,7 +199,12 @@ def test_an_over_long_pair_is_cut_and_one_whose_response_cannot_fit_dropped(tmp_
     ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     records, _ = read_pair_records(path)
-    dm = data(tmp_path, path, max_seq_length=30)
+    # the warning that counts the dropped pairs names them (issue 25 #8)
+    dropped = re.escape(
+        f"dropped 1 of 4 records that do not fit data.max_seq_length=30 (truncation 'left'; first: {path}:3)"
+    )
+    with pytest.warns(UserWarning, match=dropped):
+        dm = data(tmp_path, path, max_seq_length=30)
     stats = {k.removeprefix("data/train_"): v for k, v in dm.stats.items() if k.startswith("data/train_")}
     assert (stats["samples"], stats["kept"], stats["truncated"], stats["dropped_too_long"]) == (4, 3, 1, 1)
     assert [unit[0].sha for unit in dm.train] == [records[i].sha for i in (0, 1, 3)]

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -22,7 +22,15 @@ from distill.data.encoding import (
     Truncation,
     check_some_trainable,
 )
-from distill.data.formats import Format, Record, Source, find_files, read_records, split_held_out
+from distill.data.formats import (
+    DataFormatError,
+    Format,
+    Record,
+    Source,
+    find_files,
+    read_records,
+    split_held_out,
+)
 from distill.data.hf_datasets import DatasetSplit, split_sources
 from distill.data.resume import (
     ResumableLoader,
@@ -87,7 +95,8 @@ class DataModule(L.LightningDataModule):
         Args:
             train_files: JSON/JSONL, parquet, arrow or csv files, or directories of them (ShareGPT,
                 messages, Alpaca or text records, detected per record or row).
-            val_files: Validation files; when unset, ``val_fraction`` of the training records is held out.
+            val_files: Validation files (with no records: an error); when unset, ``val_fraction`` of the
+                training records is held out.
             val_fraction: Share of training records held out for validation when neither ``val_files`` nor
                 ``val_split`` is set.
             dataset_name: A Hugging Face dataset instead of files: a hub id, a directory written by
@@ -196,6 +205,8 @@ class DataModule(L.LightningDataModule):
         train = self.read_files(self.train_sources) if self.trains_on_files else []
         if self.val_sources:
             val = self.read_files(self.val_sources)
+            if not val:  # a validation set given and empty: the run would validate nothing, unseen
+                raise DataFormatError(self._no_val_message())
         elif self.val_fraction > 0:
             train, val = split_held_out(train, self.val_fraction, self.seed)
         else:
@@ -317,10 +328,10 @@ class DataModule(L.LightningDataModule):
     def build_split(self, entry: TokenizedEntry, split: str, records: list[Record]) -> None:
         template = self.template_for(records)
         chunks = self.encode_split(records, template)
+        total = EncodingStats()
         with Progress(len(records), f"encoding {split} records", "records") as progress:
 
             def counted():
-                total = EncodingStats()
                 for chunk in chunks:
                     progress.update(chunk.stats.samples)
                     total.add(chunk.stats)
@@ -329,6 +340,12 @@ class DataModule(L.LightningDataModule):
                 check_some_trainable(total, self.tokenizer, self.max_seq_length)
 
             entry.build(counted(), self.entry_meta(split, records, template))
+        if total.dropped_too_long:  # named once, where they are dropped: the cache keeps the counts only
+            rank_zero_warn(
+                f"[distill] {split}: dropped {total.dropped_too_long} of {total.samples} records that do not "
+                f"fit data.max_seq_length={self.max_seq_length} (truncation '{self.truncation}'; first: "
+                f"{', '.join(total.too_long)}): raise data.max_seq_length to keep them"
+            )
 
     def attach_records(self) -> None:
         """Give the training and validation samples their records (read again from the files, once,
@@ -380,6 +397,14 @@ class DataModule(L.LightningDataModule):
                 f"{stats.dropped_no_trainable} without a trainable token"
             )
         return f"nothing to train on in data.{option} ({files}): {why}. Add samples or fix the data"
+
+    def _no_val_message(self) -> str:
+        files = ", ".join(map(str, self.val_sources))
+        option = "val_split" if isinstance(self.val_sources[0], DatasetSplit) else "val_files"
+        return (
+            f"data.{option} ({files}) holds no records: add records to it, or unset data.{option} to "
+            "validate on none (data.val_fraction holds some training records out instead)"
+        )
 
     @property
     def pad_id(self) -> int:

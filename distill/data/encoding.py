@@ -47,6 +47,7 @@ class EncodingStats:
     tokens: int = 0
     trainable_tokens: int = 0
     examples_without_labels: list[Encoded] = field(default_factory=list, repr=False)
+    too_long: list[str] = field(default_factory=list, repr=False)  # where the first dropped ones are
     COUNTS: ClassVar[tuple[str, ...]] = (
         "samples",
         "kept",
@@ -57,17 +58,20 @@ class EncodingStats:
         "trainable_tokens",
     )
     EXAMPLES: ClassVar[int] = 3  # fully masked samples kept to show in the error
+    SHOWN_TOO_LONG: ClassVar[int] = 5  # places of dropped over-long records kept to name in the warning
 
     @property
     def trainable_share(self) -> float:
         return self.trainable_tokens / max(self.tokens, 1)
 
-    def count(self, unit: list[Encoded] | None, truncated: bool) -> bool:
-        """Count one record's outcome, its samples after truncation (a pair has two; None: dropped as
-        too long); whether it is kept, i.e. every sample has a trainable token."""
+    def count(self, unit: list[Encoded] | None, truncated: bool, source: str) -> bool:
+        """Count one record's outcome (the record at ``source``), its samples after truncation (a pair
+        has two; None: dropped as too long); whether it is kept, i.e. every sample has a trainable token."""
         self.samples += 1
         if unit is None:
             self.dropped_too_long += 1
+            if len(self.too_long) < self.SHOWN_TOO_LONG:
+                self.too_long.append(source)
             return False
         self.truncated += truncated
         untrained = [sample for sample in unit if sample.num_trainable == 0]
@@ -86,6 +90,7 @@ class EncodingStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         room = self.EXAMPLES - len(self.examples_without_labels)
         self.examples_without_labels.extend(other.examples_without_labels[:room])
+        self.too_long.extend(other.too_long[: self.SHOWN_TOO_LONG - len(self.too_long)])
 
     def as_dict(self) -> dict[str, float]:
         counts = {n: getattr(self, n) for n in self.COUNTS if n != "trainable_tokens"}
@@ -164,7 +169,7 @@ def encode_chunk(
     for record in records:
         encoded = encode_record(record, tokenizer, template, train_on_responses_only)
         sample = truncate(encoded, max_length, truncation)
-        if stats.count(None if sample is None else [sample], sample is not encoded):
+        if stats.count(None if sample is None else [sample], sample is not encoded, record.source):
             kept.append(sample)
     return kept, stats
 

@@ -27,9 +27,10 @@ import hashlib
 import json
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, is_saved_dataset, table_rows
 
@@ -56,6 +57,7 @@ _MESSAGE_ROLES = {
     "tool": "tool",
     "function": "tool",
 }
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, allowed at the start of a file
 TOOLS_HEADER = "You can call these tools:\n"
 # content parts that carry text; any other part (image_url, input_audio, file, ...) cannot be trained on
 _TEXT_PARTS = {"text": "text", "refusal": "refusal"}
@@ -124,23 +126,23 @@ def read_records(sources: Source | list[Source], fmt: Format = "auto") -> list[R
 
 
 def _iter_raw(path: Path | DatasetSplit) -> Iterator[tuple[object, str]]:
-    """Each raw record of a source with where it is."""
+    """Each raw record of a source with where it is. A JSONL file is read a line at a time (a corpus
+    need not fit in memory); a JSON array is parsed whole, as its format requires."""
     if isinstance(path, DatasetSplit) or path.suffix in TABLE_BUILDERS:
-        yield from table_rows(path)
+        with naming_undecodable(path):
+            yield from table_rows(path)
         return
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first record
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        # \n only: str.splitlines() would also cut at U+2028 and friends, valid inside a JSON string
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line), f"{path}:{lineno}"
-            except json.JSONDecodeError as err:
-                raise DataFormatError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
-                ) from None
-        return
+    with path.open("rb", buffering=1 << 20) as handle:
+        if path.suffix == ".jsonl" or _first_byte(handle) != b"[":
+            yield from _jsonl_records(path, handle)
+            return
+        data = handle.read()
+    start = len(BOM) if data.startswith(BOM) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = start + err.start
+        raise not_utf8(path, data.count(b"\n", 0, offset) + 1, offset, err) from None
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
@@ -149,6 +151,69 @@ def _iter_raw(path: Path | DatasetSplit) -> Iterator[tuple[object, str]]:
         ) from None
     for index, item in enumerate(items):
         yield item, f"{path}[{index}]"
+
+
+def _jsonl_records(path: Path, handle: BinaryIO) -> Iterator[tuple[object, str]]:
+    # a binary file's lines end at b"\n" only: str.splitlines() would also cut at U+2028 and friends,
+    # valid inside a JSON string
+    offset = 0
+    for lineno, raw in enumerate(handle, start=1):
+        content = raw.removeprefix(BOM) if lineno == 1 else raw  # a byte-order mark is no part of a record
+        line = decode_line(content, path, lineno, offset + len(raw) - len(content))
+        offset += len(raw)
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line), f"{path}:{lineno}"
+        except json.JSONDecodeError as err:
+            raise DataFormatError(
+                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+            ) from None
+
+
+def _first_byte(handle: BinaryIO) -> bytes:
+    """The file's first byte after its byte-order mark and whitespace (b"" when none); the file is
+    rewound."""
+    first = b""
+    handle.seek(len(BOM) if handle.read(len(BOM)) == BOM else 0)
+    while not first and (chunk := handle.read(1 << 16)):
+        first = chunk.lstrip()[:1]
+    handle.seek(0)
+    return first
+
+
+def decode_line(raw: bytes, path: Path, line: int, offset: int) -> str:
+    """Line ``line`` of ``path`` (its bytes ``raw``, from byte ``offset`` of the file) as text; a byte
+    that is not UTF-8 is a ``DataFormatError`` naming the file, the line and the byte's offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, line, offset + err.start, err) from None
+
+
+@contextmanager
+def naming_undecodable(source: Path | DatasetSplit) -> Iterator[None]:
+    """Reading a CSV file (by ``datasets``), whose decode error names a position in a chunk of it: the
+    error names the file, the line and the byte offset instead, found by a pass over its lines."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        if not isinstance(source, Path) or source.suffix != ".csv":  # a binary file has no lines
+            raise
+        with source.open("rb", buffering=1 << 20) as handle:
+            offset = 0
+            for line, raw in enumerate(handle, start=1):
+                decode_line(raw, source, line, offset)  # no character holds b"\n": a line decodes alone
+                offset += len(raw)
+        raise DataFormatError(f"{source}: not UTF-8 ({err.reason})") from err
+
+
+def not_utf8(path: Path, line: int, offset: int, err: UnicodeDecodeError) -> DataFormatError:
+    """The error for a byte that is not UTF-8 at byte ``offset`` of ``path``, on line ``line``."""
+    return DataFormatError(
+        f"{path}:{line}: not UTF-8: byte 0x{err.object[err.start]:02x} at byte offset {offset} of the file "
+        f"({err.reason}); data files are read as UTF-8: re-encode it (e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def detect_format(raw: dict) -> str | None:

@@ -13,6 +13,7 @@ row's nulls are dropped: a parquet of ``messages`` rows reads as the same record
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +68,25 @@ class DatasetSplit:
             )
         if self.config:
             raise ValueError(f"{self}: a directory written by save_to_disk has no configs: unset the config")
-        loaded = datasets.load_from_disk(self.name)  # memory-mapped: streaming reads it batch by batch
-        if isinstance(loaded, datasets.DatasetDict):
-            if self.split not in loaded:
-                raise ValueError(f"{self}: no such split; the directory holds {sorted(loaded)}")
-            return loaded[self.split]
-        if self.split != "train":
+        directory = Path(self.name)
+        splits_file = directory / "dataset_dict.json"
+        if splits_file.is_file():  # a DatasetDict: its split alone is opened, another may be empty
+            splits = json.loads(splits_file.read_text())["splits"]
+            if self.split not in splits:
+                raise ValueError(f"{self}: no such split; the directory holds {sorted(splits)}")
+            directory = directory / self.split
+        elif self.split != "train":
             raise ValueError(
                 f"{self}: the directory holds one dataset (Dataset.save_to_disk), not splits: it is the "
                 "training split; hold out validation with val_fraction, or save a DatasetDict"
             )
-        return loaded
+        # ``datasets`` fails on a split saved without rows (no Arrow file) with a bare IndexError
+        if not json.loads((directory / "state.json").read_text()).get("_data_files"):
+            raise ValueError(
+                f"{self}: the split is empty (saved by save_to_disk with no rows, {directory} holds no "
+                "Arrow file): save it with rows, or choose another split (data.split, data.val_split)"
+            )
+        return datasets.load_from_disk(str(directory))  # memory-mapped: streaming reads it batch by batch
 
     def identity(self) -> dict[str, Any]:
         """What a tokenized-cache entry of this split is keyed by: where it is and its content: the

@@ -90,7 +90,7 @@ def encode_unit_chunk(
     for record in records:
         encoded = encode_unit(record, tokenizer, template)
         unit = truncate_unit(encoded, max_length)
-        if stats.count(unit, unit is not encoded):
+        if stats.count(unit, unit is not encoded, record.source):
             kept.extend(unit)
     return EncodedChunk.of(kept, stats)
 

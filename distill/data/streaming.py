@@ -62,7 +62,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.encoding import IGNORE_INDEX
-from distill.data.formats import DataFormatError, detect_format, to_record
+from distill.data.formats import (
+    BOM,
+    DataFormatError,
+    decode_line,
+    detect_format,
+    naming_undecodable,
+    to_record,
+)
 from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, arrow_batches, row_at, row_where
 from distill.data.resume import epoch_rng, leave_sigterm_to_main
 
@@ -70,7 +77,6 @@ LINE_SUFFIXES = (".jsonl", ".txt")
 SUFFIXES = (*LINE_SUFFIXES, *TABLE_BUILDERS)
 _TABLES = ", ".join(TABLE_BUILDERS)
 CURSOR_KEY = "stream_cursor"
-_BOM = b"\xef\xbb\xbf"
 
 
 class Cursor(NamedTuple):
@@ -124,12 +130,8 @@ def require_max_steps(max_steps: int | None) -> None:
         )
 
 
-def document_text(raw: bytes, suffix: str, where: str) -> str:
+def document_text(line: str, suffix: str, where: str) -> str:
     """The text of one line: a ``.txt`` line itself, a JSONL line's ``text`` record."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
     if suffix == ".txt":
         return line.rstrip("\r\n")
     try:
@@ -378,25 +380,33 @@ def _lines(path: Path, offset: int, line: int) -> Units:
     with path.open("rb", buffering=1 << 20) as handle:
         handle.seek(offset)
         for raw in handle:
-            content = raw.removeprefix(_BOM) if offset == 0 else raw
+            content = raw.removeprefix(BOM) if offset == 0 else raw
+            start = offset + len(raw) - len(content)
             offset, line = offset + len(raw), line + 1
             if not content or content.isspace():
                 yield offset, line, None
             else:
-                yield offset, line, lambda c=content, n=line: document_text(c, path.suffix, f"{path}:{n}")
+                yield (
+                    offset,
+                    line,
+                    lambda c=content, n=line, at=start: document_text(
+                        decode_line(c, path, n, at), path.suffix, f"{path}:{n}"
+                    ),
+                )
 
 
 def _rows(source: Stream, row: int) -> Units:
     """The rows of a table file or a dataset split from row ``row`` on (``datasets`` streams them); a
     row is turned into Python only when its shard reads it."""
-    for table in arrow_batches(source, row, streaming=True):
-        for index in range(table.num_rows):
-            row += 1
-            yield (
-                row,
-                row,
-                lambda t=table, i=index, n=row - 1: record_text(row_at(t, i), row_where(source, n)),
-            )
+    with naming_undecodable(source):
+        for table in arrow_batches(source, row, streaming=True):
+            for index in range(table.num_rows):
+                row += 1
+                yield (
+                    row,
+                    row,
+                    lambda t=table, i=index, n=row - 1: record_text(row_at(t, i), row_where(source, n)),
+                )
 
 
 def _init_worker(worker_id: int) -> None:
