@@ -6,6 +6,7 @@ from distill.callbacks.memory import PeakMemory
 from distill.callbacks.preemption import PreemptionCheckpoint
 from distill.callbacks.progress import LoopProgress
 from distill.callbacks.stage_results import StageResults
+from distill.callbacks.summary import ModelSummary
 from distill.callbacks.teacher_cache import TeacherCacheWriter
 from distill.callbacks.throughput import TokenThroughput
 
@@ -13,6 +14,7 @@ __all__ = [
     "CompletionLog",
     "HFExport",
     "LoopProgress",
+    "ModelSummary",
     "PeakMemory",
     "PreemptionCheckpoint",
     "StageResults",

@@ -4,19 +4,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distill
-from distill.callbacks import LoopProgress, PreemptionCheckpoint
+from distill.callbacks import LoopProgress, ModelSummary, PreemptionCheckpoint
 from distill.callbacks.hf_export import untrained_reason
 
 OWN_CODE = (Path(distill.__file__).parent, Path(distill.callbacks.__file__).parent)
@@ -41,20 +44,84 @@ class LogConfigCallback(SaveConfigCallback):
 
 
 class ConfigError(Exception):
-    """A value our own classes refused while the config was instantiated."""
+    """A value our own classes refused while the config was instantiated, or an option the run cannot
+    follow: ``main`` prints it as one line and exits 2."""
 
 
 def own_refusal(error: BaseException) -> ValueError | None:
-    """The ValueError that one of distill's classes raised under jsonargparse's wrapping of it, if any."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    if not isinstance(error, ValueError) or error.__traceback__ is None:
-        return None
-    tb = error.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    raised_in = Path(tb.tb_frame.f_code.co_filename).resolve()
-    return error if any(raised_in.is_relative_to(root) for root in OWN_CODE) else None
+    """The outermost ValueError in ``error``'s chain of causes that one of distill's classes raised, if
+    any: under jsonargparse's wrapping of it, and over what it was raised from (an ImportError)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ValueError) and cause.__traceback__ is not None:
+            tb = cause.__traceback__
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            raised_in = Path(tb.tb_frame.f_code.co_filename).resolve()
+            if any(raised_in.is_relative_to(root) for root in OWN_CODE):
+                return cause
+        cause = cause.__cause__
+    return None
+
+
+LAST_IF_ANY = "last_if_any"
+
+
+def resume_point(trainer: L.Trainer, ckpt_path: str | Path | None) -> str | Path | None:
+    """What ``trainer.fit`` gets for ``--ckpt_path``. ``last`` must find a last checkpoint: Lightning's
+    ``last`` starts from scratch (after a warning) when there is none, which trains a killed run's steps
+    again from step 0. ``last_if_any`` asks for that: Lightning's ``last``."""
+    if ckpt_path == LAST_IF_ANY:
+        return "last"
+    if ckpt_path != "last":
+        return ckpt_path
+    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    # where Lightning looks (connectors/checkpoint_connector.py): each ModelCheckpoint's last*.ckpt and
+    # each OnExceptionCheckpoint's file
+    found = [path for c in checkpoints for path in c._find_last_checkpoints(trainer)]
+    found += [c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)]
+    if any(Path(path).exists() for path in found):
+        return "last"
+    if checkpoints:
+        looked = ", ".join(last_checkpoint_dir(trainer, c) for c in checkpoints)
+        where = f"no last checkpoint (last*.ckpt) in {looked}"
+    else:
+        where = "the run has no ModelCheckpoint, so nothing saves a last checkpoint"
+    raise ConfigError(
+        f"--ckpt_path last: {where}. Give a checkpoint's path, or --ckpt_path {LAST_IF_ANY} to start "
+        "from scratch when there is none"
+    )
+
+
+def last_checkpoint_dir(trainer: L.Trainer, callback: ModelCheckpoint) -> str:
+    """Where ``callback`` keeps its last checkpoint (ModelCheckpoint's rule, which it applies in setup)."""
+    if callback.dirpath:
+        return str(callback.dirpath)
+    if not trainer.loggers:
+        return str(Path(trainer.default_root_dir) / "checkpoints")
+    return "the logger's new version directory (ModelCheckpoint has no dirpath)"
+
+
+LIGHTNING_NOTES = (
+    "💡 Tip:",  # its cloud products ("... try installing litlogger")
+    "Trainer already configured with model summary callbacks",  # distill's, which replaces its own
+)
+
+
+def not_a_note(record: logging.LogRecord) -> bool:
+    """A log filter: Lightning's ``LIGHTNING_NOTES`` do not pass."""
+    return not str(record.msg).startswith(LIGHTNING_NOTES)
+
+
+def quiet_lightning() -> None:
+    """Silence what Lightning and torch print that a distill user can do nothing about: its notes, the
+    deprecation of torch's ``LeafSpec`` that Lightning's own code uses, the note that an IterableDataset
+    has a ``__len__`` (distill's deal batches to DataLoader workers, so their lengths hold), and the
+    warning that ``args`` were given beside a command line (distill hands LightningCLI its own)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_a_note)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", r"LightningCLI's args parameter")
 
 
 class DistillCLI(LightningCLI):
@@ -84,6 +151,10 @@ class DistillCLI(LightningCLI):
             config.trainer.precision = resolve_precision(config.precision)
             rank_zero_info(f"[distill] precision: {config.trainer.precision}")
 
+    def fit(self, model: L.LightningModule, **kwargs) -> None:
+        kwargs["ckpt_path"] = resume_point(self.trainer, kwargs.get("ckpt_path"))
+        self.trainer.fit(model, **kwargs)
+
     def after_fit(self) -> None:
         if self.config.fit.get("validate_after_fit") and untrained_reason(self.trainer) is None:
             self.trainer.validate(self.model, datamodule=self.datamodule)
@@ -94,6 +165,11 @@ class DistillCLI(LightningCLI):
         listed = listed if isinstance(listed, list) else [listed]
         if config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in listed):
             callbacks = [c for c in callbacks if not isinstance(c, LoopProgress)]
+        # Lightning's own summary prints "Total FLOPs: 0" (distill.callbacks.ModelSummary)
+        if config.get("enable_model_summary") is not False and not any(
+            isinstance(c, LightningModelSummary) for c in listed
+        ):
+            callbacks = [*callbacks, ModelSummary()]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
@@ -107,6 +183,7 @@ class DistillCLI(LightningCLI):
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
+    quiet_lightning()
     return DistillCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -120,6 +197,18 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        run_command(argv)
+    except ConfigError as error:
+        # our message alone, not under jsonargparse's "Does not validate against any of the Union subtypes"
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SIGTERMException as stop:
+        # Lightning's own SIGTERM stop (outside training steps) exits 0; a stopped run has not succeeded
+        raise SystemExit(stop.code or 128 + signal.SIGTERM) from None
+
+
+def run_command(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "inspect":
         from distill.data.preview import main as inspect_main
@@ -146,12 +235,5 @@ def main(argv: list[str] | None = None) -> None:
         return None
     if args and args[0] == "collect":  # a friendlier name for teacher collection
         argv = ["predict", *args[1:]]
-    try:
-        run_cli(argv)
-    except ConfigError as error:
-        # our message alone, not under jsonargparse's "Does not validate against any of the Union subtypes"
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except SIGTERMException as stop:
-        # Lightning's own SIGTERM stop (outside training steps) exits 0; a stopped run has not succeeded
-        raise SystemExit(stop.code or 128 + signal.SIGTERM) from None
+    run_cli(argv)
+    return None

@@ -1,5 +1,6 @@
 """The real CLI, end to end, on a two-layer model: fit with overrides, HF export, configs, print_config."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import yaml
 
 from distill.cli import main, resolve_precision, run_cli
-from tests.helpers import ROOT, logged_rows, write_config
+from tests.helpers import ROOT, clean_env, logged_rows, run, with_last_checkpoint, write_config
 
 
 def test_fit_end_to_end_with_overrides(tmp_path, chat_file):
@@ -189,3 +190,52 @@ def test_stage_configs_compose_with_the_strategy_and_lora_configs(stage, strateg
     )
     assert composed and resolved["data"]["class_path"] == data
     assert resolved["model"]["init_args"]["objective"]["class_path"] == objective
+
+
+def test_ckpt_path_last_needs_a_last_checkpoint(tmp_path, chat_file, capfd):
+    """Lightning's ``last`` trains from step 0 after a warning when there is none: a resubmitted job would
+    redo a killed run's steps. ``last`` is an error naming where it looked; ``last_if_any`` is Lightning's."""
+    config = yaml.safe_load(write_config(tmp_path, chat_file).read_text())
+    config["trainer"]["enable_checkpointing"] = True
+    path = with_last_checkpoint(config, tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(path), "--trainer.max_steps", "1", "--ckpt_path", "last"])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err.splitlines()
+    assert err[-1] == (
+        f"error: --ckpt_path last: no last checkpoint (last*.ckpt) in {tmp_path / 'checkpoints'}. Give a "
+        "checkpoint's path, or --ckpt_path last_if_any to start from scratch when there is none"
+    )
+    assert not (tmp_path / "logs").exists()  # nothing trained
+
+
+def test_ckpt_path_resume_point(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from distill.cli import ConfigError, resume_point
+
+    def trainer(**options):
+        return Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, **options)
+
+    with pytest.raises(ConfigError, match="the run has no ModelCheckpoint"):
+        resume_point(trainer(enable_checkpointing=False), "last")
+    # Lightning's default ModelCheckpoint, without a logger: under default_root_dir
+    with pytest.raises(ConfigError, match=re.escape(f"in {tmp_path / 'checkpoints'}. ")):
+        resume_point(trainer(), "last")
+    assert resume_point(trainer(), "last_if_any") == "last"  # Lightning's: the newest if any, else none
+    assert resume_point(trainer(), "some.ckpt") == "some.ckpt"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").touch()
+    assert resume_point(trainer(), "last") == "last"
+
+
+def test_a_fit_prints_nothing_a_user_cannot_act_on(tmp_path, chat_file):
+    """Lightning's cloud tip, torch's LeafSpec deprecation (Lightning's code), the IterableDataset
+    ``__len__`` note (distill deals batches to workers) and a model summary of "0" FLOPs (Lightning counts
+    only an ``example_input_array``'s) said nothing useful; the summary itself stays."""
+    config = write_config(tmp_path, chat_file)
+    result = run(["fit", "--config", str(config), "--trainer.max_steps", "1"], clean_env())
+    out = result.stdout + result.stderr
+    assert "Trainable params" in out and "LlamaForCausalLM" in out
+    for noise in ("litlogger", "LeafSpec", "IterableDataset", "FLOPs", "Flops", "Tip"):
+        assert noise not in out, out

@@ -25,6 +25,7 @@ from distill.objectives import GRPO, KTO, RLOO, CrossEntropy, OnPolicyDistillati
 from distill.train.optim import AdamW
 from distill.train.student import StudentModule
 from tests.helpers import (
+    ROOT,
     TINY_LLAMA,
     TOKENIZER_DIR,
     check_stopped_fit_resumes,
@@ -282,8 +283,13 @@ def test_norms_and_biases_are_not_decayed_and_matrices_are(model_type):
         ("--model.init_args.objective.init_args.alpha", "1.5", ["alpha", "[0, 1]", "1.5"]),
         ("--data.init_args.cache_size_gb", "-1", ["cache_size_gb", "-1", "null"]),
         ("--model.init_args.objective.init_args.chunk_size", "-4", ["chunk_size must be >= 1, got -4"]),
+        (
+            "--data.init_args.teachers",
+            json.dumps([{"model": "/no/such/teacher", "name": "t1"}]),
+            ["teacher t1: /no/such/teacher does not exist"],
+        ),
     ],
-    ids=["loss", "alpha", "cache_size_gb", "chunk_size"],
+    ids=["loss", "alpha", "cache_size_gb", "chunk_size", "missing_teacher"],
 )
 def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir, capfd, flag, value, wanted):
     config = kd_config(tmp_path, kd_teacher_dir)
@@ -298,6 +304,38 @@ def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir
     assert all(word in error for word in wanted), error
     assert "Traceback" not in err and "Union subtypes" not in err
     assert not (tmp_path / "cache").exists()  # nothing was collected
+
+
+@pytest.mark.parametrize("command", ["tokenize", "inspect", "collect"])
+def test_a_bad_value_is_one_line_in_every_command(tmp_path, kd_teacher_dir, capfd, command):
+    """``tokenize`` and ``inspect`` build the config as ``fit`` does: the same one line, exit 2 (they
+    printed jsonargparse's 118-line traceback, exit 1)."""
+    config = kd_config(tmp_path, kd_teacher_dir)
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--config", str(config), "--model.init_args.objective.init_args.alpha", "1.5"])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set to")]
+    assert lines == [
+        "error: Distillation alpha (the KD term's weight; 1 - alpha goes to cross-entropy) "
+        "must be in [0, 1]; got 1.5"
+    ], err
+
+
+def test_a_reward_function_that_does_not_import_is_one_line(monkeypatch, capfd):
+    """Our refusal raised from an ImportError: one line, not 10 KB of the parser's union attempts."""
+    monkeypatch.chdir(ROOT)  # the config's relative paths
+    reward = {"class_path": "distill.rewards.Function", "init_args": {"path": "no_such_module:score"}}
+    args = ["fit", "--config", str(ROOT / "configs" / "grpo.yaml")]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--model.init_args.objective.init_args.rewards+", json.dumps(reward)])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err
+    assert err.splitlines()[-1] == (
+        "error: reward function 'no_such_module:score': cannot import 'no_such_module': "
+        "No module named 'no_such_module'"
+    )
+    assert "Traceback" not in err and len(err.splitlines()) <= 3, err
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import io
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,9 +100,7 @@ def resolve_config(files: tuple[str, ...], overrides: dict[str, Any], where: str
     ]
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
-            # LightningCLI warns when given args under a process started with others (ours)
-            warnings.filterwarnings("ignore", "LightningCLI's args parameter")
+        with contextlib.redirect_stdout(printed):
             run_cli([*args, "--print_config"])
     except SystemExit as exit_:
         if exit_.code not in (0, None):

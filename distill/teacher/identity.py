@@ -36,6 +36,23 @@ def model_identity(name_or_path: str | None, config: dict | None = None) -> dict
     return {"weights_sha": weights_digest(path)[:16]}
 
 
+def check_model_source(owner: str, name_or_path: str) -> None:
+    """A model name that can only be a local path (absolute, ``./``, ``~``, more than one ``/``) must
+    exist: transformers would otherwise send it to the hub, which answers "Repo id must be in the form
+    'repo_name' or 'namespace/repo_name'"."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name_or_path).exists():
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ValueError(
+            f"{owner}: {name_or_path} does not exist (a local path; a hub name is 'name' or 'namespace/name')"
+        ) from None
+
+
 def weights_digest(directory: Path) -> str:
     """SHA-256 over the weight and config files of ``directory``, each hashed in full once.
 

@@ -29,7 +29,7 @@ from distill.teacher.alignment import (
     same_template,
     template_identity,
 )
-from distill.teacher.identity import model_identity
+from distill.teacher.identity import check_model_source, model_identity
 from distill.train.model import load_causal_lm
 from distill.train.quantization import Quantization, check_quantization
 
@@ -63,6 +63,8 @@ class Teacher:
         check_quantization(self.quantization, owner)
         if self.quantization is not None and self.model is None:
             raise ValueError(f"{owner}: quantized loading needs the teacher's model (a saved checkpoint)")
+        if self.model is not None:
+            check_model_source(f"teacher {self.name or self.model}", self.model)
 
     @property
     def key(self) -> str:
