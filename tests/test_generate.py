@@ -77,51 +77,68 @@ def test_other_settings_or_a_foreign_file_are_refused(tmp_path, model_dir):
         run(model_dir, prompts, foreign)
 
 
-def test_the_model_is_known_by_its_weights_not_its_path(tmp_path, model_dir, monkeypatch):
-    """Issue 25 #7: ./model and model are one model; new weights saved over the same path are another."""
+def test_the_same_model_by_another_path_resumes(tmp_path, model_dir, monkeypatch):
+    """Issue 25 #7: the sidecar recorded the path string, so ./model and model were refused as two."""
     import shutil
-
-    from transformers import AutoModelForCausalLM
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(model_dir, "model")
     prompts, out = prompt_file(tmp_path, 2), tmp_path / "completions.jsonl"
     run("model", prompts, out)
     assert len(lines(run("./model", prompts, out))) == 4  # the same weights: resumed, nothing more
-    changed = AutoModelForCausalLM.from_pretrained("model")
-    with torch.no_grad():
-        changed.lm_head.weight.mul_(2)
-    changed.save_pretrained("model")
-    with pytest.raises(ValueError, match=r"other settings \(model differ"):
-        run("model", prompts, out)
 
 
-def test_a_model_that_is_not_there_is_named_and_a_failed_load_records_nothing(tmp_path, model_dir):
-    """Issue 25 #7: a directory without a model said "install sentencepiece or tiktoken", a missing path
-    "Repo id must be in the form" or "check your internet connection"; a failed load left the
-    .meta.json behind; the template hint named data.template."""
+def test_other_weights_saved_at_the_same_path_are_refused(tmp_path, model_dir):
+    """Issue 25 #7: weights changed in place resumed silently, mixing two models in one file."""
     import shutil
 
+    from transformers import AutoModelForCausalLM
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
     prompts, out = prompt_file(tmp_path, 2), tmp_path / "completions.jsonl"
+    run(model, prompts, out)
+    changed = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(2)
+    changed.save_pretrained(model)
+    with pytest.raises(ValueError, match=r"other settings \(model differ"):
+        run(model, prompts, out)
+
+
+@pytest.mark.parametrize(
+    ("where", "adapter", "error"),
+    [
+        ("empty", False, r"--model .*empty: the directory holds no model \(no config\.json\)"),
+        ("missing", False, r"--model .*missing: no such directory \(.*missing does not exist\)"),
+        ("empty", True, r"--adapter .*empty: the directory holds no adapter \(no adapter_config\.json\)"),
+    ],
+    ids=["model-dir-without-model", "missing-model-path", "adapter-dir-without-adapter"],
+)
+def test_a_model_that_is_not_there_is_named(tmp_path, model_dir, where, adapter, error):
+    """Issue 25 #7: a directory without a model said "install sentencepiece or tiktoken", a missing path
+    "Repo id must be in the form" (or "check your internet connection")."""
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"--model .*empty: the directory holds no model \(no config"):
-        run(tmp_path / "empty", prompts, out)
-    with pytest.raises(FileNotFoundError, match=r"--model .*missing: no such directory \(.* does not exist"):
-        run(tmp_path / "missing", prompts, out)
-    with pytest.raises(
-        FileNotFoundError, match=r"--adapter .*empty: the directory holds no adapter \(no adapter_c"
-    ):
-        run(model_dir, prompts, out, adapter=str(tmp_path / "empty"))
-    assert not out.exists() and not (tmp_path / "completions.jsonl.meta.json").exists()
+    model, options = (model_dir, {"adapter": str(tmp_path / where)}) if adapter else (tmp_path / where, {})
+    with pytest.raises(FileNotFoundError, match=error):
+        run(model, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl", **options)
+    assert not (tmp_path / "completions.jsonl.meta.json").exists()
+
+
+def test_a_failed_load_records_no_settings(tmp_path, model_dir):
+    """Issue 25 #7: the .meta.json was written before the model loaded, and stayed when the load failed."""
+    import shutil
 
     no_weights = shutil.copytree(model_dir, tmp_path / "no_weights")
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(OSError, match=r"model\.safetensors"):
-        run(no_weights, prompts, out)
+        run(no_weights, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl")
     assert not (tmp_path / "completions.jsonl.meta.json").exists()
 
-    with pytest.raises(ValueError, match=r"has no chat_template; pass --template with one of"):
-        run(model_dir, prompts, out, template=None)
+
+def test_a_tokenizer_without_a_chat_template_names_the_template_option(tmp_path, model_dir):
+    """Issue 25 #7: the hint named data.template, a fit's option; generate's is --template."""
+    with pytest.raises(ValueError, match=r"no chat_template; pass --template with one of \['alpaca'"):
+        run(model_dir, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl", template=None)
 
 
 def test_an_adapter_runs_its_base_models_code_only_when_the_user_asks(tmp_path, capsys):
