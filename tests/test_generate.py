@@ -108,17 +108,21 @@ def test_other_weights_saved_at_the_same_path_are_refused(tmp_path, model_dir):
 @pytest.mark.parametrize(
     ("where", "adapter", "error"),
     [
-        ("empty", False, r"--model .*empty: the directory holds no model \(no config\.json\)"),
-        ("missing", False, r"--model .*missing: no such directory \(.*missing does not exist\)"),
-        ("empty", True, r"--adapter .*empty: the directory holds no adapter \(no adapter_config\.json\)"),
+        ("empty", False, r"--model empty: the directory holds no model \(no config\.json\)"),
+        ("out/sft", False, r"--model out/sft: no such directory \(.*out/sft does not exist\)"),
+        ("/nowhere/sft", False, r"--model /nowhere/sft: no such directory \(/nowhere/sft does not exist\)"),
+        ("empty", True, r"--adapter empty: the directory holds no adapter \(no adapter_config\.json\)"),
     ],
-    ids=["model-dir-without-model", "missing-model-path", "adapter-dir-without-adapter"],
+    ids=["model-dir-without-model", "missing-relative-path", "missing-absolute-path", "adapter-without-one"],
 )
-def test_a_model_that_is_not_there_is_named(tmp_path, model_dir, where, adapter, error):
+def test_a_model_that_is_not_there_is_named(tmp_path, model_dir, monkeypatch, where, adapter, error):
     """Issue 25 #7: a directory without a model said "install sentencepiece or tiktoken", a missing path
-    "Repo id must be in the form" (or "check your internet connection")."""
+    "Repo id must be in the form" or "check your internet connection" (``out/sft`` is a valid hub id,
+    but ``out`` is a local directory)."""
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
-    model, options = (model_dir, {"adapter": str(tmp_path / where)}) if adapter else (tmp_path / where, {})
+    (tmp_path / "out").mkdir()
+    model, options = (model_dir, {"adapter": where}) if adapter else (where, {})
     with pytest.raises(FileNotFoundError, match=error):
         run(model, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl", **options)
     assert not (tmp_path / "completions.jsonl.meta.json").exists()
