@@ -69,6 +69,31 @@ def save_tiny_teacher(path: Path, hidden_size: int = 32) -> Path:
     return path
 
 
+def save_remote_code_adapter(path: Path) -> tuple[Path, Path]:
+    """A LoRA adapter (``path/adapter``) whose saved ``distill_config.yaml`` asks for
+    ``trust_remote_code: true``, on a tiny base (``path/base``) whose ``config.json`` maps
+    ``AutoModelForCausalLM`` to its own ``modeling_marker.py``. That module writes the returned marker
+    file when it is imported: the file exists once anything ran the base's code."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, marker = save_tiny_teacher(path / "base"), path / "remote-code-ran"
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_marker.MarkerForCausalLM"}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "modeling_marker.py").write_text(
+        "from pathlib import Path\n\nfrom transformers import LlamaForCausalLM\n\n"
+        f"Path({str(marker)!r}).write_text('ran')\n\n\nclass MarkerForCausalLM(LlamaForCausalLM):\n    pass\n"
+    )
+    model = AutoModelForCausalLM.from_pretrained(base)  # the built-in Llama: nothing of base's runs
+    adapter = path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(adapter)
+    saved = {"model": {"init_args": {"model": str(base), "model_kwargs": {"trust_remote_code": True}}}}
+    (adapter / "distill_config.yaml").write_text(yaml.safe_dump(saved))
+    assert not marker.exists()
+    return adapter, marker
+
+
 def write_config(tmp_path: Path, chat_file: Path, **data) -> Path:
     config = {
         "seed_everything": 3,

@@ -11,7 +11,7 @@ import yaml
 from distill.cli import main
 from distill.data.datamodule import DataModule
 from distill.rollout.generate import generate
-from tests.helpers import save_tiny_teacher, write_jsonl
+from tests.helpers import save_remote_code_adapter, save_tiny_teacher, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,10 @@ def test_a_rerun_skips_done_prompts_and_drops_a_line_cut_short(tmp_path, model_d
     run(model_dir, prompts, out)
     rows = lines(out)
     assert rows[:5] == whole[:5]  # nothing written before is lost or rewritten
-    counts = {}
-    for row in rows:
-        counts[row["id"]] = counts.get(row["id"], 0) + 1
-    assert counts == {0: 2, 1: 2, 2: 3, 3: 2, 4: 2}  # prompt 2 had one of two: it is generated again
-    assert len(lines(run(model_dir, prompts, out))) == 11  # all done: nothing more
+    # issue 25 #7: prompt 2 had one of two: its batch is generated again, and only its missing sample written
+    keys = [(row["id"], row["sample"]) for row in rows]
+    assert sorted(keys) == [(i, s) for i in range(5) for s in (0, 1)]
+    assert len(lines(run(model_dir, prompts, out))) == 10  # all done: nothing more
 
 
 def test_other_settings_or_a_foreign_file_are_refused(tmp_path, model_dir):
@@ -76,6 +75,86 @@ def test_other_settings_or_a_foreign_file_are_refused(tmp_path, model_dir):
     foreign = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(ValueError, match=r"sft\.jsonl:1: not a completion line"):
         run(model_dir, prompts, foreign)
+
+
+def test_the_same_model_by_another_path_resumes(tmp_path, model_dir, monkeypatch):
+    """Issue 25 #7: the sidecar recorded the path string, so ./model and model were refused as two."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model_dir, "model")
+    prompts, out = prompt_file(tmp_path, 2), tmp_path / "completions.jsonl"
+    run("model", prompts, out)
+    assert len(lines(run("./model", prompts, out))) == 4  # the same weights: resumed, nothing more
+
+
+def test_other_weights_saved_at_the_same_path_are_refused(tmp_path, model_dir):
+    """Issue 25 #7: weights changed in place resumed silently, mixing two models in one file."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    prompts, out = prompt_file(tmp_path, 2), tmp_path / "completions.jsonl"
+    run(model, prompts, out)
+    changed = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(2)
+    changed.save_pretrained(model)
+    with pytest.raises(ValueError, match=r"other settings \(model differ"):
+        run(model, prompts, out)
+
+
+@pytest.mark.parametrize(
+    ("where", "adapter", "error"),
+    [
+        ("empty", False, r"--model empty: the directory holds no model \(no config\.json\)"),
+        ("out/sft", False, r"--model out/sft: no such directory \(.*out/sft does not exist\)"),
+        ("/nowhere/sft", False, r"--model /nowhere/sft: no such directory \(/nowhere/sft does not exist\)"),
+        ("empty", True, r"--adapter empty: the directory holds no adapter \(no adapter_config\.json\)"),
+    ],
+    ids=["model-dir-without-model", "missing-relative-path", "missing-absolute-path", "adapter-without-one"],
+)
+def test_a_model_that_is_not_there_is_named(tmp_path, model_dir, monkeypatch, where, adapter, error):
+    """Issue 25 #7: a directory without a model said "install sentencepiece or tiktoken", a missing path
+    "Repo id must be in the form" or "check your internet connection" (``out/sft`` is a valid hub id,
+    but ``out`` is a local directory)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").mkdir()
+    model, options = (model_dir, {"adapter": where}) if adapter else (where, {})
+    with pytest.raises(FileNotFoundError, match=error):
+        run(model, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl", **options)
+    assert not (tmp_path / "completions.jsonl.meta.json").exists()
+
+
+def test_a_failed_load_records_no_settings(tmp_path, model_dir):
+    """Issue 25 #7: the .meta.json was written before the model loaded, and stayed when the load failed."""
+    import shutil
+
+    no_weights = shutil.copytree(model_dir, tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        run(no_weights, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl")
+    assert not (tmp_path / "completions.jsonl.meta.json").exists()
+
+
+def test_a_tokenizer_without_a_chat_template_names_the_template_option(tmp_path, model_dir):
+    """Issue 25 #7: the hint named data.template, a fit's option; generate's is --template."""
+    with pytest.raises(ValueError, match=r"no chat_template; pass --template with one of \['alpaca'"):
+        run(model_dir, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl", template=None)
+
+
+def test_an_adapter_runs_its_base_models_code_only_when_the_user_asks(tmp_path, capsys):
+    """Issue 25 #1: the adapter's saved distill_config.yaml asked for trust_remote_code, and generating
+    with it ran the base's modeling_*.py."""
+    adapter, marker = save_remote_code_adapter(tmp_path)
+    prompts = prompt_file(tmp_path, 1)
+    run(tmp_path / "base", prompts, tmp_path / "a.jsonl", adapter=str(adapter))
+    assert not marker.exists()
+    assert "asks for trust_remote_code: true; not applied" in capsys.readouterr().err
+    run(tmp_path / "base", prompts, tmp_path / "b.jsonl", adapter=str(adapter), trust_remote_code=True)
+    assert marker.read_text() == "ran"
 
 
 def test_the_command_reads_a_config_and_overrides(tmp_path, model_dir):

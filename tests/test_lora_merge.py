@@ -5,7 +5,7 @@ import yaml
 
 from distill.cli import main
 from distill.train.merge import merge_adapter
-from tests.helpers import write_config
+from tests.helpers import save_remote_code_adapter, write_config
 
 
 def test_lora_fit_export_and_merge(tmp_path, chat_file):
@@ -74,6 +74,22 @@ def test_merge_command_line(tmp_path, chat_file):
     assert merge_adapter(tmp_path / "hf", tmp_path / "again").config._attn_implementation == "eager"
     plain = merge_adapter(tmp_path / "hf", tmp_path / "again", model_kwargs={"attn_implementation": "sdpa"})
     assert plain.config._attn_implementation == "sdpa"
+
+
+def test_merge_never_runs_a_base_models_code_because_the_adapter_folder_asks(tmp_path, capsys):
+    """Issue 25 #1: the adapter's saved distill_config.yaml asked for trust_remote_code, and merging ran
+    the base's modeling_*.py; only the user's own --model_kwargs turns it on."""
+    adapter, marker = save_remote_code_adapter(tmp_path)
+    main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")])
+    assert not marker.exists()
+    note = capsys.readouterr().err
+    assert f"{adapter / 'distill_config.yaml'} asks for trust_remote_code: true; not applied" in note
+    assert """pass --model_kwargs '{"trust_remote_code": true}'""" in note
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+    trusted = ["--model_kwargs", '{"trust_remote_code": true}']
+    main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "trusted"), *trusted])
+    assert marker.read_text() == "ran"
 
 
 def test_a_saved_adapter_goes_on_training(tmp_path, teacher_dir):

@@ -794,6 +794,20 @@ def test_every_rank_ends_with_the_failing_ranks_message(tmp_path):
     assert "error: rank 1: stage a failed on rank 1 (exit 3)" in rank0, rank0[-2000:]
 
 
+def test_a_stage_merges_with_the_pipelines_own_model_kwargs(tmp_path, monkeypatch):
+    """Issue 25 #1: merge takes no trust_remote_code from the adapter folder's saved config any more, so a
+    stage that asks for it in the pipeline's (the user's) config passes it to merge itself."""
+    from distill.pipeline import runner
+
+    commands = []
+    monkeypatch.setattr(runner, "run_child", lambda command: commands.append(command) or 0)
+    stage = fake_stage(tmp_path / "out", lora=True)
+    stage.config["model"]["init_args"]["model_kwargs"] = {"trust_remote_code": True}
+    runner.merge(stage)
+    ((*_, option, value),) = commands
+    assert option == "--model_kwargs" and json.loads(value) == {"trust_remote_code": True}
+
+
 def test_a_failure_outside_the_fit_is_marked_for_the_other_ranks(tmp_path, monkeypatch):
     from distill.pipeline import runner
 

@@ -310,9 +310,12 @@ def stage_env(index: int) -> dict[str, str]:
 
 
 def merge(stage: Stage) -> None:
-    """Fold the stage's adapter into its base, in its own process (as the fit, its memory freed after)."""
+    """Fold the stage's adapter into its base, in its own process (as the fit, its memory freed after),
+    loaded with the pipeline's own ``model_kwargs``: merge never takes ``trust_remote_code`` from the
+    adapter folder's saved config."""
+    model_kwargs = stage.config["model"]["init_args"].get("model_kwargs") or {}
     command = [sys.executable, "-m", "distill", "merge", "--adapter", str(stage.export), "--output"]
-    command.append(str(stage.merged))
+    command += [str(stage.merged), "--model_kwargs", json.dumps(model_kwargs)]
     shutil.rmtree(stage.merged, ignore_errors=True)
     if run_child(command) != 0:
         raise PipelineError(f"stage {stage.name}: merging {stage.export} failed (the error is above)")

@@ -13,10 +13,16 @@ recorded with the output say what was sampled and a sequence-level distillation 
 the model's own distribution. Set ``--temperature``, ``--top_p`` and ``--top_k`` to the checkpoint's
 recommended values to sample as its card says (a repetition penalty has no option).
 
-The run is resumable: lines are appended batch by batch and flushed to disk, and a rerun skips the
-prompts whose completions are all there (by the prompt's SHA). It first drops a last line cut short by
-a crash. The settings are in ``<output>.meta.json``, and a rerun with other settings is refused rather
-than mixing two runs' completions in one file.
+The run is resumable: lines are appended batch by batch and flushed to disk, and a rerun writes only
+the (prompt SHA, sample) pairs the file lacks, so each is there once however the last run was cut short.
+It first drops a last line cut short by a crash. The settings are in ``<output>.meta.json``, the model
+and adapter by their weights' identity (a SHA-256 of their files, as the teacher cache keys them; a hub
+revision), so a rerun with other settings or other weights at the same path is refused rather than
+mixing two runs' completions in one file. They are recorded once the model has loaded.
+
+An adapter's saved ``distill_config.yaml`` gives its base's ``from_pretrained`` arguments (``revision``,
+``attn_implementation``) but never ``trust_remote_code``: only ``--trust_remote_code true`` (or the
+user's own ``--config``) runs a model's own code.
 
     python -m distill generate --model out/sft --prompts prompts.jsonl --output completions.jsonl
     python -m distill generate --config generate.yaml --temperature 0.7
@@ -33,10 +39,12 @@ import torch
 from jsonargparse import auto_cli
 
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
+from distill.data.templates import BUILTIN_TEMPLATES, TemplateError
 from distill.progress import Progress
 from distill.rollout.completions import trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
-from distill.train.merge import tokenizer_source
+from distill.teacher.identity import model_identity
+from distill.train.merge import tokenizer_source, trained_model_kwargs
 
 
 def generate(
@@ -55,6 +63,7 @@ def generate(
     max_prompt_length: int = 2048,
     seed: int = 0,
     dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write ``num_samples`` completions of every prompt to ``output`` (JSONL, messages format).
 
@@ -80,44 +89,57 @@ def generate(
         max_prompt_length: Longer prompts are skipped and counted.
         seed: Seed of the sampling (with each batch's prompts).
         dtype: Weight dtype (``auto``: the checkpoint's; ``float32``, ``bfloat16``, ...).
+        trust_remote_code: Run the model's own code (its ``config.json``'s ``auto_map``). Only this
+            option turns it on, never an adapter's saved config.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be at least 1, got {num_samples}, {batch_size}")
     check_dtype(dtype)
+    check_model_source("--model", model, "config.json", "model")
+    if adapter is not None:
+        check_model_source("--adapter", adapter, "adapter_config.json", "adapter")
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+    tokenizer = tokenizer or (str(tokenizer_source(Path(adapter), model)) if adapter else model)
     data = PromptDataModule(
         prompts,
-        tokenizer=tokenizer or (str(tokenizer_source(Path(adapter), model)) if adapter else model),
+        tokenizer=tokenizer,
         template=template,
         max_prompt_length=max_prompt_length,
         batch_size=batch_size,
     )
+    if template is None and not data.tokenizer.chat_template:
+        raise TemplateError(
+            f"the tokenizer {tokenizer} has no chat_template; pass --template with one of "
+            f"{sorted(BUILTIN_TEMPLATES)} or a Jinja template"
+        )
     data.setup("predict")
     output_path = Path(output)
     settings = {
-        "model": model,
-        "adapter": adapter,
+        "model": model_identity(model),
+        "adapter": None if adapter is None else model_identity(adapter),
+        "trust_remote_code": trust_remote_code,
         "template": data.resolve_chat_template().name,
         "num_samples": num_samples,
         "sampling": asdict(sampling),
         "seed": seed,
     }
-    check_settings(output_path, settings)
+    refuse_other_settings(output_path, settings)
     done = completed_prompts(output_path, num_samples)
     pending = [p for p in data.train if p.sha not in done]
     print(
         f"[distill] generate: {len(data.train)} prompts, {len(data.train) - len(pending)} already in "
         f"{output_path}, {len(pending)} to go, {num_samples} completion(s) each"
     )
-    policy = load_model(model, adapter, dtype)
+    policy = load_model(model, adapter, dtype, trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy.to(device).eval()
+    record_settings(output_path, settings)  # only now: a load that fails leaves nothing behind
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with Progress(len(pending), "generating", "prompts") as bar:
-        write_completions(
+        written = write_completions(
             output_path, policy, data, pending, sampling, num_samples, batch_size, (seed, "generate"), bar
         )
-    print(f"[distill] generate: wrote {len(pending) * num_samples} completions to {output_path}")
+    print(f"[distill] generate: wrote {written} completions to {output_path}")
     return output_path
 
 
@@ -133,16 +155,20 @@ def write_completions(
     progress: Progress | None = None,
     engine: Engine | None = None,
     synced: bool = False,
-) -> None:
-    """Append ``num_samples`` completions of each of ``prompts`` to ``path``, batch by batch, each batch
-    flushed to disk (a crash loses at most the batch being generated). Batches are seeded by ``seed``
-    and their prompts' SHAs.
+) -> int:
+    """Append the completions of ``prompts`` (``num_samples`` each) that ``path`` lacks, batch by batch,
+    each batch flushed to disk (a crash loses at most the batch being generated); returns how many were
+    written. A (prompt SHA, sample) already in the file (a batch a kill cut short wrote part of) is
+    generated with its batch but not written again. Batches are seeded by ``seed`` and their prompts'
+    SHAs.
 
     ``synced`` (sharded weights): every rank must call this at once, and every rank then makes as many
     generate calls as the rank with the most batches; a rank with fewer (its file nearly complete after
     a kill, or nothing left) steps through idle ones, whose completions are dropped.
     """
     engine = engine or TransformersEngine()
+    present = set(read_completions(path)) if path.exists() else set()
+    written = 0
     stop_ids, pad_id = data.generation_stop_ids, data.pad_id
     device = next(policy.parameters()).device
     batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
@@ -165,10 +191,13 @@ def write_completions(
             texts = data.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
             stopped = completions.stopped.tolist()
             for row, text in enumerate(texts):
-                line = completion_line(
-                    chunk[row // num_samples], text.strip(), row % num_samples, stopped[row]
-                )
+                prompt, sample = chunk[row // num_samples], row % num_samples
+                if (prompt.sha, sample) in present:
+                    continue
+                line = completion_line(prompt, text.strip(), sample, stopped[row])
                 file.write(json.dumps(line, ensure_ascii=False) + "\n")
+                present.add((prompt.sha, sample))  # a prompt listed twice is written once
+                written += 1
             file.flush()
             os.fsync(file.fileno())
             if progress is not None:
@@ -178,6 +207,7 @@ def write_completions(
         one = torch.full((1, 1), pad_id, device=device)
         engine(policy, one, torch.ones_like(one), num_samples=1, sampling=sampling, stop_ids=stop_ids,
                pad_id=pad_id, seed=0, synced=True)  # fmt: skip
+    return written
 
 
 def agreed_calls(calls: int, device: torch.device) -> int:
@@ -236,7 +266,17 @@ def read_completions(path: Path) -> dict[tuple[str, int], tuple[dict, int]]:
 
 def check_settings(output: Path, settings: dict) -> None:
     """Record the run's settings beside ``output``, or refuse to resume a file written with others."""
-    meta = output.with_name(output.name + ".meta.json")
+    refuse_other_settings(output, settings)
+    record_settings(output, settings)
+
+
+def _meta_path(output: Path) -> Path:
+    return output.with_name(output.name + ".meta.json")
+
+
+def refuse_other_settings(output: Path, settings: dict) -> None:
+    """Refuse to resume ``output`` if the settings recorded beside it are not ``settings``."""
+    meta = _meta_path(output)
     if output.exists() and meta.exists():
         before = json.loads(meta.read_text())
         if before != settings:
@@ -245,21 +285,55 @@ def check_settings(output: Path, settings: dict) -> None:
                 f"{output} was written with other settings ({', '.join(changed)} differ, see {meta}): "
                 "write to another output, or delete both files to start again"
             )
+
+
+def record_settings(output: Path, settings: dict) -> None:
+    """Write ``settings`` beside ``output``, unless they are there (``refuse_other_settings`` checked
+    that those are the same)."""
+    meta = _meta_path(output)
+    if output.exists() and meta.exists():
         return
     meta.parent.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def load_model(model: str, adapter: str | None, dtype: str) -> torch.nn.Module:
-    """``model`` (with ``adapter`` on it) with weights of ``dtype`` (``check_dtype``'s)."""
+def check_model_source(option: str, name_or_path: str, config_file: str, what: str) -> None:
+    """A local directory must hold a ``what`` (its ``config_file``), and a path that does not exist is
+    named as such rather than looked up on the hub. A name that can be a hub id (``name``,
+    ``owner/name``, its first part no local directory) is left to the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / config_file).is_file():
+            raise FileNotFoundError(
+                f"{option} {name_or_path}: the directory holds no {what} (no {config_file}); pass the "
+                f"directory a fit exported (its HFExport dirpath) or a hub {what} name"
+            )
+        return
+    parts = name_or_path.split("/")
+    local = path.is_absolute() or name_or_path.startswith((".", "~")) or len(parts) > 2
+    if path.exists() or local or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        raise FileNotFoundError(
+            f"{option} {name_or_path}: no such directory ({path.resolve()} "
+            f"{'is a file' if path.exists() else 'does not exist'}); pass a {what}'s directory or a hub "
+            f"{what} name"
+        )
+
+
+def load_model(
+    model: str, adapter: str | None, dtype: str, trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """``model`` (with ``adapter`` on it) with weights of ``dtype`` (``check_dtype``'s). The model's own
+    code runs only with ``trust_remote_code``, whatever the adapter's saved config says."""
     from transformers import AutoModelForCausalLM
 
+    trusted = {"trust_remote_code": True} if trust_remote_code else {}
     if adapter is not None:
         from distill.train.merge import load_adapter
 
-        return load_adapter(adapter, base=model, dtype=dtype)
+        options = {**trained_model_kwargs(Path(adapter), opt_in="--trust_remote_code true"), **trusted}
+        return load_adapter(adapter, base=model, model_kwargs=options, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(
-        model, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+        model, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **trusted
     )
 
 

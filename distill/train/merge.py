@@ -6,13 +6,16 @@ loaded unquantized, in the base's own dtype, as MedicalGPT's merge does: folded 
 the adapter's small update would be rounded away. A base saved quantized is refused.
 
 The base loads with the ``from_pretrained`` arguments the adapter was trained with (``model.model_kwargs``
-in the ``distill_config.yaml`` saved beside it: ``revision``, ``trust_remote_code``), or ``--model_kwargs``.
+in the ``distill_config.yaml`` saved beside it: ``revision``, ``attn_implementation``), or ``--model_kwargs``.
+That saved config never turns on ``trust_remote_code``: an adapter folder may come from anyone, and the
+option runs the base's own Python code. Only ``--model_kwargs '{"trust_remote_code": true}'`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -111,13 +114,25 @@ def check_unquantized(base: str, model_kwargs: dict | None = None) -> None:
     )
 
 
-def trained_model_kwargs(adapter_dir: Path) -> dict:
-    """The ``model.model_kwargs`` of the fit that trained ``adapter_dir`` (none without its saved config)."""
-    path = adapter_dir / "distill_config.yaml"
+MERGE_OPT_IN = """--model_kwargs '{"trust_remote_code": true}'"""
+
+
+def trained_model_kwargs(adapter_dir: Path, opt_in: str = MERGE_OPT_IN) -> dict:
+    """The ``model.model_kwargs`` of the fit that trained ``adapter_dir`` (none without its saved config),
+    less ``trust_remote_code``: a folder's saved config never runs a model's code, only the user's own
+    option does (``opt_in``, named in the note printed when the saved config asks for it)."""
+    path = Path(adapter_dir) / "distill_config.yaml"
     if not path.exists():
         return {}
     model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-    return dict((model.get("init_args") or model).get("model_kwargs") or {})
+    options = dict((model.get("init_args") or model).get("model_kwargs") or {})
+    if options.pop("trust_remote_code", False):
+        print(
+            f"[distill] {path} asks for trust_remote_code: true; not applied, since a saved config never "
+            f"runs a model's own code. If you trust the base model's code, pass {opt_in}",
+            file=sys.stderr,
+        )
+    return options
 
 
 def tokenizer_source(adapter_dir: Path, base: str) -> str | Path:
@@ -134,7 +149,8 @@ def main(argv: list[str]) -> None:
         "--model_kwargs",
         type=json.loads,
         default=None,
-        help="the base's from_pretrained arguments as JSON (default: the fit's model.model_kwargs)",
+        help="the base's from_pretrained arguments as JSON (default: the fit's model.model_kwargs, less "
+        "trust_remote_code, which only this option turns on)",
     )
     args = parser.parse_args(argv)
     try:
