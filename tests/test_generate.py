@@ -123,7 +123,7 @@ def test_a_model_that_is_not_there_is_named(tmp_path, model_dir, monkeypatch, wh
     (tmp_path / "empty").mkdir()
     (tmp_path / "out").mkdir()
     model, options = (model_dir, {"adapter": where}) if adapter else (where, {})
-    with pytest.raises(FileNotFoundError, match=error):
+    with pytest.raises(ValueError, match=error):
         run(model, prompt_file(tmp_path, 2), tmp_path / "completions.jsonl", **options)
     assert not (tmp_path / "completions.jsonl.meta.json").exists()
 

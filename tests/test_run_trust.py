@@ -286,7 +286,7 @@ def test_norms_and_biases_are_not_decayed_and_matrices_are(model_type):
         (
             "--data.init_args.teachers",
             json.dumps([{"model": "/no/such/teacher", "name": "t1"}]),
-            ["teacher t1: /no/such/teacher does not exist"],
+            ["teacher t1: /no/such/teacher: no such directory (/no/such/teacher does not exist)"],
         ),
     ],
     ids=["loss", "alpha", "cache_size_gb", "chunk_size", "missing_teacher"],

@@ -43,7 +43,7 @@ from distill.data.templates import BUILTIN_TEMPLATES, TemplateError
 from distill.progress import Progress
 from distill.rollout.completions import trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
-from distill.teacher.identity import model_identity
+from distill.teacher.identity import check_model_source, model_identity
 from distill.train.merge import tokenizer_source, trained_model_kwargs
 
 
@@ -295,28 +295,6 @@ def record_settings(output: Path, settings: dict) -> None:
         return
     meta.parent.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def check_model_source(option: str, name_or_path: str, config_file: str, what: str) -> None:
-    """A local directory must hold a ``what`` (its ``config_file``), and a path that does not exist is
-    named as such rather than looked up on the hub. A name that can be a hub id (``name``,
-    ``owner/name``, its first part no local directory) is left to the hub."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / config_file).is_file():
-            raise FileNotFoundError(
-                f"{option} {name_or_path}: the directory holds no {what} (no {config_file}); pass the "
-                f"directory a fit exported (its HFExport dirpath) or a hub {what} name"
-            )
-        return
-    parts = name_or_path.split("/")
-    local = path.is_absolute() or name_or_path.startswith((".", "~")) or len(parts) > 2
-    if path.exists() or local or (len(parts) == 2 and Path(parts[0]).is_dir()):
-        raise FileNotFoundError(
-            f"{option} {name_or_path}: no such directory ({path.resolve()} "
-            f"{'is a file' if path.exists() else 'does not exist'}); pass a {what}'s directory or a hub "
-            f"{what} name"
-        )
 
 
 def load_model(

@@ -36,21 +36,36 @@ def model_identity(name_or_path: str | None, config: dict | None = None) -> dict
     return {"weights_sha": weights_digest(path)[:16]}
 
 
-def check_model_source(owner: str, name_or_path: str) -> None:
-    """A model name that can only be a local path (absolute, ``./``, ``~``, more than one ``/``) must
-    exist: transformers would otherwise send it to the hub, which answers "Repo id must be in the form
-    'repo_name' or 'namespace/repo_name'"."""
+def check_model_source(
+    owner: str, name_or_path: str, config_file: str = "config.json", what: str = "model"
+) -> None:
+    """A local directory must hold a ``what`` (its ``config_file``), and a name that can only be a local
+    path must exist: transformers would otherwise send it to the hub, which answers "Repo id must be in
+    the form ...", "couldn't connect" or "install sentencepiece". A local path is what the hub's own
+    rule refuses as a repo id (absolute, ``./``, ``~``, more than one ``/``) or ``dir/name`` whose
+    ``dir`` is a local directory; any other name is left to the hub."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if Path(name_or_path).exists():
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / config_file).is_file():
+            raise ValueError(
+                f"{owner} {name_or_path}: the directory holds no {what} (no {config_file}); give the "
+                f"directory a fit exported (its HFExport dirpath) or a hub {what} name"
+            )
         return
     try:
         validate_repo_id(name_or_path)
+        local = Path(name_or_path.split("/")[0]).is_dir() and "/" in name_or_path
     except HFValidationError:
+        local = True
+    if path.exists() or local:
+        state = "is a file" if path.exists() else "does not exist"
         raise ValueError(
-            f"{owner}: {name_or_path} does not exist (a local path; a hub name is 'name' or 'namespace/name')"
-        ) from None
+            f"{owner} {name_or_path}: no such directory ({path.resolve()} {state}); give a {what}'s "
+            f"directory or a hub {what} name ('name' or 'namespace/name')"
+        )
 
 
 def weights_digest(directory: Path) -> str:

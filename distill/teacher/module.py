@@ -64,7 +64,7 @@ class Teacher:
         if self.quantization is not None and self.model is None:
             raise ValueError(f"{owner}: quantized loading needs the teacher's model (a saved checkpoint)")
         if self.model is not None:
-            check_model_source(f"teacher {self.name or self.model}", self.model)
+            check_model_source(f"teacher {self.name}:" if self.name else "teacher", self.model)
 
     @property
     def key(self) -> str:
