@@ -436,7 +436,7 @@ def damage_store(directory, damage: str) -> str:
     part = directory / "part-1-of-2.npz"
     if damage == "flipped":
         data = bytearray(part.read_bytes())
-        data[len(data) // 2] ^= 0xFF  # inside the values array
+        data[len(data) // 2] ^= 0xFF  # inside an array's bytes
         part.write_bytes(bytes(data))
     elif damage == "truncated":
         part.write_bytes(part.read_bytes()[:-50])
