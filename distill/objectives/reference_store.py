@@ -92,9 +92,10 @@ class ReferenceStore:
         waits for all of them."""
         if rank == 0:
             for problem in self.repair():
+                then = "rewritten" if problem.path == self._meta_path else "its log-probs are computed again"
                 warnings.warn(
                     f"[distill] precomputed reference store {self.directory}: {problem.path.name} "
-                    f"{problem.problem}: deleted, its log-probs are computed again",
+                    f"{problem.problem}: deleted, {then}",
                     stacklevel=2,
                 )
         barrier("reference_store_checked")
