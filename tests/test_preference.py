@@ -294,7 +294,7 @@ def test_a_killed_dpo_fit_resumes_exactly(tmp_path, policy_dir):
 
 
 def test_the_precomputed_reference_equals_the_online_one_and_follows_the_reference(
-    tmp_path, policy_dir, caplog
+    tmp_path, policy_dir, caplog, capsys
 ):
     config = preference_config(tmp_path, policy_dir, {"class_path": "distill.objectives.Preference"}, n=8)
     store = tmp_path / "reference"
@@ -304,6 +304,8 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     with caplog.at_level(logging.INFO):
         cli = run_cli(["fit", *args])
     assert caplog.text.count("reference log-probs of 12 units") == 1  # 8 train + 4 val pairs, once
+    # progress as collection prints it (not on a terminal: a line every 30 s and one at the end)
+    assert "[distill] precomputing reference log-probs: 12/12 units (100%)" in capsys.readouterr().err
     student, objective = cli.model, cli.model.objective
     assert not objective.reference.frozen  # the reference was freed once its log-probs were stored
     assert objective.extra_forwards == 0
@@ -322,6 +324,16 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     with caplog.at_level(logging.INFO):  # a second run maps the store
         run_cli(["fit", *args])
     assert "reference log-probs of" not in caplog.text
+    # a damaged store: the rerun names it, computes it again and trains on the same values
+    (part,) = entry.glob("part-*.npz")
+    part.write_bytes(part.read_bytes()[:-100])
+    caplog.clear()
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match=rf"{entry}: {part.name} cannot be"):
+        healed = run_cli(["fit", *args])
+    assert caplog.text.count("reference log-probs of 12 units") == 1
+    assert_close(
+        healed.model.objective.reference.stored_logps(batch), objective.reference.stored_logps(batch)
+    )
     # another reference (its weights changed) is another store, computed afresh
     moved = tmp_path / "moved"
     model = AutoModelForCausalLM.from_pretrained(policy_dir)
@@ -417,6 +429,87 @@ def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
     assert len(one) == 12 and sorted(one) == sorted(two)  # 8 training and 4 held-out pairs, each once
     for sha, values in one.items():
         assert values == pytest.approx(two[sha], abs=1e-5)
+
+
+def damage_store(directory, damage: str) -> str:
+    """Damage one file of a complete two-part reference store; the name of the file damaged."""
+    part = directory / "part-1-of-2.npz"
+    if damage == "flipped":
+        data = bytearray(part.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # inside an array's bytes
+        part.write_bytes(bytes(data))
+    elif damage == "truncated":
+        part.write_bytes(part.read_bytes()[:-50])
+    elif damage == "deleted":
+        part.unlink()
+    else:
+        (directory / "meta.json").write_text('{"inputs": {"reference": "x"}, "parts": 2')  # cut short
+        return "meta.json"
+    return part.name
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "garbage meta", "deleted"])
+def test_a_damaged_reference_store_is_named_and_a_rerun_recomputes_exactly_what_is_bad(tmp_path, damage):
+    import threading
+
+    import numpy as np
+
+    from distill.objectives.reference_store import ReferenceStore
+
+    rng = np.random.default_rng(0)
+    shas = [[f"{rank}{i}".ljust(64, "a") for i in range(50)] for rank in range(2)]
+    values = [rng.normal(size=(50, 2)) for _ in range(2)]
+    store = ReferenceStore(tmp_path, {"reference": "x"})
+    for rank in range(2):
+        store.write_part(rank, 2, shas[rank], values[rank])
+    store.finish(2)
+    expected = store.load()
+    good = (store.directory / "part-0-of-2.npz").read_bytes()
+    name = damage_store(store.directory, damage)
+    with pytest.raises(
+        RuntimeError, match=rf"corrupt precomputed reference store {store.directory}: {name} "
+    ):
+        store.load()
+
+    # two ranks as two threads; they load one after the other (CPython 3.11 can fail parsing two npy
+    # headers at once in one process: "AST constructor recursion depth mismatch")
+    computed, barrier, rank_0_done = [], threading.Barrier(2), threading.Event()
+
+    def rank_run(rank: int, results: dict) -> None:
+        def compute():
+            computed.append(rank)
+            return shas[rank], values[rank]
+
+        def wait(name: str) -> None:
+            barrier.wait(timeout=30)
+            if rank == 1 and name == "reference_store_done":
+                rank_0_done.wait(timeout=30)
+
+        try:
+            results[rank] = store.fill(rank, 2, compute, wait)
+        except Exception as error:
+            results[rank] = error
+        finally:
+            if rank == 0:
+                rank_0_done.set()
+
+    results: dict = {}
+    with pytest.warns(
+        UserWarning,
+        match=rf"{store.directory}: {name} .*: deleted, (rewritten|its log-probs are computed again)",
+    ):
+        threads = [threading.Thread(target=rank_run, args=(rank, results)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert computed == ([] if name == "meta.json" else [1])  # the good part is kept, not computed again
+    assert (store.directory / "part-0-of-2.npz").read_bytes() == good
+    for rank in range(2):
+        assert isinstance(results[rank], dict), results[rank]
+        assert results[rank].keys() == expected.keys()
+        assert all((results[rank][sha] == expected[sha]).all() for sha in expected)
+    assert store.repair() == []  # healed: the next run finds nothing to do
 
 
 def test_reward_model_freezes_an_untied_lm_head(tmp_path):

@@ -124,13 +124,20 @@ class PreferenceDataModule(DataModule):
         the files, the tokenizer, the template and the truncation)."""
         return sorted(samples.directory.parent.name for samples in self.tokenized_splits().values())
 
+    def unit_count(self, rank: int, world_size: int) -> int:
+        """How many units ``unit_batches(rank, world_size)`` yields."""
+        return len(self._units(rank, world_size))
+
     def unit_batches(self, rank: int, world_size: int) -> Iterator[dict]:
         """Rank ``rank``'s share of every training and validation unit, once each, in unpacked batches
         of ``eval_batch_size`` units (read batch by batch)."""
-        units = [(split, i) for split in (self.train, self.val) for i in range(len(split))][rank::world_size]
+        units = self._units(rank, world_size)
         collate = UnitCollator(self.pad_id, packed=False)
         for start in range(0, len(units), self.eval_batch_size):
             yield collate([split[i] for split, i in units[start : start + self.eval_batch_size]])
+
+    def _units(self, rank: int, world_size: int) -> list[tuple[Sequence, int]]:
+        return [(split, i) for split in (self.train, self.val) for i in range(len(split))][rank::world_size]
 
     def predict_dataloader(self) -> list[DataLoader]:
         """Every unit once, unpacked (packing is for training rows)."""

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from distill.objectives.base import LossInputs, loss_inputs, sequence_log_probs, token_log_probs
 from distill.objectives.reference_store import ReferenceStore
+from distill.progress import Progress
 from distill.train.quantization import Quantization, check_quantization
 from distill.train.sharding import sharded
 
@@ -114,29 +115,31 @@ class Reference:
 
     def precompute(self, student: StudentModule) -> dict[str, np.ndarray]:
         """The reference's log-probs of every unit of the training and validation data, from the store,
-        computed (this rank's share; the reference loaded, then freed) where the store lacks them."""
+        computed (this rank's share; the reference loaded, then freed) where the store lacks them or
+        holds them damaged."""
         trainer, data = student.trainer, student.trainer.datamodule
         store = ReferenceStore(self.cache, self.store_identity(data.identity()))
         rank, world = trainer.global_rank, trainer.world_size
-        if not store.complete and not store.has_part(rank, world):
+
+        def compute() -> tuple[list[str], np.ndarray]:
             device = student.device
             model = self.frozen_model(device)
             shas, values = [], []
-            for batch in data.unit_batches(rank, world):
-                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                logps = sequence_logps(model, batch, self.chunk_size).double()
-                shas += batch["sequence_sha"][:: batch["unit_size"]]
-                values.append(logps.reshape(-1, batch["unit_size"]).cpu().numpy())
+            total = data.unit_count(rank, world)
+            with Progress(total, "precomputing reference log-probs", "units", enabled=rank == 0) as progress:
+                for batch in data.unit_batches(rank, world):
+                    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                    logps = sequence_logps(model, batch, self.chunk_size).double()
+                    shas += batch["sequence_sha"][:: batch["unit_size"]]
+                    values.append(logps.reshape(-1, batch["unit_size"]).cpu().numpy())
+                    progress.update(len(values[-1]))
             self.frozen.clear()  # freed: training needs no reference model from here on
-            store.write_part(rank, world, shas, np.concatenate(values) if values else np.zeros((0, 2)))
             rank_zero_info(
-                f"[distill] reference log-probs of {len(shas):,} units stored in {store.directory}"
+                f"[distill] reference log-probs of {len(shas):,} units computed for {store.directory}"
             )
-        trainer.strategy.barrier("reference_store")
-        if rank == 0 and not store.complete:
-            store.finish(world)
-        trainer.strategy.barrier("reference_store_done")
-        return store.load()
+            return shas, np.concatenate(values) if values else np.zeros((0, 2))
+
+        return store.fill(rank, world, compute, trainer.strategy.barrier)
 
     def store_identity(self, data: list[str]) -> dict:
         """What the precomputed log-probs of ``data`` (its tokenized-cache entries) are a function of."""
