@@ -37,19 +37,19 @@ def model_identity(name_or_path: str | None, config: dict | None = None) -> dict
 
 
 def check_model_source(
-    owner: str, name_or_path: str, config_file: str = "config.json", what: str = "model"
+    owner: str, name_or_path: str, config_file: str | None = "config.json", what: str = "model"
 ) -> None:
-    """A local directory must hold a ``what`` (its ``config_file``), and a name that can only be a local
-    path must exist: transformers would otherwise send it to the hub, which answers "Repo id must be in
-    the form ...", "couldn't connect" or "install sentencepiece". A local path is what the hub's own
-    rule refuses as a repo id (absolute, ``./``, ``~``, more than one ``/``) or ``dir/name`` whose
-    ``dir`` is a local directory; any other name is left to the hub."""
+    """A local directory must hold a ``what`` (its ``config_file``; None: anything), and a name that can
+    only be a local path must exist: transformers would otherwise send it to the hub, which answers "Repo
+    id must be in the form ...", "couldn't connect" or "install sentencepiece". A local path is what the
+    hub's own rule refuses as a repo id (absolute, ``./``, ``~``, more than one ``/``) or ``dir/name``
+    whose ``dir`` is a local directory; any other name is left to the hub."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / config_file).is_file():
+        if config_file is not None and not (path / config_file).is_file():
             raise ValueError(
                 f"{owner} {name_or_path}: the directory holds no {what} (no {config_file}); give the "
                 f"directory a fit exported (its HFExport dirpath) or a hub {what} name"

@@ -64,7 +64,9 @@ class Teacher:
         if self.quantization is not None and self.model is None:
             raise ValueError(f"{owner}: quantized loading needs the teacher's model (a saved checkpoint)")
         if self.model is not None:
-            check_model_source(f"teacher {self.name}:" if self.name else "teacher", self.model)
+            # that it exists: what it holds is the loader's to say (a template's tokenizer may be all)
+            owner = f"teacher {self.name}:" if self.name else "teacher"
+            check_model_source(owner, self.model, config_file=None)
 
     @property
     def key(self) -> str:
