@@ -16,6 +16,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
@@ -266,13 +267,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m distill ARGS`` in its own process, forked from a server that has imported distill
-    once: the same fresh process, without the ~6 s of imports each launch would pay. The fit runs
-    under ``runpy`` as ``python -m distill`` does, so Lightning launches further ranks the same way."""
+    """``python -m distill ARGS`` run to its end (``start``), with its exit status and output."""
     with tempfile.TemporaryDirectory() as logs:
         out, err = Path(logs) / "stdout", Path(logs) / "stderr"
-        process = _FORKS.Process(target=_distill_main, args=(args, env, str(out), str(err)))
-        process.start()
+        process = start(args, env, out, err)
         process.join(timeout=600)
         if process.exitcode is None:
             process.kill()
@@ -283,6 +281,15 @@ def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def start(args: list[str], env: dict[str, str], stdout: Path | str, stderr: Path | str) -> BaseProcess:
+    """``python -m distill ARGS`` started in its own process, forked from a server that has imported
+    distill once: the same fresh process, without the ~6 s of imports each launch would pay. The fit runs
+    under ``runpy`` as ``python -m distill`` does, so Lightning launches further ranks the same way."""
+    process = _FORKS.Process(target=_distill_main, args=(args, env, str(stdout), str(stderr)))
+    process.start()
+    return process
 
 
 _FORKS = multiprocessing.get_context("forkserver")

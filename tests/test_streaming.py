@@ -278,7 +278,7 @@ def _resume_on_two_ranks(rank: int, path: Path, tokenizer, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     trained = [0]
 
-    def make() -> StreamingLoader:  # no workers: they would start by spawn too, importing all again
+    def make() -> StreamingLoader:  # no workers: a rank's own loader is the point
         return loader(path, tokenizer, lambda: trained[0], rank, 2, num_workers=0)
 
     full = list(islice(make(), 10))
@@ -298,7 +298,7 @@ def test_state_gathers_the_cursors_of_every_rank(tmp_path, tokenizer):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.start_processes(_resume_on_two_ranks, (path, tokenizer, port), nprocs=2, start_method="spawn")
+    mp.start_processes(_resume_on_two_ranks, (path, tokenizer, port), nprocs=2, start_method="fork")
 
 
 def test_resuming_with_other_shards_is_a_clear_error(tmp_path, tokenizer):

@@ -2,9 +2,7 @@
 
 import gc
 import logging
-import signal
-import subprocess
-import sys
+import os
 import time
 import weakref
 
@@ -16,13 +14,14 @@ from distill.cli import main
 from distill.teacher.identity import VocabularyMismatchError
 from distill.teacher.module import Teacher, TeacherModule, sparse_distribution, top_k
 from tests.helpers import (
-    ROOT,
     TINY_LLAMA,
     TOKENIZER_DIR,
     clean_env,
     collect_config,
     conversation,
     dataset_samples,
+    run,
+    start,
     write_jsonl,
 )
 
@@ -178,16 +177,13 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path, 
     ref_config = collect_config(reference_dir, data, teacher_dir, writer=dict(writer))
     main(["collect", "--config", str(ref_config), *one])
     config = collect_config(killed_dir, data, teacher_dir, writer=dict(writer))
-    command = [sys.executable, "-m", "distill", "collect", "--config", str(config), *one]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = start(["collect", "--config", str(config), *one], clean_env(), os.devnull, os.devnull)
     segments = killed_dir / "cache" / "train"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(segments.glob("*.h5"))) < 3:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.kill()
+    process.join()
     partial = CacheReader(segments).shas()  # a killed cache is still readable
     assert 0 < len(partial) < 120, "the kill must land mid-collection"
     main(["collect", "--config", str(config), *one])
@@ -201,20 +197,8 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path, 
 def test_ddp_two_processes_collect_disjoint_shards_that_read_as_one(tmp_path, teacher_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [conversation(i) for i in range(21)])
     config = collect_config(tmp_path, data, teacher_dir)
-    command = [
-        sys.executable,
-        "-m",
-        "distill",
-        "collect",
-        "--config",
-        str(config),
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    run(["collect", "--config", str(config), *ddp], clean_env())
     train = tmp_path / "cache" / "train"
     ranks = {p.name[:4] for p in train.glob("*.h5")}
     assert ranks == {"r000", "r001"}
