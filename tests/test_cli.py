@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from distill.cli import main, resolve_precision, run_cli
+from distill.cli import resolve_precision, run_cli
+from distill.commands import main
 from tests.helpers import ROOT, clean_env, logged_rows, run, with_last_checkpoint, write_config
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from distill.cli import main, run_cli
+from distill.cli import run_cli
+from distill.commands import main
 from distill.objectives.kd import Distillation
 from distill.targets import concat_targets
 from distill.teacher.module import sparse_distribution
@@ -208,7 +209,7 @@ def test_two_teachers_are_collected_in_turn_and_mixed_at_training_time(tmp_path,
 
 
 def _stats_json(path: Path) -> str:
-    from distill.cache.cli import describe
+    from distill.cache.stats import describe
 
     return json.dumps(describe(path))
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 from distill.callbacks.stage_results import batch_size
 
+from distill.commands.pipeline import main
 from distill.pipeline.inputs import ContentHashes, data_digest
 from distill.pipeline.plan import Stage, plan
 from distill.pipeline.runner import (
@@ -28,7 +29,6 @@ from distill.pipeline.runner import (
     describe,
     fit_command,
     launch_id,
-    main,
     stage_env,
     stage_key,
     wait_for,

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import distill.train.quantization as quantization_module
-from distill.cli import main
+from distill.commands import main
 from distill.objectives import GRPO
 from distill.objectives.kto import KTO
 from distill.objectives.preference import Preference
