@@ -23,6 +23,7 @@ from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule
 from distill.cli import main
 from distill.objectives import GRPO, KTO, RLOO, CrossEntropy, OnPolicyDistillation, Preference
 from distill.train.optim import AdamW
+from distill.train.schedule import WarmupDecay
 from distill.train.student import StudentModule
 from tests.helpers import (
     ROOT,
@@ -365,7 +366,11 @@ def test_a_reward_function_that_does_not_import_is_one_line(monkeypatch, capfd):
             {"value_bits": 17},
             "data.value_bits must be in [2, 16], got 17",
         ),
-        (StudentModule, {"warmup_steps": -3}, "model.warmup_steps must be >= 0, got -3"),
+        (
+            lambda **kw: WarmupDecay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 10, **kw),
+            {"warmup_steps": -3},
+            "model.scheduler.warmup_steps must be >= 0, got -3",
+        ),
     ],
 )
 def test_an_option_that_cannot_work_is_refused_where_it_is_given(build, option, wanted):
