@@ -77,6 +77,23 @@ def test_per_micro_batch_mean_would_differ():
     assert counts[0] > 3 * counts[1]
 
 
+def test_a_test_run_logs_under_test_and_a_validation_under_val():
+    """``trainer.test`` logged its metrics as ``val/``: a test set's loss read as the validation loss."""
+    module = tiny_student()
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    loader = DataLoader(micro_batches(), batch_size=None)
+    tested = trainer.test(module, dataloaders=loader, verbose=False)[0]
+    validated = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    assert "test/loss" in tested and [key for key in tested if not key.startswith("test/")] == []
+    assert tested == {key.replace("val/", "test/", 1): value for key, value in validated.items()}
+
+
 def test_lora_trains_only_the_adapter():
     from distill.train.model import LoraOptions
 

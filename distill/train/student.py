@@ -281,12 +281,18 @@ class StudentModule(L.LightningModule):
         self.val_metrics.update(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.objective.derived_metrics(self.val_metrics.compute())
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
-        self.val_metrics.reset()
+        self._log_evaluation("val")
 
     test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, prefix: str) -> None:
+        """Log what the evaluation loop's steps gathered (validation and test never run at once)."""
+        values = self.objective.derived_metrics(self.val_metrics.compute())
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
+        self.val_metrics.reset()
 
     def on_fit_start(self) -> None:
         self._metrics_to_device()
