@@ -159,11 +159,13 @@ def test_a_preemption_save_that_dies_midway_keeps_the_previous_last_checkpoint(t
             callback.on_train_batch_end(trainer)
         assert torch.load(directory / "last.ckpt")["global_step"] == 3
         assert os.listdir(directory) == ["last.ckpt"]
-        trainer.save_checkpoint = lambda path: torch.save({"global_step": 6}, path)
+        trainer.save_checkpoint = lambda path: torch.save({"global_step": 7}, path)
+        callback.on_train_batch_start(trainer)  # the next optimizer step
+        trainer.global_step = 7
         callback.on_train_batch_end(trainer)
     finally:
         callback.teardown(trainer, None, "fit")
-    assert torch.load(directory / "last.ckpt")["global_step"] == 6
+    assert torch.load(directory / "last.ckpt")["global_step"] == 7
     assert os.listdir(directory) == ["last.ckpt"]
 
 

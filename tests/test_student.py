@@ -150,7 +150,7 @@ def test_warmup_ratio_is_a_share_of_the_run_and_excludes_warmup_steps():
 
 
 @pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
-@pytest.mark.parametrize("warmup", [{}, {"warmup_steps": 3}, {"warmup_ratio": 0.15}])
+@pytest.mark.parametrize("warmup", [{}, {"warmup_steps": 3}, {"warmup_ratio": 0.1}])
 def test_warmup_decay_steps_as_transformers_get_scheduler(decay, warmup):
     """The schedule the configs' ``lr_schedule``/``warmup_*`` keys gave through transformers'
     ``get_scheduler``: the same learning rate, to the bit, at every step and past the run's end."""
