@@ -1,5 +1,6 @@
 """The real CLI, end to end, on a two-layer model: fit with overrides, HF export, configs, print_config."""
 
+import json
 import re
 from pathlib import Path
 
@@ -86,6 +87,49 @@ def test_print_config_and_composed_configs(tmp_path, chat_file, capsys):
         and printed["model"]["init_args"]["lora"]["alpha"] == 8
     )
     assert "tokenizer" not in printed["data"]["init_args"]  # derived from the model's, not set twice
+
+
+@pytest.mark.parametrize(
+    ("schedule", "check"),
+    [
+        (
+            {
+                "class_path": "distill.train.schedule.WarmupDecay",
+                "init_args": {"decay": "linear", "warmup_ratio": 0.25},
+            },
+            lambda scheduler, lrs: lrs[:4] == pytest.approx([0.0, 0.005, 0.01, 0.01 * 5 / 6]),
+        ),
+        (  # a torch scheduler whose second argument is the run's steps
+            {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"eta_min": 0.001}},
+            lambda scheduler, lrs: scheduler.T_max == 8 and scheduler.eta_min == 0.001 and lrs[0] == 0.01,
+        ),
+    ],
+    ids=["WarmupDecay", "CosineAnnealingLR"],
+)
+def test_the_schedule_is_a_class_path_given_the_optimizer_and_the_run_steps(
+    tmp_path, chat_file, schedule, check
+):
+    config = write_config(tmp_path, chat_file)
+    cli = run_cli(
+        [
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "8",
+            f"--model.init_args.scheduler={json.dumps(schedule)}",
+        ],
+        run=False,
+    )
+    cli.model.trainer = cli.trainer
+    cli.model.configure_model()
+    configured = cli.model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert type(scheduler).__name__ == schedule["class_path"].rsplit(".", 1)[1] and check(scheduler, lrs), lrs
 
 
 def base_configs(path: Path) -> list[str]:

@@ -23,6 +23,7 @@ from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule
 from distill.cli import main
 from distill.objectives import GRPO, KTO, RLOO, CrossEntropy, OnPolicyDistillation, Preference
 from distill.train.optim import AdamW
+from distill.train.schedule import WarmupDecay
 from distill.train.student import StudentModule
 from tests.helpers import (
     ROOT,
@@ -158,11 +159,13 @@ def test_a_preemption_save_that_dies_midway_keeps_the_previous_last_checkpoint(t
             callback.on_train_batch_end(trainer)
         assert torch.load(directory / "last.ckpt")["global_step"] == 3
         assert os.listdir(directory) == ["last.ckpt"]
-        trainer.save_checkpoint = lambda path: torch.save({"global_step": 6}, path)
+        trainer.save_checkpoint = lambda path: torch.save({"global_step": 7}, path)
+        callback.on_train_batch_start(trainer)  # the next optimizer step
+        trainer.global_step = 7
         callback.on_train_batch_end(trainer)
     finally:
         callback.teardown(trainer, None, "fit")
-    assert torch.load(directory / "last.ckpt")["global_step"] == 6
+    assert torch.load(directory / "last.ckpt")["global_step"] == 7
     assert os.listdir(directory) == ["last.ckpt"]
 
 
@@ -365,7 +368,11 @@ def test_a_reward_function_that_does_not_import_is_one_line(monkeypatch, capfd):
             {"value_bits": 17},
             "data.value_bits must be in [2, 16], got 17",
         ),
-        (StudentModule, {"warmup_steps": -3}, "model.warmup_steps must be >= 0, got -3"),
+        (
+            lambda **kw: WarmupDecay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 10, **kw),
+            {"warmup_steps": -3},
+            "model.scheduler.warmup_steps must be >= 0, got -3",
+        ),
     ],
 )
 def test_an_option_that_cannot_work_is_refused_where_it_is_given(build, option, wanted):
