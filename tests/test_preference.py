@@ -16,6 +16,7 @@ from distill.data.pairs import PairRecord
 from distill.data.templates import resolve_template
 from distill.objectives import KTO, Preference, RewardModel
 from distill.objectives.base import loss_inputs
+from distill.objectives.context import Step
 from distill.objectives.reference import sequence_logps
 from distill.train.model import LoraOptions
 from distill.train.student import StudentModule
@@ -132,7 +133,7 @@ def test_the_adapter_off_reference_is_the_base_model(policy_dir):
     assert objective.reference.kind == "adapter" and objective.extra_forwards == 1  # counted in FLOPs
     batch = pair_batch(student.tokenizer)
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
-    reference = objective.reference.logps(batch, student)
+    reference = objective.reference.logps(batch)
     assert_close(reference, naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
     policy = naive_sequence_logps(student.model, batch)
     assert (policy - reference).abs().max() > 1e-2  # the adapter is back on after the reference
@@ -145,7 +146,7 @@ def test_the_frozen_reference_defaults_to_the_starting_weights(policy_dir):
     with torch.no_grad():
         student.causal_lm.get_input_embeddings().weight.mul_(1.5)  # training moved the policy
     batch = pair_batch(student.tokenizer)
-    objective.prepare(batch, student)
+    objective.prepare(batch, Step())
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
     assert_close(batch["reference_logps"], naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
     assert not any(
@@ -177,7 +178,7 @@ def test_reference_free_losses_load_no_reference(policy_dir):
         objective = Preference(loss=loss)
         student = student_of(policy_dir, objective)
         batch = pair_batch(student.tokenizer)
-        objective.prepare(batch, student)
+        objective.prepare(batch, Step())
         assert "reference_logps" not in batch and not objective.reference.frozen
         assert objective.extra_forwards == 0
         hidden = student.forward_hidden(batch)
@@ -313,10 +314,10 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     assert (entry / "meta.json").exists() and len(list(entry.glob("part-*.npz"))) == 1
     batch = pair_batch(student.tokenizer, n=2)  # pairs 0 and 1 of the training data
     online = Preference(reference="model")
-    online.setup(student)
+    online.setup(student.objective_context())
     assert_close(
         objective.reference.stored_logps(batch),
-        online.reference.logps(batch, student).double(),
+        online.reference.logps(batch).double(),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -572,29 +573,30 @@ class _ShiftedReference:
     def __init__(self, offset: float) -> None:
         self.offset = offset
 
-    def setup(self, student, owner: str) -> None:
-        pass
+    def setup(self, context, owner: str) -> None:
+        self.policy = context.policy
 
-    def logps(self, batch: dict, student) -> torch.Tensor:
-        return sequence_logps(student.causal_lm, batch) - self.offset
+    def logps(self, batch: dict) -> torch.Tensor:
+        return sequence_logps(self.policy.causal_lm, batch) - self.offset
 
 
 def _kto_reference_point_on_two_ranks(rank: int, store: str) -> None:
-    from types import SimpleNamespace
+    from functools import partial
 
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
     from transformers import AutoConfig
 
     from distill.data.encoding import Encoded
-    from tests.helpers import TINY_LLAMA
+    from distill.data.facts import DataFacts
+    from tests.helpers import TINY_LLAMA, objective_context
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA, vocab_size=64))
-    trainer = SimpleNamespace(world_size=2, strategy=DDPStrategy())  # its reduce: over the gloo group
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
-    student = SimpleNamespace(training=True, causal_lm=model, tokenizer=tokenizer, trainer=trainer)
+    mean = partial(DDPStrategy().reduce, reduce_op="mean")  # over the gloo group
+    data = DataFacts("a test", "unpaired", pad_id=0)
+    context = objective_context(None, model, data, rank=rank, world_size=2, mean_over_ranks=mean)
     samples = [
         Encoded([1, 5 + i, 9, 10 + i], [-100, -100, 9, 10 + i], f"{i:064x}", f"kto:{i}", value=float(i % 2))
         for i in range(4)
@@ -603,9 +605,9 @@ def _kto_reference_point_on_two_ranks(rank: int, store: str) -> None:
     for offsets, want in (([-2.0, 1.0], 0.0), ([-1.0, 2.0], 0.5)):
         objective = KTO()
         objective.reference = _ShiftedReference(offsets[rank])  # policy - reference = the rank's offset
-        objective.setup(student)
+        objective.setup(context)
         batch = UnitCollator(0, packed=False)([[sample] for sample in samples])
-        objective.prepare(batch, student)
+        objective.prepare(batch, Step(training=True))
         assert float(batch["kl_baseline"]) == pytest.approx(want, abs=1e-5), (rank, offsets)
     dist.destroy_process_group()
 

@@ -209,9 +209,14 @@ def test_a_quantized_teacher_is_a_separate_cache_identity(loadable):
 
 def test_an_adapter_reference_refuses_a_reference_quantization(loadable):
     reference = Reference("auto", quantization=Quantization(load_in_4bit=True))
-    student = SimpleNamespace(lora=LoraOptions(), model_name="some/model", dtype_name=None, tokenizer=None)
+    from distill.data.facts import DataFacts
+    from distill.objectives.context import Context, Origin, Policy
+
+    lora_student = Context(
+        None, DataFacts("a test", "pairs", 0), Policy(None, has_adapter=True), Origin("some/model")
+    )
     with pytest.raises(ValueError, match="the 'adapter' reference is the student's own base"):
-        reference.setup(student, "Preference")
+        reference.setup(lora_student, "Preference")
 
 
 def test_packed_4bit_weights_count_at_their_full_shape():

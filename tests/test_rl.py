@@ -19,12 +19,15 @@ from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.cli import main
+from distill.data.facts import DataFacts
 from distill.objectives import GRPO, RLOO
 from distill.objectives.base import loss_inputs
+from distill.objectives.context import Step
 from distill.objectives.rollouts import Rollouts
 from distill.rewards import Format
 from distill.rollout import Sampling, rollout_batch, trim_at_stop
 from distill.train.model import LoraOptions
+from distill.train.sharding import sharded as is_sharded
 from distill.train.student import StudentModule
 from tests.helpers import (
     ROOT,
@@ -33,6 +36,7 @@ from tests.helpers import (
     check_killed_fit_resumes,
     logged_values,
     losses_named,
+    objective_context,
     objective_loss,
     save_tiny_teacher,
     with_last_checkpoint,
@@ -190,10 +194,19 @@ class Tokenizer:
         return [" ".join(map(str, row.tolist())) for row in ids]
 
 
+def prompts(num_iterations: int = 1, stop_ids: tuple[int, ...] = (EOT,)) -> DataFacts:
+    """What a prompt data module tells the objective."""
+    return DataFacts("a test", "prompts", PAD, stop_ids=stop_ids, num_iterations=num_iterations)
+
+
+def set_up(rollouts, policy, **options):
+    rollouts.setup(objective_context(Tokenizer(), policy, prompts(), **options))
+    return rollouts
+
+
 def test_a_rollout_keeps_each_prompts_group_together_and_equals_generate(policy):
     g, sampling = 4, Sampling(max_new_tokens=5, temperature=1.0)
-    rollouts = Rollouts([index_reward], g, sampling)
-    rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    rollouts = set_up(Rollouts([index_reward], g, sampling), policy)
     batch = prompt_batch([3, 5, 2])
     rollout = rollouts.roll(policy, batch, seed=11)
     assert rollout.rewards[:, 0].tolist() == [0.0] * g + [1.0] * g + [2.0] * g  # prompt i's group: rows ig..
@@ -219,19 +232,19 @@ def repeated(batch: dict, window: int, iteration: int, iterations: int) -> dict:
 
 def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy, monkeypatch):
     objective = GRPO([index_reward], num_generations=2, max_new_tokens=4, num_iterations=3)
-    objective.rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    objective.setup(objective_context(Tokenizer(), policy, prompts(num_iterations=3)))
     sampled = []
 
-    def sample(batch, student):
+    def sample(batch, step):
         sampled.append(batch["shas"])
         return objective.rollouts.roll(policy, batch, seed=len(sampled))
 
     monkeypatch.setattr(objective.rollouts, "sample", sample)
-    student = SimpleNamespace(trainer=SimpleNamespace(training=True), causal_lm=policy, model=policy)
+    training = Step(training=True)
     seen = []
     for iteration in range(3):
         batch = repeated(prompt_batch([3, 2]), 0, iteration, 3)
-        objective.prepare(batch, student)
+        objective.prepare(batch, training)
         seen.append(batch)
     assert len(sampled) == 1  # sampled once, trained on three times
     for batch in seen[1:]:
@@ -239,23 +252,17 @@ def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy,
         assert batch["noise_seed"] == seen[0]["noise_seed"]  # the same dropout and NEFTune noise
     assert objective.rank_state() is None  # its iterations used up: nothing kept
     # a window cut short (limit_train_batches) leaves nothing behind once the next one starts
-    objective.prepare(repeated(prompt_batch([3, 2]), 1, 0, 3), student)
+    objective.prepare(repeated(prompt_batch([3, 2]), 1, 0, 3), training)
     assert objective.rank_state()["window"] == 1
-    objective.prepare(repeated(prompt_batch([4, 2]), 2, 0, 3), student)
+    objective.prepare(repeated(prompt_batch([4, 2]), 2, 0, 3), training)
     assert list(objective.rank_state()["rows"]) == [("sha0", "sha1")] and len(sampled) == 3
     assert objective.rank_state()["window"] == 2
     # an iteration with no kept rollout (a checkpoint without it) samples one for the iterations left
-    objective.prepare(repeated(prompt_batch([5, 2]), 3, 2, 3), student)
+    objective.prepare(repeated(prompt_batch([5, 2]), 3, 2, 3), training)
     assert len(sampled) == 4 and objective.rank_state() is None
-    with pytest.raises(ValueError, match="batches that say their iteration"):
-        objective.prepare(prompt_batch([3, 2]), student)
     # the data module must repeat each step's prompts as often
-    data = SimpleNamespace(num_iterations=1, generation_stop_ids=[EOT], pad_id=PAD)
-    student = SimpleNamespace(
-        trainer=SimpleNamespace(datamodule=data), _trainer=True, tokenizer=None, strategy=None
-    )
     with pytest.raises(ValueError, match=r"data\.num_iterations: 3"):
-        objective.setup(student)
+        objective.setup(objective_context(Tokenizer(), policy, prompts(num_iterations=1)))
 
 
 def completion_length(prompts, completions, **fields) -> list[float]:
@@ -270,7 +277,7 @@ def grpo_student(**model) -> StudentModule:
     )
     progress = SimpleNamespace(current=SimpleNamespace(completed=0, ready=0))
     loop = SimpleNamespace(epoch_progress=progress, epoch_loop=SimpleNamespace(batch_progress=progress))
-    data = SimpleNamespace(num_iterations=2, generation_stop_ids=[EOT], pad_id=PAD)
+    data = SimpleNamespace(facts=lambda: prompts(num_iterations=2))
     student._trainer = SimpleNamespace(
         datamodule=data, strategy=None, training=True, fit_loop=loop, world_size=1, global_rank=0
     )
@@ -342,13 +349,10 @@ def test_sharded_weights_make_every_rank_step_until_all_are_done(sharded):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     rollouts = Rollouts([index_reward], 2, Sampling(max_new_tokens=3))
-    data = SimpleNamespace(generation_stop_ids=[EOT, 2], pad_id=PAD)
     strategy = FSDPStrategy() if sharded else DDPStrategy()
-    student = SimpleNamespace(
-        trainer=SimpleNamespace(datamodule=data), _trainer=True, tokenizer=Tokenizer(), strategy=strategy
-    )
-    rollouts.setup(student)
     model = RecordingModel()
+    context = objective_context(Tokenizer(), model, prompts(stop_ids=(EOT, 2)), sharded=is_sharded(strategy))
+    rollouts.setup(context)
     rollout = rollouts.roll(model, prompt_batch([2, 3]), seed=0)
     assert model.asked["synced_gpus"] is sharded and model.asked["eos_token_id"] == [EOT, 2]
     assert model.asked["use_cache"] is True and rollout.completions.stopped.all()
@@ -359,8 +363,7 @@ def test_the_completion_log_writes_a_wandb_table_or_jsonl_lines(tmp_path, policy
         def log_table(self, key, columns, data, step):
             self.logged = (key, columns, data, step)
 
-    rollouts = Rollouts([index_reward, Format()], 2, Sampling(max_new_tokens=3))
-    rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    rollouts = set_up(Rollouts([index_reward, Format()], 2, Sampling(max_new_tokens=3)), policy)
     rollouts.last = rollouts.roll(policy, prompt_batch([2, 3]), seed=0)
     module = SimpleNamespace(objective=SimpleNamespace(rollouts=rollouts))
     callback = CompletionLog(every_n_steps=2, num_completions=3)

@@ -16,7 +16,6 @@ weights across the iterations, so the ratio is exactly 1 until the weights chang
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,6 +29,7 @@ from distill.losses.rl import (
     reduce_tokens,
 )
 from distill.objectives.base import Loss, LossInputs, Objective
+from distill.objectives.context import Context, Step
 from distill.objectives.iterations import KeptRollouts
 from distill.objectives.reference import Reference
 from distill.objectives.rollouts import (
@@ -42,11 +42,10 @@ from distill.ranges import require
 from distill.rollout.engine import Sampling, rollout_seed
 from distill.train.quantization import Quantization
 
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
-
 
 class GRPO(Objective):
+    accepts = ("prompts",)
+
     def __init__(
         self,
         rewards: Sequence[Callable],
@@ -129,15 +128,15 @@ class GRPO(Objective):
     def extra_forwards(self) -> int:
         return int(self.beta > 0)
 
-    def setup(self, student: StudentModule) -> None:
-        self.rollouts.setup(student)
+    def setup(self, context: Context) -> None:
+        self.rollouts.setup(context)
         if self.beta:
-            self.reference.setup(student, "GRPO")
+            self.reference.setup(context, "GRPO")
             if self.reference.kind == "precomputed":
                 raise ValueError(
                     "GRPO samples its completions as it trains: the reference cannot be precomputed"
                 )
-        repeats = getattr(student.trainer.datamodule, "num_iterations", 1)
+        repeats = context.data.num_iterations
         if repeats != self.num_iterations:
             raise ValueError(
                 f"objective.num_iterations is {self.num_iterations} but the data module repeats each "
@@ -145,15 +144,10 @@ class GRPO(Objective):
             )
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
-        repeated = student.trainer.training and self.num_iterations > 1
+    def prepare(self, batch: dict, step: Step) -> None:
+        repeated = step.training and self.num_iterations > 1
         key = tuple(batch["shas"])
         if repeated:
-            if "iteration" not in batch:
-                raise ValueError(
-                    "GRPO with num_iterations > 1 trains on batches that say their iteration: use "
-                    "distill.data.PromptDataModule with the same num_iterations"
-                )
             window, iteration = batch["window"], batch["iteration"]
             kept = self.kept.take(key, window, iteration, batch["iterations"])
             if kept is not None:  # a later iteration of this window's rollout
@@ -161,11 +155,11 @@ class GRPO(Objective):
                 batch.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in kept.items()})
                 return
         before = set(batch)
-        rollout = self.rollouts.sample(batch, student)
+        rollout = self.rollouts.sample(batch, step)
         g = self.rollouts.num_generations
         store_rollout(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
         if self.beta:
-            batch["reference_logps"] = self.reference.token_logps(batch, student, self.sampling.temperature)
+            batch["reference_logps"] = self.reference.token_logps(batch, self.sampling.temperature)
         if repeated and iteration < batch["iterations"] - 1:  # later iterations train on it again
             batch["noise_seed"] = rollout_seed(self.rollouts.seed, "noise", window, *key)
             self.kept.keep(key, {k: v for k, v in batch.items() if k not in before})

@@ -10,18 +10,14 @@ The reference model, for the losses that need one, runs in ``prepare`` without g
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
-from distill.objectives.base import Loss, LossInputs, Objective, require_pairs, sequence_log_probs
+from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
+from distill.objectives.context import Context, Step
 from distill.objectives.reference import Reference, ReferenceKind
 from distill.ranges import require
 from distill.train.quantization import Quantization
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 PAIR_METRICS = (
     "rewards/chosen",
@@ -37,6 +33,7 @@ class Preference(Objective):
     """``loss`` over each pair's sequence log-probs, plus ``sft_weight`` x the chosen response's NLL."""
 
     unit = "pair"
+    accepts = ("pairs",)
 
     def __init__(
         self,
@@ -101,21 +98,20 @@ class Preference(Objective):
     def metric_names(self) -> tuple[str, ...]:
         return (*PAIR_METRICS, "nll") if self.sft_weight or self.loss == "orpo" else PAIR_METRICS
 
-    def setup(self, student: StudentModule) -> None:
+    def setup(self, context: Context) -> None:
         if self.spec.reference:
-            self.reference.setup(student, "Preference")
+            self.reference.setup(context, "Preference")
 
     @property
     def extra_forwards(self) -> int:
         return int(self.spec.reference and self.reference.kind in ("adapter", "model"))
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
+    def prepare(self, batch: dict, step: Step) -> None:
         if self.spec.reference and "reference_logps" not in batch:
-            batch["reference_logps"] = self.reference.logps(batch, student)
+            batch["reference_logps"] = self.reference.logps(batch)
 
     def forward(self, inputs: LossInputs) -> Loss:
-        require_pairs(inputs.batch, "Preference")
         count = inputs.num_sequences
         sums = sequence_log_probs(inputs, self.chunk_size)  # (S,)
         tokens = torch.bincount(inputs.sequence, minlength=count).clamp(min=1).to(sums)  # (S,)

@@ -9,12 +9,12 @@ ratios) from its reward before the baseline, as the RLOO paper and TRL's ``rloo_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from distill.losses.rl import leave_one_out_advantages, reinforce
 from distill.objectives.base import Loss, LossInputs, Objective, per_sequence
+from distill.objectives.context import Context, Step
 from distill.objectives.reference import Reference
 from distill.objectives.rollouts import (
     Rollouts,
@@ -26,12 +26,10 @@ from distill.ranges import require
 from distill.rollout.engine import Sampling
 from distill.train.quantization import Quantization
 
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
-
 
 class RLOO(Objective):
     unit = "completion"
+    accepts = ("prompts",)
 
     def __init__(
         self,
@@ -93,21 +91,21 @@ class RLOO(Objective):
     def extra_forwards(self) -> int:
         return int(self.beta > 0)
 
-    def setup(self, student: StudentModule) -> None:
-        self.rollouts.setup(student)
+    def setup(self, context: Context) -> None:
+        self.rollouts.setup(context)
         if self.beta:
-            self.reference.setup(student, "RLOO")
+            self.reference.setup(context, "RLOO")
             if self.reference.kind == "precomputed":
                 raise ValueError(
                     "RLOO samples its completions as it trains: the reference cannot be precomputed"
                 )
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
-        rollout = self.rollouts.sample(batch, student)
+    def prepare(self, batch: dict, step: Step) -> None:
+        rollout = self.rollouts.sample(batch, step)
         store_rollout(batch, rollout, advantages=torch.zeros_like(rollout.total))  # set in forward
         if self.beta:
-            batch["reference_logps"] = self.reference.token_logps(batch, student, self.sampling.temperature)
+            batch["reference_logps"] = self.reference.token_logps(batch, self.sampling.temperature)
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch, count = inputs.batch, inputs.num_sequences
