@@ -5,6 +5,7 @@ where completions come from, refusals, and a fit that resumes with the same samp
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,9 +95,9 @@ def set_up(objective, policy, data: DataFacts = PROMPTS, tokenizer_dir=TOKENIZER
     return objective
 
 
-def objective_for(teacher_dirs, engine, policy, **kwargs) -> OnPolicyDistillation:
+def objective_for(teacher_dirs, engine, policy, data=PROMPTS, **kwargs) -> OnPolicyDistillation:
     teachers = [Teacher(model=str(d), name=f"t{i}", dtype="float32") for i, d in enumerate(teacher_dirs)]
-    return set_up(OnPolicyDistillation(teachers, engine=engine, **kwargs), policy)
+    return set_up(OnPolicyDistillation(teachers, engine=engine, **kwargs), policy, data)
 
 
 def full_log_probs(model, batch: dict) -> torch.Tensor:
@@ -312,7 +313,10 @@ def test_a_teacher_with_its_own_template_reads_the_prompt_in_it(tmp_path, chat_t
 
 def test_seq_kd_samples_from_the_teacher_and_lmbda_mixes_by_step(student, teacher_dir):
     engine = FixedEngine(completions())
-    objective = objective_for([teacher_dir], engine, student, lmbda=0.0, seq_kd=True, online_k=4)
+    with_responses = replace(PROMPTS, responses=True)  # lmbda 0: validation scores the dataset's responses
+    objective = objective_for(
+        [teacher_dir], engine, student, with_responses, lmbda=0.0, seq_kd=True, online_k=4
+    )
     batch = prompt_batch()
     objective.prepare(batch, Step(training=True))
     assert engine.models == objective.teachers.models("cpu")  # the teacher sampled, not the student
