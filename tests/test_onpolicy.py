@@ -369,7 +369,8 @@ def onpolicy_config(tmp_path, name: str, teacher_dir, chat_file) -> dict:
     model["model_config"] = TINY_LLAMA
     init = model["objective"]["init_args"]
     teachers = [{"model": str(teacher_dir), "name": "t", "dtype": "float32"}]
-    init.update(teachers=teachers, max_new_tokens=6, online_k=8)
+    init.update(teachers=teachers, online_k=8)
+    init["sampling"]["max_new_tokens"] = 6
     config["data"]["init_args"].update(
         train_files=str(chat_file), val_files=None, val_fraction=0.25, template="mistral", batch_size=2,
         max_eval_samples=4, max_response_length=64,

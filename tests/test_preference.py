@@ -14,7 +14,7 @@ from distill.cli import main, run_cli
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit
 from distill.data.pairs import PairRecord
 from distill.data.templates import resolve_template
-from distill.objectives import KTO, Preference, RewardModel
+from distill.objectives import KTO, Preference, Reference, RewardModel
 from distill.objectives.base import loss_inputs
 from distill.objectives.context import Step
 from distill.objectives.reference import sequence_logps
@@ -167,7 +167,9 @@ def test_the_frozen_reference_loads_the_starting_weights_as_the_student_loaded_t
     assert frozen.config._attn_implementation == "eager"
     assert objective.reference.store_identity(["entry"])["model_kwargs"] == eager  # a revision keys the store
     # another reference_model: model.model_kwargs (a revision of model.model) are not its arguments
-    other = Preference(loss="sigmoid", reference_model=str(shutil.copytree(policy_dir, tmp_path / "other")))
+    other = Preference(
+        loss="sigmoid", reference=Reference(model=str(shutil.copytree(policy_dir, tmp_path / "other")))
+    )
     StudentModule(model=str(policy_dir), objective=other, model_kwargs=eager).configure_model()
     assert other.reference.frozen_model(torch.device("cpu")).config._attn_implementation != "eager"
     assert "model_kwargs" not in other.reference.store_identity(["entry"])
@@ -201,13 +203,13 @@ def test_a_student_built_from_a_config_must_name_its_reference():
         },
         objective=Preference(loss="sigmoid"),
     )
-    with pytest.raises(ValueError, match="reference_model"):
+    with pytest.raises(ValueError, match=r"reference\.model"):
         student.configure_model()
     with pytest.raises(ValueError, match="needs a LoRA student"):
         student_of_config = StudentModule(
             tokenizer=str(TOKENIZER_DIR),
             model_config=student.model_config,
-            objective=Preference(reference="adapter"),
+            objective=Preference(reference=Reference("adapter")),
         )
         student_of_config.configure_model()
 
@@ -300,8 +302,8 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     config = preference_config(tmp_path, policy_dir, {"class_path": "distill.objectives.Preference"}, n=8)
     store = tmp_path / "reference"
     objective_args = "--model.init_args.objective.init_args"
-    args = ["--config", str(config), f"{objective_args}.reference", "precomputed"]
-    args += [f"{objective_args}.reference_cache", str(store), "--trainer.max_steps", "2"]
+    args = ["--config", str(config), f"{objective_args}.reference.kind", "precomputed"]
+    args += [f"{objective_args}.reference.cache", str(store), "--trainer.max_steps", "2"]
     with caplog.at_level(logging.INFO):
         cli = run_cli(["fit", *args])
     assert caplog.text.count("reference log-probs of 12 units") == 1  # 8 train + 4 val pairs, once
@@ -313,7 +315,7 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     (entry,) = store.iterdir()
     assert (entry / "meta.json").exists() and len(list(entry.glob("part-*.npz"))) == 1
     batch = pair_batch(student.tokenizer, n=2)  # pairs 0 and 1 of the training data
-    online = Preference(reference="model")
+    online = Preference(reference=Reference("model"))
     online.setup(student.objective_context())
     assert_close(
         objective.reference.stored_logps(batch),
@@ -342,7 +344,7 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
         model.get_input_embeddings().weight.mul_(1.3)
     model.save_pretrained(moved)
     with caplog.at_level(logging.INFO):
-        cli = run_cli(["fit", *args, f"{objective_args}.reference_model", str(moved)])
+        cli = run_cli(["fit", *args, f"{objective_args}.reference.model", str(moved)])
     assert "reference log-probs of 12 units" in caplog.text and len(list(store.iterdir())) == 2
     moved_logps = cli.model.objective.reference.stored_logps(batch)
     assert (moved_logps - objective.reference.stored_logps(batch)).abs().max() > 1e-3
@@ -420,7 +422,7 @@ def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
         "two": ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
     }.items():
         store = tmp_path / name
-        args = ["fit", "--config", str(config), f"{objective_args}.reference_cache", str(store), *extra]
+        args = ["fit", "--config", str(config), f"{objective_args}.reference.cache", str(store), *extra]
         run([*args, "--trainer.max_steps", "2"], clean_env())
         (entry,) = store.iterdir()
         parts = sorted(p.name for p in entry.glob("part-*.npz"))
@@ -537,7 +539,7 @@ def test_option_combinations_that_cannot_work_are_refused(tmp_path, policy_dir):
     with pytest.raises(ValueError, match="NLL already"):
         Preference(loss="orpo", sft_weight=0.5)
     with pytest.raises(ValueError, match="not precomputed"):
-        KTO(reference="precomputed")
+        KTO(reference=Reference("precomputed"))
     tokenizer = student_of(policy_dir, KTO()).tokenizer
     one = {
         k: v[:1] if isinstance(v, torch.Tensor) and v.dim() == 2 else v

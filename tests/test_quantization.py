@@ -105,16 +105,18 @@ def test_a_quantized_teacher_is_refused_without_cuda(no_cuda):
 @pytest.mark.parametrize(
     "objective",
     [
-        lambda q: Preference(reference="model", reference_quantization=q),
-        lambda q: KTO(reference="model", reference_quantization=q),
-        lambda q: GRPO(rewards=[Length(max_tokens=8)], beta=0.1, reference="model", reference_quantization=q),
+        lambda q: Preference(reference=Reference("model", quantization=q)),
+        lambda q: KTO(reference=Reference("model", quantization=q)),
+        lambda q: GRPO(
+            rewards=[Length(max_tokens=8)], beta=0.1, reference=Reference("model", quantization=q)
+        ),
     ],
     ids=["preference", "kto", "grpo"],
 )
 def test_a_quantized_reference_is_refused_without_cuda(no_cuda, objective):
     with pytest.raises(ValueError) as error:
         objective(Quantization(load_in_4bit=True))
-    assert str(error.value) == f"objective.reference_quantization: {NO_CUDA}"
+    assert str(error.value) == f"objective.reference.quantization: {NO_CUDA}"
 
 
 def test_a_quantized_reward_model_is_refused_without_cuda(no_cuda):

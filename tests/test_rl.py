@@ -109,7 +109,7 @@ def test_grpo_loss_and_gradient_equal_a_full_logits_computation(policy, normalis
     batch["advantages"] = advantages
     low, high, max_new = 0.2, 0.28, 6
     objective = GRPO(
-        [Format()], num_generations=3, max_new_tokens=max_new, temperature=TEMPERATURE, beta=beta,
+        [Format()], num_generations=3, sampling=Sampling(max_new, TEMPERATURE), beta=beta,
         epsilon=low, epsilon_high=high, loss_normaliser=normaliser,
     )  # fmt: skip
 
@@ -145,7 +145,7 @@ def test_rloo_loss_and_gradient_equal_a_full_logits_computation(policy, beta):
     with torch.no_grad():
         logps, rows = naive_token_logps(policy, batch)
     batch["reference_logps"] = logps - 0.3
-    objective = RLOO([Format()], num_generations=3, max_new_tokens=6, temperature=TEMPERATURE, beta=beta)
+    objective = RLOO([Format()], num_generations=3, sampling=Sampling(6, TEMPERATURE), beta=beta)
 
     out = objective_loss(objective, policy, batch)
     (out.loss_sum / out.num_units).backward()
@@ -231,7 +231,7 @@ def repeated(batch: dict, window: int, iteration: int, iterations: int) -> dict:
 
 
 def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy, monkeypatch):
-    objective = GRPO([index_reward], num_generations=2, max_new_tokens=4, num_iterations=3)
+    objective = GRPO([index_reward], num_generations=2, sampling=Sampling(max_new_tokens=4), num_iterations=3)
     objective.setup(objective_context(Tokenizer(), policy, prompts(num_iterations=3)))
     sampled = []
 
@@ -271,7 +271,9 @@ def completion_length(prompts, completions, **fields) -> list[float]:
 
 def grpo_student(**model) -> StudentModule:
     """A tiny StudentModule training GRPO with 2 iterations per rollout, as a fit's first step sees it."""
-    objective = GRPO([completion_length], num_generations=4, max_new_tokens=6, num_iterations=2)
+    objective = GRPO(
+        [completion_length], num_generations=4, sampling=Sampling(max_new_tokens=6), num_iterations=2
+    )
     student = StudentModule(
         model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), objective=objective, **model
     )
@@ -467,7 +469,7 @@ def test_the_grpo_demo_raises_the_held_out_reward(tmp_path):
 
 
 def test_rloo_with_kl_to_the_adapter_off_reference_starts_at_zero_kl(tmp_path):
-    config = rl_config(tmp_path, "rloo.yaml", beta=0.1, num_generations=4, max_new_tokens=6)
+    config = rl_config(tmp_path, "rloo.yaml", beta=0.1, num_generations=4, sampling={"max_new_tokens": 6})
     config["model"]["init_args"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
     config["trainer"].update(max_steps=3, val_check_interval=None, limit_val_batches=0, log_every_n_steps=1)
     main(["fit", "--config", write(config, tmp_path / "rloo.yaml")])
@@ -488,7 +490,9 @@ def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_
     )
     rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
     # 4 updates per rollout: the kill at step 6 falls between the third and fourth of the second's
-    base = rl_config(tmp_path, rewards=rewards, num_generations=2, max_new_tokens=4, num_iterations=4)
+    base = rl_config(
+        tmp_path, rewards=rewards, num_generations=2, sampling={"max_new_tokens": 4}, num_iterations=4
+    )
     base["model"]["init_args"]["model"] = str(tiny_policy_dir)
     base["data"]["init_args"].update(
         train_files=str(prompts), val_files=None, batch_size=2, template="mistral", num_iterations=4
@@ -520,7 +524,7 @@ def test_two_ranks_train_on_disjoint_prompts_each_with_its_whole_group(tmp_path,
     words = [f"w{i}" for i in range(8)]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"Say {w}", "answer": w} for w in words])
     rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
-    config = rl_config(tmp_path, rewards=rewards, num_generations=3, max_new_tokens=4)
+    config = rl_config(tmp_path, rewards=rewards, num_generations=3, sampling={"max_new_tokens": 4})
     config["model"]["init_args"]["model"] = str(tiny_policy_dir)
     config["data"]["init_args"].update(
         train_files=str(prompts), val_files=None, batch_size=2, template="mistral"

@@ -17,9 +17,8 @@ from distill.data.pair_encoding import first_trainable
 from distill.losses.preference import kto, kto_kl_baseline
 from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
 from distill.objectives.context import Context, Step
-from distill.objectives.reference import Reference, ReferenceKind, sequence_logps
+from distill.objectives.reference import Reference, sequence_logps
 from distill.ranges import require
-from distill.train.quantization import Quantization
 
 
 class KTO(Objective):
@@ -36,10 +35,7 @@ class KTO(Objective):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
-        reference_dtype: str | None = None,
-        reference_quantization: Quantization | None = None,
+        reference: Reference | None = None,
         chunk_size: int = 1024,
     ) -> None:
         """
@@ -48,19 +44,17 @@ class KTO(Objective):
             desirable_weight: Weight of desirable samples (raise it when they are the fewer: the KTO
                 paper keeps ``w_d n_d / (w_u n_u)`` in [1, 4/3]).
             undesirable_weight: Weight of undesirable samples.
-            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``. Not
+            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
+                ``quantization``, ``cache``; default: ``auto``); not
                 ``precomputed``: the mismatched completions change with every batch.
-            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
-            reference_dtype: Weight dtype of the frozen reference (default: the student's).
-            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
-                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         require("objective.chunk_size", chunk_size, at_least=1)
         require("objective.beta", beta, above=0)
         require("objective.desirable_weight", desirable_weight, at_least=0)
         require("objective.undesirable_weight", undesirable_weight, at_least=0)
-        if reference == "precomputed":
+        reference = reference or Reference()
+        if reference.kind == "precomputed":
             raise ValueError(
                 "KTO scores mismatched completions that change with each batch: use reference "
                 "adapter or model, not precomputed"
@@ -69,17 +63,11 @@ class KTO(Objective):
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
-        self.reference = Reference(
-            reference,
-            reference_model,
-            reference_dtype,
-            chunk_size=chunk_size,
-            quantization=reference_quantization,
-        )
+        self.reference = reference
         self.chunk_size = chunk_size
 
     def setup(self, context: Context) -> None:
-        self.reference.setup(context, "KTO")
+        self.reference.setup(context, "KTO", self.chunk_size)
         self.collate = Collator(context.data.pad_id)
         self.context = context
 

@@ -46,10 +46,7 @@ class OnPolicyDistillation(Objective):
         teacher_weights: list[float] | None = None,
         online_k: int = 64,
         num_generations: int = 1,
-        max_new_tokens: int = 128,
-        sampling_temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        sampling: Sampling | None = None,
         seed: int = 0,
         chunk_size: int = 1024,
         engine: Engine | None = None,
@@ -71,11 +68,9 @@ class OnPolicyDistillation(Objective):
             teacher_weights: Mixture weights of several teachers (default: equal).
             online_k: Top-k kept of each teacher's distribution at every position.
             num_generations: Completions sampled per prompt.
-            max_new_tokens: Longest completion; longer ones are cut.
-            sampling_temperature: Temperature of the sampling (the divergences compare the untempered
-                distributions unless ``temperature`` says otherwise).
-            top_p: Nucleus sampling.
-            top_k: Top-k sampling (0: off).
+            sampling: How completions are drawn (``distill.rollout.Sampling``: ``max_new_tokens``,
+                ``temperature``, ``top_p``, ``top_k``); the divergences compare the untempered
+                distributions unless ``temperature`` says otherwise.
             seed: Seed of the sampling and of the lmbda draws (with the epoch and the prompts or step: a
                 resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
@@ -86,7 +81,6 @@ class OnPolicyDistillation(Objective):
         require("objective.beta", beta, at_least=0, at_most=1)
         require("objective.skew", skew, at_least=0, at_most=1)
         require("objective.online_k", online_k, at_least=1)
-        require("objective.top_k", top_k, at_least=0)
         if loss != POLICY_GRADIENT and (loss not in LOSSES or loss == "sampled_ce"):
             choices = sorted({*LOSSES, POLICY_GRADIENT} - {"sampled_ce"})
             raise ValueError(f"unknown OnPolicyDistillation loss {loss!r}; choose one of {choices}")
@@ -122,7 +116,7 @@ class OnPolicyDistillation(Objective):
         self.lmbda = lmbda
         self.seq_kd = seq_kd
         self.num_generations = num_generations
-        self.sampling = Sampling(max_new_tokens, sampling_temperature, top_p, top_k)
+        self.sampling = sampling or Sampling()
         self.seed = seed
         self.chunk_size = chunk_size
         self.engine = engine or TransformersEngine()

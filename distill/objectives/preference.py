@@ -15,9 +15,8 @@ import torch
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
 from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
 from distill.objectives.context import Context, Step
-from distill.objectives.reference import Reference, ReferenceKind
+from distill.objectives.reference import Reference
 from distill.ranges import require
-from distill.train.quantization import Quantization
 
 PAIR_METRICS = (
     "rewards/chosen",
@@ -42,11 +41,7 @@ class Preference(Objective):
         label_smoothing: float = 0.0,
         gamma: float = 0.5,
         sft_weight: float = 0.0,
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
-        reference_dtype: str | None = None,
-        reference_quantization: Quantization | None = None,
-        reference_cache: str = "cache/reference",
+        reference: Reference | None = None,
         chunk_size: int = 1024,
     ) -> None:
         """
@@ -59,14 +54,8 @@ class Preference(Objective):
             gamma: SimPO's target reward margin.
             sft_weight: Weight of the chosen response's per-token NLL added to the loss (RPO,
                 LLaMA-Factory's ``pref_ftx``); ORPO has it built in.
-            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy), ``precomputed`` (the
-                frozen copy run once before training, its log-probs stored in ``reference_cache``) or
-                ``auto`` (adapter when the student trains a LoRA adapter, else model).
-            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
-            reference_dtype: Weight dtype of the frozen reference (default: the student's).
-            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
-                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
-            reference_cache: Directory of the precomputed reference log-probs.
+            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
+                ``quantization``, ``cache``; default: ``auto``).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         require("objective.chunk_size", chunk_size, at_least=1)
@@ -84,14 +73,7 @@ class Preference(Objective):
         beta = beta if beta is not None else (2.0 if loss == "simpo" else 0.1)
         self.options = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
         self.sft_weight = sft_weight
-        self.reference = Reference(
-            reference,
-            reference_model,
-            reference_dtype,
-            reference_cache,
-            chunk_size,
-            quantization=reference_quantization,
-        )
+        self.reference = reference or Reference()
         self.chunk_size = chunk_size
 
     @property
@@ -100,7 +82,7 @@ class Preference(Objective):
 
     def setup(self, context: Context) -> None:
         if self.spec.reference:
-            self.reference.setup(context, "Preference")
+            self.reference.setup(context, "Preference", self.chunk_size)
 
     @property
     def extra_forwards(self) -> int:

@@ -28,29 +28,45 @@ ReferenceKind = Literal["auto", "adapter", "model", "precomputed"]
 
 
 class Reference:
+    """The reference of an objective that has one: ``objective.reference: {kind: ..., model: ...}``."""
+
     def __init__(
         self,
         kind: ReferenceKind = "auto",
         model: str | None = None,
         dtype: str | None = None,
-        cache: str = "cache/reference",
-        chunk_size: int = 1024,
         quantization: Quantization | None = None,
+        cache: str = "cache/reference",
     ) -> None:
-        check_quantization(quantization, "objective.reference_quantization")
+        """
+        Args:
+            kind: ``adapter`` (the policy with its LoRA adapter disabled), ``model`` (a frozen copy),
+                ``precomputed`` (the frozen copy run once before training, its log-probs stored in
+                ``cache``; preference pairs only) or ``auto`` (adapter when the student trains a LoRA
+                adapter, else model).
+            model: Path or hub name of the frozen reference (default: the student's ``model``, loaded with
+                its ``from_pretrained`` arguments).
+            dtype: Weight dtype of the frozen reference (default: the student's).
+            quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights (a CUDA GPU and
+                the ``bnb`` extra; default: unquantized, whatever the student's).
+            cache: Directory of the precomputed reference log-probs.
+        """
+        check_quantization(quantization, "objective.reference.quantization")
         self.kind = kind
         self.model = model
         self.dtype = dtype
         self.cache = cache
-        self.chunk_size = chunk_size
+        self.chunk_size = 1024  # the objective's, from setup
         self.quantization = quantization
         self.model_kwargs: dict = {}  # from_pretrained arguments of the frozen model (see setup)
         # a list keeps the frozen model out of the student's module tree
         self.frozen: list[nn.Module] = []
         self.stored: dict[str, np.ndarray] | None = None
 
-    def setup(self, context: Context, owner: str) -> None:
-        """Resolve ``auto`` and the default model from the student (``owner`` names the objective)."""
+    def setup(self, context: Context, owner: str, chunk_size: int) -> None:
+        """Resolve ``auto`` and the default model from the student (``owner`` names the objective, whose
+        ``chunk_size`` the reference's forwards use)."""
+        self.chunk_size = chunk_size
         has_adapter = context.policy.has_adapter
         if self.kind == "auto":
             self.kind = "adapter" if has_adapter else "model"
@@ -58,15 +74,15 @@ class Reference:
             raise ValueError(f"{owner} reference 'adapter' needs a LoRA student (model.lora)")
         if self.kind == "adapter" and self.quantization is not None:
             raise ValueError(
-                f"{owner} reference_quantization quantizes a frozen reference: the 'adapter' reference is "
-                "the student's own base; set reference: model or precomputed, or drop reference_quantization"
+                f"{owner} reference.quantization quantizes a frozen reference: the 'adapter' reference is "
+                "the student's own base; set reference.kind: model or precomputed, or drop its quantization"
             )
         origin = context.origin
         if self.kind in ("model", "precomputed") and self.model is None:
             if origin.model is None:
                 raise ValueError(
                     "a student built from model_config has no starting weights to refer to: set "
-                    "objective.reference_model to the path of the reference (usually the SFT model)"
+                    "objective.reference.model to the path of the reference (usually the SFT model)"
                 )
             self.model = origin.model
         if self.model == origin.model:  # the starting weights: at the revision the student loaded
