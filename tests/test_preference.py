@@ -405,7 +405,9 @@ def test_kto_fit_rewards_desirable_samples_over_undesirable_ones(tmp_path, polic
     assert logged_values(tmp_path / "logs", "val/rewards/accuracies")[-1] > 0.5 and signed[-1] > 0
     pairs = {"class_path": "distill.objectives.Preference"}
     config = preference_config(tmp_path, policy_dir, pairs, n=4)
-    with pytest.raises(ValueError, match="KTO samples"):
+    with pytest.raises(
+        ValueError, match="Preference trains on pairs batches, but PreferenceDataModule yields unpaired"
+    ):
         run_cli(["fit", "--config", str(config), *args, "--trainer.max_steps", "1"])
 
 
@@ -413,7 +415,10 @@ def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
     from distill.objectives.reference_store import ReferenceStore
     from tests.helpers import clean_env, run
 
-    objective = {"class_path": "distill.objectives.Preference", "init_args": {"reference": "precomputed"}}
+    objective = {
+        "class_path": "distill.objectives.Preference",
+        "init_args": {"reference": {"kind": "precomputed"}},
+    }
     config = preference_config(tmp_path, policy_dir, objective, n=8)
     objective_args = "--model.init_args.objective.init_args"
     stores = {}
@@ -575,7 +580,7 @@ class _ShiftedReference:
     def __init__(self, offset: float) -> None:
         self.offset = offset
 
-    def setup(self, context, owner: str) -> None:
+    def setup(self, context, owner: str, chunk_size: int) -> None:
         self.policy = context.policy
 
     def logps(self, batch: dict) -> torch.Tensor:

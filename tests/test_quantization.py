@@ -218,7 +218,7 @@ def test_an_adapter_reference_refuses_a_reference_quantization(loadable):
         None, DataFacts("a test", "pairs", 0), Policy(None, has_adapter=True), Origin("some/model")
     )
     with pytest.raises(ValueError, match="the 'adapter' reference is the student's own base"):
-        reference.setup(lora_student, "Preference")
+        reference.setup(lora_student, "Preference", chunk_size=1024)
 
 
 def test_packed_4bit_weights_count_at_their_full_shape():

@@ -22,6 +22,7 @@ from torch import nn
 from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule, PromptDataModule
 from distill.cli import main
 from distill.objectives import GRPO, KTO, CrossEntropy, OnPolicyDistillation, Preference
+from distill.objectives.context import Step
 from distill.rollout import Sampling
 from distill.train.optim import AdamW
 from distill.train.student import StudentModule
@@ -219,6 +220,7 @@ def test_deepspeed_accumulated_loss_is_the_token_mean(monkeypatch):
         strategy=DeepSpeedStrategy(stage=2), accumulate_grad_batches=accumulate, world_size=1
     )
     monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    monkeypatch.setattr(module, "current_step", lambda: Step(training=True))
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :4] = -100
