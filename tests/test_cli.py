@@ -2,6 +2,7 @@
 
 import json
 import re
+import traceback
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,43 @@ def test_a_fit_prints_nothing_a_user_cannot_act_on(tmp_path, chat_file):
     assert "Trainable params" in out and "LlamaForCausalLM" in out
     for noise in ("litlogger", "LeafSpec", "IterableDataset", "FLOPs", "Flops", "Tip"):
         assert noise not in out, out
+
+
+@pytest.mark.parametrize(
+    ("config", "objective", "wanted"),
+    [
+        (
+            "sft.yaml",
+            "distill.objectives.Preference",
+            "Preference trains on pairs batches, but DataModule yields samples",
+        ),
+        (
+            "sft.yaml",
+            "distill.objectives.Distillation",
+            "Distillation reads cached teacher targets, but DataModule",
+        ),
+        (
+            "dpo.yaml",
+            "distill.objectives.KTO",
+            "KTO trains on unpaired batches, but PreferenceDataModule yields pairs",
+        ),
+    ],
+    ids=["pairs", "targets", "unpaired"],
+)
+def test_an_objective_paired_with_data_it_cannot_train_on_is_refused_before_the_model_trains(
+    config, objective, wanted, monkeypatch
+):
+    monkeypatch.chdir(ROOT)
+    args = ["fit", "--config", f"configs/{config}", "--model.init_args.objective", objective]
+    args += [
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "false",
+    ]
+    args += ["--data.init_args.max_train_samples", "4", "--data.init_args.max_eval_samples", "2"]
+    with pytest.raises(ValueError, match=wanted) as refused:
+        run_cli(args)
+    assert "configure_model" in "".join(traceback.format_tb(refused.tb))  # at setup, not in a step

@@ -178,7 +178,7 @@ def test_online_kd_gives_the_cached_loss(tmp_path, kd_teacher_dir):
     batch = next(iter(data.train_dataloader()))
     cached = student.compute_loss(batch)
     online = Distillation(alpha=0.5, online=[Teacher(model=str(kd_teacher_dir), name="t1")], online_k=8)
-    online.setup(student)
+    online.setup(student.objective_context())
     student.objective = online
     live = student.compute_loss({k: v for k, v in batch.items() if k != "targets"})
     torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)

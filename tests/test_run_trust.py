@@ -21,7 +21,9 @@ from torch import nn
 
 from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule, PromptDataModule
 from distill.cli import main
-from distill.objectives import GRPO, KTO, RLOO, CrossEntropy, OnPolicyDistillation, Preference
+from distill.objectives import GRPO, KTO, CrossEntropy, OnPolicyDistillation, Preference
+from distill.objectives.context import Step
+from distill.rollout import Sampling
 from distill.train.optim import AdamW
 from distill.train.schedule import WarmupDecay
 from distill.train.student import StudentModule
@@ -221,6 +223,7 @@ def test_deepspeed_accumulated_loss_is_the_token_mean(monkeypatch):
         strategy=DeepSpeedStrategy(stage=2), accumulate_grad_batches=accumulate, world_size=1
     )
     monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    monkeypatch.setattr(module, "current_step", lambda: Step(training=True))
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :4] = -100
@@ -351,7 +354,7 @@ def test_a_reward_function_that_does_not_import_is_one_line(monkeypatch, capfd):
         (Preference, {"chunk_size": -8}, "objective.chunk_size must be >= 1, got -8"),
         (KTO, {"chunk_size": 0}, "objective.chunk_size must be >= 1, got 0"),
         (lambda **kw: GRPO([], **kw), {"chunk_size": -1}, "objective.chunk_size must be >= 1, got -1"),
-        (lambda **kw: RLOO([], **kw), {"top_k": -1}, "objective.top_k must be >= 0, got -1"),
+        (Sampling, {"top_k": -1}, "sampling.top_k must be >= 0, got -1"),
         (lambda **kw: OnPolicyDistillation([], **kw), {"chunk_size": 0}, "objective.chunk_size must be >= 1"),
         (DataModule, {"batch_size": 0}, "data.batch_size must be >= 1, got 0"),
         (DataModule, {"val_fraction": -0.2}, "data.val_fraction must be in [0, 1), got -0.2"),

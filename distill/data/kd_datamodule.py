@@ -18,6 +18,7 @@ import random
 import shutil
 import uuid
 from contextlib import ExitStack
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from distill.cache import CacheReader, CacheSpec, TeacherCache, WriterLock, open
 from distill.data.batching import EvalBatches, pack
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
+from distill.data.facts import DataFacts
 from distill.data.kd_batches import (
     SEGMENT_BYTES,
     KDCollator,
@@ -153,6 +155,9 @@ class KDDataModule(DataModule):
     @property
     def trains_on_files(self) -> bool:
         return super().trains_on_files and self.rounds is None
+
+    def facts(self) -> DataFacts:
+        return replace(super().facts(), teacher_names=tuple(self.teacher_names))
 
     # ---- setup: sync, then collect what is missing ----------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -15,8 +17,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoTokenizer
 
-from distill.objectives.base import Loss, Objective, loss_inputs
+from distill.data.batching import pad_token_id
+from distill.data.facts import DataFacts
+from distill.data.resume import trained_position
+from distill.objectives.base import Loss, Objective, check_pairing, loss_inputs
 from distill.objectives.ce import CrossEntropy
+from distill.objectives.context import Context, Origin, Policy, Step
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
@@ -183,7 +189,7 @@ class StudentModule(L.LightningModule):
             add_embedding_noise(model, self.neftune_alpha)
         self.model = model
         self.flops_shape = model_shape(self.causal_lm)
-        self.objective.setup(self)
+        self.objective.setup(self.objective_context())
         # set up, the objective may report more (e.g. one teacher CE per teacher of the data module)
         self.train_metrics = self._metrics()
         self.val_metrics = self._metrics()
@@ -191,6 +197,36 @@ class StudentModule(L.LightningModule):
     def _metrics(self) -> ObjectiveMetrics:
         objective = self.objective
         return ObjectiveMetrics(objective.metric_names, objective.unit, objective.loss_is_cross_entropy)
+
+    def objective_context(self) -> Context:
+        """What the objective is told of this fit (its data module is set up by now)."""
+        strategy = self.strategy
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if hasattr(data, "facts"):
+            facts = data.facts()
+            check_pairing(self.objective, facts)
+        else:  # no data module of ours (outside a fit, or a plain LightningDataModule): nothing to check
+            source = type(data).__name__ if data is not None else "no data module"
+            facts = DataFacts(source, self.objective.accepts[0], pad_token_id(self.tokenizer))
+        origin = Origin(self.model_name, dict(self.model_kwargs), self.dtype_name, self.tokenizer_id)
+        context = Context(self.tokenizer, facts, Policy(self.model, self.lora is not None), origin)
+        if strategy is None:
+            return context
+        return replace(
+            context,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+            sharded=sharded(strategy),
+            mean_over_ranks=partial(strategy.reduce, reduce_op="mean"),
+            barrier=strategy.barrier,
+            unpartitioned=partial(unpartitioned, strategy),
+        )
+
+    def current_step(self) -> Step:
+        """Whether the batch now prepared trains, and where it stands in the fit."""
+        if self._trainer is None:
+            return Step()
+        return Step(self.trainer.training, *trained_position(self.trainer))
 
     @property
     def strategy(self) -> Strategy | None:
@@ -214,7 +250,7 @@ class StudentModule(L.LightningModule):
         return outputs.last_hidden_state
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Loss:
-        self.objective.prepare(batch, self)
+        self.objective.prepare(batch, self.current_step())
         with seeded_noise(batch.get("noise_seed"), self.device):
             hidden = self.forward_hidden(batch)
             return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch))
