@@ -21,6 +21,7 @@ from torch import nn
 
 from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule, PromptDataModule
 from distill.cli import main
+from distill.commands import main as run_command
 from distill.objectives import GRPO, KTO, CrossEntropy, OnPolicyDistillation, Preference
 from distill.objectives.context import Step
 from distill.rollout import Sampling
@@ -318,7 +319,7 @@ def test_a_bad_value_is_one_line_in_every_command(tmp_path, kd_teacher_dir, capf
     printed jsonargparse's 118-line traceback, exit 1)."""
     config = kd_config(tmp_path, kd_teacher_dir)
     with pytest.raises(SystemExit) as stop:
-        main([command, "--config", str(config), "--model.init_args.objective.init_args.alpha", "1.5"])
+        run_command([command, "--config", str(config), "--model.init_args.objective.init_args.alpha", "1.5"])
     assert stop.value.code == 2
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set to")]
