@@ -148,6 +148,7 @@ def test_data_imports_nothing_built_on_it():
         for name, targets in graph.items()
         if name == LEAF or name.startswith(LEAF + ".")
         for target in targets
-        if any(target == a or target.startswith(a + ".") for a in above) and (name, target) not in KNOWN_UPWARD
+        if any(target == a or target.startswith(a + ".") for a in above)
+        and (name, target) not in KNOWN_UPWARD
     )
     assert not upward, f"{LEAF} must be a leaf; it imports:\n" + "\n".join(f"{a} -> {b}" for a, b in upward)
