@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from distill.callbacks.steps import OptimizerSteps
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -50,7 +51,7 @@ class PreemptionCheckpoint(L.Callback):
         self._stop_code: int | None = None
         self._before_fit: dict[int, Any] = {}
         self._over: dict[int, Any] = {}
-        self._step_at_batch_start = 0
+        self._steps = OptimizerSteps()
         self._training = False  # a training step may have run: there is something to save
         self._pid = -1  # the process that set the handlers; DataLoader workers forked from it inherit them
         self._rank_zero = True
@@ -67,6 +68,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._training = True
+        self._steps.start(trainer)
         if _main_thread():  # take SIGTERM back from Lightning, which set its own handler since
             for signum in self._before_fit:
                 signal.signal(signum, self._record)
@@ -110,13 +112,12 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._stop_if_saved()
-        self._step_at_batch_start = trainer.global_step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_if_saved()  # no validation of a pre-empted run
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self._step_at_batch_start:
+        if not self._steps.ended(trainer):
             return  # amid gradient accumulation: a checkpoint would lose the accumulated gradients
         signum = self._received
         if trainer.world_size > 1:  # one rank's signal stops all: the checkpoint is a collective

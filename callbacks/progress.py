@@ -70,7 +70,8 @@ class LoopProgress(TQDMProgressBar):
             every_n_steps: A line at every multiple of this many optimizer steps (predict: batches).
             every_seconds: A line once this many seconds passed since the last one.
             lines: Plain lines (true) or a tqdm bar (false); default: lines where stdout is no terminal.
-            metrics: The logged metrics (``train/<name>``, ``val/<name>``) a line shows, where logged.
+            metrics: The logged metrics (``train/<name>``, ``val/<name>``, ``test/<name>``) a line shows,
+                where logged.
             refresh_rate: Batches between redraws of the tqdm bar.
         """
         if every_n_steps is None and every_seconds is None:
@@ -219,8 +220,8 @@ class LoopProgress(TQDMProgressBar):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_test_end(trainer, pl_module)
-        if self.prints_lines:  # StudentModule logs its test metrics as val/
-            parts = ["test", *self._metric_parts(trainer, "val/"), *self._metric_parts(trainer, "test/")]
+        if self.prints_lines:
+            parts = ["test", *self._metric_parts(trainer, "test/")]
             self._write([*parts, f"took {format_seconds(time.monotonic() - self._eval_start)}"])
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,3 +1,3 @@
-from distill.cli import main
+from distill.commands import main
 
 main()

@@ -1,13 +1,16 @@
-"""``python -m distill``: LightningCLI's fit/validate/test/predict, plus ``collect``, ``tokenize``,
-``inspect``, ``merge``, ``generate``, ``cache`` and ``pipeline``."""
+"""The parser: LightningCLI's fit/validate/test/predict (and ``collect``, predict by its name for teacher
+collection) with distill's options, and how its refusals end the process. The other commands
+(``distill.commands``) import it; it imports none of them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -196,9 +199,12 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+@contextlib.contextmanager
+def exit_codes() -> Iterator[None]:
+    """How a run of the parser ends the process: a ``ConfigError`` as its one line and exit 2, Lightning's
+    SIGTERM stop as a failure."""
     try:
-        run_command(argv)
+        yield
     except ConfigError as error:
         # our message alone, not under jsonargparse's "Does not validate against any of the Union subtypes"
         print(f"error: {error}", file=sys.stderr)
@@ -208,32 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(stop.code or 128 + signal.SIGTERM) from None
 
 
-def run_command(argv: list[str] | None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "inspect":
-        from distill.data.preview import main as inspect_main
-
-        return inspect_main(args[1:])
-    if args and args[0] == "merge":
-        from distill.train.merge import main as merge_main
-
-        return merge_main(args[1:])
-    if args and args[0] == "generate":
-        from distill.rollout.generate import main as generate_main
-
-        return generate_main(args[1:])
-    if args and args[0] == "pipeline":
-        from distill.pipeline.runner import main as pipeline_main
-
-        return pipeline_main(args[1:])
-    if args and args[0] == "cache":
-        from distill.cache.cli import main as cache_main
-
-        return cache_main(args[1:])
-    if args and args[0] == "tokenize":  # the tokenized-data cache alone: on a CPU node before a GPU job
-        run_cli(args[1:], run=False).datamodule.prepare_data()
-        return None
-    if args and args[0] == "collect":  # a friendlier name for teacher collection
+def main(argv: list[str] | None = None) -> None:
+    """fit, validate, test, predict, and ``collect``: a friendlier name for predict (teacher collection)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "collect":
         argv = ["predict", *args[1:]]
-    run_cli(argv)
-    return None
+    with exit_codes():
+        run_cli(argv)

@@ -148,7 +148,7 @@ def directory_size(directory: Path) -> int:
 def model_card(config: dict, model: PreTrainedModel, results: dict[str, Perplexity], minutes: float) -> str:
     arch = model.config
     trainer, data, module = config["trainer"], config["data"]["init_args"], config["model"]["init_args"]
-    optimizer = module["optimizer"]["init_args"]
+    optimizer, schedule = module["optimizer"]["init_args"], module["scheduler"]["init_args"]
     rows = "\n".join(
         f"| {name} | {DATA.name}/{name}_val.jsonl | {label} | {r.tokens:,} | {r.loss:.3f} | {r.ppl:.1f} |"
         for (name, r), label in zip(results.items(), ("every token", "assistant tokens only"), strict=True)
@@ -176,7 +176,7 @@ documentation prose and answers in the style of the demo chats, often wrongly.
   chatterbot-corpus conversations, `mistral` template), cross-entropy on every token, samples cut to
   {data["max_seq_length"]} tokens and packed into rows of {data["max_seq_length"]}.
 - {trainer["max_steps"]} optimizer steps of {data["batch_size"]} rows, AdamW (lr {optimizer["lr"]},
-  weight decay {optimizer["weight_decay"]}), {module["warmup_steps"]} warmup steps then cosine decay,
+  weight decay {optimizer["weight_decay"]}), {schedule["warmup_steps"]} warmup steps then cosine decay,
   gradient clipping {trainer["gradient_clip_val"]}, `{config["precision"]}` on 2 CPU cores:
   {minutes:.1f} minutes.
 - Config: `configs/teacher_pretrain.yaml` (the resolved run config is `distill_config.yaml`).

@@ -427,3 +427,14 @@ def preference_config(tmp_path: Path, model_dir: Path, objective: dict, n: int =
     path = tmp_path / "preference.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def objective_context(tokenizer, model: torch.nn.Module, data=None, **options):
+    """A one-process ``Context`` for an objective under test: ``model`` is the policy; ``data`` the
+    ``DataFacts`` (default: token samples padded with the tokenizer's pad id)."""
+    from distill.data.batching import pad_token_id
+    from distill.data.facts import DataFacts
+    from distill.objectives.context import Context, Policy
+
+    data = data or DataFacts("a test", "samples", pad_token_id(tokenizer))
+    return Context(tokenizer, data, Policy(model, has_adapter=hasattr(model, "disable_adapter")), **options)

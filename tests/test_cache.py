@@ -450,7 +450,7 @@ def test_corrupt_files_never_appear_as_segments(tmp_path):
 
 
 def test_merging_teachers_at_collection_equals_the_training_time_mixture(tmp_path):
-    from distill.cache.cli import merge_teachers
+    from distill.cache.mixture import merge_teachers
     from distill.losses.kd import log_tail_mass, mix_teachers
 
     cache = open_cache(tmp_path / "c", spec(teachers=[BIG, SMALL]))

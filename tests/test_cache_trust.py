@@ -27,7 +27,7 @@ from distill.cache import (
     open_cache,
 )
 from distill.cache import reader as cache_reader
-from distill.cli import main
+from distill.commands import main
 from distill.data.formats import read_records
 from distill.targets import SparseTargets
 from distill.teacher.collect import sync_cache

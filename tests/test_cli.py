@@ -1,13 +1,16 @@
 """The real CLI, end to end, on a two-layer model: fit with overrides, HF export, configs, print_config."""
 
+import json
 import re
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from distill.cli import main, resolve_precision, run_cli
+from distill.cli import resolve_precision, run_cli
+from distill.commands import main
 from tests.helpers import ROOT, clean_env, logged_rows, run, with_last_checkpoint, write_config
 
 
@@ -85,6 +88,49 @@ def test_print_config_and_composed_configs(tmp_path, chat_file, capsys):
         and printed["model"]["init_args"]["lora"]["alpha"] == 8
     )
     assert "tokenizer" not in printed["data"]["init_args"]  # derived from the model's, not set twice
+
+
+@pytest.mark.parametrize(
+    ("schedule", "check"),
+    [
+        (
+            {
+                "class_path": "distill.train.schedule.WarmupDecay",
+                "init_args": {"decay": "linear", "warmup_ratio": 0.25},
+            },
+            lambda scheduler, lrs: lrs[:4] == pytest.approx([0.0, 0.005, 0.01, 0.01 * 5 / 6]),
+        ),
+        (  # a torch scheduler whose second argument is the run's steps
+            {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"eta_min": 0.001}},
+            lambda scheduler, lrs: scheduler.T_max == 8 and scheduler.eta_min == 0.001 and lrs[0] == 0.01,
+        ),
+    ],
+    ids=["WarmupDecay", "CosineAnnealingLR"],
+)
+def test_the_schedule_is_a_class_path_given_the_optimizer_and_the_run_steps(
+    tmp_path, chat_file, schedule, check
+):
+    config = write_config(tmp_path, chat_file)
+    cli = run_cli(
+        [
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "8",
+            f"--model.init_args.scheduler={json.dumps(schedule)}",
+        ],
+        run=False,
+    )
+    cli.model.trainer = cli.trainer
+    cli.model.configure_model()
+    configured = cli.model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert type(scheduler).__name__ == schedule["class_path"].rsplit(".", 1)[1] and check(scheduler, lrs), lrs
 
 
 def base_configs(path: Path) -> list[str]:
@@ -239,3 +285,43 @@ def test_a_fit_prints_nothing_a_user_cannot_act_on(tmp_path, chat_file):
     assert "Trainable params" in out and "LlamaForCausalLM" in out
     for noise in ("litlogger", "LeafSpec", "IterableDataset", "FLOPs", "Flops", "Tip"):
         assert noise not in out, out
+
+
+@pytest.mark.parametrize(
+    ("config", "objective", "wanted"),
+    [
+        (
+            "sft.yaml",
+            "distill.objectives.Preference",
+            "Preference trains on pairs batches, but DataModule yields samples",
+        ),
+        (
+            "sft.yaml",
+            "distill.objectives.Distillation",
+            "Distillation reads cached teacher targets, but DataModule",
+        ),
+        (
+            "dpo.yaml",
+            "distill.objectives.KTO",
+            "KTO trains on unpaired batches, but PreferenceDataModule yields pairs",
+        ),
+    ],
+    ids=["pairs", "targets", "unpaired"],
+)
+def test_an_objective_paired_with_data_it_cannot_train_on_is_refused_before_the_model_trains(
+    config, objective, wanted, monkeypatch
+):
+    monkeypatch.chdir(ROOT)
+    args = ["fit", "--config", f"configs/{config}", "--model.init_args.objective", objective]
+    args += [
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "false",
+    ]
+    args += ["--data.init_args.max_train_samples", "4", "--data.init_args.max_eval_samples", "2"]
+    with pytest.raises(ValueError, match=wanted) as refused:
+        run_cli(args)
+    assert "configure_model" in "".join(traceback.format_tb(refused.tb))  # at setup, not in a step

@@ -16,7 +16,8 @@ import yaml
 from distill.callbacks import HFExport
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from distill.cli import main, run_cli
+from distill.cli import run_cli
+from distill.commands import main
 from distill.data.encoding import NoTrainableTokensError
 from tests.helpers import (
     TOKENIZER_DIR,

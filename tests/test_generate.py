@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from distill.cli import main
+from distill.commands import main
 from distill.data.datamodule import DataModule
 from distill.rollout.generate import generate
 from tests.helpers import save_remote_code_adapter, save_tiny_teacher, write_jsonl

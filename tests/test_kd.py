@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from distill.cli import main, run_cli
+from distill.cli import run_cli
+from distill.commands import main
 from distill.objectives.kd import Distillation
 from distill.targets import concat_targets
 from distill.teacher.module import sparse_distribution
@@ -177,7 +178,7 @@ def test_online_kd_gives_the_cached_loss(tmp_path, kd_teacher_dir):
     batch = next(iter(data.train_dataloader()))
     cached = student.compute_loss(batch)
     online = Distillation(alpha=0.5, online=[Teacher(model=str(kd_teacher_dir), name="t1")], online_k=8)
-    online.setup(student)
+    online.setup(student.objective_context())
     student.objective = online
     live = student.compute_loss({k: v for k, v in batch.items() if k != "targets"})
     torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)
@@ -208,7 +209,7 @@ def test_two_teachers_are_collected_in_turn_and_mixed_at_training_time(tmp_path,
 
 
 def _stats_json(path: Path) -> str:
-    from distill.cache.cli import describe
+    from distill.cache.stats import describe
 
     return json.dumps(describe(path))
 

@@ -3,7 +3,7 @@
 import torch
 import yaml
 
-from distill.cli import main
+from distill.commands import main
 from distill.train.merge import merge_adapter
 from tests.helpers import save_remote_code_adapter, write_config
 

@@ -5,7 +5,7 @@ where completions come from, refusals, and a fit that resumes with the same samp
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,11 +15,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distill.data.batching import Collator, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, encode_all
+from distill.data.facts import DataFacts
 from distill.data.formats import DataFormatError, read_records
 from distill.data.prompt_datamodule import PromptDataModule
 from distill.data.templates import resolve_template
 from distill.losses.kd import reverse_kl_policy_gradient
 from distill.objectives import Distillation, OnPolicyDistillation
+from distill.objectives.context import Origin, Step
 from distill.teacher.module import Teacher
 from tests.helpers import (
     ROOT,
@@ -28,6 +30,7 @@ from tests.helpers import (
     check_killed_fit_resumes,
     conversation,
     logged_values,
+    objective_context,
     objective_loss,
     save_tiny_teacher,
     with_last_checkpoint,
@@ -81,16 +84,20 @@ def completions(rows: int = 2, length: int = 7) -> torch.Tensor:
     return ids
 
 
-def objective_for(teacher_dirs, engine, **kwargs) -> OnPolicyDistillation:
-    teachers = [Teacher(model=str(d), name=f"t{i}", dtype="float32") for i, d in enumerate(teacher_dirs)]
-    objective = OnPolicyDistillation(teachers, engine=engine, **kwargs)
-    objective.configure(str(TOKENIZER_DIR), stop_ids=[EOS], pad_id=0, template=None)
+PROMPTS = DataFacts("a test", "prompts", pad_id=0, stop_ids=(EOS,))
+EVALUATING = Step(training=False)  # validation draws from the student
+
+
+def set_up(objective, policy, data: DataFacts = PROMPTS, tokenizer_dir=TOKENIZER_DIR):
+    """``objective`` set up on prompt batches, ``policy`` the student."""
+    origin = Origin(tokenizer=str(tokenizer_dir))
+    objective.setup(objective_context(None, policy, data, origin=origin))
     return objective
 
 
-def evaluating(model) -> SimpleNamespace:
-    """What ``prepare`` reads of a student outside a fit: validation draws from the student."""
-    return SimpleNamespace(trainer=SimpleNamespace(training=False), model=model)
+def objective_for(teacher_dirs, engine, policy, data=PROMPTS, **kwargs) -> OnPolicyDistillation:
+    teachers = [Teacher(model=str(d), name=f"t{i}", dtype="float32") for i, d in enumerate(teacher_dirs)]
+    return set_up(OnPolicyDistillation(teachers, engine=engine, **kwargs), policy, data)
 
 
 def full_log_probs(model, batch: dict) -> torch.Tensor:
@@ -125,9 +132,9 @@ def gradients(model) -> list[torch.Tensor]:
 def test_the_onpolicy_loss_and_gradient_equal_a_full_vocabulary_reference(student, teacher_dir, loss, beta):
     engine = FixedEngine(completions())
     # the whole vocabulary as the teacher's head: the bucket divergence is then the dense one
-    objective = objective_for([teacher_dir], engine, loss=loss, beta=beta, online_k=VOCAB)
+    objective = objective_for([teacher_dir], engine, student, loss=loss, beta=beta, online_k=VOCAB)
     batch = prompt_batch()
-    objective.prepare(batch, evaluating(student))
+    objective.prepare(batch, EVALUATING)
     assert engine.models == [student]  # the student sampled
     labels = batch["labels"][:, 1:]
     assert (labels != IGNORE_INDEX).sum(dim=1).tolist() == [5, 7]  # up to and including the stop token
@@ -156,11 +163,11 @@ def test_the_policy_gradient_form_equals_a_naive_reference_with_teachers_mixed_b
     engine = FixedEngine(completions())
     weights = [0.75, 0.25]
     objective = objective_for(
-        [teacher_dir, second_teacher_dir], engine, loss="reverse_kl_pg", teacher_weights=weights
+        [teacher_dir, second_teacher_dir], engine, student, loss="reverse_kl_pg", teacher_weights=weights
     )
     assert objective.metric_names == ("ce", "kd", "teacher_ce/t0", "teacher_ce/t1", "on_policy")
     batch = prompt_batch()
-    objective.prepare(batch, evaluating(student))
+    objective.prepare(batch, EVALUATING)
     out = objective_loss(objective, student, batch)
     out.loss_sum.backward()
     got = gradients(student)
@@ -221,15 +228,14 @@ def test_lmbda_zero_is_online_kd_on_the_datasets_responses(tmp_path, student, te
 
     teacher = Teacher(model=str(teacher_dir), name="t0", dtype="float32")
     online = Distillation(loss="jsd", beta=0.3, online=[teacher], online_k=16)
-    online.setup(SimpleNamespace(tokenizer_id=str(TOKENIZER_DIR)))
-    online.prepare(sft, None)
+    set_up(online, student, DataFacts("a test", "samples", 0))
+    online.prepare(sft, Step())
     want = objective_loss(online, student, sft)
 
     engine = FixedEngine(None)
     objective = OnPolicyDistillation([teacher], loss="jsd", beta=0.3, lmbda=0.0, online_k=16, engine=engine)
-    objective.configure(str(TOKENIZER_DIR), data.generation_stop_ids, data.pad_id, template)
-    training = SimpleNamespace(trainer=SimpleNamespace(training=True), model=student)
-    objective.prepare(prompts, training)
+    set_up(objective, student, data.facts())
+    objective.prepare(prompts, Step(training=True))
     got = objective_loss(objective, student, prompts)
     assert engine.models == []  # nothing sampled
     assert got.num_units == want.num_units == sum(s.num_trainable for s in samples)
@@ -278,8 +284,9 @@ def test_a_teacher_with_its_own_template_reads_the_prompt_in_it(tmp_path, chat_t
     sampled[0, 4] = im_end  # the first stops on the student's end-of-turn
     teacher = Teacher(model=str(teacher_dir), name="llama", dtype="float32", template="llama3")
     objective = OnPolicyDistillation([teacher], online_k=8, engine=FixedEngine(sampled))
-    objective.configure(str(chat_tokenizer_dir), [im_end, EOS], pad_token_id(tok), student_template)
-    objective.prepare(batch, evaluating(student))
+    facts = DataFacts("a test", "prompts", pad_token_id(tok), student_template, stop_ids=(im_end, EOS))
+    set_up(objective, student, facts, chat_tokenizer_dir)
+    objective.prepare(batch, EVALUATING)
 
     (model,) = objective.teachers.models(torch.device("cpu"))
     llama3 = resolve_template(tok, "llama3")
@@ -305,30 +312,21 @@ def test_a_teacher_with_its_own_template_reads_the_prompt_in_it(tmp_path, chat_t
 
 
 def test_seq_kd_samples_from_the_teacher_and_lmbda_mixes_by_step(student, teacher_dir):
-    loop = SimpleNamespace(
-        epoch_progress=SimpleNamespace(current=SimpleNamespace(completed=0)),
-        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=0))),
-    )
-    trainer = SimpleNamespace(training=True, fit_loop=loop)
     engine = FixedEngine(completions())
-    objective = objective_for([teacher_dir], engine, lmbda=0.0, seq_kd=True, online_k=4)
-    training = SimpleNamespace(trainer=trainer, model=student)
+    with_responses = replace(PROMPTS, responses=True)  # lmbda 0: validation scores the dataset's responses
+    objective = objective_for(
+        [teacher_dir], engine, student, with_responses, lmbda=0.0, seq_kd=True, online_k=4
+    )
     batch = prompt_batch()
-    objective.prepare(batch, training)
+    objective.prepare(batch, Step(training=True))
     assert engine.models == objective.teachers.models("cpu")  # the teacher sampled, not the student
     assert batch["on_policy"] is False
     # lmbda: the share of training micro-batches the student samples, drawn per (epoch, batch) position
-    objective = objective_for([teacher_dir], FixedEngine(completions()), lmbda=0.3, seq_kd=True)
-    sources = []
-    for position in range(400):
-        loop.epoch_loop.batch_progress.current.ready = position
-        sources.append(objective.completion_source(trainer))
+    objective = objective_for([teacher_dir], FixedEngine(completions()), student, lmbda=0.3, seq_kd=True)
+    sources = [objective.completion_source(Step(True, 0, position)) for position in range(400)]
     assert 0.24 < sources.count("student") / 400 < 0.36
     assert set(sources) == {"student", "teacher"}
-    again = []
-    for position in range(400):
-        loop.epoch_loop.batch_progress.current.ready = position
-        again.append(objective.completion_source(trainer))
+    again = [objective.completion_source(Step(True, 0, position)) for position in range(400)]
     assert again == sources  # the same draws after a resume
 
 
@@ -344,10 +342,8 @@ def test_onpolicy_distillation_refuses_what_cannot_work(tmp_path, teacher_dir):
     with pytest.raises(ValueError, match="seq_kd samples from the first teacher"):
         OnPolicyDistillation([own], seq_kd=True)
     # batches on the dataset's responses need them
-    data = SimpleNamespace(generation_stop_ids=[EOS], pad_id=0, responses=False)
-    fit = SimpleNamespace(trainer=SimpleNamespace(datamodule=data), _trainer=True, strategy=None)
     with pytest.raises(ValueError, match=r"set data\.responses: true"):
-        OnPolicyDistillation([teacher], lmbda=0.5).setup(fit)
+        set_up(OnPolicyDistillation([teacher], lmbda=0.5), None)
     # a prompt file read with responses needs each conversation to end with one
     unanswered = {"messages": [{"role": "user", "content": "hi"}]}
     file = write_jsonl(tmp_path / "p.jsonl", [conversation(0), unanswered])
@@ -373,7 +369,8 @@ def onpolicy_config(tmp_path, name: str, teacher_dir, chat_file) -> dict:
     model["model_config"] = TINY_LLAMA
     init = model["objective"]["init_args"]
     teachers = [{"model": str(teacher_dir), "name": "t", "dtype": "float32"}]
-    init.update(teachers=teachers, max_new_tokens=6, online_k=8)
+    init.update(teachers=teachers, online_k=8)
+    init["sampling"]["max_new_tokens"] = 6
     config["data"]["init_args"].update(
         train_files=str(chat_file), val_files=None, val_fraction=0.25, template="mistral", batch_size=2,
         max_eval_samples=4, max_response_length=64,

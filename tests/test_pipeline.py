@@ -21,6 +21,7 @@ import torch
 import yaml
 from distill.callbacks.stage_results import batch_size
 
+from distill.commands.pipeline import main
 from distill.pipeline.inputs import ContentHashes, data_digest
 from distill.pipeline.plan import Stage, plan
 from distill.pipeline.runner import (
@@ -28,7 +29,6 @@ from distill.pipeline.runner import (
     describe,
     fit_command,
     launch_id,
-    main,
     stage_env,
     stage_key,
     wait_for,
@@ -167,7 +167,8 @@ def test_stages_chain_through_exports_and_the_merge(finished):
     assert configs["sft"]["model"]["init_args"]["model_config"] is None
     # the LoRA stage's adapter was merged, and the merged model is what DPO trains and refers to
     assert configs["dpo"]["model"]["init_args"]["model"] == str(out / "sft" / "merged")
-    assert configs["dpo"]["model"]["init_args"]["objective"]["init_args"]["reference_model"] is None
+    dpo_objective = configs["dpo"]["model"]["init_args"]["objective"]["init_args"]
+    assert dpo_objective["reference"]["init_args"]["model"] is None
     assert (out / "sft" / "model" / "adapter_config.json").is_file()
     ids = torch.tensor([[1, 415, 2188, 349, 264, 1369, 28723, 2]])
     merged = AutoModelForCausalLM.from_pretrained(out / "sft" / "merged").eval()

@@ -14,8 +14,9 @@ from distill.cli import main, run_cli
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit
 from distill.data.pairs import PairRecord
 from distill.data.templates import resolve_template
-from distill.objectives import KTO, Preference, RewardModel
+from distill.objectives import KTO, Preference, Reference, RewardModel
 from distill.objectives.base import loss_inputs
+from distill.objectives.context import Step
 from distill.objectives.reference import sequence_logps
 from distill.train.model import LoraOptions
 from distill.train.student import StudentModule
@@ -132,7 +133,7 @@ def test_the_adapter_off_reference_is_the_base_model(policy_dir):
     assert objective.reference.kind == "adapter" and objective.extra_forwards == 1  # counted in FLOPs
     batch = pair_batch(student.tokenizer)
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
-    reference = objective.reference.logps(batch, student)
+    reference = objective.reference.logps(batch)
     assert_close(reference, naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
     policy = naive_sequence_logps(student.model, batch)
     assert (policy - reference).abs().max() > 1e-2  # the adapter is back on after the reference
@@ -145,7 +146,7 @@ def test_the_frozen_reference_defaults_to_the_starting_weights(policy_dir):
     with torch.no_grad():
         student.causal_lm.get_input_embeddings().weight.mul_(1.5)  # training moved the policy
     batch = pair_batch(student.tokenizer)
-    objective.prepare(batch, student)
+    objective.prepare(batch, Step())
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
     assert_close(batch["reference_logps"], naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
     assert not any(
@@ -166,7 +167,9 @@ def test_the_frozen_reference_loads_the_starting_weights_as_the_student_loaded_t
     assert frozen.config._attn_implementation == "eager"
     assert objective.reference.store_identity(["entry"])["model_kwargs"] == eager  # a revision keys the store
     # another reference_model: model.model_kwargs (a revision of model.model) are not its arguments
-    other = Preference(loss="sigmoid", reference_model=str(shutil.copytree(policy_dir, tmp_path / "other")))
+    other = Preference(
+        loss="sigmoid", reference=Reference(model=str(shutil.copytree(policy_dir, tmp_path / "other")))
+    )
     StudentModule(model=str(policy_dir), objective=other, model_kwargs=eager).configure_model()
     assert other.reference.frozen_model(torch.device("cpu")).config._attn_implementation != "eager"
     assert "model_kwargs" not in other.reference.store_identity(["entry"])
@@ -177,7 +180,7 @@ def test_reference_free_losses_load_no_reference(policy_dir):
         objective = Preference(loss=loss)
         student = student_of(policy_dir, objective)
         batch = pair_batch(student.tokenizer)
-        objective.prepare(batch, student)
+        objective.prepare(batch, Step())
         assert "reference_logps" not in batch and not objective.reference.frozen
         assert objective.extra_forwards == 0
         hidden = student.forward_hidden(batch)
@@ -200,13 +203,13 @@ def test_a_student_built_from_a_config_must_name_its_reference():
         },
         objective=Preference(loss="sigmoid"),
     )
-    with pytest.raises(ValueError, match="reference_model"):
+    with pytest.raises(ValueError, match=r"reference\.model"):
         student.configure_model()
     with pytest.raises(ValueError, match="needs a LoRA student"):
         student_of_config = StudentModule(
             tokenizer=str(TOKENIZER_DIR),
             model_config=student.model_config,
-            objective=Preference(reference="adapter"),
+            objective=Preference(reference=Reference("adapter")),
         )
         student_of_config.configure_model()
 
@@ -299,8 +302,8 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     config = preference_config(tmp_path, policy_dir, {"class_path": "distill.objectives.Preference"}, n=8)
     store = tmp_path / "reference"
     objective_args = "--model.init_args.objective.init_args"
-    args = ["--config", str(config), f"{objective_args}.reference", "precomputed"]
-    args += [f"{objective_args}.reference_cache", str(store), "--trainer.max_steps", "2"]
+    args = ["--config", str(config), f"{objective_args}.reference.kind", "precomputed"]
+    args += [f"{objective_args}.reference.cache", str(store), "--trainer.max_steps", "2"]
     with caplog.at_level(logging.INFO):
         cli = run_cli(["fit", *args])
     assert caplog.text.count("reference log-probs of 12 units") == 1  # 8 train + 4 val pairs, once
@@ -312,11 +315,11 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     (entry,) = store.iterdir()
     assert (entry / "meta.json").exists() and len(list(entry.glob("part-*.npz"))) == 1
     batch = pair_batch(student.tokenizer, n=2)  # pairs 0 and 1 of the training data
-    online = Preference(reference="model")
-    online.setup(student)
+    online = Preference(reference=Reference("model"))
+    online.setup(student.objective_context())
     assert_close(
         objective.reference.stored_logps(batch),
-        online.reference.logps(batch, student).double(),
+        online.reference.logps(batch).double(),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -341,7 +344,7 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
         model.get_input_embeddings().weight.mul_(1.3)
     model.save_pretrained(moved)
     with caplog.at_level(logging.INFO):
-        cli = run_cli(["fit", *args, f"{objective_args}.reference_model", str(moved)])
+        cli = run_cli(["fit", *args, f"{objective_args}.reference.model", str(moved)])
     assert "reference log-probs of 12 units" in caplog.text and len(list(store.iterdir())) == 2
     moved_logps = cli.model.objective.reference.stored_logps(batch)
     assert (moved_logps - objective.reference.stored_logps(batch)).abs().max() > 1e-3
@@ -402,7 +405,9 @@ def test_kto_fit_rewards_desirable_samples_over_undesirable_ones(tmp_path, polic
     assert logged_values(tmp_path / "logs", "val/rewards/accuracies")[-1] > 0.5 and signed[-1] > 0
     pairs = {"class_path": "distill.objectives.Preference"}
     config = preference_config(tmp_path, policy_dir, pairs, n=4)
-    with pytest.raises(ValueError, match="KTO samples"):
+    with pytest.raises(
+        ValueError, match="Preference trains on pairs batches, but PreferenceDataModule yields unpaired"
+    ):
         run_cli(["fit", "--config", str(config), *args, "--trainer.max_steps", "1"])
 
 
@@ -410,7 +415,10 @@ def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
     from distill.objectives.reference_store import ReferenceStore
     from tests.helpers import clean_env, run
 
-    objective = {"class_path": "distill.objectives.Preference", "init_args": {"reference": "precomputed"}}
+    objective = {
+        "class_path": "distill.objectives.Preference",
+        "init_args": {"reference": {"kind": "precomputed"}},
+    }
     config = preference_config(tmp_path, policy_dir, objective, n=8)
     objective_args = "--model.init_args.objective.init_args"
     stores = {}
@@ -419,7 +427,7 @@ def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
         "two": ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
     }.items():
         store = tmp_path / name
-        args = ["fit", "--config", str(config), f"{objective_args}.reference_cache", str(store), *extra]
+        args = ["fit", "--config", str(config), f"{objective_args}.reference.cache", str(store), *extra]
         run([*args, "--trainer.max_steps", "2"], clean_env())
         (entry,) = store.iterdir()
         parts = sorted(p.name for p in entry.glob("part-*.npz"))
@@ -536,7 +544,7 @@ def test_option_combinations_that_cannot_work_are_refused(tmp_path, policy_dir):
     with pytest.raises(ValueError, match="NLL already"):
         Preference(loss="orpo", sft_weight=0.5)
     with pytest.raises(ValueError, match="not precomputed"):
-        KTO(reference="precomputed")
+        KTO(reference=Reference("precomputed"))
     tokenizer = student_of(policy_dir, KTO()).tokenizer
     one = {
         k: v[:1] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
@@ -572,29 +580,30 @@ class _ShiftedReference:
     def __init__(self, offset: float) -> None:
         self.offset = offset
 
-    def setup(self, student, owner: str) -> None:
-        pass
+    def setup(self, context, owner: str, chunk_size: int) -> None:
+        self.policy = context.policy
 
-    def logps(self, batch: dict, student) -> torch.Tensor:
-        return sequence_logps(student.causal_lm, batch) - self.offset
+    def logps(self, batch: dict) -> torch.Tensor:
+        return sequence_logps(self.policy.causal_lm, batch) - self.offset
 
 
 def _kto_reference_point_on_two_ranks(rank: int, store: str) -> None:
-    from types import SimpleNamespace
+    from functools import partial
 
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
     from transformers import AutoConfig
 
     from distill.data.encoding import Encoded
-    from tests.helpers import TINY_LLAMA
+    from distill.data.facts import DataFacts
+    from tests.helpers import TINY_LLAMA, objective_context
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA, vocab_size=64))
-    trainer = SimpleNamespace(world_size=2, strategy=DDPStrategy())  # its reduce: over the gloo group
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
-    student = SimpleNamespace(training=True, causal_lm=model, tokenizer=tokenizer, trainer=trainer)
+    mean = partial(DDPStrategy().reduce, reduce_op="mean")  # over the gloo group
+    data = DataFacts("a test", "unpaired", pad_id=0)
+    context = objective_context(None, model, data, rank=rank, world_size=2, mean_over_ranks=mean)
     samples = [
         Encoded([1, 5 + i, 9, 10 + i], [-100, -100, 9, 10 + i], f"{i:064x}", f"kto:{i}", value=float(i % 2))
         for i in range(4)
@@ -603,9 +612,9 @@ def _kto_reference_point_on_two_ranks(rank: int, store: str) -> None:
     for offsets, want in (([-2.0, 1.0], 0.0), ([-1.0, 2.0], 0.5)):
         objective = KTO()
         objective.reference = _ShiftedReference(offsets[rank])  # policy - reference = the rank's offset
-        objective.setup(student)
+        objective.setup(context)
         batch = UnitCollator(0, packed=False)([[sample] for sample in samples])
-        objective.prepare(batch, student)
+        objective.prepare(batch, Step(training=True))
         assert float(batch["kl_baseline"]) == pytest.approx(want, abs=1e-5), (rank, offsets)
     dist.destroy_process_group()
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import distill.train.quantization as quantization_module
-from distill.cli import main
+from distill.commands import main
 from distill.objectives import GRPO
 from distill.objectives.kto import KTO
 from distill.objectives.preference import Preference
@@ -105,16 +105,18 @@ def test_a_quantized_teacher_is_refused_without_cuda(no_cuda):
 @pytest.mark.parametrize(
     "objective",
     [
-        lambda q: Preference(reference="model", reference_quantization=q),
-        lambda q: KTO(reference="model", reference_quantization=q),
-        lambda q: GRPO(rewards=[Length(max_tokens=8)], beta=0.1, reference="model", reference_quantization=q),
+        lambda q: Preference(reference=Reference("model", quantization=q)),
+        lambda q: KTO(reference=Reference("model", quantization=q)),
+        lambda q: GRPO(
+            rewards=[Length(max_tokens=8)], beta=0.1, reference=Reference("model", quantization=q)
+        ),
     ],
     ids=["preference", "kto", "grpo"],
 )
 def test_a_quantized_reference_is_refused_without_cuda(no_cuda, objective):
     with pytest.raises(ValueError) as error:
         objective(Quantization(load_in_4bit=True))
-    assert str(error.value) == f"objective.reference_quantization: {NO_CUDA}"
+    assert str(error.value) == f"objective.reference.quantization: {NO_CUDA}"
 
 
 def test_a_quantized_reward_model_is_refused_without_cuda(no_cuda):
@@ -209,9 +211,14 @@ def test_a_quantized_teacher_is_a_separate_cache_identity(loadable):
 
 def test_an_adapter_reference_refuses_a_reference_quantization(loadable):
     reference = Reference("auto", quantization=Quantization(load_in_4bit=True))
-    student = SimpleNamespace(lora=LoraOptions(), model_name="some/model", dtype_name=None, tokenizer=None)
+    from distill.data.facts import DataFacts
+    from distill.objectives.context import Context, Origin, Policy
+
+    lora_student = Context(
+        None, DataFacts("a test", "pairs", 0), Policy(None, has_adapter=True), Origin("some/model")
+    )
     with pytest.raises(ValueError, match="the 'adapter' reference is the student's own base"):
-        reference.setup(student, "Preference")
+        reference.setup(lora_student, "Preference", chunk_size=1024)
 
 
 def test_packed_4bit_weights_count_at_their_full_shape():

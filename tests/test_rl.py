@@ -19,12 +19,15 @@ from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.cli import main
+from distill.data.facts import DataFacts
 from distill.objectives import GRPO, RLOO
 from distill.objectives.base import loss_inputs
+from distill.objectives.context import Step
 from distill.objectives.rollouts import Rollouts
 from distill.rewards import Format
 from distill.rollout import Sampling, rollout_batch, trim_at_stop
 from distill.train.model import LoraOptions
+from distill.train.sharding import sharded as is_sharded
 from distill.train.student import StudentModule
 from tests.helpers import (
     ROOT,
@@ -33,6 +36,7 @@ from tests.helpers import (
     check_killed_fit_resumes,
     logged_values,
     losses_named,
+    objective_context,
     objective_loss,
     save_tiny_teacher,
     with_last_checkpoint,
@@ -105,7 +109,7 @@ def test_grpo_loss_and_gradient_equal_a_full_logits_computation(policy, normalis
     batch["advantages"] = advantages
     low, high, max_new = 0.2, 0.28, 6
     objective = GRPO(
-        [Format()], num_generations=3, max_new_tokens=max_new, temperature=TEMPERATURE, beta=beta,
+        [Format()], num_generations=3, sampling=Sampling(max_new, TEMPERATURE), beta=beta,
         epsilon=low, epsilon_high=high, loss_normaliser=normaliser,
     )  # fmt: skip
 
@@ -141,7 +145,7 @@ def test_rloo_loss_and_gradient_equal_a_full_logits_computation(policy, beta):
     with torch.no_grad():
         logps, rows = naive_token_logps(policy, batch)
     batch["reference_logps"] = logps - 0.3
-    objective = RLOO([Format()], num_generations=3, max_new_tokens=6, temperature=TEMPERATURE, beta=beta)
+    objective = RLOO([Format()], num_generations=3, sampling=Sampling(6, TEMPERATURE), beta=beta)
 
     out = objective_loss(objective, policy, batch)
     (out.loss_sum / out.num_units).backward()
@@ -190,10 +194,19 @@ class Tokenizer:
         return [" ".join(map(str, row.tolist())) for row in ids]
 
 
+def prompts(num_iterations: int = 1, stop_ids: tuple[int, ...] = (EOT,)) -> DataFacts:
+    """What a prompt data module tells the objective."""
+    return DataFacts("a test", "prompts", PAD, stop_ids=stop_ids, num_iterations=num_iterations)
+
+
+def set_up(rollouts, policy, **options):
+    rollouts.setup(objective_context(Tokenizer(), policy, prompts(), **options))
+    return rollouts
+
+
 def test_a_rollout_keeps_each_prompts_group_together_and_equals_generate(policy):
     g, sampling = 4, Sampling(max_new_tokens=5, temperature=1.0)
-    rollouts = Rollouts([index_reward], g, sampling)
-    rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    rollouts = set_up(Rollouts([index_reward], g, sampling), policy)
     batch = prompt_batch([3, 5, 2])
     rollout = rollouts.roll(policy, batch, seed=11)
     assert rollout.rewards[:, 0].tolist() == [0.0] * g + [1.0] * g + [2.0] * g  # prompt i's group: rows ig..
@@ -218,20 +231,20 @@ def repeated(batch: dict, window: int, iteration: int, iterations: int) -> dict:
 
 
 def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy, monkeypatch):
-    objective = GRPO([index_reward], num_generations=2, max_new_tokens=4, num_iterations=3)
-    objective.rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    objective = GRPO([index_reward], num_generations=2, sampling=Sampling(max_new_tokens=4), num_iterations=3)
+    objective.setup(objective_context(Tokenizer(), policy, prompts(num_iterations=3)))
     sampled = []
 
-    def sample(batch, student):
+    def sample(batch, step):
         sampled.append(batch["shas"])
         return objective.rollouts.roll(policy, batch, seed=len(sampled))
 
     monkeypatch.setattr(objective.rollouts, "sample", sample)
-    student = SimpleNamespace(trainer=SimpleNamespace(training=True), causal_lm=policy, model=policy)
+    training = Step(training=True)
     seen = []
     for iteration in range(3):
         batch = repeated(prompt_batch([3, 2]), 0, iteration, 3)
-        objective.prepare(batch, student)
+        objective.prepare(batch, training)
         seen.append(batch)
     assert len(sampled) == 1  # sampled once, trained on three times
     for batch in seen[1:]:
@@ -239,23 +252,17 @@ def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy,
         assert batch["noise_seed"] == seen[0]["noise_seed"]  # the same dropout and NEFTune noise
     assert objective.rank_state() is None  # its iterations used up: nothing kept
     # a window cut short (limit_train_batches) leaves nothing behind once the next one starts
-    objective.prepare(repeated(prompt_batch([3, 2]), 1, 0, 3), student)
+    objective.prepare(repeated(prompt_batch([3, 2]), 1, 0, 3), training)
     assert objective.rank_state()["window"] == 1
-    objective.prepare(repeated(prompt_batch([4, 2]), 2, 0, 3), student)
+    objective.prepare(repeated(prompt_batch([4, 2]), 2, 0, 3), training)
     assert list(objective.rank_state()["rows"]) == [("sha0", "sha1")] and len(sampled) == 3
     assert objective.rank_state()["window"] == 2
     # an iteration with no kept rollout (a checkpoint without it) samples one for the iterations left
-    objective.prepare(repeated(prompt_batch([5, 2]), 3, 2, 3), student)
+    objective.prepare(repeated(prompt_batch([5, 2]), 3, 2, 3), training)
     assert len(sampled) == 4 and objective.rank_state() is None
-    with pytest.raises(ValueError, match="batches that say their iteration"):
-        objective.prepare(prompt_batch([3, 2]), student)
     # the data module must repeat each step's prompts as often
-    data = SimpleNamespace(num_iterations=1, generation_stop_ids=[EOT], pad_id=PAD)
-    student = SimpleNamespace(
-        trainer=SimpleNamespace(datamodule=data), _trainer=True, tokenizer=None, strategy=None
-    )
     with pytest.raises(ValueError, match=r"data\.num_iterations: 3"):
-        objective.setup(student)
+        objective.setup(objective_context(Tokenizer(), policy, prompts(num_iterations=1)))
 
 
 def completion_length(prompts, completions, **fields) -> list[float]:
@@ -264,13 +271,15 @@ def completion_length(prompts, completions, **fields) -> list[float]:
 
 def grpo_student(**model) -> StudentModule:
     """A tiny StudentModule training GRPO with 2 iterations per rollout, as a fit's first step sees it."""
-    objective = GRPO([completion_length], num_generations=4, max_new_tokens=6, num_iterations=2)
+    objective = GRPO(
+        [completion_length], num_generations=4, sampling=Sampling(max_new_tokens=6), num_iterations=2
+    )
     student = StudentModule(
         model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), objective=objective, **model
     )
     progress = SimpleNamespace(current=SimpleNamespace(completed=0, ready=0))
     loop = SimpleNamespace(epoch_progress=progress, epoch_loop=SimpleNamespace(batch_progress=progress))
-    data = SimpleNamespace(num_iterations=2, generation_stop_ids=[EOT], pad_id=PAD)
+    data = SimpleNamespace(facts=lambda: prompts(num_iterations=2))
     student._trainer = SimpleNamespace(
         datamodule=data, strategy=None, training=True, fit_loop=loop, world_size=1, global_rank=0
     )
@@ -342,13 +351,10 @@ def test_sharded_weights_make_every_rank_step_until_all_are_done(sharded):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     rollouts = Rollouts([index_reward], 2, Sampling(max_new_tokens=3))
-    data = SimpleNamespace(generation_stop_ids=[EOT, 2], pad_id=PAD)
     strategy = FSDPStrategy() if sharded else DDPStrategy()
-    student = SimpleNamespace(
-        trainer=SimpleNamespace(datamodule=data), _trainer=True, tokenizer=Tokenizer(), strategy=strategy
-    )
-    rollouts.setup(student)
     model = RecordingModel()
+    context = objective_context(Tokenizer(), model, prompts(stop_ids=(EOT, 2)), sharded=is_sharded(strategy))
+    rollouts.setup(context)
     rollout = rollouts.roll(model, prompt_batch([2, 3]), seed=0)
     assert model.asked["synced_gpus"] is sharded and model.asked["eos_token_id"] == [EOT, 2]
     assert model.asked["use_cache"] is True and rollout.completions.stopped.all()
@@ -359,8 +365,7 @@ def test_the_completion_log_writes_a_wandb_table_or_jsonl_lines(tmp_path, policy
         def log_table(self, key, columns, data, step):
             self.logged = (key, columns, data, step)
 
-    rollouts = Rollouts([index_reward, Format()], 2, Sampling(max_new_tokens=3))
-    rollouts.configure(Tokenizer(), stop_ids=[EOT], pad_id=PAD)
+    rollouts = set_up(Rollouts([index_reward, Format()], 2, Sampling(max_new_tokens=3)), policy)
     rollouts.last = rollouts.roll(policy, prompt_batch([2, 3]), seed=0)
     module = SimpleNamespace(objective=SimpleNamespace(rollouts=rollouts))
     callback = CompletionLog(every_n_steps=2, num_completions=3)
@@ -464,7 +469,7 @@ def test_the_grpo_demo_raises_the_held_out_reward(tmp_path):
 
 
 def test_rloo_with_kl_to_the_adapter_off_reference_starts_at_zero_kl(tmp_path):
-    config = rl_config(tmp_path, "rloo.yaml", beta=0.1, num_generations=4, max_new_tokens=6)
+    config = rl_config(tmp_path, "rloo.yaml", beta=0.1, num_generations=4, sampling={"max_new_tokens": 6})
     config["model"]["init_args"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
     config["trainer"].update(max_steps=3, val_check_interval=None, limit_val_batches=0, log_every_n_steps=1)
     main(["fit", "--config", write(config, tmp_path / "rloo.yaml")])
@@ -485,7 +490,9 @@ def test_a_killed_grpo_fit_resumes_with_the_same_rollouts(tmp_path, tiny_policy_
     )
     rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
     # 4 updates per rollout: the kill at step 6 falls between the third and fourth of the second's
-    base = rl_config(tmp_path, rewards=rewards, num_generations=2, max_new_tokens=4, num_iterations=4)
+    base = rl_config(
+        tmp_path, rewards=rewards, num_generations=2, sampling={"max_new_tokens": 4}, num_iterations=4
+    )
     base["model"]["init_args"]["model"] = str(tiny_policy_dir)
     base["data"]["init_args"].update(
         train_files=str(prompts), val_files=None, batch_size=2, template="mistral", num_iterations=4
@@ -517,7 +524,7 @@ def test_two_ranks_train_on_disjoint_prompts_each_with_its_whole_group(tmp_path,
     words = [f"w{i}" for i in range(8)]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"Say {w}", "answer": w} for w in words])
     rewards = [{"class_path": "distill.rewards.Function", "init_args": {"path": "tests.probes:vowel_share"}}]
-    config = rl_config(tmp_path, rewards=rewards, num_generations=3, max_new_tokens=4)
+    config = rl_config(tmp_path, rewards=rewards, num_generations=3, sampling={"max_new_tokens": 4})
     config["model"]["init_args"]["model"] = str(tiny_policy_dir)
     config["data"]["init_args"].update(
         train_files=str(prompts), val_files=None, batch_size=2, template="mistral"

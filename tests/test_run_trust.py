@@ -21,8 +21,11 @@ from torch import nn
 
 from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule, PromptDataModule
 from distill.cli import main
-from distill.objectives import GRPO, KTO, RLOO, CrossEntropy, OnPolicyDistillation, Preference
+from distill.objectives import GRPO, KTO, CrossEntropy, OnPolicyDistillation, Preference
+from distill.objectives.context import Step
+from distill.rollout import Sampling
 from distill.train.optim import AdamW
+from distill.train.schedule import WarmupDecay
 from distill.train.student import StudentModule
 from tests.helpers import (
     ROOT,
@@ -158,11 +161,13 @@ def test_a_preemption_save_that_dies_midway_keeps_the_previous_last_checkpoint(t
             callback.on_train_batch_end(trainer)
         assert torch.load(directory / "last.ckpt")["global_step"] == 3
         assert os.listdir(directory) == ["last.ckpt"]
-        trainer.save_checkpoint = lambda path: torch.save({"global_step": 6}, path)
+        trainer.save_checkpoint = lambda path: torch.save({"global_step": 7}, path)
+        callback.on_train_batch_start(trainer)  # the next optimizer step
+        trainer.global_step = 7
         callback.on_train_batch_end(trainer)
     finally:
         callback.teardown(trainer, None, "fit")
-    assert torch.load(directory / "last.ckpt")["global_step"] == 6
+    assert torch.load(directory / "last.ckpt")["global_step"] == 7
     assert os.listdir(directory) == ["last.ckpt"]
 
 
@@ -218,6 +223,7 @@ def test_deepspeed_accumulated_loss_is_the_token_mean(monkeypatch):
         strategy=DeepSpeedStrategy(stage=2), accumulate_grad_batches=accumulate, world_size=1
     )
     monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    monkeypatch.setattr(module, "current_step", lambda: Step(training=True))
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :4] = -100
@@ -348,7 +354,7 @@ def test_a_reward_function_that_does_not_import_is_one_line(monkeypatch, capfd):
         (Preference, {"chunk_size": -8}, "objective.chunk_size must be >= 1, got -8"),
         (KTO, {"chunk_size": 0}, "objective.chunk_size must be >= 1, got 0"),
         (lambda **kw: GRPO([], **kw), {"chunk_size": -1}, "objective.chunk_size must be >= 1, got -1"),
-        (lambda **kw: RLOO([], **kw), {"top_k": -1}, "objective.top_k must be >= 0, got -1"),
+        (Sampling, {"top_k": -1}, "sampling.top_k must be >= 0, got -1"),
         (lambda **kw: OnPolicyDistillation([], **kw), {"chunk_size": 0}, "objective.chunk_size must be >= 1"),
         (DataModule, {"batch_size": 0}, "data.batch_size must be >= 1, got 0"),
         (DataModule, {"val_fraction": -0.2}, "data.val_fraction must be in [0, 1), got -0.2"),
@@ -365,7 +371,11 @@ def test_a_reward_function_that_does_not_import_is_one_line(monkeypatch, capfd):
             {"value_bits": 17},
             "data.value_bits must be in [2, 16], got 17",
         ),
-        (StudentModule, {"warmup_steps": -3}, "model.warmup_steps must be >= 0, got -3"),
+        (
+            lambda **kw: WarmupDecay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 10, **kw),
+            {"warmup_steps": -3},
+            "model.scheduler.warmup_steps must be >= 0, got -3",
+        ),
     ],
 )
 def test_an_option_that_cannot_work_is_refused_where_it_is_given(build, option, wanted):

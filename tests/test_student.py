@@ -1,5 +1,6 @@
 import copy
 import math
+from functools import partial
 
 import lightning as L
 import pytest
@@ -11,6 +12,7 @@ from distill.data.batching import Collator
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.optim import AdamW, AdamW8bit
+from distill.train.schedule import WarmupDecay
 from distill.train.student import StudentModule
 from tests.helpers import TINY_LLAMA, TOKENIZER_DIR
 
@@ -35,7 +37,10 @@ def micro_batches() -> list[dict]:
 
 
 def test_gradient_is_the_token_mean_over_the_whole_accumulation_step():
-    module = tiny_student(optimizer=lambda params: torch.optim.SGD(params, lr=1.0), lr_schedule="constant")
+    module = tiny_student(
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+        scheduler=partial(WarmupDecay, decay="constant"),
+    )
     reference = copy.deepcopy(module.model)
     batches = micro_batches()
 
@@ -72,6 +77,23 @@ def test_per_micro_batch_mean_would_differ():
     assert counts[0] > 3 * counts[1]
 
 
+def test_a_test_run_logs_under_test_and_a_validation_under_val():
+    """``trainer.test`` logged its metrics as ``val/``: a test set's loss read as the validation loss."""
+    module = tiny_student()
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    loader = DataLoader(micro_batches(), batch_size=None)
+    tested = trainer.test(module, dataloaders=loader, verbose=False)[0]
+    validated = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    assert "test/loss" in tested and [key for key in tested if not key.startswith("test/")] == []
+    assert tested == {key.replace("val/", "test/", 1): value for key, value in validated.items()}
+
+
 def test_lora_trains_only_the_adapter():
     from distill.train.model import LoraOptions
 
@@ -83,7 +105,8 @@ def test_lora_trains_only_the_adapter():
 
 def test_warmup_then_cosine_schedule():
     module = tiny_student(
-        optimizer=lambda p: torch.optim.SGD(p, lr=1.0), warmup_steps=2, lr_schedule="cosine"
+        optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+        scheduler=partial(WarmupDecay, decay="cosine", warmup_steps=2),
     )
     trainer = L.Trainer(max_steps=10, logger=False, accelerator="cpu")
     module.trainer = trainer
@@ -104,7 +127,9 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_warmup_ratio_is_a_share_of_the_run_and_excludes_warmup_steps():
-    module = tiny_student(optimizer=lambda p: torch.optim.SGD(p, lr=1.0), warmup_ratio=0.25)
+    module = tiny_student(
+        optimizer=lambda p: torch.optim.SGD(p, lr=1.0), scheduler=partial(WarmupDecay, warmup_ratio=0.25)
+    )
     module.trainer = L.Trainer(max_steps=20, logger=False, accelerator="cpu")
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -114,8 +139,39 @@ def test_warmup_ratio_is_a_share_of_the_run_and_excludes_warmup_steps():
         optimizer.step()
         scheduler.step()
     assert lrs[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])  # 5 warmup steps of 20
-    with pytest.raises(ValueError, match=r"warmup_steps and model\.warmup_ratio both set"):
-        StudentModule(model_config=TINY_LLAMA, tokenizer=str(TOKENIZER_DIR), warmup_steps=2, warmup_ratio=0.1)
+    with pytest.raises(
+        ValueError, match=r"scheduler\.warmup_steps and model\.scheduler\.warmup_ratio both set"
+    ):
+        WarmupDecay(optimizer, 20, warmup_steps=2, warmup_ratio=0.1)
+    with pytest.raises(
+        ValueError, match=r"model\.scheduler\.warmup_ratio is a share .* in \[0, 1\): got 1\.0"
+    ):
+        WarmupDecay(optimizer, 20, warmup_ratio=1.0)
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup", [{}, {"warmup_steps": 3}, {"warmup_ratio": 0.1}])
+def test_warmup_decay_steps_as_transformers_get_scheduler(decay, warmup):
+    """The schedule the configs' ``lr_schedule``/``warmup_*`` keys gave through transformers'
+    ``get_scheduler``: the same learning rate, to the bit, at every step and past the run's end."""
+    from transformers import get_scheduler
+
+    def learning_rates(scheduler_of) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+        scheduler, lrs = scheduler_of(optimizer), []
+        for _ in range(24):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    steps = 20
+    warmup_steps = warmup.get("warmup_steps") or round(warmup.get("warmup_ratio", 0.0) * steps)
+    name = "constant_with_warmup" if decay == "constant" else decay
+    expected = learning_rates(
+        lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    )
+    assert learning_rates(lambda opt: WarmupDecay(opt, steps, decay, **warmup)) == expected
 
 
 def test_model_kwargs_reach_from_pretrained(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from distill.cli import main
+from distill.commands import main
 from distill.data import datamodule as datamodule_module
 from distill.data.batching import pack
 from distill.data.chunks import EncodedChunk, encode_chunks

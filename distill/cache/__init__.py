@@ -3,8 +3,8 @@ at each trainable position. The only package of distill that imports h5py; ``doc
 schema, the encoding (``codec``), the crash-safety argument and measured sizes.
 
 spec -> segment (writing, commit by rename) -> lock (one writer, readers keep their segments) -> reader
-(index, checked reads) -> compaction -> store (open, sync, prune) -> stats, verify and the ``cache``
-command (cli).
+(index, checked reads) -> compaction -> store (open, sync, prune) -> stats, mixture, verify (what the
+``cache`` command, ``distill.commands.cache``, runs).
 """
 
 from distill.cache.lock import CacheLockedError, WriterLock

@@ -1,14 +1,19 @@
 """``cache_stats``: samples, positions, bytes per position, stored-vs-exact KL, duplicate rows and the
-teachers' perplexity on the cached data."""
+teachers' perplexity on the cached data; ``describe``: that, the cache's settings and its teachers."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from distill.cache.reader import CacheReader, sha_keys
+from distill.cache.segment import scan_segments
+from distill.cache.spec import SPEC_FILE, CacheSpec
 
 
 def cache_stats(path: str | Path) -> dict[str, Any]:
@@ -49,3 +54,38 @@ def cache_stats(path: str | Path) -> dict[str, Any]:
     }
     reader.close()
     return stats
+
+
+def describe(path: Path) -> dict:
+    """``cache_stats`` plus the settings the cache was built with and each teacher's identity."""
+    stats = cache_stats(path)
+    spec = CacheSpec.from_json((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).exists() else None
+    identities: dict[str, dict] = {}
+    for segment in scan_segments(path)[0] if path.is_dir() else [path]:  # live segments only
+        with h5py.File(segment, "r", locking=False) as f:
+            for name, group in f["teachers"].items():
+                identities.setdefault(name, json.loads(group.attrs["teacher"]))
+    for name, values in stats["teachers"].items():
+        values["identity"] = identities.get(name, {})
+    if spec is not None:
+        stats["settings"] = {
+            "scheme": spec.scheme,
+            "k": spec.k,
+            "n_draws": spec.n_draws,
+            "vocab_size": spec.vocab_size,
+            "temperature": spec.temperature,
+            "max_seq_length": spec.max_seq_length,
+            "value_bits": spec.value_bits,
+            "tokenizer_hash": spec.tokenizer_hash[:16],
+            "template": _template_id(spec.template),
+            "labels": spec.labels,
+        }
+    return stats
+
+
+def _template_id(template: str) -> str:
+    if not template:
+        return "none (plain text)"
+    if template.startswith("sha256:"):
+        return template[:19]
+    return "sha256:" + hashlib.sha256(template.encode()).hexdigest()[:12]

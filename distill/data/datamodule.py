@@ -22,6 +22,7 @@ from distill.data.encoding import (
     Truncation,
     check_some_trainable,
 )
+from distill.data.facts import DataFacts
 from distill.data.formats import (
     DataFormatError,
     Format,
@@ -410,6 +411,10 @@ class DataModule(L.LightningDataModule):
     @property
     def pad_id(self) -> int:
         return pad_token_id(self.tokenizer)
+
+    def facts(self) -> DataFacts:
+        """What the objective training on these batches is told (once set up)."""
+        return DataFacts(type(self).__name__, "samples", self.pad_id, self.chat_template)
 
     @property
     def collator(self) -> Callable[[list], dict]:

@@ -9,6 +9,7 @@ whole units.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
@@ -18,6 +19,7 @@ from distill.data.batching import pack
 from distill.data.chunks import EncodedChunk
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
+from distill.data.facts import DataFacts
 from distill.data.formats import Source
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit_chunks
 from distill.data.pairs import (
@@ -118,6 +120,10 @@ class PreferenceDataModule(DataModule):
     @property
     def collator(self) -> Callable[[list], dict]:
         return UnitCollator(self.pad_id, packed=self.packing)
+
+    def facts(self) -> DataFacts:
+        kind = "pairs" if self.unit_size == 2 else "unpaired"
+        return replace(super().facts(), batches=kind, units=self)
 
     def identity(self) -> list[str]:
         """What the encoded units are a function of: the tokenized-cache entries of the splits (keyed by

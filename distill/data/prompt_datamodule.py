@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.data.batching import EvalBatches, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, encode_messages
+from distill.data.facts import DataFacts
 from distill.data.formats import DataFormatError, split_held_out
 from distill.data.hf_datasets import split_sources
 from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records, read_response_records
@@ -294,6 +295,18 @@ class PromptDataModule(L.LightningDataModule):
                 self.tokenizer, self.chat_template, self.stop_tokens, self.add_eot_to_stop_tokens
             )
         return self.chat_template
+
+    def facts(self) -> DataFacts:
+        """What the objective sampling from these prompts is told (once set up)."""
+        return DataFacts(
+            type(self).__name__,
+            "prompts",
+            self.pad_id,
+            self.resolve_chat_template(),
+            stop_ids=tuple(self.generation_stop_ids),
+            responses=self.responses,
+            num_iterations=self.num_iterations,
+        )
 
     @property
     def generation_stop_ids(self) -> list[int]:

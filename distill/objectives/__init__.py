@@ -7,6 +7,7 @@ from distill.objectives.kd import Distillation
 from distill.objectives.kto import KTO
 from distill.objectives.onpolicy import OnPolicyDistillation
 from distill.objectives.preference import Preference
+from distill.objectives.reference import Reference
 from distill.objectives.reward import RewardModel
 from distill.objectives.rloo import RLOO
 
@@ -21,6 +22,7 @@ __all__ = [
     "Objective",
     "OnPolicyDistillation",
     "Preference",
+    "Reference",
     "RewardModel",
     "over_chunks",
 ]

@@ -8,25 +8,24 @@ losses). The module divides by the units of the whole optimizer step (all micro-
 not per micro-batch, so a short and a long micro-batch weigh by what they hold.
 
 An objective is an ``nn.Module``: parameters it owns (a reward head) are trained, checkpointed, sharded
-and exported with the student. ``prepare`` runs before the forward without gradients (reference
-log-probs; rollouts) and may add to the batch: ``noise_seed`` makes the training forward's dropout and
-NEFTune noise a function of that seed (GRPO's repeated iterations of one rollout).
+and exported with the student. It says which batches it ``accepts`` (a data module's ``DataFacts``),
+checked before ``setup``, which gets the fit's ``Context``. ``prepare`` runs before the forward without
+gradients (reference log-probs; rollouts) and may add to the batch: ``noise_seed`` makes the training
+forward's dropout and NEFTune noise a function of that seed (GRPO's repeated iterations of one rollout).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from distill.data.encoding import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
+from distill.data.facts import BatchKind, DataFacts
+from distill.objectives.context import Context, Step
 
 
 @dataclass
@@ -145,14 +144,27 @@ def loss_inputs(hidden: Tensor, head: nn.Module, batch: dict) -> LossInputs:
     )
 
 
-def require_pairs(batch: dict, objective: str) -> None:
-    """Refuse batches that are not preference pairs (sequences 2p, 2p + 1), which would be scored as
-    pairs of unrelated samples."""
-    if batch.get("unit_size") != 2:
-        what = "KTO samples" if batch.get("unit_size") == 1 else "single samples"
+DATA_FOR: dict[BatchKind, str] = {
+    "samples": "distill.DataModule (distill.KDDataModule for cached teacher targets)",
+    "pairs": "distill.PreferenceDataModule with chosen/rejected records",
+    "unpaired": "distill.PreferenceDataModule with KTO records ({prompt, completion, label})",
+    "prompts": "distill.PromptDataModule",
+}
+
+
+def check_pairing(objective: Objective, data: DataFacts) -> None:
+    """Refuse, before any work, a data module whose batches the objective cannot train on (pairs scored
+    as unrelated samples, prompts without labels)."""
+    if data.batches not in objective.accepts:
+        wanted = " or ".join(objective.accepts)
         raise ValueError(
-            f"{objective} trains on preference pairs, but the batches hold {what}: use "
-            "distill.PreferenceDataModule with chosen/rejected records"
+            f"{type(objective).__name__} trains on {wanted} batches, but {data.source} yields "
+            f"{data.batches}: use {DATA_FOR[objective.accepts[0]]}"
+        )
+    if objective.needs_teacher_targets and not data.teacher_names:
+        raise ValueError(
+            f"{type(objective).__name__} reads cached teacher targets, but {data.source} joins none into "
+            "its batches: use distill.KDDataModule, or give the objective online teachers"
         )
 
 
@@ -164,15 +176,17 @@ class Objective(nn.Module):
     """
 
     unit: str = "token"
+    accepts: tuple[BatchKind, ...] = ("samples",)  # the batches it trains on
+    needs_teacher_targets: bool = False  # cached ones, joined into the batches by the data module
     metric_names: tuple[str, ...] = ()
     loss_is_cross_entropy: bool = False  # then its loss per token is logged as a perplexity too
     extra_forwards: int = 0  # forwards without gradients ``prepare`` runs per batch (counted in FLOPs)
 
-    def setup(self, student: StudentModule) -> None:
-        """Called once the student is built (e.g. to learn its tokenizer)."""
+    def setup(self, context: Context) -> None:
+        """Called once the student is built, its data module set up."""
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
+    def prepare(self, batch: dict, step: Step) -> None:
         """Work before the forward, without gradients: it may add tensors to ``batch``."""
 
     def forward(self, inputs: LossInputs) -> Loss:

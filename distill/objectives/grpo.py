@@ -16,7 +16,6 @@ weights across the iterations, so the ratio is exactly 1 until the weights chang
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,6 +29,7 @@ from distill.losses.rl import (
     reduce_tokens,
 )
 from distill.objectives.base import Loss, LossInputs, Objective
+from distill.objectives.context import Context, Step
 from distill.objectives.iterations import KeptRollouts
 from distill.objectives.reference import Reference
 from distill.objectives.rollouts import (
@@ -40,31 +40,23 @@ from distill.objectives.rollouts import (
 )
 from distill.ranges import require
 from distill.rollout.engine import Sampling, rollout_seed
-from distill.train.quantization import Quantization
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 
 class GRPO(Objective):
+    accepts = ("prompts",)
+
     def __init__(
         self,
         rewards: Sequence[Callable],
         num_generations: int = 8,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        sampling: Sampling | None = None,
         beta: float = 0.0,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
         num_iterations: int = 1,
         scale_rewards: bool = True,
         loss_normaliser: Normaliser = "dapo",
-        reference: str = "auto",
-        reference_model: str | None = None,
-        reference_dtype: str | None = None,
-        reference_quantization: Quantization | None = None,
+        reference: Reference | None = None,
         seed: int = 0,
         chunk_size: int = 1024,
     ) -> None:
@@ -73,10 +65,8 @@ class GRPO(Objective):
             rewards: Reward functions (``distill.rewards.Accuracy``, ``Format``, ``Length``, ``TokenF1``,
                 ``ModelReward``, ``Function`` for any callable), each with its ``weight``.
             num_generations: Completions sampled per prompt (the group G).
-            max_new_tokens: Longest completion; longer ones are cut (and count as truncated).
-            temperature: Sampling temperature; log-probs are of the same tempered distribution.
-            top_p: Nucleus sampling.
-            top_k: Top-k sampling (0: off).
+            sampling: How completions are drawn (``distill.rollout.Sampling``: ``max_new_tokens``,
+                ``temperature``, ``top_p``, ``top_k``); log-probs are of its tempered distribution.
             beta: Weight of the k3 KL to the reference per token (0: no reference model at all).
             epsilon: Lower clip bound of the ratio (1 - epsilon).
             epsilon_high: Upper clip bound (1 + epsilon_high); DAPO's clip-higher (default: epsilon).
@@ -84,16 +74,12 @@ class GRPO(Objective):
             scale_rewards: Divide advantages by the group's reward std (False: Dr. GRPO).
             loss_normaliser: ``grpo`` (each completion's token mean), ``dr_grpo`` (token sums over
                 ``max_new_tokens``) or ``dapo`` (the token mean over the optimizer step).
-            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``; with beta > 0.
-            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
-            reference_dtype: Weight dtype of the frozen reference (default: the student's).
-            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
-                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
+            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
+                ``quantization``, ``cache``; default: ``auto``); with beta > 0.
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         require("objective.chunk_size", chunk_size, at_least=1)
-        require("objective.top_k", top_k, at_least=0)
         if loss_normaliser not in NORMALISERS:
             raise ValueError(f"unknown loss_normaliser {loss_normaliser!r}; choose one of {NORMALISERS}")
         if num_iterations < 1:
@@ -101,7 +87,7 @@ class GRPO(Objective):
         if beta < 0 or epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
             raise ValueError("beta must be >= 0 and the clip epsilons > 0")
         super().__init__()
-        self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+        self.sampling = sampling or Sampling()
         self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
         self.beta = beta
         self.epsilon_low = epsilon
@@ -110,13 +96,7 @@ class GRPO(Objective):
         self.scale_rewards = scale_rewards
         self.normaliser = loss_normaliser
         self.unit = "token" if loss_normaliser == "dapo" else "completion"
-        self.reference = Reference(
-            reference,
-            reference_model,
-            reference_dtype,
-            chunk_size=chunk_size,
-            quantization=reference_quantization,
-        )
+        self.reference = reference or Reference()
         self.chunk_size = chunk_size
         self.kept = KeptRollouts()
 
@@ -129,15 +109,15 @@ class GRPO(Objective):
     def extra_forwards(self) -> int:
         return int(self.beta > 0)
 
-    def setup(self, student: StudentModule) -> None:
-        self.rollouts.setup(student)
+    def setup(self, context: Context) -> None:
+        self.rollouts.setup(context)
         if self.beta:
-            self.reference.setup(student, "GRPO")
+            self.reference.setup(context, "GRPO", self.chunk_size)
             if self.reference.kind == "precomputed":
                 raise ValueError(
                     "GRPO samples its completions as it trains: the reference cannot be precomputed"
                 )
-        repeats = getattr(student.trainer.datamodule, "num_iterations", 1)
+        repeats = context.data.num_iterations
         if repeats != self.num_iterations:
             raise ValueError(
                 f"objective.num_iterations is {self.num_iterations} but the data module repeats each "
@@ -145,15 +125,10 @@ class GRPO(Objective):
             )
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
-        repeated = student.trainer.training and self.num_iterations > 1
+    def prepare(self, batch: dict, step: Step) -> None:
+        repeated = step.training and self.num_iterations > 1
         key = tuple(batch["shas"])
         if repeated:
-            if "iteration" not in batch:
-                raise ValueError(
-                    "GRPO with num_iterations > 1 trains on batches that say their iteration: use "
-                    "distill.data.PromptDataModule with the same num_iterations"
-                )
             window, iteration = batch["window"], batch["iteration"]
             kept = self.kept.take(key, window, iteration, batch["iterations"])
             if kept is not None:  # a later iteration of this window's rollout
@@ -161,11 +136,11 @@ class GRPO(Objective):
                 batch.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in kept.items()})
                 return
         before = set(batch)
-        rollout = self.rollouts.sample(batch, student)
+        rollout = self.rollouts.sample(batch, step)
         g = self.rollouts.num_generations
         store_rollout(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
         if self.beta:
-            batch["reference_logps"] = self.reference.token_logps(batch, student, self.sampling.temperature)
+            batch["reference_logps"] = self.reference.token_logps(batch, self.sampling.temperature)
         if repeated and iteration < batch["iterations"] - 1:  # later iterations train on it again
             batch["noise_seed"] = rollout_seed(self.rollouts.seed, "noise", window, *key)
             self.kept.keep(key, {k: v for k, v in batch.items() if k not in before})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.losses.kd import LOSSES, cross_entropy, mix_teachers, student_log_probs
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
+from distill.objectives.context import Context, Step
 from distill.ranges import require
 from distill.targets import SparseTargets, teacher_top1
 from distill.teacher.module import Teacher
@@ -94,15 +95,18 @@ class Distillation(Objective):
             raise ValueError(f"{len(per_teacher)} teachers but {len(weights)} teacher_weights")
         return mix_teachers(per_teacher, weights, vocab_size)
 
-    def setup(self, student: nn.Module) -> None:
-        """Learn the student's tokenizer and, for cached teachers, their names from the data module."""
-        self.tokenizer_id = getattr(student, "tokenizer_id", None)
-        trainer = getattr(student, "_trainer", None)
-        if self.online is None and trainer is not None:
-            self.teacher_names = list(getattr(trainer.datamodule, "teacher_names", None) or [])
+    def setup(self, context: Context) -> None:
+        """Learn the student's tokenizer (online teachers read its ids) and the cached teachers' names."""
+        self.tokenizer_id = context.origin.tokenizer
+        if self.online is None:
+            self.teacher_names = list(context.data.teacher_names)
+
+    @property
+    def needs_teacher_targets(self) -> bool:
+        return self.online is None
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: nn.Module) -> None:
+    def prepare(self, batch: dict, step: Step) -> None:
         """Online teachers run on the batch (loaded on the first one) and leave what a cached batch
         holds: their targets, the vocabulary size and their NLL sums of the labels."""
         if self.online is None:

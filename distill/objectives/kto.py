@@ -8,23 +8,17 @@ without gradients by both models, averaged over the batch and the ranks, then cl
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from distill.data.batching import Collator, pack, pad_token_id
+from distill.data.batching import Collator, pack
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.pair_encoding import first_trainable
 from distill.losses.preference import kto, kto_kl_baseline
 from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
-from distill.objectives.reference import Reference, ReferenceKind, sequence_logps
+from distill.objectives.context import Context, Step
+from distill.objectives.reference import Reference, sequence_logps
 from distill.ranges import require
-from distill.train.quantization import Quantization
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 
 class KTO(Objective):
@@ -32,6 +26,7 @@ class KTO(Objective):
     undesirable samples, ``r`` the log-ratio of policy and reference on the completion."""
 
     unit = "sample"
+    accepts = ("unpaired",)
     extra_forwards = 3  # the reference on the batch; policy and reference on the mismatched completions
     metric_names = ("kl", "rewards/signed", "rewards/accuracies", "logps")
 
@@ -40,10 +35,7 @@ class KTO(Objective):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
-        reference_dtype: str | None = None,
-        reference_quantization: Quantization | None = None,
+        reference: Reference | None = None,
         chunk_size: int = 1024,
     ) -> None:
         """
@@ -52,19 +44,17 @@ class KTO(Objective):
             desirable_weight: Weight of desirable samples (raise it when they are the fewer: the KTO
                 paper keeps ``w_d n_d / (w_u n_u)`` in [1, 4/3]).
             undesirable_weight: Weight of undesirable samples.
-            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``. Not
+            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
+                ``quantization``, ``cache``; default: ``auto``); not
                 ``precomputed``: the mismatched completions change with every batch.
-            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
-            reference_dtype: Weight dtype of the frozen reference (default: the student's).
-            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
-                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         require("objective.chunk_size", chunk_size, at_least=1)
         require("objective.beta", beta, above=0)
         require("objective.desirable_weight", desirable_weight, at_least=0)
         require("objective.undesirable_weight", undesirable_weight, at_least=0)
-        if reference == "precomputed":
+        reference = reference or Reference()
+        if reference.kind == "precomputed":
             raise ValueError(
                 "KTO scores mismatched completions that change with each batch: use reference "
                 "adapter or model, not precomputed"
@@ -73,39 +63,28 @@ class KTO(Objective):
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
-        self.reference = Reference(
-            reference,
-            reference_model,
-            reference_dtype,
-            chunk_size=chunk_size,
-            quantization=reference_quantization,
-        )
+        self.reference = reference
         self.chunk_size = chunk_size
 
-    def setup(self, student: StudentModule) -> None:
-        self.reference.setup(student, "KTO")
-        self.collate = Collator(pad_token_id(student.tokenizer))
+    def setup(self, context: Context) -> None:
+        self.reference.setup(context, "KTO", self.chunk_size)
+        self.collate = Collator(context.data.pad_id)
+        self.context = context
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
-        if batch.get("unit_size") != 1:
-            what = "preference pairs" if batch.get("unit_size") == 2 else "single samples"
-            raise ValueError(
-                f"KTO trains on KTO records ({{prompt, completion, label}}), but the batches hold {what}: "
-                "use distill.PreferenceDataModule with KTO records"
-            )
+    def prepare(self, batch: dict, step: Step) -> None:
         if "reference_logps" not in batch:
-            batch["reference_logps"] = self.reference.logps(batch, student)
+            batch["reference_logps"] = self.reference.logps(batch)
         mismatched = {
             k: v.to(batch["input_ids"].device) for k, v in mismatched_batch(batch, self.collate).items()
         }
-        policy = sequence_logps(student.causal_lm, mismatched, self.chunk_size)
+        policy = sequence_logps(self.context.policy.causal_lm, mismatched, self.chunk_size)
         # one reference point for the step's batches on all ranks; not in validation, where a rank may
         # run one batch fewer than the others and would leave them waiting in the collective
         mean_over_ranks = None
-        if student.training and student.trainer.world_size > 1:
-            mean_over_ranks = partial(student.trainer.strategy.reduce, reduce_op="mean")
-        reference = self.reference.logps(mismatched, student).to(policy)
+        if step.training and self.context.world_size > 1:
+            mean_over_ranks = self.context.mean_over_ranks
+        reference = self.reference.logps(mismatched).to(policy)
         batch["kl_baseline"] = kto_kl_baseline(policy, reference, mean_over_ranks)
 
     def forward(self, inputs: LossInputs) -> Loss:

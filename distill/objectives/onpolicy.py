@@ -14,31 +14,26 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distill.data.resume import trained_position
-from distill.data.templates import ChatTemplate
 from distill.losses.kd import LOSSES, reverse_kl_policy_gradient
 from distill.objectives.base import Loss, LossInputs, Objective, token_log_probs
+from distill.objectives.context import Context, Step
 from distill.objectives.kd import Distillation, store_targets, teacher_ce_names
-from distill.objectives.rollouts import prompt_data, sampling_seed
+from distill.objectives.rollouts import sampling_seed
 from distill.ranges import require
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
 from distill.teacher.module import Teacher
 from distill.teacher.online import OnlineTeachers
-from distill.train.sharding import sharded
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 POLICY_GRADIENT = "reverse_kl_pg"
 
 
 class OnPolicyDistillation(Objective):
+    accepts = ("prompts",)
+
     def __init__(
         self,
         teachers: list[Teacher],
@@ -51,10 +46,7 @@ class OnPolicyDistillation(Objective):
         teacher_weights: list[float] | None = None,
         online_k: int = 64,
         num_generations: int = 1,
-        max_new_tokens: int = 128,
-        sampling_temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        sampling: Sampling | None = None,
         seed: int = 0,
         chunk_size: int = 1024,
         engine: Engine | None = None,
@@ -76,11 +68,9 @@ class OnPolicyDistillation(Objective):
             teacher_weights: Mixture weights of several teachers (default: equal).
             online_k: Top-k kept of each teacher's distribution at every position.
             num_generations: Completions sampled per prompt.
-            max_new_tokens: Longest completion; longer ones are cut.
-            sampling_temperature: Temperature of the sampling (the divergences compare the untempered
-                distributions unless ``temperature`` says otherwise).
-            top_p: Nucleus sampling.
-            top_k: Top-k sampling (0: off).
+            sampling: How completions are drawn (``distill.rollout.Sampling``: ``max_new_tokens``,
+                ``temperature``, ``top_p``, ``top_k``); the divergences compare the untempered
+                distributions unless ``temperature`` says otherwise.
             seed: Seed of the sampling and of the lmbda draws (with the epoch and the prompts or step: a
                 resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
@@ -91,7 +81,6 @@ class OnPolicyDistillation(Objective):
         require("objective.beta", beta, at_least=0, at_most=1)
         require("objective.skew", skew, at_least=0, at_most=1)
         require("objective.online_k", online_k, at_least=1)
-        require("objective.top_k", top_k, at_least=0)
         if loss != POLICY_GRADIENT and (loss not in LOSSES or loss == "sampled_ce"):
             choices = sorted({*LOSSES, POLICY_GRADIENT} - {"sampled_ce"})
             raise ValueError(f"unknown OnPolicyDistillation loss {loss!r}; choose one of {choices}")
@@ -127,7 +116,7 @@ class OnPolicyDistillation(Objective):
         self.lmbda = lmbda
         self.seq_kd = seq_kd
         self.num_generations = num_generations
-        self.sampling = Sampling(max_new_tokens, sampling_temperature, top_p, top_k)
+        self.sampling = sampling or Sampling()
         self.seed = seed
         self.chunk_size = chunk_size
         self.engine = engine or TransformersEngine()
@@ -139,59 +128,43 @@ class OnPolicyDistillation(Objective):
         kd = ("ce", "kd") if self.loss == POLICY_GRADIENT else ("ce", "kd", "agree")
         return (*kd, *teacher_ce, "on_policy")
 
-    def setup(self, student: StudentModule) -> None:
-        data = prompt_data(student, "on-policy distillation objectives")
+    def setup(self, context: Context) -> None:
+        data = context.data
         needs_responses = self.lmbda == 0.0 or (self.lmbda < 1.0 and not self.seq_kd)
-        if needs_responses and not getattr(data, "responses", False):
+        if needs_responses and not data.responses:
             raise ValueError(
                 f"with lmbda {self.lmbda}{'' if self.seq_kd else ' and no seq_kd'}, batches train on the "
                 "dataset's responses: set data.responses: true (SFT files whose last turn is the response)"
             )
-        self.configure(
-            student.tokenizer_id,
-            data.generation_stop_ids,
-            data.pad_id,
-            data.resolve_chat_template(),
-            synced=sharded(student.strategy),
-        )
+        self.teachers = OnlineTeachers(self.teacher_configs, self.online_k, context.origin.tokenizer)
+        self.stop_ids = list(data.stop_ids)
+        self.pad_id = data.pad_id
+        self.template = data.chat_template
+        self.synced = context.sharded
+        self.policy = context.policy
 
-    def configure(
-        self,
-        tokenizer_id: str | None,
-        stop_ids: Sequence[int],
-        pad_id: int,
-        template: ChatTemplate | None,
-        synced: bool = False,
-    ) -> None:
-        """What sampling and the teachers need to know (``setup`` reads it off a fit)."""
-        self.teachers = OnlineTeachers(self.teacher_configs, self.online_k, tokenizer_id)
-        self.stop_ids = list(stop_ids)
-        self.pad_id = pad_id
-        self.template = template
-        self.synced = synced
-
-    def completion_source(self, trainer: Any) -> str:
+    def completion_source(self, step: Step) -> str:
         """``student``, ``teacher`` or ``dataset``: where this batch's completions come from."""
-        if not trainer.training:
+        if not step.training:
             return "student" if self.lmbda > 0 else "dataset"
         otherwise = "teacher" if self.seq_kd else "dataset"
         if self.lmbda in (0.0, 1.0):
             return "student" if self.lmbda else otherwise
         # a draw per micro-batch, the same on every rank (sharded generation needs all ranks to sample)
         # and after a resume
-        u = random.Random(rollout_seed(self.seed, "lmbda", *trained_position(trainer))).random()
+        u = random.Random(rollout_seed(self.seed, "lmbda", step.epoch, step.batch)).random()
         return "student" if u < self.lmbda else otherwise
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
-        source = self.completion_source(student.trainer)
+    def prepare(self, batch: dict, step: Step) -> None:
+        source = self.completion_source(step)
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         if source == "dataset":
             ids, mask = batch["response_ids"], batch["response_mask"]
             completions = Completions(ids, mask, stopped=mask.any(dim=1))  # they end with their end-of-turn
             samples = 1
         else:
-            model = student.model if source == "student" else self.teachers.models(prompt_ids.device)[0]
+            model = self.policy.model if source == "student" else self.teachers.models(prompt_ids.device)[0]
             samples = self.num_generations
             ids = self.engine(
                 model,
@@ -201,7 +174,7 @@ class OnPolicyDistillation(Objective):
                 sampling=self.sampling,
                 stop_ids=self.stop_ids,
                 pad_id=self.pad_id,
-                seed=sampling_seed(self.seed, student.trainer, batch["shas"]),
+                seed=sampling_seed(self.seed, step, batch["shas"]),
                 synced=self.synced,
             )
             completions = trim_at_stop(ids, self.stop_ids, self.pad_id)

@@ -10,18 +10,13 @@ The reference model, for the losses that need one, runs in ``prepare`` without g
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
-from distill.objectives.base import Loss, LossInputs, Objective, require_pairs, sequence_log_probs
-from distill.objectives.reference import Reference, ReferenceKind
+from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
+from distill.objectives.context import Context, Step
+from distill.objectives.reference import Reference
 from distill.ranges import require
-from distill.train.quantization import Quantization
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 PAIR_METRICS = (
     "rewards/chosen",
@@ -37,6 +32,7 @@ class Preference(Objective):
     """``loss`` over each pair's sequence log-probs, plus ``sft_weight`` x the chosen response's NLL."""
 
     unit = "pair"
+    accepts = ("pairs",)
 
     def __init__(
         self,
@@ -45,11 +41,7 @@ class Preference(Objective):
         label_smoothing: float = 0.0,
         gamma: float = 0.5,
         sft_weight: float = 0.0,
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
-        reference_dtype: str | None = None,
-        reference_quantization: Quantization | None = None,
-        reference_cache: str = "cache/reference",
+        reference: Reference | None = None,
         chunk_size: int = 1024,
     ) -> None:
         """
@@ -62,14 +54,8 @@ class Preference(Objective):
             gamma: SimPO's target reward margin.
             sft_weight: Weight of the chosen response's per-token NLL added to the loss (RPO,
                 LLaMA-Factory's ``pref_ftx``); ORPO has it built in.
-            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy), ``precomputed`` (the
-                frozen copy run once before training, its log-probs stored in ``reference_cache``) or
-                ``auto`` (adapter when the student trains a LoRA adapter, else model).
-            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
-            reference_dtype: Weight dtype of the frozen reference (default: the student's).
-            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
-                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
-            reference_cache: Directory of the precomputed reference log-probs.
+            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
+                ``quantization``, ``cache``; default: ``auto``).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         require("objective.chunk_size", chunk_size, at_least=1)
@@ -87,35 +73,27 @@ class Preference(Objective):
         beta = beta if beta is not None else (2.0 if loss == "simpo" else 0.1)
         self.options = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
         self.sft_weight = sft_weight
-        self.reference = Reference(
-            reference,
-            reference_model,
-            reference_dtype,
-            reference_cache,
-            chunk_size,
-            quantization=reference_quantization,
-        )
+        self.reference = reference or Reference()
         self.chunk_size = chunk_size
 
     @property
     def metric_names(self) -> tuple[str, ...]:
         return (*PAIR_METRICS, "nll") if self.sft_weight or self.loss == "orpo" else PAIR_METRICS
 
-    def setup(self, student: StudentModule) -> None:
+    def setup(self, context: Context) -> None:
         if self.spec.reference:
-            self.reference.setup(student, "Preference")
+            self.reference.setup(context, "Preference", self.chunk_size)
 
     @property
     def extra_forwards(self) -> int:
         return int(self.spec.reference and self.reference.kind in ("adapter", "model"))
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
+    def prepare(self, batch: dict, step: Step) -> None:
         if self.spec.reference and "reference_logps" not in batch:
-            batch["reference_logps"] = self.reference.logps(batch, student)
+            batch["reference_logps"] = self.reference.logps(batch)
 
     def forward(self, inputs: LossInputs) -> Loss:
-        require_pairs(inputs.batch, "Preference")
         count = inputs.num_sequences
         sums = sequence_log_probs(inputs, self.chunk_size)  # (S,)
         tokens = torch.bincount(inputs.sequence, minlength=count).clamp(min=1).to(sums)  # (S,)

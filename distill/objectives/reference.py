@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,86 +19,106 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from distill.objectives.base import LossInputs, loss_inputs, sequence_log_probs, token_log_probs
+from distill.objectives.context import Context
 from distill.objectives.reference_store import ReferenceStore
 from distill.progress import Progress
 from distill.train.quantization import Quantization, check_quantization
-from distill.train.sharding import sharded
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 ReferenceKind = Literal["auto", "adapter", "model", "precomputed"]
 
 
 class Reference:
+    """The reference of an objective that has one: ``objective.reference: {kind: ..., model: ...}``."""
+
     def __init__(
         self,
         kind: ReferenceKind = "auto",
         model: str | None = None,
         dtype: str | None = None,
-        cache: str = "cache/reference",
-        chunk_size: int = 1024,
         quantization: Quantization | None = None,
+        cache: str = "cache/reference",
     ) -> None:
-        check_quantization(quantization, "objective.reference_quantization")
+        """
+        Args:
+            kind: ``adapter`` (the policy with its LoRA adapter disabled), ``model`` (a frozen copy),
+                ``precomputed`` (the frozen copy run once before training, its log-probs stored in
+                ``cache``; preference pairs only) or ``auto`` (adapter when the student trains a LoRA
+                adapter, else model).
+            model: Path or hub name of the frozen reference (default: the student's ``model``, loaded with
+                its ``from_pretrained`` arguments).
+            dtype: Weight dtype of the frozen reference (default: the student's).
+            quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights (a CUDA GPU and
+                the ``bnb`` extra; default: unquantized, whatever the student's).
+            cache: Directory of the precomputed reference log-probs.
+        """
+        check_quantization(quantization, "objective.reference.quantization")
         self.kind = kind
         self.model = model
         self.dtype = dtype
         self.cache = cache
-        self.chunk_size = chunk_size
+        self.chunk_size = 1024  # the objective's, from setup
         self.quantization = quantization
         self.model_kwargs: dict = {}  # from_pretrained arguments of the frozen model (see setup)
         # a list keeps the frozen model out of the student's module tree
         self.frozen: list[nn.Module] = []
         self.stored: dict[str, np.ndarray] | None = None
 
-    def setup(self, student: StudentModule, owner: str) -> None:
-        """Resolve ``auto`` and the default model from the student (``owner`` names the objective)."""
-        has_adapter = student.lora is not None
+    def setup(self, context: Context, owner: str, chunk_size: int) -> None:
+        """Resolve ``auto`` and the default model from the student (``owner`` names the objective, whose
+        ``chunk_size`` the reference's forwards use)."""
+        self.chunk_size = chunk_size
+        has_adapter = context.policy.has_adapter
         if self.kind == "auto":
             self.kind = "adapter" if has_adapter else "model"
         if self.kind == "adapter" and not has_adapter:
             raise ValueError(f"{owner} reference 'adapter' needs a LoRA student (model.lora)")
         if self.kind == "adapter" and self.quantization is not None:
             raise ValueError(
-                f"{owner} reference_quantization quantizes a frozen reference: the 'adapter' reference is "
-                "the student's own base; set reference: model or precomputed, or drop reference_quantization"
+                f"{owner} reference.quantization quantizes a frozen reference: the 'adapter' reference is "
+                "the student's own base; set reference.kind: model or precomputed, or drop its quantization"
             )
+        origin = context.origin
         if self.kind in ("model", "precomputed") and self.model is None:
-            if student.model_name is None:
+            if origin.model is None:
                 raise ValueError(
                     "a student built from model_config has no starting weights to refer to: set "
-                    "objective.reference_model to the path of the reference (usually the SFT model)"
+                    "objective.reference.model to the path of the reference (usually the SFT model)"
                 )
-            self.model = student.model_name
-        if self.model == student.model_name:  # the starting weights: at the revision the student loaded
-            self.model_kwargs = dict(student.model_kwargs)
-        self.dtype = self.dtype or student.dtype_name
-        self.tokenizer = student.tokenizer
-        if self.kind == "model" and sharded(student.strategy):
+            self.model = origin.model
+        if self.model == origin.model:  # the starting weights: at the revision the student loaded
+            self.model_kwargs = dict(origin.model_kwargs)
+        self.dtype = self.dtype or origin.dtype
+        self.tokenizer = context.tokenizer
+        if self.kind == "precomputed" and context.data.units is None:
+            raise ValueError(
+                f"{owner} reference 'precomputed' runs once over the data's units, which "
+                f"{context.data.source} does not give: use distill.PreferenceDataModule"
+            )
+        if self.kind == "model" and context.sharded:
             rank_zero_warn(
                 f"[distill] {owner}'s frozen reference is a whole copy of the model on every rank, not "
                 "sharded: with FSDP or ZeRO-3 use reference adapter (LoRA) or precomputed"
             )
+        self.context = context
 
     @torch.no_grad()
-    def logps(self, batch: dict, student: StudentModule) -> Tensor:
+    def logps(self, batch: dict) -> Tensor:
         """(S,) the reference's log-prob sum of every sequence's response tokens."""
         if self.kind == "precomputed":
             if self.stored is None:
-                self.stored = self.precompute(student)
+                self.stored = self.precompute(batch["input_ids"].device)
             return self.stored_logps(batch)
         if self.kind == "adapter":
-            with student.model.disable_adapter():
-                return sequence_logps(student.causal_lm, batch, self.chunk_size)
+            with self.context.policy.adapter_disabled() as base:
+                return sequence_logps(base, batch, self.chunk_size)
         return sequence_logps(self.frozen_model(batch["input_ids"].device), batch, self.chunk_size)
 
     @torch.no_grad()
-    def token_logps(self, batch: dict, student: StudentModule, temperature: float = 1.0) -> Tensor:
+    def token_logps(self, batch: dict, temperature: float = 1.0) -> Tensor:
         """(N,) the reference's log-prob of every labelled token (on-policy completions: never stored)."""
         if self.kind == "adapter":
-            with student.model.disable_adapter():
-                return token_logps(student.causal_lm, batch, self.chunk_size, temperature)
+            with self.context.policy.adapter_disabled() as base:
+                return token_logps(base, batch, self.chunk_size, temperature)
         if self.kind == "model":
             model = self.frozen_model(batch["input_ids"].device)
             return token_logps(model, batch, self.chunk_size, temperature)
@@ -113,21 +133,20 @@ class Reference:
             values.append(unit[index % size])
         return torch.tensor(values, dtype=torch.float64, device=batch["input_ids"].device)
 
-    def precompute(self, student: StudentModule) -> dict[str, np.ndarray]:
+    def precompute(self, device: torch.device) -> dict[str, np.ndarray]:
         """The reference's log-probs of every unit of the training and validation data, from the store,
-        computed (this rank's share; the reference loaded, then freed) where the store lacks them or
-        holds them damaged."""
-        trainer, data = student.trainer, student.trainer.datamodule
-        store = ReferenceStore(self.cache, self.store_identity(data.identity()))
-        rank, world = trainer.global_rank, trainer.world_size
+        computed (this rank's share; the reference loaded onto ``device``, then freed) where the store
+        lacks them or holds them damaged."""
+        context = self.context
+        units, rank, world = context.data.units, context.rank, context.world_size
+        store = ReferenceStore(self.cache, self.store_identity(units.identity()))
 
         def compute() -> tuple[list[str], np.ndarray]:
-            device = student.device
             model = self.frozen_model(device)
             shas, values = [], []
-            total = data.unit_count(rank, world)
+            total = units.unit_count(rank, world)
             with Progress(total, "precomputing reference log-probs", "units", enabled=rank == 0) as progress:
-                for batch in data.unit_batches(rank, world):
+                for batch in units.unit_batches(rank, world):
                     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                     logps = sequence_logps(model, batch, self.chunk_size).double()
                     shas += batch["sequence_sha"][:: batch["unit_size"]]
@@ -139,7 +158,7 @@ class Reference:
             )
             return shas, np.concatenate(values) if values else np.zeros((0, 2))
 
-        return store.fill(rank, world, compute, trainer.strategy.barrier)
+        return store.fill(rank, world, compute, context.barrier)
 
     def store_identity(self, data: list[str]) -> dict:
         """What the precomputed log-probs of ``data`` (its tokenized-cache entries) are a function of."""

@@ -8,17 +8,12 @@ model ``AutoModelForSequenceClassification`` loads.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
 from distill.losses.preference import reward_pair
-from distill.objectives.base import Loss, LossInputs, Objective, require_pairs
-from distill.train.sharding import unpartitioned
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
+from distill.objectives.base import Loss, LossInputs, Objective
+from distill.objectives.context import Context
 
 
 class RewardModel(Objective):
@@ -26,6 +21,7 @@ class RewardModel(Objective):
     ``(r_chosen + r_rejected)**2``) on the head's scores of each pair."""
 
     unit = "pair"
+    accepts = ("pairs",)
     metric_names = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/mean", "rewards/sq")
 
     def __init__(self, use_margin: bool = True, center_rewards: float = 0.0) -> None:
@@ -39,8 +35,8 @@ class RewardModel(Objective):
         self.center_rewards = center_rewards
         self.score: nn.Linear | None = None
 
-    def setup(self, student: StudentModule) -> None:
-        tokenizer = student.tokenizer
+    def setup(self, context: Context) -> None:
+        tokenizer = context.tokenizer
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             # the exported classifier finds each sequence's last token as the last one that is not the
             # pad token: with pad = EOS it would skip the EOS that ends every response
@@ -49,7 +45,7 @@ class RewardModel(Objective):
                 f"({tokenizer.eos_token!r}); give the tokenizer a pad token of its own (e.g. an unused "
                 "reserved token)"
             )
-        lm = student.causal_lm
+        lm = context.policy.causal_lm
         head = lm.get_output_embeddings()
         if head is not None and head.weight is not lm.get_input_embeddings().weight:
             # an untied LM head takes no part in the reward: trainable, DDP would wait for its gradient
@@ -57,7 +53,7 @@ class RewardModel(Objective):
         if self.score is not None:
             return
         config = lm.config.get_text_config()
-        with unpartitioned(student.strategy):  # under ZeRO-3 the init would apply to an empty placeholder
+        with context.unpartitioned():  # under ZeRO-3 the init would apply to an empty placeholder
             self.score = nn.Linear(config.hidden_size, 1, bias=False)
             nn.init.normal_(self.score.weight, std=getattr(config, "initializer_range", 0.02))
             self.score.to(next(lm.parameters()).dtype)
@@ -67,7 +63,6 @@ class RewardModel(Objective):
         return self.score(last_hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
     def forward(self, inputs: LossInputs) -> Loss:
-        require_pairs(inputs.batch, "RewardModel")
         rewards = self.rewards(inputs.last_hidden)
         chosen, rejected = rewards[0::2], rewards[1::2]
         margin = None

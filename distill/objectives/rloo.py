@@ -9,12 +9,12 @@ ratios) from its reward before the baseline, as the RLOO paper and TRL's ``rloo_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from distill.losses.rl import leave_one_out_advantages, reinforce
 from distill.objectives.base import Loss, LossInputs, Objective, per_sequence
+from distill.objectives.context import Context, Step
 from distill.objectives.reference import Reference
 from distill.objectives.rollouts import (
     Rollouts,
@@ -24,28 +24,19 @@ from distill.objectives.rollouts import (
 )
 from distill.ranges import require
 from distill.rollout.engine import Sampling
-from distill.train.quantization import Quantization
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 
 class RLOO(Objective):
     unit = "completion"
+    accepts = ("prompts",)
 
     def __init__(
         self,
         rewards: Sequence[Callable],
         num_generations: int = 4,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        sampling: Sampling | None = None,
         beta: float = 0.0,
-        reference: str = "auto",
-        reference_model: str | None = None,
-        reference_dtype: str | None = None,
-        reference_quantization: Quantization | None = None,
+        reference: Reference | None = None,
         seed: int = 0,
         chunk_size: int = 1024,
     ) -> None:
@@ -53,35 +44,23 @@ class RLOO(Objective):
         Args:
             rewards: Reward functions (``distill.rewards.*``), each with its ``weight``.
             num_generations: Completions sampled per prompt (k, at least 2).
-            max_new_tokens: Longest completion; longer ones are cut (and count as truncated).
-            temperature: Sampling temperature; log-probs are of the same tempered distribution.
-            top_p: Nucleus sampling.
-            top_k: Top-k sampling (0: off).
+            sampling: How completions are drawn (``distill.rollout.Sampling``: ``max_new_tokens``,
+                ``temperature``, ``top_p``, ``top_k``); log-probs are of its tempered distribution.
             beta: KL-in-reward: reward - beta x sum of log(pi / pi_ref) over the completion (0: none,
                 and no reference model).
-            reference: ``adapter`` (LoRA disabled), ``model`` (a frozen copy) or ``auto``; with beta > 0.
-            reference_model: Path or hub name of the frozen reference (default: the student's ``model``).
-            reference_dtype: Weight dtype of the frozen reference (default: the student's).
-            reference_quantization: Load the frozen reference with 8- or 4-bit bitsandbytes weights
-                (a CUDA GPU and the ``bnb`` extra; default: unquantized, whatever the student's).
+            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
+                ``quantization``, ``cache``; default: ``auto``); with beta > 0.
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         require("objective.chunk_size", chunk_size, at_least=1)
-        require("objective.top_k", top_k, at_least=0)
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         super().__init__()
-        self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+        self.sampling = sampling or Sampling()
         self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
         self.beta = beta
-        self.reference = Reference(
-            reference,
-            reference_model,
-            reference_dtype,
-            chunk_size=chunk_size,
-            quantization=reference_quantization,
-        )
+        self.reference = reference or Reference()
         self.chunk_size = chunk_size
 
     @property
@@ -93,21 +72,21 @@ class RLOO(Objective):
     def extra_forwards(self) -> int:
         return int(self.beta > 0)
 
-    def setup(self, student: StudentModule) -> None:
-        self.rollouts.setup(student)
+    def setup(self, context: Context) -> None:
+        self.rollouts.setup(context)
         if self.beta:
-            self.reference.setup(student, "RLOO")
+            self.reference.setup(context, "RLOO", self.chunk_size)
             if self.reference.kind == "precomputed":
                 raise ValueError(
                     "RLOO samples its completions as it trains: the reference cannot be precomputed"
                 )
 
     @torch.no_grad()
-    def prepare(self, batch: dict, student: StudentModule) -> None:
-        rollout = self.rollouts.sample(batch, student)
+    def prepare(self, batch: dict, step: Step) -> None:
+        rollout = self.rollouts.sample(batch, step)
         store_rollout(batch, rollout, advantages=torch.zeros_like(rollout.total))  # set in forward
         if self.beta:
-            batch["reference_logps"] = self.reference.token_logps(batch, student, self.sampling.temperature)
+            batch["reference_logps"] = self.reference.token_logps(batch, self.sampling.temperature)
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch, count = inputs.batch, inputs.num_sequences

@@ -13,20 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from distill.data.resume import trained_position
+from distill.objectives.context import Context, Step
 from distill.rewards import names, score, weights
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
 from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
-from distill.train.sharding import sharded
-
-if TYPE_CHECKING:
-    from distill.train.student import StudentModule
 
 
 @dataclass
@@ -39,24 +34,12 @@ class Rollout:
     texts: list[str]  # (S,) the decoded completions
 
 
-def prompt_data(student: StudentModule, who: str):
-    """The fit's data module, which must be one of prompts: it says what generation stops on."""
-    data = student.trainer.datamodule if student._trainer is not None else None
-    if not getattr(data, "generation_stop_ids", None):
-        raise ValueError(
-            f"{who} sample from prompts: use distill.data.PromptDataModule, which says what generation "
-            "stops on (generation_stop_ids)"
-        )
-    return data
-
-
-def sampling_seed(seed: int, trainer, shas: Sequence[str]) -> int:
+def sampling_seed(seed: int, step: Step, shas: Sequence[str]) -> int:
     """The seed of a batch's sampling: keyed by its prompts, not the batch index, so a repeat of the step
     (num_iterations) or a resumed fit draws the same noise for the same prompts; validation by the
     prompts alone, so every evaluation samples with the same noise."""
-    if trainer.training:
-        epoch, _ = trained_position(trainer)
-        return rollout_seed(seed, "train", epoch, *shas)
+    if step.training:
+        return rollout_seed(seed, "train", step.epoch, *shas)
     return rollout_seed(seed, "eval", *shas)
 
 
@@ -82,21 +65,18 @@ class Rollouts:
         self.engine = engine or TransformersEngine()
         self.last: Rollout | None = None  # the latest training rollout, for the completion log
 
-    def setup(self, student: StudentModule) -> None:
-        data = prompt_data(student, "RL objectives")
-        self.configure(student.tokenizer, data.generation_stop_ids, data.pad_id, sharded(student.strategy))
+    def setup(self, context: Context) -> None:
+        """What sampling needs to know: the tokenizer, what generation stops on, the policy."""
+        self.tokenizer = context.tokenizer
+        self.stop_ids = list(context.data.stop_ids)
+        self.pad_id = context.data.pad_id
+        self.synced = context.sharded
+        self.policy = context.policy
 
-    def configure(self, tokenizer, stop_ids: Sequence[int], pad_id: int, synced: bool = False) -> None:
-        """What sampling needs to know of the tokenizer and the strategy (``setup`` reads them off a fit)."""
-        self.tokenizer = tokenizer
-        self.stop_ids = list(stop_ids)
-        self.pad_id = pad_id
-        self.synced = synced
-
-    def sample(self, batch: dict, student: StudentModule) -> Rollout:
+    def sample(self, batch: dict, step: Step) -> Rollout:
         """``roll`` of the current policy, seeded for this step; the training ones kept for the log."""
-        rollout = self.roll(student.model, batch, sampling_seed(self.seed, student.trainer, batch["shas"]))
-        if student.trainer.training:
+        rollout = self.roll(self.policy.model, batch, sampling_seed(self.seed, step, batch["shas"]))
+        if step.training:
             self.last = rollout
         return rollout
 

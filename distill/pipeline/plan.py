@@ -19,11 +19,12 @@ MODEL_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 FILE_LOGGERS = {"lightning.pytorch.loggers.CSVLogger", TENSORBOARD}
 MODEL_REWARD = "distill.rewards.ModelReward"
+REFERENCE = "distill.objectives.Reference"
 REWARD_OBJECTIVE = "distill.objectives.RewardModel"
 # the override keys that set what ``auto`` would chain
 OVERRIDDEN = {
     "model": "model.init_args.model",
-    "reference_model": "model.init_args.objective.init_args.reference_model",
+    "reference_model": "model.init_args.objective.init_args.reference.init_args.model",
     "rewards": "model.init_args.objective.init_args.rewards",
 }
 
@@ -149,12 +150,14 @@ def chain_models(stage: Stage, earlier: list[Stage], outputs: dict[str, dict[str
         model_args.update(model=model, model_config=None, tokenizer=None)
         stage.inputs["model"] = model
     goal = objective(stage.config).get("init_args") or {}
-    if "reference_model" in goal:
-        fallback = None if model is not None else goal["reference_model"]  # None: the starting model
+    if "reference" in goal:  # the objective has a reference (null: the default one)
+        options = (goal["reference"] or {}).get("init_args") or {}
+        given = options.get("model")
+        fallback = None if model is not None else given  # None: the starting model
         if OVERRIDDEN["reference_model"] in spec.overrides:
-            fallback = goal["reference_model"]
-        reference = _choice(spec.reference_model, fallback, outputs, keep=goal["reference_model"])
-        goal["reference_model"] = reference
+            fallback = given
+        reference = _choice(spec.reference_model, fallback, outputs, keep=given)
+        goal["reference"] = {"class_path": REFERENCE, "init_args": {**options, "model": reference}}
         if reference is not None:
             stage.inputs["reference_model"] = reference
     judges = [s for s in earlier if s.trains_reward_model and OVERRIDDEN["rewards"] not in spec.overrides]

@@ -1,5 +1,6 @@
-"""``python -m distill pipeline --config configs/pipelines/NAME.yaml``: run the stages in order, each as
-its own ``python -m distill fit`` process, merging a LoRA stage's adapter before the next stage loads it.
+"""Running a planned pipeline (the ``pipeline`` command, ``distill.commands.pipeline``): the stages in
+order, each as its own ``python -m distill fit`` process, a LoRA stage's adapter merged before the next
+stage loads it.
 
 A stage directory holds ``config.yaml`` (what ran), ``stage.json`` (its key, written before the fit),
 ``model/`` (the export), ``merged/`` (LoRA stages), ``checkpoints/``, ``logs/`` (TensorBoard),
@@ -15,7 +16,6 @@ directory's lock while it runs (a second run waits), and its fits and merges die
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import hashlib
@@ -36,8 +36,8 @@ import yaml
 
 from distill.cache.lock import WriterLock
 from distill.pipeline.inputs import ContentHashes, data_digest
-from distill.pipeline.plan import Stage, plan
-from distill.pipeline.spec import PipelineError, read_pipeline
+from distill.pipeline.plan import Stage
+from distill.pipeline.spec import PipelineError
 
 POLL_SECONDS = 1.0
 STAGE_MARKER = "stage.json"  # in every stage directory the pipeline made, and only there
@@ -391,33 +391,3 @@ def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> 
         )
         lines.append(f"   run: python {' '.join(fit_command(stage, None)[1:])}")
     return "\n".join(lines), refusals
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m distill pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="the pipeline file (configs/pipelines/*.yaml)")
-    parser.add_argument("--stages", default=None, help="comma-separated stage names to run (default: all)")
-    parser.add_argument("--dry_run", action="store_true", help="print the plan, run nothing")
-    parser.add_argument("--force", action="store_true", help="rerun the selected stages even if complete")
-    args = parser.parse_args(argv)
-    try:
-        pipeline = read_pipeline(args.config)
-        names = [s.name for s in pipeline.stages]
-        selected = set(args.stages.split(",")) if args.stages else set(names)
-        if selected - set(names):
-            raise PipelineError(
-                f"--stages: no stage {sorted(selected - set(names))} in {args.config} ({names})"
-            )
-        stages = plan(pipeline)
-        hashes = ContentHashes(Path(pipeline.output_dir) / "data_hashes.json")
-        if args.dry_run:
-            plan_text, refusals = describe(stages, selected, hashes)
-            print(f"pipeline {args.config} -> {pipeline.output_dir}\n{plan_text}")
-            if refusals:
-                raise PipelineError("\n".join(refusals))
-            return
-        Runner(stages, selected, hashes, force=args.force).run()
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    log(f"done: {pipeline.output_dir}")

@@ -21,23 +21,27 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
+from distill.ranges import require
+
 
 @dataclass(frozen=True)
 class Sampling:
     """How completions are drawn."""
 
     max_new_tokens: int = 128
+    """Longest completion; longer ones are cut (and count as truncated)."""
     temperature: float = 1.0
+    """Of the sampling distribution (RL objectives take their log-probs of the same)."""
     top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
+    """Nucleus sampling."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive (sampling), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        require("sampling.max_new_tokens", self.max_new_tokens, at_least=1)
+        require("sampling.temperature", self.temperature, above=0)
+        require("sampling.top_p", self.top_p, above=0, at_most=1)
+        require("sampling.top_k", self.top_k, at_least=0)
 
 
 def rollout_seed(*parts: object) -> int:

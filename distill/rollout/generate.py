@@ -36,7 +36,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from jsonargparse import auto_cli
 
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
 from distill.data.templates import BUILTIN_TEMPLATES, TemplateError
@@ -320,7 +319,3 @@ def check_dtype(dtype: str) -> None:
     named = getattr(torch, dtype, None)
     if dtype != "auto" and not (isinstance(named, torch.dtype) and named.is_floating_point):
         raise ValueError(f"--dtype is auto or a float type (float32, bfloat16, float16), got {dtype!r}")
-
-
-def main(argv: list[str]) -> None:
-    auto_cli(generate, args=argv, as_positional=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from distill.data.batching import EvalBatches, pack
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
+from distill.data.facts import DataFacts
 from distill.data.resume import ResumableLoader, epoch_rng, leave_sigterm_to_main
 from distill.ranges import require
 from distill.rollout.rounds import Rounds, RoundSamples, RoundStream
@@ -136,7 +138,6 @@ class KDDataModule(DataModule):
         self.cache_dir = Path(cache_dir)
         self.cache_size_gb = cache_size_gb
         self.chunk_samples = chunk_samples
-        self.teacher_names = self.targets.names
         self.spec: CacheSpec | None = None
         self.chunked = False
         self._ready = False
@@ -144,6 +145,9 @@ class KDDataModule(DataModule):
     @property
     def trains_on_files(self) -> bool:
         return super().trains_on_files and self.rounds is None
+
+    def facts(self) -> DataFacts:
+        return replace(super().facts(), teacher_names=tuple(self.targets.names))
 
     # ---- setup: sync, then collect what is missing ----------------------------------------------------
 

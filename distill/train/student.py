@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from dataclasses import replace
+from functools import partial
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,11 +15,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer
 
-from distill.objectives.base import Loss, Objective, loss_inputs
+from distill.data.batching import pad_token_id
+from distill.data.facts import DataFacts
+from distill.data.resume import trained_position
+from distill.objectives.base import Loss, Objective, check_pairing, loss_inputs
 from distill.objectives.ce import CrossEntropy
-from distill.ranges import require
+from distill.objectives.context import Context, Origin, Policy, Step
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
@@ -25,6 +30,7 @@ from distill.train.neftune import add_embedding_noise
 from distill.train.optim import AdamW, weight_decay_groups
 from distill.train.quantization import Quantization, check_quantization, prepare_for_kbit_training
 from distill.train.randomness import CHECKPOINT_KEY, draw_run_seed, seed_step
+from distill.train.schedule import SchedulerCallable, WarmupDecay
 from distill.train.sharding import (
     flat_parameters,
     shard_adapter_apart,
@@ -78,9 +84,7 @@ class StudentModule(L.LightningModule):
         neftune_alpha: float | None = None,
         objective: Objective | None = None,
         optimizer: OptimizerCallable = AdamW,
-        lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
-        warmup_steps: int = 0,
-        warmup_ratio: float = 0.0,
+        scheduler: SchedulerCallable = WarmupDecay,
     ) -> None:
         """
         Args:
@@ -104,17 +108,11 @@ class StudentModule(L.LightningModule):
                 ``distill.objectives.RewardModel``.
             optimizer: Optimizer class path and arguments: ``distill.train.optim.AdamW``,
                 ``distill.train.optim.AdamW8bit`` or any ``torch.optim`` class.
-            lr_schedule: Decay after warmup, over ``trainer.max_steps`` (or the epochs' steps).
-            warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.
-            warmup_ratio: Warmup as a share of the run's optimizer steps instead (``warmup_steps`` unset).
+            scheduler: Learning-rate schedule class path, stepped once per optimizer step and given the
+                optimizer and the run's optimizer steps: ``distill.train.schedule.WarmupDecay`` (warmup,
+                then cosine, linear or constant; the default: cosine, no warmup) or any scheduler whose
+                first two arguments these are (torch's ``CosineAnnealingLR``, ``PolynomialLR``).
         """
-        require("model.warmup_steps", warmup_steps, at_least=0)
-        if warmup_steps and warmup_ratio:
-            raise ValueError("model.warmup_steps and model.warmup_ratio both set: set one of them")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(
-                f"model.warmup_ratio is a share of the run's steps, in [0, 1): got {warmup_ratio}"
-            )
         if neftune_alpha is not None and neftune_alpha <= 0:
             raise ValueError(
                 f"model.neftune_alpha scales the noise, above 0 (the paper uses 5 to 15): {neftune_alpha}"
@@ -131,7 +129,7 @@ class StudentModule(L.LightningModule):
                 "a model built from model_config is not quantized"
             )
         super().__init__()
-        self.save_hyperparameters(ignore=["objective", "optimizer"])
+        self.save_hyperparameters(ignore=["objective", "optimizer", "scheduler"])
         self.model_name = model
         self.model_config = model_config
         self.tokenizer_id = tokenizer or model
@@ -143,9 +141,7 @@ class StudentModule(L.LightningModule):
         self.neftune_alpha = neftune_alpha
         self.objective = objective or CrossEntropy()
         self.optimizer_factory = optimizer
-        self.lr_schedule = lr_schedule
-        self.warmup_steps = warmup_steps
-        self.warmup_ratio = warmup_ratio
+        self.scheduler_factory = scheduler
         self.model_kwargs = dict(model_kwargs or {})
         self.model: nn.Module | None = None
         self.train_metrics = self._metrics()
@@ -193,7 +189,7 @@ class StudentModule(L.LightningModule):
             add_embedding_noise(model, self.neftune_alpha)
         self.model = model
         self.flops_shape = model_shape(self.causal_lm)
-        self.objective.setup(self)
+        self.objective.setup(self.objective_context())
         # set up, the objective may report more (e.g. one teacher CE per teacher of the data module)
         self.train_metrics = self._metrics()
         self.val_metrics = self._metrics()
@@ -201,6 +197,36 @@ class StudentModule(L.LightningModule):
     def _metrics(self) -> ObjectiveMetrics:
         objective = self.objective
         return ObjectiveMetrics(objective.metric_names, objective.unit, objective.loss_is_cross_entropy)
+
+    def objective_context(self) -> Context:
+        """What the objective is told of this fit (its data module is set up by now)."""
+        strategy = self.strategy
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if hasattr(data, "facts"):
+            facts = data.facts()
+            check_pairing(self.objective, facts)
+        else:  # no data module of ours (outside a fit, or a plain LightningDataModule): nothing to check
+            source = type(data).__name__ if data is not None else "no data module"
+            facts = DataFacts(source, self.objective.accepts[0], pad_token_id(self.tokenizer))
+        origin = Origin(self.model_name, dict(self.model_kwargs), self.dtype_name, self.tokenizer_id)
+        context = Context(self.tokenizer, facts, Policy(self.model, self.lora is not None), origin)
+        if strategy is None:
+            return context
+        return replace(
+            context,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+            sharded=sharded(strategy),
+            mean_over_ranks=partial(strategy.reduce, reduce_op="mean"),
+            barrier=strategy.barrier,
+            unpartitioned=partial(unpartitioned, strategy),
+        )
+
+    def current_step(self) -> Step:
+        """Whether the batch now prepared trains, and where it stands in the fit."""
+        if self._trainer is None:
+            return Step()
+        return Step(self.trainer.training, *trained_position(self.trainer))
 
     @property
     def strategy(self) -> Strategy | None:
@@ -224,7 +250,7 @@ class StudentModule(L.LightningModule):
         return outputs.last_hidden_state
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Loss:
-        self.objective.prepare(batch, self)
+        self.objective.prepare(batch, self.current_step())
         with seeded_noise(batch.get("noise_seed"), self.device):
             hidden = self.forward_hidden(batch)
             return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch))
@@ -291,12 +317,18 @@ class StudentModule(L.LightningModule):
         self.val_metrics.update(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.objective.derived_metrics(self.val_metrics.compute())
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
-        self.val_metrics.reset()
+        self._log_evaluation("val")
 
     test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, prefix: str) -> None:
+        """Log what the evaluation loop's steps gathered (validation and test never run at once)."""
+        values = self.objective.derived_metrics(self.val_metrics.compute())
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
+        self.val_metrics.reset()
 
     def on_fit_start(self) -> None:
         self._metrics_to_device()
@@ -353,11 +385,5 @@ class StudentModule(L.LightningModule):
         return self._with_schedule(self.optimizer_factory(weight_decay_groups(self)))
 
     def _with_schedule(self, optimizer: torch.optim.Optimizer) -> dict:
-        steps = self.trainer.estimated_stepping_batches
-        scheduler = get_scheduler(
-            "constant_with_warmup" if self.lr_schedule == "constant" else self.lr_schedule,
-            optimizer,
-            num_warmup_steps=self.warmup_steps or round(self.warmup_ratio * steps),
-            num_training_steps=steps,
-        )
+        scheduler = self.scheduler_factory(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

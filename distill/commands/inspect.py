@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from distill.cli import exit_codes, run_cli
 from distill.data.encoding import encode_all, show_labels
 
 
@@ -15,13 +16,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--num_samples", type=int, default=2, help="samples to show")
     parser.add_argument("--split", choices=("train", "val"), default="train")
     own, rest = parser.parse_known_args(argv)
+    with exit_codes():
+        show(own.num_samples, own.split, rest)
 
-    from distill.cli import run_cli
 
-    cli = run_cli(["--trainer.logger", "false", *rest], run=False)
+def show(num_samples: int, split: str, config_args: list[str]) -> None:
+    cli = run_cli(["--trainer.logger", "false", *config_args], run=False)
     data = cli.datamodule
     train, val = data.load_records()
-    records = (train if own.split == "train" else val)[: own.num_samples]
+    records = (train if split == "train" else val)[:num_samples]
     samples, stats = encode_all(
         records,
         data.tokenizer,
