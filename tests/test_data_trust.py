@@ -16,8 +16,8 @@ from distill.cli import main, run_cli
 from distill.data.datamodule import DataModule
 from distill.data.encoding import IGNORE_INDEX, encode_record
 from distill.data.formats import TOOLS_HEADER, DataFormatError, read_records, to_record
-from distill.data.kd_datamodule import KDDataModule
 from distill.data.templates import TOOL_PREFIX, resolve_template
+from distill.teacher.targets import TeacherTargets
 from tests.helpers import TOKENIZER_DIR, conversation, kd_config, write_jsonl
 
 # ---- 14: each epoch yields the length Lightning read before the first epoch -------------------------
@@ -76,14 +76,14 @@ def test_chunked_kd_over_three_epochs_stays_within_the_budget_and_purges_a_chunk
     assert data.chunked and len(data.plan(0)) >= 3
     data.teardown("fit")  # releases train-chunks/ for the fit below
     sizes: list[int] = []
-    original = KDDataModule.prepare_chunk
+    original = TeacherTargets.prepare_chunk
 
     def prepare_and_measure(self, samples):  # disk use at its peak: a chunk just collected
         reader = original(self, samples)
         sizes.append(sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file()))
         return reader
 
-    monkeypatch.setattr(KDDataModule, "prepare_chunk", prepare_and_measure)
+    monkeypatch.setattr(TeacherTargets, "prepare_chunk", prepare_and_measure)
     steps = 2 * per_epoch + 3  # into the third epoch, in the middle of its first chunk
     main(
         [

@@ -133,18 +133,18 @@ def test_resumed_stream_continues_at_the_same_batch(tmp_path, kd_teacher_dir):
 
 
 def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(tmp_path, kd_teacher_dir):
-    from distill.data import kd_datamodule as kd_data
+    from distill.teacher.targets import TeacherTargets
 
     budget_gb = 6e-5  # 60 kB, below the ~104 kB all targets need: 4 chunks of the 48-sample set
     config = kd_config(tmp_path, kd_teacher_dir, n=48, cache_size_gb=budget_gb)
     sizes: list[int] = []
-    original = kd_data.KDDataModule.finish_chunk
+    original = TeacherTargets.finish_chunk
 
     def finish_and_measure(self, reader):  # disk use at its peak: a chunk collected, not yet purged
         sizes.append(sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file()))
         original(self, reader)
 
-    kd_data.KDDataModule.finish_chunk = finish_and_measure
+    TeacherTargets.finish_chunk = finish_and_measure
     try:
         main(
             [
@@ -158,7 +158,7 @@ def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(
             ]
         )
     finally:
-        kd_data.KDDataModule.finish_chunk = original
+        TeacherTargets.finish_chunk = original
     assert (tmp_path / "cache" / "train-chunks" / "rank000").is_dir()  # chunked mode really ran
     assert not (tmp_path / "cache" / "train").exists()
     assert len(sizes) >= 3, sizes

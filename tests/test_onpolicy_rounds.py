@@ -16,15 +16,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-import distill.data.kd_datamodule as kd_datamodule
-import distill.data.rounds as rounds_module
+import distill.rollout.rounds as rounds_module
+import distill.teacher.targets as teacher_targets
 from distill import StudentModule
 from distill.cli import main
 from distill.data.encoding import encode_record, truncate
 from distill.data.formats import Record
-from distill.data.kd_datamodule import KDDataModule
-from distill.data.rounds import Rounds, RoundSamples
 from distill.data.templates import resolve_template
+from distill.rollout.rounds import Rounds, RoundSamples
+from distill.teacher.datamodule import KDDataModule
 from distill.teacher.module import Teacher
 from tests.helpers import (
     TINY_LLAMA,
@@ -70,13 +70,13 @@ def test_each_round_collects_exactly_its_completions_and_trains_on_them(
     tmp_path, kd_teacher_dir, tokenizer, monkeypatch
 ):
     collected = []
-    original = kd_datamodule.collect
+    original = teacher_targets.collect
 
     def spy(teacher, jobs, *args, **kwargs):
         collected.append(sorted(s.sha for job in jobs for s in job.samples))
         return original(teacher, jobs, *args, **kwargs)
 
-    monkeypatch.setattr(kd_datamodule, "collect", spy)
+    monkeypatch.setattr(teacher_targets, "collect", spy)
     # where each round is sampled: in the training step, which Lightning runs inside the strategy's
     # forward (the root FSDP unit's weights are gathered only there), not in the DataLoader
     stepping, sampled_in_step = [], []

@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from distill.cache import codec
+from distill.cache.codec import decode_targets
 from distill.cache.lock import hold_readers_lock
 from distill.cache.segment import CacheCorruptError, open_segment, scan_segments
 from distill.targets import SparseTargets
@@ -223,9 +223,7 @@ class CacheReader:
             sample_lse = np.asarray(lse[ps:pe])
             sample_tail = None if tails is None else np.asarray(tails[ps:pe])
             check_values(sample_lse, sample_tail)
-            targets = codec.decode_targets(
-                np.asarray(stream[bs:be]), sample_lse, sample_tail, *self.formats[seg]
-            )
+            targets = decode_targets(np.asarray(stream[bs:be]), sample_lse, sample_tail, *self.formats[seg])
             check_ids(targets, self.vocab_sizes[seg])
             out[i] = targets
 

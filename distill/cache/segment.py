@@ -28,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from distill.cache import codec
+from distill.cache.codec import EncodedSample, encode_targets
 from distill.cache.spec import CacheSpec
 from distill.targets import SparseTargets
 
@@ -260,7 +260,7 @@ class CacheWriter:
         self.commit_seconds = commit_seconds
         self.measure_kl = measure_kl
         self._rows: list[tuple[bytes, int, int, int, float, float]] = []
-        self._samples: list[codec.EncodedSample] = []
+        self._samples: list[EncodedSample] = []
         self._pending_bytes = 0
         self._since = time.monotonic()
         self.committed: list[Path] = []
@@ -278,7 +278,7 @@ class CacheWriter:
             nll = float(rest[0]) if rest else float("nan")
             if not isinstance(sha, str) or len(sha) > 64 or not sha.isascii():
                 raise ValueError(f"sample keys are SHA-256 hex strings, got {sha!r}")
-            e = codec.encode_targets(
+            e = encode_targets(
                 targets, spec.scheme, spec.k, spec.vocab_size, spec.value_bits, self.measure_kl
             )
             if not self._samples:

@@ -1,2 +1,3 @@
 """Data: formats -> templates and masking -> encoding -> batching and packing -> resumable batch streams
--> DataModules (plain and KD)."""
+-> DataModules. A leaf: the teachers' targets (``distill.teacher``) and on-policy rounds
+(``distill.rollout``) are composed in above it."""

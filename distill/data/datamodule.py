@@ -53,6 +53,7 @@ from distill.data.tokenized import (
     TokenizedSamples,
     default_root,
     file_digest,
+    split_identity,
     tokenizer_fingerprint,
 )
 from distill.progress import Progress
@@ -492,7 +493,9 @@ def _file_identities(sources: list[Source]) -> list:
     """(resolved path, SHA-256 of the bytes) of every data file, and each dataset split's identity
     (name, config, split, content fingerprint): any edit changes the cache key."""
     return [
-        found.identity() if isinstance(found, DatasetSplit) else (str(found.resolve()), file_digest(found))
+        split_identity(found)
+        if isinstance(found, DatasetSplit)
+        else (str(found.resolve()), file_digest(found))
         for source in sources
         for found in find_files(source)
     ]

@@ -88,22 +88,6 @@ class DatasetSplit:
             )
         return datasets.load_from_disk(str(directory))  # memory-mapped: streaming reads it batch by batch
 
-    def identity(self) -> dict[str, Any]:
-        """What a tokenized-cache entry of this split is keyed by: where it is and its content: the
-        SHA-256 of its local files (a saved directory's Arrow files, the data files of the config's
-        split), or the fingerprint ``datasets`` gives a hub dataset (of its revision)."""
-        from distill.data.tokenized import file_digest  # not at the top: it imports formats
-
-        if self.local:
-            saved = [Path(file["filename"]) for file in self.load().cache_files] if self.saved else None
-            files = saved if saved is not None else self.data_files()
-            content: Any = [(str(path.resolve()), file_digest(path)) for path in files]
-        else:
-            content = self.load()._fingerprint
-        name = str(Path(self.name).resolve()) if self.local else self.name
-        pinned = {"revision": self.revision} if self.revision else {}  # keys of unpinned entries unchanged
-        return {"dataset": name, "config": self.config, "split": self.split, **pinned, "content": content}
-
     def data_files(self) -> list[Path]:
         """The local data files of the split, as ``datasets`` resolves them (patterns, README configs)."""
         import datasets

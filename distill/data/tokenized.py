@@ -43,6 +43,7 @@ from distill.cache.lock import WriterLock
 from distill.cache.segment import fsync_path
 from distill.data.chunks import EncodedChunk, stored_value
 from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats
+from distill.data.hf_datasets import DatasetSplit
 
 FORMAT_VERSION = 2
 _ARRAYS = {  # file -> (dtype, what its length counts)
@@ -82,6 +83,21 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def split_identity(split: DatasetSplit) -> dict[str, Any]:
+    """What a tokenized-cache entry of a dataset split is keyed by: where it is and its content: the
+    SHA-256 of its local files (a saved directory's Arrow files, the data files of the config's split),
+    or the fingerprint ``datasets`` gives a hub dataset (of its revision)."""
+    if split.local:
+        saved = [Path(file["filename"]) for file in split.load().cache_files] if split.saved else None
+        files = saved if saved is not None else split.data_files()
+        content: Any = [(str(path.resolve()), file_digest(path)) for path in files]
+    else:
+        content = split.load()._fingerprint
+    name = str(Path(split.name).resolve()) if split.local else split.name
+    pinned = {"revision": split.revision} if split.revision else {}  # keys of unpinned entries unchanged
+    return {"dataset": name, "config": split.config, "split": split.split, **pinned, "content": content}
 
 
 def entry_key(inputs: dict[str, Any]) -> str:

@@ -24,28 +24,31 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torch.utils.data import IterableDataset
 
 from distill.data.encoding import Encoded, encode_record, truncate
 from distill.data.formats import Record
-from distill.data.kd_batches import teacher_reads
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
 from distill.data.resume import epoch_rng, yields
 from distill.rollout.engine import Sampling
 from distill.rollout.generate import check_settings, completed_prompts, read_completions, write_completions
 
 if TYPE_CHECKING:
-    from torch import nn
+    from distill.cache.reader import CacheReader
+    from distill.data.datamodule import DataModule
+    from distill.teacher.targets import TeacherTargets
 
-    from distill.cache import CacheReader
-    from distill.data.kd_datamodule import KDDataModule
+SampleRound = Callable[[int, nn.Module, bool], list[Encoded]]
+"""(round index, policy, synced) -> this rank's samples of the round (``RoundSamples.samples`` bound to
+the fit's directory, rank and step)."""
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Rounds:
 class RoundSamples:
     """A round's prompts, its completions (sampled, or read back), and those as training samples."""
 
-    def __init__(self, rounds: Rounds, data: KDDataModule) -> None:
+    def __init__(self, rounds: Rounds, data: DataModule) -> None:
         self.rounds = rounds
         self.data = data
         self.prompts = PromptDataModule(
@@ -200,8 +203,12 @@ class RoundChunk:
     its training step, inside the strategy's forward, where sharded weights (FSDP, ZeRO-3) can generate
     (as RL objectives sample in ``prepare``), and after the previous round's last optimizer step."""
 
-    def __init__(self, data: KDDataModule, index: int, seed: int) -> None:
-        self.data = data
+    def __init__(
+        self, targets: TeacherTargets, sample: SampleRound, batch_size: int, index: int, seed: int
+    ) -> None:
+        self.targets = targets
+        self.sample = sample
+        self.batch_size = batch_size
         self.index = index
         self.seed = seed
         self.samples: list[Encoded] = []
@@ -210,28 +217,37 @@ class RoundChunk:
     def batch(self, number: int, policy: nn.Module, synced: bool) -> dict[str, Any]:
         """Batch ``number`` of the round; the first one built samples the round with ``policy`` (``synced``:
         its weights are sharded, every rank samples at once) and collects its targets."""
-        data, size = self.data, self.data.batch_size
+        size = self.batch_size
         if self.reader is None:
-            self.samples = data.round_samples(self.index, policy, synced)
+            self.samples = self.sample(self.index, policy, synced)
             epoch_rng(self.seed, self.index).shuffle(self.samples)
             # duplicates (the same completion twice) are collected once and trained on twice
-            self.reader = data.prepare_chunk(list({s.sha: s for s in self.samples}.values()))
+            self.reader = self.targets.prepare_chunk(list({s.sha: s for s in self.samples}.values()))
         rows = [[s] for s in self.samples[number * size : (number + 1) * size]]
-        shas = [row[0].sha for row in rows]
-        return data.kd_collator(rows, *teacher_reads(self.reader, shas, data.teacher_names))
+        return self.targets.batch(rows, self.reader)
 
     def finish(self) -> None:
         if self.reader is not None:
-            self.data.finish_chunk(self.reader)
+            self.targets.finish_chunk(self.reader)
 
 
 class RoundStream(IterableDataset):
     """One epoch of rounds as KD batches: each round sampled, collected into the chunk cache, trained
     on, purged. ``skip`` batches are passed over without sampling or collecting (resuming mid-epoch)."""
 
-    def __init__(self, data: KDDataModule, rounds: RoundSamples, rank: int, world_size: int) -> None:
-        self.data = data
+    def __init__(
+        self,
+        targets: TeacherTargets,
+        rounds: RoundSamples,
+        sample: SampleRound,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self.targets = targets
         self.rounds = rounds
+        self.sample = sample
+        self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -239,7 +255,7 @@ class RoundStream(IterableDataset):
 
     @property
     def batches_per_round(self) -> int:
-        return math.ceil(self.rounds.per_rank(self.world_size) / self.data.batch_size)
+        return math.ceil(self.rounds.per_rank(self.world_size) / self.batch_size)
 
     def __len__(self) -> int:
         return self.rounds.rounds.num_rounds * self.batches_per_round
@@ -250,7 +266,8 @@ class RoundStream(IterableDataset):
             first = offset * per_round
             if first + per_round <= self.skip:  # trained before the resume
                 continue
-            chunk = RoundChunk(self.data, self.epoch * num_rounds + offset, self.rounds.rounds.seed)
+            index = self.epoch * num_rounds + offset
+            chunk = RoundChunk(self.targets, self.sample, self.batch_size, index, self.rounds.rounds.seed)
             try:
                 for batch in range(per_round):
                     if yields(first + batch, self.skip):

@@ -1,10 +1,12 @@
-"""KDDataModule: the data module plus teacher targets from the cache, collected inside ``fit`` as needed.
+"""KDDataModule: the data module with the teachers' targets composed in (``TeacherTargets``), collected
+inside ``fit`` as needed.
 
 At setup the caches are synced with the data and whatever they lack is collected (the same
 ``TeacherModule`` and cache code as ``predict``). Training batches then stream from the cache chunk by
 chunk, chunk order and in-chunk order shuffled per epoch from the seed. When the whole training set's
 targets would not fit ``cache_size_gb``, each epoch alternates instead: collect chunk i (teacher loaded,
-then freed), train on it, purge it, next chunk; the disk never holds more than the budget.
+then freed), train on it, purge it, next chunk; the disk never holds more than the budget. With
+``rounds``, each chunk is a round the student samples (``distill.rollout.rounds``).
 
 Lightning reads an epoch's length once, before the first epoch, so every epoch must yield exactly that
 many batches: the rows (packed once) and the chunks are the same in every epoch; only their order
@@ -13,49 +15,38 @@ changes.
 
 from __future__ import annotations
 
-import math
 import random
-import shutil
 import uuid
-from contextlib import ExitStack
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distill.cache import CacheReader, CacheSpec, TeacherCache, WriterLock, open_cache
 from distill.data.batching import EvalBatches, pack
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
 from distill.data.facts import DataFacts
-from distill.data.kd_batches import (
-    SEGMENT_BYTES,
-    KDCollator,
-    TargetedSamples,
-    TargetStream,
-    bytes_per_position_bound,
-    fill_chunks,
-    trainable_positions,
-)
 from distill.data.resume import ResumableLoader, epoch_rng, leave_sigterm_to_main
-from distill.data.rounds import Rounds, RoundSamples, RoundStream
 from distill.ranges import require
-from distill.teacher.collect import (
-    cache_spec,
-    check_vocabularies,
-    collect,
-    label_policy,
-    plan_jobs,
-    sync_cache,
-    writer_locks,
+from distill.rollout.rounds import Rounds, RoundSamples, RoundStream
+from distill.teacher.batches import (
+    SEGMENT_BYTES,
+    bytes_per_position_bound,
+    estimated_bytes,
+    fill_chunks,
+    split_bytes,
 )
+from distill.teacher.collect import cache_spec, check_vocabularies, label_policy
 from distill.teacher.module import Scheme, Teacher, TeacherModule
+from distill.teacher.targets import Collection, TargetStream, TeacherTargets
+
+if TYPE_CHECKING:
+    from distill.cache.spec import CacheSpec
 
 
 class KDDataModule(DataModule):
@@ -97,7 +88,7 @@ class KDDataModule(DataModule):
             chunk_samples: Samples per streamed chunk when the whole cache fits.
             rounds: On-policy rounds: ``train_files`` are prompts; each round the student samples
                 completions of some, the teachers' targets of those are collected into the chunk cache,
-                the student trains on them (``distill.data.rounds``).
+                the student trains on them (``distill.rollout.rounds``).
             **kwargs: Everything ``DataModule`` takes (files, template, max_seq_length, packing, ...).
         """
         if kwargs.get("streaming"):
@@ -135,21 +126,20 @@ class KDDataModule(DataModule):
             num_draws=num_draws,
             temperature=draw_temperature,
         )
+        self.targets = TeacherTargets(
+            self.teacher,
+            cache_dir,
+            rebuild=rebuild_cache,
+            prune=prune_cache,
+            lock_timeout=cache_lock_timeout,
+            batch_size=teacher_batch_size or self.eval_batch_size,
+        )
         self.value_bits = value_bits
         self.cache_dir = Path(cache_dir)
         self.cache_size_gb = cache_size_gb
-        self.rebuild_cache = rebuild_cache
-        self.prune_cache = prune_cache
-        self.cache_lock_timeout = cache_lock_timeout
-        self.teacher_batch_size = teacher_batch_size or self.eval_batch_size
         self.chunk_samples = chunk_samples
-        self.teacher_names = [t.key for t in teachers]
         self.spec: CacheSpec | None = None
         self.chunked = False
-        self.readers: dict[str, CacheReader] = {}
-        self._chunk_cache: TeacherCache | None = None
-        self._chunk_reader: CacheReader | None = None  # the reader of the chunk now on disk
-        self._chunks_lock: WriterLock | None = None  # rank 0 owns train-chunks/ for the whole run
         self._ready = False
 
     @property
@@ -157,16 +147,9 @@ class KDDataModule(DataModule):
         return super().trains_on_files and self.rounds is None
 
     def facts(self) -> DataFacts:
-        return replace(super().facts(), teacher_names=tuple(self.teacher_names))
+        return replace(super().facts(), teacher_names=tuple(self.targets.names))
 
     # ---- setup: sync, then collect what is missing ----------------------------------------------------
-
-    def estimated_bytes(self, samples: list[Encoded]) -> float:
-        return sum(map(trainable_positions, samples)) * bytes_per_position_bound(self.spec)
-
-    def split_bytes(self, samples: list[Encoded]) -> float:
-        """A bound of the disk a cache directory of ``samples`` takes."""
-        return self.estimated_bytes(samples) + SEGMENT_BYTES if samples else 0.0
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -185,22 +168,21 @@ class KDDataModule(DataModule):
             label_policy(self),
         )
         budget = None if self.cache_size_gb is None else self.cache_size_gb * 1e9
-        total = self.split_bytes(self.train) + self.split_bytes(self.val)
+        total = split_bytes(self.train, self.spec) + split_bytes(self.val, self.spec)
         self.chunked = self.rounds is not None or (budget is not None and total > budget)
-        rank = self._rank
+        self.targets.start(self.spec, self.collection(), chunked=self.chunked, packing=self.packing)
         full = [("val", self.val)] + ([] if self.chunked else [("train", self.train)])
         full = [(split, samples) for split, samples in full if samples]
-        collected = self.sync_and_collect(full)
+        collected = self.targets.sync_and_collect(full)
         rank_zero_info(f"[distill] collected {collected} samples on rank 0 before training")
-        for split, _ in full:
-            self.readers[split] = CacheReader(self.cache_dir / split)
-        if rank == 0:
-            self.report_teachers(dict(full))
+        if self._rank == 0:
+            tokens = "assistant" if self.train_on_responses_only else "trained"
+            self.stats.update(self.targets.perplexities(dict(full), tokens))
         if self.rounds is not None:
             self.setup_rounds()
         elif self.chunked:
             train_budget = self.chunk_budget
-            largest = max(map(self.estimated_bytes, self.train_rows))
+            largest = max(estimated_bytes(row, self.spec) for row in self.train_rows)
             if train_budget < largest:
                 raise ValueError(
                     f"data.cache_size_gb={self.cache_size_gb} leaves {train_budget / 1e9:.3g} GB for "
@@ -208,7 +190,7 @@ class KDDataModule(DataModule):
                     f"targets, less than one sample (or packed row) needs ({largest / 1e9:.3g} GB)"
                 )
         if self.chunked:
-            self._chunk_cache = open_cache(self.cache_dir / "train-chunks" / f"rank{rank:03d}", self.spec)
+            self.targets.open_chunks()
         if self.chunked and self.rounds is None:
             rank_zero_info(
                 f"[distill] chunked KD: ~{total / 1e9:.3g} GB of targets > "
@@ -216,6 +198,12 @@ class KDDataModule(DataModule):
                 f"{len(self.plan(0))} chunks per epoch"
             )
         self._ready = True
+
+    def collection(self) -> Collection:
+        """What this rank collects with: the student's collator and template, its device and place."""
+        strategy = self.trainer.strategy if self.trainer else None
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        return Collection(self.collator, self.chat_template, device, self._rank, self._world_size, strategy)
 
     def setup_rounds(self) -> None:
         """Read the rounds' prompts and check that one round's targets fit the disk budget."""
@@ -258,73 +246,6 @@ class KDDataModule(DataModule):
             rank=self._rank, world_size=self._world_size, synced=synced, step=self.trainer.global_step,
         )  # fmt: skip
 
-    def sync_and_collect(self, splits: list[tuple[str, list[Encoded]]]) -> int:
-        """Rank 0 syncs the caches holding their writer locks until every rank has collected what its
-        shard lacks (a second run waits, then plans again and collects nothing twice); returns the
-        number of samples this rank collected."""
-        strategy = self.trainer.strategy if self.trainer else None
-        rank, world = self._rank, self._world_size
-        locks = ExitStack()
-        if rank == 0:
-            locks = writer_locks([self.cache_dir / split for split, _ in splits], self.cache_lock_timeout)
-        with locks:
-            if rank == 0:
-                for split, samples in splits:
-                    sync_cache(
-                        self.cache_dir / split, self.spec, samples, self.rebuild_cache, self.prune_cache
-                    )
-                if self.chunked:
-                    self.own_chunk_directories()
-            if strategy is not None:
-                strategy.barrier("kd-cache-sync")
-            caches = [
-                (open_cache(self.cache_dir / split, self.spec), samples[rank::world])
-                for split, samples in splits
-            ]
-            jobs = plan_jobs(self.teacher, caches, template=self.chat_template)
-            collected = collect(
-                self.teacher,
-                jobs,
-                self.collator,
-                self.teacher_batch_size,
-                self.device,
-                rank,
-                template=self.chat_template,
-            )
-            if strategy is not None:
-                strategy.barrier("kd-cache-collected")
-        return collected
-
-    def own_chunk_directories(self) -> None:
-        """Lock ``train-chunks/`` for this run (another run on the same cache_dir waits until this one
-        ends: the chunks are this run's disk budget) and purge what an earlier run left there."""
-        self._chunks_lock = WriterLock(self.cache_dir / "train-chunks", self.cache_lock_timeout)
-        self._chunks_lock.acquire()
-        for leftover in (self.cache_dir / "train-chunks").glob("rank*"):
-            shutil.rmtree(leftover)
-
-    def report_teachers(self, splits: dict[str, list[Encoded]]) -> None:
-        """Log each teacher's perplexity on the tokens the student trains on, per split (also into
-        ``stats``): a teacher above the student's own ``val/ppl`` has little to teach."""
-        tokens = "assistant" if self.train_on_responses_only else "trained"
-        for name in self.teacher_names:
-            parts = []
-            for split, samples in sorted(splits.items(), key=lambda item: item[0] != "train"):
-                nll = self.readers[split].nll([s.sha for s in samples], name)
-                known = np.isfinite(nll)  # NaN: collected before the teacher's NLL was stored
-                positions = sum(trainable_positions(s) for s, k in zip(samples, known, strict=True) if k)
-                if not positions:
-                    parts.append(f"{split} n/a (cache collected before teacher NLLs were stored)")
-                    continue
-                ppl = math.exp(float(nll[known].sum()) / positions)
-                self.stats[f"teacher_ppl/{name}/{split}"] = ppl
-                parts.append(f"{split} {ppl:.1f}")
-            rank_zero_info(f"[distill] teacher {name} perplexity on {tokens} tokens: {', '.join(parts)}")
-
-    @property
-    def device(self) -> torch.device:
-        return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-
     # ---- chunks ------------------------------------------------------------------------------------
 
     @cached_property
@@ -347,12 +268,12 @@ class KDDataModule(DataModule):
             return fill_chunks(range(len(rows)), [len(row) for row in rows], self.chunk_samples)
         order = list(range(len(rows)))
         random.Random(self.seed).shuffle(order)
-        return fill_chunks(order, [self.estimated_bytes(row) for row in rows], self.chunk_budget)
+        return fill_chunks(order, [estimated_bytes(row, self.spec) for row in rows], self.chunk_budget)
 
     @property
     def chunk_budget(self) -> float:
         """Bytes of positions a chunk may hold: the budget less the validation cache and one segment."""
-        return self.cache_size_gb * 1e9 - self.split_bytes(self.val) - SEGMENT_BYTES
+        return self.cache_size_gb * 1e9 - split_bytes(self.val, self.spec) - SEGMENT_BYTES
 
     def plan(self, epoch: int) -> list[list[int]]:
         """The epoch's chunks of training-row indices: their order and the order within each shuffled
@@ -364,81 +285,34 @@ class KDDataModule(DataModule):
             rng.shuffle(chunk)
         return chunks
 
-    def prepare_chunk(self, samples: list[Encoded]) -> CacheReader:
-        """A reader holding this rank's samples of the chunk; in chunked mode they are collected first."""
-        if not self.chunked:
-            return self.readers["train"]
-        self.purge_chunk()  # left by an epoch cut short whose stream was not closed: one chunk at a time
-        jobs = plan_jobs(self.teacher, [(self._chunk_cache, samples)], template=self.chat_template)
-        collect(
-            self.teacher,
-            jobs,
-            self.collator,
-            self.teacher_batch_size,
-            self.device,
-            self._rank,
-            template=self.chat_template,
-        )
-        self._chunk_reader = CacheReader(self._chunk_cache.path)
-        return self._chunk_reader
-
-    def finish_chunk(self, reader: CacheReader) -> None:
-        """Purge the chunk ``reader`` reads, unless a newer chunk has replaced it already."""
-        if self.chunked and reader is self._chunk_reader:
-            self.purge_chunk()
-
-    def purge_chunk(self) -> None:
-        """Close the chunk's reader and delete its targets (chunked mode)."""
-        if self._chunk_reader is not None:
-            self._chunk_reader.close()
-            self._chunk_reader = None
-        if self._chunk_cache is not None:
-            self._chunk_cache.clear()
-
     def teardown(self, stage: str) -> None:
-        self.purge_chunk()  # a fit stopped mid-chunk leaves no targets beyond the budget's caches
-        self.release_chunk_directories()
-        for reader in self.readers.values():  # lets other runs delete what they superseded
-            reader.close()
+        self.targets.close()
 
     def on_exception(self, exception: BaseException) -> None:
-        self.release_chunk_directories()  # Lightning skips teardown after a failure
-
-    def release_chunk_directories(self) -> None:
-        if self._chunks_lock is not None:
-            self._chunks_lock.release()
+        self.targets.release_chunk_directories()  # Lightning skips teardown after a failure
 
     # ---- loaders -----------------------------------------------------------------------------------
 
-    @property
-    def kd_collator(self) -> KDCollator:
-        return KDCollator(self.collator, self.packing, self.spec.vocab_size)
-
     def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank, self._world_size
         if self.rounds is not None:  # batches the student builds at its training step: sampled rounds
-            stream = RoundStream(self, self._round_samples, self._rank, self._world_size)
+            stream = RoundStream(
+                self.targets, self._round_samples, self.round_samples, self.batch_size, rank, world
+            )
             return ResumableLoader(stream, self._progress, num_workers=0)
-        stream = TargetStream(self, self._rank, self._world_size)
+        stream = TargetStream(self.targets, self.train_rows, self.batch_size, self.plan, rank, world)
         # collection runs on the accelerator, in the main process: no workers while chunks are collected
         workers = 0 if self.chunked else self.num_workers
         return ResumableLoader(stream, self._progress, num_workers=workers)
 
     def val_dataloader(self) -> DataLoader:
-        if "val" not in self.readers:
+        if not self.targets.holds("val"):
             return []
-        samples = TargetedSamples(self._rows(self.val, None), self.readers["val"], self.teacher_names)
-        collate = self.kd_collator
-
-        def collate_rows(items: list) -> dict[str, Any]:
-            rows = [row for row, _, _ in items]
-            targets = [
-                [t for _, per_teacher, _ in items for t in per_teacher[i]] for i in range(len(self.teachers))
-            ]
-            nll = {name: sum(item[2][name] for item in items) for name in self.teacher_names}
-            return collate(rows, targets, nll)
-
+        samples = self.targets.targeted(self._rows(self.val, None), "val")
         # each rank validates its own shard, every sample once over all ranks (metrics are sums)
-        batches = EvalBatches(samples, collate_rows, self.eval_batch_size, self._rank, self._world_size)
+        batches = EvalBatches(
+            samples, self.targets.collate_targeted, self.eval_batch_size, self._rank, self._world_size
+        )
         return DataLoader(
             batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
         )

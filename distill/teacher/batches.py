@@ -1,24 +1,21 @@
-"""KD batches: the collator that adds each teacher's targets to a student batch, the training stream
-that reads (or, in chunked mode, collects) the cache chunk by chunk, and the validation samples."""
+"""KD batches: the collator that adds each teacher's targets to a student batch, the reads of the cache
+it joins, the bounds that plan chunks of targets under a disk budget, and the validation samples."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
-from distill.cache import CacheReader, CacheSpec
+from distill.cache.reader import CacheReader
+from distill.cache.spec import CacheSpec
 from distill.data.batching import Collator
 from distill.data.encoding import IGNORE_INDEX, Encoded
-from distill.data.resume import yields
 from distill.targets import SparseTargets, concat_targets
-
-if TYPE_CHECKING:
-    from distill.data.kd_datamodule import KDDataModule
 
 
 def trainable_positions(sample: Encoded) -> int:
@@ -43,6 +40,16 @@ def bytes_per_position_bound(spec: CacheSpec) -> float:
 SEGMENT_BYTES = 16e3
 """A bound of the bytes of one segment beyond its positions (HDF5 object headers of its datasets, about
 10 kB): a cache directory holds at least one, which only a tiny ``cache_size_gb`` notices."""
+
+
+def estimated_bytes(samples: Sequence[Encoded], spec: CacheSpec) -> float:
+    """A bound of the encoded size of the samples' targets."""
+    return sum(map(trainable_positions, samples)) * bytes_per_position_bound(spec)
+
+
+def split_bytes(samples: Sequence[Encoded], spec: CacheSpec) -> float:
+    """A bound of the disk a cache directory of ``samples`` takes."""
+    return estimated_bytes(samples, spec) + SEGMENT_BYTES if samples else 0.0
 
 
 @dataclass
@@ -99,54 +106,6 @@ def fill_chunks(order: Sequence[int], sizes: Sequence[float], limit: float) -> l
         current.append(index)
         held += sizes[index]
     return chunks + ([current] if current else [])
-
-
-class TargetStream(IterableDataset):
-    """One epoch of KD batches, chunk by chunk; the same order on every run with the same seed and epoch.
-
-    ``plan(epoch)`` gives the chunks (lists of row indices). Each rank takes every world-th row of a
-    chunk, and all ranks stop at the same batch count per chunk (DDP needs equal steps), a count that
-    depends on the chunk's size alone. ``skip`` batches are passed over without reading or collecting
-    anything (resuming mid-epoch). With workers, worker w produces batches skip + w, skip + w + W, ...
-    and opens its own HDF5 handles. A chunk is purged when its batches are done, or when the epoch is
-    cut short (``max_steps``, a stop) and the stream is closed.
-    """
-
-    def __init__(self, data: KDDataModule, rank: int, world_size: int) -> None:
-        self.data = data
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.skip = 0
-
-    def batches(self, chunk: list[int]) -> list[list[list[Encoded]]]:
-        """This rank's batches of one chunk: lists of rows (each row one sample, or several when packing)."""
-        rows, size = self.data.train_rows, self.data.batch_size
-        steps = math.ceil(len(chunk) // self.world_size / size)  # the smallest rank share's batch count
-        mine = [rows[i] for i in chunk[self.rank :: self.world_size]]
-        return [mine[b : b + size] for b in range(0, len(mine), size)][:steps]
-
-    def __len__(self) -> int:
-        return sum(len(self.batches(chunk)) for chunk in self.data.plan(self.epoch))
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        data = self.data
-        index = 0
-        for chunk in data.plan(self.epoch):
-            batches = self.batches(chunk)
-            # nothing of this rank's in the chunk, or a chunk trained before the resume: not even collected
-            if not batches or index + len(batches) <= self.skip:
-                index += len(batches)
-                continue
-            reader = data.prepare_chunk([s for rows in batches for row in rows for s in row])
-            try:
-                for rows in batches:
-                    if yields(index, self.skip):
-                        shas = [s.sha for row in rows for s in row]
-                        yield data.kd_collator(rows, *teacher_reads(reader, shas, data.teacher_names))
-                    index += 1
-            finally:  # also when the loop stops mid-chunk and closes the stream
-                data.finish_chunk(reader)
 
 
 class TargetedSamples(Dataset):
