@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from distill.data import prompt_datamodule
+from distill.data import datamodule
 from distill.data.formats import DataFormatError
 from distill.data.prompt_datamodule import EncodedPrompt, PromptCollator, PromptDataModule
 from distill.data.prompts import PromptRecord, read_prompt_records
@@ -49,7 +49,7 @@ def _session_tokenizers(monkeypatch, tokenizer, chat_tokenizer, chat_tokenizer_d
     """The data modules share the session's tokenizers: loading one is most of their setup time."""
     loaded = {str(TOKENIZER_DIR): tokenizer, str(chat_tokenizer_dir): chat_tokenizer}
     monkeypatch.setattr(
-        prompt_datamodule, "AutoTokenizer", SimpleNamespace(from_pretrained=loaded.__getitem__)
+        datamodule, "AutoTokenizer", SimpleNamespace(from_pretrained=loaded.__getitem__)
     )
 
 
@@ -333,7 +333,7 @@ def test_num_iterations_repeats_each_whole_optimizer_steps_batches_in_a_row(tmp_
     assert len(loader) == 12
     loader.load_state_dict({"epoch": 0, "batches": 7})  # resumes inside the second step's repeats
     assert [b["shas"] for b in loader] == [once[3], once[2], once[3], once[2], once[3]]
-    with pytest.raises(ValueError, match="num_iterations must be at least 1"):
+    with pytest.raises(ValueError, match=r"data\.num_iterations must be >= 1, got 0"):
         data(path, num_iterations=0)
     dm = data(path, batch_size=4, num_iterations=2)
     dm.trainer = fake_trainer(0, 1, accumulate=4)

@@ -9,22 +9,21 @@ memory (no tokenized-data cache). Training batches resume at the exact next batc
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.data.batching import EvalBatches, pad_token_id
+from distill.data.batching import EvalBatches
+from distill.data.datamodule import DataModule
 from distill.data.encoding import IGNORE_INDEX, encode_messages
 from distill.data.facts import DataFacts
-from distill.data.formats import DataFormatError, split_held_out
-from distill.data.hf_datasets import split_sources
+from distill.data.formats import DataFormatError, Source
 from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records, read_response_records
 from distill.data.resume import (
     ResumableLoader,
@@ -34,7 +33,6 @@ from distill.data.resume import (
     trained_position,
     yields,
 )
-from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
 from distill.ranges import require
 
 
@@ -160,58 +158,33 @@ def check_whole_windows(batches: RepeatedSteps) -> None:
         )
 
 
-class PromptDataModule(L.LightningDataModule):
+SAMPLE_OPTIONS = (
+    "max_seq_length", "truncation", "packing", "streaming", "train_on_responses_only", "num_proc",
+    "tokenized_cache",
+)  # fmt: skip
+
+
+class PromptDataModule(DataModule):
+    """``DataModule``'s files, splits, caps and chat template, read as prompts to sample from."""
+
     def __init__(
         self,
         train_files: str | list[str] | None = None,
-        val_files: str | list[str] | None = None,
-        val_fraction: float = 0.0,
-        dataset_name: str | None = None,
-        dataset_config: str | None = None,
-        dataset_revision: str | None = None,
-        split: str = "train",
-        val_split: str | None = None,
         format: PromptFormat = "auto",
-        tokenizer: str | None = None,
-        template: str | None = None,
-        end_of_turn: str | None = None,
-        stop_tokens: list[str] | None = None,
-        add_eot_to_stop_tokens: bool = False,
         max_prompt_length: int = 512,
         responses: bool = False,
         max_response_length: int = 1024,
-        batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
         num_iterations: int = 1,
-        seed: int = 42,
+        batch_size: int = 4,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
             train_files: JSON/JSONL, parquet, arrow or csv files or directories of them (``question``,
                 ``messages``/ShareGPT or TRL ``prompt`` records); every key besides the prompt is kept for
                 the reward functions.
-            val_files: Validation files; when unset, ``val_fraction`` of the training prompts is held out.
-            val_fraction: Share of training prompts held out for validation when neither ``val_files`` nor
-                ``val_split`` is set.
-            dataset_name: A Hugging Face dataset instead of files: a hub id, a directory written by
-                ``save_to_disk``, or a directory of data files ``datasets.load_dataset`` reads. When set,
-                ``train_files`` and ``val_files`` are not read.
-            dataset_config: The dataset's config name, where it has several.
-            dataset_revision: A hub dataset's branch, tag or commit (pins the data a config trains on).
-            split: The dataset's training split.
-            val_split: The dataset's validation split (e.g. ``validation``); unset: ``val_fraction``.
             format: Record format (``question``, ``messages``, ``prompt``), or ``auto`` to detect it per
                 record.
-            tokenizer: Tokenizer name or path (linked to ``model.tokenizer`` by the CLI).
-            template: Chat template: ``chatml``, ``llama3``, ``alpaca``, ``mistral``, a Jinja string, or unset
-                for the tokenizer's own ``chat_template``.
-            end_of_turn: The string that ends an assistant turn, when it cannot be inferred from the template.
-            stop_tokens: Tokens the model already stops on besides its EOS.
-            add_eot_to_stop_tokens: Accept an end-of-turn that is not a stop token, adding it to the saved
-                model's generation_config instead of failing.
             max_prompt_length: Prompts longer than this many tokens (rendered, with the generation prompt)
                 are dropped and counted.
             responses: Read SFT files (any format of ``distill.data.formats``) whose last turn is the
@@ -219,82 +192,36 @@ class PromptDataModule(L.LightningDataModule):
                 tokenizes it (on-policy distillation trains on it when the student does not sample).
             max_response_length: With ``responses``, records whose response is longer than this many
                 tokens are dropped and counted.
-            batch_size: Prompts per device per step; each becomes a group of completions.
-            eval_batch_size: Prompts per validation batch (default: ``batch_size``).
-            num_workers: DataLoader worker processes.
-            max_train_samples: Use at most this many training prompts (quick checks).
-            max_eval_samples: Use at most this many validation prompts.
             num_iterations: Times each optimizer step's prompt batches come in a row (GRPO's
                 ``num_iterations``: the repeats train again on the stored rollout). Above 1, an epoch
                 trains whole steps only: the prompts after its last whole step wait for the next
                 epoch's order, so that no step holds a prompt twice.
-            seed: Seed of the validation split and of each epoch's order of training prompts.
+            batch_size: Prompts per device per step; each becomes a group of completions.
+            **kwargs: ``DataModule``'s sources, caps, template and loader options (``val_files``,
+                ``dataset_name``, ``template``, ``max_eval_samples``, ``seed``, ...). Its options that shape
+                samples (``max_seq_length``, ``packing``, ...) do not apply to prompts and are refused.
         """
-        super().__init__()
-        require("data.val_fraction", val_fraction, at_least=0, below=1)
+        defaults = inspect.signature(DataModule.__init__).parameters
+        shaping = [
+            key for key in SAMPLE_OPTIONS if kwargs.get(key, defaults[key].default) != defaults[key].default
+        ]
+        if shaping:
+            raise ValueError(
+                f"data.{shaping[0]} shapes training samples, not prompts: PromptDataModule renders each "
+                "prompt whole (bounded by max_prompt_length); drop it"
+            )
         require("data.max_prompt_length", max_prompt_length, at_least=1)
         require("data.max_response_length", max_response_length, at_least=1)
-        require("data.batch_size", batch_size, at_least=1)
-        require("data.eval_batch_size", eval_batch_size, at_least=1)
-        require("data.num_workers", num_workers, at_least=0)
-        require("data.max_train_samples", max_train_samples, at_least=1)
-        require("data.max_eval_samples", max_eval_samples, at_least=0)
-        # the tokenizer is linked from the model's (which may leave it unset): logged there once
-        self.save_hyperparameters(ignore=["tokenizer"])
-        self.train_files = train_files
-        self.val_files = val_files
-        self.dataset_name = dataset_name
-        self.dataset_config = dataset_config
-        self.dataset_revision = dataset_revision
-        self.split = split
-        self.val_split = val_split
-        self.train_sources, self.val_sources = split_sources(
-            train_files, val_files, dataset_name, dataset_config, split, val_split, dataset_revision
-        )
-        self.val_fraction = val_fraction
-        self.format = format
-        self.tokenizer_name = tokenizer
-        self.template_name = template
-        self.end_of_turn = end_of_turn
-        self.stop_tokens = stop_tokens or []
-        self.add_eot_to_stop_tokens = add_eot_to_stop_tokens
-        self.max_prompt_length = max_prompt_length
+        require("data.num_iterations", num_iterations, at_least=1)
         if responses and format != "auto":
             raise ValueError("data.responses reads SFT files, whose format is detected per record: drop it")
+        super().__init__(train_files=train_files, format=format, batch_size=batch_size, **kwargs)
+        self.max_prompt_length = max_prompt_length
         self.responses = responses
         self.max_response_length = max_response_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_train_samples = max_train_samples
-        self.max_eval_samples = max_eval_samples
-        if num_iterations < 1:
-            raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
         self.num_iterations = num_iterations
-        self.seed = seed
         self.train: list[EncodedPrompt] = []
         self.val: list[EncodedPrompt] = []
-        self.stats: dict[str, float] = {}
-        self.stop_token_ids: list[int] = []
-        self.chat_template: ChatTemplate | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._set_up = False
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            if self.tokenizer_name is None:
-                raise ValueError("data.tokenizer is not set (the CLI links it from model.tokenizer)")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
-        return self._tokenizer
-
-    def resolve_chat_template(self) -> ChatTemplate:
-        if self.chat_template is None:
-            self.chat_template = resolve_template(self.tokenizer, self.template_name, self.end_of_turn)
-            self.stop_token_ids = check_stops_on_end_of_turn(
-                self.tokenizer, self.chat_template, self.stop_tokens, self.add_eot_to_stop_tokens
-            )
-        return self.chat_template
 
     def facts(self) -> DataFacts:
         """What the objective sampling from these prompts is told (once set up)."""
@@ -317,17 +244,11 @@ class PromptDataModule(L.LightningDataModule):
         stop = [end_of_turn, self.tokenizer.eos_token_id, *self.stop_token_ids]
         return [i for i in dict.fromkeys(stop) if i is not None]
 
-    def load_records(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
-        """Training and validation records, split and capped as configured."""
-        read = read_response_records if self.responses else lambda f: read_prompt_records(f, self.format)
-        train = read(self.train_sources)
-        if self.val_sources:
-            val = read(self.val_sources)
-        elif self.val_fraction > 0:
-            train, val = split_held_out(train, self.val_fraction, self.seed)
-        else:
-            val = []
-        return train[: self.max_train_samples], val[: self.max_eval_samples]
+    def read_files(self, files: list[Source]) -> list[PromptRecord]:
+        return read_response_records(files) if self.responses else read_prompt_records(files, self.format)
+
+    def prepare_data(self) -> None:
+        """Nothing: prompts are short and encoded in ``setup`` (no tokenized-data cache)."""
 
     def encode(self, records: list[PromptRecord]) -> tuple[list[EncodedPrompt], list[str]]:
         """The records rendered with the generation prompt and tokenized; the sources of those too long."""
@@ -404,10 +325,6 @@ class PromptDataModule(L.LightningDataModule):
         }
         rank_zero_info(f"[distill] prompts: {self.stats}")
         self._set_up = True
-
-    @property
-    def pad_id(self) -> int:
-        return pad_token_id(self.tokenizer)
 
     @property
     def collator(self) -> PromptCollator:
