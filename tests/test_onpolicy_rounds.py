@@ -23,6 +23,7 @@ from distill.cli import main
 from distill.data.encoding import encode_record, truncate
 from distill.data.formats import Record
 from distill.data.templates import resolve_template
+from distill.rollout import Sampling
 from distill.rollout.rounds import Rounds, RoundSamples
 from distill.teacher.datamodule import KDDataModule
 from distill.teacher.module import Teacher
@@ -37,7 +38,7 @@ from tests.helpers import (
 )
 
 ROUNDS = {"num_rounds": 3, "prompts_per_round": 4, "num_generations": 2}
-ROUNDS.update(max_new_tokens=5, max_prompt_length=64)
+ROUNDS.update(sampling={"max_new_tokens": 5}, max_prompt_length=64)
 
 
 def prompt_file(tmp_path, n: int = 10):
@@ -149,7 +150,9 @@ def _sample_a_round_on_two_ranks(rank: int, directory, teacher, port: int) -> No
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
     )
-    rounds = Rounds(1, 4, num_generations=2, max_new_tokens=5, max_prompt_length=64, generation_batch_size=1)
+    rounds = Rounds(
+        1, 4, num_generations=2, sampling=Sampling(5), max_prompt_length=64, generation_batch_size=1
+    )
     data = KDDataModule(
         [Teacher(model=str(teacher))],
         train_files=str(prompt_file(directory)),
@@ -196,7 +199,7 @@ def test_sharded_ranks_sample_a_round_in_step_when_one_has_nothing_left(tmp_path
 def test_rounds_refuse_what_cannot_work(tmp_path, kd_teacher_dir, capsys):
     cases = [
         ({"prompts_per_round": 11}, r"prompts_per_round is 11, but data\.train_files hold 10 usable prompts"),
-        ({"max_new_tokens": 200}, r"need max_seq_length > 264"),
+        ({"sampling": {"max_new_tokens": 200}}, r"need max_seq_length > 264"),
     ]
     for rounds, error in cases:
         path = tmp_path / "bad.yaml"

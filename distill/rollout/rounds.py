@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,10 +63,8 @@ class Rounds:
     """Prompts of one round over all ranks (each rank samples its share)."""
     num_generations: int = 1
     """Completions sampled per prompt."""
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    sampling: Sampling = field(default_factory=Sampling)
+    """How completions are drawn (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``)."""
     generation_batch_size: int = 16
     """Prompts per ``generate`` call."""
     max_prompt_length: int = 512
@@ -85,10 +83,6 @@ class Rounds:
                 "data.rounds: num_rounds, prompts_per_round and num_generations must be at least 1; got "
                 f"{self.num_rounds}, {self.prompts_per_round}, {self.num_generations}"
             )
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
 
 
 class RoundSamples:
@@ -121,11 +115,11 @@ class RoundSamples:
                 f"data.rounds.prompts_per_round is {rounds.prompts_per_round}, but data.train_files hold "
                 f"{pool} usable prompts: a round samples each prompt once at most"
             )
-        longest = rounds.max_prompt_length + rounds.max_new_tokens
+        longest = rounds.max_prompt_length + rounds.sampling.max_new_tokens
         if longest >= data.max_seq_length:
             raise ValueError(
                 f"data.rounds: a prompt of max_prompt_length {rounds.max_prompt_length} tokens and "
-                f"{rounds.max_new_tokens} new ones need max_seq_length > {longest} (now "
+                f"{rounds.sampling.max_new_tokens} new ones need max_seq_length > {longest} (now "
                 f"{data.max_seq_length}); every completion must stay trainable"
             )
 

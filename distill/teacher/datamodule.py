@@ -210,7 +210,7 @@ class KDDataModule(DataModule):
         self._round_samples = RoundSamples(self.rounds, self)
         run = uuid.uuid4().hex[:12]
         self.rounds_run = self.trainer.strategy.broadcast(run) if self.trainer else run
-        positions = self._round_samples.per_rank(self._world_size) * (self.rounds.max_new_tokens + 1)
+        positions = self._round_samples.per_rank(self._world_size) * (self.rounds.sampling.max_new_tokens + 1)
         needs = positions * bytes_per_position_bound(self.spec)
         if self.cache_size_gb is not None and self.chunk_budget < needs:
             raise ValueError(
