@@ -93,7 +93,7 @@ RUNS: dict[str, list[str]] = {
     "sft": [*fit("sft"), *data(20, 8, 4, 128)],
     # bf16-mixed autocast on a CPU rounds differently from one CPU to the next: fp32 here
     "teacher_pretrain": [*fit("teacher_pretrain"), "--precision=32-true", *data(40, 4, 2, 128)],
-    "kd": [*fit("kd"), KD_CACHE, *data(20, 8, 4, 128)],
+    "kd": [*fit("kd"), KD_CACHE, *data(10, 4, 2, 128)],
     "kd_onpolicy": [
         *fit("kd_onpolicy"),
         "--model.init_args.objective.init_args.max_new_tokens=16",
@@ -108,13 +108,13 @@ RUNS: dict[str, list[str]] = {
     "examples/orpo": [*fit("dpo", "examples/orpo"), *data(10, 4, 2, 128)],
     "examples/kto": [*fit("dpo", "examples/kto"), *data(20, 8, 4, 128)],
     "examples/dpo_lora": [*fit("dpo", "examples/dpo_lora"), *data(10, 4, 2, 128)],
-    "examples/kd_lora": [*fit("kd", "examples/kd_lora"), KD_CACHE, *data(20, 8, 4, 128)],
+    "examples/kd_lora": [*fit("kd", "examples/kd_lora"), KD_CACHE, *data(10, 4, 2, 128)],
     # the capped data's targets fit the shipped budget whole: a smaller one keeps several chunks
     "examples/kd_chunked": [
         *fit("kd", "examples/kd_chunked"),
         KD_CACHE,
-        "--data.init_args.cache_size_gb=0.00018",
-        *data(20, 8, 4, 128),
+        "--data.init_args.cache_size_gb=0.00012",
+        *data(10, 4, 2, 128),
     ],
     # its second teacher is the SFT demo's export (out/sft): a tiny saved model stands in
     "examples/kd_multi_teacher": [
@@ -127,17 +127,17 @@ RUNS: dict[str, list[str]] = {
                 {"model": TINY_TEACHER, "name": "sft-student"},
             ]
         ),
-        *data(20, 8, 4, 128),
+        *data(10, 4, 2, 128),
     ],
-    # 12 prompts a round, 3 batches: steps 4 and 5 train on the second round
+    # 6 prompts a round, 3 batches: steps 4 and 5 train on the second round
     "examples/kd_onpolicy_rounds": [
         *fit("kd", "examples/kd_onpolicy_rounds"),
         KD_CACHE,
-        "--data.init_args.rounds.prompts_per_round=12",
+        "--data.init_args.rounds.prompts_per_round=6",
         "--data.init_args.rounds.max_new_tokens=16",
         "--data.init_args.rounds.max_prompt_length=96",
-        "--data.init_args.rounds.generation_batch_size=12",
-        *data(20, 8, 4, 128),
+        "--data.init_args.rounds.generation_batch_size=6",
+        *data(10, 4, 2, 128),
     ],
 }
 
