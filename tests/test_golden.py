@@ -13,7 +13,9 @@ regenerate that entry in the same commit and say so in the commit message:
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m tests.test_golden NAME [NAME ...]   # no NAME: all
 
-Never regenerate to make a refactor pass: a figure that moved is the behaviour that moved. The figures
+An option that a refactor only renames: edit its name in ``RUNS`` and in the entry's ``args`` alike and
+keep the figures. Never regenerate to make a refactor pass: a figure that moved is the behaviour that
+moved. The figures
 were recorded on commit 2f5ec01 (before issue 26's redesign); they replay the same with 1 or 2 torch
 threads and in either pytest-xdist worker. A first step at lr 0 (warmup) logs the same loss twice, and
 GRPO/RLOO log 0.0 while every group's rewards are equal: both as the configs behave.
