@@ -15,10 +15,9 @@ regenerate that entry in the same commit and say so in the commit message:
 
 An option that a refactor only renames: edit its name in ``RUNS`` and in the entry's ``args`` alike and
 keep the figures. Never regenerate to make a refactor pass: a figure that moved is the behaviour that
-moved. The figures
-were recorded on commit 2f5ec01 (before issue 26's redesign); they replay the same with 1 or 2 torch
-threads and in either pytest-xdist worker. A first step at lr 0 (warmup) logs the same loss twice, and
-GRPO/RLOO log 0.0 while every group's rewards are equal: both as the configs behave.
+moved. The figures were recorded on commit 2f5ec01 (before issue 26's redesign); they replay the same
+with 1 or 2 torch threads and in either pytest-xdist worker. A first step at lr 0 (warmup) logs the same
+loss twice, and GRPO/RLOO log 0.0 while every group's rewards are equal: both as the configs behave.
 Out of scope: ``configs/pipelines/*.yaml`` chain these stage configs (each covered here on its own),
 ``configs/overrides/`` and ``configs/strategy/`` are fragments to compose, and the configs in ``SKIPPED``
 cannot run on a CPU offline.
