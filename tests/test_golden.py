@@ -97,7 +97,7 @@ RUNS: dict[str, list[str]] = {
     "kd": [*fit("kd"), KD_CACHE, *data(10, 4, 2, 128)],
     "kd_onpolicy": [
         *fit("kd_onpolicy"),
-        "--model.init_args.objective.init_args.max_new_tokens=16",
+        "--model.init_args.objective.init_args.sampling.max_new_tokens=16",
         *data(20, 8, 4),
     ],
     "dpo": [*fit("dpo"), *data(10, 4, 2, 128)],
@@ -135,7 +135,7 @@ RUNS: dict[str, list[str]] = {
         *fit("kd", "examples/kd_onpolicy_rounds"),
         KD_CACHE,
         "--data.init_args.rounds.prompts_per_round=6",
-        "--data.init_args.rounds.max_new_tokens=16",
+        "--data.init_args.rounds.sampling.max_new_tokens=16",
         "--data.init_args.rounds.max_prompt_length=96",
         "--data.init_args.rounds.generation_batch_size=6",
         *data(10, 4, 2, 128),
