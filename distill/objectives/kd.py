@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill.losses.kd import LOSSES, cross_entropy, mix_teachers, student_log_probs
+from distill.losses.kd import LOSSES, kd_loss, mix_teachers
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.ranges import require
 from distill.targets import SparseTargets, teacher_top1
@@ -72,7 +72,8 @@ class Distillation(Objective):
         self.loss = loss
         self.temperature = temperature
         self.alpha = alpha
-        self.extra = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
+        self.beta = beta
+        self.skew = skew
         self.teacher_weights = teacher_weights
         self.chunk_size = chunk_size
         self.online = online
@@ -141,26 +142,22 @@ class Distillation(Objective):
             logits = head(h)
             if logits.shape[-1] > vocab_size:  # a padded head's extra rows are not tokens
                 logits = logits[:, :vocab_size]  # (only then: a no-op slice still costs a dense backward)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
             t = SparseTargets(*columns[:3], *(columns[3:] if sampled else (None, None)))
-            # one log-softmax and one gather (its backward is a dense (n, V) tensor) serve the KD term
-            # and, at T = 1, the cross-entropy
-            log_q = student_log_probs(logits, self.temperature)
-            extra = dict(self.extra.get(self.loss, {}))
-            if self.loss == "sampled_ce":
-                extra["log_probs"] = log_q
-                picked_label = log_q.gather(1, y[:, None])
-            else:
-                picked = log_q.gather(1, torch.cat([t.ids, y[:, None]], 1))
-                extra["head_log_probs"], picked_label = picked[:, :-1], picked[:, -1:]
-            kd = LOSSES[self.loss](logits, t, self.temperature, vocab_size=vocab_size, **extra)
-            ce = -picked_label.squeeze(1) if self.temperature == 1.0 else cross_entropy(logits, y)
-            if self.alpha == 1.0:
-                ce = ce.detach()  # logged, not trained on
-            total = self.alpha * self.temperature**2 * kd + (1.0 - self.alpha) * ce
+            terms = kd_loss(
+                logits,
+                t,
+                y,
+                kind=self.loss,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                beta=self.beta,
+                skew=self.skew,
+                vocab_size=vocab_size,
+            )
             predicted = logits.argmax(-1)
             agree = (predicted == teacher_top1(t)).sum()
-            return total.sum(), (predicted == y).sum(), kd.detach().sum(), ce.detach().sum(), agree
+            kd, ce = terms.kd.detach().sum(), terms.ce.detach().sum()
+            return terms.total.sum(), (predicted == y).sum(), kd, ce, agree
 
         loss_sum, correct, kd_sum, ce_sum, agree = over_chunks(
             chunk_loss, hidden, labels, *fields, chunk_size=self.chunk_size, num_outputs=5
