@@ -16,6 +16,7 @@ from distill.losses.kd import (
     log_tail_mass,
     mix_teachers,
     teacher_bucket_logits,
+    teacher_buckets,
 )
 from distill.objectives.kd import Distillation
 from distill.targets import SparseTargets
@@ -35,8 +36,8 @@ KINDS = {
 def divergence(kind: str, s: Tensor, targets: SparseTargets, temperature: float = 1.0, **params) -> Tensor:
     """(P,) the KD term of ``kd_loss``, the function the KD objective runs on each chunk of positions."""
     labels = torch.zeros(s.shape[0], dtype=torch.long)
-    terms = kd_loss(s, targets, labels, kind=kind, temperature=temperature, alpha=1.0, vocab_size=V, **params)
-    return terms.kd
+    teacher = teacher_buckets(targets, V, temperature)
+    return kd_loss(s, teacher, labels, kind=kind, temperature=temperature, alpha=1.0, **params).kd
 
 
 def mask_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
@@ -354,23 +355,24 @@ def test_cross_entropy_and_kd_loss_mixing():
     targets = top_k(z, 8)
     for t in (1.0, 2.0):  # at T = 1 the CE comes from the KD term's log-softmax, else from its own
         kd = divergence("reverse_kl", s, targets, t)
-        pure = kd_loss(s, targets, labels, kind="reverse_kl", temperature=t, alpha=1.0, vocab_size=V)
+        teacher = teacher_buckets(targets, V, t)
+        pure = kd_loss(s, teacher, labels, kind="reverse_kl", temperature=t, alpha=1.0)
         assert_close(pure.total, t**2 * kd)
         assert_close(pure.ce, expected_ce)
         assert not pure.ce.requires_grad  # alpha == 1: logged, not trained on
-        sft = kd_loss(s, targets, labels, kind="reverse_kl", temperature=t, alpha=0.0, vocab_size=V)
+        sft = kd_loss(s, teacher, labels, kind="reverse_kl", temperature=t, alpha=0.0)
         assert_close(sft.total, expected_ce)
-        mixed = kd_loss(s, targets, labels, kind="reverse_kl", temperature=t, alpha=0.3, vocab_size=V)
+        mixed = kd_loss(s, teacher, labels, kind="reverse_kl", temperature=t, alpha=0.3)
         assert_close(mixed.total, 0.3 * t**2 * kd + 0.7 * expected_ce)
         assert mixed.ce.requires_grad
     with pytest.raises(ValueError, match="unknown loss"):
-        kd_loss(s, targets, labels, kind="kl", vocab_size=V)
+        kd_loss(s, teacher, labels, kind="kl")
 
 
 def test_low_precision_logits_are_computed_in_float32():
     targets = top_k(logits(28).float(), 8)
     labels = torch.zeros(P, dtype=torch.long)
-    terms = kd_loss(logits(29).bfloat16(), targets, labels, kind="jsd", alpha=1.0, vocab_size=V)
+    terms = kd_loss(logits(29).bfloat16(), teacher_buckets(targets, V), labels, kind="jsd", alpha=1.0)
     assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in terms)
 
 
@@ -396,12 +398,11 @@ def test_distillation_in_chunks_matches_the_unchunked_loss_and_gradients(kind, t
     grads = torch.autograd.grad(chunked.loss_sum, weights)
     full = kd_loss(
         mask_padded_vocab(head(hidden), V),
-        targets,
+        teacher_buckets(targets, V, temperature),
         labels,
         kind=kind,
         temperature=temperature,
         alpha=alpha,
-        vocab_size=V,
         **params,
     )
     expected = torch.autograd.grad(full.total.sum(), weights)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill.losses.kd import LOSSES, kd_loss, mix_teachers
+from distill.losses.kd import LOSSES, TeacherBuckets, kd_loss, mix_teachers, teacher_buckets
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.ranges import require
 from distill.targets import SparseTargets, teacher_top1
@@ -130,34 +130,35 @@ class Distillation(Objective):
                 f"{targets.num_positions} teacher positions for {labels.shape[0]} trainable tokens: "
                 "the cache does not match the data (collected with another template or max length?)"
             )
-        sampled = targets.sample_ids is not None
         if targets.ids.shape[-1] == 0 and self.loss != "sampled_ce":
             raise ValueError(
                 f"the cache holds sampled targets only (no top-k): use loss sampled_ce, not {self.loss}"
             )
-        fields = [targets.ids, targets.logits, targets.lse]
-        fields += [targets.sample_ids, targets.sample_counts] if sampled else []
+        # the teacher's side needs no gradient: once per batch, not in every (recomputed) chunk
+        teacher = teacher_buckets(targets, vocab_size, self.temperature)
+        sampled = teacher.sample_ids is not None
+        fields = [teacher.ids, teacher.log_probs, teacher_top1(targets)]
+        fields += [teacher.sample_ids, teacher.sample_counts] if sampled else []
 
-        def chunk_loss(h: Tensor, y: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
+        def chunk_loss(
+            h: Tensor, y: Tensor, ids: Tensor, log_p: Tensor, top1: Tensor, *samples: Tensor
+        ) -> tuple[Tensor, ...]:
             logits = head(h)
             if logits.shape[-1] > vocab_size:  # a padded head's extra rows are not tokens
                 logits = logits[:, :vocab_size]  # (only then: a no-op slice still costs a dense backward)
-            t = SparseTargets(*columns[:3], *(columns[3:] if sampled else (None, None)))
             terms = kd_loss(
                 logits,
-                t,
+                TeacherBuckets(ids, log_p, *samples),
                 y,
                 kind=self.loss,
                 temperature=self.temperature,
                 alpha=self.alpha,
                 beta=self.beta,
                 skew=self.skew,
-                vocab_size=vocab_size,
             )
             predicted = logits.argmax(-1)
-            agree = (predicted == teacher_top1(t)).sum()
             kd, ce = terms.kd.detach().sum(), terms.ce.detach().sum()
-            return terms.total.sum(), (predicted == y).sum(), kd, ce, agree
+            return terms.total.sum(), (predicted == y).sum(), kd, ce, (predicted == top1).sum()
 
         loss_sum, correct, kd_sum, ce_sum, agree = over_chunks(
             chunk_loss, hidden, labels, *fields, chunk_size=self.chunk_size, num_outputs=5
