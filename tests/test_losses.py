@@ -12,14 +12,11 @@ from torch.testing import assert_close
 from distill.losses.kd import (
     LOSSES,
     cross_entropy,
-    forward_kl,
-    jsd,
     kd_loss,
     log_tail_mass,
     mix_teachers,
-    reverse_kl,
-    sampled_ce,
     teacher_bucket_logits,
+    teacher_buckets,
 )
 from distill.objectives.kd import Distillation
 from distill.targets import SparseTargets
@@ -31,9 +28,16 @@ KINDS = {
     "forward_kl": {},
     "reverse_kl": {},
     "jsd": {"beta": 0.3},
-    "skew_kl": {"alpha": 0.1},
-    "skew_reverse_kl": {"alpha": 0.2},
+    "skew_kl": {"skew": 0.1},
+    "skew_reverse_kl": {"skew": 0.2},
 }
+
+
+def divergence(kind: str, s: Tensor, targets: SparseTargets, temperature: float = 1.0, **params) -> Tensor:
+    """(P,) the KD term of ``kd_loss``, the function the KD objective runs on each chunk of positions."""
+    labels = torch.zeros(s.shape[0], dtype=torch.long)
+    teacher = teacher_buckets(targets, V, temperature)
+    return kd_loss(s, teacher, labels, kind=kind, temperature=temperature, alpha=1.0, **params).kd
 
 
 def mask_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
@@ -79,7 +83,7 @@ def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * (a.log() - b.log())).sum(-1)
 
 
-def dense_reference(kind: str, p: torch.Tensor, q: torch.Tensor, beta: float = 0.5, alpha: float = 0.1):
+def dense_reference(kind: str, p: torch.Tensor, q: torch.Tensor, beta: float = 0.5, skew: float = 0.1):
     if kind == "forward_kl":
         return kl(p, q)
     if kind == "reverse_kl":
@@ -88,8 +92,8 @@ def dense_reference(kind: str, p: torch.Tensor, q: torch.Tensor, beta: float = 0
         m = beta * p + (1 - beta) * q
         return beta * kl(p, m) + (1 - beta) * kl(q, m)
     if kind == "skew_kl":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    return kl(q, (1 - alpha) * p + alpha * q)
+        return kl(p, skew * p + (1 - skew) * q)
+    return kl(q, (1 - skew) * p + skew * q)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,7 +101,7 @@ def dense_reference(kind: str, p: torch.Tensor, q: torch.Tensor, beta: float = 0
 def test_full_vocab_head_matches_dense(kind, temperature):
     z, s = logits(0), logits(1)
     p, q = (z / temperature).softmax(-1), (s / temperature).softmax(-1)
-    loss = LOSSES[kind](s, top_k(z, V), temperature, vocab_size=V, **KINDS[kind])
+    loss = divergence(kind, s, top_k(z, V), temperature, **KINDS[kind])
     assert loss.shape == (P,)
     assert_close(loss, dense_reference(kind, p, q, **KINDS[kind]), atol=1e-5, rtol=0)
 
@@ -107,7 +111,7 @@ def test_top_k_matches_bucketed_dense(kind):
     z, s = logits(2), logits(3)
     targets = top_k(z, 8)
     p, q = bucket(z.softmax(-1), targets.ids), bucket(s.softmax(-1), targets.ids)
-    loss = LOSSES[kind](s, targets, vocab_size=V, **KINDS[kind])
+    loss = divergence(kind, s, targets, **KINDS[kind])
     assert_close(loss, dense_reference(kind, p, q, **KINDS[kind]), atol=1e-10, rtol=0)
     assert (loss > 1e-3).all()
 
@@ -116,20 +120,20 @@ def test_top_k_matches_bucketed_dense(kind):
 @pytest.mark.parametrize(("k", "temperature"), [(8, 1.0), (V, 2.0)])
 def test_zero_when_student_equals_teacher(kind, k, temperature):
     z = logits(4)
-    loss = LOSSES[kind](z + 3.0, top_k(z, k), temperature, vocab_size=V, **KINDS[kind])  # shift: same softmax
+    loss = divergence(kind, z + 3.0, top_k(z, k), temperature, **KINDS[kind])  # shift: same softmax
     assert_close(loss, torch.zeros(P, dtype=z.dtype), atol=1e-12, rtol=0)
 
 
 def test_jsd_endpoints_are_the_two_kls():
     z, s = logits(5), logits(6)
     targets = top_k(z, 8)
-    fwd, rev = forward_kl(s, targets, vocab_size=V), reverse_kl(s, targets, vocab_size=V)
-    assert torch.equal(jsd(s, targets, vocab_size=V, beta=0.0), fwd)
-    assert torch.equal(jsd(s, targets, vocab_size=V, beta=1.0), rev)
+    fwd, rev = divergence("forward_kl", s, targets), divergence("reverse_kl", s, targets)
+    assert torch.equal(divergence("jsd", s, targets, beta=0.0), fwd)
+    assert torch.equal(divergence("jsd", s, targets, beta=1.0), rev)
     # The endpoints are the limits of JSD / beta and JSD / (1 - beta): the mixture is not swapped.
     eps = 1e-8
-    assert_close(jsd(s, targets, vocab_size=V, beta=eps) / eps, fwd, rtol=1e-5, atol=0)
-    assert_close(jsd(s, targets, vocab_size=V, beta=1 - eps) / eps, rev, rtol=1e-5, atol=0)
+    assert_close(divergence("jsd", s, targets, beta=eps) / eps, fwd, rtol=1e-5, atol=0)
+    assert_close(divergence("jsd", s, targets, beta=1 - eps) / eps, rev, rtol=1e-5, atol=0)
     assert not torch.allclose(fwd, rev, rtol=0.1)
 
 
@@ -151,7 +155,7 @@ def test_tiny_tail_stays_accurate_in_log_space():
     assert_close(log_tail_mass(targets), expected, atol=1e-6, rtol=0)  # relative error 1e-6 on a 1e-9 tail
     s = logits(8).requires_grad_()
     for kind, kw in KINDS.items():
-        loss = LOSSES[kind](s, targets, vocab_size=V, **kw)
+        loss = divergence(kind, s, targets, **kw)
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
 
@@ -164,7 +168,7 @@ def test_head_holding_all_mass_gives_no_nan(kind):
     targets.lse = targets.logits.logsumexp(-1) - 1e-6
     assert torch.isneginf(log_tail_mass(targets)).all()
     s = logits(10).float().requires_grad_()
-    loss = LOSSES[kind](s, targets, 2.0, vocab_size=V, **KINDS[kind])
+    loss = divergence(kind, s, targets, 2.0, **KINDS[kind])
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
     assert (loss > 0).all()
@@ -220,7 +224,7 @@ def test_sampled_ce_estimates_dense_cross_entropy(hybrid):
     head = top_k(z, 5) if hybrid else None
     targets = sample_targets(p, 200_000, head, seed=0)
     dense_ce = -(p * s.log_softmax(-1)).sum(-1)
-    assert_close(sampled_ce(s, targets, vocab_size=V), dense_ce, atol=1e-2, rtol=0)
+    assert_close(divergence("sampled_ce", s, targets), dense_ce, atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
@@ -234,7 +238,7 @@ def test_sampled_ce_gradient_is_unbiased(hybrid):
     head = rows(top_k(z, 5), draws) if hybrid else None
     targets = sample_targets(p.repeat_interleave(draws, 0), 12, head, seed=1)
     assert (targets.sample_counts == 0).any()  # padded draws are exercised
-    sampled = sampled_ce(s.repeat_interleave(draws, 0), targets, vocab_size=V).sum() / draws
+    sampled = divergence("sampled_ce", s.repeat_interleave(draws, 0), targets).sum() / draws
     (grad,) = torch.autograd.grad(sampled, s)
     assert_close(grad, dense_grad, atol=1e-2, rtol=0)
     assert_close(sampled, dense, atol=5e-2, rtol=0)
@@ -291,13 +295,13 @@ def test_padded_head_slots_contribute_nothing(kind):
         mix = sample_targets(mix.logits.new_full((P, V), 1.0 / V), 30, mix, seed=2)
     s = logits(22).requires_grad_()
     kw = KINDS.get(kind, {})
-    loss = LOSSES[kind](s, mix, 2.0, vocab_size=V, **kw)
+    loss = divergence(kind, s, mix, 2.0, **kw)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
     for row in range(P):  # the same row with its padding stripped
         one = slice_targets(mix, slice(row, row + 1))
         one.ids, one.logits = one.ids[:, real[row]], one.logits[:, real[row]]
-        assert_close(LOSSES[kind](s[row : row + 1], one, 2.0, vocab_size=V, **kw), loss[row : row + 1])
+        assert_close(divergence(kind, s[row : row + 1], one, 2.0, **kw), loss[row : row + 1])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -310,8 +314,8 @@ def test_padded_slot_with_a_foreign_id_hides_no_tail_token(kind):
     padded = SparseTargets(
         torch.cat([targets.ids, outside], -1), torch.cat([targets.logits, pad_logit], -1), targets.lse
     )
-    loss = LOSSES[kind](s, padded, 2.0, vocab_size=V, **KINDS[kind])
-    assert_close(loss, LOSSES[kind](s, targets, 2.0, vocab_size=V, **KINDS[kind]))
+    loss = divergence(kind, s, padded, 2.0, **KINDS[kind])
+    assert_close(loss, divergence(kind, s, targets, 2.0, **KINDS[kind]))
 
 
 def test_mask_padded_vocab_uses_minus_inf():
@@ -329,66 +333,81 @@ def test_losses_on_padded_vocab_equal_unpadded(kind, k):
     targets = top_k(z, k)
     raw = logits(25, vocab=56).requires_grad_()
     padded = mask_padded_vocab(raw, V)
-    loss = LOSSES[kind](padded, targets, 2.0, vocab_size=V, **KINDS[kind])
-    expected = LOSSES[kind](raw[:, :V], targets, 2.0, vocab_size=V, **KINDS[kind])
+    loss = divergence(kind, padded, targets, 2.0, **KINDS[kind])
+    expected = divergence(kind, raw[:, :V], targets, 2.0, **KINDS[kind])
     assert_close(loss, expected)
     loss.sum().backward()
     assert torch.isfinite(raw.grad).all() and (raw.grad[:, V:] == 0).all()
     # Padding with 0 instead (Liger's bug) would hand mass to the six fake rows.
     zero_padded = torch.cat([raw[:, :V], torch.zeros(P, 6, dtype=raw.dtype)], -1)
-    assert not torch.allclose(LOSSES[kind](zero_padded, targets, 2.0, vocab_size=V, **KINDS[kind]), expected)
+    assert not torch.allclose(divergence(kind, zero_padded, targets, 2.0, **KINDS[kind]), expected)
 
 
 def test_cross_entropy_and_kd_loss_mixing():
-    z, s = logits(26), logits(27)
+    z, s = logits(26), logits(27).requires_grad_()
     labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(0))
-    labels[0] = -100
-    ce = cross_entropy(s, labels)
-    expected_ce = -s.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
-    assert_close(ce[1:], expected_ce[1:]) and ce[0] == 0
-    targets, t = top_k(z, 8), 2.0
-    kd = reverse_kl(s, targets, t, vocab_size=V)
-    pure = kd_loss(s, targets, labels, kind="reverse_kl", temperature=t, alpha=1.0, vocab_size=V)
-    assert_close(pure, t**2 * kd)
-    assert_close(kd_loss(s, None, labels, alpha=0.0, vocab_size=V), ce)
-    mixed = kd_loss(s, targets, labels, kind="reverse_kl", temperature=t, alpha=0.3, vocab_size=V)
-    assert_close(mixed, 0.3 * t**2 * kd + 0.7 * ce)
-    assert_close(
-        kd_loss(s, targets, labels, kind="jsd", beta=0.3, alpha=1.0, vocab_size=V),
-        jsd(s, targets, vocab_size=V, beta=0.3),
-    )
+    ignored = labels.clone()
+    ignored[0] = -100
+    ce = cross_entropy(s, ignored)
+    expected_ce = -s.log_softmax(-1).gather(1, labels[:, None])[:, 0]
+    assert_close(ce[1:], expected_ce[1:])
+    assert ce[0] == 0
+    targets = top_k(z, 8)
+    for t in (1.0, 2.0):  # at T = 1 the CE comes from the KD term's log-softmax, else from its own
+        kd = divergence("reverse_kl", s, targets, t)
+        teacher = teacher_buckets(targets, V, t)
+        pure = kd_loss(s, teacher, labels, kind="reverse_kl", temperature=t, alpha=1.0)
+        assert_close(pure.total, t**2 * kd)
+        assert_close(pure.ce, expected_ce)
+        assert not pure.ce.requires_grad  # alpha == 1: logged, not trained on
+        sft = kd_loss(s, teacher, labels, kind="reverse_kl", temperature=t, alpha=0.0)
+        assert_close(sft.total, expected_ce)
+        mixed = kd_loss(s, teacher, labels, kind="reverse_kl", temperature=t, alpha=0.3)
+        assert_close(mixed.total, 0.3 * t**2 * kd + 0.7 * expected_ce)
+        assert mixed.ce.requires_grad
     with pytest.raises(ValueError, match="unknown loss"):
-        kd_loss(s, targets, labels, kind="kl", vocab_size=V)
+        kd_loss(s, teacher, labels, kind="kl")
 
 
 def test_low_precision_logits_are_computed_in_float32():
     targets = top_k(logits(28).float(), 8)
-    loss = kd_loss(logits(29).bfloat16(), targets, kind="jsd", alpha=1.0, vocab_size=V)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    labels = torch.zeros(P, dtype=torch.long)
+    terms = kd_loss(logits(29).bfloat16(), teacher_buckets(targets, V), labels, kind="jsd", alpha=1.0)
+    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in terms)
 
 
-def test_distillation_in_chunks_matches_the_unchunked_loss_and_gradients():
+def hybrid_targets(z: Tensor, k: int, seed: int) -> SparseTargets:
+    """Top-k of z plus 30 draws from its tail: a cache collected with ``scheme: hybrid``."""
+    return sample_targets(z.softmax(-1), 30, top_k(z, k), seed)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.9), (2.0, 0.7), (1.0, 1.0)])
+def test_distillation_in_chunks_matches_the_unchunked_loss_and_gradients(kind, temperature, alpha):
     """The KD objective over a padded lm_head with a bias, in chunks of 3 positions recomputed in the
-    backward, equals ``kd_loss`` on the whole (P, V) logits, values and gradients."""
+    backward, equals ``kd_loss`` on the whole (P, V) logits: values, reported sums and gradients."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(P, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     head = torch.nn.Linear(16, 56).double()  # 56 rows over a vocabulary of V: a padded lm_head
-    targets = top_k(logits(30), 8)
+    targets = hybrid_targets(logits(30), 8, seed=4) if kind == "sampled_ce" else top_k(logits(30), 8)
     labels = torch.randint(0, V, (P,), generator=gen)
-    objective = Distillation(loss="jsd", temperature=2.0, alpha=0.7, chunk_size=3)
+    params = {"beta": 0.3, "skew": 0.2}
+    objective = Distillation(loss=kind, temperature=temperature, alpha=alpha, chunk_size=3, **params)
     chunked = objective(token_inputs(hidden, head, labels, {"targets": [targets], "vocab_size": V}))
-    params = (hidden, head.weight, head.bias)
-    grads = torch.autograd.grad(chunked.loss_sum, params)
+    weights = (hidden, head.weight, head.bias)
+    grads = torch.autograd.grad(chunked.loss_sum, weights)
     full = kd_loss(
         mask_padded_vocab(head(hidden), V),
-        targets,
+        teacher_buckets(targets, V, temperature),
         labels,
-        kind="jsd",
-        temperature=2.0,
-        alpha=0.7,
-        vocab_size=V,
+        kind=kind,
+        temperature=temperature,
+        alpha=alpha,
+        **params,
     )
-    expected = torch.autograd.grad(full.sum(), params)
-    assert_close(chunked.loss_sum, full.sum())
+    expected = torch.autograd.grad(full.total.sum(), weights)
+    assert_close(chunked.loss_sum, full.total.sum())
+    assert_close(chunked.sums["kd"], full.kd.sum())
+    assert_close(chunked.sums["ce"], full.ce.sum())
     for got, want in zip(grads, expected, strict=True):
         assert_close(got, want)

@@ -1,9 +1,11 @@
 """Sparse knowledge-distillation losses over cached teacher targets (pure torch, no Lightning).
 
-Every loss maps student logits (P, V) at the P trainable positions and a ``SparseTargets`` to a loss
-per position (P,). A caller that has the student's log-softmax at the same temperature already passes
-what the loss needs of it: ``head_log_probs`` (P, K) at ``targets.ids`` for the bucket losses, or
-``log_probs`` (P, V) for ``sampled_ce``, so the loss makes no further pass over the vocabulary.
+``kd_loss`` is the KD objective's loss on one chunk of P trainable positions: student logits (P, V), their
+labels and the teacher's ``teacher_buckets`` -> alpha * T**2 * KD + (1 - alpha) * CE per position (P,).
+It makes the one pass over the vocabulary (a log-softmax at T) and hands the divergence what it needs of
+it: the (P, K) log-probs at the teacher's head ids for the top-K losses, the (P, V) log-probs for
+``sampled_ce``. The teacher side has no gradient and depends on no student: the caller computes
+``teacher_buckets`` once per batch, not once per chunk (and again when a chunk is recomputed in backward).
 The caller sums and divides by the number of trainable tokens in the whole gradient-accumulation
 step (TRL #6006 normalised per micro-batch); nothing is averaged here.
 
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,37 +81,29 @@ def teacher_bucket_logits(targets: SparseTargets, vocab_size: int, temperature: 
     return torch.cat([head / temperature, tail[:, None]], -1)
 
 
-def student_log_probs(
-    student_logits: Tensor,
-    temperature: float,
-    dtype: torch.dtype | None = None,
-    log_probs: Tensor | None = None,
-) -> Tensor:
-    """(P, V) log-softmax of the student logits at temperature T, or ``log_probs`` when the caller has
-    them already (the KD objective shares one log-softmax between the KD term and the cross-entropy)."""
-    if log_probs is not None:
-        return log_probs
-    s = student_logits.to(dtype or _compute_dtype(student_logits))
-    return (s / temperature if temperature != 1.0 else s).log_softmax(-1)
+@dataclass
+class TeacherBuckets:
+    """The teacher as the losses read it, at temperature T (no gradient: computed once per batch)."""
+
+    ids: Tensor  # (P, K) the head token ids
+    log_probs: Tensor  # (P, K + 1) log-probs of the head tokens and the tail (last); -inf where empty
+    sample_ids: Tensor | None = None  # (P, S) draws of a sampled or hybrid cache, padded with 0
+    sample_counts: Tensor | None = None  # (P, S) their counts, 0 on padding
 
 
-def _student_bucket_log_probs(
-    student_logits: Tensor,
-    ids: Tensor,
-    valid: Tensor,
-    temperature: float,
-    dtype: torch.dtype,
-    head_log_probs: Tensor | None = None,
-) -> Tensor:
+def teacher_buckets(targets: SparseTargets, vocab_size: int, temperature: float = 1.0) -> TeacherBuckets:
+    """The (K + 1)-bucket teacher distribution at temperature T of ``targets`` (see the module docstring)."""
+    log_probs = teacher_bucket_logits(targets, vocab_size, temperature).log_softmax(-1)
+    return TeacherBuckets(targets.ids, log_probs, targets.sample_ids, targets.sample_counts)
+
+
+def _student_bucket_log_probs(head_log_probs: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
     """(P, K + 1) student log-probs at temperature T of the head ids and of every other id (the tail).
 
-    One fused log-softmax over the vocabulary is the only (P, V) work; the tail is log(1 - head mass)
-    from the K head log-probs, in log space (accurate while the tail is above ~1e-6 of the mass, where
-    float32 log-probs resolve it; below, it is floored at TAIL_LOG_FLOOR, which keeps every term and
-    gradient finite). Padded slots (``valid`` False) carry no mass.
+    The tail is log(1 - head mass) from the K head log-probs, in log space (accurate while the tail is
+    above ~1e-6 of the mass, where float32 log-probs resolve it; below, it is floored at TAIL_LOG_FLOOR,
+    which keeps every term and gradient finite). Padded slots (``valid`` False) carry no mass.
     """
-    if head_log_probs is None:
-        head_log_probs = student_log_probs(student_logits, temperature, dtype).gather(1, ids)
     head = head_log_probs.to(dtype)
     head_mass = torch.logsumexp(head.masked_fill(~valid, float("-inf")), -1, keepdim=True)
     tail = _log1mexp_differentiable(head_mass).clamp(min=TAIL_LOG_FLOOR)
@@ -126,26 +122,18 @@ def _log1mexp_differentiable(x: Tensor) -> Tensor:
     )
 
 
-def _buckets(
-    student_logits: Tensor,
-    targets: SparseTargets,
-    temperature: float,
-    vocab_size: int,
-    head_log_probs: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def _buckets(head_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
     """Teacher and student bucket log-probs (P, K + 1), both 0 at empty buckets (padding, empty tail).
 
     Zeroing both sides makes every divergence term exactly 0 there, with finite gradients (a masked
     inf - inf would still send NaN through the backward of torch.where).
     """
-    if targets.ids.shape[-1] == 0:
+    if teacher_log_probs.shape[-1] == 1:
         raise ValueError("top-K losses need an exact head (K > 0); use sampled_ce for sampled caches")
-    dtype = _compute_dtype(student_logits, targets.logits)
-    log_p = teacher_bucket_logits(targets, vocab_size, temperature).to(dtype).log_softmax(-1)
+    dtype = _compute_dtype(head_log_probs, teacher_log_probs)
+    log_p = teacher_log_probs.to(dtype)
     valid = torch.isfinite(log_p)
-    log_q = _student_bucket_log_probs(
-        student_logits, targets.ids, valid[:, :-1], temperature, dtype, head_log_probs
-    )
+    log_q = _student_bucket_log_probs(head_log_probs, valid[:, :-1], dtype)
     zero = log_p.new_zeros(())
     return log_p.where(valid, zero), log_q.where(valid, zero)
 
@@ -160,45 +148,28 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logsumexp(torch.stack([log_a + _log(weight_a), log_b + _log(1.0 - weight_a)]), 0)
 
 
-def forward_kl(
-    student_logits: Tensor,
-    targets: SparseTargets,
-    temperature: float = 1.0,
-    *,
-    vocab_size: int,
-    head_log_probs: Tensor | None = None,
-) -> Tensor:
+# The top-K divergences compare two (K + 1)-bucket distributions at temperature T: the student's, given by
+# ``head_log_probs`` (P, K), its log-softmax at the teacher's head ids (``kd_loss`` gathers them from its
+# one pass over the vocabulary), and the teacher's ``TeacherBuckets.log_probs`` (P, K + 1).
+
+
+def forward_kl(head_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
     """(P,) KL(teacher || student) over the head tokens plus the tail bucket (mode-covering)."""
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
+    log_p, log_q = _buckets(head_log_probs, teacher_log_probs)
     return _kl(log_p, log_q)
 
 
-def reverse_kl(
-    student_logits: Tensor,
-    targets: SparseTargets,
-    temperature: float = 1.0,
-    *,
-    vocab_size: int,
-    head_log_probs: Tensor | None = None,
-) -> Tensor:
+def reverse_kl(head_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
     """(P,) KL(student || teacher) over the same buckets (MiniLLM; mode-seeking).
 
     Student mass outside the teacher's head is compared with the teacher's tail mass as one bucket, so
     the student is not rewarded for putting mass there nor infinitely punished (see TAIL_LOG_FLOOR).
     """
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
+    log_p, log_q = _buckets(head_log_probs, teacher_log_probs)
     return _kl(log_q, log_p)
 
 
-def jsd(
-    student_logits: Tensor,
-    targets: SparseTargets,
-    temperature: float = 1.0,
-    *,
-    vocab_size: int,
-    beta: float = 0.5,
-    head_log_probs: Tensor | None = None,
-) -> Tensor:
+def jsd(head_log_probs: Tensor, teacher_log_probs: Tensor, beta: float = 0.5) -> Tensor:
     """(P,) generalised Jensen-Shannon divergence, TRL's (GKD) convention.
 
     m = beta * p_teacher + (1 - beta) * q_student; JSD = beta * KL(p || m) + (1 - beta) * KL(q || m).
@@ -207,55 +178,29 @@ def jsd(
     exactly (as TRL does). Swapping the mixture weights (TRL #3043) would swap these limits.
     """
     if beta == 0.0:
-        return forward_kl(
-            student_logits, targets, temperature, vocab_size=vocab_size, head_log_probs=head_log_probs
-        )
+        return forward_kl(head_log_probs, teacher_log_probs)
     if beta == 1.0:
-        return reverse_kl(
-            student_logits, targets, temperature, vocab_size=vocab_size, head_log_probs=head_log_probs
-        )
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
+        return reverse_kl(head_log_probs, teacher_log_probs)
+    log_p, log_q = _buckets(head_log_probs, teacher_log_probs)
     log_m = _log_mix(log_p, log_q, beta)
     return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
 
-def skew_kl(
-    student_logits: Tensor,
-    targets: SparseTargets,
-    temperature: float = 1.0,
-    *,
-    vocab_size: int,
-    alpha: float = 0.1,
-    head_log_probs: Tensor | None = None,
-) -> Tensor:
+def skew_kl(head_log_probs: Tensor, teacher_log_probs: Tensor, alpha: float = 0.1) -> Tensor:
     """(P,) DistiLLM's skew KL: KL(p || alpha * p + (1 - alpha) * q); alpha = 0 is the forward KL."""
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
+    log_p, log_q = _buckets(head_log_probs, teacher_log_probs)
     return _kl(log_p, _log_mix(log_p, log_q, alpha))
 
 
-def skew_reverse_kl(
-    student_logits: Tensor,
-    targets: SparseTargets,
-    temperature: float = 1.0,
-    *,
-    vocab_size: int,
-    alpha: float = 0.1,
-    head_log_probs: Tensor | None = None,
-) -> Tensor:
+def skew_reverse_kl(head_log_probs: Tensor, teacher_log_probs: Tensor, alpha: float = 0.1) -> Tensor:
     """(P,) DistiLLM's skew reverse KL: KL(q || (1 - alpha) * p + alpha * q); alpha = 0 is the reverse KL."""
-    log_p, log_q = _buckets(student_logits, targets, temperature, vocab_size, head_log_probs)
+    log_p, log_q = _buckets(head_log_probs, teacher_log_probs)
     return _kl(log_q, _log_mix(log_p, log_q, 1.0 - alpha))
 
 
-def sampled_ce(
-    student_logits: Tensor,
-    targets: SparseTargets,
-    temperature: float = 1.0,
-    *,
-    vocab_size: int,
-    log_probs: Tensor | None = None,
-) -> Tensor:
-    """(P,) cross-entropy against a sampled (Anshumann et al. 2025) or hybrid cache.
+def sampled_ce(log_probs: Tensor, teacher: TeacherBuckets) -> Tensor:
+    """(P,) cross-entropy against a sampled (Anshumann et al. 2025) or hybrid cache, from the student's
+    (P, V) ``log_probs`` at temperature T.
 
     Sampled (K = 0): -sum_i (c_i / N) log q(id_i), an unbiased estimate of H(teacher, student), whose
     gradient is the forward KL's. The value is the cross-entropy, not the KL: the teacher entropy would need
@@ -263,70 +208,84 @@ def sampled_ce(
     Hybrid (K > 0, draws from the tail only): -sum_head p_i log q_i - tail_mass * sum_j (c_j / N) log q_j.
     The draws were made at the cache's temperature, so T only tempers the student and the hybrid head.
     """
-    if targets.sample_ids is None or targets.sample_counts is None:
+    if teacher.sample_ids is None or teacher.sample_counts is None:
         raise ValueError("sampled_ce needs sample_ids and sample_counts")
-    dtype = _compute_dtype(student_logits, targets.logits)
-    log_q = student_log_probs(student_logits, temperature, dtype, log_probs)  # (P, V)
-    counts = targets.sample_counts.to(dtype)
+    dtype = _compute_dtype(log_probs, teacher.log_probs)
+    log_q = log_probs.to(dtype)
+    counts = teacher.sample_counts.to(dtype)
     freq = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)  # padding has count 0
     zero = log_q.new_zeros(())
-    sampled = -(freq * log_q.gather(1, targets.sample_ids).where(counts > 0, zero)).sum(-1)
-    if targets.ids.shape[-1] == 0:
+    sampled = -(freq * log_q.gather(1, teacher.sample_ids).where(counts > 0, zero)).sum(-1)
+    if teacher.ids.shape[-1] == 0:
         return sampled
-    p = teacher_bucket_logits(targets, vocab_size, temperature).to(dtype).softmax(-1)  # 0 at padded slots
-    head = -(p[:, :-1] * log_q.gather(1, targets.ids).where(p[:, :-1] > 0, zero)).sum(-1)
+    p = teacher.log_probs.to(dtype).exp()  # 0 at padded slots
+    head = -(p[:, :-1] * log_q.gather(1, teacher.ids).where(p[:, :-1] > 0, zero)).sum(-1)
     return head + p[:, -1] * sampled
 
 
-def cross_entropy(student_logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """(P,) next-token cross-entropy at T = 1; 0 at ``ignore_index``."""
+def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """(P,) next-token cross-entropy at T = 1 (0 at torch's ignore_index, -100)."""
     logits = student_logits.to(_compute_dtype(student_logits))
-    return F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index)
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
-LossFn = Callable[..., Tensor]
-LOSSES: dict[str, LossFn] = {
+DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
     "jsd": jsd,
     "skew_kl": skew_kl,
     "skew_reverse_kl": skew_reverse_kl,
-    "sampled_ce": sampled_ce,
 }
-"""Divergences by config name (``loss: reverse_kl``); each is ``fn(logits, targets, T, vocab_size=...)``."""
+"""The top-K losses by config name; each is ``fn(head_log_probs, teacher_log_probs, **params)``."""
+LOSSES = (*DIVERGENCES, "sampled_ce")
+"""Every KD loss name ``kd_loss`` takes (``loss: reverse_kl`` in a config)."""
+
+
+class KDTerms(NamedTuple):
+    """``kd_loss`` per position, each (P,)."""
+
+    total: Tensor  # alpha * T**2 * kd + (1 - alpha) * ce: what is trained on
+    kd: Tensor  # the divergence at temperature T
+    ce: Tensor  # the labels' cross-entropy at T = 1; detached when alpha == 1 (then only logged)
 
 
 def kd_loss(
     student_logits: Tensor,
-    targets: SparseTargets | None,
-    labels: Tensor | None = None,
+    teacher: TeacherBuckets,
+    labels: Tensor,
     *,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     alpha: float = 0.5,
     beta: float = 0.5,
     skew: float = 0.1,
-    vocab_size: int,
-) -> Tensor:
-    """(P,) alpha * T**2 * KD_T + (1 - alpha) * CE.
+) -> KDTerms:
+    """alpha * T**2 * KD_T + (1 - alpha) * CE per position, with both terms (the KD objective's loss).
 
-    alpha is the weight on the KD term: 1 is pure distillation (labels unused), 0 plain fine-tuning
-    (targets unused). beta goes to ``jsd``, skew to the ``alpha`` of ``skew_kl``/``skew_reverse_kl``.
+    ``student_logits`` (P, V) over the true vocabulary (a padded head's extra rows cut off), ``teacher``
+    the ``teacher_buckets`` at the same temperature, ``labels`` (P,) the token each position predicts.
+    alpha is the weight on the KD term: 1 is pure distillation (the CE is still reported), 0 plain
+    fine-tuning. beta goes to ``jsd``, skew to the ``alpha`` of ``skew_kl``/``skew_reverse_kl``.
+
+    One log-softmax over the vocabulary serves the KD term and, at T = 1, the cross-entropy; one gather
+    picks the head's and the labels' log-probs (each gather's backward is a dense (P, V) tensor).
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {sorted(LOSSES)}")
-    total = student_logits.new_zeros(student_logits.shape[0], dtype=_compute_dtype(student_logits))
-    if alpha > 0:
-        if targets is None:
-            raise ValueError("alpha > 0 needs teacher targets")
-        extra = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
-        kd = LOSSES[kind](student_logits, targets, temperature, vocab_size=vocab_size, **extra.get(kind, {}))
-        total = total + alpha * temperature**2 * kd
-    if alpha < 1:
-        if labels is None:
-            raise ValueError("alpha < 1 needs labels")
-        total = total + (1.0 - alpha) * cross_entropy(student_logits, labels)
-    return total
+    logits = student_logits.to(_compute_dtype(student_logits))  # bf16 -> float32, float64 stays
+    log_q = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
+    k = 0 if kind == "sampled_ce" else teacher.ids.shape[-1]
+    head_ids = teacher.ids[:, :k]
+    picked = log_q.gather(1, torch.cat([head_ids, labels[:, None]], 1) if temperature == 1.0 else head_ids)
+    if kind == "sampled_ce":
+        kd = sampled_ce(log_q, teacher)
+    else:
+        params = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
+        kd = DIVERGENCES[kind](picked[:, :k], teacher.log_probs, **params.get(kind, {}))
+    ce = -picked[:, k] if temperature == 1.0 else cross_entropy(logits, labels)
+    if alpha == 1.0:
+        ce = ce.detach()  # logged, not trained on
+    return KDTerms(alpha * temperature**2 * kd + (1.0 - alpha) * ce, kd, ce)
 
 
 def mix_teachers(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.losses.kd import LOSSES, cross_entropy, mix_teachers, student_log_probs
+from distill.losses.kd import LOSSES, TeacherBuckets, kd_loss, mix_teachers, teacher_buckets
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.objectives.context import Context, Step
 from distill.ranges import require
@@ -73,7 +73,8 @@ class Distillation(Objective):
         self.loss = loss
         self.temperature = temperature
         self.alpha = alpha
-        self.extra = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
+        self.beta = beta
+        self.skew = skew
         self.teacher_weights = teacher_weights
         self.chunk_size = chunk_size
         self.online = online
@@ -133,38 +134,35 @@ class Distillation(Objective):
                 f"{targets.num_positions} teacher positions for {labels.shape[0]} trainable tokens: "
                 "the cache does not match the data (collected with another template or max length?)"
             )
-        sampled = targets.sample_ids is not None
         if targets.ids.shape[-1] == 0 and self.loss != "sampled_ce":
             raise ValueError(
                 f"the cache holds sampled targets only (no top-k): use loss sampled_ce, not {self.loss}"
             )
-        fields = [targets.ids, targets.logits, targets.lse]
-        fields += [targets.sample_ids, targets.sample_counts] if sampled else []
+        # the teacher's side needs no gradient: once per batch, not in every (recomputed) chunk
+        teacher = teacher_buckets(targets, vocab_size, self.temperature)
+        sampled = teacher.sample_ids is not None
+        fields = [teacher.ids, teacher.log_probs, teacher_top1(targets)]
+        fields += [teacher.sample_ids, teacher.sample_counts] if sampled else []
 
-        def chunk_loss(h: Tensor, y: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
+        def chunk_loss(
+            h: Tensor, y: Tensor, ids: Tensor, log_p: Tensor, top1: Tensor, *samples: Tensor
+        ) -> tuple[Tensor, ...]:
             logits = head(h)
             if logits.shape[-1] > vocab_size:  # a padded head's extra rows are not tokens
                 logits = logits[:, :vocab_size]  # (only then: a no-op slice still costs a dense backward)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-            t = SparseTargets(*columns[:3], *(columns[3:] if sampled else (None, None)))
-            # one log-softmax and one gather (its backward is a dense (n, V) tensor) serve the KD term
-            # and, at T = 1, the cross-entropy
-            log_q = student_log_probs(logits, self.temperature)
-            extra = dict(self.extra.get(self.loss, {}))
-            if self.loss == "sampled_ce":
-                extra["log_probs"] = log_q
-                picked_label = log_q.gather(1, y[:, None])
-            else:
-                picked = log_q.gather(1, torch.cat([t.ids, y[:, None]], 1))
-                extra["head_log_probs"], picked_label = picked[:, :-1], picked[:, -1:]
-            kd = LOSSES[self.loss](logits, t, self.temperature, vocab_size=vocab_size, **extra)
-            ce = -picked_label.squeeze(1) if self.temperature == 1.0 else cross_entropy(logits, y)
-            if self.alpha == 1.0:
-                ce = ce.detach()  # logged, not trained on
-            total = self.alpha * self.temperature**2 * kd + (1.0 - self.alpha) * ce
+            terms = kd_loss(
+                logits,
+                TeacherBuckets(ids, log_p, *samples),
+                y,
+                kind=self.loss,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                beta=self.beta,
+                skew=self.skew,
+            )
             predicted = logits.argmax(-1)
-            agree = (predicted == teacher_top1(t)).sum()
-            return total.sum(), (predicted == y).sum(), kd.detach().sum(), ce.detach().sum(), agree
+            kd, ce = terms.kd.detach().sum(), terms.ce.detach().sum()
+            return terms.total.sum(), (predicted == y).sum(), kd, ce, (predicted == top1).sum()
 
         loss_sum, correct, kd_sum, ce_sum, agree = over_chunks(
             chunk_loss, hidden, labels, *fields, chunk_size=self.chunk_size, num_outputs=5
