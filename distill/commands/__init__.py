@@ -10,8 +10,8 @@ from importlib import import_module
 
 # imported only when named: ``python -m distill fit`` loads none of them
 COMMANDS = {
-    "inspect": "distill.commands.inspect",
-    "tokenize": "distill.commands.tokenize",
+    "inspect": "distill.commands.preview",
+    "tokenize": "distill.commands.pretokenize",
     "generate": "distill.commands.generate",
     "merge": "distill.commands.merge",
     "cache": "distill.commands.cache",
