@@ -23,8 +23,10 @@ from distill.cache import CacheReader, StaleCacheError, open_cache
 from distill.cli import main
 from distill.data.batching import Collator
 from distill.data.encoding import IGNORE_INDEX, encode_all
+from distill.data.facts import DataFacts
 from distill.data.formats import to_record
 from distill.data.templates import resolve_template
+from distill.objectives.context import Origin, Step
 from distill.objectives.kd import Distillation
 from distill.targets import SparseTargets
 from distill.teacher.alignment import target_positions, targets
@@ -38,6 +40,7 @@ from tests.helpers import (
     conversation,
     kd_config,
     logged_values,
+    objective_context,
     save_tiny_teacher,
     token_inputs,
 )
@@ -250,10 +253,10 @@ def test_the_objective_reports_the_teachers_ce_beside_the_students(tokenizer, te
     trainable = batch["labels"][:, 1:] != IGNORE_INDEX
     labels = batch["labels"][:, 1:][trainable]
     online = Distillation(online=[Teacher(model=str(teacher_dir), name="t1", dtype="float32")], online_k=4)
-    online.setup(SimpleNamespace(tokenizer_id=str(TOKENIZER_DIR)))
+    online.setup(objective_context(tokenizer, None, origin=Origin(tokenizer=str(TOKENIZER_DIR))))
     assert online.metric_names == ("ce", "kd", "agree", "teacher_ce")
     head = torch.nn.Linear(32, 32000, bias=False)
-    online.prepare(batch, None)
+    online.prepare(batch, Step())
     out = online(token_inputs(torch.randn(labels.shape[0], 32), head, labels, batch))
     (model,) = online.teachers.models(torch.device("cpu"))
     rows = [batch["input_ids"][i][batch["attention_mask"][i].bool()] for i in range(2)]
@@ -286,8 +289,8 @@ def test_fit_logs_the_teachers_perplexity_and_its_ce_beside_the_students(tmp_pat
 
 def test_cached_teachers_each_get_their_ce_under_their_name():
     objective = Distillation()
-    data = SimpleNamespace(teacher_names=["a", "b"])
-    objective.setup(SimpleNamespace(tokenizer_id=None, _trainer=SimpleNamespace(datamodule=data)))
+    cached = DataFacts("KDDataModule", "samples", pad_id=0, teacher_names=("a", "b"))
+    objective.setup(objective_context(None, None, cached))
     assert objective.metric_names == ("ce", "kd", "agree", "teacher_ce/a", "teacher_ce/b")
     V = 6
     one = SparseTargets(torch.arange(V).repeat(3, 1), torch.zeros(3, V), torch.full((3,), math.log(V)))
