@@ -18,6 +18,11 @@ from transformers import PreTrainedTokenizerBase
 from distill.data.facts import DataFacts
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under any peft wrapper (LoRA layers stay in place inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass(frozen=True)
 class Policy:
     """The student's model as objectives use it: to sample from, to score with, or with its LoRA adapter
@@ -28,9 +33,7 @@ class Policy:
 
     @property
     def causal_lm(self) -> nn.Module:
-        """The transformers model under any peft wrapper (LoRA layers stay in place inside it)."""
-        model = self.model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return unwrapped(self.model)
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[nn.Module]:

@@ -22,7 +22,7 @@ from distill.data.facts import DataFacts
 from distill.data.resume import trained_position
 from distill.objectives.base import Loss, Objective, check_pairing, loss_inputs
 from distill.objectives.ce import CrossEntropy
-from distill.objectives.context import Context, Origin, Policy, Step
+from distill.objectives.context import Context, Origin, Policy, Step, unwrapped
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
@@ -236,7 +236,7 @@ class StudentModule(L.LightningModule):
     @property
     def causal_lm(self) -> nn.Module:
         """The transformers model under any peft wrapper (LoRA layers stay in place inside it)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrapped(self.model)
 
     def forward_hidden(self, batch: dict[str, Tensor]) -> Tensor:
         """Final hidden states (B, T, H): the head runs later, only at positions that carry loss."""
