@@ -1,12 +1,8 @@
-"""The HDF5 teacher cache: per sample (keyed by its content SHA-256), the teacher's sparse distribution
-at each trainable position. The only module of distill that imports h5py; ``docs/cache.md`` has the
-schema, the encoding (``distill.cache.codec``), the crash-safety argument and measured sizes.
+"""Segment files of the HDF5 teacher cache (``docs/cache.md``: schema, crash safety, sizes).
 
-A cache is a directory of immutable segment files. A writer fills a hidden ``.NAME.partial`` file and
-commits it by closing, fsyncing and renaming it to ``NAME.h5``; readers only ever see committed
-segments, so a crash at any instant loses at most the uncommitted partial file. Compaction (dropping
-samples, merging segments) writes a new segment whose ``replaces`` attribute names the segments it
-supersedes, so the switch-over is the single atomic rename as well.
+A writer fills a hidden ``.NAME.partial`` file and commits it by closing, fsyncing and renaming it to
+``NAME.h5``; readers only ever see committed segments, so a crash loses at most the uncommitted file.
+Compaction writes a new segment whose ``replaces`` attribute names the segments it supersedes.
 """
 
 from __future__ import annotations

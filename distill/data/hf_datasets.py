@@ -1,13 +1,8 @@
 """Hugging Face ``datasets`` as data: a split of a hub or local dataset (``DatasetSplit``), and parquet,
 arrow and csv files beside the JSON/JSONL ones, read row by row as the plain dicts that
-``distill.data.formats`` normalises exactly as it does a parsed JSON object.
-
-Rows come from ``datasets`` as Arrow tables, a batch at a time, and are turned into Python only where
-they are read: a stream's shard decodes its own rows and skips the others'. A table gives every row
-every column of its schema, ``None`` where the row has no such key (and every struct every field), so a
-row's nulls are dropped: a parquet of ``messages`` rows reads as the same records as the JSONL.
-
-``datasets`` is imported inside the functions that use it, so ``import distill`` stays fast.
+``distill.data.formats`` normalises as it does a parsed JSON object (docs/data.md, "Hugging Face
+datasets"). Rows are turned into Python only where they are read: a stream's shard decodes its own rows
+and skips the others'. ``datasets`` is imported inside the functions, so ``import distill`` stays fast.
 """
 
 from __future__ import annotations
