@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from distill.cache.segment import fsync_path
+
 
 class PreemptionCheckpoint(L.Callback):
     """On one of ``signals`` the fit finishes the optimizer step in flight, saves ``last.ckpt`` into the
@@ -181,7 +183,7 @@ def _save_atomically(trainer: L.Trainer, path: Path) -> None:
             if partial.is_dir() or path.is_dir():  # a rename cannot put a directory over a file or back
                 _remove(path)
             os.replace(partial, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     trainer.strategy.barrier("preemption-checkpoint-saved")
 
 
@@ -196,15 +198,7 @@ def _fsync_tree(path: Path) -> None:
     """fsync a file, or every file of a directory and the directories: a rename only keeps what is on
     disk when the machine goes down."""
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        _fsync(p)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(p)
 
 
 def _act_as(handler: Any, signum: int, frame: FrameType | None) -> None:

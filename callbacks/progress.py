@@ -255,14 +255,8 @@ class LoopProgress(TQDMProgressBar):
             elapsed = now - self._start
             where = f"predict batch {share(done, total)}"
             where += f", dataloader {dataloader_idx + 1}/{len(batches)}" if len(batches) > 1 else ""
-            self._write(
-                [
-                    where,
-                    *self._rate_parts(trainer, now, predicting=True),
-                    f"elapsed {format_seconds(elapsed)}",
-                    eta(done, total, elapsed),
-                ]
-            )
+            parts = [where, *self._rate_parts(trainer, now, predicting=True)]
+            self._write([*parts, f"elapsed {format_seconds(elapsed)}", eta(done, total, elapsed)])
             self._reset_counts(now)
 
     # ---- helpers ----------------------------------------------------------------------------------

@@ -47,19 +47,13 @@ _MISTRAL = (
     "{% endfor %}"
 )
 
-# name -> (jinja source, end-of-turn string; None means the tokenizer's EOS token)
-BUILTIN_TEMPLATES: dict[str, tuple[str, str | None]] = {
-    "chatml": (_CHATML, "<|im_end|>"),
-    "llama3": (_LLAMA3, "<|eot_id|>"),
-    "alpaca": (_ALPACA, None),
-    "mistral": (_MISTRAL, None),
-}
-# the role a built-in template gives tool results; None: a user turn that starts with TOOL_PREFIX
-_BUILTIN_TOOL_ROLES: dict[str, str | None] = {
-    "chatml": "tool",
-    "llama3": "ipython",
-    "alpaca": None,
-    "mistral": None,
+# name -> (jinja source, end-of-turn string or None: the tokenizer's EOS token, the role of tool results
+# or None: a user turn that starts with TOOL_PREFIX)
+BUILTIN_TEMPLATES: dict[str, tuple[str, str | None, str | None]] = {
+    "chatml": (_CHATML, "<|im_end|>", "tool"),
+    "llama3": (_LLAMA3, "<|eot_id|>", "ipython"),
+    "alpaca": (_ALPACA, None, None),
+    "mistral": (_MISTRAL, None, None),
 }
 
 TOOL_PREFIX = "Tool output:\n"
@@ -132,7 +126,7 @@ def resolve_template(
         source, name = tokenizer.chat_template, "tokenizer"
         end_of_turn = end_of_turn or _detect_end_of_turn(tokenizer, source)
     elif name in BUILTIN_TEMPLATES:
-        source, builtin_eot = BUILTIN_TEMPLATES[name]
+        source, builtin_eot, _ = BUILTIN_TEMPLATES[name]
         end_of_turn = end_of_turn or builtin_eot or tokenizer.eos_token
     elif "{%" in name or "{{" in name:
         source, name = name, "custom"
@@ -145,7 +139,7 @@ def resolve_template(
     if not end_of_turn:
         raise TemplateError(f"template {name!r}: no end-of-turn string; set data.end_of_turn")
     if name in BUILTIN_TEMPLATES:
-        tool_role = _BUILTIN_TOOL_ROLES[name]
+        tool_role = BUILTIN_TEMPLATES[name][2]
     else:
         tool_role = "tool" if _renders_tool_turns(tokenizer, source) else None
     return ChatTemplate(name=name, source=source, end_of_turn=end_of_turn, tool_role=tool_role)
