@@ -22,21 +22,14 @@ from distill.cache.segment import fsync_path
 
 class PreemptionCheckpoint(L.Callback):
     """On one of ``signals`` the fit finishes the optimizer step in flight, saves ``last.ckpt`` into the
-    ModelCheckpoint's directory (so ``--ckpt_path last`` resumes it exactly) and exits with status
-    128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C), so a scheduler knows the job did not
-    finish. The checkpoint is written under a temporary name and renamed over ``last.ckpt``: a kill or a
-    full disk during the write leaves the previous one whole.
-
-    Ctrl-C (SIGINT) before the first training step or after the last stops at once (nothing to save),
-    and a second Ctrl-C stops without waiting for the save; a signal the process was started ignoring
-    stays ignored. DataLoader workers, which a terminal's Ctrl-C reaches too, leave every stop to the
-    main process.
+    ModelCheckpoint's directory and exits 128 + the signal's number (README, "Use", has the rules).
 
     Lightning alone stops after the micro-batch in flight (amid gradient accumulation), saves nothing and
     exits 0. While training runs this callback owns the signals, Lightning's SLURM auto-requeue of
     SIGUSR1 included: a signal is only recorded, and acted on at the next optimizer-step boundary, on
-    every rank at once. During the sanity check Lightning's own handling applies (nothing is trained yet;
-    ``python -m distill`` then exits 143 as well).
+    every rank at once. Ctrl-C before the first training step or after the last, or a second Ctrl-C,
+    stops at once; a signal the process was started ignoring stays ignored; DataLoader workers leave
+    every stop to the main process. During the sanity check Lightning's own handling applies.
     """
 
     def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:

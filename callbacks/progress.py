@@ -46,15 +46,10 @@ def eta(done: int, total: float, seconds: float) -> str:
 
 
 class LoopProgress(TQDMProgressBar):
-    """Every run's progress (``python -m distill`` adds it; its options are under ``progress``).
-
-    On a terminal, Lightning's tqdm bar; a step-limited fit (``max_steps``) gets one bar over its steps,
-    ``step 120/500`` with an ETA, instead of a bar per epoch. Where stdout (the bar's stream) is no
-    terminal (SLURM, ``> log.txt``), no bar but plain lines on stderr, with distill's other messages: one
-    every ``every_n_steps`` optimizer steps or ``every_seconds``, whichever comes first, with the step,
-    loss, learning rate, tokens/s, elapsed time and ETA; one after each validation (its loss); while
-    predicting (teacher collection), batches done, samples/s and ETA. Tokens/s are of all ranks, estimated
-    from rank 0's batches. ``trainer.enable_progress_bar: false`` turns both off.
+    """Every run's progress (``python -m distill`` adds it; its options are under ``progress``; README,
+    "Use", says what it shows): Lightning's tqdm bar on a terminal, one bar over the steps of a fit that
+    ``max_steps`` ends; elsewhere plain lines on stderr. Tokens/s are of all ranks, estimated from rank 0's
+    batches.
     """
 
     def __init__(
