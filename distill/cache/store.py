@@ -102,12 +102,6 @@ class TeacherCache:
             self.drop(s.decode() for s in gone)
         return Freed(len(gone), freed)
 
-    def compact(self) -> None:
-        """Merge all segments into one (dropping duplicate samples): fewer files to open per worker."""
-        live, _ = scan_segments(self.path)
-        if len(live) > 1:
-            compact_segments(self.path, live, sha_keys([]))
-
     def tidy(self, max_segments: int = MAX_SEGMENTS, merged_bytes: int = MERGED_SEGMENT_BYTES) -> int:
         """Merge the segments holding a sample twice (two runs collected it), and, past
         ``max_segments`` live segments, the writers' segments into ones of about ``merged_bytes`` (a
