@@ -32,6 +32,8 @@ POLL_SECONDS = 1.0
 STAGE_MARKER = "stage.json"  # in every stage directory the pipeline made, and only there
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+# environment variables that tell one launch from the next (launch_id)
+LAUNCH = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_PORT")
 
 
 def global_rank() -> int:
@@ -313,14 +315,7 @@ def merge(stage: Stage) -> None:
 def launch_id() -> str:
     """The same on every rank of one launch, another in the next: a rank waiting for rank 0 ignores what
     an earlier, killed launch left."""
-    names = (
-        "TORCHELASTIC_RUN_ID",
-        "TORCHELASTIC_RESTART_COUNT",
-        "SLURM_JOB_ID",
-        "SLURM_STEP_ID",
-        "MASTER_PORT",
-    )
-    return ".".join(os.environ.get(name, "") for name in names)
+    return ".".join(os.environ.get(name, "") for name in LAUNCH)
 
 
 def wait_for(
