@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, is_saved_dataset, table_rows
+from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, as_list, is_saved_dataset, table_rows
 
 Format = Literal["auto", "sharegpt", "messages", "alpaca", "text"]
 DATA_SUFFIXES = (".json", ".jsonl", *TABLE_BUILDERS)
@@ -74,11 +74,6 @@ def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, lis
     held_out = set(order[: max(1, round(len(records) * fraction))])
     kept = [r for i, r in enumerate(records) if i not in held_out]
     return kept, [r for i, r in enumerate(records) if i in held_out]
-
-
-def as_list(files: Source | list[Source]) -> list[Source]:
-    """One data source or several, as a list."""
-    return [files] if isinstance(files, (str, Path, DatasetSplit)) else list(files)
 
 
 def find_files(source: Source) -> list[Path | DatasetSplit]:
@@ -218,10 +213,7 @@ def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
             "'conversations' (sharegpt), 'messages', 'instruction'/'output' (alpaca) or 'text'"
         )
     if kind == "text":
-        text = _field(raw, "text", where)
-        if not text.strip():
-            raise DataFormatError(f"{where}: empty 'text'")
-        return Record(source=where, text=text)
+        return Record(source=where, text=nonempty_field(raw, "text", where))
     if kind == "alpaca":
         messages = _alpaca_messages(raw, where)
     else:
@@ -233,6 +225,13 @@ def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
         messages = _with_tools([turn(t, i, where) for i, t in enumerate(turns)], raw.get("tools"), where)
     _check_conversation(messages, where)
     return Record(source=where, messages=tuple(messages))
+
+
+def nonempty_field(raw: dict, key: str, where: str) -> str:
+    text = _field(raw, key, where)
+    if not text.strip():
+        raise DataFormatError(f"{where}: empty '{key}'")
+    return text
 
 
 def _field(raw: dict, key: str, where: str, required: bool = True) -> str:

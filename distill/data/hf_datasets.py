@@ -178,7 +178,7 @@ def split_sources(
                 "data.dataset_config, data.dataset_revision and data.val_split select a data.dataset_name: "
                 "set it"
             )
-        return _listed(train_files), _listed(val_files) if val_files else []
+        return as_list(train_files), as_list(val_files) if val_files else []
     if train_files or val_files:
         from lightning.pytorch.utilities import rank_zero_info
 
@@ -187,5 +187,6 @@ def split_sources(
     return [DatasetSplit(dataset_name, dataset_config, split, revision)], val
 
 
-def _listed(files: str | Path | list[str | Path]) -> list[str | Path]:
-    return [files] if isinstance(files, (str, Path)) else list(files)
+def as_list(sources: str | Path | DatasetSplit | list) -> list:
+    """One data source (a file, a directory, a dataset's split) or several, as a list."""
+    return [sources] if isinstance(sources, (str, Path, DatasetSplit)) else list(sources)

@@ -18,12 +18,12 @@ from distill.data.formats import (
     Source,
     _iter_raw,
     any_turns,
-    as_list,
     check_system_first,
     content_sha,
     find_files,
     open_with_system,
 )
+from distill.data.hf_datasets import as_list
 
 logger = logging.getLogger(__name__)
 

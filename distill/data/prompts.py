@@ -16,13 +16,14 @@ from distill.data.formats import (
     Source,
     _iter_raw,
     any_turns,
-    as_list,
     check_system_first,
     content_sha,
     find_files,
+    nonempty_field,
     open_with_system,
     read_records,
 )
+from distill.data.hf_datasets import as_list
 
 PromptFormat = Literal["auto", "question", "messages", "prompt"]
 PROMPT_FORMATS: tuple[str, ...] = ("question", "messages", "prompt")
@@ -117,7 +118,7 @@ def to_prompt_record(raw: object, where: str, fmt: PromptFormat = "auto") -> Pro
         if kind == "prompt" and isinstance(raw.get(key), list):
             turns = _turns(raw[key], key, where)
         else:
-            turns = [{"role": "user", "content": _text(raw, key, where)}]
+            turns = [{"role": "user", "content": nonempty_field(raw, key, where)}]
     messages = _prompt_messages(turns, raw, where)
     fields = {k: v for k, v in raw.items() if k != key and k not in _PROMPT_PARTS}
     reserved = sorted(RESERVED_FIELDS & fields.keys())
@@ -127,17 +128,6 @@ def to_prompt_record(raw: object, where: str, fmt: PromptFormat = "auto") -> Pro
             "rename them"
         )
     return PromptRecord(source=where, messages=tuple(messages), fields=fields)
-
-
-def _text(raw: dict, key: str, where: str) -> str:
-    value = raw.get(key)
-    if value is None:
-        raise DataFormatError(f"{where}: missing field '{key}'")
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataFormatError(f"{where}: empty '{key}'")
-    return value
 
 
 def _turns(value: object, key: str, where: str) -> list[dict[str, str]]:

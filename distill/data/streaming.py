@@ -37,7 +37,7 @@ from distill.data.formats import (
     naming_undecodable,
     to_record,
 )
-from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, arrow_batches, row_at, row_where
+from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, arrow_batches, as_list, row_at, row_where
 from distill.data.resume import epoch_rng, leave_sigterm_to_main
 
 LINE_SUFFIXES = (".jsonl", ".txt")
@@ -67,7 +67,7 @@ def stream_files(sources: str | Stream | list[str | Stream]) -> list[Stream]:
     """The ``SUFFIXES`` files of ``sources`` (files, or directories searched recursively) and their
     dataset splits."""
     files: list[Stream] = []
-    for source in [sources] if isinstance(sources, (str, Path, DatasetSplit)) else sources:
+    for source in as_list(sources):
         if isinstance(source, DatasetSplit):
             files.append(source)
             continue
