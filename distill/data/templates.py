@@ -6,11 +6,9 @@ and the text an assistant turn adds after the generation prompt, up to and inclu
 string, is that turn's span. Spans are character ranges; tokenization maps them to tokens by offsets,
 so nothing depends on how markers split into tokens.
 
-Tool results (``tool`` turns) are context, never trained on. Each template gives them the role of its
-family's convention (chatml: ``tool``; llama3: ``ipython``); alpaca, mistral, and a tokenizer's own or
-custom template that does not render ``tool`` turns (it drops or rejects them) get each one as a user
-turn that starts with ``TOOL_PREFIX``, so no tool result silently vanishes from the context. The mapping
-happens before rendering: the Jinja sources, which key the teacher caches, stay as they were.
+Tool results are context, never trained on, in each template's role for them (README, "Data"); a
+template that does not render ``tool`` turns gets each as a user turn that starts with ``TOOL_PREFIX``.
+The mapping happens before rendering: the Jinja sources, which key the teacher caches, stay as they were.
 """
 
 from __future__ import annotations
