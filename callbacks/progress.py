@@ -134,8 +134,7 @@ class LoopProgress(TQDMProgressBar):
                 bar.refresh()
         if self.prints_lines:
             self._count(batch)
-            step = trainer.global_step
-            if self._steps.ended(trainer) and self._line_due(step, self._start_step + 1, self._total_steps):
+            if self._steps.ended(trainer) and self._train_line_due(trainer):
                 self._print_train_line(trainer, batch_idx)
 
     # ---- the lines --------------------------------------------------------------------------------
@@ -148,6 +147,19 @@ class LoopProgress(TQDMProgressBar):
         total = trainer.estimated_stepping_batches  # an iterable dataset without max_steps: -1
         self._total_steps = total if total > 0 else math.inf
         self._reset_counts(self._start)
+
+    def _train_line_due(self, trainer: L.Trainer) -> bool:
+        return self._line_due(trainer.global_step, self._start_step + 1, self._total_steps)
+
+    def _line_due(self, done: int, first: int, total: float) -> bool:
+        """A line at the first step (or batch), the last, every ``every_n_steps`` and ``every_seconds``."""
+        every = self.every_n_steps
+        return (
+            done == first
+            or done >= total
+            or (every is not None and done % every == 0)
+            or self._seconds_due(self._line_time)
+        )
 
     def _print_train_line(self, trainer: L.Trainer, batch_idx: int) -> None:
         now, step = time.monotonic(), trainer.global_step
@@ -257,16 +269,6 @@ class LoopProgress(TQDMProgressBar):
         self._tokens += ids.numel()
         if "labels" in batch:  # position t is trained on label t + 1, as StudentModule.compute_loss
             self._trained = self._trained + (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-
-    def _line_due(self, done: int, first: int, total: float) -> bool:
-        """A line at the first step (or batch), the last, every ``every_n_steps`` and ``every_seconds``."""
-        every = self.every_n_steps
-        return (
-            done == first
-            or done >= total
-            or (every is not None and done % every == 0)
-            or self._seconds_due(self._line_time)
-        )
 
     def _seconds_due(self, since: float) -> bool:
         return self.every_seconds is not None and time.monotonic() - since >= self.every_seconds

@@ -124,7 +124,7 @@ def test_a_line_is_due_every_n_steps_or_after_s_seconds(monkeypatch):
     bar._reset_counts(100.0)  # a line just printed
 
     def due(step: int) -> bool:
-        return bar._line_due(step, bar._start_step + 1, bar._total_steps)  # as on_train_batch_end asks
+        return bar._train_line_due(SimpleNamespace(global_step=step))
 
     assert due(41) and not due(42) and due(50) and due(100) and due(500) and not due(499)
     clock[0] = 129.0

@@ -4,10 +4,10 @@ sharded over ranks x DataLoader workers, endless, resumable at the exact next ro
 
 Line files are read from a byte offset, tables and datasets Arrow batch by batch from a row, never whole;
 a bad line or row stops the stream with ``DataFormatError`` naming it, as ``distill.data.formats`` does.
-A batch is what ``batching.Collator`` makes of packed rows (``packed_batch``). Each batch carries its
-shard's ``Cursor`` (``CURSOR_KEY``, popped by ``StreamingLoader``), whose state holds each shard's cursor
-after the last batch the fit *trained* (Lightning and the workers fetch ahead), gathered from all ranks
-since a checkpoint keeps rank 0's loader state only. Every iteration starts after the batches trained so
+A batch is what ``batching.Collator`` makes of packed rows (``packed_batch``). Each batch comes with
+its shard's ``Cursor`` (taken by ``StreamingLoader`` in the main process), whose state holds each shard's
+cursor after the last batch the fit *trained* (Lightning and the workers fetch ahead), gathered from all
+ranks since a checkpoint keeps rank 0's loader state only. Every iteration starts after the batches trained so
 far: after a resume, and in each new epoch of a fit cut into epochs (``trainer.limit_train_batches``).
 """
 
