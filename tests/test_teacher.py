@@ -12,7 +12,8 @@ import torch
 from distill.cache import CacheReader, StaleCacheError, cache_stats
 from distill.cli import main
 from distill.teacher.identity import VocabularyMismatchError
-from distill.teacher.module import Teacher, TeacherModule, sparse_distribution, top_k
+from distill.teacher.module import Teacher, TeacherModule
+from distill.teacher.sparse import sparse_distribution, top_k
 from tests.helpers import (
     TINY_LLAMA,
     TOKENIZER_DIR,

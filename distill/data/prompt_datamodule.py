@@ -10,7 +10,8 @@ memory (no tokenized-data cache). Training batches resume at the exact next batc
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +27,12 @@ from distill.data.facts import DataFacts
 from distill.data.formats import DataFormatError, Source
 from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records, read_response_records
 from distill.data.resume import (
+    Part,
     ResumableLoader,
     ShuffledBatches,
     leave_sigterm_to_main,
     rank_and_world,
     trained_position,
-    yields,
 )
 from distill.ranges import require
 
@@ -128,16 +129,17 @@ class RepeatedSteps(ShuffledBatches):
             for batch in step
         ]
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        return [batch for batch, _ in self.schedule(epoch)]
+    def parts(self, epoch: int) -> list[Part]:
+        schedule = self.schedule(epoch)
+
+        def build(number: int) -> dict[str, Any]:
+            batch, where = schedule[number]
+            return {**self.collate([self.rows[i] for i in batch]), **where}
+
+        return [Part(len(schedule), lambda: nullcontext(build))]
 
     def __len__(self) -> int:
         return self.kept * self.repeats
-
-    def __iter__(self) -> Iterator[Any]:
-        for index, (batch, where) in enumerate(self.schedule(self.epoch)):
-            if yields(index, self.skip):
-                yield {**self.collate([self.rows[i] for i in batch]), **where}
 
 
 def check_whole_windows(batches: RepeatedSteps) -> None:
