@@ -1,11 +1,11 @@
 """Teacher targets composed into a data module: the caches of the teachers' sparse distributions of its
 samples, synced and completed before training, then joined to the student's batches.
 
-``TeacherTargets`` owns the ``TeacherModule``, the caches under ``cache_dir`` and their locks; the data
-module decides what to collect (which splits, whether chunked) and calls it at visible points: setup
-(``sync_and_collect``, whose barriers every rank meets), each chunk (``prepare_chunk`` collects it in
-chunked mode, ``finish_chunk`` purges it) and teardown (``close``). ``TargetStream`` is one training
-epoch of KD batches, chunk by chunk.
+``TeacherTargets`` owns the ``TeacherModule``, the caches under ``cache_dir`` and their locks;
+``distill.teacher.collector.Collector`` decides what to collect (which splits, whether chunked) and calls
+it at visible points: before training (``sync_and_collect``, whose barriers every rank meets), each
+chunk (``prepare_chunk`` collects it in chunked mode, ``finish_chunk`` purges it) and teardown
+(``close``). ``TargetStream`` is one training epoch of KD batches, chunk by chunk.
 """
 
 from __future__ import annotations
