@@ -144,7 +144,7 @@ def test_sync_after_adding_removing_editing_and_reordering(tmp_path, teacher_dir
 def test_stale_cache_is_an_error_and_rebuild_is_explicit(tmp_path, teacher_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [conversation(i) for i in range(6)])
     main(["collect", "--config", str(collect_config(tmp_path, data, teacher_dir))])
-    config = collect_config(tmp_path, data, teacher_dir, model={"k": 4})
+    config = collect_config(tmp_path, data, teacher_dir, model={"sparsity": {"k": 4}})
     with pytest.raises(StaleCacheError, match=r"(?s)k: cache has 8, config asks for 4.*rebuild"):
         main(["collect", "--config", str(config)])
     main(["collect", "--config", str(config), "--trainer.callbacks.init_args.rebuild", "true"])
