@@ -104,13 +104,15 @@ LIGHTNING_NOTES = (
 )
 
 
+def not_a_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LIGHTNING_NOTES)
+
+
 def quiet_lightning() -> None:
     """Silence what Lightning and torch print that a distill user can do nothing about: its notes, torch's
     ``LeafSpec`` deprecation (Lightning's code), an IterableDataset's ``__len__`` (distill's deal batches
     to workers, so their lengths hold) and ``args`` beside a command line (distill hands its own)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith(LIGHTNING_NOTES)
-    )
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_a_note)  # once: same object
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", r"LightningCLI's args parameter")
