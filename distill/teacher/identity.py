@@ -140,13 +140,11 @@ def _write_memo(path: Path, memo: dict[str, dict]) -> None:
 
 
 def _hub_revision(name: str) -> str:
-    try:
-        from huggingface_hub import model_info
+    from huggingface_hub import model_info, snapshot_download
 
+    try:
         return model_info(name).sha or "unknown"
     except Exception:  # offline: the cached snapshot's commit hash, if any
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(name, local_files_only=True)).name
         except Exception:

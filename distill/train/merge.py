@@ -100,9 +100,8 @@ MERGE_OPT_IN = """--model_kwargs '{"trust_remote_code": true}'"""
 
 
 def trained_model_kwargs(adapter_dir: Path, opt_in: str = MERGE_OPT_IN) -> dict:
-    """The ``model.model_kwargs`` of the fit that trained ``adapter_dir`` (none without its saved config),
-    less ``trust_remote_code``: a folder's saved config never runs a model's code, only the user's own
-    option does (``opt_in``, named in the note printed when the saved config asks for it)."""
+    """The ``model.model_kwargs`` of the fit that trained ``adapter_dir``, less ``trust_remote_code``: a
+    folder's saved config never runs a model's code, only the user's own option (``opt_in``) does."""
     path = Path(adapter_dir) / "distill_config.yaml"
     if not path.exists():
         return {}

@@ -46,13 +46,9 @@ def load_causal_lm(
     options: dict | None = None,
 ) -> PreTrainedModel:
     """From a hub name or local path, or built from a config dict (random init, for tests and demos).
-
-    ``role``: a ``student`` whose embedding lacks rows for the tokenizer's tokens is resized (logged);
-    any other (``teacher t1``, ``reference``) is an error, as its new rows would be random.
-    ``quantization``: bitsandbytes weights, loaded straight onto ``device`` (default: the current CUDA
-    device), where they stay (a quantized model cannot be moved or cast afterwards). ``options``: any
-    other ``from_pretrained`` argument (``attn_implementation``, ``trust_remote_code``, ``revision``).
-    """
+    A ``student`` whose embedding lacks rows for the tokenizer's tokens is resized; any other ``role``
+    refuses it (the new rows would be random). Quantized weights load straight onto ``device`` (default:
+    the current CUDA device) and stay there. ``options``: other ``from_pretrained`` arguments."""
     options = dict(options or {})
     torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else dtype
     if quantization is not None:
