@@ -38,7 +38,7 @@ def resolve_precision(precision: str | int | None) -> str | int | None:
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Saves the resolved config to the log directory and also logs it to every logger (W&B, ...)."""
+    """Also logs the resolved config to every logger (W&B, ...)."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         config = self.parser.dump(self.config, skip_none=False, format="json")
@@ -52,8 +52,8 @@ class ConfigError(Exception):
 
 
 def own_refusal(error: BaseException) -> ValueError | None:
-    """The outermost ValueError in ``error``'s chain of causes that one of distill's classes raised, if
-    any: under jsonargparse's wrapping of it, and over what it was raised from (an ImportError)."""
+    """The outermost ValueError in ``error``'s chain of causes (under jsonargparse's wrapping) that one of
+    distill's classes raised, if any."""
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, ValueError) and cause.__traceback__ is not None:
@@ -85,24 +85,17 @@ def resume_point(trainer: L.Trainer, ckpt_path: str | Path | None) -> str | Path
     found += [c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)]
     if any(Path(path).exists() for path in found):
         return "last"
-    if checkpoints:
-        looked = ", ".join(last_checkpoint_dir(trainer, c) for c in checkpoints)
+    where = "the run has no ModelCheckpoint, so nothing saves a last checkpoint"
+    if checkpoints:  # where each keeps its last checkpoint: ModelCheckpoint's rule, applied in its setup
+        default = "the logger's new version directory (ModelCheckpoint has no dirpath)"
+        if not trainer.loggers:
+            default = str(Path(trainer.default_root_dir) / "checkpoints")
+        looked = ", ".join(str(c.dirpath) if c.dirpath else default for c in checkpoints)
         where = f"no last checkpoint (last*.ckpt) in {looked}"
-    else:
-        where = "the run has no ModelCheckpoint, so nothing saves a last checkpoint"
     raise ConfigError(
         f"--ckpt_path last: {where}. Give a checkpoint's path, or --ckpt_path {LAST_IF_ANY} to start "
         "from scratch when there is none"
     )
-
-
-def last_checkpoint_dir(trainer: L.Trainer, callback: ModelCheckpoint) -> str:
-    """Where ``callback`` keeps its last checkpoint (ModelCheckpoint's rule, which it applies in setup)."""
-    if callback.dirpath:
-        return str(callback.dirpath)
-    if not trainer.loggers:
-        return str(Path(trainer.default_root_dir) / "checkpoints")
-    return "the logger's new version directory (ModelCheckpoint has no dirpath)"
 
 
 LIGHTNING_NOTES = (
@@ -112,16 +105,14 @@ LIGHTNING_NOTES = (
 
 
 def not_a_note(record: logging.LogRecord) -> bool:
-    """A log filter: Lightning's ``LIGHTNING_NOTES`` do not pass."""
     return not str(record.msg).startswith(LIGHTNING_NOTES)
 
 
 def quiet_lightning() -> None:
-    """Silence what Lightning and torch print that a distill user can do nothing about: its notes, the
-    deprecation of torch's ``LeafSpec`` that Lightning's own code uses, the note that an IterableDataset
-    has a ``__len__`` (distill's deal batches to DataLoader workers, so their lengths hold), and the
-    warning that ``args`` were given beside a command line (distill hands LightningCLI its own)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_a_note)
+    """Silence what Lightning and torch print that a distill user can do nothing about: its notes, torch's
+    ``LeafSpec`` deprecation (Lightning's code), an IterableDataset's ``__len__`` (distill's deal batches
+    to workers, so their lengths hold) and ``args`` beside a command line (distill hands its own)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_a_note)  # once: same object
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", r"LightningCLI's args parameter")
@@ -130,17 +121,13 @@ def quiet_lightning() -> None:
 class DistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--precision",
-            type=str | int | None,
-            default=None,
+            "--precision", type=str | int | None, default=None,
             help="Like trainer.precision, plus 'auto': bf16-mixed if supported, else 16-mixed; 32 on CPU",
-        )
+        )  # fmt: skip
         parser.add_argument(
-            "--validate_after_fit",
-            type=bool,
-            default=False,
+            "--validate_after_fit", type=bool, default=False,
             help="Validate the final weights once fit ends (what a pipeline stage's eval_results.json holds)",
-        )
+        )  # fmt: skip
         # the student's (or teachers') tokenizer is the data's: configured once, on the model
         parser.link_arguments("model.tokenizer_id", "data.init_args.tokenizer", apply_on="instantiate")
         # in every run, not only in configs that list it: a pre-empted fit must never lose its steps
@@ -188,15 +175,9 @@ class DistillCLI(LightningCLI):
 def run_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
     quiet_lightning()
     return DistillCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LogConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        save_config_callback=LogConfigCallback, save_config_kwargs={"overwrite": True}, args=args, run=run,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -215,7 +196,6 @@ def exit_codes() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """fit, validate, test, predict, and ``collect``: a friendlier name for predict (teacher collection)."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "collect":
         argv = ["predict", *args[1:]]

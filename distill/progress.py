@@ -21,11 +21,8 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """``with Progress(total, "encoding train", "records") as progress: progress.update(n)``.
-
-    Not on a terminal: one line every ``every_seconds`` (and one at the end) with the count, the rate
-    and the ETA. ``enabled=False`` (other ranks) prints nothing.
-    """
+    """``with Progress(total, "encoding train", "records") as progress: progress.update(n)``. Not on a
+    terminal: a line every ``every_seconds`` and at the end. ``enabled=False`` (other ranks): silent."""
 
     def __init__(
         self,
@@ -36,13 +33,8 @@ class Progress:
         enabled: bool = True,
         stream: TextIO | None = None,
     ) -> None:
-        self.total = total
-        self.what = what
-        self.unit = unit
-        self.every_seconds = every_seconds
-        self.stream = stream or sys.stderr
-        self.done = 0
-        self.enabled = enabled
+        self.total, self.what, self.unit, self.every_seconds = total, what, unit, every_seconds
+        self.stream, self.enabled, self.done = stream or sys.stderr, enabled, 0
         self._bar = None
         if enabled and self.stream.isatty():
             self._bar = tqdm(total=total, desc=f"[distill] {what}", unit=f" {unit}", file=self.stream)

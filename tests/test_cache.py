@@ -199,7 +199,7 @@ def test_random_access_and_chunk_order_across_segments(tmp_path):
     write(cache, dict(items[:12]))
     write(cache, dict(items[12:]))  # a second segment
     reader = cache.reader()
-    assert len(reader) == 20 and reader.shas() == list(samples)
+    assert len(reader.shas()) == 20 and reader.shas() == list(samples)
     order = [items[i][0] for i in np.random.default_rng(0).permutation(20)]
     chunks = list(reader.iter_chunks(order, 7))
     assert [len(c) for c in chunks] == [7, 7, 6]
@@ -223,7 +223,7 @@ def test_sync_counts_after_add_remove_edit_reorder(tmp_path):
     assert sorted(plan.absent) == sorted([old[1], old[3]])
     assert cache.drop(plan.absent) == 2
     reader = cache.reader()
-    assert len(reader) == 8 and old[1] not in reader and old[0] in reader
+    assert len(reader.shas()) == 8 and old[1] not in reader.shas() and old[0] in reader.shas()
     assert torch.equal(reader.get(old[5]).ids, samples[old[5]].ids.sort(1).values)
     again = cache.plan_sync(new)
     assert again.keep == 8 and again.absent == [] and len(list((tmp_path / "c").glob("*.h5"))) == 1
@@ -274,7 +274,7 @@ def test_multi_teacher_completeness(tmp_path):
     plan = cache.plan_sync(list(samples))
     assert plan.keep == 4 and plan.to_collect == {"big": [], "small": list(samples)[4:]}
     reader = cache.reader()
-    assert reader.teachers() == ["big", "small"] and len(reader) == 4  # complete for every teacher
+    assert reader.teachers() == ["big", "small"] and len(reader.shas()) == 4  # complete for every teacher
     assert len(reader.shas("big")) == 6
     with pytest.raises(ValueError, match="say which one"):
         reader.get(sha(0))
@@ -379,10 +379,10 @@ def test_compaction_interrupted_after_rename_is_consistent(tmp_path):
         (tmp_path / "c" / name).write_bytes(data)
     (tmp_path / "c" / ".c-half-written.h5.partial").write_bytes(b"\x89HDF garbage")  # killed mid-write
     reader = cache.reader()
-    assert len(reader) == 6 and sha(1) not in reader and sha(6) not in reader
+    assert len(reader.shas()) == 6 and sha(1) not in reader.shas() and sha(6) not in reader.shas()
     reader.close()  # an open reader keeps every segment it indexed on disk
     cache.drop([sha(2)])  # a later compaction still keeps the leftovers superseded, then deletes them
-    assert len(cache.reader()) == 5 and len(list((tmp_path / "c").glob("*.h5"))) == 1
+    assert len(cache.reader().shas()) == 5 and len(list((tmp_path / "c").glob("*.h5"))) == 1
 
 
 def test_rank_shards_read_as_one_cache(tmp_path):
@@ -393,13 +393,13 @@ def test_rank_shards_read_as_one_cache(tmp_path):
     write(cache, dict(items[1::2] + items[:1]), rank=1)  # DistributedSampler pads with a repeat
     assert sorted(p.name[:4] for p in (tmp_path / "c").glob("*.h5")) == ["r000", "r001"]
     reader = CacheReader(tmp_path / "c")
-    assert len(reader) == 9 and set(reader.shas()) == set(samples)
+    assert len(reader.shas()) == 9 and set(reader.shas()) == set(samples)
     assert cache_stats(tmp_path / "c")["samples"] == 9
     reader.close()  # an open reader keeps every segment it indexed on disk
     compact_segments(cache.path, cache_segment.scan_segments(cache.path)[0], sha_keys([]))  # into one
-    assert len(list((tmp_path / "c").glob("*.h5"))) == 1 and len(cache.reader()) == 9
+    assert len(list((tmp_path / "c").glob("*.h5"))) == 1 and len(cache.reader().shas()) == 9
     one = next((tmp_path / "c").glob("*.h5"))
-    assert len(CacheReader(one)) == 9  # a single segment file is a cache too
+    assert len(CacheReader(one).shas()) == 9  # a single segment file is a cache too
 
 
 def test_reader_pickles_and_reopens_after_fork(tmp_path):
@@ -448,7 +448,7 @@ def test_corrupt_files_never_appear_as_segments(tmp_path):
     write(cache, make_samples(2))
     shutil.copy(next((tmp_path / "c").glob("*.h5")), tmp_path / "c" / ".r000-x.h5.partial")
     (tmp_path / "c" / ".r000-y.h5.partial").write_bytes(b"")
-    assert len(cache.reader()) == 2 and cache_stats(tmp_path / "c")["segments"] == 1
+    assert len(cache.reader().shas()) == 2 and cache_stats(tmp_path / "c")["segments"] == 1
 
 
 def test_merging_teachers_at_collection_equals_the_training_time_mixture(tmp_path):

@@ -116,7 +116,7 @@ def test_a_fit_on_a_subset_keeps_the_full_runs_targets(tmp_path, kd_teacher_dir,
     with caplog.at_level(logging.INFO):
         main(["fit", "--config", str(config), *quick, "--data.init_args.max_train_samples", "4"])
     assert "keep 4, collect {t1: 0}, 8 cached samples not in this data (kept" in caplog.text
-    assert len(CacheReader(tmp_path / "cache" / "train")) == 12
+    assert len(CacheReader(tmp_path / "cache" / "train").shas()) == 12
 
 
 # ---- 2: one writer at a time; readers never see the cache shrink; duplicates are counted and removed
@@ -180,13 +180,13 @@ def test_a_live_reader_keeps_its_segments_through_compaction_and_prune(tmp_path)
     cache = open_cache(tmp_path / "c", spec())
     fill(cache, shas, commit_every=2)
     reader = cache.reader()
-    assert len(reader) == 8
+    assert len(reader.shas()) == 8
     with WriterLock(cache.path):  # another run prunes to a subset, then merges what is left
         assert cache.prune(shas[:3]).samples == 5
         compact_segments(cache.path, scan_segments(cache.path)[0], cache_reader.sha_keys([]))
     worker = pickle.loads(pickle.dumps(reader))  # a DataLoader worker started after the prune
     assert_same_contents(worker, shas)  # every sample it indexed is still readable
-    assert len(CacheReader(cache.path)) == 3  # new readers see the pruned cache
+    assert len(CacheReader(cache.path).shas()) == 3  # new readers see the pruned cache
     with pytest.raises(CacheLockedError, match="another run reads this cache"):
         open_cache(cache.path, spec(), rebuild=True)
     worker.close(), reader.close()

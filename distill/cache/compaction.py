@@ -21,8 +21,7 @@ MERGED_PREFIX = "c"  # names of segments a compaction wrote (writers use r<rank>
 
 
 def compact_segments(directory: Path, segments: list[Path], drop: np.ndarray) -> Path:
-    """Rewrite ``segments`` without the ``drop`` SHAs and duplicates into one new segment that names
-    them in ``replaces``: its rename is the commit, deleting the old files afterwards is cleanup."""
+    """Rewrite ``segments`` without the ``drop`` SHAs and duplicates into one new segment."""
     replaces = [p.name for p in segments]
     plan: list[tuple[Path, str, np.ndarray]] = []  # (segment, teacher, rows kept)
     identities: dict[str, dict[str, str]] = {}
@@ -56,19 +55,17 @@ def compact_segments(directory: Path, segments: list[Path], drop: np.ndarray) ->
     return path
 
 
-def delete_superseded(directory: Path) -> int:
+def delete_superseded(directory: Path) -> None:
     """Delete segments that a committed compaction replaced, unless a reader may still open them
-    (they are ignored by every new reader either way); returns how many were deleted."""
+    (every new reader ignores them either way)."""
     fd = nobody_reads(directory)
     if fd is None:
-        return 0
+        return
     try:
-        superseded = scan_segments(directory)[1]
-        for p in superseded:
+        for p in scan_segments(directory)[1]:
             p.unlink(missing_ok=True)
     finally:
         os.close(fd)
-    return len(superseded)
 
 
 def _copy_rows(src: h5py.Group, dst: h5py.Group, keep: np.ndarray, out: Segment, block: int = 256) -> None:

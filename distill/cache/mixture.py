@@ -21,11 +21,9 @@ def merge_teachers(
     k: int | None = None,
     name: str = "mixture",
 ) -> int:
-    """Write the weighted mixture of a top-k cache's teachers as the one teacher of a new cache.
-
-    The mixture over the union of the teachers' heads (``losses.mix_teachers``) keeps its ``k`` most
-    likely ids (default: the source's K) plus the exact rest as the tail, so it takes one teacher's
-    disk instead of several; the weights are then fixed. Returns the number of samples written."""
+    """Write the weighted mixture of a top-k cache's teachers (its ``k`` most likely ids, default the
+    source's K, plus the exact rest as the tail) as the one teacher of a new cache; returns the number
+    of samples written."""
     spec = CacheSpec.from_json((source / SPEC_FILE).read_text())
     reader = CacheReader(source)
     names = reader.teachers()
@@ -39,19 +37,15 @@ def merge_teachers(
     k = k or spec.k
     mixture = ",".join(f"{n}:{w:g}" for n, w in zip(names, weights, strict=True))
     shas = reader.shas()  # the samples complete for every teacher
-    with WriterLock(target):
-        cache = open_cache(
-            target, dataclasses.replace(spec, k=k, teachers=[{"name": name, "mixture": mixture}])
-        )
-        writer = cache.writer(name)  # the mixture's NLL of the actual tokens is unknown: stored as NaN
-        with writer:
-            for start in range(0, len(shas), 256):
-                chunk = shas[start : start + 256]
-                per_teacher = [reader.read(chunk, n) for n in names]
-                tokens = reader.num_tokens(chunk, names[0])
-                for i, sha in enumerate(chunk):
-                    mixed = mix_teachers([t[i] for t in per_teacher], weights, spec.vocab_size)
-                    writer.append(sha, tokens[i], _top_k(mixed, k))
+    mixed_spec = dataclasses.replace(spec, k=k, teachers=[{"name": name, "mixture": mixture}])
+    with WriterLock(target), open_cache(target, mixed_spec).writer(name) as writer:  # NLL unknown: NaN
+        for start in range(0, len(shas), 256):
+            chunk = shas[start : start + 256]
+            per_teacher = [reader.read(chunk, n) for n in names]
+            tokens = reader.num_tokens(chunk, names[0])
+            for i, sha in enumerate(chunk):
+                mixed = mix_teachers([t[i] for t in per_teacher], weights, spec.vocab_size)
+                writer.append(sha, tokens[i], _top_k(mixed, k))
     reader.close()
     return len(shas)
 

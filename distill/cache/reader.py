@@ -56,16 +56,12 @@ class SampleIndex:
 class CacheReader:
     """Random and chunked access to a cache directory (all segments of all ranks) or one segment file.
 
-    Opens files lazily, at most ``max_open`` at a time (least recently used closed first), and reopens
-    them in a forked process (DataLoader workers); pickles without its handles, so it can be handed to
-    spawned workers too. Checksum failures, unreadable files and impossible values raise
-    ``CacheCorruptError`` naming the segment, teacher and samples.
+    At most ``max_open`` files open (least recently used closed first); pickles without its handles, so
+    spawned workers can take it too. A failed read raises ``CacheCorruptError`` (``named_corruption``).
     """
 
     def __init__(self, path: str | Path, teacher: str | None = None, max_open: int = 16):
-        self.path = Path(path)
-        self.teacher = teacher
-        self.max_open = max_open
+        self.path, self.teacher, self.max_open = Path(path), teacher, max_open
         self.segments: list[Path] = []
         self.formats: list[tuple[str, int, int]] = []  # (scheme, k, value_bits) per segment
         self.vocab_sizes: list[int] = []
@@ -75,8 +71,7 @@ class CacheReader:
         self._pid: int | None = None
         self._readers_lock: int | None = None
 
-    def _process(self) -> None:
-        """Per process: own handles (inherited ones are not safe to share) and own hold on the lock."""
+    def _process(self) -> None:  # per process: own handles (inherited ones are unsafe) and lock hold
         if self._pid != os.getpid():
             self._files, self._pid = OrderedDict(), os.getpid()
             self._readers_lock = hold_readers_lock(self.path) if self.path.is_dir() else None
@@ -142,24 +137,15 @@ class CacheReader:
             keys = keys[self.load_index()[other].find(keys)[1]]
         return [k.decode() for k in keys]
 
-    def __len__(self) -> int:
-        return len(self.shas())
-
-    def __contains__(self, sha: str) -> bool:
-        names = self._names(None)
-        return bool(names) and all(self.load_index()[n].find(sha_keys([sha]))[1][0] for n in names)
-
     def get(self, sha: str, teacher: str | None = None) -> SparseTargets:
         return self._read(self._one(teacher), [sha])[0]
 
     def num_tokens(self, shas: Sequence[str], teacher: str | None = None) -> list[int]:
-        """The stored samples' token counts."""
         ix = self.load_index()[self._one(teacher)]
         return ix.num_tokens[ix.find(sha_keys(shas))[0]].tolist()
 
     def nll(self, shas: Sequence[str], teacher: str | None = None) -> np.ndarray:
-        """Per sample, the teacher's NLL of its actual next tokens summed over its positions (NaN where
-        the segment predates the field)."""
+        """Per sample, the teacher's NLL of its next tokens summed over positions (NaN: older segment)."""
         name = self._one(teacher)
         return self.load_index()[name].nll[self._stored_rows(name, shas)]
 
@@ -170,8 +156,7 @@ class CacheReader:
     def iter_chunks(
         self, shas: Sequence[str], chunk_size: int, teacher: str | None = None
     ) -> Iterator[list[tuple[str, SparseTargets]]]:
-        """Yield ``chunk_size`` samples at a time in the order given, reading one span per segment and
-        chunk where the samples lie close together (they do when ``shas`` follows storage order)."""
+        """``chunk_size`` samples at a time in the order given (fastest in storage order)."""
         name = self._one(teacher)
         for start in range(0, len(shas), chunk_size):
             chunk = list(shas[start : start + chunk_size])
@@ -197,17 +182,14 @@ class CacheReader:
         ix = self.load_index()[name]
         rows = self._stored_rows(name, shas)
         out: list[SparseTargets | None] = [None] * len(rows)
-        for seg in np.unique(ix.seg[rows]):
+        for seg in np.unique(ix.seg[rows]).tolist():
             sel = np.flatnonzero(ix.seg[rows] == seg)
-            r = rows[sel]
-            with named_corruption(self.segments[int(seg)], name, [shas[i] for i in sel]):
-                self._read_segment(int(seg), name, ix, sel, r, out)
+            with named_corruption(self.segments[seg], name, [shas[i] for i in sel]):
+                self._read_segment(seg, name, sel, rows[sel], out)
         return out  # type: ignore[return-value]
 
-    def _read_segment(
-        self, seg: int, name: str, ix: SampleIndex, sel: np.ndarray, r: np.ndarray, out: list
-    ) -> None:
-        g = self._file(seg)["teachers"][name]
+    def _read_segment(self, seg: int, name: str, sel: np.ndarray, r: np.ndarray, out: list) -> None:
+        ix, g = self.load_index()[name], self._file(seg)["teachers"][name]
         tail = g.get("tail")
         p0, p1 = int(ix.pos[r].min()), int((ix.pos[r] + ix.npos[r]).max())
         b0, b1 = int(ix.byte[r].min()), int((ix.byte[r] + ix.nbytes[r]).max())
@@ -228,8 +210,7 @@ class CacheReader:
             out[i] = targets
 
     def close(self) -> None:
-        """Close the files and release the readers lock; a later read indexes the cache afresh (the
-        segments indexed before may be gone by then)."""
+        """Close the files and release the readers lock; a later read indexes the cache afresh."""
         for f in self._files.values():
             f.close()
         self._files = OrderedDict()

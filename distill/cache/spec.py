@@ -23,28 +23,19 @@ class StaleCacheError(RuntimeError):
 
 @dataclass
 class CacheSpec:
-    """What a cache holds; two caches are interchangeable only if every field matches."""
+    """What a cache holds (docs/cache.md); two caches are interchangeable only if every field matches."""
 
-    scheme: str = "topk"
-    """"topk" (exact head + tail bucket), "sampled" (draws with counts) or "hybrid" (head + tail draws)"""
-    k: int = 64
-    """Head size for topk/hybrid; 0 for sampled"""
-    n_draws: int = 0
-    """Draws per position for sampled (from the whole distribution) and hybrid (from the tail)"""
-    teachers: list[dict[str, str]] = field(default_factory=list)
-    """One dict per teacher: ``name`` plus what identifies its weights (``path``, ``revision`` or a hash)"""
+    scheme: str = "topk"  # topk (exact head + tail bucket), sampled (draws, counts), hybrid (head + draws)
+    k: int = 64  # head size for topk/hybrid; 0 for sampled
+    n_draws: int = 0  # per position, for sampled (from the whole distribution) and hybrid (from the tail)
+    teachers: list[dict[str, str]] = field(default_factory=list)  # ``name`` + what identifies its weights
     tokenizer_hash: str = ""
-    vocab_size: int = 0
-    """True vocabulary size, not the padded lm_head size"""
-    temperature: float = 1.0
-    """Temperature the draws were taken at; stored logits are always raw (temperature 1)"""
-    template: str = ""
-    """Chat template source (Jinja); texts over 256 characters are replaced by their SHA-256"""
+    vocab_size: int = 0  # the true vocabulary size, not the padded lm_head size
+    temperature: float = 1.0  # of the draws; stored logits are always raw (temperature 1)
+    template: str = ""  # chat template source (Jinja); texts over 256 characters by their SHA-256
     max_seq_length: int = 0
-    labels: str = ""
-    """What decides the trainable positions: loss on responses only or everything, truncation side"""
-    value_bits: int = 6
-    """Resolution of the cube-root head-value codes; 6 bits: ~1.5e-4 nats KL on peaked distributions"""
+    labels: str = ""  # what decides the trainable positions: loss on responses only or all, truncation side
+    value_bits: int = 6  # resolution of the cube-root head-value codes; 6: ~1.5e-4 nats KL when peaked
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

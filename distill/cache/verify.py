@@ -20,12 +20,10 @@ class BadSegment:
 
     @property
     def samples(self) -> int | None:
-        """How many samples it held: its name says so even when its bytes are lost (a truncated file);
-        a segment named before names carried the count has only its index, if that is readable."""
+        """How many samples it held: its name says so even when its bytes are lost (a truncated file),
+        else its index, if readable."""
         held = named_samples(self.path)
-        if held is None and self.shas:
-            return len(self.shas)
-        return held
+        return len(self.shas) if held is None and self.shas else held
 
 
 def verify_cache(directory: Path) -> tuple[int, list[BadSegment]]:

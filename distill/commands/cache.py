@@ -47,10 +47,9 @@ def not_a_cache(path: Path) -> str:
     if not path.is_dir():
         return f"{path} is a file, not a teacher cache directory (a directory holding {SPEC_FILE})"
     inside = sorted(str(p.parent) for pattern in ("*", "*/*") for p in path.glob(f"{pattern}/{SPEC_FILE}"))
-    message = f"{path} is not a teacher cache (it holds no {SPEC_FILE})"
-    if inside:
-        return f"{message}; the caches in it: {', '.join(inside)}"
-    return f"{message}: give a cache directory, e.g. cache/kd/train"
+    hint = ": give a cache directory, e.g. cache/kd/train"
+    hint = f"; the caches in it: {', '.join(inside)}" if inside else hint
+    return f"{path} is not a teacher cache (it holds no {SPEC_FILE}){hint}"
 
 
 def prune_command(
@@ -102,9 +101,7 @@ def main(argv: list[str]) -> None:
     merge = sub.add_parser("merge", help="mix several teachers into one teacher of a new cache (less disk)")
     merge.add_argument("path", type=Path, help="a top-k cache directory with several teachers")
     merge.add_argument("output", type=Path, help="the new cache directory")
-    merge.add_argument(
-        "--weights", type=float, nargs="+", help="one per teacher, in name order (default: equal)"
-    )
+    merge.add_argument("--weights", type=float, nargs="+", help="per teacher, in name order (default: equal)")
     merge.add_argument("--k", type=int, help="ids kept per position (default: the source's K)")
     prune = sub.add_parser("prune", help="drop the cached samples that are not in the given data files")
     prune.add_argument("path", type=Path, help="a cache directory")
@@ -127,7 +124,6 @@ def main(argv: list[str]) -> None:
         return verify_command(args.path, args.repair, args.lock_timeout)
     if args.command == "merge":
         count = merge_teachers(args.path, args.output, args.weights, args.k)
-        print(f"merged {count} samples into {args.output}")
-        return
+        return print(f"merged {count} samples into {args.output}")
     described = describe(args.path)
     print(json.dumps(described) if args.json else render(args.path, described))

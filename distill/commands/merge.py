@@ -25,12 +25,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output", required=True, help="directory for the merged model")
     parser.add_argument("--base", default=None, help="base model name or path (default: from the adapter)")
     parser.add_argument(
-        "--model_kwargs",
-        type=json.loads,
-        default=None,
+        "--model_kwargs", type=json.loads, default=None,
         help="the base's from_pretrained arguments as JSON (default: the fit's model.model_kwargs, less "
         "trust_remote_code, which only this option turns on)",
-    )
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         merge_adapter(args.adapter, args.output, args.base, args.model_kwargs)

@@ -26,13 +26,9 @@ def show(num_samples: int, split: str, config_args: list[str]) -> None:
     train, val = data.load_records()
     records = (train if split == "train" else val)[:num_samples]
     samples, stats = encode_all(
-        records,
-        data.tokenizer,
-        data.template_for(records),
-        data.max_seq_length,
-        data.truncation,
+        records, data.tokenizer, data.template_for(records), data.max_seq_length, data.truncation,
         data.train_on_responses_only,
-    )
+    )  # fmt: skip
     template = data.chat_template
     print(f"template: {template.name}, end of turn: {template.end_of_turn}" if template else "template: -")
     for sample in samples:

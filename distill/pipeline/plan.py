@@ -95,10 +95,7 @@ def resolve_config(files: tuple[str, ...], overrides: dict[str, Any], where: str
     from distill.cli import run_cli
 
     args = ["fit"] + [arg for file in files for arg in ("--config", file)]
-    args += [
-        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
-        for key, value in overrides.items()
-    ]
+    args += [f"--{key}={v if isinstance(v, str) else json.dumps(v)}" for key, v in overrides.items()]
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
@@ -188,6 +185,5 @@ def _choice(
 def _pop(callbacks: list[dict[str, Any]], class_path: str) -> dict[str, Any] | None:
     """Remove the callbacks of ``class_path``; the init args of the first, if there was one."""
     found = [c for c in callbacks if c.get("class_path") == class_path]
-    for callback in found:
-        callbacks.remove(callback)
+    callbacks[:] = [c for c in callbacks if c.get("class_path") != class_path]
     return dict(found[0].get("init_args") or {}) if found else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,12 +14,9 @@ if TYPE_CHECKING:
 
 
 class ModelReward:
-    """The scalar of a ``*ForSequenceClassification`` model (``num_labels=1``) at each conversation's last
-    token, the conversation being the prompt's ``messages`` plus the completion as the assistant's turn.
-
-    A plain class, not an ``nn.Module``: the reward model is no part of the policy's parameters, optimizer
-    or checkpoint. It loads on the first call, so a config that names it parses without loading it.
-    """
+    """The scalar of a ``*ForSequenceClassification`` model (``num_labels=1``) at the end of the prompt's
+    ``messages`` plus the completion as the assistant's turn (docs/rl.md). A plain class, not an
+    ``nn.Module``: no part of the policy's parameters or checkpoint; it loads on the first call."""
 
     def __init__(
         self,
@@ -47,10 +43,7 @@ class ModelReward:
             raise ValueError(
                 f"ModelReward batch_size and max_length must be >= 1, got {batch_size}, {max_length}"
             )
-        self.path = path
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = device
+        self.path, self.batch_size, self.max_length, self.device = path, batch_size, max_length, device
         self.weight = weight
         self.name = name or snake_case(type(self).__name__)
         check_quantization(quantization, f"{self.name} quantization")
@@ -68,7 +61,12 @@ class ModelReward:
             raise ValueError(f"ModelReward: the tokenizer at {self.path} has no chat template")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        device = self._device()
+        if self.device is not None:
+            device = torch.device(self.device)
+        elif torch.cuda.is_available():  # this rank's GPU under DDP
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
         quantized = {}
         if self.quantization is not None:  # loaded onto the device, where it stays
             quantized = {"quantization_config": self.quantization.config(), "device_map": {"": device}}
@@ -86,23 +84,6 @@ class ModelReward:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
 
-    def _device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under DDP
-        return torch.device("cpu")
-
-    def texts(self, messages: Sequence[list[dict]], completions: Sequence[str]) -> list[str]:
-        """Each conversation with its completion as the final assistant turn, rendered by the template."""
-        assert self.tokenizer is not None
-        return [
-            self.tokenizer.apply_chat_template(
-                [*conversation, {"role": "assistant", "content": completion}], tokenize=False
-            )
-            for conversation, completion in zip(messages, completions, strict=True)
-        ]
-
     @torch.inference_mode()
     def __call__(self, prompts: list[str], completions: list[str], **fields) -> list[float]:
         if "messages" not in fields:
@@ -110,7 +91,11 @@ class ModelReward:
         if self.model is None:
             self.load()
         assert self.model is not None and self.tokenizer is not None
-        encoded = self.tokenizer(self.texts(fields["messages"], completions), add_special_tokens=False)
+        texts = [
+            self.tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": c}], tokenize=False)
+            for turns, c in zip(fields["messages"], completions, strict=True)
+        ]
+        encoded = self.tokenizer(texts, add_special_tokens=False)
         rows = [ids[-self.max_length :] for ids in encoded["input_ids"]]  # keep the end: the score is there
         pad_id = self.model.config.get_text_config().pad_token_id
         device = self.model.device

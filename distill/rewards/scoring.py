@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -71,14 +72,12 @@ def _culprit(fn: Callable, prompts: list[str], completions: list[str], fields: d
 
 
 def _value(result: object, name: str, i: int, sources: Sequence[str]) -> float:
-    if result is None or isinstance(result, (str, bytes)):
+    value = None
+    if result is not None and not isinstance(result, (str, bytes)):
+        with contextlib.suppress(TypeError, ValueError):
+            value = float(result)  # also numpy scalars and 0-d tensors
+    if value is None:
         raise RewardError(f"reward {name!r} returned {result!r} for {_sample(sources, i)}; expected a number")
-    try:
-        value = float(result)  # also numpy scalars and 0-d tensors
-    except (TypeError, ValueError) as error:
-        raise RewardError(
-            f"reward {name!r} returned {result!r} for {_sample(sources, i)}; expected a number"
-        ) from error
     if not math.isfinite(value):
         raise RewardError(
             f"reward {name!r} returned {value} for {_sample(sources, i)}; rewards must be finite"
@@ -93,11 +92,8 @@ def score(
     fields: dict[str, Sequence],
     sources: Sequence[str],
 ) -> Tensor:
-    """(S, F) float32: each function called once on all S completions, its unweighted reward per column.
-
-    ``fields`` holds one list of S values per key, passed as keyword arguments; ``sources`` names each
-    completion's prompt record for error messages.
-    """
+    """(S, F) float32: each function called once on all S completions, its unweighted reward per column;
+    ``fields``: one list of S values per keyword argument; ``sources``: each prompt's record, for errors."""
     n = len(completions)
     columns = []
     for fn, name in zip(functions, names(functions), strict=True):

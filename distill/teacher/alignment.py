@@ -1,26 +1,16 @@
-"""Teachers with their own chat template: the teacher reads each sample in its format, the cache stores
-one row per student trainable position.
+"""Teachers with their own chat template (docs/cache.md): the teacher reads each sample in its format,
+the cache stores one row per student trainable position.
 
-Positions are aligned by content. The trainable positions of a sample predict its response tokens
-(each assistant turn's content and its end-of-turn); under both templates those must be the same token
-ids in the same order, so the student's sequence of targets is matched against the teacher's. Two
-targets match when they are the same id, or when the student's is the student template's end-of-turn
-id and the teacher's is the teacher template's (``<|im_end|>`` vs ``<|eot_id|>``): the one place the
-formats may differ inside a response. The student's targets must equal the teacher's (no truncation),
-a prefix of them (the student was cut on the right) or a suffix (cut on the left); anything else is an
-``AlignmentError`` that names the sample and shows the first differing tokens.
+Positions are aligned by content: the student's response targets must equal the teacher's, a prefix
+(the student was cut on the right) or a suffix (cut on the left), where the student template's
+end-of-turn id matches the teacher template's (``<|im_end|>`` vs ``<|eot_id|>``); anything else is an
+``AlignmentError`` naming the sample and showing the first differing tokens.
 
-End-of-turn remapping. In the teacher's format, ending the turn is the teacher's end-of-turn id; in the
-student's it is the student's. On every row of an aligned conversation the teacher's probability of its
-end-of-turn id is therefore moved onto the student's end-of-turn id before the sparse distribution is
-taken (``merge_token``): the two probabilities are summed under the student's id (``logaddexp`` of the
-logits) and the teacher's id gets ``-inf``. This is done on the full logits, not on the stored top-k, so
-the stored row is exact for the remapped distribution: ids stay sorted, the log-sum-exp is unchanged,
-the top-k is the true top-k of the remapped distribution (nothing has to be dropped or padded when both
-ids were in the head) and sampled draws see the merged mass. It applies to content rows too, not only to
-the end-of-turn row: there the teacher's mass on its end-of-turn is its probability of stopping early,
-which a student in its own format expresses with its own end-of-turn (left on the teacher's id, the
-student would learn to emit a token that does not end its turns).
+On every row of an aligned conversation the teacher's end-of-turn probability is moved onto the
+student's end-of-turn id (``merge_token``) on the full logits, before the sparse distribution is taken,
+so the stored row is exact for the remapped distribution (sorted ids, same log-sum-exp, the true top-k).
+Content rows too: there the teacher's end-of-turn mass is its probability of stopping early, which a
+student in its own format expresses with its own end-of-turn.
 """
 
 from __future__ import annotations
@@ -48,13 +38,9 @@ class AlignmentError(ValueError):
 class TeacherSample:
     """A student sample as one teacher reads it, and where the student's rows are in its output."""
 
-    teacher: Encoded
-    """The sample under the teacher's template, cut after the last position the student needs."""
-    rows: list[int]
-    """Per student trainable position (in order), the index of the aligned teacher trainable position."""
-    merge_eot: bool
-    """Whether the teacher's end-of-turn mass is moved onto the student's end-of-turn id (conversations
-    whose two end-of-turn ids differ)."""
+    teacher: Encoded  # under the teacher's template, cut after the last position the student needs
+    rows: list[int]  # per student trainable position, the index of the aligned teacher trainable position
+    merge_eot: bool  # move the teacher's end-of-turn mass onto the student's (the two ids differ)
 
 
 def target_positions(sample: Encoded) -> list[int]:
@@ -87,11 +73,8 @@ def align(
 ) -> list[int]:
     """For each trainable position of ``student`` (in order), the index of the teacher trainable position
     predicting the same token, ``teacher`` being the same record under the teacher's template.
-
-    The student's targets must equal the teacher's, or be a prefix of them (the student was cut on the
-    right), or a suffix (cut on the left; ``cut="left"`` tries this first, which only matters when both
-    fit, i.e. for responses repeating themselves). Raises ``AlignmentError`` (naming ``student.source``
-    and the sha) otherwise; ``tokenizer`` decodes the differing tokens.
+    ``cut="left"`` tries the suffix first (which matters only for responses repeating themselves);
+    ``tokenizer`` decodes the differing tokens of an ``AlignmentError``.
     """
     ours, theirs = targets(student), targets(teacher)
 
@@ -111,15 +94,13 @@ def _explain(student, ours, theirs, same, tokenizer, teacher_name) -> str:
     # tokens agreeing from the start (student cut on the right, or not at all) and from the end (cut left)
     forward = next((i for i in range(common) if not same(ours[i], theirs[i])), common)
     backward = next((i for i in range(common) if not same(ours[n - 1 - i], theirs[m - 1 - i])), common)
+    s_at = t_at = forward
+    where = f"they first differ at response token {forward}"
     if m > n and backward > forward:
         s_at, t_at = n - 1 - backward, m - 1 - backward
         where = f"reading from the end, they first differ at the student's response token {s_at}"
     elif forward == common:
-        s_at = t_at = forward
         where = f"they agree on the first {forward}, then the teacher's end"
-    else:
-        s_at = t_at = forward
-        where = f"they first differ at response token {forward}"
     return (
         f"{student.source} (sample {student.sha[:12]}): cannot align the template of teacher "
         f"{teacher_name!r} with the student's: the responses are {n} tokens under the student's template "
@@ -153,12 +134,9 @@ def encode_for_teacher(
 ) -> dict[str, TeacherSample]:
     """Each sample (by sha) under the teacher's ``template``, aligned with the student's encoding.
 
-    Samples must carry their ``record`` (``encode_record`` sets it). The teacher's encoding is not
-    truncated: it is cut right after the last position the student needs, so a student cut on the
-    right costs the teacher no more; a student cut on the left gives the teacher the whole beginning of
-    the conversation as context. Plain-text records read the same under every template: their teacher
-    sample is the student's own, unchanged. Raises ``AlignmentError`` on the first sample that cannot be
-    aligned, before any teacher runs.
+    The teacher's encoding is not truncated but cut right after the last position the student needs: a
+    student cut on the left gives the teacher the whole beginning of the conversation as context.
+    Plain-text records read the same under every template: their teacher sample is the student's own.
     """
     student_eot = end_of_turn_id(tokenizer, student_template)
     teacher_eot = end_of_turn_id(tokenizer, template)

@@ -40,10 +40,8 @@ def check_model_source(
     owner: str, name_or_path: str, config_file: str | None = "config.json", what: str = "model"
 ) -> None:
     """A local directory must hold a ``what`` (its ``config_file``; None: anything), and a name that can
-    only be a local path must exist: transformers would otherwise send it to the hub, which answers "Repo
-    id must be in the form ...", "couldn't connect" or "install sentencepiece". A local path is what the
-    hub's own rule refuses as a repo id (absolute, ``./``, ``~``, more than one ``/``) or ``dir/name``
-    whose ``dir`` is a local directory; any other name is left to the hub."""
+    only be a local path (refused by the hub's repo id rule, or ``dir/name`` with ``dir`` a local
+    directory) must exist: transformers would send it to the hub, which answers with something unrelated."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -69,14 +67,11 @@ def check_model_source(
 
 
 def weights_digest(directory: Path) -> str:
-    """SHA-256 over the weight and config files of ``directory``, each hashed in full once.
-
-    Per-file digests are memoised by (size, mtime, ctime, inode) in ``.distill_hash.json`` beside the
-    files (or under the user cache when the directory is read-only), so repeated starts read no weights.
-    """
-    files = sorted(
-        p for p in directory.iterdir() if p.is_file() and p.suffix in _HASHED and not p.name.startswith(".")
-    )
+    """SHA-256 over the weight and config files of ``directory``. Per-file digests are memoised by
+    (size, mtime, ctime, inode) in ``.distill_hash.json`` beside the files (or under the user cache when
+    the directory is read-only), so repeated starts read no weights."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in _HASHED and not p.name.startswith("."))
+    files = [p for p in files if p.is_file()]
     memo_path = _memo_path(directory)
     memo = _read_memo(memo_path)
     stamps = {file.name: _stamp(file) for file in files}
@@ -92,9 +87,8 @@ def weights_digest(directory: Path) -> str:
     for file in files:
         entry = memo.get(file.name)
         if file.name in todo:
-            started = time.time_ns()
             stamp = stamps[file.name]
-            settled = max(stamp["mtime_ns"], stamp["ctime_ns"]) < started - _RACY_NS
+            settled = max(stamp["mtime_ns"], stamp["ctime_ns"]) < time.time_ns() - _RACY_NS
             entry = {"stamp": stamp, "sha256": _file_digest(file), "trusted": settled}
         fresh[file.name] = entry
         digest.update(f"{file.name}:{entry['sha256']}\n".encode())
@@ -105,12 +99,8 @@ def weights_digest(directory: Path) -> str:
 
 def _settled(entry: object, stamp: dict[str, int]) -> bool:
     """Whether a memo entry still holds the file's digest (same stamp, not hashed racily)."""
-    return (
-        isinstance(entry, dict)
-        and entry.get("stamp") == stamp
-        and entry.get("trusted") is True
-        and isinstance(entry.get("sha256"), str)
-    )
+    ok = isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("trusted") is True
+    return ok and isinstance(entry.get("sha256"), str)
 
 
 def _file_digest(file: Path) -> str:
@@ -119,13 +109,8 @@ def _file_digest(file: Path) -> str:
 
 
 def _stamp(file: Path) -> dict[str, int]:
-    stat = file.stat()
-    return {
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "ctime_ns": stat.st_ctime_ns,
-        "inode": stat.st_ino,
-    }
+    st = file.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
 def _memo_path(directory: Path) -> Path:
@@ -155,13 +140,11 @@ def _write_memo(path: Path, memo: dict[str, dict]) -> None:
 
 
 def _hub_revision(name: str) -> str:
-    try:
-        from huggingface_hub import model_info
+    from huggingface_hub import model_info, snapshot_download
 
+    try:
         return model_info(name).sha or "unknown"
     except Exception:  # offline: the cached snapshot's commit hash, if any
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(name, local_files_only=True)).name
         except Exception:
@@ -170,9 +153,7 @@ def _hub_revision(name: str) -> str:
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    special = {
-        name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-    }
+    special = {n: getattr(tokenizer, n) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
     blob = json.dumps([vocab, special], ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -185,11 +166,8 @@ def describe_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
 def check_same_vocabulary(
     student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_name: str = "teacher"
 ) -> None:
-    """Fail unless both tokenizers map every token to the same id and agree on special tokens.
-
-    Compares vocabularies, not embedding sizes: a padded lm_head (e.g. 152,064 rows over 151,936
-    tokens) is the same family.
-    """
+    """Fail unless both tokenizers map every token to the same id and agree on special tokens (not the
+    embedding sizes: a padded lm_head, e.g. 152,064 rows over 151,936 tokens, is the same family)."""
     ours, theirs = student.get_vocab(), teacher.get_vocab()
     differing = sorted(
         (token for token in set(ours) | set(theirs) if ours.get(token) != theirs.get(token)),
@@ -226,26 +204,16 @@ def check_embedding_rows(
         )
 
 
-def embedding_rows(name_or_path: str | None, config: dict | None = None) -> int | None:
-    """The vocabulary size a model's config declares (its embedding rows), read without the weights;
-    None when the config does not say (or, for ``config``, leaves it to the tokenizer)."""
-    if name_or_path is None:
-        return (config or {}).get("vocab_size")
-    from transformers import AutoConfig
-
-    loaded = AutoConfig.from_pretrained(name_or_path)
-    return getattr(loaded.get_text_config(), "vocab_size", None)
-
-
 def check_teacher_vocabulary(
     tokenizer: PreTrainedTokenizerBase, name_or_path: str | None, config: dict | None, name: str
 ) -> None:
-    """Before any model is loaded: the teacher's tokenizer is the student's family and its embedding has
-    a row for every token of ``tokenizer`` (the student's)."""
+    """Before any model loads (its config's vocab_size, not its weights): the teacher's tokenizer is the
+    student's family, with an embedding row for every token of ``tokenizer``."""
+    rows = (config or {}).get("vocab_size")
     if name_or_path is not None:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(name_or_path), name)
-    rows = embedding_rows(name_or_path, config)
+        rows = getattr(AutoConfig.from_pretrained(name_or_path).get_text_config(), "vocab_size", None)
     if rows is not None:
         check_embedding_rows(rows, tokenizer, f"{name} ({name_or_path or 'model_config'})")

@@ -25,13 +25,10 @@ def load_adapter(
     model_kwargs: dict | None = None,
     dtype: str | None = None,
 ) -> torch.nn.Module:
-    """The peft model of ``adapter_dir`` on its base (``base`` or the adapter's ``base_model_name_or_path``).
-
-    The base is loaded as training loaded it (``load_causal_lm`` with the adapter's tokenizer and
-    ``model_kwargs``, by default those of its training), so tokens added to the tokenizer get their
-    embedding rows before the adapter's trained ones are put in. ``dtype`` (``float32``, ``bfloat16``,
-    ...): the base's weights and the adapter's; unset or ``auto``: each as saved.
-    """
+    """The peft model of ``adapter_dir`` on its base (default: the adapter's ``base_model_name_or_path``),
+    loaded as training loaded it (with the adapter's tokenizer and ``model_kwargs``, default those of its
+    training), so added tokens get their embedding rows before the adapter's trained ones are put in.
+    ``dtype``: the base's and the adapter's weights (unset or ``auto``: each as saved)."""
     from peft import PeftConfig, PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -56,11 +53,8 @@ def load_adapter(
 def merge_adapter(
     adapter_dir: str | Path, output_dir: str | Path, base: str | None = None, model_kwargs: dict | None = None
 ) -> PreTrainedModel:
-    """Merge ``adapter_dir`` into its base (``base`` or the adapter's ``base_model_name_or_path``).
-
-    Keeps the tokenizer, chat template and generation config. A tied input/output embedding whose two
-    sides the adapter trained apart is untied, so neither side's weights are lost on save.
-    """
+    """Merge ``adapter_dir`` into its base, keeping the tokenizer, chat template and generation config.
+    A tied embedding whose two sides the adapter trained apart is untied, so neither is lost on save."""
     from peft import PeftConfig
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
@@ -106,9 +100,8 @@ MERGE_OPT_IN = """--model_kwargs '{"trust_remote_code": true}'"""
 
 
 def trained_model_kwargs(adapter_dir: Path, opt_in: str = MERGE_OPT_IN) -> dict:
-    """The ``model.model_kwargs`` of the fit that trained ``adapter_dir`` (none without its saved config),
-    less ``trust_remote_code``: a folder's saved config never runs a model's code, only the user's own
-    option does (``opt_in``, named in the note printed when the saved config asks for it)."""
+    """The ``model.model_kwargs`` of the fit that trained ``adapter_dir``, less ``trust_remote_code``: a
+    folder's saved config never runs a model's code, only the user's own option (``opt_in``) does."""
     path = Path(adapter_dir) / "distill_config.yaml"
     if not path.exists():
         return {}

@@ -22,9 +22,7 @@ class ObjectiveMetrics(Metric):
         self, extra: tuple[str, ...] = (), unit: str = "token", loss_is_cross_entropy: bool = False
     ) -> None:
         super().__init__()
-        self.extra = extra
-        self.unit = unit
-        self.loss_is_cross_entropy = loss_is_cross_entropy
+        self.extra, self.unit, self.loss_is_cross_entropy = extra, unit, loss_is_cross_entropy
         # metric names may hold "/" (rewards/chosen): the states get plain names
         self._state_of = {name: f"extra_{i}" for i, name in enumerate(extra)}
         for name in ("loss_sum", "units", "correct", "tokens", *self._state_of.values()):

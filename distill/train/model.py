@@ -46,27 +46,17 @@ def load_causal_lm(
     options: dict | None = None,
 ) -> PreTrainedModel:
     """From a hub name or local path, or built from a config dict (random init, for tests and demos).
-
-    ``role``: a ``student`` whose embedding lacks rows for the tokenizer's tokens is resized (logged);
-    any other (``teacher t1``, ``reference``) is an error, as its new rows would be random.
-    ``quantization``: bitsandbytes weights, loaded straight onto ``device`` (default: the current CUDA
-    device), where they stay (a quantized model cannot be moved or cast afterwards). ``options``: any
-    other ``from_pretrained`` argument (``attn_implementation``, ``trust_remote_code``, ``revision``).
-    """
-    options = options or {}
+    A ``student`` whose embedding lacks rows for the tokenizer's tokens is resized; any other ``role``
+    refuses it (the new rows would be random). Quantized weights load straight onto ``device`` (default:
+    the current CUDA device) and stay there. ``options``: other ``from_pretrained`` arguments."""
+    options = dict(options or {})
     torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else dtype
     if quantization is not None:
         if name_or_path is None:
             raise ValueError(f"a quantized {role} loads from model (a saved checkpoint), not model_config")
         placement = torch.cuda.current_device() if device is None else device
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=torch_dtype,
-            quantization_config=quantization.config(),
-            device_map={"": placement},
-            **options,
-        )
-    elif name_or_path is not None:
+        options.update(quantization_config=quantization.config(), device_map={"": placement})
+    if name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **options)
     elif config is not None:
         config = dict(config)
@@ -92,14 +82,11 @@ def load_causal_lm(
 
 
 def add_lora(model: PreTrainedModel, options: LoraOptions) -> torch.nn.Module:
-    """A peft LoRA adapter on ``model``.
-
-    Embedding rows the saved model lacks (tokens added to its tokenizer, resized in ``load_causal_lm``)
-    start untrained: the input embedding and the output head are then trained in full and saved with
-    the adapter (``modules_to_save``; tied to each other when the model ties them). peft's
-    ``trainable_token_indices`` would train only the new rows, but it needs FSDP's ``use_orig_params``,
-    which the LoRA wrap policy turns off, and covers an untied head only through tying.
-    """
+    """A peft LoRA adapter on ``model``. Embedding rows the saved model lacks (added tokens) start
+    untrained: the input embedding and the output head are then trained in full and saved with the
+    adapter (``modules_to_save``, tied when the model ties them). peft's ``trainable_token_indices``
+    would train only the new rows, but it needs FSDP's ``use_orig_params``, which the LoRA wrap policy
+    turns off, and covers an untied head only through tying."""
     from peft import LoraConfig, get_peft_model
 
     if options.adapter is not None:
@@ -157,6 +144,4 @@ def _has_rows_beyond_saved_vocabulary(model: PreTrainedModel) -> bool:
 def _embedding_names(model: PreTrainedModel) -> list[str]:
     """The names peft matches ``modules_to_save`` by (``embed_tokens``, ``lm_head``; ``wte`` in GPT-2)."""
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-    return [
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if any(module is x for x in layers)
-    ]
+    return [name.rsplit(".", 1)[-1] for name, m in model.named_modules() if any(m is x for x in layers)]

@@ -50,9 +50,7 @@ class AdamW(torch.optim.AdamW):
     ) -> None:
         params = list(params)
         if fused is None:
-            tensors = [
-                p for group in params for p in (group["params"] if isinstance(group, dict) else [group])
-            ]
+            tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
             fused = bool(tensors) and all(p.is_cuda for p in tensors)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
         # The fused kernel can unscale fp16 gradients itself, and Lightning then refuses gradient

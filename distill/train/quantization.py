@@ -31,10 +31,6 @@ class Quantization:
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype the 4-bit weights are dequantized to for each matrix product."""
 
-    @property
-    def bits(self) -> int:
-        return 8 if self.load_in_8bit else 4
-
     def check(self, owner: str) -> None:
         """Refuse options that name no single width, then a machine that cannot load them (``owner``
         names the option in the messages, e.g. ``model.quantization``)."""
@@ -44,8 +40,8 @@ class Quantization:
         reason = unavailable_reason()
         if reason is not None:
             raise ValueError(
-                f"{owner}: load_in_{self.bits}bit needs a CUDA GPU and the bitsandbytes package "
-                f"(pip install -e '.[bnb]'); {reason}"
+                f"{owner}: load_in_{8 if self.load_in_8bit else 4}bit needs a CUDA GPU and the bitsandbytes "
+                f"package (pip install -e '.[bnb]'); {reason}"
             )
 
     def identity(self) -> str:
@@ -68,8 +64,7 @@ class Quantization:
 
 
 def check_quantization(quantization: Quantization | None, owner: str) -> None:
-    """``quantization.check(owner)`` when one is set: constructors call it, so a run that cannot load
-    its models stops before any data is tokenised or any teacher collected."""
+    """Constructors call it, so a run that cannot load its models stops before any data is tokenised."""
     if quantization is not None:
         quantization.check(owner)
 
@@ -84,12 +79,9 @@ def unavailable_reason() -> str | None:
 
 
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
-    """peft's preparation of a quantized base for an adapter: the base frozen and its unquantized
-    weights (norms, embeddings, head) in float32, for stable updates through them.
-
-    peft turns gradient checkpointing on by default; here it follows the student's own option, and is
-    non-reentrant as on the unquantized path (so no hook has to make the embeddings' outputs need grad).
-    """
+    """peft's preparation of a quantized base for an adapter (frozen, its norms, embeddings and head in
+    float32), with gradient checkpointing as the student's option says (peft's default: on), and
+    non-reentrant as on the unquantized path (so no hook has to make the embeddings' outputs need grad)."""
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(

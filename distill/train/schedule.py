@@ -1,9 +1,6 @@
-"""Learning-rate schedules, injected into ``StudentModule`` by class path as Lightning injects optimizers.
-
-A schedule is Lightning's ``LRSchedulerCallable`` given one more argument: the run's optimizer steps,
-known only once the trainer has its data (``trainer.estimated_stepping_batches``). Any scheduler class
-whose first two arguments are the optimizer and those steps fits: ``WarmupDecay`` (the default), torch's
-``CosineAnnealingLR`` or ``PolynomialLR``.
+"""Learning-rate schedules, injected into ``StudentModule`` by class path: any scheduler class whose first
+two arguments are the optimizer and the run's optimizer steps (``trainer.estimated_stepping_batches``,
+known once the trainer has its data): ``WarmupDecay`` (the default), torch's ``CosineAnnealingLR``, ...
 """
 
 from __future__ import annotations
@@ -40,8 +37,7 @@ class WarmupDecay(LambdaLR):
         """
         Args:
             optimizer: The optimizer to schedule (given by the module).
-            total_steps: The run's optimizer steps, ``trainer.max_steps`` or the epochs' (given by the
-                module).
+            total_steps: The run's optimizer steps (given by the module).
             decay: After warmup: ``cosine`` (half a cosine down to 0), ``linear`` (down to 0) or
                 ``constant``.
             warmup_steps: Linear warmup steps from 0 to the optimizer's learning rate.

@@ -24,12 +24,9 @@ def sharded(strategy: Strategy | None) -> bool:
 
 @contextmanager
 def transformers_zero3(strategy: Strategy | None) -> Iterator[None]:
-    """Under DeepSpeed ZeRO-3, tell transformers that it builds into partitioned parameters.
-
-    Lightning builds the model inside ``deepspeed.zero.Init``, where each parameter is an empty shard
-    once its module exists. Only when transformers knows (``HfDeepSpeedConfig``) does it initialise and
-    load the weights gathered, instead of writing into the empty shards.
-    """
+    """Under DeepSpeed ZeRO-3, tell transformers (``HfDeepSpeedConfig``) that it builds into partitioned
+    parameters (Lightning builds inside ``deepspeed.zero.Init``), so it initialises and loads the weights
+    gathered instead of writing into the empty shards."""
     if not zero3(strategy):
         yield
         return
@@ -60,13 +57,10 @@ def unpartitioned(strategy: Strategy | None) -> Iterator[None]:
 
 
 def shard_adapter_apart(strategy: Strategy | None, model: nn.Module) -> None:
-    """Under FSDP, give the LoRA layers FSDP units of their own, with flat parameters.
-
-    With ``use_orig_params`` a unit mixing frozen and trainable weights, or holding only frozen ones
-    (the embeddings at the root), loses its frozen weights from the state dict after a backward pass
-    (torch 2.11-2.13), so the export would miss them. peft's wrap policy puts each trainable leaf in its
-    own unit and the decoder layers in theirs, so units are uniformly frozen or trainable.
-    """
+    """Under FSDP, give the LoRA layers FSDP units of their own (peft's wrap policy), with flat parameters:
+    with ``use_orig_params`` a unit mixing frozen and trainable weights, or holding only frozen ones (the
+    embeddings at the root), loses its frozen weights from the state dict after a backward pass (torch
+    2.11-2.13), so the export would miss them."""
     if not isinstance(strategy, FSDPStrategy):
         return
     from peft.utils.other import fsdp_auto_wrap_policy
