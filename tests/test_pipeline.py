@@ -21,7 +21,7 @@ import torch
 import yaml
 from distill.callbacks.stage_results import batch_size
 
-from distill.commands.pipeline import main
+from distill import commands
 from distill.pipeline.inputs import ContentHashes, data_digest
 from distill.pipeline.plan import Stage, plan
 from distill.pipeline.runner import (
@@ -135,8 +135,42 @@ def write_pipeline(path, output_dir, configs: dict[str, str], overrides: dict | 
     return str(path)
 
 
-def run_pipeline(pipeline: str, *extra: str, check: bool = True):
-    return run(["pipeline", "--config", pipeline, *extra], clean_env(), check=check)
+def forked_child(command: list[str], env: dict[str, str] | None = None, stop_when=None) -> int:
+    """``run_child`` for a one-process pipeline: the stage's ``python -m distill ...`` forked from the
+    tests' server (``helpers.run``), the same fresh process without the seconds of imports a new
+    interpreter pays. What ``run_child`` itself does (signals, dying with the runner, other ranks) is
+    tested below on stand-in fits."""
+    assert command[:3] == [sys.executable, "-m", "distill"], command
+    result = run(command[3:], dict(os.environ) if env is None else env, check=False)
+    print(result.stdout, end="")
+    print(result.stderr, end="", file=sys.stderr)  # the stage's error, above the runner's own
+    return result.returncode
+
+
+def as_launched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as ``python -m distill pipeline`` would run (``clean_env``, in ROOT), its stages
+    forked (``forked_child``)."""
+    from distill.pipeline import runner
+
+    monkeypatch.chdir(ROOT)
+    for name in [k for k in os.environ if k.startswith(LAUNCH_VARS)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTHONPATH", clean_env()["PYTHONPATH"])
+    monkeypatch.setattr(runner, "run_child", forked_child)
+
+
+def pipeline_main(args: list[str], capsys=None) -> tuple[int, str, str]:
+    """``python -m distill pipeline ARGS`` in this process: exit code, and with ``capsys`` its stdout
+    and stderr."""
+    try:
+        commands.main(["pipeline", *args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    if capsys is None:
+        return code, "", ""
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def marker(stage_dir) -> dict:
@@ -149,8 +183,11 @@ def finished(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("pipeline")
     configs = stage_configs(tmp_path)
     pipeline = write_pipeline(tmp_path / "pipeline.yaml", tmp_path / "out", configs)
-    result = run_pipeline(pipeline)
-    return tmp_path, configs, pipeline, result
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        as_launched(monkeypatch)
+        code, _, _ = pipeline_main(["--config", pipeline])
+    assert code == 0, "the pipeline failed: its stages' errors are in the captured stderr"
+    return tmp_path, configs, pipeline
 
 
 def test_stages_chain_through_exports_and_the_merge(finished):
@@ -158,7 +195,7 @@ def test_stages_chain_through_exports_and_the_merge(finished):
 
     from distill.train.merge import load_adapter
 
-    tmp_path, _, _, _ = finished
+    tmp_path, _, _ = finished
     out = tmp_path / "out"
     configs = {
         name: yaml.safe_load((out / name / "config.yaml").read_text()) for name in ("pt", "sft", "dpo")
@@ -185,7 +222,7 @@ def test_stages_chain_through_exports_and_the_merge(finished):
 def test_stage_files_hold_what_they_say(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tmp_path, _, _, _ = finished
+    tmp_path, _, _ = finished
     steps = {"pt": 4, "sft": 6, "dpo": 2}
     for name, max_steps in steps.items():
         stage = tmp_path / "out" / name
@@ -216,22 +253,9 @@ def test_stage_files_hold_what_they_say(finished):
     )
 
 
-def pipeline_main(args: list[str], capsys) -> tuple[int, str, str]:
-    """``python -m distill pipeline`` in this process (no fit runs in it): exit code, stdout, stderr."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_rerun_skips_a_change_reruns_from_it_and_a_kill_there_resumes(finished, monkeypatch, capsys):
-    tmp_path, configs, pipeline, _ = finished
-    monkeypatch.chdir(ROOT)
-    for name in [k for k in os.environ if k.startswith(LAUNCH_VARS)]:  # as run_pipeline's clean_env
-        monkeypatch.delenv(name)
+    tmp_path, configs, pipeline = finished
+    as_launched(monkeypatch)
     out = tmp_path / "out"
     before = {name: marker(out / name)["run_id"] for name in configs}
     code, _, err = pipeline_main(["--config", pipeline], capsys)

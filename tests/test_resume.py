@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +18,10 @@ from tests.helpers import (
     TINY_LLAMA,
     TOKENIZER_DIR,
     check_killed_fit_resumes,
+    clean_env,
     conversation,
+    losses,
+    run,
     with_last_checkpoint,
     write_config,
     write_jsonl,
@@ -102,22 +106,41 @@ def test_data_module_loader_resumes_after_the_trained_batches(tmp_path, packing)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[3:], resumed, strict=True))
 
 
-def test_killed_sft_fit_resumes_from_last_with_the_losses_of_an_uninterrupted_run(tmp_path):
-    """16 samples in batches of 4: 4 steps per epoch. Killed at step 6, in the second epoch, and resumed
-    with ``--ckpt_path last``, the fit must train the very batches the uninterrupted run trained, on into
-    the third epoch. (Packed rows take the same loader: the in-process test above covers them.)"""
-    steps = ["--trainer.max_steps", "10", "--trainer.enable_checkpointing", "true"]
+def test_a_sft_fit_killed_mid_epoch_and_after_an_epochs_last_batch_resumes_exactly(tmp_path):
+    """12 samples in batches of 4, none held out: 3 steps an epoch. Killed at step 4 (its last checkpoint
+    after step 3, mid-epoch 1) and resumed with ``--ckpt_path last``, the fit trains on across the epoch
+    boundary until killed again at step 9, its last checkpoint after step 8, the last batch of epoch 2;
+    resumed again, it must train epoch 3 from its first batch in that epoch's order and go on into epoch
+    4. Every resumed step has the loss of the uninterrupted 13-step run: the very batches it trained.
+    (Packed rows take the same loader: the in-process test above covers them.)"""
+    steps = ["--trainer.max_steps", "13", "--trainer.enable_checkpointing", "true"]
+    samples = [conversation(i, turns=1 + i % 3) for i in range(12)]
 
     def config_in(name: str) -> Path:
         directory = tmp_path / name
         directory.mkdir()
-        train = write_jsonl(directory / "train.jsonl", [conversation(i, turns=1 + i % 3) for i in range(16)])
+        train = write_jsonl(directory / "train.jsonl", samples)
         config = yaml.safe_load(
             write_config(directory, train, val_fraction=0.0, max_seq_length=96).read_text()
         )
         return with_last_checkpoint(config, directory)
 
-    check_killed_fit_resumes(tmp_path, config_in, steps)
+    run(["fit", "--config", str(config_in("reference")), *steps], clean_env())
+    resumed = config_in("resumed")
+    for kill, resume in ((4, []), (9, ["--ckpt_path", "last"])):
+        probe = {"class_path": "tests.probes.KillAt", "init_args": {"step": kill}}
+        args = ["fit", "--config", str(resumed), *steps, *resume, "--trainer.callbacks+", json.dumps(probe)]
+        killed = run(args, clean_env(), check=False)
+        assert killed.returncode == -9, killed.stderr[-3000:]
+    run(["fit", "--config", str(resumed), *steps, "--ckpt_path", "last"], clean_env())
+    want = losses(tmp_path / "reference")
+    assert sorted(want) == list(range(13))
+    # each process logged from where the last one's checkpoint left off, not from scratch
+    for version, logged in enumerate((range(4), range(4, 9), range(9, 13))):
+        (log,) = (tmp_path / "resumed").rglob(f"version_{version}")
+        got = losses(log)
+        assert sorted(got) == list(logged)
+        assert all(abs(want[s] - got[s]) < 1e-5 for s in got), {s: (want[s], got[s]) for s in got}
 
 
 def test_killed_streaming_pt_fit_resumes_at_the_exact_row(tmp_path):

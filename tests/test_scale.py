@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.helpers import (
-    ROOT,
     check_killed_fit_resumes,
     clean_env,
     kd_config,
     losses_named,
     run,
+    start,
     with_last_checkpoint,
 )
 
@@ -53,19 +52,22 @@ def test_slurm_launch_sets_ranks_and_world_size(tmp_path, kd_teacher_dir):
         "SLURM_NODELIST": "127.0.0.1",
         "SLURM_CPUS_PER_TASK": "1",
     }
+    # each task its own ``python -m distill`` (forked: the same fresh process, without its imports)
+    errors = [tmp_path / f"rank{rank}.err" for rank in range(2)]
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "distill", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=clean_env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+        start(
+            args,
+            clean_env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+            os.devnull,
+            errors[rank],
         )
         for rank in range(2)
     ]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    for process in processes:
+        process.join(timeout=600)
+        if process.exitcode is None:
+            process.kill()
+    assert all(p.exitcode == 0 for p in processes), "".join(e.read_text()[-3000:] for e in errors)
     facts = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [f["global_rank"] for f in facts] == [0, 1] and [f["local_rank"] for f in facts] == [0, 1]
     assert all(f["world_size"] == 2 and f["node_rank"] == 0 for f in facts)
