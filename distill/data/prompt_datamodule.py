@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from distill.data.batch import PromptBatch
 from distill.data.batching import EvalBatches
 from distill.data.datamodule import DataModule
 from distill.data.encoding import IGNORE_INDEX, encode_messages
@@ -69,24 +70,23 @@ class PromptCollator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, prompts: Sequence[EncodedPrompt]) -> dict[str, Any]:
+    def __call__(self, prompts: Sequence[EncodedPrompt]) -> PromptBatch:
         prompt_ids, prompt_mask = padded([p.input_ids for p in prompts], self.pad_id, left=True)
         keys = dict.fromkeys(key for p in prompts for key in p.fields)  # first-seen order
-        responses = {}
+        response_ids = response_mask = None
         if prompts[0].response_ids is not None:
             response_ids, response_mask = padded([p.response_ids for p in prompts], self.pad_id)
-            responses = {"response_ids": response_ids, "response_mask": response_mask}
-        return {
-            **responses,
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask.long(),
-            "prompts": [p.text for p in prompts],
-            "messages": [list(p.messages) for p in prompts],
-            "fields": {key: [p.fields.get(key) for p in prompts] for key in keys},
-            "sources": [p.source for p in prompts],
-            "shas": [p.sha for p in prompts],
-            "unit_size": 1,
-        }
+        return PromptBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask.long(),
+            prompts=[p.text for p in prompts],
+            messages=[list(p.messages) for p in prompts],
+            fields={key: [p.fields.get(key) for p in prompts] for key in keys},
+            sources=[p.source for p in prompts],
+            shas=[p.sha for p in prompts],
+            response_ids=response_ids,
+            response_mask=response_mask,
+        )
 
 
 class RepeatedSteps(ShuffledBatches):
@@ -137,7 +137,7 @@ class RepeatedSteps(ShuffledBatches):
     def __iter__(self) -> Iterator[Any]:
         for index, (batch, where) in enumerate(self.schedule(self.epoch)):
             if yields(index, self.skip):
-                yield {**self.collate([self.rows[i] for i in batch]), **where}
+                yield replace(self.collate([self.rows[i] for i in batch]), **where)
 
 
 def check_whole_windows(batches: RepeatedSteps) -> None:

@@ -28,12 +28,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import IterableDataset
 
+from distill.data.batch import TokenBatch, UnbuiltBatch
 from distill.data.encoding import Encoded, encode_record, truncate
 from distill.data.formats import Record
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
@@ -193,7 +194,7 @@ class RoundSamples:
 
 class RoundChunk:
     """One round's samples and the chunk of their teachers' targets, made when the student builds the
-    round's first batch: its batches carry ``build`` instead of tensors, which ``StudentModule`` calls at
+    round's first batch: its batches are ``UnbuiltBatch``es, which ``StudentModule`` builds at
     its training step, inside the strategy's forward, where sharded weights (FSDP, ZeRO-3) can generate
     (as RL objectives sample in ``prepare``), and after the previous round's last optimizer step."""
 
@@ -208,7 +209,7 @@ class RoundChunk:
         self.samples: list[Encoded] = []
         self.reader: CacheReader | None = None
 
-    def batch(self, number: int, policy: nn.Module, synced: bool) -> dict[str, Any]:
+    def batch(self, number: int, policy: nn.Module, synced: bool) -> TokenBatch:
         """Batch ``number`` of the round; the first one built samples the round with ``policy`` (``synced``:
         its weights are sharded, every rank samples at once) and collects its targets."""
         size = self.batch_size
@@ -254,7 +255,7 @@ class RoundStream(IterableDataset):
     def __len__(self) -> int:
         return self.rounds.rounds.num_rounds * self.batches_per_round
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[UnbuiltBatch]:
         per_round, num_rounds = self.batches_per_round, self.rounds.rounds.num_rounds
         for offset in range(num_rounds):
             first = offset * per_round
@@ -265,6 +266,6 @@ class RoundStream(IterableDataset):
             try:
                 for batch in range(per_round):
                     if yields(first + batch, self.skip):
-                        yield {"build": partial(chunk.batch, batch)}
+                        yield UnbuiltBatch(partial(chunk.batch, batch))
             finally:
                 chunk.finish()
