@@ -190,7 +190,7 @@ def test_collator_left_pads_and_fills_missing_fields_with_none():
     assert batch.fields == {"answer": ["1", None], "solution": [None, "x"]}
     assert batch.prompts == ["abc", "d"] and batch.sources == ["f:1", "f:2"]
     assert batch.shas == ["s1", "s2"]
-    assert batch["messages"] == [[u("a")], [u("b")]]
+    assert batch.messages == [[u("a")], [u("b")]]
 
 
 # ---- the data module ------------------------------------------------------------------------------
