@@ -467,7 +467,7 @@ class TinyFit(L.LightningModule):
         self.objective = SimpleNamespace(rollouts=SimpleNamespace(last=rollout, names=["r"]))
 
     def loss(self, batch) -> torch.Tensor:
-        return self.layer(batch["input_ids"].float()).pow(2).mean()
+        return self.layer(batch.input_ids.float()).pow(2).mean()
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
@@ -482,8 +482,9 @@ class TinyFit(L.LightningModule):
 
 
 def tiny_loader(batches: int):
-    rows = [{"input_ids": torch.full((4,), float(i) / 10)} for i in range(2 * batches)]
-    return torch.utils.data.DataLoader(rows, batch_size=2)
+    rows = [torch.full((4,), float(i) / 10) for i in range(2 * batches)]
+    collate = lambda rows: TokenBatch(input_ids=torch.stack(rows), labels=torch.stack(rows))  # noqa: E731
+    return torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=collate)
 
 
 def tiny_trainer(root, callbacks, **options) -> L.Trainer:

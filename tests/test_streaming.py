@@ -92,10 +92,12 @@ def reference(stream: StreamingRows, shard: int, shards: int, batches: int) -> l
 
 def same(got: list[TokenBatch], want: list[TokenBatch]) -> bool:
     assert len(got) == len(want)
-    return all(
-        all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(*map(vars, pair)))
-        for pair in zip(got, want, strict=True)
-    )
+    pairs = [
+        (x, y)
+        for a, b in zip(got, want, strict=True)
+        for x, y in zip(vars(a).values(), vars(b).values(), strict=True)
+    ]
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
 
 
 def loader(files, tokenizer, progress, rank=0, world_size=1, num_workers=2, seed=0) -> StreamingLoader:
