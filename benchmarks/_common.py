@@ -74,7 +74,7 @@ def kd_and_sft_configs(
     }
     if not same_batches:
         sft["data"]["class_path"] = "distill.DataModule"
-        for key in ("teachers", "k", "scheme", "num_draws", "cache_dir", "cache_size_gb", "value_bits"):
+        for key in ("teachers", "sparsity", "cache_dir", "cache_size_gb", "value_bits"):
             sft["data"]["init_args"].pop(key, None)
     return {"kd": kd, "sft": sft}
 

@@ -42,6 +42,7 @@ from distill.data.encoding import Encoded, encode_all
 from distill.data.formats import read_records
 from distill.teacher.collect import cache_spec, collect, plan_jobs
 from distill.teacher.module import Teacher, TeacherModule
+from distill.teacher.sparse import Sparsity
 
 # 31M parameters: the bundled teacher's vocabulary, 12 layers of width 384 (39% of the weights in the
 # head, 74% in the bundled teacher)
@@ -135,9 +136,9 @@ def main() -> None:
     encoded, _ = encode_all(records, tokenizer, None, 512, "right", train_on_responses_only=False)
     samples = encoded[: args.samples]
     teacher_cfg = [Teacher(model=str(TEACHER), name="demo-teacher", dtype="float32")]
-    teacher = TeacherModule(teacher_cfg, k=args.k, tokenizer=str(TEACHER))
+    teacher = TeacherModule(teacher_cfg, Sparsity(k=args.k), tokenizer=str(TEACHER))
     large_cfg = [Teacher(model_config=LARGE_TEACHER, name="large-random", dtype="float32")]
-    large = TeacherModule(large_cfg, k=args.k, tokenizer=str(TEACHER))
+    large = TeacherModule(large_cfg, Sparsity(k=args.k), tokenizer=str(TEACHER))
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "cache"
@@ -150,9 +151,8 @@ def main() -> None:
 
         # sampled mode: the fewest draws that give >= --unique distinct tokens per position on average
         for draws in (12, 16, 24, 32, 48, 64):
-            sampled = TeacherModule(
-                teacher_cfg, k=0, scheme="sampled", num_draws=draws, tokenizer=str(TEACHER)
-            )
+            sparsity = Sparsity(k=0, scheme="sampled", num_draws=draws)
+            sampled = TeacherModule(teacher_cfg, sparsity, tokenizer=str(TEACHER))
             path = Path(tmp) / f"sampled-{draws}"
             collect_once(sampled, samples, tokenizer, path, args.batch_size)
             reader = open_cache(path, cache_spec(sampled, tokenizer, None, 512, 6)).reader()

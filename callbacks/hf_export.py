@@ -20,14 +20,10 @@ from distill.train.sharding import zero3
 
 
 class HFExport(L.Callback):
-    """Writes the model (or its LoRA adapter), the tokenizer and the resolved run config to ``dirpath``.
-
-    The result loads with ``AutoModelForCausalLM.from_pretrained`` (full weights) or
-    ``distill.train.merge.load_adapter`` (adapter, its base resized to the adapter's vocabulary); a
-    reward model (``distill.objectives.RewardModel``) with ``AutoModelForSequenceClassification``;
-    ``python -m distill merge`` folds an adapter into its base. The tokenizer carries the chat template
-    the data was rendered with. A fit that took no optimizer step or did not reach its end (an error, a
-    pre-emption signal) exports nothing, and an export replaces the previous one only once complete.
+    """Writes the model (or its LoRA adapter; a reward model as a sequence classifier), the tokenizer with
+    the chat template the data was rendered with and the resolved run config to ``dirpath`` (README,
+    "Training"). A fit that took no optimizer step or did not reach its end (an error, a pre-emption
+    signal) exports nothing, and an export replaces the previous one only once complete.
     """
 
     def __init__(self, dirpath: str = "out/model", log_artifact: bool = False) -> None:

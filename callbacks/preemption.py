@@ -17,24 +17,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from distill.cache.segment import fsync_path
+
 
 class PreemptionCheckpoint(L.Callback):
     """On one of ``signals`` the fit finishes the optimizer step in flight, saves ``last.ckpt`` into the
-    ModelCheckpoint's directory (so ``--ckpt_path last`` resumes it exactly) and exits with status
-    128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C), so a scheduler knows the job did not
-    finish. The checkpoint is written under a temporary name and renamed over ``last.ckpt``: a kill or a
-    full disk during the write leaves the previous one whole.
-
-    Ctrl-C (SIGINT) before the first training step or after the last stops at once (nothing to save),
-    and a second Ctrl-C stops without waiting for the save; a signal the process was started ignoring
-    stays ignored. DataLoader workers, which a terminal's Ctrl-C reaches too, leave every stop to the
-    main process.
+    ModelCheckpoint's directory and exits 128 + the signal's number (README, "Use", has the rules).
 
     Lightning alone stops after the micro-batch in flight (amid gradient accumulation), saves nothing and
     exits 0. While training runs this callback owns the signals, Lightning's SLURM auto-requeue of
     SIGUSR1 included: a signal is only recorded, and acted on at the next optimizer-step boundary, on
-    every rank at once. During the sanity check Lightning's own handling applies (nothing is trained yet;
-    ``python -m distill`` then exits 143 as well).
+    every rank at once. Ctrl-C before the first training step or after the last, or a second Ctrl-C,
+    stops at once; a signal the process was started ignoring stays ignored; DataLoader workers leave
+    every stop to the main process. During the sanity check Lightning's own handling applies.
     """
 
     def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
@@ -181,7 +176,7 @@ def _save_atomically(trainer: L.Trainer, path: Path) -> None:
             if partial.is_dir() or path.is_dir():  # a rename cannot put a directory over a file or back
                 _remove(path)
             os.replace(partial, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     trainer.strategy.barrier("preemption-checkpoint-saved")
 
 
@@ -196,15 +191,7 @@ def _fsync_tree(path: Path) -> None:
     """fsync a file, or every file of a directory and the directories: a rename only keeps what is on
     disk when the machine goes down."""
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        _fsync(p)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(p)
 
 
 def _act_as(handler: Any, signum: int, frame: FrameType | None) -> None:

@@ -48,15 +48,10 @@ def eta(done: int, total: float, seconds: float) -> str:
 
 
 class LoopProgress(TQDMProgressBar):
-    """Every run's progress (``python -m distill`` adds it; its options are under ``progress``).
-
-    On a terminal, Lightning's tqdm bar; a step-limited fit (``max_steps``) gets one bar over its steps,
-    ``step 120/500`` with an ETA, instead of a bar per epoch. Where stdout (the bar's stream) is no
-    terminal (SLURM, ``> log.txt``), no bar but plain lines on stderr, with distill's other messages: one
-    every ``every_n_steps`` optimizer steps or ``every_seconds``, whichever comes first, with the step,
-    loss, learning rate, tokens/s, elapsed time and ETA; one after each validation (its loss); while
-    predicting (teacher collection), batches done, samples/s and ETA. Tokens/s are of all ranks, estimated
-    from rank 0's batches. ``trainer.enable_progress_bar: false`` turns both off.
+    """Every run's progress (``python -m distill`` adds it; its options are under ``progress``; README,
+    "Use", says what it shows): Lightning's tqdm bar on a terminal, one bar over the steps of a fit that
+    ``max_steps`` ends; elsewhere plain lines on stderr. Tokens/s are of all ranks, estimated from rank 0's
+    batches.
     """
 
     def __init__(
@@ -156,11 +151,15 @@ class LoopProgress(TQDMProgressBar):
         self._reset_counts(self._start)
 
     def _train_line_due(self, trainer: L.Trainer) -> bool:
-        step = trainer.global_step
+        return self._line_due(trainer.global_step, self._start_step + 1, self._total_steps)
+
+    def _line_due(self, done: int, first: int, total: float) -> bool:
+        """A line at the first step (or batch), the last, every ``every_n_steps`` and ``every_seconds``."""
+        every = self.every_n_steps
         return (
-            step == self._start_step + 1
-            or step >= self._total_steps
-            or (self.every_n_steps is not None and step % self.every_n_steps == 0)
+            done == first
+            or done >= total
+            or (every is not None and done % every == 0)
             or self._seconds_due(self._line_time)
         )
 
@@ -246,25 +245,13 @@ class LoopProgress(TQDMProgressBar):
         self._count(batch)
         batches = trainer.num_predict_batches
         done, total = sum(batches[:dataloader_idx]) + batch_idx + 1, sum(batches)
-        every = self.every_n_steps
-        if (
-            done == 1
-            or done >= total
-            or (every is not None and done % every == 0)
-            or self._seconds_due(self._line_time)
-        ):
+        if self._line_due(done, 1, total):
             now = time.monotonic()
             elapsed = now - self._start
             where = f"predict batch {share(done, total)}"
             where += f", dataloader {dataloader_idx + 1}/{len(batches)}" if len(batches) > 1 else ""
-            self._write(
-                [
-                    where,
-                    *self._rate_parts(trainer, now, predicting=True),
-                    f"elapsed {format_seconds(elapsed)}",
-                    eta(done, total, elapsed),
-                ]
-            )
+            parts = [where, *self._rate_parts(trainer, now, predicting=True)]
+            self._write([*parts, f"elapsed {format_seconds(elapsed)}", eta(done, total, elapsed)])
             self._reset_counts(now)
 
     # ---- helpers ----------------------------------------------------------------------------------

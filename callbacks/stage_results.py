@@ -19,15 +19,9 @@ from distill.train.student import step_batch
 
 class StageResults(L.Callback):
     """Writes ``train_results.json`` at the end of a fit, ``eval_results.json`` after each validation
-    outside a fit (``--validate_after_fit true`` runs one on the final weights) and ``trainer_state.json``
-    (every logged step's loss and learning rate, every validation) at each checkpoint, after each
-    validation in the fit and at the end.
-
-    Names follow the Hugging Face Trainer (``train_loss``, ``eval_loss``, ``perplexity``,
-    ``*_samples_per_second``) plus ``*_tokens_per_second``. ``perplexity`` is the objective's ``ppl``
-    (exp of the cross-entropy; objectives whose unit is not a token, such as DPO's pairs, have none). The
-    history and the running totals (training time included) are kept in checkpoints, so a resumed fit
-    reports the whole run, and a fit resumed at its end the run it completes.
+    outside a fit and ``trainer_state.json`` at each checkpoint, after each validation in the fit and at
+    the end (docs/pipeline.md lists their fields). The history and the running totals are kept in
+    checkpoints, so a resumed fit reports the whole run, and a fit resumed at its end the run it completes.
     """
 
     def __init__(self, dirpath: str) -> None:

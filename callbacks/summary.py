@@ -25,19 +25,10 @@ class ModelSummary(LightningModelSummary):
         total_flops: int,
         **summarize_kwargs: Any,
     ) -> None:
+        totals = (total_parameters, trainable_parameters, model_size, total_training_modes)
         if total_flops:
-            LightningModelSummary.summarize(
-                summary_data,
-                total_parameters,
-                trainable_parameters,
-                model_size,
-                total_training_modes,
-                total_flops,
-                **summarize_kwargs,
-            )
+            LightningModelSummary.summarize(summary_data, *totals, total_flops, **summarize_kwargs)
             return
         columns = [column for column in summary_data if column[0] != "FLOPs"]
-        table = _format_summary_table(
-            total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
-        )
+        table = _format_summary_table(*totals, 0, *columns)
         rank_zero_info("\n" + table.rpartition("\n")[0])  # the last line is the total of FLOPs

@@ -26,13 +26,9 @@ from distill.teacher.collect import (
 class TeacherCacheWriter(BasePredictionWriter):
     """Syncs the caches with the dataset at setup, then appends each predicted batch to them.
 
-    At setup (before any teacher is loaded): the teachers' vocabularies are checked against the
-    student's tokenizer, the caches' writer locks are taken (held until the end of predict: a second
-    run waits, then collects only what is still missing), the caches are opened against the run's
-    settings (a stale cache is an error unless ``rebuild``), and one predict job per (teacher, split)
-    lists the samples that teacher lacks. Cached samples the data lacks are kept unless ``prune``.
-    Writing runs on a thread so the next batch's forward overlaps it; segments are committed every
-    ``commit_seconds`` so a killed run keeps its work.
+    At setup, before any teacher is loaded, rank 0 takes the caches' writer locks (held until the end of
+    predict; docs/cache.md, "Locks") and syncs them; then one predict job per (teacher, split) lists the
+    samples that teacher lacks. Writing runs on a thread so the next batch's forward overlaps it.
     """
 
     def __init__(

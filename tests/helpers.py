@@ -173,7 +173,7 @@ def kd_config(tmp_path: Path, teacher: Path, n: int = 24, **data_extra) -> Path:
                 "max_seq_length": 96,
                 "batch_size": 4,
                 "teachers": [{"model": str(teacher), "name": "t1"}],
-                "k": 8,
+                "sparsity": {"k": 8},
                 "cache_dir": str(tmp_path / "cache"),
                 "chunk_samples": 8,
                 **data_extra,
@@ -198,7 +198,7 @@ def collect_config(tmp_path: Path, data: Path, teacher: Path, **extra) -> Path:
             "init_args": {
                 "tokenizer": str(TOKENIZER_DIR),
                 "teachers": [{"model": str(teacher), "name": "t1"}],
-                "k": 8,
+                "sparsity": {"k": 8},
                 **extra.pop("model", {}),
             },
         },

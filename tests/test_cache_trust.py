@@ -27,6 +27,8 @@ from distill.cache import (
     open_cache,
 )
 from distill.cache import reader as cache_reader
+from distill.cache.compaction import compact_segments
+from distill.cache.segment import scan_segments
 from distill.commands import main
 from distill.data.formats import read_records
 from distill.targets import SparseTargets
@@ -181,7 +183,7 @@ def test_a_live_reader_keeps_its_segments_through_compaction_and_prune(tmp_path)
     assert len(reader) == 8
     with WriterLock(cache.path):  # another run prunes to a subset, then merges what is left
         assert cache.prune(shas[:3]).samples == 5
-        cache.compact()
+        compact_segments(cache.path, scan_segments(cache.path)[0], cache_reader.sha_keys([]))
     worker = pickle.loads(pickle.dumps(reader))  # a DataLoader worker started after the prune
     assert_same_contents(worker, shas)  # every sample it indexed is still readable
     assert len(CacheReader(cache.path)) == 3  # new readers see the pruned cache
@@ -372,7 +374,7 @@ def test_teacher_nll_is_stored_compacted_and_reported_as_perplexity(tmp_path, ca
     reader = CacheReader(cache.path)
     assert reader.nll(shas[:2]).tolist() == [0.5, 1.5] and np.isnan(reader.nll(shas[2:])).all()
     reader.close()
-    cache.compact()
+    compact_segments(cache.path, scan_segments(cache.path)[0], cache_reader.sha_keys([]))
     nll = CacheReader(cache.path).nll(shas)
     assert nll[:2].tolist() == [0.5, 1.5] and np.isnan(nll[2:]).all()
     teacher = cache_stats(cache.path)["teachers"]["big"]

@@ -44,10 +44,10 @@ def test_every_kd_epoch_yields_the_announced_number_of_batches(tmp_path, kd_teac
     config = kd_config(tmp_path, kd_teacher_dir, max_seq_length=160, **extra)
     data = run_cli(["--config", str(config)], run=False).datamodule
     data.setup("fit")
-    assert data.chunked == ("cache_size_gb" in extra)
+    assert data.collector.chunked == ("cache_size_gb" in extra)
     loader = data.train_dataloader()
     announced = len(loader)  # Lightning reads it once, before epoch 0
-    assert data.plan(0) != data.plan(1)  # the epochs do differ in order
+    assert data.collector.plan(0) != data.collector.plan(1)  # the epochs do differ in order
     assert epoch_lengths(loader, 3) == [announced] * 3
 
 
@@ -73,7 +73,7 @@ def test_chunked_kd_over_three_epochs_stays_within_the_budget_and_purges_a_chunk
     data = run_cli(["--config", str(config)], run=False).datamodule
     data.setup("fit")
     per_epoch = len(data.train_dataloader())
-    assert data.chunked and len(data.plan(0)) >= 3
+    assert data.collector.chunked and len(data.collector.plan(0)) >= 3
     data.teardown("fit")  # releases train-chunks/ for the fit below
     sizes: list[int] = []
     original = TeacherTargets.prepare_chunk
@@ -96,7 +96,7 @@ def test_chunked_kd_over_three_epochs_stays_within_the_budget_and_purges_a_chunk
             "0",
         ]
     )
-    assert len(sizes) > 2 * len(data.plan(0)), sizes  # every chunk of two epochs, then the third's
+    assert len(sizes) > 2 * len(data.collector.plan(0)), sizes  # every chunk of two epochs, then the third's
     assert max(sizes) <= BUDGET_GB * 1e9, sizes
     assert not list((tmp_path / "cache" / "train-chunks").rglob("*.h5"))  # the cut chunk was purged
 

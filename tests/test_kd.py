@@ -15,7 +15,7 @@ from distill.cli import run_cli
 from distill.commands import main
 from distill.objectives.kd import Distillation
 from distill.targets import BatchTargets, concat_targets
-from distill.teacher.module import sparse_distribution
+from distill.teacher.sparse import sparse_distribution
 from tests.helpers import kd_config, logged_values, token_inputs
 
 V, H = 40, 16
@@ -116,7 +116,7 @@ def test_epoch_plans_are_shuffled_deterministically_and_cover_every_sample(tmp_p
     cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
     data = cli.datamodule
     data.setup("fit")
-    first, again, second = data.plan(0), data.plan(0), data.plan(1)
+    first, again, second = data.collector.plan(0), data.collector.plan(0), data.collector.plan(1)
     assert first == again and first != second
     assert sorted(i for c in first for i in c) == list(range(24)) == sorted(i for c in second for i in c)
     assert all(len(c) <= 8 for c in first)

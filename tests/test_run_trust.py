@@ -26,6 +26,7 @@ from distill.data.batch import TokenBatch
 from distill.objectives import GRPO, KTO, CrossEntropy, OnPolicyDistillation, Preference
 from distill.objectives.context import Step
 from distill.rollout import Sampling
+from distill.teacher.sparse import Sparsity
 from distill.train.optim import AdamW
 from distill.train.schedule import WarmupDecay
 from distill.train.student import StudentModule
@@ -373,6 +374,9 @@ def test_a_reward_function_that_does_not_import_is_one_line(monkeypatch, capfd):
             {"value_bits": 17},
             "data.value_bits must be in [2, 16], got 17",
         ),
+        (Sparsity, {"num_draws": -1}, "sparsity.num_draws must be >= 0, got -1"),
+        (Sparsity, {"draw_temperature": 0.0}, "sparsity.draw_temperature must be > 0, got 0.0"),
+        (Sparsity, {"scheme": "hybrid"}, "sparsity.scheme 'hybrid' needs sparsity.num_draws > 0"),
         (
             lambda **kw: WarmupDecay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 10, **kw),
             {"warmup_steps": -3},

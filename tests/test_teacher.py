@@ -12,7 +12,8 @@ import torch
 from distill.cache import CacheReader, StaleCacheError, cache_stats
 from distill.cli import main
 from distill.teacher.identity import VocabularyMismatchError
-from distill.teacher.module import Teacher, TeacherModule, sparse_distribution, top_k
+from distill.teacher.module import Teacher, TeacherModule
+from distill.teacher.sparse import sparse_distribution, top_k
 from tests.helpers import (
     TINY_LLAMA,
     TOKENIZER_DIR,
@@ -143,7 +144,7 @@ def test_sync_after_adding_removing_editing_and_reordering(tmp_path, teacher_dir
 def test_stale_cache_is_an_error_and_rebuild_is_explicit(tmp_path, teacher_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [conversation(i) for i in range(6)])
     main(["collect", "--config", str(collect_config(tmp_path, data, teacher_dir))])
-    config = collect_config(tmp_path, data, teacher_dir, model={"k": 4})
+    config = collect_config(tmp_path, data, teacher_dir, model={"sparsity": {"k": 4}})
     with pytest.raises(StaleCacheError, match=r"(?s)k: cache has 8, config asks for 4.*rebuild"):
         main(["collect", "--config", str(config)])
     main(["collect", "--config", str(config), "--trainer.callbacks.init_args.rebuild", "true"])

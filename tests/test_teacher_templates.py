@@ -18,6 +18,7 @@ from distill.data.templates import resolve_template
 from distill.teacher.alignment import AlignmentError, align, encode_for_teacher, end_of_turn_id, targets
 from distill.teacher.collect import plan_jobs
 from distill.teacher.module import Teacher, TeacherModule
+from distill.teacher.sparse import Sparsity
 from tests.helpers import TINY_LLAMA, conversation
 
 
@@ -124,7 +125,7 @@ def test_teacher_in_its_own_template_gives_one_row_per_student_position(chat_tok
         Teacher(model_config=config, name="plain", dtype="float32"),  # the student's template
         Teacher(model_config=config, name="same", template="chatml", dtype="float32"),
     ]
-    module = TeacherModule(teachers, k=8, tokenizer=str(chat_tokenizer_dir))
+    module = TeacherModule(teachers, sparsity=Sparsity(k=8), tokenizer=str(chat_tokenizer_dir))
     assert module.identity(0)["template"] == "llama3" and "template" not in module.identity(1)
     records = [record(i, turns=1 + i % 3) for i in range(4)]
     records.append(to_record({"text": "Plain text reads the same in every template."}, "t.jsonl:1"))

@@ -36,7 +36,7 @@ def test_collect_with_a_teacher_in_its_own_template(tmp_path, chat_tokenizer_dir
             "class_path": "distill.TeacherModule",
             "init_args": {
                 "tokenizer": str(chat_tokenizer_dir),
-                "k": 8,
+                "sparsity": {"k": 8},
                 "teachers": [{"model": str(teacher), "name": "inst", "template": "llama3"}],
             },
         },

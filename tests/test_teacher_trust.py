@@ -33,6 +33,7 @@ from distill.teacher.alignment import target_positions, targets
 from distill.teacher.collect import cache_spec, check_vocabularies, collect, plan_jobs
 from distill.teacher.identity import VocabularyMismatchError, check_same_vocabulary, model_identity
 from distill.teacher.module import Teacher, TeacherModule
+from distill.teacher.sparse import Sparsity
 from distill.train.model import load_causal_lm
 from tests.helpers import (
     TINY_LLAMA,
@@ -71,7 +72,8 @@ def naive_nll(model, sample, rows=None, merge: tuple[int, int] | None = None, la
 
 
 def spec_for(teacher: Path, tokenizer):
-    module = TeacherModule([Teacher(model=str(teacher), name="t1")], k=4, tokenizer=str(TOKENIZER_DIR))
+    teachers = [Teacher(model=str(teacher), name="t1")]
+    module = TeacherModule(teachers, Sparsity(k=4), tokenizer=str(TOKENIZER_DIR))
     return cache_spec(module, tokenizer, None, 96, 6)
 
 
@@ -79,7 +81,8 @@ def fill(cache_dir: Path, teacher: Path, tokenizer) -> list[str]:
     """A cache holding two samples collected by ``teacher``."""
     cache = open_cache(cache_dir, spec_for(teacher, tokenizer))
     data = samples(tokenizer, 2)
-    module = TeacherModule([Teacher(model=str(teacher), name="t1")], k=4, tokenizer=str(TOKENIZER_DIR))
+    teachers = [Teacher(model=str(teacher), name="t1")]
+    module = TeacherModule(teachers, Sparsity(k=4), tokenizer=str(TOKENIZER_DIR))
     jobs = plan_jobs(module, [(cache, data)])
     assert collect(module, jobs, collator(tokenizer), 2, torch.device("cpu")) == 2
     return [s.sha for s in data]
@@ -211,7 +214,7 @@ def test_the_stored_teacher_nll_equals_a_naive_reference(tmp_path, tokenizer, te
     data = samples(tokenizer, 3)
     module = TeacherModule(
         [Teacher(model=str(teacher_dir), name="t1", dtype="float32")],
-        k=4,
+        sparsity=Sparsity(k=4),
         chunk_size=7,  # several chunks per batch
         tokenizer=str(TOKENIZER_DIR),
     )
@@ -231,7 +234,7 @@ def test_an_aligned_teacher_scores_the_students_tokens(chat_tokenizer_dir, chat_
     config = {**TINY_LLAMA, "vocab_size": len(tok)}
     module = TeacherModule(
         [Teacher(model_config=config, name="inst", template="llama3", dtype="float32")],
-        k=8,
+        sparsity=Sparsity(k=8),
         tokenizer=str(chat_tokenizer_dir),
     )
     records = [to_record(conversation(i, turns=2), f"chat.jsonl:{i + 1}", "auto") for i in range(2)]

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from distill.commands import main
-from distill.data import datamodule as datamodule_module
+from distill.data import tokenized_splits
 from distill.data.batching import pack
 from distill.data.chunks import EncodedChunk, encode_chunks
 from distill.data.datamodule import DataModule
@@ -94,8 +94,8 @@ def test_a_rerun_maps_the_cache_without_encoding(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("encoded again although the cache holds the samples")
 
-    monkeypatch.setattr(datamodule_module, "encode_chunks", refuse)
-    monkeypatch.setattr(datamodule_module.DataModule, "load_records", refuse)
+    monkeypatch.setattr(tokenized_splits, "encode_chunks", refuse)
+    monkeypatch.setattr(DataModule, "load_records", refuse)
     second = make_data(tmp_path)
     second.setup("fit")
     same(second.train, first.train)
@@ -335,6 +335,6 @@ def test_the_tokenize_command_builds_the_entries_a_fit_then_maps(tmp_path, chat_
     def refuse(*args, **kwargs):
         raise AssertionError("the fit encoded again")
 
-    monkeypatch.setattr(datamodule_module, "encode_chunks", refuse)
+    monkeypatch.setattr(tokenized_splits, "encode_chunks", refuse)
     main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
     assert (tmp_path / "hf" / "config.json").exists()

@@ -1,19 +1,9 @@
 """Byte encoding of one sample's sparse teacher targets: what ``distill.cache`` stores per sample.
 
-Per position the cache keeps the float32 log-sum-exp exactly; everything else goes into one byte
-string per sample, built from Rice-coded integer arrays (see ``rice_encode``):
-
-- head ids (top-K / hybrid): sorted ascending, stored as gaps (first id absolute). At V=32000, K=64
-  the gaps average ~500, so a Rice code with 8 low bits spends ~10.5 bits per id, close to the
-  log2(C(V, K)) / K = 10.3 bits a uniform random set needs (uint16 deltas would spend 16).
-- head values: ``q = round(n * (p / p_max) ** (1/3))`` with ``n = 2**bits - 1``, then Rice-coded
-  (most head tokens are far below p_max, so q is small and cheap). Cube root is the quantiser that
-  minimises KL for a given number of levels (KL ~ sum_i p_i * err_i**2 / 2 puts the resolution where
-  the mass is), so p_max is exact and the tail of the head is coarse. The head is renormalised on
-  decoding so that the head mass matches the float16 tail log-mass stored per position; the tail
-  bucket is therefore (nearly) exact and only the split of mass inside the head is quantised.
-- sampled ids and counts (sampled / hybrid): unique count per position, ids as per-position gaps,
-  counts - 1; all lossless.
+The float32 log-sum-exp is kept exactly per position; everything else goes into one byte string per
+sample of Rice-coded integer arrays (``rice_encode``): head ids as gaps, head values as cube-root codes
+(the quantiser that minimises KL for a number of levels) renormalised to the stored float16 tail
+log-mass, draws losslessly. docs/cache.md ("Encoding of stream") has the layout and the error bounds.
 """
 
 from __future__ import annotations

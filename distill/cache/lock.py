@@ -1,10 +1,7 @@
-"""Locks of a cache directory: one writer at a time, and readers that keep the segments they index.
-
-Writers (sync, collection, compaction, prune, repair) hold an exclusive ``flock`` on ``.writer.lock``,
-whose text names the holder (pid, host, command) so that a second run can say whom it waits for.
-Readers hold a shared ``flock`` on ``.readers.lock`` while they are open; a compaction deletes the
-segments it superseded only when it can take that lock exclusively, i.e. when nobody reads. ``flock``
-locks belong to an open file, so they vanish with a killed process: a crash never leaves a stale lock.
+"""Locks of a cache directory: one writer at a time (an exclusive ``flock`` on ``.writer.lock``, whose text
+names the holder), and readers that keep the segments they index (a shared ``flock`` on
+``.readers.lock``; a compaction deletes superseded segments only when it can take it exclusively).
+``flock`` locks belong to an open file, so a killed process never leaves a stale lock.
 """
 
 from __future__ import annotations

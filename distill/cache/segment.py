@@ -1,12 +1,8 @@
-"""The HDF5 teacher cache: per sample (keyed by its content SHA-256), the teacher's sparse distribution
-at each trainable position. The only module of distill that imports h5py; ``docs/cache.md`` has the
-schema, the encoding (``distill.cache.codec``), the crash-safety argument and measured sizes.
+"""Segment files of the HDF5 teacher cache (``docs/cache.md``: schema, crash safety, sizes).
 
-A cache is a directory of immutable segment files. A writer fills a hidden ``.NAME.partial`` file and
-commits it by closing, fsyncing and renaming it to ``NAME.h5``; readers only ever see committed
-segments, so a crash at any instant loses at most the uncommitted partial file. Compaction (dropping
-samples, merging segments) writes a new segment whose ``replaces`` attribute names the segments it
-supersedes, so the switch-over is the single atomic rename as well.
+A writer fills a hidden ``.NAME.partial`` file and commits it by closing, fsyncing and renaming it to
+``NAME.h5``; readers only ever see committed segments, so a crash loses at most the uncommitted file.
+Compaction writes a new segment whose ``replaces`` attribute names the segments it supersedes.
 """
 
 from __future__ import annotations
@@ -74,13 +70,10 @@ class CacheSpaceError(OSError):
 
 
 class _PartialFile(io.FileIO):
-    """A segment's ``.partial`` file under HDF5's ``fileobj`` driver, which keeps write errors from HDF5.
-
-    HDF5 does not survive a failed write: a segment whose flush fails on a full disk cannot be closed,
-    and the process then dies in a segmentation fault (measured: rc 139 at exit, after "Can't close
-    file ... No space left on device" in the middle of a traceback). Here the first failed write or
-    resize is kept in ``error`` and reported to HDF5 as done; the segment then discards the file and
-    raises that error once HDF5 has let go of it."""
+    """A segment's ``.partial`` file under HDF5's ``fileobj`` driver, which keeps write errors from HDF5:
+    HDF5 cannot close a file whose flush failed and the process then dies at exit (docs/cache.md, "Crash
+    safety"). The first failed write or resize is kept in ``error`` and reported to HDF5 as done; the
+    segment then discards the file and raises that error once HDF5 has let go of it."""
 
     error: OSError | None = None
 
@@ -234,13 +227,9 @@ class CacheCorruptError(RuntimeError):
 
 
 class CacheWriter:
-    """Collects one teacher's targets for a cache directory and commits them as segment files.
-
-    Encoded samples are buffered in memory and written as one segment per ``commit``, which happens
-    every ``commit_bytes`` of encoded data, every ``commit_seconds``, on ``close`` and on leaving a
-    ``with`` block (also by an exception: every appended sample is complete on its own). A crash loses
-    only the uncommitted buffer; a re-run's ``plan_sync`` lists exactly those samples as missing.
-    """
+    """Collects one teacher's targets for a cache directory and commits them as segment files: one per
+    ``commit``, every ``commit_bytes`` of encoded data, every ``commit_seconds``, on ``close`` and on
+    leaving a ``with`` block (docs/cache.md, "Crash safety")."""
 
     def __init__(
         self,

@@ -68,18 +68,11 @@ def describe(path: Path) -> dict:
     for name, values in stats["teachers"].items():
         values["identity"] = identities.get(name, {})
     if spec is not None:
-        stats["settings"] = {
-            "scheme": spec.scheme,
-            "k": spec.k,
-            "n_draws": spec.n_draws,
-            "vocab_size": spec.vocab_size,
-            "temperature": spec.temperature,
-            "max_seq_length": spec.max_seq_length,
-            "value_bits": spec.value_bits,
-            "tokenizer_hash": spec.tokenizer_hash[:16],
-            "template": _template_id(spec.template),
-            "labels": spec.labels,
-        }
+        shown = ("scheme", "k", "n_draws", "vocab_size", "temperature", "max_seq_length", "value_bits")
+        stats["settings"] = {name: getattr(spec, name) for name in shown}
+        stats["settings"].update(
+            tokenizer_hash=spec.tokenizer_hash[:16], template=_template_id(spec.template), labels=spec.labels
+        )
     return stats
 
 

@@ -65,7 +65,21 @@ class TeacherCache:
         return CacheReader(self.path, teacher)
 
     def plan_sync(self, dataset_shas: Sequence[str]) -> SyncPlan:
-        return plan_sync(self, dataset_shas)
+        """Compare the dataset's SHAs with what each of the spec's teachers has stored."""
+        reader = self.reader()
+        index = reader.load_index()
+        wanted = sha_keys(dict.fromkeys(dataset_shas))
+        complete = np.ones(len(wanted), dtype=bool)
+        to_collect = {}
+        for t in self.spec.teachers:
+            ix = index.get(t["name"])
+            have = ix.find(wanted)[1] if ix is not None else np.zeros(len(wanted), dtype=bool)
+            to_collect[t["name"]] = [s.decode() for s in wanted[~have]]
+            complete &= have
+        cached = np.unique(np.concatenate([ix.sha for ix in index.values()] or [sha_keys([])]))
+        absent = [s.decode() for s in np.setdiff1d(cached, wanted)]
+        reader.close()
+        return SyncPlan(to_collect, int(complete.sum()), absent)
 
     def drop(self, shas: Iterable[str]) -> int:
         """Remove samples (all teachers) by rewriting the segments holding them; returns how many.
@@ -101,12 +115,6 @@ class TeacherCache:
         if not dry_run and len(gone):
             self.drop(s.decode() for s in gone)
         return Freed(len(gone), freed)
-
-    def compact(self) -> None:
-        """Merge all segments into one (dropping duplicate samples): fewer files to open per worker."""
-        live, _ = scan_segments(self.path)
-        if len(live) > 1:
-            compact_segments(self.path, live, sha_keys([]))
 
     def tidy(self, max_segments: int = MAX_SEGMENTS, merged_bytes: int = MERGED_SEGMENT_BYTES) -> int:
         """Merge the segments holding a sample twice (two runs collected it), and, past
@@ -196,21 +204,3 @@ def open_cache(path: str | Path, spec: CacheSpec, rebuild: bool = False) -> Teac
             diffs += spec.differences(spec_from_attrs(f))
     raise_stale(diffs)
     return TeacherCache(directory, spec)
-
-
-def plan_sync(cache: TeacherCache, dataset_shas: Sequence[str]) -> SyncPlan:
-    """Compare the dataset's SHAs with what each of the spec's teachers has stored."""
-    reader = cache.reader()
-    index = reader.load_index()
-    wanted = sha_keys(dict.fromkeys(dataset_shas))
-    complete = np.ones(len(wanted), dtype=bool)
-    to_collect = {}
-    for t in cache.spec.teachers:
-        ix = index.get(t["name"])
-        have = ix.find(wanted)[1] if ix is not None else np.zeros(len(wanted), dtype=bool)
-        to_collect[t["name"]] = [s.decode() for s in wanted[~have]]
-        complete &= have
-    cached = np.unique(np.concatenate([ix.sha for ix in index.values()] or [sha_keys([])]))
-    absent = [s.decode() for s in np.setdiff1d(cached, wanted)]
-    reader.close()
-    return SyncPlan(to_collect, int(complete.sum()), absent)

@@ -123,10 +123,7 @@ def map_chunks(
     context.set_forkserver_preload([__name__])
     others = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(
-        min(num_proc, len(chunks)),
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(encode,),
+        min(num_proc, len(chunks)), mp_context=context, initializer=_init_worker, initargs=(encode,)
     )
     try:
         yield from pool.map(_encode_in_worker, chunks)

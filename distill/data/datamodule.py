@@ -3,35 +3,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.data.batching import Collator, EvalBatches, pack, pad_token_id
-from distill.data.chunks import EncodedChunk, encode_chunks
-from distill.data.encoding import (
-    Encoded,
-    EncodingStats,
-    NoTrainableTokensError,
-    Truncation,
-    check_some_trainable,
-)
+from distill.data.encoding import Encoded, EncodingStats, NoTrainableTokensError, Truncation
 from distill.data.facts import DataFacts
-from distill.data.formats import (
-    DataFormatError,
-    Format,
-    Record,
-    Source,
-    find_files,
-    read_records,
-    split_held_out,
-)
+from distill.data.formats import DataFormatError, Format, Record, Source, read_records, split_held_out
 from distill.data.hf_datasets import DatasetSplit, split_sources
 from distill.data.resume import (
     ResumableLoader,
@@ -42,27 +26,13 @@ from distill.data.resume import (
     trained_position,
 )
 from distill.data.streaming import StreamingLoader, StreamingRows, require_max_steps
-from distill.data.templates import (
-    ChatTemplate,
-    TemplateError,
-    check_stops_on_end_of_turn,
-    resolve_template,
-)
-from distill.data.tokenized import (
-    TokenizedEntry,
-    TokenizedSamples,
-    default_root,
-    file_digest,
-    split_identity,
-    tokenizer_fingerprint,
-)
-from distill.progress import Progress
+from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
+from distill.data.tokenized import TokenizedSamples, default_root
+from distill.data.tokenized_splits import TokenizedSplits
 from distill.ranges import require
 
 
-class DataModule(L.LightningDataModule):
-    records_kind = "samples"  # keys the tokenized cache: other record kinds encode the same files otherwise
-
+class DataModule(TokenizedSplits, L.LightningDataModule):
     def __init__(
         self,
         train_files: str | list[str] | None = None,
@@ -238,116 +208,10 @@ class DataModule(L.LightningDataModule):
             )
         return self.chat_template
 
-    # ---- the tokenized-data cache ------------------------------------------------------------------
-
-    def split_inputs(self) -> dict[str, dict]:
-        """What each split's tokenized cache entry is keyed by (train, and val when there is one)."""
-        try:
-            template = resolve_template(self.tokenizer, self.template_name, self.end_of_turn)
-            chat = [template.source, template.end_of_turn, template.tool_role]
-        except TemplateError:  # no template: fine while no record is a conversation
-            chat = ["unresolved", self.template_name, self.end_of_turn]
-        common = {
-            "records": self.records_kind,
-            "format": self.format,
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "template": chat,
-            "max_seq_length": self.max_seq_length,
-            "truncation": self.truncation,
-            "train_on_responses_only": self.train_on_responses_only,
-        }
-        if not self.trains_on_files:  # a stream (or sampled rounds): the training files are never encoded
-            if not self.val_sources:
-                return {}
-            return {
-                "val": {**common, "files": _file_identities(self.val_sources), "take": self.max_eval_samples}
-            }
-        train = {**common, "files": _file_identities(self.train_sources)}
-        if self.val_sources:
-            return {
-                "train": {**train, "take": self.max_train_samples},
-                "val": {**common, "files": _file_identities(self.val_sources), "take": self.max_eval_samples},
-            }
-        if self.val_fraction <= 0:
-            return {"train": {**train, "take": self.max_train_samples}}
-        split = {"val_fraction": self.val_fraction, "seed": self.seed}
-        return {
-            "train": {**train, "split": {**split, "part": "train"}, "take": self.max_train_samples},
-            "val": {**train, "split": {**split, "part": "val"}, "take": self.max_eval_samples},
-        }
-
     def prepare_data(self) -> None:
         """Local rank 0 of each node builds the tokenized cache entries this run lacks; Lightning holds
         the other ranks at a barrier meanwhile, and their ``setup`` maps what was built."""
         self.tokenized_splits()
-
-    def tokenized_splits(self) -> dict[str, TokenizedSamples]:
-        """Each split's samples from the tokenized cache, encoding (once, under the entry's lock) the
-        splits it does not hold yet. Kept: ``prepare_data`` and ``setup`` in one process hash the files
-        once."""
-        if self._splits is not None:
-            return self._splits
-        entries = {
-            split: TokenizedEntry(self.tokenized_cache, inputs)
-            for split, inputs in self.split_inputs().items()
-        }
-        opened = {split: entry.open() for split, entry in entries.items()}
-        missing = [split for split, samples in opened.items() if samples is None]
-        if missing:
-            with ExitStack() as locks:
-                # each entry once: splits of the same files (train_files == val_files) share one
-                for entry in {entries[split].path: entries[split] for split in missing}.values():
-                    locks.enter_context(entry.lock())
-                # another run may have built them while we waited for the locks
-                opened.update({split: entries[split].open() for split in missing})
-                todo = [split for split in missing if opened[split] is None]
-                if todo:
-                    records = dict(zip(("train", "val"), self.load_records(), strict=True))
-                    for split in todo:
-                        opened[split] = entries[split].open()  # built above for a split it shares
-                        if opened[split] is None:
-                            self.build_split(entries[split], split, records[split])
-                            opened[split] = entries[split].open()
-        self._splits = opened
-        return opened
-
-    def encode_split(self, records: list[Record], template: ChatTemplate | None) -> Iterable[EncodedChunk]:
-        """The records encoded, truncated and filtered, chunk by chunk (in ``num_proc`` processes)."""
-        return encode_chunks(
-            records,
-            self.tokenizer,
-            template,
-            self.max_seq_length,
-            self.truncation,
-            self.train_on_responses_only,
-            self.num_proc,
-        )
-
-    def entry_meta(self, split: str, records: list[Record], template: ChatTemplate | None) -> dict:
-        """What a tokenized cache entry records about its samples besides the counts."""
-        return {"conversations": template is not None}
-
-    def build_split(self, entry: TokenizedEntry, split: str, records: list[Record]) -> None:
-        template = self.template_for(records)
-        chunks = self.encode_split(records, template)
-        total = EncodingStats()
-        with Progress(len(records), f"encoding {split} records", "records") as progress:
-
-            def counted():
-                for chunk in chunks:
-                    progress.update(chunk.stats.samples)
-                    total.add(chunk.stats)
-                    yield chunk
-                # before the entry is finished: a fully masked dataset is refused at every start
-                check_some_trainable(total, self.tokenizer, self.max_seq_length)
-
-            entry.build(counted(), self.entry_meta(split, records, template))
-        if total.dropped_too_long:  # named once, where they are dropped: the cache keeps the counts only
-            rank_zero_warn(
-                f"[distill] {split}: dropped {total.dropped_too_long} of {total.samples} records that do not "
-                f"fit data.max_seq_length={self.max_seq_length} (truncation '{self.truncation}'; first: "
-                f"{', '.join(total.too_long)}): raise data.max_seq_length to keep them"
-            )
 
     def attach_records(self) -> None:
         """Give the training and validation samples their records (read again from the files, once,
@@ -452,15 +316,12 @@ class DataModule(L.LightningDataModule):
             return StreamingLoader(stream, self._trained_batches, num_workers=self.num_workers)
         # the order is a function of (seed, epoch), not of the global RNG, so `--ckpt_path` resumes
         # mid-epoch at the very next batch
-        rows = ShuffledBatches(
-            self._rows(self.train, self.seed),
-            self.collator,
-            self.batch_size,
-            self.seed,
-            self._rank,
-            self._world_size,
-        )
-        return ResumableLoader(rows, self._progress, num_workers=self.num_workers)
+        return ResumableLoader(self.train_batches(), self._progress, num_workers=self.num_workers)
+
+    def train_batches(self) -> ShuffledBatches:
+        """One epoch of this rank's training batches."""
+        rows = self._rows(self.train, self.seed)
+        return ShuffledBatches(rows, self.collator, self.batch_size, self.seed, self._rank, self._world_size)
 
     def val_dataloader(self) -> DataLoader:
         # each rank validates its own shard, every sample once over all ranks (metrics are sums)
@@ -487,15 +348,3 @@ class DataModule(L.LightningDataModule):
             )
             for job in jobs
         ]
-
-
-def _file_identities(sources: list[Source]) -> list:
-    """(resolved path, SHA-256 of the bytes) of every data file, and each dataset split's identity
-    (name, config, split, content fingerprint): any edit changes the cache key."""
-    return [
-        split_identity(found)
-        if isinstance(found, DatasetSplit)
-        else (str(found.resolve()), file_digest(found))
-        for source in sources
-        for found in find_files(source)
-    ]

@@ -111,13 +111,8 @@ def encode_record(
         return Encoded(ids, list(ids), record.sha, record.source, record)
     if template is None:
         raise ValueError(f"{record.source}: a conversation needs a chat template")
-    ids, labels = encode_messages(
-        list(record.messages or ()),
-        tokenizer,
-        template,
-        record.source,
-        responses_only=train_on_responses_only,
-    )
+    messages = list(record.messages or ())
+    ids, labels = encode_messages(messages, tokenizer, template, record.source, train_on_responses_only)
     return Encoded(ids, labels, record.sha, record.source, record)
 
 

@@ -1,24 +1,11 @@
-"""Read JSON/JSONL training files and normalise every record to chat messages or plain text.
+"""Read JSON/JSONL files (and, through ``distill.data.hf_datasets``, parquet, arrow and csv files and
+dataset splits) and normalise every record to chat messages or plain text.
 
-Supported formats (detected per record, or forced with ``format``):
-
-- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation",
-  "value": ...}]}``
-- ``messages`` (OpenAI): ``{"messages": [{"role": "user"|"assistant"|"system"|"tool", "content": ...}]}``;
-  ``content`` may be a list of parts (``[{"type": "text", "text": ...}]``), an assistant turn may carry
-  ``tool_calls``
-- ``alpaca``: ``{"instruction", "input"?, "output", "system"?}``
-- ``text``: ``{"text": ...}`` for continued pretraining
-
-Tool use is normalised as LLaMA-Factory reads it: a tool call (ShareGPT ``function_call``, OpenAI
-``tool_calls``) is an assistant turn whose content is the call as JSON (``{"name", "arguments"}``, a list
-when there are several), trained like any response, so the model learns to call; a tool result (ShareGPT
-``observation``, OpenAI ``tool``/``function``) is a ``tool`` turn, context that is never trained on.
-The tools a record declares (``tools``: a list of schemas, or its JSON string) are context too: they
-open the system message as ``TOOLS_HEADER`` + their JSON, so the model sees what it may call.
-Files may start with a UTF-8 byte-order mark. Parquet, arrow and csv files, and a split of a Hugging Face
-dataset (``hf_datasets.DatasetSplit``), are read row by row by ``distill.data.hf_datasets``; each row is
-normalised like a JSON object, and errors name it ``path, row 17`` (``dataset foo (split train), row 17``).
+The formats (``sharegpt``, OpenAI ``messages``, ``alpaca``, ``text``; detected per record or forced with
+``format``) and the tool-use convention are README's "Data" section. A tool call is an assistant turn
+holding the call's JSON (``{"name", "arguments"}``, a list when there are several), trained on; a tool
+result is a ``tool`` turn, never trained on; declared ``tools`` open the system message as
+``TOOLS_HEADER`` + their JSON. Errors name the record: ``path:line``, ``path[index]`` or ``path, row 17``.
 """
 
 from __future__ import annotations
@@ -30,12 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
-from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, is_saved_dataset, table_rows
+from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, as_list, is_saved_dataset, table_rows
 
 Format = Literal["auto", "sharegpt", "messages", "alpaca", "text"]
-FORMATS: tuple[str, ...] = ("sharegpt", "messages", "alpaca", "text")
 DATA_SUFFIXES = (".json", ".jsonl", *TABLE_BUILDERS)
 Source = str | Path | DatasetSplit  # a file, a directory of files, or a dataset's split
 
@@ -50,17 +36,17 @@ _SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
-_MESSAGE_ROLES = {
-    "system": "system",
-    "user": "user",
-    "assistant": "assistant",
-    "tool": "tool",
-    "function": "tool",
-}
+_MESSAGE_ROLES = dict(system="system", user="user", assistant="assistant", tool="tool", function="tool")
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, allowed at the start of a file
 TOOLS_HEADER = "You can call these tools:\n"
 # content parts that carry text; any other part (image_url, input_audio, file, ...) cannot be trained on
 _TEXT_PARTS = {"text": "text", "refusal": "refusal"}
+
+
+def content_sha(content: dict) -> str:
+    """SHA-256 of a record's content alone, so moving a sample between files or lines keeps its key."""
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 class DataFormatError(ValueError):
@@ -77,10 +63,8 @@ class Record:
 
     @property
     def sha(self) -> str:
-        """SHA-256 of the content alone, so moving a sample between files or lines keeps its key."""
         content = {"text": self.text} if self.text is not None else {"messages": list(self.messages or ())}
-        canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return content_sha(content)
 
 
 def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -90,11 +74,6 @@ def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, lis
     held_out = set(order[: max(1, round(len(records) * fraction))])
     kept = [r for i, r in enumerate(records) if i not in held_out]
     return kept, [r for i, r in enumerate(records) if i in held_out]
-
-
-def as_list(files: Source | list[Source]) -> list[Source]:
-    """One data source or several, as a list."""
-    return [files] if isinstance(files, (str, Path, DatasetSplit)) else list(files)
 
 
 def find_files(source: Source) -> list[Path | DatasetSplit]:
@@ -117,12 +96,8 @@ def find_files(source: Source) -> list[Path | DatasetSplit]:
 
 def read_records(sources: Source | list[Source], fmt: Format = "auto") -> list[Record]:
     """Read every record of ``sources`` (files, directories or dataset splits) in order."""
-    sources = as_list(sources)
-    records: list[Record] = []
-    for source in sources:
-        for path in find_files(source):
-            records.extend(to_record(raw, where, fmt) for raw, where in _iter_raw(path))
-    return records
+    paths = (path for source in as_list(sources) for path in find_files(source))  # lazily: in order
+    return [to_record(raw, where, fmt) for path in paths for raw, where in _iter_raw(path)]
 
 
 def _iter_raw(path: Path | DatasetSplit) -> Iterator[tuple[object, str]]:
@@ -146,9 +121,7 @@ def _iter_raw(path: Path | DatasetSplit) -> Iterator[tuple[object, str]]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataFormatError(
-            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
-        ) from None
+        raise malformed(f"{path}:{err.lineno}", err) from None
     for index, item in enumerate(items):
         yield item, f"{path}[{index}]"
 
@@ -166,14 +139,15 @@ def _jsonl_records(path: Path, handle: BinaryIO) -> Iterator[tuple[object, str]]
         try:
             yield json.loads(line), f"{path}:{lineno}"
         except json.JSONDecodeError as err:
-            raise DataFormatError(
-                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
-            ) from None
+            raise malformed(f"{path}:{lineno}", err) from None
+
+
+def malformed(where: str, err: json.JSONDecodeError) -> DataFormatError:
+    return DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
 
 
 def _first_byte(handle: BinaryIO) -> bytes:
-    """The file's first byte after its byte-order mark and whitespace (b"" when none); the file is
-    rewound."""
+    """The file's first byte after its byte-order mark and whitespace (b"" when none); rewinds."""
     first = b""
     handle.seek(len(BOM) if handle.read(len(BOM)) == BOM else 0)
     while not first and (chunk := handle.read(1 << 16)):
@@ -239,10 +213,7 @@ def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
             "'conversations' (sharegpt), 'messages', 'instruction'/'output' (alpaca) or 'text'"
         )
     if kind == "text":
-        text = _field(raw, "text", where)
-        if not text.strip():
-            raise DataFormatError(f"{where}: empty 'text'")
-        return Record(source=where, text=text)
+        return Record(source=where, text=nonempty_field(raw, "text", where))
     if kind == "alpaca":
         messages = _alpaca_messages(raw, where)
     else:
@@ -254,6 +225,13 @@ def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
         messages = _with_tools([turn(t, i, where) for i, t in enumerate(turns)], raw.get("tools"), where)
     _check_conversation(messages, where)
     return Record(source=where, messages=tuple(messages))
+
+
+def nonempty_field(raw: dict, key: str, where: str) -> str:
+    text = _field(raw, key, where)
+    if not text.strip():
+        raise DataFormatError(f"{where}: empty '{key}'")
+    return text
 
 
 def _field(raw: dict, key: str, where: str, required: bool = True) -> str:
@@ -279,30 +257,26 @@ def _alpaca_messages(raw: dict, where: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, *messages] if system.strip() else messages
 
 
-def _sharegpt_turn(turn: object, index: int, where: str) -> dict[str, str]:
+def _role(turn: object, index: int, where: str, key: str, roles: dict[str, str]) -> str:
     if not isinstance(turn, dict):
         raise DataFormatError(f"{where}: turn {index} must be an object")
-    role = _SHAREGPT_ROLES.get(str(turn.get("from")))
-    if role is None:
+    if (role := roles.get(str(turn.get(key)))) is None:
         raise DataFormatError(
-            f"{where}: turn {index} has unknown from {turn.get('from')!r}; "
-            f"expected one of {sorted(_SHAREGPT_ROLES)}"
+            f"{where}: turn {index} has unknown {key} {turn.get(key)!r}; expected one of {sorted(roles)}"
         )
+    return role
+
+
+def _sharegpt_turn(turn: Any, index: int, where: str) -> dict[str, str]:
+    role = _role(turn, index, where, "from", _SHAREGPT_ROLES)
     content = turn.get("value")
     if not isinstance(content, str):
         raise DataFormatError(f"{where}: turn {index} is missing a string 'value'")
     return {"role": role, "content": content}
 
 
-def _message_turn(turn: object, index: int, where: str) -> dict[str, str]:
-    if not isinstance(turn, dict):
-        raise DataFormatError(f"{where}: turn {index} must be an object")
-    role = _MESSAGE_ROLES.get(str(turn.get("role")))
-    if role is None:
-        raise DataFormatError(
-            f"{where}: turn {index} has unknown role {turn.get('role')!r}; "
-            f"expected one of {sorted(_MESSAGE_ROLES)}"
-        )
+def _message_turn(turn: Any, index: int, where: str) -> dict[str, str]:
+    role = _role(turn, index, where, "role", _MESSAGE_ROLES)
     calls = turn.get("tool_calls") or []
     if calls and role != "assistant":
         raise DataFormatError(f"{where}: turn {index}: only an assistant turn can make tool_calls")
@@ -313,6 +287,14 @@ def _message_turn(turn: object, index: int, where: str) -> dict[str, str]:
     if calls:
         texts.append(_calls_json(calls, index, where))
     return {"role": role, "content": "\n".join(texts)}
+
+
+def any_turns(turns: list, where: str) -> list[dict[str, str]]:
+    """A list of turns, each ShareGPT (``from``/``value``) or OpenAI (``role``/``content``)."""
+    return [
+        (_sharegpt_turn if isinstance(turn, dict) and "from" in turn else _message_turn)(turn, i, where)
+        for i, turn in enumerate(turns)
+    ]
 
 
 def _content_text(content: object, index: int, where: str) -> str:

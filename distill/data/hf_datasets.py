@@ -1,13 +1,8 @@
 """Hugging Face ``datasets`` as data: a split of a hub or local dataset (``DatasetSplit``), and parquet,
 arrow and csv files beside the JSON/JSONL ones, read row by row as the plain dicts that
-``distill.data.formats`` normalises exactly as it does a parsed JSON object.
-
-Rows come from ``datasets`` as Arrow tables, a batch at a time, and are turned into Python only where
-they are read: a stream's shard decodes its own rows and skips the others'. A table gives every row
-every column of its schema, ``None`` where the row has no such key (and every struct every field), so a
-row's nulls are dropped: a parquet of ``messages`` rows reads as the same records as the JSONL.
-
-``datasets`` is imported inside the functions that use it, so ``import distill`` stays fast.
+``distill.data.formats`` normalises as it does a parsed JSON object (docs/data.md, "Hugging Face
+datasets"). Rows are turned into Python only where they are read: a stream's shard decodes its own rows
+and skips the others'. ``datasets`` is imported inside the functions, so ``import distill`` stays fast.
 """
 
 from __future__ import annotations
@@ -183,7 +178,7 @@ def split_sources(
                 "data.dataset_config, data.dataset_revision and data.val_split select a data.dataset_name: "
                 "set it"
             )
-        return _listed(train_files), _listed(val_files) if val_files else []
+        return as_list(train_files), as_list(val_files) if val_files else []
     if train_files or val_files:
         from lightning.pytorch.utilities import rank_zero_info
 
@@ -192,5 +187,6 @@ def split_sources(
     return [DatasetSplit(dataset_name, dataset_config, split, revision)], val
 
 
-def _listed(files: str | Path | list[str | Path]) -> list[str | Path]:
-    return [files] if isinstance(files, (str, Path)) else list(files)
+def as_list(sources: str | Path | DatasetSplit | list) -> list:
+    """One data source (a file, a directory, a dataset's split) or several, as a list."""
+    return [sources] if isinstance(sources, (str, Path, DatasetSplit)) else list(sources)

@@ -1,26 +1,12 @@
 """Read preference pairs (DPO, reward models) and unpaired KTO records, normalised to chat messages.
 
-Formats (detected per record, or forced with ``fmt``); every one takes an optional ``system`` field,
-which opens the prompt unless the prompt already starts with a system message, and ``tools`` as
-``distill.data.formats`` reads them:
-
-- ``medicalgpt``: ``{"conversations": [ShareGPT turns of the prompt], "chosen": str, "rejected": str}``
-- ``medicalgpt_reward``: ``{"question": str, "response_chosen": str, "response_rejected": str}``, with
-  optional ``history`` (``[[question, answer], ...]``: earlier exchanges of the prompt)
-- ``trl`` (also UltraFeedback): ``{"prompt" (or "messages"), "chosen", "rejected"}``, each a string or
-  a list of messages; a response list that repeats the prompt first (UltraFeedback) has it removed
-- ``hh`` (HH-RLHF): ``{"chosen": [messages], "rejected": [messages]}``: the prompt is their common
-  leading turns, up to the assistant turn(s) where they differ
-- ``kto``: ``{"prompt", "completion", "label": bool}`` or ``{"messages": [..., assistant], "label"}``
-
-A string prompt is one user turn, a string response one assistant turn. Pairs may carry a numeric
-``margin``. A pair whose chosen equals its rejected teaches nothing: it is dropped and counted.
+The formats (``medicalgpt``, ``medicalgpt_reward``, ``trl``, ``hh``, ``kto``; detected per record or
+forced with ``fmt``) and their optional fields are docs/preference.md's. A pair whose chosen equals its
+rejected teaches nothing: it is dropped and counted.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -31,13 +17,13 @@ from distill.data.formats import (
     DataFormatError,
     Source,
     _iter_raw,
-    _message_turn,
-    _sharegpt_turn,
-    as_list,
+    any_turns,
     check_system_first,
+    content_sha,
     find_files,
     open_with_system,
 )
+from distill.data.hf_datasets import as_list
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +40,6 @@ _PAIR_KEYS = {
 _SHOWN_DROPPED = 5
 
 
-def _sha(content: dict) -> str:
-    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
 @dataclass(frozen=True)
 class PairRecord:
     """A prompt with a preferred and a dispreferred response, and where it came from."""
@@ -71,15 +52,8 @@ class PairRecord:
 
     @property
     def sha(self) -> str:
-        """SHA-256 of the content alone, so moving a pair between files or lines keeps its key."""
-        return _sha(
-            {
-                "prompt": list(self.prompt),
-                "chosen": list(self.chosen),
-                "rejected": list(self.rejected),
-                "margin": self.margin,
-            }
-        )
+        prompt, chosen, rejected = list(self.prompt), list(self.chosen), list(self.rejected)
+        return content_sha({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": self.margin})
 
 
 @dataclass(frozen=True)
@@ -93,8 +67,8 @@ class UnpairedRecord:
 
     @property
     def sha(self) -> str:
-        """SHA-256 of the content alone."""
-        return _sha({"prompt": list(self.prompt), "completion": list(self.completion), "label": self.label})
+        completion = list(self.completion)
+        return content_sha({"prompt": list(self.prompt), "completion": completion, "label": self.label})
 
 
 @dataclass
@@ -262,11 +236,7 @@ def _turns(value: object, where: str, key: str, role: str) -> list[dict[str, str
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
         raise DataFormatError(f"{where}: '{key}' must be a string or a non-empty list of messages")
-    at = f"{where} ('{key}')"
-    return [
-        (_sharegpt_turn if isinstance(turn, dict) and "from" in turn else _message_turn)(turn, i, at)
-        for i, turn in enumerate(value)
-    ]
+    return any_turns(value, f"{where} ('{key}')")
 
 
 def _prompt(turns: list[dict[str, str]], raw: dict, where: str) -> list[dict[str, str]]:

@@ -10,30 +10,22 @@ memory (no tokenized-data cache). Training batches resume at the exact next batc
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from distill.data.batch import PromptBatch
-from distill.data.batching import EvalBatches
 from distill.data.datamodule import DataModule
 from distill.data.encoding import IGNORE_INDEX, encode_messages
 from distill.data.facts import DataFacts
 from distill.data.formats import DataFormatError, Source
 from distill.data.prompts import PromptFormat, PromptRecord, read_prompt_records, read_response_records
-from distill.data.resume import (
-    ResumableLoader,
-    ShuffledBatches,
-    leave_sigterm_to_main,
-    rank_and_world,
-    trained_position,
-    yields,
-)
+from distill.data.resume import Part, ShuffledBatches
 from distill.ranges import require
 
 
@@ -128,16 +120,17 @@ class RepeatedSteps(ShuffledBatches):
             for batch in step
         ]
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        return [batch for batch, _ in self.schedule(epoch)]
+    def parts(self, epoch: int) -> list[Part]:
+        schedule = self.schedule(epoch)
+
+        def build(number: int) -> PromptBatch:
+            batch, where = schedule[number]
+            return replace(self.collate([self.rows[i] for i in batch]), **where)
+
+        return [Part(len(schedule), lambda: nullcontext(build))]
 
     def __len__(self) -> int:
         return self.kept * self.repeats
-
-    def __iter__(self) -> Iterator[Any]:
-        for index, (batch, where) in enumerate(self.schedule(self.epoch)):
-            if yields(index, self.skip):
-                yield replace(self.collate([self.rows[i] for i in batch]), **where)
 
 
 def check_whole_windows(batches: RepeatedSteps) -> None:
@@ -330,23 +323,12 @@ class PromptDataModule(DataModule):
     def collator(self) -> PromptCollator:
         return PromptCollator(self.pad_id)
 
-    def train_dataloader(self) -> DataLoader:
-        # the order is a function of (seed, epoch), so `--ckpt_path` resumes mid-epoch at the next batch
+    def train_batches(self) -> RepeatedSteps:
         window = self.trainer.accumulate_grad_batches if self.trainer else 1
-        rank, world = rank_and_world(self.trainer)
         batches = RepeatedSteps(
-            self.train, self.collator, self.batch_size, self.seed, rank, world,
+            self.train, self.collator, self.batch_size, self.seed, self._rank, self._world_size,
             repeats=self.num_iterations, window=window,
         )  # fmt: skip
         if self.num_iterations > 1:
             check_whole_windows(batches)
-        return ResumableLoader(batches, lambda: trained_position(self.trainer), num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        # each rank its own shard, every prompt once over all ranks
-        batches = EvalBatches(self.val, self.collator, self.eval_batch_size, *rank_and_world(self.trainer))
-        return DataLoader(
-            batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
-        )
-
-    test_dataloader = val_dataloader
+        return batches

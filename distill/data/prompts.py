@@ -1,25 +1,13 @@
 """Read RL prompts (GRPO, RLOO): a conversation to answer, plus the fields its reward functions read.
 
-Formats (detected per record from its keys, or forced with ``fmt``):
-
-- ``question`` (MedicalGPT's GRPO data): ``{"question": str, "answer": ..., ...}``
-- ``messages``: ``{"messages": [OpenAI turns]}`` or ShareGPT ``{"conversations": [{"from", "value"}]}``;
-  earlier assistant turns are context, the last turn must be the user's
-- ``prompt`` (TRL): ``{"prompt": str}`` or ``{"prompt": [OpenAI turns]}``
-
-Every format takes an optional ``system`` string (the system turn, unless the turns open with one) and
-``tools`` as ``distill.data.formats`` reads them. Every other top-level key (``answer``, ``solution``,
-...) is kept in ``fields`` for the reward functions.
-
-Prompts with their dataset responses (on-policy distillation mixes student samples with the dataset's
-answers): ``read_response_records`` reads SFT files (every format of ``distill.data.formats``); each
-conversation's last turn is the response and the turns before it the prompt.
+The formats (``question``, ``messages``, ``prompt``; detected per record or forced with ``fmt``) are
+docs/rl.md's. Every top-level key but the prompt's, ``system`` and ``tools`` is kept in ``fields`` for the
+reward functions. ``read_response_records`` reads SFT files as prompts with the dataset's responses
+(on-policy distillation mixes them with student samples).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,14 +15,15 @@ from distill.data.formats import (
     DataFormatError,
     Source,
     _iter_raw,
-    _message_turn,
-    _sharegpt_turn,
-    as_list,
+    any_turns,
     check_system_first,
+    content_sha,
     find_files,
+    nonempty_field,
     open_with_system,
     read_records,
 )
+from distill.data.hf_datasets import as_list
 
 PromptFormat = Literal["auto", "question", "messages", "prompt"]
 PROMPT_FORMATS: tuple[str, ...] = ("question", "messages", "prompt")
@@ -62,12 +51,10 @@ class PromptRecord:
 
     @property
     def sha(self) -> str:
-        """SHA-256 of the content alone, so moving a prompt between files or lines keeps its key."""
         content: dict[str, Any] = {"messages": list(self.messages), "fields": self.fields}
         if self.response is not None:
             content["response"] = self.response
-        canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return content_sha(content)
 
 
 def read_prompt_records(sources: Source | list[Source], fmt: PromptFormat = "auto") -> list[PromptRecord]:
@@ -131,7 +118,7 @@ def to_prompt_record(raw: object, where: str, fmt: PromptFormat = "auto") -> Pro
         if kind == "prompt" and isinstance(raw.get(key), list):
             turns = _turns(raw[key], key, where)
         else:
-            turns = [{"role": "user", "content": _text(raw, key, where)}]
+            turns = [{"role": "user", "content": nonempty_field(raw, key, where)}]
     messages = _prompt_messages(turns, raw, where)
     fields = {k: v for k, v in raw.items() if k != key and k not in _PROMPT_PARTS}
     reserved = sorted(RESERVED_FIELDS & fields.keys())
@@ -143,25 +130,11 @@ def to_prompt_record(raw: object, where: str, fmt: PromptFormat = "auto") -> Pro
     return PromptRecord(source=where, messages=tuple(messages), fields=fields)
 
 
-def _text(raw: dict, key: str, where: str) -> str:
-    value = raw.get(key)
-    if value is None:
-        raise DataFormatError(f"{where}: missing field '{key}'")
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataFormatError(f"{where}: empty '{key}'")
-    return value
-
-
 def _turns(value: object, key: str, where: str) -> list[dict[str, str]]:
     """A non-empty list of ShareGPT or OpenAI turns."""
     if not isinstance(value, list) or not value:
         raise DataFormatError(f"{where}: '{key}' must be a non-empty list of turns")
-    return [
-        (_sharegpt_turn if isinstance(turn, dict) and "from" in turn else _message_turn)(turn, i, where)
-        for i, turn in enumerate(value)
-    ]
+    return any_turns(value, where)
 
 
 def _prompt_messages(turns: list[dict[str, str]], raw: dict, where: str) -> list[dict[str, str]]:

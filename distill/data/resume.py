@@ -7,6 +7,8 @@ import math
 import random
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -48,12 +50,55 @@ def yields(index: int, skip: int) -> bool:
     return index >= skip and (index - skip) % workers == worker_id
 
 
-class ShuffledBatches(IterableDataset):
+@dataclass
+class Part:
+    """``size`` consecutive batches of an epoch. ``open()`` enters what building them needs (a chunk's
+    teacher targets collected, a round sampled) and gives the function that builds batch i of them; its
+    exit (a purge) runs when they are done and when the epoch is cut short and its stream closed."""
+
+    size: int
+    open: Callable[[], AbstractContextManager[Callable[[int], Any]]]
+
+
+class ResumableStream(IterableDataset):
+    """One epoch of this rank's batches, in parts, the same on every run for a given epoch.
+
+    ``ResumableLoader`` sets ``epoch`` and ``skip`` (the batches of it trained before a resume) before
+    each epoch: a part whose batches were all trained is passed over without being opened. With
+    DataLoader workers, each produces the batches ``yields`` deals it.
+    """
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip = 0
+
+    def parts(self, epoch: int) -> list[Part]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return sum(part.size for part in self.parts(self.epoch))
+
+    def __iter__(self) -> Iterator[Any]:
+        index = 0
+        for part in self.parts(self.epoch):
+            if not part.size or index + part.size <= self.skip:
+                index += part.size
+                continue
+            with part.open() as build:
+                for number in range(part.size):
+                    if yields(index, self.skip):
+                        yield build(number)
+                    index += 1
+
+
+class ShuffledBatches(ResumableStream):
     """One epoch of collated batches of ``rows`` (samples, or packed rows of samples) in a per-epoch order.
 
     The rows are permuted from (seed, epoch); rank r takes every world-th of them, all ranks the same
-    count (DDP needs equal steps), and cuts its share into batches. ``epoch`` and ``skip`` are set by
-    ``ResumableLoader`` before each epoch.
+    count (DDP needs equal steps), and cuts its share into batches.
     """
 
     def __init__(
@@ -65,14 +110,10 @@ class ShuffledBatches(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        super().__init__(batch_size, rank, world_size)
         self.rows = rows
         self.collate = collate
-        self.batch_size = batch_size
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.skip = 0
 
     @property
     def rows_per_rank(self) -> int:
@@ -85,22 +126,24 @@ class ShuffledBatches(IterableDataset):
         mine = order[self.rank :: self.world_size][: self.rows_per_rank]
         return [mine[b : b + self.batch_size] for b in range(0, len(mine), self.batch_size)]
 
+    def parts(self, epoch: int) -> list[Part]:
+        batches = self.batches(epoch)
+
+        def build(number: int) -> Any:
+            return self.collate([self.rows[row] for row in batches[number]])
+
+        return [Part(len(batches), lambda: nullcontext(build))]
+
     def __len__(self) -> int:
         return math.ceil(self.rows_per_rank / self.batch_size)
 
-    def __iter__(self) -> Iterator[Any]:
-        for index, batch in enumerate(self.batches(self.epoch)):
-            if yields(index, self.skip):
-                yield self.collate([self.rows[i] for i in batch])
-
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over a stream with ``epoch`` and ``skip`` (``ShuffledBatches``, the KD ``TargetStream``)
-    that Lightning checkpoints (it has ``state_dict``): the epoch and the batches of it already trained, so
-    a resumed fit continues at the next batch."""
+    """A DataLoader over a ``ResumableStream`` that Lightning checkpoints (it has ``state_dict``): the
+    epoch and the batches of it already trained, so a resumed fit continues at the next batch."""
 
     def __init__(
-        self, stream: IterableDataset, progress: Callable[[], tuple[int, int]], **kwargs: Any
+        self, stream: ResumableStream, progress: Callable[[], tuple[int, int]], **kwargs: Any
     ) -> None:
         """``progress()``: (epoch, batches of it trained so far), read from the fit loop."""
         super().__init__(stream, batch_size=None, worker_init_fn=leave_sigterm_to_main, **kwargs)

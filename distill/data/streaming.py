@@ -1,48 +1,14 @@
 """Streaming pretraining data: text corpora larger than memory -> rows of exactly ``max_length`` tokens,
-sharded over ranks x DataLoader workers, endless, resumable at the exact next row.
+sharded over ranks x DataLoader workers, endless, resumable at the exact next row (docs/data.md,
+"Streaming corpora", has the sharding, packing and resume rules).
 
-Input: JSONL files of ``{"text": ...}`` records and ``.txt`` files (one document per non-empty line, its
-line break removed), parquet, arrow and csv files with a ``text`` column (one document per row), or
-directories of them (every such file below, in a stable order; ``.json`` files there are ignored: a JSON
-array cannot be read line by line), or one split of a Hugging Face dataset (``hf_datasets.DatasetSplit``,
-streamed by ``datasets``). Line files are read line by line from a byte offset, tables and datasets
-Arrow batch by batch from a row, never whole; a bad line or row stops the stream with
-``DataFormatError`` naming ``path:line`` (``path, row 17``, ``dataset foo (split train), row 17``), as
-``distill.data.formats`` does, and a conversation record is an error: streaming is for text corpora.
-
-Sharding: the documents of a pass (every non-blank line of the files, taken in an order of the files
-drawn from (seed, pass)) are dealt round-robin, document ``i`` to shard ``i % (world_size *
-num_workers)``; worker ``j`` of rank ``r`` reads shard ``r * num_workers + j`` and skips the other
-shards' lines without decoding them. A shard tokenizes its documents ``docs_per_call`` at a time (one
-batch call of the fast tokenizer), each as ``encoding.encode_record`` does a text record (bos + ids +
-eos, as the tokenizer has them), and packs the token stream into rows of ``max_length`` tokens: a long
-document continues in the next row, short ones share a row. A batch is what ``batching.Collator`` makes
-of packed rows (``packed_batch``, without a tensor per piece): ``input_ids``, ``labels`` (ignored at each
-piece's first token), ``position_ids`` restarting per piece (no attention across documents), no padding.
-
-Endless: a shard at the end of the corpus starts the next pass, so every rank yields batches forever
-(DDP needs equal steps) and the fit is bounded by ``trainer.max_steps`` (``require_max_steps``).
-
-Resume: each batch comes with its shard's ``Cursor`` after it (taken by ``StreamingLoader`` in the main
-process). The loader's ``state_dict`` holds each shard's cursor after the
-last batch the fit trained (``progress()``, not the last one pulled: Lightning and the workers fetch
-ahead), gathered from all ranks, since a checkpoint keeps rank 0's loader state only; ``load_state_dict``
-makes each worker seek its file to the byte offset (a table or dataset: to the row) and skip the tokens
-already trained. Another world size, worker count, ``max_length``, seed or file list (or dataset, config,
-split) is an error (the shards would differ). Resume is exact while the sources' content stays the same:
-a hub dataset is streamed at its newest revision, so one that changed between the runs would resume at
-the same row of other data; keep a local copy (``save_to_disk``) for a run that must resume exactly.
-Every iteration of the loader starts after the batches trained so far: the first after a resume, and
-each new epoch of a fit that cuts the stream into epochs (``trainer.limit_train_batches``), which goes
-on with the next rows rather than training the same ones again.
-
-Wiring, in ``DataModule``::
-
-    def train_dataloader(self):
-        require_max_steps(self.trainer.max_steps)
-        rows = StreamingRows(self.train_files, self.tokenizer, self.max_seq_length, self.batch_size,
-                             self._rank, self._world_size, self.seed)
-        return StreamingLoader(rows, self._trained_batches, num_workers=self.num_workers)
+Line files are read from a byte offset, tables and datasets Arrow batch by batch from a row, never whole;
+a bad line or row stops the stream with ``DataFormatError`` naming it, as ``distill.data.formats`` does.
+A batch is what ``batching.Collator`` makes of packed rows (``packed_batch``). Each batch comes with
+its shard's ``Cursor`` (taken by ``StreamingLoader`` in the main process), whose state holds each shard's
+cursor after the last batch the fit *trained* (Lightning and the workers fetch ahead), gathered from all
+ranks since a checkpoint keeps rank 0's loader state only. Every iteration starts after the batches trained so
+far: after a resume, and in each new epoch of a fit cut into epochs (``trainer.limit_train_batches``).
 """
 
 from __future__ import annotations
@@ -68,10 +34,11 @@ from distill.data.formats import (
     DataFormatError,
     decode_line,
     detect_format,
+    malformed,
     naming_undecodable,
     to_record,
 )
-from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, arrow_batches, row_at, row_where
+from distill.data.hf_datasets import TABLE_BUILDERS, DatasetSplit, arrow_batches, as_list, row_at, row_where
 from distill.data.resume import epoch_rng, leave_sigterm_to_main
 
 LINE_SUFFIXES = (".jsonl", ".txt")
@@ -100,7 +67,7 @@ def stream_files(sources: str | Stream | list[str | Stream]) -> list[Stream]:
     """The ``SUFFIXES`` files of ``sources`` (files, or directories searched recursively) and their
     dataset splits."""
     files: list[Stream] = []
-    for source in [sources] if isinstance(sources, (str, Path, DatasetSplit)) else sources:
+    for source in as_list(sources):
         if isinstance(source, DatasetSplit):
             files.append(source)
             continue
@@ -137,7 +104,7 @@ def document_text(line: str, suffix: str, where: str) -> str:
     try:
         value = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise malformed(where, err) from None
     return record_text(value, where)
 
 

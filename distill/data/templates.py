@@ -6,11 +6,9 @@ and the text an assistant turn adds after the generation prompt, up to and inclu
 string, is that turn's span. Spans are character ranges; tokenization maps them to tokens by offsets,
 so nothing depends on how markers split into tokens.
 
-Tool results (``tool`` turns) are context, never trained on. Each template gives them the role of its
-family's convention (chatml: ``tool``; llama3: ``ipython``); alpaca, mistral, and a tokenizer's own or
-custom template that does not render ``tool`` turns (it drops or rejects them) get each one as a user
-turn that starts with ``TOOL_PREFIX``, so no tool result silently vanishes from the context. The mapping
-happens before rendering: the Jinja sources, which key the teacher caches, stay as they were.
+Tool results are context, never trained on, in each template's role for them (README, "Data"); a
+template that does not render ``tool`` turns gets each as a user turn that starts with ``TOOL_PREFIX``.
+The mapping happens before rendering: the Jinja sources, which key the teacher caches, stay as they were.
 """
 
 from __future__ import annotations
@@ -47,19 +45,13 @@ _MISTRAL = (
     "{% endfor %}"
 )
 
-# name -> (jinja source, end-of-turn string; None means the tokenizer's EOS token)
-BUILTIN_TEMPLATES: dict[str, tuple[str, str | None]] = {
-    "chatml": (_CHATML, "<|im_end|>"),
-    "llama3": (_LLAMA3, "<|eot_id|>"),
-    "alpaca": (_ALPACA, None),
-    "mistral": (_MISTRAL, None),
-}
-# the role a built-in template gives tool results; None: a user turn that starts with TOOL_PREFIX
-_BUILTIN_TOOL_ROLES: dict[str, str | None] = {
-    "chatml": "tool",
-    "llama3": "ipython",
-    "alpaca": None,
-    "mistral": None,
+# name -> (jinja source, end-of-turn string or None: the tokenizer's EOS token, the role of tool results
+# or None: a user turn that starts with TOOL_PREFIX)
+BUILTIN_TEMPLATES: dict[str, tuple[str, str | None, str | None]] = {
+    "chatml": (_CHATML, "<|im_end|>", "tool"),
+    "llama3": (_LLAMA3, "<|eot_id|>", "ipython"),
+    "alpaca": (_ALPACA, None, None),
+    "mistral": (_MISTRAL, None, None),
 }
 
 TOOL_PREFIX = "Tool output:\n"
@@ -132,7 +124,7 @@ def resolve_template(
         source, name = tokenizer.chat_template, "tokenizer"
         end_of_turn = end_of_turn or _detect_end_of_turn(tokenizer, source)
     elif name in BUILTIN_TEMPLATES:
-        source, builtin_eot = BUILTIN_TEMPLATES[name]
+        source, builtin_eot, _ = BUILTIN_TEMPLATES[name]
         end_of_turn = end_of_turn or builtin_eot or tokenizer.eos_token
     elif "{%" in name or "{{" in name:
         source, name = name, "custom"
@@ -145,7 +137,7 @@ def resolve_template(
     if not end_of_turn:
         raise TemplateError(f"template {name!r}: no end-of-turn string; set data.end_of_turn")
     if name in BUILTIN_TEMPLATES:
-        tool_role = _BUILTIN_TOOL_ROLES[name]
+        tool_role = BUILTIN_TEMPLATES[name][2]
     else:
         tool_role = "tool" if _renders_tool_turns(tokenizer, source) else None
     return ChatTemplate(name=name, source=source, end_of_turn=end_of_turn, tool_role=tool_role)

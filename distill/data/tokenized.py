@@ -1,27 +1,7 @@
 """The tokenized-data cache: a split's encoded samples written once to flat arrays on disk, then
 memory-mapped by every rank and DataLoader worker, and by every later run with the same inputs.
-
-Why flat numpy files rather than Arrow (``datasets``): a sample is two aligned token arrays cut out of
-one file by an offsets index, which is all the training path reads; ``np.memmap`` maps that with no
-conversion, no dependency and no copy per worker (the pages are the OS's, shared by every process on
-the node), and it is written as a stream, chunk after chunk, with nothing held in memory.
-
-An entry lives in ``<root>/<key>/``, where the key hashes everything that changes the encoding (the
-files' bytes and paths, the record format, the tokenizer's full definition, the resolved chat template,
-``max_seq_length``, truncation, masking, the split and its selection, ``FORMAT_VERSION``):
-
-    .writer.lock          held while building (another run waits, then finds the entry done)
-    building-<pid>/       a build in progress; a killed one is never read and is removed by the next
-    data/                 the finished entry, renamed into place in one step when complete
-      meta.json           what the arrays hold (counts, encoding stats, the key's inputs, each array's
-                          xxh3-64 checksum, verified whenever a run opens the entry)
-      input_ids.bin       int32, every sample's tokens concatenated
-      trainable.bin       uint8, 1 where the token is a training target (its label is the token)
-      offsets.bin         int64, sample i is [offsets[i], offsets[i+1])
-      sha.bin             32 bytes per sample (the record's SHA-256)
-      sources.bin, source_offsets.bin   the records' ``path:line``, UTF-8
-      values.bin          float32 per sample, NaN where none: what a pair's objective reads of its
-                          record besides the tokens (a reward margin, a KTO label)
+docs/data.md ("Tokenized-data cache") has the key, the layout of ``<root>/<key>/data/`` and why flat
+numpy files rather than Arrow; ``FORMAT_VERSION`` is the layout's version, part of the key.
 """
 
 from __future__ import annotations

@@ -148,11 +148,6 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logsumexp(torch.stack([log_a + _log(weight_a), log_b + _log(1.0 - weight_a)]), 0)
 
 
-# The top-K divergences compare two (K + 1)-bucket distributions at temperature T: the student's, given by
-# ``head_log_probs`` (P, K), its log-softmax at the teacher's head ids (``kd_loss`` gathers them from its
-# one pass over the vocabulary), and the teacher's ``TeacherBuckets.log_probs`` (P, K + 1).
-
-
 def forward_kl(head_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
     """(P,) KL(teacher || student) over the head tokens plus the tail bucket (mode-covering)."""
     log_p, log_q = _buckets(head_log_probs, teacher_log_probs)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses.kd import _log1mexp_differentiable
+from distill.losses.kd import _compute_dtype, _log1mexp_differentiable
 
 
 @dataclass
@@ -37,9 +37,7 @@ class PairLoss:
 
 def _upcast(*tensors: Tensor) -> list[Tensor]:
     """float32 at least (bf16 log-probs would round the small differences DPO is made of)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = _compute_dtype(*tensors)
     return [t.to(dtype) for t in tensors]
 
 

@@ -75,12 +75,9 @@ def clipped_surrogate(
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     loss = -torch.minimum(ratio * advantages, clipped * advantages)
     ratio = ratio.detach()
-    return Surrogate(
-        loss=loss,
-        ratio=ratio,
-        clipped_low=(ratio < 1.0 - epsilon_low) & (advantages < 0),
-        clipped_high=(ratio > 1.0 + epsilon_high) & (advantages > 0),
-    )
+    low = (ratio < 1.0 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
+    return Surrogate(loss=loss, ratio=ratio, clipped_low=low, clipped_high=high)
 
 
 def reduce_tokens(

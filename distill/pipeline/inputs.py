@@ -1,9 +1,6 @@
 """What a stage reads besides its config: the content of its local data files, so that data edited in
-place reruns the stage that reads it (and the later ones), as a changed config does.
-
-Files are hashed by content, and each hash is remembered with the file's size and mtime in the pipeline's
-``data_hashes.json``: an untouched corpus is read once, a touched but unchanged one reruns nothing. A hub
-dataset counts by its name, config and split (which are in the config): its revision is not pinned.
+place reruns the stage that reads it (and the later ones), as a changed config does. Hashes are
+remembered by size and mtime in ``data_hashes.json`` (docs/pipeline.md).
 """
 
 from __future__ import annotations

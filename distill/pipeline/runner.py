@@ -1,17 +1,6 @@
-"""Running a planned pipeline (the ``pipeline`` command, ``distill.commands.pipeline``): the stages in
-order, each as its own ``python -m distill fit`` process, a LoRA stage's adapter merged before the next
-stage loads it.
-
-A stage directory holds ``config.yaml`` (what ran), ``stage.json`` (its key, written before the fit),
-``model/`` (the export), ``merged/`` (LoRA stages), ``checkpoints/``, ``logs/`` (TensorBoard),
-``train_results.json``, ``eval_results.json``, ``trainer_state.json``, and ``complete.json``, written
-last. A stage's key hashes its resolved config, the content of its data files and the completion of the
-stage before it, so a changed config or data file reruns that stage and every later one. Under ``srun``
-or ``torchrun`` every rank runs the pipeline: each rank's fit joins the others' as a single run would,
-and only rank 0 writes the stage files, merges and marks completion, which the other ranks wait for.
-
-The pipeline removes a stage directory only when it made it (``stage.json`` inside), holds its output
-directory's lock while it runs (a second run waits), and its fits and merges die with it.
+"""Running a planned pipeline (the ``pipeline`` command): the stages in order, each as its own
+``python -m distill fit`` process, a LoRA stage's adapter merged before the next stage loads it.
+docs/pipeline.md has the stage directory's files, the stage key, the ranks' roles and the lock.
 """
 
 from __future__ import annotations
@@ -43,6 +32,8 @@ POLL_SECONDS = 1.0
 STAGE_MARKER = "stage.json"  # in every stage directory the pipeline made, and only there
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+# environment variables that tell one launch from the next (launch_id)
+LAUNCH = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_PORT")
 
 
 def global_rank() -> int:
@@ -324,14 +315,7 @@ def merge(stage: Stage) -> None:
 def launch_id() -> str:
     """The same on every rank of one launch, another in the next: a rank waiting for rank 0 ignores what
     an earlier, killed launch left."""
-    names = (
-        "TORCHELASTIC_RUN_ID",
-        "TORCHELASTIC_RESTART_COUNT",
-        "SLURM_JOB_ID",
-        "SLURM_STEP_ID",
-        "MASTER_PORT",
-    )
-    return ".".join(os.environ.get(name, "") for name in names)
+    return ".".join(os.environ.get(name, "") for name in LAUNCH)
 
 
 def wait_for(
@@ -378,7 +362,7 @@ def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> 
         elif foreign(stage):
             refusals.append(foreign(stage))
             status = f"refused: {stage.dir} was not made by this pipeline"
-        elif stage.checkpoint.exists() and (read_json(stage.dir / "stage.json") or {}).get("key") == key:
+        elif stage.checkpoint.exists() and (read_json(stage.dir / STAGE_MARKER) or {}).get("key") == key:
             status = f"resumes from {stage.checkpoint}"
         else:
             status = "runs"

@@ -1,18 +1,5 @@
-"""The pipeline file: an ordered list of stages, each a fit config plus overrides.
-
-```yaml
-output_dir: runs/pipeline-demo          # stage NAME writes <output_dir>/NAME/
-stages:
-  - name: pt
-    config: configs/pt.yaml
-    overrides: {trainer.max_steps: 100}
-  - name: sft
-    config: [configs/sft.yaml, configs/overrides/lora.yaml]   # composed left to right, as --config does
-  - name: dpo
-    config: configs/dpo.yaml
-    reference_model: ${stages.pt.model}  # any earlier stage's output, by name
-```
-"""
+"""The pipeline file: an ordered list of stages, each a fit config plus overrides (docs/pipeline.md, "The
+file", has an example and the keys)."""
 
 from __future__ import annotations
 

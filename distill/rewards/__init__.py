@@ -1,9 +1,6 @@
-"""Reward functions for the RL objectives (GRPO, RLOO).
-
-A reward function is any callable ``fn(prompts, completions, **fields) -> list[float]`` (TRL's convention,
-so it must accept ``**kwargs``): one finite number per completion. ``fields`` holds one list per key: the
-prompt record's extra keys (``answer``...), ``completion_length``, ``stopped`` and ``messages``. Optional
-attributes: ``weight`` (default 1.0) in the weighted total, and ``name`` for the logged metrics.
+"""Reward functions for the RL objectives (GRPO, RLOO): any callable ``fn(prompts, completions, **fields)
+-> list[float]`` (TRL's convention), with optional ``weight`` and ``name`` attributes (docs/rl.md,
+"Rewards", has the fields a function receives and the built-in ones).
 """
 
 from distill.rewards.builtin import Accuracy, Format, Function, Length, TokenF1

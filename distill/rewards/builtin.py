@@ -234,15 +234,10 @@ class Length:
     def __call__(self, prompts: list[str], completions: list[str], **fields) -> list[float]:
         lengths = _column(fields, "completion_length", type(self).__name__)
         start = self.max_tokens - self.buffer
-        out = []
-        for n in lengths:
-            if n <= start:
-                out.append(0.0)
-            elif n >= self.max_tokens:
-                out.append(-1.0)
-            else:
-                out.append((start - n) / self.buffer)
-        return out
+        return [
+            0.0 if n <= start else -1.0 if n >= self.max_tokens else (start - n) / self.buffer
+            for n in lengths
+        ]
 
 
 class TokenF1:

@@ -53,26 +53,12 @@ def rollout_seed(*parts: object) -> int:
 # Options distill has none of, each at the value that turns it off (plain multinomial sampling). The
 # ones not named here are left unset: transformers reads None as off.
 OFF: dict[str, object] = {
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "diversity_penalty": 0.0,
-    "early_stopping": False,
-    "length_penalty": 1.0,
-    "min_length": 0,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0,
-    "renormalize_logits": False,
-    "remove_invalid_values": False,
-    "token_healing": False,
-    "use_mtp": False,
-    "output_scores": False,
-    "output_logits": False,
-    "return_dict_in_generate": False,
+    **dict.fromkeys(("num_beams", "num_beam_groups"), 1),
+    **dict.fromkeys(("min_length", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size"), 0),
+    **dict.fromkeys(("length_penalty", "typical_p", "repetition_penalty", "encoder_repetition_penalty"), 1.0),
+    **dict.fromkeys(("diversity_penalty", "epsilon_cutoff", "eta_cutoff"), 0.0),
+    **dict.fromkeys(("early_stopping", "renormalize_logits", "remove_invalid_values", "use_mtp"), False),
+    **dict.fromkeys(("token_healing", "output_scores", "output_logits", "return_dict_in_generate"), False),
 }
 
 

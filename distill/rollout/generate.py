@@ -1,28 +1,6 @@
-"""``python -m distill generate``: a model's completions of a prompt file, written as SFT data.
-
-Any causal LM (a Hugging Face directory or hub name, a LoRA adapter on its base) answers the prompts of
-JSON/JSONL files in any format ``PromptDataModule`` reads. Each completion is one JSONL line in the
-messages format (the prompt's turns, then the answer as the assistant's), so the file trains as it is
-(``--data.init_args.train_files out.jsonl``): sequence-level distillation from a teacher, or a look at
-what a trained model says. Every line also carries ``prompt_sha``, ``sample``, ``source``, ``stopped``
-and the record's fields.
-
-Sampling is defined by the options below alone, as RL and on-policy distillation sample: the model's
-saved ``generation_config.json`` (its ``repetition_penalty``, ``top_k``, ...) is not read, so the settings
-recorded with the output say what was sampled and a sequence-level distillation file holds samples of
-the model's own distribution. Set ``--temperature``, ``--top_p`` and ``--top_k`` to the checkpoint's
-recommended values to sample as its card says (a repetition penalty has no option).
-
-The run is resumable: lines are appended batch by batch and flushed to disk, and a rerun writes only
-the (prompt SHA, sample) pairs the file lacks, so each is there once however the last run was cut short.
-It first drops a last line cut short by a crash. The settings are in ``<output>.meta.json``, the model
-and adapter by their weights' identity (a SHA-256 of their files, as the teacher cache keys them; a hub
-revision), so a rerun with other settings or other weights at the same path is refused rather than
-mixing two runs' completions in one file. They are recorded once the model has loaded.
-
-An adapter's saved ``distill_config.yaml`` gives its base's ``from_pretrained`` arguments (``revision``,
-``attn_implementation``) but never ``trust_remote_code``: only ``--trust_remote_code true`` (or the
-user's own ``--config``) runs a model's own code.
+"""``python -m distill generate``: a model's completions of a prompt file, written as SFT data (README,
+"Generating completions": the output's lines, resuming, the recorded settings). An adapter's saved
+``distill_config.yaml`` never turns ``trust_remote_code`` on: only ``--trust_remote_code true`` does.
 
     python -m distill generate --model out/sft --prompts prompts.jsonl --output completions.jsonl
     python -m distill generate --config generate.yaml --temperature 0.7
@@ -66,9 +44,8 @@ def generate(
 ) -> Path:
     """Write ``num_samples`` completions of every prompt to ``output`` (JSONL, messages format).
 
-    Sampling follows these options alone, as RL and on-policy training sample: the model's own
-    ``generation_config.json`` (a ``repetition_penalty``, a ``top_k``) is not applied. Set
-    ``temperature``, ``top_p`` and ``top_k`` to its card's values to sample as it recommends.
+    Sampling follows these options alone (``engine.Sampling``): the model's own ``generation_config.json``
+    is not applied. Set ``temperature``, ``top_p`` and ``top_k`` to its card's values to sample as it says.
 
     Args:
         model: Hugging Face directory or hub name of the model (the base, when ``adapter`` is set).

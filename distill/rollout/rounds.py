@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,13 +33,12 @@ from typing import TYPE_CHECKING
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import IterableDataset
 
 from distill.data.batch import TokenBatch, UnbuiltBatch
 from distill.data.encoding import Encoded, encode_record, truncate
 from distill.data.formats import Record
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
-from distill.data.resume import epoch_rng, yields
+from distill.data.resume import Part, ResumableStream, epoch_rng
 from distill.rollout.engine import Sampling
 from distill.rollout.generate import check_settings, completed_prompts, read_completions, write_completions
 
@@ -226,9 +226,9 @@ class RoundChunk:
             self.targets.finish_chunk(self.reader)
 
 
-class RoundStream(IterableDataset):
+class RoundStream(ResumableStream):
     """One epoch of rounds as KD batches: each round sampled, collected into the chunk cache, trained
-    on, purged. ``skip`` batches are passed over without sampling or collecting (resuming mid-epoch)."""
+    on, purged. A round trained before a resume is passed over without sampling or collecting."""
 
     def __init__(
         self,
@@ -239,33 +239,22 @@ class RoundStream(IterableDataset):
         rank: int,
         world_size: int,
     ) -> None:
+        super().__init__(batch_size, rank, world_size)
         self.targets = targets
         self.rounds = rounds
         self.sample = sample
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.skip = 0
 
-    @property
-    def batches_per_round(self) -> int:
-        return math.ceil(self.rounds.per_rank(self.world_size) / self.batch_size)
+    def parts(self, epoch: int) -> list[Part]:
+        per_round = math.ceil(self.rounds.per_rank(self.world_size) / self.batch_size)
+        num_rounds = self.rounds.rounds.num_rounds
+        return [Part(per_round, partial(self.round, epoch * num_rounds + r)) for r in range(num_rounds)]
 
-    def __len__(self) -> int:
-        return self.rounds.rounds.num_rounds * self.batches_per_round
-
-    def __iter__(self) -> Iterator[UnbuiltBatch]:
-        per_round, num_rounds = self.batches_per_round, self.rounds.rounds.num_rounds
-        for offset in range(num_rounds):
-            first = offset * per_round
-            if first + per_round <= self.skip:  # trained before the resume
-                continue
-            index = self.epoch * num_rounds + offset
-            chunk = RoundChunk(self.targets, self.sample, self.batch_size, index, self.rounds.rounds.seed)
-            try:
-                for batch in range(per_round):
-                    if yields(first + batch, self.skip):
-                        yield UnbuiltBatch(partial(chunk.batch, batch))
-            finally:
-                chunk.finish()
+    @contextmanager
+    def round(self, index: int) -> Iterator[Callable[[int], UnbuiltBatch]]:
+        """Round ``index``'s batches, ``UnbuiltBatch``es (the round is sampled at the first built); its
+        targets are purged when they are done."""
+        chunk = RoundChunk(self.targets, self.sample, self.batch_size, index, self.rounds.rounds.seed)
+        try:
+            yield lambda number: UnbuiltBatch(partial(chunk.batch, number))
+        finally:
+            chunk.finish()

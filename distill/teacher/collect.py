@@ -27,7 +27,8 @@ from distill.data.encoding import Encoded
 from distill.data.templates import ChatTemplate
 from distill.progress import Progress
 from distill.teacher.identity import check_teacher_vocabulary, tokenizer_hash
-from distill.teacher.module import SparseOutput, TeacherModule
+from distill.teacher.module import TeacherModule
+from distill.teacher.sparse import SparseOutput
 
 _DONE = object()
 
@@ -50,14 +51,15 @@ def cache_spec(
     """Everything that makes cached targets valid for a run; a cache with other values is stale.
 
     ``labels`` describes what makes a position trainable (see ``label_policy``)."""
+    kept = teacher.sparsity
     return CacheSpec(
-        scheme=teacher.scheme,
-        k=teacher.k,
-        n_draws=teacher.num_draws,
+        scheme=kept.scheme,
+        k=kept.head,
+        n_draws=kept.num_draws,
         teachers=[teacher.identity(i) for i in range(len(teacher.teachers))],
         tokenizer_hash=tokenizer_hash(tokenizer),
         vocab_size=teacher.vocab_size,
-        temperature=teacher.temperature,
+        temperature=kept.draw_temperature,
         template=template.source if template else "",
         max_seq_length=max_seq_length,
         labels=labels,

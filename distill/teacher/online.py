@@ -23,12 +23,13 @@ from distill.rollout.completions import Completions, rollout_batch
 from distill.targets import SparseTargets
 from distill.teacher.alignment import end_of_turn_id, same_template
 from distill.teacher.module import Teacher, TeacherModule
+from distill.teacher.sparse import Sparsity
 
 
 class OnlineTeachers:
     def __init__(self, teachers: Sequence[Teacher], k: int, tokenizer: str | None) -> None:
         self.teachers = list(teachers)
-        self.module = TeacherModule(self.teachers, k=k, tokenizer=tokenizer)
+        self.module = TeacherModule(self.teachers, Sparsity(k=k), tokenizer=tokenizer)
         self._models: list[nn.Module] = []
 
     @property

@@ -1,11 +1,11 @@
 """Teacher targets composed into a data module: the caches of the teachers' sparse distributions of its
 samples, synced and completed before training, then joined to the student's batches.
 
-``TeacherTargets`` owns the ``TeacherModule``, the caches under ``cache_dir`` and their locks; the data
-module decides what to collect (which splits, whether chunked) and calls it at visible points: setup
-(``sync_and_collect``, whose barriers every rank meets), each chunk (``prepare_chunk`` collects it in
-chunked mode, ``finish_chunk`` purges it) and teardown (``close``). ``TargetStream`` is one training
-epoch of KD batches, chunk by chunk.
+``TeacherTargets`` owns the ``TeacherModule``, the caches under ``cache_dir`` and their locks;
+``distill.teacher.collector.Collector`` decides what to collect (which splits, whether chunked) and calls
+it at visible points: before training (``sync_and_collect``, whose barriers every rank meets), each
+chunk (``prepare_chunk`` collects it in chunked mode, ``finish_chunk`` purges it) and teardown
+(``close``). ``TargetStream`` is one training epoch of KD batches, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import IterableDataset
 
 from distill.cache.lock import WriterLock
 from distill.cache.reader import CacheReader
@@ -30,7 +30,7 @@ from distill.cache.store import TeacherCache, open_cache
 from distill.data.batch import TokenBatch
 from distill.data.batching import Collator
 from distill.data.encoding import Encoded
-from distill.data.resume import yields
+from distill.data.resume import Part, ResumableStream
 from distill.data.templates import ChatTemplate
 from distill.teacher.batches import KDCollator, TargetedSamples, teacher_reads, trainable_positions
 from distill.teacher.collect import collect, plan_jobs, sync_cache, writer_locks
@@ -215,15 +215,14 @@ class TeacherTargets:
             self._chunks_lock.release()
 
 
-class TargetStream(IterableDataset):
+class TargetStream(ResumableStream):
     """One epoch of KD batches, chunk by chunk; the same order on every run with the same seed and epoch.
 
     ``plan(epoch)`` gives the chunks (lists of indices of ``rows``). Each rank takes every world-th row
     of a chunk, and all ranks stop at the same batch count per chunk (DDP needs equal steps), a count
-    that depends on the chunk's size alone. ``skip`` batches are passed over without reading or
-    collecting anything (resuming mid-epoch). With workers, worker w produces batches skip + w,
-    skip + w + W, ... and opens its own HDF5 handles. A chunk is purged when its batches are done, or
-    when the epoch is cut short (``max_steps``, a stop) and the stream is closed.
+    that depends on the chunk's size alone. A chunk is collected (chunked mode) when its first batch not
+    trained before a resume is due, and purged when its batches are done or the epoch is cut short
+    (``max_steps``, a stop) and the stream is closed. With workers, each opens its own HDF5 handles.
     """
 
     def __init__(
@@ -235,14 +234,10 @@ class TargetStream(IterableDataset):
         rank: int,
         world_size: int,
     ) -> None:
+        super().__init__(batch_size, rank, world_size)
         self.targets = targets
         self.rows = rows
-        self.batch_size = batch_size
         self.plan = plan
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.skip = 0
 
     def batches(self, chunk: list[int]) -> list[list[list[Encoded]]]:
         """This rank's batches of one chunk: lists of rows (each row one sample, or several when packing)."""
@@ -251,22 +246,15 @@ class TargetStream(IterableDataset):
         mine = [self.rows[i] for i in chunk[self.rank :: self.world_size]]
         return [mine[b : b + size] for b in range(0, len(mine), size)][:steps]
 
-    def __len__(self) -> int:
-        return sum(len(self.batches(chunk)) for chunk in self.plan(self.epoch))
+    def parts(self, epoch: int) -> list[Part]:
+        chunks = map(self.batches, self.plan(epoch))
+        return [Part(len(batches), partial(self.chunk, batches)) for batches in chunks]
 
-    def __iter__(self) -> Iterator[TokenBatch]:
-        index = 0
-        for chunk in self.plan(self.epoch):
-            batches = self.batches(chunk)
-            # nothing of this rank's in the chunk, or a chunk trained before the resume: not even collected
-            if not batches or index + len(batches) <= self.skip:
-                index += len(batches)
-                continue
-            reader = self.targets.prepare_chunk([s for rows in batches for row in rows for s in row])
-            try:
-                for rows in batches:
-                    if yields(index, self.skip):
-                        yield self.targets.batch(rows, reader)
-                    index += 1
-            finally:  # also when the loop stops mid-chunk and closes the stream
-                self.targets.finish_chunk(reader)
+    @contextmanager
+    def chunk(self, batches: list[list[list[Encoded]]]) -> Iterator[Callable[[int], TokenBatch]]:
+        """The chunk's targets, collected (chunked mode) while its batches are built, then purged."""
+        reader = self.targets.prepare_chunk([s for rows in batches for row in rows for s in row])
+        try:
+            yield lambda number: self.targets.batch(batches[number], reader)
+        finally:
+            self.targets.finish_chunk(reader)

@@ -1,20 +1,10 @@
 """Model FLOPs of a decoder-only transformer per batch: what ThroughputMonitor turns into MFU.
 
-PaLM's count (Chowdhery et al. 2022, appendix B; also Megatron's and nanoGPT's ``estimate_mfu``):
-``6 N + 12 L W T`` FLOPs per token to train, of which ``2 N + 4 L W T`` are the forward pass. ``N``: the
-weights of the matmuls (multiply and add: 2 FLOPs per weight per token; embedding lookups are no
-matmul), ``L`` layers, ``W`` the attention width (heads x head size), ``T`` the sequence length (``QK^T``
-and ``AV``: 2 x 2 W T per token and layer, the causal half counted too, as PaLM and torch's FlopCounterMode
-do). Three departures, each what distill runs:
-
-- the output head runs only at positions that carry loss (``StudentModule.compute_loss``), not at all T;
-- the backward pass of a weight is its input's gradient (2 per weight per token) plus, only if the weight
-  trains, its own gradient (2 more): frozen weights (LoRA's base, a frozen head) cost 4, not 6;
-- recomputation (gradient checkpointing, the objectives' chunked head) is not counted: MFU counts the
-  model's FLOPs, not the hardware's.
-
-Padding positions count (the device computes them). A mixture of experts counts every expert, an
-overestimate; sliding-window attention counts the whole sequence.
+PaLM's count (Chowdhery et al. 2022, appendix B): ``6 N + 12 L W T`` FLOPs per token to train, of which
+``2 N + 4 L W T`` are the forward pass, with distill's departures (the head only at positions that carry
+loss; a frozen weight costs 4, not 6; no recomputation): docs/scaling.md, "Throughput and MFU". Padding
+positions count (the device computes them). A mixture of experts counts every expert, an overestimate;
+sliding-window attention counts the whole sequence.
 """
 
 from __future__ import annotations

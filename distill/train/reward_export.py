@@ -1,10 +1,7 @@
-"""A trained reward model as a transformers ``*ForSequenceClassification`` directory (``num_labels=1``).
-
-The backbone's weights keep their names (``model.*`` under Llama, ``transformer.*`` under GPT-2: the
-causal LM and the classification model share the base-model prefix), the output head is dropped and
-the objective's head becomes ``score.weight``. A LoRA adapter is merged first: the RL stage loads the
-reward model as a plain scorer. Scores are read at the last non-pad token, as ``RewardModel`` reads
-them in training, so the export scores what the module scored.
+"""A trained reward model as a transformers ``*ForSequenceClassification`` directory (``num_labels=1``;
+docs/preference.md, "Reward model export"). The backbone's weights keep their names (the causal LM and
+the classification model share the base-model prefix), the output head is dropped and the objective's
+head becomes ``score.weight``.
 """
 
 from __future__ import annotations

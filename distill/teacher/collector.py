@@ -1,0 +1,139 @@
+"""Collector: what a distillation fit collects from its teachers and when, driven from one place.
+
+Before training, ``before_fit`` (``KDDataModule.setup`` calls it on every rank) decides from the disk
+budget whether the training targets are collected whole or chunk by chunk, then collects what the caches
+lack, the ranks meeting at two barriers: rank 0 syncs the caches holding their writer locks,
+``kd-cache-sync``; every rank collects its shard, ``kd-cache-collected`` (``TeacherTargets
+.sync_and_collect``). During training, the stream (``stream``) collects a chunk when its first batch is
+due (chunked mode: the teachers loaded, then freed) and purges it when its batches are done, so the disk
+never holds more than the budget; with on-policy rounds each chunk is a round the student samples
+(``distill.rollout.rounds``), streamed by the data module.
+
+Lightning reads an epoch's length once, before the first epoch, so every epoch must yield exactly that
+many batches: the rows (packed once) and the chunks are the same in every epoch; only their order
+changes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from functools import cached_property
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from distill.cache.spec import CacheSpec
+from distill.data.encoding import Encoded
+from distill.data.resume import epoch_rng
+from distill.teacher.batches import (
+    SEGMENT_BYTES,
+    bytes_per_position_bound,
+    estimated_bytes,
+    fill_chunks,
+    split_bytes,
+)
+from distill.teacher.targets import Collection, TargetStream, TeacherTargets
+
+
+class Collector:
+    """Collect-before-train and the chunks of a KD fit's training rows, for ``targets``.
+
+    ``cache_size_gb``: the disk budget of the caches (None: no limit); ``chunk_samples``: samples per
+    streamed chunk when the whole cache fits; ``seed``: the seed of the chunks and their per-epoch order.
+    """
+
+    def __init__(
+        self, targets: TeacherTargets, cache_size_gb: float | None, chunk_samples: int, seed: int
+    ) -> None:
+        self.targets = targets
+        self.cache_size_gb = cache_size_gb
+        self.chunk_samples = chunk_samples
+        self.seed = seed
+        self.spec: CacheSpec | None = None
+        self.rows: list[list[Encoded]] = []
+        self.val: Sequence[Encoded] = []
+        self.chunked = False
+
+    def before_fit(
+        self,
+        spec: CacheSpec,
+        collection: Collection,
+        train: Sequence[Encoded],
+        rows: list[list[Encoded]],
+        val: Sequence[Encoded],
+        *,
+        rounds: bool,
+        packing: bool,
+        tokens: str,
+    ) -> dict[str, float]:
+        """Collect what the caches of ``val`` and ``train`` lack (``rows``: the training samples in rows,
+        one each or packed); with ``rounds`` or over the budget only ``val``'s, the training targets come
+        chunk by chunk. Returns the teachers' perplexities on the ``tokens`` tokens (rank 0; empty on the
+        others)."""
+        self.spec, self.rows, self.val = spec, rows, val
+        total = split_bytes(train, spec) + split_bytes(val, spec)
+        self.chunked = rounds or (self.cache_size_gb is not None and total > self.cache_size_gb * 1e9)
+        self.targets.start(spec, collection, chunked=self.chunked, packing=packing)
+        full = [("val", val)] + ([] if self.chunked else [("train", train)])
+        full = [(split, samples) for split, samples in full if samples]
+        collected = self.targets.sync_and_collect(full)  # the barriers
+        rank_zero_info(f"[distill] collected {collected} samples on rank 0 before training")
+        found = self.targets.perplexities(dict(full), tokens) if collection.rank == 0 else {}
+        if self.chunked and not rounds:
+            largest = max(estimated_bytes(row, spec) for row in rows)
+            if self.chunk_budget < largest:
+                raise ValueError(
+                    f"data.cache_size_gb={self.cache_size_gb} leaves {self.chunk_budget / 1e9:.3g} GB for "
+                    f"training targets, less than one sample (or packed row) needs ({largest / 1e9:.3g} GB)"
+                )
+        if self.chunked:
+            self.targets.open_chunks()
+        if self.chunked and not rounds:
+            rank_zero_info(
+                f"[distill] chunked KD: ~{total / 1e9:.3g} GB of targets > "
+                f"cache_size_gb {self.cache_size_gb}; "
+                f"{len(self.plan(0))} chunks per epoch"
+            )
+        return found
+
+    def check_round_fits(self, positions: int) -> None:
+        """Refuse a budget that cannot hold the targets of a round of ``positions`` positions per rank."""
+        needs = positions * bytes_per_position_bound(self.spec)
+        if self.cache_size_gb is not None and self.chunk_budget < needs:
+            raise ValueError(
+                f"data.cache_size_gb={self.cache_size_gb} leaves {self.chunk_budget / 1e9:.3g} GB for a "
+                f"round's targets, which may take {needs / 1e9:.3g} GB: lower data.rounds.prompts_per_round"
+            )
+
+    @property
+    def chunk_budget(self) -> float:
+        """Bytes of positions a chunk may hold: the budget less the validation cache and one segment."""
+        return self.cache_size_gb * 1e9 - split_bytes(self.val, self.spec) - SEGMENT_BYTES
+
+    @cached_property
+    def chunks(self) -> list[list[int]]:
+        """The training rows' fixed partition into chunks; each epoch streams them in an order of its own.
+
+        Fixed, so that every epoch yields the same number of batches. Without a budget: consecutive rows
+        of up to ``chunk_samples`` samples (neighbours in the cache). In chunked mode: rows drawn in an
+        order shuffled from the seed, as many per chunk as fit the disk budget.
+        """
+        if not self.chunked:
+            return fill_chunks(range(len(self.rows)), [len(row) for row in self.rows], self.chunk_samples)
+        order = list(range(len(self.rows)))
+        random.Random(self.seed).shuffle(order)
+        return fill_chunks(order, [estimated_bytes(row, self.spec) for row in self.rows], self.chunk_budget)
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's chunks of training-row indices: their order and the order within each shuffled
+        from (seed, epoch)."""
+        rng = epoch_rng(self.seed, epoch)
+        chunks = [list(chunk) for chunk in self.chunks]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            rng.shuffle(chunk)
+        return chunks
+
+    def stream(self, batch_size: int, rank: int, world_size: int) -> TargetStream:
+        """One epoch of the training rows' KD batches, chunk by chunk."""
+        return TargetStream(self.targets, self.rows, batch_size, self.plan, rank, world_size)
