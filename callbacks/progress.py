@@ -12,8 +12,10 @@ import lightning as L
 from distill.callbacks.steps import OptimizerSteps
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from distill.data.batch import TokenBatch
 from distill.data.encoding import IGNORE_INDEX
 from distill.progress import format_seconds
+from distill.train.student import step_batch
 
 # a step-limited fit's bar: its description ("step 120/500: ") already counts the steps
 STEP_BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
@@ -133,7 +135,7 @@ class LoopProgress(TQDMProgressBar):
                 bar.n = step
                 bar.refresh()
         if self.prints_lines:
-            self._count(batch)
+            self._count(step_batch(outputs, batch))
             if self._steps.ended(trainer) and self._train_line_due(trainer):
                 self._print_train_line(trainer, batch_idx)
 
@@ -262,13 +264,13 @@ class LoopProgress(TQDMProgressBar):
         self._trained: Any = 0  # a device tensor once counted: read (synchronising) only in a line
 
     def _count(self, batch: Any) -> None:
-        if not isinstance(batch, dict) or "input_ids" not in batch:
+        if not isinstance(batch, TokenBatch):
             return
-        ids = batch["input_ids"]
+        ids = batch.input_ids
         self._samples += ids.shape[0]
         self._tokens += ids.numel()
-        if "labels" in batch:  # position t is trained on label t + 1, as StudentModule.compute_loss
-            self._trained = self._trained + (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        # position t is trained on label t + 1, as StudentModule.compute_loss
+        self._trained = self._trained + (batch.labels[:, 1:] != IGNORE_INDEX).sum()
 
     def _seconds_due(self, since: float) -> bool:
         return self.every_seconds is not None and time.monotonic() - since >= self.every_seconds

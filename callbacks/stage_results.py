@@ -13,6 +13,9 @@ import torch
 from distill.callbacks.hf_export import untrained_reason
 from distill.callbacks.steps import OptimizerSteps
 
+from distill.data.batch import TokenBatch, UnitBatch
+from distill.train.student import step_batch
+
 
 class StageResults(L.Callback):
     """Writes ``train_results.json`` at the end of a fit, ``eval_results.json`` after each validation
@@ -80,7 +83,7 @@ class StageResults(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        rows, tokens = batch_size(batch)
+        rows, tokens = batch_size(step_batch(outputs, batch))
         self.totals["samples"] += rows
         self.totals["tokens"] += tokens
         loss = trainer.callback_metrics.get("train/loss")
@@ -113,7 +116,7 @@ class StageResults(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        rows, tokens = batch_size(batch)
+        rows, tokens = batch_size(step_batch(outputs, batch))
         self._eval["samples"] += rows
         self._eval["tokens"] += tokens
 
@@ -171,14 +174,13 @@ class StageResults(L.Callback):
         }
 
 
-def batch_size(batch: dict[str, Any]) -> tuple[int, int]:
+def batch_size(batch: TokenBatch) -> tuple[int, int]:
     """Samples (preference pairs and KTO samples as units; an RL batch's completions; a packed row counts
     once) and non-padding tokens of a batch."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
+    ids, mask = batch.input_ids, batch.attention_mask
     tokens = int(mask.sum()) if mask is not None else ids.numel()
-    if "sequence_sha" in batch:  # preference encodings: a unit is a pair (or a KTO sample)
-        return len(batch["sequence_sha"]) // batch["unit_size"], tokens
+    if isinstance(batch, UnitBatch):  # a unit is a pair (or a KTO sample)
+        return len(batch.sequence_shas) // batch.unit_size, tokens
     return ids.shape[0], tokens
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning as L
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from distill.data.batch import TokenBatch
+from distill.train.student import step_batch
 
-def _rows(batch: dict) -> int:
-    return batch["input_ids"].shape[0]
+
+def _rows(batch: TokenBatch) -> int:
+    return batch.input_ids.shape[0]
 
 
-def _tokens(batch: dict) -> int:
-    return batch["input_ids"].numel()
+def _tokens(batch: TokenBatch) -> int:
+    return batch.input_ids.numel()
 
 
 class TokenThroughput(ThroughputMonitor):
@@ -20,3 +26,19 @@ class TokenThroughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)
+
+    # each counts the batch the step ran on: an objective's prepared one (completion rows of prompts)
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *rest: Any
+    ) -> None:
+        super().on_train_batch_end(trainer, module, outputs, step_batch(outputs, batch), *rest)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *rest: Any
+    ) -> None:
+        super().on_validation_batch_end(trainer, module, outputs, step_batch(outputs, batch), *rest)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *rest: Any
+    ) -> None:
+        super().on_test_batch_end(trainer, module, outputs, step_batch(outputs, batch), *rest)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,16 @@ class SparseTargets:
     def to(self, device: torch.device | str) -> SparseTargets:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return SparseTargets(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+
+
+@dataclass
+class BatchTargets:
+    """Each teacher's targets at a batch's trainable positions (in row order), as the KD collator joins
+    cached ones and online teachers make them."""
+
+    per_teacher: list[SparseTargets]
+    vocab_size: int
+    nll: dict[str, Tensor] = field(default_factory=dict)  # per teacher: its NLL of the labels, summed
 
 
 def teacher_top1(targets: SparseTargets) -> Tensor:

@@ -371,22 +371,27 @@ def check_stopped_fit_resumes(
     return stopped
 
 
-def token_inputs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, batch: dict):
-    """``LossInputs`` of loss positions that all belong to one sequence (objectives of token units)."""
+def token_inputs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, targets):
+    """``LossInputs`` of loss positions that all belong to one sequence (objectives of token units), of a
+    batch (one row: the labels) carrying the teachers' ``targets`` (``BatchTargets``)."""
+    from distill.data.batch import TokenBatch
     from distill.objectives.base import LossInputs
 
     sequence = torch.zeros(labels.shape[0], dtype=torch.long)
+    row = torch.cat([labels[:1], labels])[None]  # position t is trained on label t + 1
+    positions = torch.arange(row.shape[1])[None]
+    batch = TokenBatch(input_ids=row, labels=row, position_ids=positions, targets=targets)
     return LossInputs(hidden, labels, sequence, hidden[-1:].detach(), head, batch)
 
 
-def objective_loss(objective, model: torch.nn.Module, batch: dict):
+def objective_loss(objective, model: torch.nn.Module, batch):
     """``objective`` on a batch of rows through a causal LM's backbone and head, as the student runs it."""
     from distill.objectives.base import loss_inputs
 
     hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
     ).last_hidden_state
     return objective(loss_inputs(hidden, model.get_output_embeddings(), batch))
 

@@ -131,6 +131,8 @@ class PromptLog(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args
     ) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        line = {"shas": batch["shas"], "rows": int(batch["input_ids"].shape[0])}
+        from distill.train.student import step_batch
+
+        line = {"shas": batch.shas, "rows": int(step_batch(outputs, batch).input_ids.shape[0])}
         with open(self.directory / f"prompts{trainer.global_rank}.jsonl", "a") as file:
             file.write(json.dumps(line) + "\n")

@@ -141,7 +141,7 @@ def test_an_empty_validation_file_given_is_an_error_naming_it(tmp_path):
 def validated_rows(batch) -> list[tuple[int, ...]]:
     return [
         tuple(ids[mask.bool()].tolist())
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
     ]
 
 
@@ -164,7 +164,7 @@ def test_validation_under_ddp_sees_every_sample_exactly_once(tmp_path, monkeypat
         batches = list(loader)
         steps.append(len(batches))
         assert len(loader) == len(batches)
-        seen.update(sha for batch in batches for sha in batch["sha"])
+        seen.update(sha for batch in batches for sha in batch.shas)
     assert seen == Counter(s.sha for s in data.val)  # each of the 7 once, none twice
     assert len(set(steps)) == 1  # every rank the same number of forwards (sharded models gather in each)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distill.cli import run_cli
+from distill.data.batch import TokenBatch
 from distill.data.datamodule import DataModule
 from distill.data.formats import DataFormatError, read_records
 from distill.data.hf_datasets import DatasetSplit, without_nulls
@@ -207,12 +208,14 @@ def stream_loader(source, tokenizer, trained: list[int]) -> StreamingLoader:
     return StreamingLoader(rows, lambda: trained[0], num_workers=2)
 
 
-def same(got: list[dict], want: list[dict]) -> bool:
+def same(got: list[TokenBatch], want: list[TokenBatch]) -> bool:
     assert len(got) == len(want)
-    return all(
-        a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pairs = [
+        (x, y)
         for a, b in zip(got, want, strict=True)
-    )
+        for x, y in zip(vars(a).values(), vars(b).values(), strict=True)
+    ]
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
 
 
 def test_a_stream_over_tables_and_datasets_is_the_jsonl_stream_and_resumes_exactly(tmp_path, tokenizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from distill.cli import run_cli
 from distill.commands import main
 from distill.objectives.kd import Distillation
-from distill.targets import concat_targets
+from distill.targets import BatchTargets, concat_targets
 from distill.teacher.sparse import sparse_distribution
 from tests.helpers import kd_config, logged_values, token_inputs
 
@@ -38,9 +39,9 @@ def test_distillation_with_full_vocabulary_head_equals_dense_reference(alpha, te
     teacher_logits = torch.randn(13, V) * 2
     labels = torch.randint(0, V, (13,))
     ids, logits, lse, _, _ = sparse_distribution(teacher_logits, k=V)
-    batch = {"targets": [concat_targets([SparseTargetsOf(ids, logits, lse)])], "vocab_size": V}
+    targets = [concat_targets([SparseTargetsOf(ids, logits, lse)])]
     out = Distillation(alpha=alpha, temperature=temperature, chunk_size=4)(
-        token_inputs(hidden, head, labels, batch)
+        token_inputs(hidden, head, labels, BatchTargets(targets, V))
     )
     expected = dense_reference(head(hidden), teacher_logits, labels, alpha, temperature)
     torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-5)
@@ -62,9 +63,11 @@ def SparseTargetsOf(ids, logits, lse):
 def test_positions_that_do_not_match_the_data_are_an_error():
     head = torch.nn.Linear(H, V, bias=False)
     ids, logits, lse, _, _ = sparse_distribution(torch.randn(5, V), k=4)
-    batch = {"targets": [SparseTargetsOf(ids, logits, lse)], "vocab_size": V}
+    targets = [SparseTargetsOf(ids, logits, lse)]
     with pytest.raises(ValueError, match="5 teacher positions for 6 trainable tokens"):
-        Distillation()(token_inputs(torch.randn(6, H), head, torch.zeros(6, dtype=torch.long), batch))
+        Distillation()(
+            token_inputs(torch.randn(6, H), head, torch.zeros(6, dtype=torch.long), BatchTargets(targets, V))
+        )
 
 
 def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, kd_teacher_dir, caplog, capsys):
@@ -100,10 +103,10 @@ def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, 
     data = cli.datamodule
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    assert "attention_mask" not in batch  # packed rows
+    assert batch.attention_mask is None  # packed rows
     teacher = data.teacher
     online, _ = teacher.batch_targets(teacher.teacher_model(0), batch)
-    cached = batch["targets"][0]
+    cached = batch.targets.per_teacher[0]
     assert torch.equal(cached.ids, online.ids)
     torch.testing.assert_close(cached.lse, online.lse, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cached.logits, online.logits, atol=0.05, rtol=0.02)  # quantised values
@@ -125,9 +128,9 @@ def test_resumed_stream_continues_at_the_same_batch(tmp_path, kd_teacher_dir):
     data.setup("fit")
     loader = data.train_dataloader()
     loader.progress = lambda: (0, 0)
-    full = [b["input_ids"] for b in loader]
+    full = [b.input_ids for b in loader]
     loader.load_state_dict({"epoch": 0, "batches": 4})
-    resumed = [b["input_ids"] for b in loader]
+    resumed = [b.input_ids for b in loader]
     assert len(full) == len(loader) and len(resumed) == len(full) - 4
     assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
 
@@ -176,11 +179,11 @@ def test_online_kd_gives_the_cached_loss(tmp_path, kd_teacher_dir):
     data.setup("fit")
     student.configure_model()
     batch = next(iter(data.train_dataloader()))
-    cached = student.compute_loss(batch)
+    cached, _ = student.compute_loss(batch)
     online = Distillation(alpha=0.5, online=[Teacher(model=str(kd_teacher_dir), name="t1")], online_k=8)
     online.setup(student.objective_context())
     student.objective = online
-    live = student.compute_loss({k: v for k, v in batch.items() if k != "targets"})
+    live, _ = student.compute_loss(replace(batch, targets=None))
     torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)
 
 
@@ -219,11 +222,13 @@ def test_sampled_cache_needs_the_sampled_loss():
     ids, logits, lse, sample_ids, counts = sparse_distribution(
         torch.randn(4, V), k=0, scheme="sampled", num_draws=6
     )
-    batch = {"targets": [SparseTargetsOf(ids, logits, lse)], "vocab_size": V}
-    batch["targets"][0].sample_ids, batch["targets"][0].sample_counts = sample_ids, counts
+    targets = [SparseTargetsOf(ids, logits, lse)]
+    targets[0].sample_ids, targets[0].sample_counts = sample_ids, counts
     with pytest.raises(ValueError, match="use loss sampled_ce"):
-        Distillation()(token_inputs(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch))
-    inputs = token_inputs(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), batch)
+        Distillation()(
+            token_inputs(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), BatchTargets(targets, V))
+        )
+    inputs = token_inputs(torch.randn(4, H), head, torch.zeros(4, dtype=torch.long), BatchTargets(targets, V))
     out = Distillation(loss="sampled_ce")(inputs)
     assert out.loss_sum.isfinite() and out.num_tokens == 4
 

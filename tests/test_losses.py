@@ -19,7 +19,7 @@ from distill.losses.kd import (
     teacher_buckets,
 )
 from distill.objectives.kd import Distillation
-from distill.targets import SparseTargets
+from distill.targets import BatchTargets, SparseTargets
 from tests.helpers import token_inputs
 
 P, V = 7, 50
@@ -393,7 +393,7 @@ def test_distillation_in_chunks_matches_the_unchunked_loss_and_gradients(kind, t
     labels = torch.randint(0, V, (P,), generator=gen)
     params = {"beta": 0.3, "skew": 0.2}
     objective = Distillation(loss=kind, temperature=temperature, alpha=alpha, chunk_size=3, **params)
-    chunked = objective(token_inputs(hidden, head, labels, {"targets": [targets], "vocab_size": V}))
+    chunked = objective(token_inputs(hidden, head, labels, BatchTargets([targets], V)))
     weights = (hidden, head.weight, head.bias)
     grads = torch.autograd.grad(chunked.loss_sum, weights)
     full = kd_loss(

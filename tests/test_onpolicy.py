@@ -13,6 +13,7 @@ import yaml
 from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from distill.data.batch import PromptBatch, TokenBatch
 from distill.data.batching import Collator, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, encode_all
 from distill.data.facts import DataFacts
@@ -65,17 +66,20 @@ class FixedEngine:
         return self.completions
 
 
-def prompt_batch(num_prompts: int = 2) -> dict:
+def prompts_of(ids: torch.Tensor, mask: torch.Tensor, messages: list, shas: list[str]) -> PromptBatch:
+    return PromptBatch(
+        prompt_ids=ids, prompt_mask=mask, prompts=[""] * len(shas), messages=messages, fields={},
+        sources=[""] * len(shas), shas=shas,
+    )  # fmt: skip
+
+
+def prompt_batch(num_prompts: int = 2) -> PromptBatch:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(100, VOCAB, (num_prompts, 6), generator=generator)
     mask = torch.ones_like(ids)
     ids[0, :2], mask[0, :2] = 0, 0  # left padding
-    return {
-        "prompt_ids": ids,
-        "prompt_mask": mask,
-        "messages": [[{"role": "user", "content": f"question {i}"}] for i in range(num_prompts)],
-        "shas": [f"sha{i}" for i in range(num_prompts)],
-    }
+    messages = [[{"role": "user", "content": f"question {i}"}] for i in range(num_prompts)]
+    return prompts_of(ids, mask, messages, [f"sha{i}" for i in range(num_prompts)])
 
 
 def completions(rows: int = 2, length: int = 7) -> torch.Tensor:
@@ -100,14 +104,14 @@ def objective_for(teacher_dirs, engine, policy, data=PROMPTS, **kwargs) -> OnPol
     return set_up(OnPolicyDistillation(teachers, engine=engine, **kwargs), policy, data)
 
 
-def full_log_probs(model, batch: dict) -> torch.Tensor:
+def full_log_probs(model, batch: TokenBatch) -> torch.Tensor:
     """(N, V) log-softmax of full logits at every trained position, row after row."""
     logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
     ).logits.float()
-    trained = batch["labels"][:, 1:] != IGNORE_INDEX
+    trained = batch.labels[:, 1:] != IGNORE_INDEX
     return torch.log_softmax(logits[:, :-1][trained], dim=-1)
 
 
@@ -133,10 +137,9 @@ def test_the_onpolicy_loss_and_gradient_equal_a_full_vocabulary_reference(studen
     engine = FixedEngine(completions())
     # the whole vocabulary as the teacher's head: the bucket divergence is then the dense one
     objective = objective_for([teacher_dir], engine, student, loss=loss, beta=beta, online_k=VOCAB)
-    batch = prompt_batch()
-    objective.prepare(batch, EVALUATING)
+    batch = objective.prepare(prompt_batch(), EVALUATING)
     assert engine.models == [student]  # the student sampled
-    labels = batch["labels"][:, 1:]
+    labels = batch.labels[:, 1:]
     assert (labels != IGNORE_INDEX).sum(dim=1).tolist() == [5, 7]  # up to and including the stop token
     out = objective_loss(objective, student, batch)
     (out.loss_sum / out.num_units).backward()
@@ -166,13 +169,12 @@ def test_the_policy_gradient_form_equals_a_naive_reference_with_teachers_mixed_b
         [teacher_dir, second_teacher_dir], engine, student, loss="reverse_kl_pg", teacher_weights=weights
     )
     assert objective.metric_names == ("ce", "kd", "teacher_ce/t0", "teacher_ce/t1", "on_policy")
-    batch = prompt_batch()
-    objective.prepare(batch, EVALUATING)
+    batch = objective.prepare(prompt_batch(), EVALUATING)
     out = objective_loss(objective, student, batch)
     out.loss_sum.backward()
     got = gradients(student)
 
-    labels = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX][:, None]
+    labels = batch.labels[:, 1:][batch.labels[:, 1:] != IGNORE_INDEX][:, None]
     with torch.no_grad():
         per_teacher = [full_log_probs(t, batch).gather(1, labels) for t in objective.teachers.models("cpu")]
     mixture = torch.log(sum(w * lp.exp() for w, lp in zip(weights, per_teacher, strict=True)))
@@ -229,14 +231,12 @@ def test_lmbda_zero_is_online_kd_on_the_datasets_responses(tmp_path, student, te
     teacher = Teacher(model=str(teacher_dir), name="t0", dtype="float32")
     online = Distillation(loss="jsd", beta=0.3, online=[teacher], online_k=16)
     set_up(online, student, DataFacts("a test", "samples", 0))
-    online.prepare(sft, Step())
-    want = objective_loss(online, student, sft)
+    want = objective_loss(online, student, online.prepare(sft, Step()))
 
     engine = FixedEngine(None)
     objective = OnPolicyDistillation([teacher], loss="jsd", beta=0.3, lmbda=0.0, online_k=16, engine=engine)
     set_up(objective, student, data.facts())
-    objective.prepare(prompts, Step(training=True))
-    got = objective_loss(objective, student, prompts)
+    got = objective_loss(objective, student, objective.prepare(prompts, Step(training=True)))
     assert engine.models == []  # nothing sampled
     assert got.num_units == want.num_units == sum(s.num_trainable for s in samples)
     assert_close(got.loss_sum, want.loss_sum, rtol=1e-4, atol=1e-5)
@@ -274,19 +274,19 @@ def test_a_teacher_with_its_own_template_reads_the_prompt_in_it(tmp_path, chat_t
     texts = [student_template.render(tok, m, generation_prompt=True) for m in messages]
     prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
     width = max(map(len, prompt_ids))
-    batch = {
-        "prompt_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompt_ids]),
-        "prompt_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids]),
-        "messages": messages,
-        "shas": ["a", "b"],
-    }
+    batch = prompts_of(
+        torch.tensor([[0] * (width - len(p)) + p for p in prompt_ids]),
+        torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids]),
+        messages,
+        ["a", "b"],
+    )
     sampled = completions()
     sampled[0, 4] = im_end  # the first stops on the student's end-of-turn
     teacher = Teacher(model=str(teacher_dir), name="llama", dtype="float32", template="llama3")
     objective = OnPolicyDistillation([teacher], online_k=8, engine=FixedEngine(sampled))
     facts = DataFacts("a test", "prompts", pad_token_id(tok), student_template, stop_ids=(im_end, EOS))
     set_up(objective, student, facts, chat_tokenizer_dir)
-    objective.prepare(batch, EVALUATING)
+    batch = objective.prepare(batch, EVALUATING)
 
     (model,) = objective.teachers.models(torch.device("cpu"))
     llama3 = resolve_template(tok, "llama3")
@@ -304,8 +304,8 @@ def test_a_teacher_with_its_own_template_reads_the_prompt_in_it(tmp_path, chat_t
         log_p = torch.log_softmax(logits, -1)
         want_nll -= float(log_p.gather(1, kept[:, None]).sum())
         want_top += log_p.argmax(-1).tolist()
-    (targets,) = batch["targets"]
-    assert float(batch["teacher_nll"]["llama"]) == pytest.approx(want_nll, rel=1e-4)
+    (targets,) = batch.targets.per_teacher
+    assert float(batch.targets.nll["llama"]) == pytest.approx(want_nll, rel=1e-4)
     top = targets.ids.gather(1, targets.logits.argmax(-1, keepdim=True)).squeeze(1)
     assert top.tolist() == want_top
     assert not torch.isfinite(targets.logits[targets.ids == eot_id]).any()  # no mass left on its own id
@@ -317,10 +317,9 @@ def test_seq_kd_samples_from_the_teacher_and_lmbda_mixes_by_step(student, teache
     objective = objective_for(
         [teacher_dir], engine, student, with_responses, lmbda=0.0, seq_kd=True, online_k=4
     )
-    batch = prompt_batch()
-    objective.prepare(batch, Step(training=True))
+    batch = objective.prepare(prompt_batch(), Step(training=True))
     assert engine.models == objective.teachers.models("cpu")  # the teacher sampled, not the student
-    assert batch["on_policy"] is False
+    assert batch.on_policy is False
     # lmbda: the share of training micro-batches the student samples, drawn per (epoch, batch) position
     objective = objective_for([teacher_dir], FixedEngine(completions()), student, lmbda=0.3, seq_kd=True)
     sources = [objective.completion_source(Step(True, 0, position)) for position in range(400)]

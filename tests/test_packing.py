@@ -1,6 +1,7 @@
 """Packing several samples into one row must not change any per-token loss."""
 
 import random
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,13 @@ from tests.helpers import TINY_LLAMA
 
 
 def per_token_loss(model, batch) -> torch.Tensor:
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits
+    labels = batch.labels[:, 1:]
     loss = F.cross_entropy(
         logits[:, :-1].transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
     )
@@ -69,12 +75,12 @@ def test_packed_batch_gives_the_same_per_token_loss_as_unpacked():
         rows = pack(samples, max_length=32)
         unpacked = collate([s for row in rows for s in row])  # the same samples in the packed order
         packed = collate(rows)
-        assert packed["input_ids"].shape[0] < len(samples)
-        assert "attention_mask" not in packed
+        assert packed.input_ids.shape[0] < len(samples)
+        assert packed.attention_mask is None
         with torch.no_grad():
             expected, got = per_token_loss(model, unpacked), per_token_loss(model, packed)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         # without the restart of position ids, tokens would attend across samples and the loss would differ
-        leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+        leaky = replace(packed, position_ids=torch.arange(packed.input_ids.shape[1])[None])
         with torch.no_grad():
             assert not torch.allclose(per_token_loss(model, leaky), expected, atol=1e-3)

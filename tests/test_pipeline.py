@@ -22,6 +22,7 @@ import yaml
 from distill.callbacks.stage_results import batch_size
 
 from distill import commands
+from distill.data.batch import CompletionBatch, PairBatch, TokenBatch, extended
 from distill.pipeline.inputs import ContentHashes, data_digest
 from distill.pipeline.plan import Stage, plan
 from distill.pipeline.runner import (
@@ -435,12 +436,13 @@ def test_chained_values_and_the_overrides_that_set_them_instead(tmp_path, monkey
 def test_samples_count_pairs_completions_and_rows():
     ids, mask = torch.ones(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long)
     mask[0, 3:] = 0
-    pairs = {"input_ids": ids, "attention_mask": mask, "sequence_sha": ["a", "a", "b", "b"], "unit_size": 2}
-    # an RL batch: the prompts' loader batch carries unit_size, the rollout's completions are its rows
-    completions = {"input_ids": ids, "attention_mask": mask, "unit_size": 1, "shas": ["p"]}
+    rows = TokenBatch(input_ids=ids, labels=ids, attention_mask=mask)
+    pairs = extended(rows, PairBatch, sequence_values=torch.zeros(4), sequence_shas=["a", "a", "b", "b"])
+    # an RL batch: the rollout's completions are its rows
+    completions = extended(rows, CompletionBatch, prompt_shas=["p"])
     assert batch_size(pairs) == (2, 18)
     assert batch_size(completions) == (4, 18)
-    assert batch_size({"input_ids": ids}) == (4, 20)
+    assert batch_size(TokenBatch(input_ids=ids, labels=ids)) == (4, 20)
 
 
 def test_a_stage_key_counts_the_local_data_it_reads(tmp_path):
@@ -489,7 +491,7 @@ class TinyFit(L.LightningModule):
         self.objective = SimpleNamespace(rollouts=SimpleNamespace(last=rollout, names=["r"]))
 
     def loss(self, batch) -> torch.Tensor:
-        return self.layer(batch["input_ids"].float()).pow(2).mean()
+        return self.layer(batch.input_ids.float()).pow(2).mean()
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
@@ -504,8 +506,9 @@ class TinyFit(L.LightningModule):
 
 
 def tiny_loader(batches: int):
-    rows = [{"input_ids": torch.full((4,), float(i) / 10)} for i in range(2 * batches)]
-    return torch.utils.data.DataLoader(rows, batch_size=2)
+    rows = [torch.full((4,), float(i) / 10) for i in range(2 * batches)]
+    collate = lambda rows: TokenBatch(input_ids=torch.stack(rows), labels=torch.stack(rows))  # noqa: E731
+    return torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=collate)
 
 
 def tiny_trainer(root, callbacks, **options) -> L.Trainer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from distill.cli import main, run_cli
+from distill.data.batch import PairBatch
 from distill.data.pair_encoding import Grouped, UnitCollator, encode_unit
 from distill.data.pairs import PairRecord
 from distill.data.templates import resolve_template
@@ -62,8 +64,8 @@ def student_of(policy_dir, objective, lora: LoraOptions | None = None) -> Studen
 
 def naive_sequence_logps(model, batch) -> torch.Tensor:
     """Full (B, T, V) logits, one row per sequence: the log-prob sum of each row's labelled tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    labels = batch["labels"][:, 1:]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    labels = batch.labels[:, 1:]
     logp = torch.log_softmax(logits[:, :-1], -1)
     mask = labels != -100
     picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
@@ -81,7 +83,7 @@ def test_sequence_log_probs_equal_a_full_logits_computation(policy_dir, packed):
     assert got.shape == (6,)
     assert_close(got, want, rtol=1e-4, atol=1e-4)
     # the policy's own forward: the loss of pairs whose reference is the policy is log 2, rewards 0
-    batch["reference_logps"] = want
+    batch = replace(batch, reference_logps=want)
     out = objective(
         loss_inputs(student.forward_hidden(batch), student.causal_lm.get_output_embeddings(), batch)
     )
@@ -110,7 +112,12 @@ def test_ipo_logs_the_implicit_rewards_of_the_sums_and_keeps_its_loss_of_the_mea
     tokens = torch.tensor(lengths, dtype=sums.dtype)
     # log pi - log ref on the sums; pairs 0, 1 and 3 are ordered one way by the sums, the other by the means
     delta = torch.tensor([1.0, 0.6, 1.0, 2.0, 1.0, 0.5, 1.0, 0.45])
-    inputs.batch.update(unit_size=2, reference_logps=(sums - delta).double())
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    batch = PairBatch(
+        input_ids=empty, labels=empty, position_ids=empty, sequence_values=torch.zeros(8),
+        sequence_shas=[""] * 8, reference_logps=(sums - delta).double(),
+    )  # fmt: skip
+    inputs = replace(inputs, batch=batch)
     beta = 0.2
     out = Preference(loss="ipo", beta=beta)(inputs)
     chosen, rejected = beta * delta[0::2], beta * delta[1::2]
@@ -145,10 +152,9 @@ def test_the_frozen_reference_defaults_to_the_starting_weights(policy_dir):
     assert objective.reference.kind == "model" and objective.reference.model == str(policy_dir)
     with torch.no_grad():
         student.causal_lm.get_input_embeddings().weight.mul_(1.5)  # training moved the policy
-    batch = pair_batch(student.tokenizer)
-    objective.prepare(batch, Step())
+    batch = objective.prepare(pair_batch(student.tokenizer), Step())
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
-    assert_close(batch["reference_logps"], naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
+    assert_close(batch.reference_logps, naive_sequence_logps(base, batch), rtol=1e-4, atol=1e-4)
     assert not any(
         p.requires_grad for p in objective.reference.frozen_model(torch.device("cpu")).parameters()
     )
@@ -179,9 +185,8 @@ def test_reference_free_losses_load_no_reference(policy_dir):
     for loss in ("simpo", "orpo"):
         objective = Preference(loss=loss)
         student = student_of(policy_dir, objective)
-        batch = pair_batch(student.tokenizer)
-        objective.prepare(batch, Step())
-        assert "reference_logps" not in batch and not objective.reference.frozen
+        batch = objective.prepare(pair_batch(student.tokenizer), Step())
+        assert batch.reference_logps is None and not objective.reference.frozen
         assert objective.extra_forwards == 0
         hidden = student.forward_hidden(batch)
         out = objective(loss_inputs(hidden, student.causal_lm.get_output_embeddings(), batch))
@@ -243,7 +248,7 @@ def test_reward_model_export_scores_what_the_module_scored(tmp_path, policy_dir)
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert exported.config.num_labels == 1
     with torch.no_grad():
-        got = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = exported(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert got.shape == (6, 1)
     assert_close(got.squeeze(-1), want, rtol=1e-4, atol=1e-4)
     assert (want[0::2] - want[1::2]).abs().min() > 0  # a trained head tells the responses apart
@@ -271,7 +276,7 @@ def test_a_lora_reward_model_exports_an_adapter_with_its_head_and_merges(tmp_pat
     scorer = PeftModel.from_pretrained(base, exported).eval()
     merged = merge_adapter(exported, tmp_path / "merged").eval()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with torch.no_grad():
         for model in (scorer, merged, reloaded):
             assert_close(model(**inputs).logits.squeeze(-1), want, rtol=1e-4, atol=1e-4)
@@ -372,9 +377,9 @@ def test_kto_mismatched_completions_pair_each_prompt_with_the_next_completion(po
     mixed = mismatched_batch(batch, Collator(tokenizer.pad_token_id))
     texts = [
         tokenizer.decode(row[mask.bool()])
-        for row, mask in zip(mixed["input_ids"], mixed["attention_mask"], strict=True)
+        for row, mask in zip(mixed.input_ids, mixed.attention_mask, strict=True)
     ]
-    responses = [tokenizer.decode([t for t in row if t != -100]) for row in mixed["labels"].tolist()]
+    responses = [tokenizer.decode([t for t in row if t != -100]) for row in mixed.labels.tolist()]
     assert "What is 0 plus 0" in texts[1] and "It is 1, I think" in responses[0]
     assert "What is 1 plus 1" in texts[3] and responses[3].startswith("It is 0.")  # wraps to the first
 
@@ -546,10 +551,10 @@ def test_option_combinations_that_cannot_work_are_refused(tmp_path, policy_dir):
     with pytest.raises(ValueError, match="not precomputed"):
         KTO(reference=Reference("precomputed"))
     tokenizer = student_of(policy_dir, KTO()).tokenizer
-    one = {
-        k: v[:1] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
-        for k, v in pair_batch(tokenizer, n=1).items()
-    }
+    pair = pair_batch(tokenizer, n=1)
+    one = replace(
+        pair, input_ids=pair.input_ids[:1], labels=pair.labels[:1], sequence_index=pair.sequence_index[:1]
+    )
     with pytest.raises(ValueError, match="at least 2 samples"):
         mismatched_batch(one, None)
     store = ReferenceStore(tmp_path, {"reference": "x"})
@@ -565,8 +570,8 @@ def test_kto_mismatched_completions_of_a_packed_batch_are_packed(policy_dir):
     tokenizer = student_of(policy_dir, KTO()).tokenizer
     packed = pair_batch(tokenizer, n=4, packed=True)  # one row of 8 sequences
     mixed = mismatched_batch(packed, Collator(tokenizer.pad_token_id))
-    assert "attention_mask" not in mixed and mixed["input_ids"].shape[1] <= packed["input_ids"].shape[1]
-    assert mixed["input_ids"].shape[0] < 8 and int(mixed["sequence_index"].max()) == 7
+    assert mixed.attention_mask is None and mixed.input_ids.shape[1] <= packed.input_ids.shape[1]
+    assert mixed.input_ids.shape[0] < 8 and int(mixed.sequence_index.max()) == 7
     unpacked = mismatched_batch(pair_batch(tokenizer, n=4), Collator(tokenizer.pad_token_id))
     model = AutoModelForCausalLM.from_pretrained(policy_dir)
     # packing reorders the sequences; z0 is their mean, so only the set of values matters
@@ -583,7 +588,7 @@ class _ShiftedReference:
     def setup(self, context, owner: str, chunk_size: int) -> None:
         self.policy = context.policy
 
-    def logps(self, batch: dict) -> torch.Tensor:
+    def logps(self, batch) -> torch.Tensor:
         return sequence_logps(self.policy.causal_lm, batch) - self.offset
 
 
@@ -613,9 +618,10 @@ def _kto_reference_point_on_two_ranks(rank: int, store: str) -> None:
         objective = KTO()
         objective.reference = _ShiftedReference(offsets[rank])  # policy - reference = the rank's offset
         objective.setup(context)
-        batch = UnitCollator(0, packed=False)([[sample] for sample in samples])
-        objective.prepare(batch, Step(training=True))
-        assert float(batch["kl_baseline"]) == pytest.approx(want, abs=1e-5), (rank, offsets)
+        batch = objective.prepare(
+            UnitCollator(0, packed=False)([[sample] for sample in samples]), Step(training=True)
+        )
+        assert float(batch.kl_baseline) == pytest.approx(want, abs=1e-5), (rank, offsets)
     dist.destroy_process_group()
 
 

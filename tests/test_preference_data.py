@@ -101,7 +101,7 @@ def fake_trainer(rank: int, world_size: int) -> SimpleNamespace:
 
 
 def sequence_tokens(batch: dict, s: int) -> list[int]:
-    return batch["input_ids"][batch["sequence_index"] == s].tolist()
+    return batch.input_ids[batch.sequence_index == s].tolist()
 
 
 @pytest.fixture(autouse=True)
@@ -266,26 +266,26 @@ def test_unpacked_rows_are_chosen_then_rejected_pair_by_pair(units, tokenizer):
     batch = UnitCollator(pad_id=0, packed=False)(units[:2])
     samples = [units[0][0], units[0][1], units[1][0], units[1][1]]
     width = max(len(s.input_ids) for s in samples)
-    assert batch["input_ids"].shape == (4, width)
+    assert batch.input_ids.shape == (4, width)
     for r, s in enumerate(samples):
         n = len(s.input_ids)
-        assert batch["input_ids"][r].tolist() == s.input_ids + [0] * (width - n)
-        assert batch["labels"][r].tolist() == [IGNORE_INDEX, *s.labels[1:]] + [IGNORE_INDEX] * (width - n)
-        assert batch["sequence_index"][r].tolist() == [r] * n + [-1] * (width - n)
-        assert batch["attention_mask"][r].tolist() == [1] * n + [0] * (width - n)
-    assert batch["sha"] == [units[0][0].sha] * 2 + [units[1][0].sha] * 2
-    values = batch["sequence_values"]
+        assert batch.input_ids[r].tolist() == s.input_ids + [0] * (width - n)
+        assert batch.labels[r].tolist() == [IGNORE_INDEX, *s.labels[1:]] + [IGNORE_INDEX] * (width - n)
+        assert batch.sequence_index[r].tolist() == [r] * n + [-1] * (width - n)
+        assert batch.attention_mask[r].tolist() == [1] * n + [0] * (width - n)
+    assert batch.shas == [units[0][0].sha] * 2 + [units[1][0].sha] * 2
+    values = batch.sequence_values
     assert values[:2].tolist() == [0.5, 0.5] and torch.isnan(values[2:]).all()
     _, last = sequence_layout(batch)
     assert last.tolist() == [r * width + len(s.input_ids) - 1 for r, s in enumerate(samples)]
-    assert batch["input_ids"].reshape(-1)[last].tolist() == [tokenizer.eos_token_id] * 4
+    assert batch.input_ids.reshape(-1)[last].tolist() == [tokenizer.eos_token_id] * 4
 
 
 def test_packed_rows_hold_whole_pairs_as_consecutive_sequences(units, tokenizer):
     batch = UnitCollator(pad_id=0, packed=True)([[units[0], units[1]], [units[2]]])
     rows = [[*units[0], *units[1]], [*units[2]]]
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
-    assert batch["input_ids"].shape == (2, width) and "attention_mask" not in batch
+    assert batch.input_ids.shape == (2, width) and batch.attention_mask is None
     s, last = 0, []
     for r, row in enumerate(rows):
         ids, labels, index, positions = [], [], [], []
@@ -298,21 +298,21 @@ def test_packed_rows_hold_whole_pairs_as_consecutive_sequences(units, tokenizer)
             last.append(r * width + len(ids) - 1)
             s += 1
         used = len(ids)
-        assert batch["input_ids"][r, :used].tolist() == ids
-        assert batch["labels"][r].tolist() == labels + [IGNORE_INDEX] * (width - used)
-        assert batch["sequence_index"][r].tolist() == index + [-1] * (width - used)
-        assert batch["position_ids"][r, :used].tolist() == positions
-    values = batch["sequence_values"].tolist()
+        assert batch.input_ids[r, :used].tolist() == ids
+        assert batch.labels[r].tolist() == labels + [IGNORE_INDEX] * (width - used)
+        assert batch.sequence_index[r].tolist() == index + [-1] * (width - used)
+        assert batch.position_ids[r, :used].tolist() == positions
+    values = batch.sequence_values.tolist()
     assert values[:2] == [0.5, 0.5] and all(math.isnan(v) for v in values[2:])
     _, layout_last = sequence_layout(batch)
     assert layout_last.tolist() == last
-    assert batch["input_ids"].reshape(-1)[layout_last].tolist() == [tokenizer.eos_token_id] * 6
+    assert batch.input_ids.reshape(-1)[layout_last].tolist() == [tokenizer.eos_token_id] * 6
 
 
 def test_loss_positions_belong_to_their_sequence(units):
     batch = UnitCollator(pad_id=0, packed=True)([[units[0], units[1]], [units[2]]])
     samples = [s for unit in units for s in unit]
-    b, t = batch["input_ids"].shape
+    b, t = batch.input_ids.shape
     hidden = torch.arange(b * t, dtype=torch.float32).reshape(b, t, 1)  # a position's hidden is its index
     inputs = loss_inputs(hidden, nn.Identity(), batch)
     assert torch.bincount(inputs.sequence, minlength=6).tolist() == [s.num_trainable for s in samples]
@@ -335,11 +335,11 @@ def test_batches_count_pairs_and_each_pair_comes_once_and_whole(tmp_path):
     assert dm.stats["data/train_samples"] == dm.stats["data/train_kept"] == 8  # pairs, not samples
     assert dm.stats["data/train_tokens"] == dm.train.lengths.sum()
     batches = list(dm.train_dataloader())
-    assert [len(batch["sha"]) for batch in batches] == [6, 6, 4]
+    assert [len(batch.shas) for batch in batches] == [6, 6, 4]
     seen = []
     for batch in batches:
-        shas, values = batch["sha"], batch["sequence_values"].tolist()
-        texts = dm.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        shas, values = batch.shas, batch.sequence_values.tolist()
+        texts = dm.tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True)
         for p in range(len(shas) // 2):
             i = int(values[2 * p])
             assert shas[2 * p] == shas[2 * p + 1] == records[i].sha and values[2 * p + 1] == i
@@ -354,14 +354,14 @@ def test_packed_batches_hold_whole_pairs_each_once(tmp_path):
     dm = data(tmp_path, path, batch_size=2, packing=True)
     eos = dm.tokenizer.eos_token_id
     batches = list(dm.train_dataloader())
-    assert sum(batch["input_ids"].shape[0] for batch in batches) == 4  # two pairs of ~50 tokens a row
+    assert sum(batch.input_ids.shape[0] for batch in batches) == 4  # two pairs of ~50 tokens a row
     seen = []
     for batch in batches:
-        index, values = batch["sequence_index"], batch["sequence_values"].tolist()
+        index, values = batch.sequence_index, batch.sequence_values.tolist()
         assert len(values) == int(index.max()) + 1 and len(values) % 2 == 0
         assert ((index >= 0).sum(1) <= 2 * dm.max_seq_length).all()
         for s in range(len(values)):
-            assert batch["position_ids"][index == s].tolist() == list(range(int((index == s).sum())))
+            assert batch.position_ids[index == s].tolist() == list(range(int((index == s).sum())))
             assert sequence_tokens(batch, s)[-1] == eos
         for p in range(len(values) // 2):
             i = int(values[2 * p])
@@ -384,8 +384,8 @@ def test_two_ranks_get_disjoint_shares_of_whole_pairs(tmp_path):
         dm = data(tmp_path, path, batch_size=3)
         dm.trainer = fake_trainer(rank, 2)
         batches = list(dm.train_dataloader())
-        assert [len(batch["sha"]) for batch in batches] == [6, 2]  # 4 pairs each
-        shas = [sha for batch in batches for sha in batch["sha"]]
+        assert [len(batch.shas) for batch in batches] == [6, 2]  # 4 pairs each
+        shas = [sha for batch in batches for sha in batch.shas]
         assert shas[0::2] == shas[1::2]
         shares.append(shas[0::2])
     assert set(shares[0]).isdisjoint(shares[1])
@@ -401,14 +401,14 @@ def test_skipping_k_batches_yields_the_rest_of_the_same_epoch(tmp_path):
     for k in (1, 3):
         stream.skip = k
         rest = list(stream)
-        assert [b["sha"] for b in rest] == [b["sha"] for b in full[k:]]
-        assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(rest, full[k:], strict=True))
+        assert [b.shas for b in rest] == [b.shas for b in full[k:]]
+        assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(rest, full[k:], strict=True))
     # through the loader's checkpointed state: the resumed epoch continues after the trained batches
     loader = dm.train_dataloader()
-    epoch = [b["sha"] for b in loader]
+    epoch = [b.shas for b in loader]
     loader.load_state_dict({"epoch": 0, "batches": 2})
-    assert [b["sha"] for b in loader] == epoch[2:]
-    assert [b["sha"] for b in loader] == epoch
+    assert [b.shas for b in loader] == epoch[2:]
+    assert [b.shas for b in loader] == epoch
 
 
 # ---- the tokenized cache ----------------------------------------------------------------------------
@@ -529,16 +529,16 @@ def test_kto_units_are_single_samples_valued_by_their_label(tmp_path):
         assert dm.tokenizer.decode(trained(sample)) == record.completion[0]["content"] + EOT
     label = {r.sha: float(r.label) for r in records}
     batches = list(dm.train_dataloader())
-    assert [len(batch["sha"]) for batch in batches] == [4, 2]
+    assert [len(batch.shas) for batch in batches] == [4, 2]
     seen = []
     for batch in batches:
-        values = batch["sequence_values"].tolist()
-        assert values == [label[sha] for sha in batch["sha"]]
-        width = batch["input_ids"].shape[1]
+        values = batch.sequence_values.tolist()
+        assert values == [label[sha] for sha in batch.shas]
+        width = batch.input_ids.shape[1]
         for r in range(len(values)):
-            n = int(batch["attention_mask"][r].sum())
-            assert batch["sequence_index"][r].tolist() == [r] * n + [-1] * (width - n)
-        seen += batch["sha"]
+            n = int(batch.attention_mask[r].sum())
+            assert batch.sequence_index[r].tolist() == [r] * n + [-1] * (width - n)
+        seen += batch.shas
     assert sorted(seen) == sorted(label) and sorted(label.values()) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
 
 
@@ -557,7 +557,7 @@ def test_the_same_file_for_training_and_validation(tmp_path, monkeypatch):
 def test_predict_batches_with_packing(tmp_path):
     dm = data(tmp_path, pair_file(tmp_path / "train.jsonl", range(4)), packing=True)
     (loader,) = dm.predict_dataloader()
-    assert sorted(v for batch in loader for v in batch["sequence_values"].tolist()) == [
+    assert sorted(v for batch in loader for v in batch.sequence_values.tolist()) == [
         0,
         0,
         1,

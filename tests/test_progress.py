@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from distill import LoraOptions, StudentModule
 from distill.cli import main, run_cli
+from distill.data.batch import TokenBatch
 from distill.train.flops import model_shape, transformer_flops
 from tests.helpers import (
     TINY_LLAMA,
@@ -165,12 +166,12 @@ def student(lora: LoraOptions | None = None, layers: int = 2) -> StudentModule:
     return module
 
 
-def counted_flops(module: StudentModule, batch: dict) -> tuple[int, int]:
+def counted_flops(module: StudentModule, batch: TokenBatch) -> tuple[int, int]:
     """FlopCounterMode's forward and backward FLOPs of the student's path: the layers at every position,
     the head only at positions that carry loss."""
     with FlopCounterMode(display=False) as forward:
         hidden = module.forward_hidden(batch)
-        labels = batch["labels"][:, 1:]
+        labels = batch.labels[:, 1:]
         trained = labels != -100
         logits = module.causal_lm.get_output_embeddings()(hidden[:, :-1][trained])
         loss = F.cross_entropy(logits, labels[trained], reduction="sum")
@@ -179,12 +180,12 @@ def counted_flops(module: StudentModule, batch: dict) -> tuple[int, int]:
     return forward.get_total_flops(), backward.get_total_flops()
 
 
-def tiny_batch(rows: int = 3, seq_len: int = 128, prompt: int = 120) -> tuple[dict, int]:
+def tiny_batch(rows: int = 3, seq_len: int = 128, prompt: int = 120) -> tuple[TokenBatch, int]:
     """A batch and its number of trained positions (each row's labels after its prompt)."""
     ids = torch.randint(3, 1000, (rows, seq_len), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :prompt] = -100
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    batch = TokenBatch(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids))
     return batch, rows * (seq_len - prompt)
 
 
@@ -243,9 +244,9 @@ def test_throughput_monitor_gets_flops_per_batch(tmp_path, chat_file):
     # validation: forward FLOPs of its second batch, exactly
     shape = cli.model.flops_shape
     batch = list(cli.datamodule.val_dataloader())[1]
-    trained = int((batch["labels"][:, 1:] != -100).sum())
-    forward = transformer_flops(shape, *batch["input_ids"].shape, trained, backward=False)
-    assert val == pytest.approx([forward / batch["input_ids"].numel()] * 2, rel=1e-6)
+    trained = int((batch.labels[:, 1:] != -100).sum())
+    forward = transformer_flops(shape, *batch.input_ids.shape, trained, backward=False)
+    assert val == pytest.approx([forward / batch.input_ids.numel()] * 2, rel=1e-6)
     # training: forward and backward, about three times the forward of a like batch (not 1x: a stale or
     # forward-only count); their shares of trained positions differ, so not exactly 3x
     assert all(2 < t / val[0] < 5 for t in train), (train, val)

@@ -184,13 +184,13 @@ def test_collator_left_pads_and_fills_missing_fields_with_none():
         EncodedPrompt([8], "d", (u("b"),), {"solution": "x"}, "f:2", "s2"),
     ]
     batch = PromptCollator(pad_id=0)(prompts)
-    assert batch["prompt_ids"].dtype == torch.long and batch["prompt_mask"].dtype == torch.long
-    assert batch["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert batch["fields"] == {"answer": ["1", None], "solution": [None, "x"]}
-    assert batch["prompts"] == ["abc", "d"] and batch["sources"] == ["f:1", "f:2"]
-    assert batch["shas"] == ["s1", "s2"] and batch["unit_size"] == 1
-    assert batch["messages"] == [[u("a")], [u("b")]]
+    assert batch.prompt_ids.dtype == torch.long and batch.prompt_mask.dtype == torch.long
+    assert batch.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch.fields == {"answer": ["1", None], "solution": [None, "x"]}
+    assert batch.prompts == ["abc", "d"] and batch.sources == ["f:1", "f:2"]
+    assert batch.shas == ["s1", "s2"]
+    assert batch.messages == [[u("a")], [u("b")]]
 
 
 # ---- the data module ------------------------------------------------------------------------------
@@ -203,12 +203,12 @@ def test_batches_hold_the_rendered_prompts_left_padded(tmp_path, tokenizer):
     ]
     dm = data(write_jsonl(tmp_path / "train.jsonl", rows), batch_size=2)
     (batch,) = list(dm.train_dataloader())
-    by_source = {source: row for row, source in enumerate(batch["sources"])}
+    by_source = {source: row for row, source in enumerate(batch.sources)}
     short, long = by_source[f"{tmp_path / 'train.jsonl'}:1"], by_source[f"{tmp_path / 'train.jsonl'}:2"]
-    texts = batch["prompts"]
+    texts = batch.prompts
     assert texts[short] == "<s>[INST] What is 1 plus 1? [/INST]"
     assert texts[long] == "<s>[INST] Hi [/INST] Hello.</s>[INST] What is a very long question here? [/INST]"
-    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    ids, mask = batch.prompt_ids, batch.prompt_mask
     width = ids.shape[1]
     for row in (short, long):
         expected = tokenizer(texts[row], add_special_tokens=False)["input_ids"]
@@ -218,8 +218,8 @@ def test_batches_hold_the_rendered_prompts_left_padded(tmp_path, tokenizer):
         assert expected[0] == tokenizer.bos_token_id and expected.count(tokenizer.bos_token_id) == 1
         assert tokenizer.decode(ids[row][mask[row] == 1]) == texts[row]
     assert width == mask[long].sum() > mask[short].sum()
-    assert batch["fields"]["answer"][short] == "2" and batch["fields"]["answer"][long] is None
-    assert batch["fields"]["id"] == [7 if row == long else None for row in range(2)]
+    assert batch.fields["answer"][short] == "2" and batch.fields["answer"][long] is None
+    assert batch.fields["id"] == [7 if row == long else None for row in range(2)]
     assert dm.generation_stop_ids == [tokenizer.eos_token_id]  # mistral ends turns with the EOS
 
 
@@ -281,8 +281,8 @@ def test_val_fraction_split_is_disjoint_and_deterministic(tmp_path):
     assert {p.source for p in other.val} != val
     assert first.stats["data/val_prompts"] == 5
     batches = list(first.val_dataloader())
-    assert [len(b["sources"]) for b in batches] == [2, 3]  # near-equal batches of at most 4
-    assert [s for b in batches for s in b["sources"]] == [p.source for p in first.val]
+    assert [len(b.sources) for b in batches] == [2, 3]  # near-equal batches of at most 4
+    assert [s for b in batches for s in b.sources] == [p.source for p in first.val]
     capped = data(path, val_fraction=0.25, seed=3, max_train_samples=4, max_eval_samples=2)
     assert [p.source for p in capped.train] == [p.source for p in first.train][:4]
     assert [p.source for p in capped.val] == [p.source for p in first.val][:2]
@@ -295,42 +295,42 @@ def test_two_ranks_get_disjoint_equal_shares(tmp_path):
         dm = data(path, batch_size=2)
         dm.trainer = fake_trainer(rank, 2)
         batches = list(dm.train_dataloader())
-        assert [len(b["shas"]) for b in batches] == [2, 2, 1]  # 5 prompts each: 11 // 2
-        shares.append([s for b in batches for s in b["sources"]])
+        assert [len(b.shas) for b in batches] == [2, 2, 1]  # 5 prompts each: 11 // 2
+        shares.append([s for b in batches for s in b.sources])
     assert set(shares[0]).isdisjoint(shares[1]) and len(set(shares[0] + shares[1])) == 10
 
 
 def test_a_resumed_loader_continues_after_the_trained_batches(tmp_path):
     dm = data(write_jsonl(tmp_path / "train.jsonl", [question(i) for i in range(9)]), batch_size=2)
     loader = dm.train_dataloader()
-    full = [b["sources"] for b in loader]
+    full = [b.sources for b in loader]
     assert len(full) == 5 and sorted(s for b in full for s in b) == sorted(p.source for p in dm.train)
     for k in (1, 4):
         loader.load_state_dict({"epoch": 0, "batches": k})
-        assert [b["sources"] for b in loader] == full[k:]
-    assert [b["sources"] for b in loader] == full  # the resume applies to one epoch only
+        assert [b.sources for b in loader] == full[k:]
+    assert [b.sources for b in loader] == full  # the resume applies to one epoch only
     # another epoch is another order, the same on every run
     stream = ShuffledBatches(dm.train, dm.collator, 2, dm.seed)
     stream.epoch = 1
-    assert [b["sources"] for b in stream] != full
-    assert [b["sources"] for b in stream] == [b["sources"] for b in stream]
+    assert [b.sources for b in stream] != full
+    assert [b.sources for b in stream] == [b.sources for b in stream]
 
 
 def test_num_iterations_repeats_each_whole_optimizer_steps_batches_in_a_row(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [question(i) for i in range(10)])
-    once = [b["shas"] for b in data(path, batch_size=2).train_dataloader()]  # 5 batches
+    once = [b.shas for b in data(path, batch_size=2).train_dataloader()]  # 5 batches
     dm = data(path, batch_size=2, num_iterations=3)
     dm.trainer = fake_trainer(0, 1, accumulate=2)
     loader = dm.train_dataloader()
     steps = [once[0:2], once[2:4]]  # the fifth batch would make a short last step: it waits for an epoch
     batches = list(loader)
-    assert [b["shas"] for b in batches] == [b for step in steps for _ in range(3) for b in step]
-    assert [(b["window"], b["iteration"], b["iterations"]) for b in batches] == [
+    assert [b.shas for b in batches] == [b for step in steps for _ in range(3) for b in step]
+    assert [(b.window, b.iteration, b.iterations) for b in batches] == [
         (w, i, 3) for w in (0, 1) for i in range(3) for _ in range(2)
     ]
     assert len(loader) == 12
     loader.load_state_dict({"epoch": 0, "batches": 7})  # resumes inside the second step's repeats
-    assert [b["shas"] for b in loader] == [once[3], once[2], once[3], once[2], once[3]]
+    assert [b.shas for b in loader] == [once[3], once[2], once[3], once[2], once[3]]
     with pytest.raises(ValueError, match=r"data\.num_iterations must be >= 1, got 0"):
         data(path, num_iterations=0)
     dm = data(path, batch_size=4, num_iterations=2)
@@ -348,7 +348,7 @@ class StepRecorder(L.LightningModule):
         self.steps: list[list[str]] = [[]]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.steps[-1].extend(batch["shas"])
+        self.steps[-1].extend(batch.shas)
         return self.weight.sum() * 0.0
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -97,13 +97,13 @@ def test_data_module_loader_resumes_after_the_trained_batches(tmp_path, packing)
     loader = data.train_dataloader()
     full = list(loader)
     assert len(full) == len(loader) >= 4
-    assert all(("attention_mask" in b) != packing for b in full)
+    assert all((b.attention_mask is not None) != packing for b in full)
     if not packing:
-        assert sorted(s for b in full for s in b["sha"]) == sorted(s.sha for s in data.train)
+        assert sorted(s for b in full for s in b.shas) == sorted(s.sha for s in data.train)
     loader.load_state_dict({"epoch": 0, "batches": 3})
     resumed = list(loader)
     assert len(resumed) == len(full) - 3
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[3:], resumed, strict=True))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(full[3:], resumed, strict=True))
 
 
 def test_a_sft_fit_killed_mid_epoch_and_after_an_epochs_last_batch_resumes_exactly(tmp_path):

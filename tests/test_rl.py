@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.cli import main
+from distill.data.batch import PromptBatch, RolloutBatch, extended
 from distill.data.facts import DataFacts
 from distill.objectives import GRPO, RLOO
 from distill.objectives.base import loss_inputs
@@ -54,7 +56,7 @@ def policy():
     return AutoModelForCausalLM.from_config(config).train()
 
 
-def completion_batch(num_prompts: int = 2, group: int = 3) -> dict:
+def completion_batch(num_prompts: int = 2, group: int = 3) -> RolloutBatch:
     """Rows of left-padded prompts and completions (some stopped at EOT), with rollout values."""
     generator = torch.Generator().manual_seed(1)
     prompt_ids = torch.randint(8, 128, (num_prompts, 5), generator=generator)
@@ -63,26 +65,29 @@ def completion_batch(num_prompts: int = 2, group: int = 3) -> dict:
     ids = torch.randint(8, 128, (num_prompts * group, 6), generator=generator)
     ids[0, 2] = ids[4, 0] = EOT
     completions = trim_at_stop(ids, [EOT], PAD)
-    batch = rollout_batch(prompt_ids, prompt_mask, completions)
+    rows = rollout_batch(prompt_ids, prompt_mask, completions)
     total = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 0.5])[: num_prompts * group]
-    batch.update(
+    return extended(
+        rows,
+        RolloutBatch,
+        prompt_shas=[f"sha{i}" for i in range(num_prompts)],
         rewards=total[:, None],
         reward_total=total,
+        advantages=torch.zeros_like(total),
         completion_lengths=completions.lengths,
         stopped=completions.stopped,
     )
-    return batch
 
 
-def naive_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_token_logps(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Full (B, T, V) logits: the tempered log-prob of every label, and which row each belongs to."""
     logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
     ).logits.float()
     logp = torch.log_softmax(logits[:, :-1] / TEMPERATURE, dim=-1)
-    labels = batch["labels"][:, 1:]
+    labels = batch.labels[:, 1:]
     mask = labels != -100
     picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     rows = torch.arange(labels.shape[0])[:, None].expand_as(labels)
@@ -104,9 +109,12 @@ def test_grpo_loss_and_gradient_equal_a_full_logits_computation(policy, normalis
         logps, rows = naive_token_logps(policy, batch)
     # an older policy's log-probs and a reference's, off by enough that both clip bounds are hit
     generator = torch.Generator().manual_seed(2)
-    batch["old_logps"] = logps + 0.4 * torch.randn(logps.shape, generator=generator)
-    batch["reference_logps"] = logps + 0.2 * torch.randn(logps.shape, generator=generator)
-    batch["advantages"] = advantages
+    batch = replace(
+        batch,
+        old_logps=logps + 0.4 * torch.randn(logps.shape, generator=generator),
+        reference_logps=logps + 0.2 * torch.randn(logps.shape, generator=generator),
+        advantages=advantages,
+    )
     low, high, max_new = 0.2, 0.28, 6
     objective = GRPO(
         [Format()], num_generations=3, sampling=Sampling(max_new, TEMPERATURE), beta=beta,
@@ -118,10 +126,10 @@ def test_grpo_loss_and_gradient_equal_a_full_logits_computation(policy, normalis
     got = gradients(policy)
 
     logps, rows = naive_token_logps(policy, batch)
-    ratio = torch.exp(logps - batch["old_logps"])
+    ratio = torch.exp(logps - batch.old_logps)
     a = advantages[rows]
     per_token = -torch.minimum(ratio * a, ratio.clamp(1 - low, 1 + high) * a)
-    log_ref_ratio = batch["reference_logps"] - logps
+    log_ref_ratio = batch.reference_logps - logps
     per_token = per_token + beta * (torch.exp(log_ref_ratio) - log_ref_ratio - 1)
     if normaliser == "dapo":  # every token of the step weighs the same
         want, units = per_token.sum(), rows.numel()
@@ -144,7 +152,7 @@ def test_rloo_loss_and_gradient_equal_a_full_logits_computation(policy, beta):
     batch = completion_batch()
     with torch.no_grad():
         logps, rows = naive_token_logps(policy, batch)
-    batch["reference_logps"] = logps - 0.3
+    batch = replace(batch, reference_logps=logps - 0.3)
     objective = RLOO([Format()], num_generations=3, sampling=Sampling(6, TEMPERATURE), beta=beta)
 
     out = objective_loss(objective, policy, batch)
@@ -153,8 +161,8 @@ def test_rloo_loss_and_gradient_equal_a_full_logits_computation(policy, beta):
 
     logps, rows = naive_token_logps(policy, batch)
     sequence = torch.zeros(6).index_add(0, rows, logps)
-    kl = torch.zeros(6).index_add(0, rows, logps.detach() - batch["reference_logps"])
-    rewards = (batch["reward_total"] - beta * kl).tolist()
+    kl = torch.zeros(6).index_add(0, rows, logps.detach() - batch.reference_logps)
+    rewards = (batch.reward_total - beta * kl).tolist()
     advantages = []
     for start in (0, 3):
         group = rewards[start : start + 3]
@@ -171,22 +179,22 @@ def index_reward(prompts, completions, answer, **fields) -> list[float]:
     return [float(a) for a in answer]
 
 
-def prompt_batch(lengths: list[int]) -> dict:
+def prompt_batch(lengths: list[int]) -> PromptBatch:
     width = max(lengths)
     ids = torch.full((len(lengths), width), PAD)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         ids[row, width - n :] = torch.arange(10, 10 + n) + row
         mask[row, width - n :] = 1
-    return {
-        "prompt_ids": ids,
-        "prompt_mask": mask,
-        "prompts": [f"prompt {i}" for i in range(len(lengths))],
-        "messages": [[{"role": "user", "content": f"prompt {i}"}] for i in range(len(lengths))],
-        "fields": {"answer": [str(i) for i in range(len(lengths))]},
-        "sources": [f"p.jsonl:{i + 1}" for i in range(len(lengths))],
-        "shas": [f"sha{i}" for i in range(len(lengths))],
-    }
+    return PromptBatch(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        prompts=[f"prompt {i}" for i in range(len(lengths))],
+        messages=[[{"role": "user", "content": f"prompt {i}"}] for i in range(len(lengths))],
+        fields={"answer": [str(i) for i in range(len(lengths))]},
+        sources=[f"p.jsonl:{i + 1}" for i in range(len(lengths))],
+        shas=[f"sha{i}" for i in range(len(lengths))],
+    )
 
 
 class Tokenizer:
@@ -210,14 +218,14 @@ def test_a_rollout_keeps_each_prompts_group_together_and_equals_generate(policy)
     batch = prompt_batch([3, 5, 2])
     rollout = rollouts.roll(policy, batch, seed=11)
     assert rollout.rewards[:, 0].tolist() == [0.0] * g + [1.0] * g + [2.0] * g  # prompt i's group: rows ig..
-    rows = rollout.batch["input_ids"]
+    rows = rollout.rows.input_ids
     for row in range(3 * g):
-        assert torch.equal(rows[row, :5], batch["prompt_ids"][row // g])
-    assert rollout.prompts == [p for p in batch["prompts"] for _ in range(g)]
+        assert torch.equal(rows[row, :5], batch.prompt_ids[row // g])
+    assert rollout.prompts == [p for p in batch.prompts for _ in range(g)]
     # the engine adds nothing to generate: the same draws from the same seed
     torch.manual_seed(11)
     bare = policy.eval().generate(
-        input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], do_sample=True,
+        input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, do_sample=True,
         num_return_sequences=g, max_new_tokens=5, temperature=1.0, top_p=1.0, top_k=None, eos_token_id=[EOT],
         pad_token_id=PAD,
     )[:, 5:]  # fmt: skip
@@ -225,9 +233,9 @@ def test_a_rollout_keeps_each_prompts_group_together_and_equals_generate(policy)
     assert torch.equal(trim_at_stop(bare, [EOT], PAD).ids, rollout.completions.ids)
 
 
-def repeated(batch: dict, window: int, iteration: int, iterations: int) -> dict:
+def repeated(batch: PromptBatch, window: int, iteration: int, iterations: int) -> PromptBatch:
     """A prompt batch as the data module repeats it for ``iterations`` updates (num_iterations)."""
-    return {**batch, "window": window, "iteration": iteration, "iterations": iterations}
+    return replace(batch, window=window, iteration=iteration, iterations=iterations)
 
 
 def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy, monkeypatch):
@@ -236,20 +244,18 @@ def test_later_iterations_reuse_the_kept_rollout_until_their_window_ends(policy,
     sampled = []
 
     def sample(batch, step):
-        sampled.append(batch["shas"])
+        sampled.append(batch.shas)
         return objective.rollouts.roll(policy, batch, seed=len(sampled))
 
     monkeypatch.setattr(objective.rollouts, "sample", sample)
     training = Step(training=True)
     seen = []
     for iteration in range(3):
-        batch = repeated(prompt_batch([3, 2]), 0, iteration, 3)
-        objective.prepare(batch, training)
-        seen.append(batch)
+        seen.append(objective.prepare(repeated(prompt_batch([3, 2]), 0, iteration, 3), training))
     assert len(sampled) == 1  # sampled once, trained on three times
     for batch in seen[1:]:
-        assert torch.equal(batch["input_ids"], seen[0]["input_ids"])
-        assert batch["noise_seed"] == seen[0]["noise_seed"]  # the same dropout and NEFTune noise
+        assert torch.equal(batch.input_ids, seen[0].input_ids)
+        assert batch.noise_seed == seen[0].noise_seed  # the same dropout and NEFTune noise
     assert objective.rank_state() is None  # its iterations used up: nothing kept
     # a window cut short (limit_train_batches) leaves nothing behind once the next one starts
     objective.prepare(repeated(prompt_batch([3, 2]), 1, 0, 3), training)
@@ -293,10 +299,10 @@ def test_a_rollouts_ratio_is_one_at_the_same_weights_with_dropout_and_neftune(tm
     model = {"lora": LoraOptions(r=4, alpha=8, dropout=0.5), "neftune_alpha": 5.0}
     student = grpo_student(**model)
     prompts = prompt_batch([3, 2])
-    first = student.compute_loss(repeated(prompts, 0, 0, 2))
+    first, _ = student.compute_loss(repeated(prompts, 0, 0, 2))
     checkpoint = {}
     student.on_save_checkpoint(checkpoint)  # between the iterations, at the same weights (lr 0)
-    second = student.compute_loss(repeated(prompts, 0, 1, 2))
+    second, _ = student.compute_loss(repeated(prompts, 0, 1, 2))
     for out in (first, second):
         assert out.sums["clip_ratio/low"] == out.sums["clip_ratio/high"] == 0
     assert second.loss_sum == first.loss_sum  # ratio exactly 1: the same function of the same weights
@@ -306,7 +312,7 @@ def test_a_rollouts_ratio_is_one_at_the_same_weights_with_dropout_and_neftune(tm
     resumed = grpo_student(**model)
     resumed.on_load_checkpoint(torch.load(tmp_path / "last.ckpt", weights_only=True))
     resumed.objective.rollouts.engine = None  # sampling again would fail
-    again = resumed.compute_loss(repeated(prompts, 0, 1, 2))
+    again, _ = resumed.compute_loss(repeated(prompts, 0, 1, 2))
     assert again.loss_sum == second.loss_sum and again.sums["reward"] == second.sums["reward"]
     assert resumed.objective.rank_state() is None
 

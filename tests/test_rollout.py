@@ -45,22 +45,22 @@ def test_rollout_rows_label_only_the_completion_and_count_positions_over_tokens(
     completions.mask[2, 1:] = False  # a one-token completion
     batch = rollout_batch(prompt_ids, prompt_mask, completions)
     # two samples per prompt, consecutive; the last column is padding everywhere except row 1 and 3
-    assert batch["input_ids"].tolist() == [
+    assert batch.input_ids.tolist() == [
         [PAD, 11, 12, 21, EOT, PAD],
         [PAD, 11, 12, 22, 23, EOT],
         [13, 14, 15, 24, PAD, PAD],
         [13, 14, 15, 25, 26, 27],
     ]
-    assert batch["attention_mask"].tolist() == [
+    assert batch.attention_mask.tolist() == [
         [0, 1, 1, 1, 1, 0],
         [0, 1, 1, 1, 1, 1],
         [1, 1, 1, 1, 0, 0],
         [1, 1, 1, 1, 1, 1],
     ]
-    assert batch["position_ids"][0].tolist()[1:5] == [0, 1, 2, 3]
-    assert batch["position_ids"][3].tolist() == [0, 1, 2, 3, 4, 5]
+    assert batch.position_ids[0].tolist()[1:5] == [0, 1, 2, 3]
+    assert batch.position_ids[3].tolist() == [0, 1, 2, 3, 4, 5]
     ignore = IGNORE_INDEX
-    assert batch["labels"].tolist() == [
+    assert batch.labels.tolist() == [
         [ignore, ignore, ignore, 21, EOT, ignore],
         [ignore, ignore, ignore, 22, 23, EOT],
         [ignore, ignore, ignore, 24, ignore, ignore],
@@ -71,7 +71,7 @@ def test_rollout_rows_label_only_the_completion_and_count_positions_over_tokens(
 def test_rows_drop_trailing_padding_columns():
     completions = trim_at_stop(torch.tensor([[EOT, 9, 9, 9], [EOT, 9, 9, 9]]), [EOT], PAD)
     batch = rollout_batch(torch.tensor([[11]]), torch.tensor([[1]]), completions)
-    assert batch["input_ids"].tolist() == [[11, EOT], [11, EOT]]
+    assert batch.input_ids.tolist() == [[11, EOT], [11, EOT]]
 
 
 @pytest.fixture(scope="module")

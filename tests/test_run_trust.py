@@ -22,6 +22,7 @@ from torch import nn
 from distill import DataModule, Distillation, KDDataModule, PreferenceDataModule, PromptDataModule
 from distill.cli import main
 from distill.commands import main as run_command
+from distill.data.batch import TokenBatch
 from distill.objectives import GRPO, KTO, CrossEntropy, OnPolicyDistillation, Preference
 from distill.objectives.context import Step
 from distill.rollout import Sampling
@@ -229,11 +230,11 @@ def test_deepspeed_accumulated_loss_is_the_token_mean(monkeypatch):
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :4] = -100
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    batch = TokenBatch(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids))
 
-    returned = module.training_step(batch, 0)
+    returned = module.training_step(batch, 0)["loss"]
     backpropagated = sum(returned / accumulate / accumulate for _ in range(accumulate))
-    out = module.compute_loss(batch)
+    out, _ = module.compute_loss(batch)
     assert torch.allclose(backpropagated, out.loss_sum / out.num_tokens, rtol=1e-5)
 
 

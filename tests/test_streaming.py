@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from distill.data.batch import TokenBatch
 from distill.data.batching import Collator
 from distill.data.encoding import Encoded, encode_record
 from distill.data.formats import DataFormatError, Record
@@ -89,12 +90,14 @@ def reference(stream: StreamingRows, shard: int, shards: int, batches: int) -> l
     return [Collator(0)(rows[b * size : (b + 1) * size]) for b in range(batches)]
 
 
-def same(got: list[dict], want: list[dict]) -> bool:
+def same(got: list[TokenBatch], want: list[TokenBatch]) -> bool:
     assert len(got) == len(want)
-    return all(
-        a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pairs = [
+        (x, y)
         for a, b in zip(got, want, strict=True)
-    )
+        for x, y in zip(vars(a).values(), vars(b).values(), strict=True)
+    ]
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
 
 
 def loader(files, tokenizer, progress, rank=0, world_size=1, num_workers=2, seed=0) -> StreamingLoader:
@@ -113,21 +116,21 @@ def test_ranks_x_workers_cover_every_token_of_the_corpus_once_per_pass(tmp_path,
     assert {tuple(seeded.file_order(p)) for p in range(3)} == {(0, 1), (1, 0)}
     for rank in range(2):
         got = list(islice(loader(data, tokenizer, lambda: 0, rank, 2, seed=3), 40))
-        assert all(b.keys() == {"input_ids", "labels", "position_ids", "sequence_index"} for b in got)
-        assert all(b["input_ids"].shape == (BATCH, LENGTH) for b in got)  # every row full
+        assert all(b.attention_mask is None and b.sequence_index is not None for b in got)  # packed rows
+        assert all(b.input_ids.shape == (BATCH, LENGTH) for b in got)  # every row full
         for local in range(2):  # the loader reads its workers in turn
             assert same(got[local::2], reference(seeded, rank * 2 + local, 4, 20)), (rank, local)
 
 
 def test_stream_tokens_are_those_of_encode_record_and_labels_skip_each_piece_start(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts(10)])
-    (batch,) = islice(StreamingRows(path, tokenizer, 64, 1), 1)
+    ((batch, _),) = islice(StreamingRows(path, tokenizer, 64, 1), 1)
     first = encode_record(Record("", text=texts(1)[0]), tokenizer, None).input_ids
     n = len(first)
-    assert batch["input_ids"][0, :n].tolist() == first and first[0] == tokenizer.bos_token_id
-    assert batch["position_ids"][0, : n + 2].tolist() == [*range(n), 0, 1]  # restart at the next document
-    assert batch["labels"][0, 0] == batch["labels"][0, n] == -100
-    assert batch["labels"][0, 1:n].tolist() == first[1:]
+    assert batch.input_ids[0, :n].tolist() == first and first[0] == tokenizer.bos_token_id
+    assert batch.position_ids[0, : n + 2].tolist() == [*range(n), 0, 1]  # restart at the next document
+    assert batch.labels[0, 0] == batch.labels[0, n] == -100
+    assert batch.labels[0, 1:n].tolist() == first[1:]
 
 
 @pytest.mark.parametrize("aligned", [False, True], ids=["mid-document", "at-document-ends"])
@@ -199,8 +202,8 @@ class Recorder(L.LightningModule):
         return loader(self.data, self.tokenizer, lambda: trained_batches(self.trainer))
 
     def training_step(self, batch, batch_idx):
-        self.seen.setdefault(self.global_step, []).append(batch["input_ids"])
-        return (self.weight * batch["input_ids"].float().mean()).sum()
+        self.seen.setdefault(self.global_step, []).append(batch.input_ids)
+        return (self.weight * batch.input_ids.float().mean()).sum()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -332,9 +335,9 @@ def test_txt_lines_are_documents(tmp_path, tokenizer):
     lines = texts(5)
     path = tmp_path / "plain.txt"
     path.write_bytes(b"\xef\xbb\xbf" + ("\r\n\n".join(lines) + "\n").encode())
-    (batch,) = islice(StreamingRows(path, tokenizer, 200, 1), 1)
+    ((batch, _),) = islice(StreamingRows(path, tokenizer, 200, 1), 1)
     ids = [i for t in lines for i in encode_record(Record("", text=t), tokenizer, None).input_ids]
-    assert len(ids) <= 200 and batch["input_ids"][0, : len(ids)].tolist() == ids
+    assert len(ids) <= 200 and batch.input_ids[0, : len(ids)].tolist() == ids
 
 
 def test_workers_ignore_sigterm_and_tokenize_serially(tmp_path, tokenizer, monkeypatch):

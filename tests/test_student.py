@@ -47,8 +47,8 @@ def test_gradient_is_the_token_mean_over_the_whole_accumulation_step():
     # reference: one mean over every trainable token of both micro-batches
     total_loss, total_tokens = 0.0, 0
     for batch in batches:
-        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+        logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        labels = batch.labels[:, 1:]
         total_loss = total_loss + F.cross_entropy(
             logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -73,7 +73,7 @@ def test_gradient_is_the_token_mean_over_the_whole_accumulation_step():
 def test_per_micro_batch_mean_would_differ():
     """Guards the test above: the two normalisations really give different gradients on this data."""
     batches = micro_batches()
-    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+    counts = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
     assert counts[0] > 3 * counts[1]
 
 

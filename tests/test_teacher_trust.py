@@ -28,7 +28,7 @@ from distill.data.formats import to_record
 from distill.data.templates import resolve_template
 from distill.objectives.context import Origin, Step
 from distill.objectives.kd import Distillation
-from distill.targets import SparseTargets
+from distill.targets import BatchTargets, SparseTargets
 from distill.teacher.alignment import target_positions, targets
 from distill.teacher.collect import cache_spec, check_vocabularies, collect, plan_jobs
 from distill.teacher.identity import VocabularyMismatchError, check_same_vocabulary, model_identity
@@ -252,19 +252,18 @@ def test_an_aligned_teacher_scores_the_students_tokens(chat_tokenizer_dir, chat_
 
 def test_the_objective_reports_the_teachers_ce_beside_the_students(tokenizer, teacher_dir):
     batch = collator(tokenizer)(samples(tokenizer, 2))
-    batch.pop("sha")
-    trainable = batch["labels"][:, 1:] != IGNORE_INDEX
-    labels = batch["labels"][:, 1:][trainable]
+    trainable = batch.labels[:, 1:] != IGNORE_INDEX
+    labels = batch.labels[:, 1:][trainable]
     online = Distillation(online=[Teacher(model=str(teacher_dir), name="t1", dtype="float32")], online_k=4)
     online.setup(objective_context(tokenizer, None, origin=Origin(tokenizer=str(TOKENIZER_DIR))))
     assert online.metric_names == ("ce", "kd", "agree", "teacher_ce")
     head = torch.nn.Linear(32, 32000, bias=False)
-    online.prepare(batch, Step())
-    out = online(token_inputs(torch.randn(labels.shape[0], 32), head, labels, batch))
+    attached = online.prepare(batch, Step()).targets
+    out = online(token_inputs(torch.randn(labels.shape[0], 32), head, labels, attached))
     (model,) = online.teachers.models(torch.device("cpu"))
-    rows = [batch["input_ids"][i][batch["attention_mask"][i].bool()] for i in range(2)]
+    rows = [batch.input_ids[i][batch.attention_mask[i].bool()] for i in range(2)]
     expected = 0.0
-    for ids, row_labels in zip(rows, batch["labels"], strict=True):
+    for ids, row_labels in zip(rows, batch.labels, strict=True):
         sample = SimpleNamespace(input_ids=ids.tolist(), labels=row_labels[: len(ids)].tolist())
         expected += naive_nll(model, sample)
     assert float(out.sums["teacher_ce"]) == pytest.approx(expected, rel=1e-5)
@@ -298,8 +297,8 @@ def test_cached_teachers_each_get_their_ce_under_their_name():
     V = 6
     one = SparseTargets(torch.arange(V).repeat(3, 1), torch.zeros(3, V), torch.full((3,), math.log(V)))
     nll = {"a": torch.tensor(4.0, dtype=torch.float64), "b": torch.tensor(7.0, dtype=torch.float64)}
-    batch = {"targets": [one, one], "vocab_size": V, "teacher_nll": nll}
-    out = objective(token_inputs(torch.randn(3, 4), torch.nn.Linear(4, V), torch.tensor([0, 1, 2]), batch))
+    attached = BatchTargets([one, one], V, nll)
+    out = objective(token_inputs(torch.randn(3, 4), torch.nn.Linear(4, V), torch.tensor([0, 1, 2]), attached))
     assert {k: float(v) for k, v in out.sums.items() if k.startswith("teacher")} == {
         "teacher_ce/a": 4.0,
         "teacher_ce/b": 7.0,

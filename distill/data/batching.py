@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from distill.data.batch import TokenBatch
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.resume import yields
 
@@ -94,7 +95,7 @@ class Collator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, items: Sequence[Encoded | list[Encoded]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[Encoded | list[Encoded]]) -> TokenBatch:
         packed = isinstance(items[0], list)
         rows = [item if isinstance(item, list) else [item] for item in items]
         width = max(sum(len(s.input_ids) for s in row) for row in rows)
@@ -119,16 +120,14 @@ class Collator:
                 offset += n
             # padding forms its own segment so it never joins the last sample's block
             position_ids[r, offset:] = torch.arange(width - offset)
-        batch = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "sequence_index": sequence_index,  # which sample each token is of; -1: padding
-        }
-        if not packed:
-            batch["attention_mask"] = attention_mask
-            batch["sha"] = [row[0].sha for row in rows]
-        return batch
+        return TokenBatch(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            sequence_index=sequence_index,
+            attention_mask=None if packed else attention_mask,
+            shas=None if packed else [row[0].sha for row in rows],
+        )
 
 
 def shard_batches(count: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:

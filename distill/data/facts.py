@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from distill.data.batch import UnitBatch
 from distill.data.templates import ChatTemplate
 
 BatchKind = Literal["samples", "pairs", "unpaired", "prompts"]
@@ -22,7 +23,7 @@ class Units(Protocol):
 
     def unit_count(self, rank: int, world_size: int) -> int: ...
 
-    def unit_batches(self, rank: int, world_size: int) -> Iterator[dict]: ...
+    def unit_batches(self, rank: int, world_size: int) -> Iterator[UnitBatch]: ...
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.batch import PairBatch, UnitBatch, UnpairedBatch, extended
 from distill.data.batching import Collator
 from distill.data.chunks import EncodedChunk, map_chunks
 from distill.data.encoding import IGNORE_INDEX, Encoded, EncodingStats, encode_messages
@@ -134,16 +135,14 @@ class Grouped(Sequence[list[Encoded]]):
 class UnitCollator:
     """Batches of units: every sample its own row, or (``packed``) the units of a row side by side.
 
-    Sequences are numbered in order, so a batch of pairs has pair p's chosen at sequence 2p and its
-    rejected at 2p + 1. ``sequence_values`` (S,) holds each sequence's ``Encoded.value`` (NaN: none),
-    ``sequence_sha`` its unit's SHA, ``unit_size`` the sequences per unit (2: pairs, 1: KTO samples).
+    Sequences are numbered in order: a ``PairBatch`` (units of two) or an ``UnpairedBatch`` (KTO samples).
     """
 
     def __init__(self, pad_id: int, packed: bool) -> None:
         self.collate = Collator(pad_id)
         self.packed = packed
 
-    def __call__(self, items: Iterable) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Iterable) -> UnitBatch:
         if self.packed:  # items: rows, each a list of units
             rows = [[s for unit in row for s in unit] for row in items]
             batch = self.collate(rows)
@@ -152,7 +151,10 @@ class UnitCollator:
             samples = [s for unit in items for s in unit]
             batch = self.collate(samples)
         values = [np.nan if s.value is None else s.value for s in samples]
-        batch["sequence_values"] = torch.tensor(values, dtype=torch.float32)
-        batch["sequence_sha"] = [s.sha for s in samples]
-        batch["unit_size"] = len(items[0]) if not self.packed else len(items[0][0])
-        return batch
+        unit_size = len(items[0]) if not self.packed else len(items[0][0])
+        return extended(
+            batch,
+            PairBatch if unit_size == 2 else UnpairedBatch,
+            sequence_values=torch.tensor(values, dtype=torch.float32),
+            sequence_shas=[s.sha for s in samples],
+        )

@@ -15,6 +15,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
+from distill.data.batch import UnitBatch
 from distill.data.batching import pack
 from distill.data.chunks import EncodedChunk
 from distill.data.datamodule import DataModule
@@ -118,7 +119,7 @@ class PreferenceDataModule(DataModule):
         self.val = Grouped(self.val, self.unit_size)
 
     @property
-    def collator(self) -> Callable[[list], dict]:
+    def collator(self) -> Callable[[list], UnitBatch]:
         return UnitCollator(self.pad_id, packed=self.packing)
 
     def facts(self) -> DataFacts:
@@ -134,7 +135,7 @@ class PreferenceDataModule(DataModule):
         """How many units ``unit_batches(rank, world_size)`` yields."""
         return len(self._units(rank, world_size))
 
-    def unit_batches(self, rank: int, world_size: int) -> Iterator[dict]:
+    def unit_batches(self, rank: int, world_size: int) -> Iterator[UnitBatch]:
         """Rank ``rank``'s share of every training and validation unit, once each, in unpacked batches
         of ``eval_batch_size`` units (read batch by batch)."""
         units = self._units(rank, world_size)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from distill.data.batch import PromptBatch
 from distill.data.datamodule import DataModule
 from distill.data.encoding import IGNORE_INDEX, encode_messages
 from distill.data.facts import DataFacts
@@ -61,24 +62,23 @@ class PromptCollator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, prompts: Sequence[EncodedPrompt]) -> dict[str, Any]:
+    def __call__(self, prompts: Sequence[EncodedPrompt]) -> PromptBatch:
         prompt_ids, prompt_mask = padded([p.input_ids for p in prompts], self.pad_id, left=True)
         keys = dict.fromkeys(key for p in prompts for key in p.fields)  # first-seen order
-        responses = {}
+        response_ids = response_mask = None
         if prompts[0].response_ids is not None:
             response_ids, response_mask = padded([p.response_ids for p in prompts], self.pad_id)
-            responses = {"response_ids": response_ids, "response_mask": response_mask}
-        return {
-            **responses,
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask.long(),
-            "prompts": [p.text for p in prompts],
-            "messages": [list(p.messages) for p in prompts],
-            "fields": {key: [p.fields.get(key) for p in prompts] for key in keys},
-            "sources": [p.source for p in prompts],
-            "shas": [p.sha for p in prompts],
-            "unit_size": 1,
-        }
+        return PromptBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask.long(),
+            prompts=[p.text for p in prompts],
+            messages=[list(p.messages) for p in prompts],
+            fields={key: [p.fields.get(key) for p in prompts] for key in keys},
+            sources=[p.source for p in prompts],
+            shas=[p.sha for p in prompts],
+            response_ids=response_ids,
+            response_mask=response_mask,
+        )
 
 
 class RepeatedSteps(ShuffledBatches):
@@ -123,9 +123,9 @@ class RepeatedSteps(ShuffledBatches):
     def parts(self, epoch: int) -> list[Part]:
         schedule = self.schedule(epoch)
 
-        def build(number: int) -> dict[str, Any]:
+        def build(number: int) -> PromptBatch:
             batch, where = schedule[number]
-            return {**self.collate([self.rows[i] for i in batch]), **where}
+            return replace(self.collate([self.rows[i] for i in batch]), **where)
 
         return [Part(len(schedule), lambda: nullcontext(build))]
 

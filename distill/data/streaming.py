@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.batch import TokenBatch
 from distill.data.encoding import IGNORE_INDEX
 from distill.data.formats import (
     BOM,
@@ -43,7 +44,6 @@ from distill.data.resume import epoch_rng, leave_sigterm_to_main
 LINE_SUFFIXES = (".jsonl", ".txt")
 SUFFIXES = (*LINE_SUFFIXES, *TABLE_BUILDERS)
 _TABLES = ", ".join(TABLE_BUILDERS)
-CURSOR_KEY = "stream_cursor"
 
 
 class Cursor(NamedTuple):
@@ -202,7 +202,7 @@ class StreamingRows(IterableDataset):
                         tokens, lengths = [], []
                 skip = 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[tuple[TokenBatch, dict[str, Any]]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         if workers != self.workers:
@@ -215,11 +215,10 @@ class StreamingRows(IterableDataset):
         while True:
             batch = [next(rows) for _ in range(self.batch_size)]
             collated = packed_batch([tokens for tokens, _, _ in batch], [n for _, ns, _ in batch for n in ns])
-            collated[CURSOR_KEY] = {"shard": shard, "cursor": tuple(batch[-1][2])}
-            yield collated
+            yield collated, {"shard": shard, "cursor": tuple(batch[-1][2])}
 
 
-def packed_batch(rows: list[list[int]], lengths: list[int]) -> dict[str, Any]:
+def packed_batch(rows: list[list[int]], lengths: list[int]) -> TokenBatch:
     """Full rows of pieces (``lengths``, row after row) as ``batching.Collator`` packs them, in a few
     tensor operations instead of several per piece: position ids restart at each piece, whose first
     token is no target."""
@@ -234,12 +233,12 @@ def packed_batch(rows: list[list[int]], lengths: list[int]) -> dict[str, Any]:
     labels[starts] = IGNORE_INDEX
     first = torch.zeros(input_ids.numel(), dtype=torch.long)
     first[starts] = 1
-    return {
-        "input_ids": input_ids,
-        "labels": labels.view_as(input_ids),
-        "position_ids": position_ids.view_as(input_ids),
-        "sequence_index": (first.cumsum(0) - 1).view_as(input_ids),  # the piece of each token
-    }
+    return TokenBatch(
+        input_ids=input_ids,
+        labels=labels.view_as(input_ids),
+        position_ids=position_ids.view_as(input_ids),
+        sequence_index=(first.cumsum(0) - 1).view_as(input_ids),  # the piece of each token
+    )
 
 
 class StreamingLoader(DataLoader):
@@ -283,7 +282,7 @@ class StreamingLoader(DataLoader):
         first = self.dataset.rank * self.dataset.workers
         return {g: cursors.get(g, Cursor()) for g in range(first, first + self.dataset.workers)}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TokenBatch]:
         # after the batches trained so far: those of the epochs before (a new epoch goes on with the
         # stream), or those of a checkpoint; the ones pulled beyond them were never trained
         index = self._commit()
@@ -291,8 +290,7 @@ class StreamingLoader(DataLoader):
         self._pending = deque()
         batches = super().__iter__()
         try:
-            for batch in batches:
-                where = batch.pop(CURSOR_KEY)
+            for batch, where in batches:  # StreamingRows yields each batch with its shard's cursor after it
                 self._pending.append((index, where["shard"], Cursor(*where["cursor"])))
                 index += 1
                 self._commit()  # the pending ones are those fetched ahead: a few

@@ -10,8 +10,9 @@ not per micro-batch, so a short and a long micro-batch weigh by what they hold.
 An objective is an ``nn.Module``: parameters it owns (a reward head) are trained, checkpointed, sharded
 and exported with the student. It says which batches it ``accepts`` (a data module's ``DataFacts``),
 checked before ``setup``, which gets the fit's ``Context``. ``prepare`` runs before the forward without
-gradients (reference log-probs; rollouts) and may add to the batch: ``noise_seed`` makes the training
-forward's dropout and NEFTune noise a function of that seed (GRPO's repeated iterations of one rollout).
+gradients (reference log-probs; rollouts) and returns the batch the forward runs on (``distill.data.batch``:
+the loader's with fields filled in, or completion rows of its prompts); its ``noise_seed`` makes the
+training forward's dropout and NEFTune noise a function of that seed (GRPO's iterations of one rollout).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distill.data.batch import PromptBatch, TokenBatch
 from distill.data.encoding import IGNORE_INDEX
 from distill.data.facts import BatchKind, DataFacts
 from distill.objectives.context import Context, Step
@@ -37,7 +39,7 @@ class LossInputs:
     sequence: Tensor  # (N,) index of the batch's sequence (sample) each position belongs to
     last_hidden: Tensor  # (S, H) each sequence's last non-pad position
     head: nn.Module  # the output head: (n, H) -> (n, V) logits
-    batch: dict
+    batch: TokenBatch
 
     @property
     def num_sequences(self) -> int:
@@ -106,7 +108,7 @@ def sequence_log_probs(inputs: LossInputs, chunk_size: int = 1024) -> Tensor:
     return per_sequence(logps, inputs.sequence, inputs.num_sequences)
 
 
-def sequence_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def sequence_layout(batch: TokenBatch) -> tuple[Tensor, Tensor]:
     """(B, T) index of the sequence each token belongs to (-1: padding) and (S,) flat index (row * T + t)
     of each sequence's last token.
 
@@ -114,11 +116,11 @@ def sequence_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     is two sequences); otherwise each row is one sequence, its padding the positions its
     ``attention_mask`` leaves out.
     """
-    ids = batch["input_ids"]
-    index = batch.get("sequence_index")
+    ids = batch.input_ids
+    index = batch.sequence_index
     if index is None:
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-        mask = batch.get("attention_mask")
+        mask = batch.attention_mask
         index = rows if mask is None else torch.where(mask.bool(), rows, -1)
     flat = index.reshape(-1)
     valid = flat >= 0
@@ -129,9 +131,9 @@ def sequence_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return index, last
 
 
-def loss_inputs(hidden: Tensor, head: nn.Module, batch: dict) -> LossInputs:
+def loss_inputs(hidden: Tensor, head: nn.Module, batch: TokenBatch) -> LossInputs:
     """The loss positions of a forward's final hidden states (B, T, H): position t predicts token t + 1."""
-    labels = batch["labels"][:, 1:]
+    labels = batch.labels[:, 1:]
     trainable = labels != IGNORE_INDEX
     sequence, last = sequence_layout(batch)
     return LossInputs(
@@ -186,8 +188,10 @@ class Objective(nn.Module):
         """Called once the student is built, its data module set up."""
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: Step) -> None:
-        """Work before the forward, without gradients: it may add tensors to ``batch``."""
+    def prepare(self, batch: TokenBatch | PromptBatch, step: Step) -> TokenBatch:
+        """Work before the forward, without gradients: the batch the forward runs on (``batch`` itself, a
+        copy with fields filled in, or the rows sampled from its prompts)."""
+        return batch
 
     def forward(self, inputs: LossInputs) -> Loss:
         raise NotImplementedError

@@ -16,10 +16,11 @@ weights across the iterations, so the ratio is exactly 1 until the weights chang
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
-from torch import Tensor
 
+from distill.data.batch import PromptBatch, RolloutBatch, to_device
 from distill.losses.rl import (
     NORMALISERS,
     Normaliser,
@@ -35,7 +36,7 @@ from distill.objectives.reference import Reference
 from distill.objectives.rollouts import (
     Rollouts,
     rollout_metrics,
-    store_rollout,
+    rollout_rows,
     token_log_probs_and_entropy,
 )
 from distill.ranges import require
@@ -125,43 +126,41 @@ class GRPO(Objective):
             )
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: Step) -> None:
+    def prepare(self, batch: PromptBatch, step: Step) -> RolloutBatch:
         repeated = step.training and self.num_iterations > 1
-        key = tuple(batch["shas"])
+        key = tuple(batch.shas)
         if repeated:
-            window, iteration = batch["window"], batch["iteration"]
-            kept = self.kept.take(key, window, iteration, batch["iterations"])
+            window, iteration = batch.window, batch.iteration
+            kept = self.kept.take(key, window, iteration, batch.iterations)
             if kept is not None:  # a later iteration of this window's rollout
-                device = batch["prompt_ids"].device
-                batch.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in kept.items()})
-                return
-        before = set(batch)
+                return to_device(RolloutBatch(**kept), batch.prompt_ids.device)
         rollout = self.rollouts.sample(batch, step)
         g = self.rollouts.num_generations
-        store_rollout(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
+        rows = rollout_rows(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
         if self.beta:
-            batch["reference_logps"] = self.reference.token_logps(batch, self.sampling.temperature)
-        if repeated and iteration < batch["iterations"] - 1:  # later iterations train on it again
-            batch["noise_seed"] = rollout_seed(self.rollouts.seed, "noise", window, *key)
-            self.kept.keep(key, {k: v for k, v in batch.items() if k not in before})
+            rows = replace(rows, reference_logps=self.reference.token_logps(rows, self.sampling.temperature))
+        if repeated and iteration < batch.iterations - 1:  # later iterations train on it again
+            rows = replace(rows, noise_seed=rollout_seed(self.rollouts.seed, "noise", window, *key))
+            self.kept.keep(key, {k: v for k, v in vars(rows).items() if v is not None})
+        return rows
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch = inputs.batch
         logps, entropy = token_log_probs_and_entropy(
             inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
         )
-        old = batch.get("old_logps")
+        old = batch.old_logps
         if old is None:  # a rollout's first update: the policy sampled from is this one, ratio 1
             old = logps.detach()
-            self.kept.add_old_logps(tuple(batch["shas"]), old)  # for its later iterations, if kept
-        advantages = batch["advantages"].to(logps)
+            self.kept.add_old_logps(tuple(batch.prompt_shas), old)  # for its later iterations, if kept
+        advantages = batch.advantages.to(logps)
         surrogate = clipped_surrogate(
             logps, old, advantages[inputs.sequence], self.epsilon_low, self.epsilon_high
         )
         per_token = surrogate.loss
         sums = self.rollouts.metric_sums(batch, entropy)
         if self.beta:
-            kl = k3_kl(logps, batch["reference_logps"].to(logps))
+            kl = k3_kl(logps, batch.reference_logps.to(logps))
             per_token = per_token + self.beta * kl
             sums["kl"] = kl.detach().sum()
         loss_sum, units = reduce_tokens(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
+from distill.data.batch import TokenBatch
 from distill.losses.kd import LOSSES, TeacherBuckets, kd_loss, mix_teachers, teacher_buckets
 from distill.objectives.base import Loss, LossInputs, Objective, over_chunks
 from distill.objectives.context import Context, Step
 from distill.ranges import require
-from distill.targets import SparseTargets, teacher_top1
+from distill.targets import BatchTargets, SparseTargets, teacher_top1
 from distill.teacher.module import Teacher
 from distill.teacher.online import OnlineTeachers
 
@@ -17,16 +20,16 @@ from distill.teacher.online import OnlineTeachers
 class Distillation(Objective):
     """``alpha * T**2 * KD_T(teacher || student) + (1 - alpha) * CE`` per trainable token.
 
-    Targets come from the batch (``batch["targets"]``: one ``SparseTargets`` per teacher, aligned with the
+    Targets come from the batch (``batch.targets``: one ``SparseTargets`` per teacher, aligned with the
     trainable positions, as the KD data module builds them from the cache), or, for online KD, from
     ``online`` teachers run on the same batch in memory. Several teachers are mixed with
     ``teacher_weights`` over the union of their heads (at temperature 1; the loss then applies T to the
     mixture), so the weights can change without recollecting. Online teachers run in ``prepare`` and
-    leave in the batch what the KD data module puts there from the cache.
+    attach to the batch what the KD data module attaches from the cache.
 
     Beside the student's ``ce`` it logs each teacher's own cross-entropy on the same labels
     (``teacher_ce``, or ``teacher_ce/<name>`` with several teachers): a teacher whose CE is above the
-    student's has little to teach. Cached teachers' NLL sums arrive in ``batch["teacher_nll"]``
+    student's has little to teach. Cached teachers' NLL sums arrive in ``batch.targets.nll``
     ({name: sum over the batch's trainable tokens}); online teachers' are computed from their logits.
     """
 
@@ -107,18 +110,19 @@ class Distillation(Objective):
         return self.online is None
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: Step) -> None:
-        """Online teachers run on the batch (loaded on the first one) and leave what a cached batch
+    def prepare(self, batch: TokenBatch, step: Step) -> TokenBatch:
+        """Online teachers run on the batch (loaded on the first one) and attach what a cached batch
         holds: their targets, the vocabulary size and their NLL sums of the labels."""
         if self.online is None:
-            return
+            return batch
         if self.teachers is None:
             self.teachers = OnlineTeachers(self.online, self.online_k, self.tokenizer_id)
-        store_targets(batch, self.teachers.targets(batch), self.teachers.names, self.teachers.vocab_size)
+        targets = batch_targets(self.teachers.targets(batch), self.teachers.names, self.teachers.vocab_size)
+        return replace(batch, targets=targets)
 
-    def teacher_ce_sums(self, batch: dict) -> dict[str, Tensor]:
+    def teacher_ce_sums(self, batch: TokenBatch) -> dict[str, Tensor]:
         """Each teacher's NLL of the labels summed over the batch, under its metric name."""
-        sums = batch.get("teacher_nll", {})
+        sums = batch.targets.nll
         if len(sums) == 1 and len(self.teacher_names) <= 1:
             return {"teacher_ce": next(iter(sums.values()))}
         names = teacher_ce_names(self.teacher_names or list(sums))
@@ -126,7 +130,7 @@ class Distillation(Objective):
 
     def forward(self, inputs: LossInputs) -> Loss:
         hidden, head, labels, batch = inputs.hidden, inputs.head, inputs.labels, inputs.batch
-        per_teacher, vocab_size = batch["targets"], int(batch["vocab_size"])
+        per_teacher, vocab_size = batch.targets.per_teacher, int(batch.targets.vocab_size)
         teacher_ce = self.teacher_ce_sums(batch)
         targets = self.mix(per_teacher, vocab_size).to(hidden.device)
         if targets.num_positions != labels.shape[0]:
@@ -172,12 +176,10 @@ class Distillation(Objective):
         return Loss(loss_sum, num_units=tokens, num_tokens=tokens, correct=correct, sums=sums)
 
 
-def store_targets(batch: dict, per_teacher: list[SparseTargets], names: list[str], vocab_size: int) -> None:
-    """Teachers' targets at the batch's trainable positions into the batch, as the KD data module puts
-    cached ones there."""
-    batch["targets"] = per_teacher
-    batch["vocab_size"] = vocab_size
-    batch["teacher_nll"] = {name: t.nll.double().sum() for name, t in zip(names, per_teacher, strict=True)}
+def batch_targets(per_teacher: list[SparseTargets], names: list[str], vocab_size: int) -> BatchTargets:
+    """Teachers' targets at a batch's trainable positions, as the KD data module attaches cached ones."""
+    nll = {name: t.nll.double().sum() for name, t in zip(names, per_teacher, strict=True)}
+    return BatchTargets(per_teacher, vocab_size, nll)
 
 
 def teacher_ce_names(teachers: list[str]) -> dict[str, str]:

@@ -8,9 +8,11 @@ without gradients by both models, averaged over the batch and the ranks, then cl
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from dataclasses import replace
 
+import torch
+
+from distill.data.batch import TokenBatch, UnpairedBatch, to_device
 from distill.data.batching import Collator, pack
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.pair_encoding import first_trainable
@@ -72,12 +74,10 @@ class KTO(Objective):
         self.context = context
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: Step) -> None:
-        if "reference_logps" not in batch:
-            batch["reference_logps"] = self.reference.logps(batch)
-        mismatched = {
-            k: v.to(batch["input_ids"].device) for k, v in mismatched_batch(batch, self.collate).items()
-        }
+    def prepare(self, batch: UnpairedBatch, step: Step) -> UnpairedBatch:
+        if batch.reference_logps is None:
+            batch = replace(batch, reference_logps=self.reference.logps(batch))
+        mismatched = to_device(mismatched_batch(batch, self.collate), batch.input_ids.device)
         policy = sequence_logps(self.context.policy.causal_lm, mismatched, self.chunk_size)
         # one reference point for the step's batches on all ranks; not in validation, where a rank may
         # run one batch fewer than the others and would leave them waiting in the collective
@@ -85,18 +85,18 @@ class KTO(Objective):
         if step.training and self.context.world_size > 1:
             mean_over_ranks = self.context.mean_over_ranks
         reference = self.reference.logps(mismatched).to(policy)
-        batch["kl_baseline"] = kto_kl_baseline(policy, reference, mean_over_ranks)
+        return replace(batch, kl_baseline=kto_kl_baseline(policy, reference, mean_over_ranks))
 
     def forward(self, inputs: LossInputs) -> Loss:
         sums = sequence_log_probs(inputs, self.chunk_size)  # (S,)
         batch = inputs.batch
-        desirable = batch["sequence_values"].to(sums.device) == 1.0
-        reference = batch["reference_logps"].to(sums)
+        desirable = batch.sequence_values.to(sums.device) == 1.0
+        reference = batch.reference_logps.to(sums)
         out = kto(
             sums,
             reference,
             desirable,
-            batch["kl_baseline"],
+            batch.kl_baseline,
             beta=self.beta,
             desirable_weight=self.desirable_weight,
             undesirable_weight=self.undesirable_weight,
@@ -104,7 +104,7 @@ class KTO(Objective):
         signed = torch.where(desirable, 1.0, -1.0) * self.beta * (sums - reference).detach()
         count = inputs.num_sequences
         metrics = {
-            "kl": batch["kl_baseline"].detach() * count,
+            "kl": batch.kl_baseline.detach() * count,
             "rewards/signed": signed.sum(),
             "rewards/accuracies": (signed > 0).sum(),
             "logps": sums.detach().sum(),
@@ -112,11 +112,11 @@ class KTO(Objective):
         return Loss(out.loss.sum(), num_units=count, num_tokens=inputs.labels.numel(), sums=metrics)
 
 
-def mismatched_batch(batch: dict, collate: Collator) -> dict[str, Tensor]:
+def mismatched_batch(batch: TokenBatch, collate: Collator) -> TokenBatch:
     """Each sequence's prompt followed by the next sequence's completion, no longer than the batch's
     longest sequence (prompt tokens cut from the left first), packed (in another order) when the batch is."""
-    ids, labels = batch["input_ids"].reshape(-1), batch["labels"].reshape(-1)
-    index = batch["sequence_index"].reshape(-1)
+    ids, labels = batch.input_ids.reshape(-1), batch.labels.reshape(-1)
+    index = batch.sequence_index.reshape(-1)
     count = int(index.max()) + 1
     if count < 2:
         raise ValueError(
@@ -138,9 +138,6 @@ def mismatched_batch(batch: dict, collate: Collator) -> dict[str, Tensor]:
         prompt = prompt[-room:]
         tokens = (prompt + completion)[:longest]
         mixed.append(Encoded(tokens, ([IGNORE_INDEX] * len(prompt) + completion_labels)[:longest], "", ""))
-    if "attention_mask" not in batch:  # a packed batch: pack them alike, into rows as wide as its own
-        out = collate(list(pack(mixed, batch["input_ids"].shape[1])))
-    else:
-        out = collate(mixed)
-    out.pop("sha", None)
-    return out
+    if batch.attention_mask is None:  # a packed batch: pack them alike, into rows as wide as its own
+        return collate(list(pack(mixed, batch.input_ids.shape[1])))
+    return collate(mixed)

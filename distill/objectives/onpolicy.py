@@ -6,7 +6,7 @@ Thinking Machines), on the one training path.
 batches, and every validation batch when ``lmbda`` > 0), the first teacher (``seq_kd``: sequence-level
 KD) or the dataset's responses (``PromptDataModule(responses=True)``). The teachers, held in memory, run
 on the prompt + completion rows (``OnlineTeachers``: one with its own chat template reads the prompt in
-it) and leave their targets in the batch as the KD data module leaves cached ones; the forward is then
+it) and attach their targets to the rows as the KD data module attaches cached ones; the forward is then
 the KD objective's, or the reverse-KL policy-gradient form, on the completion tokens.
 """
 
@@ -17,10 +17,11 @@ import random
 
 import torch
 
+from distill.data.batch import CompletionBatch, PromptBatch, extended
 from distill.losses.kd import LOSSES, reverse_kl_policy_gradient
 from distill.objectives.base import Loss, LossInputs, Objective, token_log_probs
 from distill.objectives.context import Context, Step
-from distill.objectives.kd import Distillation, store_targets, teacher_ce_names
+from distill.objectives.kd import Distillation, batch_targets, teacher_ce_names
 from distill.objectives.rollouts import sampling_seed
 from distill.ranges import require
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
@@ -156,11 +157,11 @@ class OnPolicyDistillation(Objective):
         return "student" if u < self.lmbda else otherwise
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: Step) -> None:
+    def prepare(self, batch: PromptBatch, step: Step) -> CompletionBatch:
         source = self.completion_source(step)
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
         if source == "dataset":
-            ids, mask = batch["response_ids"], batch["response_mask"]
+            ids, mask = batch.response_ids, batch.response_mask
             completions = Completions(ids, mask, stopped=mask.any(dim=1))  # they end with their end-of-turn
             samples = 1
         else:
@@ -174,28 +175,33 @@ class OnPolicyDistillation(Objective):
                 sampling=self.sampling,
                 stop_ids=self.stop_ids,
                 pad_id=self.pad_id,
-                seed=sampling_seed(self.seed, step, batch["shas"]),
+                seed=sampling_seed(self.seed, step, batch.shas),
                 synced=self.synced,
             )
             completions = trim_at_stop(ids, self.stop_ids, self.pad_id)
-        batch.update(rollout_batch(prompt_ids, prompt_mask, completions))
-        messages = [m for m in batch["messages"] for _ in range(samples)]
-        per_teacher = self.teachers.completion_targets(batch, completions, messages, self.template)
-        store_targets(batch, per_teacher, self.teachers.names, self.teachers.vocab_size)
-        batch["on_policy"] = source == "student"
+        rows = rollout_batch(prompt_ids, prompt_mask, completions)
+        messages = [m for m in batch.messages for _ in range(samples)]
+        per_teacher = self.teachers.completion_targets(rows, completions, messages, self.template)
+        return extended(
+            rows,
+            CompletionBatch,
+            targets=batch_targets(per_teacher, self.teachers.names, self.teachers.vocab_size),
+            prompt_shas=batch.shas,
+            on_policy=source == "student",
+        )
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch = inputs.batch
         out = self.policy_gradient(inputs) if self.loss == POLICY_GRADIENT else self.kd(inputs)
         tokens = inputs.labels.numel()
-        out.sums["on_policy"] = inputs.hidden.new_tensor(float(tokens if batch["on_policy"] else 0))
+        out.sums["on_policy"] = inputs.hidden.new_tensor(float(tokens if batch.on_policy else 0))
         return out
 
     def policy_gradient(self, inputs: LossInputs) -> Loss:
         """The reverse-KL policy-gradient loss over the sampled tokens, the teachers mixed by weight."""
         batch = inputs.batch
         logps = token_log_probs(inputs.hidden, inputs.head, inputs.labels, self.chunk_size)
-        per_teacher = [-t.nll.to(logps) for t in batch["targets"]]  # log p_teacher(sampled token)
+        per_teacher = [-t.nll.to(logps) for t in batch.targets.per_teacher]  # log p_teacher(sampled token)
         weights = self.teacher_weights or [1.0] * len(per_teacher)
         if len(weights) != len(per_teacher):
             raise ValueError(f"{len(per_teacher)} teachers but {len(weights)} teacher_weights")

@@ -10,8 +10,11 @@ The reference model, for the losses that need one, runs in ``prepare`` without g
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from distill.data.batch import PairBatch
 from distill.losses.preference import PAIR_LOSSES, PairLoss, pair_loss
 from distill.objectives.base import Loss, LossInputs, Objective, sequence_log_probs
 from distill.objectives.context import Context, Step
@@ -89,9 +92,10 @@ class Preference(Objective):
         return int(self.spec.reference and self.reference.kind in ("adapter", "model"))
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: Step) -> None:
-        if self.spec.reference and "reference_logps" not in batch:
-            batch["reference_logps"] = self.reference.logps(batch)
+    def prepare(self, batch: PairBatch, step: Step) -> PairBatch:
+        if self.spec.reference and batch.reference_logps is None:
+            return replace(batch, reference_logps=self.reference.logps(batch))
+        return batch
 
     def forward(self, inputs: LossInputs) -> Loss:
         count = inputs.num_sequences
@@ -101,7 +105,7 @@ class Preference(Objective):
         policy = sums / scale
         reference = {}
         if self.spec.reference:
-            ref_sums = inputs.batch["reference_logps"].to(sums)  # (S,)
+            ref_sums = inputs.batch.reference_logps.to(sums)  # (S,)
             ref = ref_sums / scale
             reference = {"ref_chosen": ref[0::2], "ref_rejected": ref[1::2]}
         out: PairLoss = pair_loss(self.loss, policy[0::2], policy[1::2], **reference, **self.options)

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from distill.data.batch import TokenBatch, UnitBatch, to_device
 from distill.objectives.base import LossInputs, loss_inputs, sequence_log_probs, token_log_probs
 from distill.objectives.context import Context
 from distill.objectives.reference_store import ReferenceStore
@@ -102,36 +103,36 @@ class Reference:
         self.context = context
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> Tensor:
+    def logps(self, batch: TokenBatch) -> Tensor:
         """(S,) the reference's log-prob sum of every sequence's response tokens."""
         if self.kind == "precomputed":
             if self.stored is None:
-                self.stored = self.precompute(batch["input_ids"].device)
+                self.stored = self.precompute(batch.input_ids.device)
             return self.stored_logps(batch)
         if self.kind == "adapter":
             with self.context.policy.adapter_disabled() as base:
                 return sequence_logps(base, batch, self.chunk_size)
-        return sequence_logps(self.frozen_model(batch["input_ids"].device), batch, self.chunk_size)
+        return sequence_logps(self.frozen_model(batch.input_ids.device), batch, self.chunk_size)
 
     @torch.no_grad()
-    def token_logps(self, batch: dict, temperature: float = 1.0) -> Tensor:
+    def token_logps(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
         """(N,) the reference's log-prob of every labelled token (on-policy completions: never stored)."""
         if self.kind == "adapter":
             with self.context.policy.adapter_disabled() as base:
                 return token_logps(base, batch, self.chunk_size, temperature)
         if self.kind == "model":
-            model = self.frozen_model(batch["input_ids"].device)
+            model = self.frozen_model(batch.input_ids.device)
             return token_logps(model, batch, self.chunk_size, temperature)
         raise ValueError(f"a {self.kind!r} reference has no log-probs of sampled completions")
 
-    def stored_logps(self, batch: dict) -> Tensor:
-        size, values = batch["unit_size"], []
-        for index, sha in enumerate(batch["sequence_sha"]):
+    def stored_logps(self, batch: UnitBatch) -> Tensor:
+        size, values = batch.unit_size, []
+        for index, sha in enumerate(batch.sequence_shas):
             unit = self.stored.get(sha)
             if unit is None:
                 raise KeyError(f"no precomputed reference log-probs for sample {sha}: the store is stale")
             values.append(unit[index % size])
-        return torch.tensor(values, dtype=torch.float64, device=batch["input_ids"].device)
+        return torch.tensor(values, dtype=torch.float64, device=batch.input_ids.device)
 
     def precompute(self, device: torch.device) -> dict[str, np.ndarray]:
         """The reference's log-probs of every unit of the training and validation data, from the store,
@@ -147,10 +148,10 @@ class Reference:
             total = units.unit_count(rank, world)
             with Progress(total, "precomputing reference log-probs", "units", enabled=rank == 0) as progress:
                 for batch in units.unit_batches(rank, world):
-                    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                    batch = to_device(batch, device)
                     logps = sequence_logps(model, batch, self.chunk_size).double()
-                    shas += batch["sequence_sha"][:: batch["unit_size"]]
-                    values.append(logps.reshape(-1, batch["unit_size"]).cpu().numpy())
+                    shas += batch.sequence_shas[:: batch.unit_size]
+                    values.append(logps.reshape(-1, batch.unit_size).cpu().numpy())
                     progress.update(len(values[-1]))
             self.frozen.clear()  # freed: training needs no reference model from here on
             rank_zero_info(
@@ -192,23 +193,25 @@ class Reference:
         return self.frozen[0]
 
 
-def model_loss_inputs(model: nn.Module, batch: dict) -> LossInputs:
+def model_loss_inputs(model: nn.Module, batch: TokenBatch) -> LossInputs:
     """``model``'s ``LossInputs`` of ``batch``: its final hidden states at the loss positions."""
     outputs = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
         use_cache=False,
     )
     return loss_inputs(outputs.last_hidden_state, model.get_output_embeddings(), batch)
 
 
-def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> Tensor:
+def sequence_logps(model: nn.Module, batch: TokenBatch, chunk_size: int = 1024) -> Tensor:
     """(S,) ``model``'s log-prob sum of every sequence's labelled tokens (chunked at loss positions)."""
     return sequence_log_probs(model_loss_inputs(model, batch), chunk_size)
 
 
-def token_logps(model: nn.Module, batch: dict, chunk_size: int = 1024, temperature: float = 1.0) -> Tensor:
+def token_logps(
+    model: nn.Module, batch: TokenBatch, chunk_size: int = 1024, temperature: float = 1.0
+) -> Tensor:
     """(N,) ``model``'s log-prob of every labelled token, in ``LossInputs`` order."""
     inputs = model_loss_inputs(model, batch)
     return token_log_probs(inputs.hidden, inputs.head, inputs.labels, chunk_size, temperature)

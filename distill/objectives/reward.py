@@ -66,9 +66,8 @@ class RewardModel(Objective):
         rewards = self.rewards(inputs.last_hidden)
         chosen, rejected = rewards[0::2], rewards[1::2]
         margin = None
-        values = inputs.batch.get("sequence_values")
-        if self.use_margin and values is not None:
-            margin = torch.nan_to_num(values[0::2].to(chosen), nan=0.0)
+        if self.use_margin:
+            margin = torch.nan_to_num(inputs.batch.sequence_values[0::2].to(chosen), nan=0.0)
         out = reward_pair(chosen, rejected, margin=margin, center_rewards=self.center_rewards)
         gap = (chosen - rejected).detach()
         both = torch.cat([chosen, rejected]).detach()

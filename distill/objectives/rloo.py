@@ -9,9 +9,11 @@ ratios) from its reward before the baseline, as the RLOO paper and TRL's ``rloo_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
+from distill.data.batch import PromptBatch, RolloutBatch
 from distill.losses.rl import leave_one_out_advantages, reinforce
 from distill.objectives.base import Loss, LossInputs, Objective, per_sequence
 from distill.objectives.context import Context, Step
@@ -19,7 +21,7 @@ from distill.objectives.reference import Reference
 from distill.objectives.rollouts import (
     Rollouts,
     rollout_metrics,
-    store_rollout,
+    rollout_rows,
     token_log_probs_and_entropy,
 )
 from distill.ranges import require
@@ -82,11 +84,12 @@ class RLOO(Objective):
                 )
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: Step) -> None:
+    def prepare(self, batch: PromptBatch, step: Step) -> RolloutBatch:
         rollout = self.rollouts.sample(batch, step)
-        store_rollout(batch, rollout, advantages=torch.zeros_like(rollout.total))  # set in forward
+        rows = rollout_rows(batch, rollout, advantages=torch.zeros_like(rollout.total))  # set in forward
         if self.beta:
-            batch["reference_logps"] = self.reference.token_logps(batch, self.sampling.temperature)
+            rows = replace(rows, reference_logps=self.reference.token_logps(rows, self.sampling.temperature))
+        return rows
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch, count = inputs.batch, inputs.num_sequences
@@ -94,10 +97,10 @@ class RLOO(Objective):
             inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
         )
         sequence_logps = per_sequence(logps, inputs.sequence, count)
-        rewards = batch["reward_total"].to(logps)
+        rewards = batch.reward_total.to(logps)
         sums = self.rollouts.metric_sums(batch, entropy)
         if self.beta:
-            log_ratio = logps.detach() - batch["reference_logps"].to(logps)
+            log_ratio = logps.detach() - batch.reference_logps.to(logps)
             kl = per_sequence(log_ratio, inputs.sequence, count)
             rewards = rewards - self.beta * kl
             sums["kl"] = kl.sum()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distill.data.batch import PromptBatch, RolloutBatch, TokenBatch, extended
 from distill.objectives.context import Context, Step
 from distill.rewards import names, score, weights
 from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
@@ -26,7 +27,7 @@ from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout
 
 @dataclass
 class Rollout:
-    batch: dict[str, Tensor]  # the rows the student trains on (``rollout_batch``)
+    rows: TokenBatch  # the rows the student trains on (``rollout_batch``)
     completions: Completions
     rewards: Tensor  # (S, F) each reward function's unweighted reward
     total: Tensor  # (S,) the weighted sum: what advantages are computed from
@@ -73,20 +74,20 @@ class Rollouts:
         self.synced = context.sharded
         self.policy = context.policy
 
-    def sample(self, batch: dict, step: Step) -> Rollout:
+    def sample(self, batch: PromptBatch, step: Step) -> Rollout:
         """``roll`` of the current policy, seeded for this step; the training ones kept for the log."""
-        rollout = self.roll(self.policy.model, batch, sampling_seed(self.seed, step, batch["shas"]))
+        rollout = self.roll(self.policy.model, batch, sampling_seed(self.seed, step, batch.shas))
         if step.training:
             self.last = rollout
         return rollout
 
     @torch.no_grad()
-    def roll(self, model: nn.Module, batch: dict, seed: int) -> Rollout:
+    def roll(self, model: nn.Module, batch: PromptBatch, seed: int) -> Rollout:
         """The prompts of ``batch`` -> ``num_generations`` completions each -> their rewards and rows."""
         ids = self.engine(
             model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
+            batch.prompt_ids,
+            batch.prompt_mask,
             num_samples=self.num_generations,
             sampling=self.sampling,
             stop_ids=self.stop_ids,
@@ -98,15 +99,15 @@ class Rollouts:
         texts = self.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)  # pads after stops
         g = self.num_generations
         repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
-        prompts = repeat(batch["prompts"])
-        fields = {key: repeat(values) for key, values in batch["fields"].items()}
-        fields["messages"] = repeat(batch["messages"])
+        prompts = repeat(batch.prompts)
+        fields = {key: repeat(values) for key, values in batch.fields.items()}
+        fields["messages"] = repeat(batch.messages)
         fields["completion_length"] = completions.lengths.tolist()
         fields["stopped"] = completions.stopped.tolist()
         device = ids.device
-        rewards = score(self.functions, prompts, texts, fields, repeat(batch["sources"])).to(device)
+        rewards = score(self.functions, prompts, texts, fields, repeat(batch.sources)).to(device)
         return Rollout(
-            batch=rollout_batch(batch["prompt_ids"], batch["prompt_mask"], completions),
+            rows=rollout_batch(batch.prompt_ids, batch.prompt_mask, completions),
             completions=completions,
             rewards=rewards,
             total=rewards @ self.weights.to(device),
@@ -126,15 +127,15 @@ class Rollouts:
             "entropy",
         )
 
-    def metric_sums(self, rollout_batch: dict, entropy: Tensor) -> dict[str, Tensor]:
+    def metric_sums(self, batch: RolloutBatch, entropy: Tensor) -> dict[str, Tensor]:
         """Sums over this micro-batch's completions (and tokens, for entropy)."""
-        total, rewards = rollout_batch["reward_total"], rollout_batch["rewards"]
+        total, rewards = batch.reward_total, batch.rewards
         sums = {
             "completions": torch.tensor(float(total.numel()), device=total.device),
             "reward": total.sum(),
             "reward_sq": (total**2).sum(),
-            "completion_tokens": rollout_batch["completion_lengths"].sum().float(),
-            "completions/stopped": rollout_batch["stopped"].sum().float(),
+            "completion_tokens": batch.completion_lengths.sum().float(),
+            "completions/stopped": batch.stopped.sum().float(),
             "entropy": entropy.sum(),
         }
         sums.update({f"rewards/{name}": rewards[:, i].sum() for i, name in enumerate(self.names)})
@@ -162,16 +163,19 @@ def rollout_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def store_rollout(batch: dict, rollout: Rollout, advantages: Tensor) -> None:
-    """The rollout's training rows and per-completion values into the loader's batch (``prepare``'s
-    output: the forward then runs on the completions, not on the prompts)."""
-    batch.update(rollout.batch)
-    batch["unit_size"] = 1
-    batch["rewards"] = rollout.rewards
-    batch["reward_total"] = rollout.total
-    batch["advantages"] = advantages
-    batch["completion_lengths"] = rollout.completions.lengths
-    batch["stopped"] = rollout.completions.stopped
+def rollout_rows(prompts: PromptBatch, rollout: Rollout, advantages: Tensor) -> RolloutBatch:
+    """What the forward runs on after ``prepare``: the rollout's rows of ``prompts``, its completions'
+    values beside them."""
+    return extended(
+        rollout.rows,
+        RolloutBatch,
+        prompt_shas=prompts.shas,
+        rewards=rollout.rewards,
+        reward_total=rollout.total,
+        advantages=advantages,
+        completion_lengths=rollout.completions.lengths,
+        stopped=rollout.completions.stopped,
+    )
 
 
 def token_log_probs_and_entropy(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distill.data.batch import TokenBatch
 from distill.data.encoding import IGNORE_INDEX
 
 
@@ -34,7 +35,7 @@ def trim_at_stop(ids: Tensor, stop_ids: list[int], pad_id: int) -> Completions:
     return Completions(ids=torch.where(mask, ids, pad_id), mask=mask, stopped=stopped)
 
 
-def rollout_batch(prompt_ids: Tensor, prompt_mask: Tensor, completions: Completions) -> dict[str, Tensor]:
+def rollout_batch(prompt_ids: Tensor, prompt_mask: Tensor, completions: Completions) -> TokenBatch:
     """Rows of [left-padded prompt | completion | padding] for the student's forward.
 
     ``prompt_ids`` (P, L) are the prompts once each; every one is repeated for its consecutive samples.
@@ -48,9 +49,9 @@ def rollout_batch(prompt_ids: Tensor, prompt_mask: Tensor, completions: Completi
     mask = mask[:, :width]
     completion = torch.zeros_like(mask)
     completion[:, prompt_ids.shape[1] :] = completions.mask[:, : max(0, width - prompt_ids.shape[1])]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask.long(),
-        "position_ids": (mask.long().cumsum(dim=1) - 1).clamp(min=0),
-        "labels": torch.where(completion, input_ids, IGNORE_INDEX),
-    }
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=mask.long(),
+        position_ids=(mask.long().cumsum(dim=1) - 1).clamp(min=0),
+        labels=torch.where(completion, input_ids, IGNORE_INDEX),
+    )

@@ -154,13 +154,13 @@ def write_completions(
             batch = data.collator(chunk)
             ids = engine(
                 policy,
-                batch["prompt_ids"].to(device),
-                batch["prompt_mask"].to(device),
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
                 num_samples=num_samples,
                 sampling=sampling,
                 stop_ids=stop_ids,
                 pad_id=pad_id,
-                seed=rollout_seed(*seed, *batch["shas"]),
+                seed=rollout_seed(*seed, *batch.shas),
                 synced=synced,
             )
             completions = trim_at_stop(ids, stop_ids, pad_id)

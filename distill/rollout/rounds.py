@@ -29,11 +29,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from distill.data.batch import TokenBatch, UnbuiltBatch
 from distill.data.encoding import Encoded, encode_record, truncate
 from distill.data.formats import Record
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
@@ -193,7 +194,7 @@ class RoundSamples:
 
 class RoundChunk:
     """One round's samples and the chunk of their teachers' targets, made when the student builds the
-    round's first batch: its batches carry ``build`` instead of tensors, which ``StudentModule`` calls at
+    round's first batch: its batches are ``UnbuiltBatch``es, which ``StudentModule`` builds at
     its training step, inside the strategy's forward, where sharded weights (FSDP, ZeRO-3) can generate
     (as RL objectives sample in ``prepare``), and after the previous round's last optimizer step."""
 
@@ -208,7 +209,7 @@ class RoundChunk:
         self.samples: list[Encoded] = []
         self.reader: CacheReader | None = None
 
-    def batch(self, number: int, policy: nn.Module, synced: bool) -> dict[str, Any]:
+    def batch(self, number: int, policy: nn.Module, synced: bool) -> TokenBatch:
         """Batch ``number`` of the round; the first one built samples the round with ``policy`` (``synced``:
         its weights are sharded, every rank samples at once) and collects its targets."""
         size = self.batch_size
@@ -249,11 +250,11 @@ class RoundStream(ResumableStream):
         return [Part(per_round, partial(self.round, epoch * num_rounds + r)) for r in range(num_rounds)]
 
     @contextmanager
-    def round(self, index: int) -> Iterator[Callable[[int], dict[str, Any]]]:
-        """Round ``index``'s batches, which carry ``build`` (the round is sampled at its first); its
+    def round(self, index: int) -> Iterator[Callable[[int], UnbuiltBatch]]:
+        """Round ``index``'s batches, ``UnbuiltBatch``es (the round is sampled at the first built); its
         targets are purged when they are done."""
         chunk = RoundChunk(self.targets, self.sample, self.batch_size, index, self.rounds.rounds.seed)
         try:
-            yield lambda number: {"build": partial(chunk.batch, number)}
+            yield lambda number: UnbuiltBatch(partial(chunk.batch, number))
         finally:
             chunk.finish()

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import Dataset
 
 from distill.cache.reader import CacheReader
 from distill.cache.spec import CacheSpec
+from distill.data.batch import TokenBatch
 from distill.data.batching import Collator
 from distill.data.encoding import IGNORE_INDEX, Encoded
-from distill.targets import SparseTargets, concat_targets
+from distill.targets import BatchTargets, SparseTargets, concat_targets
 
 
 def trainable_positions(sample: Encoded) -> int:
@@ -65,7 +65,7 @@ class KDCollator:
         rows: list[list[Encoded]],
         targets: list[list[SparseTargets]],
         teacher_nll: dict[str, float] | None = None,
-    ) -> dict[str, Any]:
+    ) -> TokenBatch:
         """``targets[t][i]``: teacher t's targets of the i-th sample, samples in row order;
         ``teacher_nll``: per teacher name, its NLL of the labels summed over the samples (for the log)."""
         batch = self.collator(rows if self.packing else [row[0] for row in rows])
@@ -77,12 +77,9 @@ class KDCollator:
                         f"sample {sample.sha}: the cache has {t.num_positions} teacher positions but the "
                         f"data has {trainable_positions(sample)} trainable tokens (rebuild the cache)"
                     )
-        batch.pop("sha", None)
-        batch["targets"] = [concat_targets(per_sample) for per_sample in targets]
-        batch["vocab_size"] = self.vocab_size
-        if teacher_nll is not None:
-            batch["teacher_nll"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in teacher_nll.items()}
-        return batch
+        nll = {k: torch.tensor(v, dtype=torch.float64) for k, v in (teacher_nll or {}).items()}
+        per_teacher = [concat_targets(per_sample) for per_sample in targets]
+        return replace(batch, shas=None, targets=BatchTargets(per_teacher, self.vocab_size, nll))
 
 
 def teacher_reads(

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from distill.cache import CacheSpec, CacheWriter, SyncPlan, TeacherCache, WriterLock, open_cache
+from distill.data.batch import to_device
 from distill.data.batching import Collator
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
@@ -227,10 +228,9 @@ def collect(
     try:
         for j, job in enumerate(jobs):
             for start in range(0, len(job.samples), batch_size):
-                batch = collator(job.samples[start : start + batch_size])
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = to_device(collator(job.samples[start : start + batch_size]), device)
                 writer.put(j, teacher.predict_step(batch, start // batch_size, j))
-                progress.update(len(batch["input_ids"]))
+                progress.update(len(batch.input_ids))
         progress.close()
     finally:
         writer.close()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from distill.data.batch import TokenBatch, to_device
 from distill.data.batching import Collator, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.templates import ChatTemplate
@@ -211,16 +212,16 @@ class TeacherModule(L.LightningModule):
 
     @torch.no_grad()
     def batch_targets(
-        self, model: nn.Module, batch: dict, merge: tuple[int, int] | None = None
+        self, model: nn.Module, batch: TokenBatch, merge: tuple[int, int] | None = None
     ) -> tuple[SparseTargets, Tensor]:
         """The teacher's sparse distribution (and NLL of the labels) at every trainable position of
         ``batch`` (row-major, i.e. sample after sample, packed rows included) and the number of those
         positions per row. ``merge`` = (the teacher's end-of-turn id, the student's): the first's
         probability moves onto the second at every position, and labels of the first become the second."""
         hidden = self._hidden(model, batch)
-        trainable = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        trainable = batch.labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
         positions = hidden[:, :-1][trainable]  # (N, H)
-        labels = batch["labels"][:, 1:][trainable]  # (N,)
+        labels = batch.labels[:, 1:][trainable]  # (N,)
         head = model.get_output_embeddings()
         if merge is None:
             return self._sparse(head, positions, labels), trainable.sum(dim=1)
@@ -230,11 +231,11 @@ class TeacherModule(L.LightningModule):
         return self._sparse(head, positions, labels, (source, target, rows)), trainable.sum(dim=1)
 
     @staticmethod
-    def _hidden(model: nn.Module, batch: dict) -> Tensor:
+    def _hidden(model: nn.Module, batch: TokenBatch) -> Tensor:
         return model.get_decoder()(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
             use_cache=False,
         ).last_hidden_state
 
@@ -274,15 +275,14 @@ class TeacherModule(L.LightningModule):
         """Teacher ``index`` run on its own encodings of ``shas``: one row per student trainable position
         (sample after sample), the end-of-turn remapped, and the number of rows per sample."""
         views = [self.aligned[index][sha] for sha in shas]
-        batch = self.collator([v.teacher for v in views])
-        batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
-        trainable = batch["labels"][:, 1:] != IGNORE_INDEX
+        batch = to_device(self.collator([v.teacher for v in views]), self.device)
+        trainable = batch.labels[:, 1:] != IGNORE_INDEX
         starts = torch.cumsum(trainable.sum(dim=1), 0) - trainable.sum(dim=1)
         select = torch.cat(
             [torch.as_tensor(v.rows, dtype=torch.long) + int(s) for v, s in zip(views, starts, strict=True)]
         ).to(self.device)
         positions = self._hidden(model, batch)[:, :-1][trainable][select]
-        labels = batch["labels"][:, 1:][trainable][select]  # the student's tokens, but for the end-of-turn
+        labels = batch.labels[:, 1:][trainable][select]  # the student's tokens, but for the end-of-turn
         merge = None
         if index in self._eot:
             rows = torch.cat([torch.full((len(v.rows),), v.merge_eot) for v in views]).to(self.device)
@@ -297,7 +297,7 @@ class TeacherModule(L.LightningModule):
         return Collator(pad_token_id(self.tokenizer))
 
     @torch.no_grad()
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
+    def predict_step(self, batch: TokenBatch, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
         index = self.job_teachers[dataloader_idx]
         if self.teachers[index].template is not None and index not in self._prepared:
             raise RuntimeError(
@@ -306,16 +306,16 @@ class TeacherModule(L.LightningModule):
             )
         model = self.teacher_model(index)
         if index in self.aligned:  # the teacher reads its own template; rows follow the student's positions
-            targets, per_sample = self.aligned_targets(model, index, batch["sha"])
+            targets, per_sample = self.aligned_targets(model, index, batch.shas)
         else:
             targets, per_sample = self.batch_targets(model, batch)
             per_sample = per_sample.tolist()
         columns = [getattr(targets, f.name) for f in fields(SparseTargets)]
         columns = [c.cpu() if c is not None else None for c in columns]
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        lengths = batch.attention_mask.sum(dim=1).tolist()
         outputs = []
         start = 0
-        for sha, count, length in zip(batch["sha"], per_sample, lengths, strict=True):
+        for sha, count, length in zip(batch.shas, per_sample, lengths, strict=True):
             rows = slice(start, start + count)
             ids, logits, lse, sample_ids, sample_counts, nll = (
                 c[rows] if c is not None else None for c in columns

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.batch import TokenBatch
 from distill.data.batching import pad_token_id
 from distill.data.prompt_datamodule import padded
 from distill.data.templates import ChatTemplate
@@ -52,22 +53,22 @@ class OnlineTeachers:
         return self._models
 
     @torch.no_grad()
-    def targets(self, batch: dict) -> list[SparseTargets]:
+    def targets(self, batch: TokenBatch) -> list[SparseTargets]:
         """Each teacher's sparse distribution at the trainable positions of the student's rows."""
-        models = self.models(batch["input_ids"].device)
+        models = self.models(batch.input_ids.device)
         return [self.module.batch_targets(model, batch)[0] for model in models]
 
     @torch.no_grad()
     def completion_targets(
         self,
-        batch: dict,
+        batch: TokenBatch,
         completions: Completions,
         messages: Sequence[Sequence[dict]],
         student_template: ChatTemplate | None,
     ) -> list[SparseTargets]:
         """Each teacher's sparse distribution at the completion positions of ``batch`` (prompt +
         completion rows); a teacher with its own template reads each row's prompt, ``messages``, in it."""
-        models = self.models(batch["input_ids"].device)
+        models = self.models(batch.input_ids.device)
         out = []
         for index, model in enumerate(models):
             template = self.module.teacher_template(index)
@@ -84,7 +85,7 @@ class OnlineTeachers:
         completions: Completions,
         template: ChatTemplate,
         student_template: ChatTemplate | None,
-    ) -> tuple[dict[str, Tensor], tuple[int, int] | None]:
+    ) -> tuple[TokenBatch, tuple[int, int] | None]:
         """The completions after the prompts rendered in the teacher's ``template``, and the (teacher's,
         student's) end-of-turn ids to merge when the two differ."""
         tokenizer = self.tokenizer

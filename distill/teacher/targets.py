@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from distill.cache.lock import WriterLock
 from distill.cache.reader import CacheReader
 from distill.cache.spec import CacheSpec
 from distill.cache.store import TeacherCache, open_cache
+from distill.data.batch import TokenBatch
 from distill.data.batching import Collator
 from distill.data.encoding import Encoded
 from distill.data.resume import Part, ResumableStream
@@ -179,7 +180,7 @@ class TeacherTargets:
         if self._chunk_cache is not None:
             self._chunk_cache.clear()
 
-    def batch(self, rows: list[list[Encoded]], reader: CacheReader) -> dict[str, Any]:
+    def batch(self, rows: list[list[Encoded]], reader: CacheReader) -> TokenBatch:
         """The student batch of ``rows`` with each teacher's targets of them, read by ``reader``."""
         shas = [s.sha for row in rows for s in row]
         return self.collate(rows, *teacher_reads(reader, shas, self.names))
@@ -194,7 +195,7 @@ class TeacherTargets:
         """The rows of ``split`` with their targets."""
         return TargetedSamples(rows, self.readers[split], self.names)
 
-    def collate_targeted(self, items: list) -> dict[str, Any]:
+    def collate_targeted(self, items: list) -> TokenBatch:
         """A batch of ``TargetedSamples`` items."""
         rows = [row for row, _, _ in items]
         targets = [[t for _, per_teacher, _ in items for t in per_teacher[i]] for i in range(len(self.names))]
@@ -250,7 +251,7 @@ class TargetStream(ResumableStream):
         return [Part(len(batches), partial(self.chunk, batches)) for batches in chunks]
 
     @contextmanager
-    def chunk(self, batches: list[list[list[Encoded]]]) -> Iterator[Callable[[int], dict[str, Any]]]:
+    def chunk(self, batches: list[list[list[Encoded]]]) -> Iterator[Callable[[int], TokenBatch]]:
         """The chunk's targets, collected (chunked mode) while its batches are built, then purged."""
         reader = self.targets.prepare_chunk([s for rows in batches for row in rows for s in row])
         try:

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoTokenizer
 
+from distill.data.batch import PromptBatch, TokenBatch, UnbuiltBatch
 from distill.data.batching import pad_token_id
 from distill.data.facts import DataFacts
 from distill.data.resume import trained_position
@@ -38,6 +39,14 @@ from distill.train.sharding import (
     transformers_zero3,
     unpartitioned,
 )
+
+STEP_BATCH = "batch"  # in a training or evaluation step's output: the batch the step ran on
+
+
+def step_batch(outputs: Any, batch: Any) -> Any:
+    """What a step ran on, for callbacks that count it: the batch its objective prepared (completion rows
+    of the loader's prompts, a built round's samples), else the loader's."""
+    return outputs[STEP_BATCH] if isinstance(outputs, dict) and STEP_BATCH in outputs else batch
 
 
 def unit_mean_scale(units: Tensor, accumulate_grad_batches: int, world_size: int) -> Tensor:
@@ -238,27 +247,28 @@ class StudentModule(L.LightningModule):
         """The transformers model under any peft wrapper (LoRA layers stay in place inside it)."""
         return unwrapped(self.model)
 
-    def forward_hidden(self, batch: dict[str, Tensor]) -> Tensor:
+    def forward_hidden(self, batch: TokenBatch) -> Tensor:
         """Final hidden states (B, T, H): the head runs later, only at positions that carry loss."""
         backbone = self.causal_lm.get_decoder()
         outputs = backbone(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
             use_cache=False,
         )
         return outputs.last_hidden_state
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Loss:
-        self.objective.prepare(batch, self.current_step())
-        with seeded_noise(batch.get("noise_seed"), self.device):
+    def compute_loss(self, batch: TokenBatch | PromptBatch) -> tuple[Loss, TokenBatch]:
+        """The objective's loss of the batch it ``prepare``s from ``batch``, and that batch."""
+        batch = self.objective.prepare(batch, self.current_step())
+        with seeded_noise(batch.noise_seed, self.device):
             hidden = self.forward_hidden(batch)
-            return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch))
+            return self.objective(loss_inputs(hidden, self.causal_lm.get_output_embeddings(), batch)), batch
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        self.build_batch(batch)
-        out = self.compute_loss(batch)
-        rows, seq_len = batch["input_ids"].shape
+    def training_step(self, batch: TokenBatch | PromptBatch | UnbuiltBatch, batch_idx: int) -> dict:
+        """The loss, and the batch it was of (``batch`` prepared: what callbacks count as trained)."""
+        out, batch = self.compute_loss(self.build_batch(batch))
+        rows, seq_len = batch.input_ids.shape
         self.flops_per_batch = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens)
         if self.objective.extra_forwards:  # reference models, mismatched completions
             forward = transformer_flops(self.flops_shape, rows, seq_len, out.num_tokens, backward=False)
@@ -270,21 +280,21 @@ class StudentModule(L.LightningModule):
             # DeepSpeed's gradients are out of reach: each micro-batch's loss becomes the mean over its
             # units on all ranks. DeepSpeed divides it by the micro-batches once more (engine.backward
             # with scale_wrt_gas), which then makes the step's gradient the mean of those means.
-            return out.loss_sum * self._unit_mean_scale(out.num_units, out.loss_sum.device)
+            loss = out.loss_sum * self._unit_mean_scale(out.num_units, out.loss_sum.device)
+            return {"loss": loss, STEP_BATCH: batch}
         self._step_units += out.num_units
         # a sum over units: on_before_optimizer_step scales the gradients by the step's units
-        return out.loss_sum
+        return {"loss": out.loss_sum, STEP_BATCH: batch}
 
-    def build_batch(self, batch: dict) -> None:
-        """Fill a batch that only the student can build: ``build(policy, synced)`` (on-policy rounds sample
-        the student at a round's first batch). Lightning runs ``training_step`` inside the strategy's
+    def build_batch(self, batch: TokenBatch | PromptBatch | UnbuiltBatch) -> TokenBatch | PromptBatch:
+        """Build a batch that only the student can build (``UnbuiltBatch``: on-policy rounds sample the
+        student at a round's first batch). Lightning runs ``training_step`` inside the strategy's
         forward, the one place where sharded weights (FSDP, ZeRO-3) can generate, as RL objectives do in
         ``prepare``; the tensors then go where the loop puts a loader's batch."""
-        build = batch.pop("build", None)
-        if build is None:
-            return
-        built = self.trainer.precision_plugin.convert_input(build(self.model, sharded(self.strategy)))
-        batch.update(self.trainer.strategy.batch_to_device(built))
+        if not isinstance(batch, UnbuiltBatch):
+            return batch
+        built = self.trainer.precision_plugin.convert_input(batch.build(self.model, sharded(self.strategy)))
+        return self.trainer.strategy.batch_to_device(built)
 
     @property
     def _gradients_hidden(self) -> bool:
@@ -308,13 +318,14 @@ class StudentModule(L.LightningModule):
         total = self.trainer.strategy.reduce(torch.tensor(float(units), device=device), reduce_op="sum")
         return unit_mean_scale(total, self.trainer.accumulate_grad_batches, self.trainer.world_size)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self.compute_loss(batch)
-        rows, seq_len = batch["input_ids"].shape
+    def validation_step(self, batch: TokenBatch | PromptBatch, batch_idx: int) -> dict:
+        out, batch = self.compute_loss(batch)
+        rows, seq_len = batch.input_ids.shape
         self.flops_per_batch = transformer_flops(
             self.flops_shape, rows, seq_len, out.num_tokens, backward=False
         )
         self.val_metrics.update(out.loss_sum, out.correct, out.num_units, out.num_tokens, **out.sums)
+        return {STEP_BATCH: batch}
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
@@ -351,7 +362,7 @@ class StudentModule(L.LightningModule):
         if stats and self.logger is not None:
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
 
-    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # dropout masks and noise of a function of the batch's place, so a resumed fit draws the same ones
         seed_step(self._run_seed, self.global_rank, self.current_epoch, batch_idx)
 
