@@ -185,8 +185,7 @@ def test_sharded_ranks_sample_a_round_in_step_when_one_has_nothing_left(tmp_path
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args = (tmp_path, kd_teacher_dir, port)
-    # forked: the imports are done (spawn pays them again in each rank)
-    ranks = mp.start_processes(_sample_a_round_on_two_ranks, args, nprocs=2, join=False, start_method="fork")
+    ranks = mp.start_processes(_sample_a_round_on_two_ranks, args, nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 180
     while not ranks.join(timeout=5):
         if time.monotonic() > deadline:

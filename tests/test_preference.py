@@ -629,5 +629,4 @@ def test_kto_reference_point_is_the_mean_over_the_ranks_clamped(tmp_path):
     import torch.multiprocessing as mp
 
     store = str(tmp_path / "store")
-    # forked: the imports are done (spawn pays them again in each rank)
-    mp.start_processes(_kto_reference_point_on_two_ranks, (store,), nprocs=2, start_method="fork")
+    mp.start_processes(_kto_reference_point_on_two_ranks, (store,), nprocs=2, start_method="spawn")
