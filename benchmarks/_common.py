@@ -139,8 +139,8 @@ def held_out_perplexity(model: torch.nn.Module, tokenizer, max_length: int = 256
     model.eval()
     for start in range(0, len(samples), 16):
         batch = collate(samples[start : start + 16])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        labels = batch.labels[:, 1:]
         loss += float(
             F.cross_entropy(
                 logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"

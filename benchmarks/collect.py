@@ -37,6 +37,7 @@ from _common import DATA, TEACHER, device_name, require_teacher, result
 from transformers import AutoTokenizer
 
 from distill.cache import cache_stats, open_cache
+from distill.data.batch import TokenBatch
 from distill.data.batching import Collator
 from distill.data.encoding import Encoded, encode_all
 from distill.data.formats import read_records
@@ -59,12 +60,12 @@ LARGE_TEACHER = {
 }
 
 
-def forward_tokens_per_second(teacher: TeacherModule, batches: list[dict], tokens: int) -> float:
+def forward_tokens_per_second(teacher: TeacherModule, batches: list[TokenBatch], tokens: int) -> float:
     model = teacher.teacher_model(0)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().item()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.sum().item()
     return tokens / (time.perf_counter() - start)
 
 

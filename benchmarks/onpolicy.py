@@ -131,13 +131,14 @@ def teacher_nll_of_samples(student, teacher, data: PromptDataModule, samples: in
     total, tokens = 0.0, 0
     for index, batch in enumerate(data.val_dataloader()):
         ids = engine(
-            student, batch["prompt_ids"], batch["prompt_mask"], num_samples=samples, sampling=sampling,
+            student, batch.prompt_ids, batch.prompt_mask, num_samples=samples, sampling=sampling,
             stop_ids=stop, pad_id=data.pad_id, seed=rollout_seed("benchmark", index),
         )  # fmt: skip
-        rows = rollout_batch(batch["prompt_ids"], batch["prompt_mask"], trim_at_stop(ids, stop, data.pad_id))
-        inputs = {key: rows[key] for key in ("input_ids", "attention_mask", "position_ids")}
-        logits = teacher(**inputs).logits[:, :-1]
-        labels = rows["labels"][:, 1:]
+        rows = rollout_batch(batch.prompt_ids, batch.prompt_mask, trim_at_stop(ids, stop, data.pad_id))
+        logits = teacher(
+            input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids
+        ).logits[:, :-1]
+        labels = rows.labels[:, 1:]
         total += float(
             torch.nn.functional.cross_entropy(
                 logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"

@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from _common import StepTime, build, demo_config, device_name, require_teacher, result
 
+from distill.data.batch import PromptBatch
 from distill.rollout.completions import trim_at_stop
 from distill.rollout.engine import generation_options, rollout_seed
 
@@ -72,15 +73,15 @@ def train_and_time(steps: int, directory: Path) -> dict:
     }
 
 
-def bare_generate(model, batch: dict, rollouts, seed: int) -> torch.Tensor:
+def bare_generate(model, batch: PromptBatch, rollouts, seed: int) -> torch.Tensor:
     """What the engine calls (every generation option given: ``generation_options``), with nothing
     around it."""
     options = generation_options(
         rollouts.sampling, rollouts.num_generations, rollouts.stop_ids, rollouts.pad_id
     )
     torch.manual_seed(seed)
-    out = model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], **options)
-    return out[:, batch["prompt_ids"].shape[1] :]
+    out = model.generate(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, **options)
+    return out[:, batch.prompt_ids.shape[1] :]
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ class Clock(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if batch_idx >= self.warmup:
-            self.tokens += int(batch["attention_mask"].sum())
+            self.tokens += int(batch.attention_mask.sum())
             self.seconds = time.perf_counter() - self.start
 
 
@@ -63,7 +63,7 @@ class DeclareVocabulary(L.Callback):
         self.vocab_size = vocab_size
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        batch["vocab_size"] = self.vocab_size
+        batch.targets.vocab_size = self.vocab_size
 
 
 def one_run(mode: str, steps: int, warmup: int, directory: Path, vocab_size: int | None) -> dict:

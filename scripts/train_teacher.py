@@ -104,8 +104,8 @@ def perplexity(
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(samples), batch_size):
         batch = collate(samples[start : start + batch_size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        labels = batch.labels[:, 1:]  # position t predicts token t + 1
         logits = logits[:, :-1].float()
         loss_sum += F.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
