@@ -104,7 +104,7 @@ def rollout_overhead(cli, repeats: int) -> dict:
             same = trim_at_stop(bare, rollouts.stop_ids, rollouts.pad_id)
             assert torch.equal(same.ids, rollout.completions.ids), "the rollout drew other tokens"
         ratios.append(seconds["generate"] / seconds["rollout"])
-    return {"rounds": ratios, "prompts": sum(len(b["shas"]) for b in batches)}
+    return {"rounds": ratios, "prompts": sum(len(b.shas) for b in batches)}
 
 
 def main() -> None:
