@@ -108,13 +108,7 @@ class StageResults(L.Callback):
         self._eval = {"started": time.monotonic(), "samples": 0, "tokens": 0}
 
     def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *_: Any
     ) -> None:
         rows, tokens = batch_size(step_batch(outputs, batch))
         self._eval["samples"] += rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,15 @@ def _tokens(batch: TokenBatch) -> int:
     return batch.input_ids.numel()
 
 
+def _counting_step_batch(hook: Callable) -> Callable:
+    """``hook`` given the batch the step ran on: an objective's prepared one (completion rows of prompts)."""
+
+    def counted(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *rest: Any):
+        return hook(self, trainer, module, outputs, step_batch(outputs, batch), *rest)
+
+    return counted
+
+
 class TokenThroughput(ThroughputMonitor):
     """Logs samples/s and tokens/s (``train/device/items_per_sec``, padding included) with no per-config
     lambdas, and FLOPs/s from the module's ``flops_per_batch`` (StudentModule counts each batch's:
@@ -27,18 +37,6 @@ class TokenThroughput(ThroughputMonitor):
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)
 
-    # each counts the batch the step ran on: an objective's prepared one (completion rows of prompts)
-    def on_train_batch_end(
-        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *rest: Any
-    ) -> None:
-        super().on_train_batch_end(trainer, module, outputs, step_batch(outputs, batch), *rest)
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *rest: Any
-    ) -> None:
-        super().on_validation_batch_end(trainer, module, outputs, step_batch(outputs, batch), *rest)
-
-    def on_test_batch_end(
-        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *rest: Any
-    ) -> None:
-        super().on_test_batch_end(trainer, module, outputs, step_batch(outputs, batch), *rest)
+    on_train_batch_end = _counting_step_batch(ThroughputMonitor.on_train_batch_end)
+    on_validation_batch_end = _counting_step_batch(ThroughputMonitor.on_validation_batch_end)
+    on_test_batch_end = _counting_step_batch(ThroughputMonitor.on_test_batch_end)

@@ -61,20 +61,18 @@ def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
     if len(parts) == 1:
         return parts[0]
     sampled = parts[0].sample_ids is not None
-    if sampled:
-        width = max(p.sample_ids.shape[-1] for p in parts)
-        pad = [(0, width - p.sample_ids.shape[-1]) for p in parts]
+    width = max(p.sample_ids.shape[-1] for p in parts) if sampled else 0
+
+    def padded(name: str) -> Tensor | None:
+        if not sampled:
+            return None
+        return torch.cat([F.pad(getattr(p, name), (0, width - p.sample_ids.shape[-1])) for p in parts])
+
     return SparseTargets(
         ids=torch.cat([p.ids for p in parts]),
         logits=torch.cat([p.logits for p in parts]),
         lse=torch.cat([p.lse for p in parts]),
-        sample_ids=torch.cat([F.pad(p.sample_ids, w) for p, w in zip(parts, pad, strict=True)])
-        if sampled
-        else None,
-        sample_counts=(
-            torch.cat([F.pad(p.sample_counts, w) for p, w in zip(parts, pad, strict=True)])
-            if sampled
-            else None
-        ),
+        sample_ids=padded("sample_ids"),
+        sample_counts=padded("sample_counts"),
         nll=torch.cat([p.nll for p in parts]) if all(p.nll is not None for p in parts) else None,
     )

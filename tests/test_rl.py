@@ -311,7 +311,7 @@ def test_a_rollouts_ratio_is_one_at_the_same_weights_with_dropout_and_neftune(tm
     torch.save(checkpoint, tmp_path / "last.ckpt")
     resumed = grpo_student(**model)
     resumed.on_load_checkpoint(torch.load(tmp_path / "last.ckpt", weights_only=True))
-    resumed.objective.rollouts.engine = None  # sampling again would fail
+    resumed.objective.rollouts.sampler = None  # sampling again would fail
     again, _ = resumed.compute_loss(repeated(prompts, 0, 1, 2))
     assert again.loss_sum == second.loss_sum and again.sums["reward"] == second.sums["reward"]
     assert resumed.objective.rank_state() is None

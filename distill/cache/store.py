@@ -190,8 +190,7 @@ def open_cache(path: str | Path, spec: CacheSpec, rebuild: bool = False) -> Teac
                 "under it. Rebuild once that run has finished, or use another cache directory."
             )
         try:  # segments first, marker last: a crash in between leaves a cache still stale, never mixed
-            for p in [*directory.glob("*.h5"), *directory.glob(".*.partial")]:
-                p.unlink()
+            TeacherCache(directory, spec).clear()
             marker.unlink(missing_ok=True)
         finally:
             os.close(readers)

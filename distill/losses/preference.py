@@ -35,16 +35,18 @@ class PairLoss:
     rejected_rewards: Tensor
 
 
-def _upcast(*tensors: Tensor) -> list[Tensor]:
-    """float32 at least (bf16 log-probs would round the small differences DPO is made of)."""
-    dtype = _compute_dtype(*tensors)
-    return [t.to(dtype) for t in tensors]
-
-
 def _check_shapes(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
         raise ValueError(f"preference losses take 1-D tensors of one shape (P,), got {shapes}")
+
+
+def _checked(**tensors: Tensor) -> list[Tensor]:
+    """The tensors, checked to be 1-D of one shape (P,), in float32 at least (bf16 log-probs would round
+    the small differences DPO is made of)."""
+    _check_shapes(**tensors)
+    dtype = _compute_dtype(*tensors.values())
+    return [t.to(dtype) for t in tensors.values()]
 
 
 def _smoothed_logsigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
@@ -59,8 +61,9 @@ def _dpo_terms(
     chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """h = (chosen - ref_chosen) - (rejected - ref_rejected) and the two detached rewards."""
-    _check_shapes(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
-    chosen, rejected, ref_chosen, ref_rejected = _upcast(chosen, rejected, ref_chosen, ref_rejected)
+    chosen, rejected, ref_chosen, ref_rejected = _checked(
+        chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected
+    )
     chosen_ratio = chosen - ref_chosen
     rejected_ratio = rejected - ref_rejected
     return chosen_ratio - rejected_ratio, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
@@ -129,8 +132,7 @@ def simpo(
 
     gamma is the reward margin itself (TRL's ``simpo_gamma``; the paper's gamma/beta ratio is gamma / beta).
     """
-    _check_shapes(chosen=chosen, rejected=rejected)
-    chosen, rejected = _upcast(chosen, rejected)
+    chosen, rejected = _checked(chosen=chosen, rejected=rejected)
     logits = beta * (chosen - rejected) - gamma
     loss = _smoothed_logsigmoid(logits, label_smoothing)
     return PairLoss(loss, beta * chosen.detach(), beta * rejected.detach())
@@ -142,8 +144,7 @@ def orpo(chosen: Tensor, rejected: Tensor, *, beta: float = 0.1) -> PairLoss:
     beta is the paper's lambda. The log odds of a response are x - log(1 - exp(x)), computed stably for
     x near 0 (a response the policy is sure of), where log1p(-exp(x)) would be -inf and its gradient NaN.
     """
-    _check_shapes(chosen=chosen, rejected=rejected)
-    chosen, rejected = _upcast(chosen, rejected)
+    chosen, rejected = _checked(chosen=chosen, rejected=rejected)
     log_odds = (chosen - rejected) - (_log1mexp_differentiable(chosen) - _log1mexp_differentiable(rejected))
     loss = -chosen - beta * F.logsigmoid(log_odds)
     return PairLoss(loss, beta * chosen.detach(), beta * rejected.detach())
@@ -160,10 +161,9 @@ def kto_kl_baseline(
     the mean over the batch and the ranks is clamped, not each difference nor each rank's mean (either
     would bias z0 upwards).
     """
-    _check_shapes(mismatched_logps=mismatched_logps, mismatched_ref_logps=mismatched_ref_logps)
-    if mismatched_logps.numel() == 0:
+    logps, ref_logps = _checked(mismatched_logps=mismatched_logps, mismatched_ref_logps=mismatched_ref_logps)
+    if logps.numel() == 0:
         raise ValueError("kto_kl_baseline needs at least one mismatched completion")
-    logps, ref_logps = _upcast(mismatched_logps, mismatched_ref_logps)
     kl = (logps - ref_logps).mean().detach()
     if mean_over_ranks is not None:
         kl = mean_over_ranks(kl)
@@ -191,7 +191,7 @@ def kto(
         raise ValueError(f"kto needs a bool desirable mask, got {desirable.dtype}")
     if kl_baseline.numel() != 1:
         raise ValueError(f"kto needs a scalar kl_baseline, got shape {tuple(kl_baseline.shape)}")
-    logps, ref_logps = _upcast(logps, ref_logps)
+    logps, ref_logps = _checked(logps=logps, ref_logps=ref_logps)
     z0 = kl_baseline.detach().to(logps.dtype).reshape(()).clamp(min=0.0)
     ratio = logps - ref_logps
     loss = torch.where(
@@ -210,8 +210,7 @@ def reward_pair(
 
     The centring term (Eisenstein et al. 2023) keeps rewards near 0, where they are otherwise unanchored.
     """
-    _check_shapes(r_chosen=r_chosen, r_rejected=r_rejected)
-    r_chosen, r_rejected = _upcast(r_chosen, r_rejected)
+    r_chosen, r_rejected = _checked(r_chosen=r_chosen, r_rejected=r_rejected)
     diff = r_chosen - r_rejected
     if margin is not None:
         _check_shapes(r_chosen=r_chosen, margin=margin)

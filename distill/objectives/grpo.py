@@ -29,22 +29,17 @@ from distill.losses.rl import (
     k3_kl,
     reduce_tokens,
 )
-from distill.objectives.base import Loss, LossInputs, Objective
+from distill.objectives.base import Loss, LossInputs
 from distill.objectives.context import Context, Step
 from distill.objectives.iterations import KeptRollouts
 from distill.objectives.reference import Reference
-from distill.objectives.rollouts import (
-    Rollouts,
-    rollout_metrics,
-    rollout_rows,
-    token_log_probs_and_entropy,
-)
+from distill.objectives.rollouts import RolloutObjective
 from distill.ranges import require
 from distill.rollout.engine import Sampling, rollout_seed
 
 
-class GRPO(Objective):
-    accepts = ("prompts",)
+class GRPO(RolloutObjective):
+    own_metrics = ("advantage_sq", "clip_ratio/low", "clip_ratio/high")
 
     def __init__(
         self,
@@ -66,8 +61,8 @@ class GRPO(Objective):
             rewards: Reward functions (``distill.rewards.Accuracy``, ``Format``, ``Length``, ``TokenF1``,
                 ``ModelReward``, ``Function`` for any callable), each with its ``weight``.
             num_generations: Completions sampled per prompt (the group G).
-            sampling: How completions are drawn (``distill.rollout.Sampling``: ``max_new_tokens``,
-                ``temperature``, ``top_p``, ``top_k``); log-probs are of its tempered distribution.
+            sampling: How completions are drawn (``distill.rollout.Sampling``); log-probs are of its tempered
+                distribution.
             beta: Weight of the k3 KL to the reference per token (0: no reference model at all).
             epsilon: Lower clip bound of the ratio (1 - epsilon).
             epsilon_high: Upper clip bound (1 + epsilon_high); DAPO's clip-higher (default: epsilon).
@@ -75,49 +70,26 @@ class GRPO(Objective):
             scale_rewards: Divide advantages by the group's reward std (False: Dr. GRPO).
             loss_normaliser: ``grpo`` (each completion's token mean), ``dr_grpo`` (token sums over
                 ``max_new_tokens``) or ``dapo`` (the token mean over the optimizer step).
-            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
-                ``quantization``, ``cache``; default: ``auto``); with beta > 0.
+            reference: The reference (``distill.objectives.Reference``; default: ``auto``); with beta > 0.
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
-        require("objective.chunk_size", chunk_size, at_least=1)
         if loss_normaliser not in NORMALISERS:
             raise ValueError(f"unknown loss_normaliser {loss_normaliser!r}; choose one of {NORMALISERS}")
-        if num_iterations < 1:
-            raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+        require("objective.num_iterations", num_iterations, at_least=1)
         if beta < 0 or epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
             raise ValueError("beta must be >= 0 and the clip epsilons > 0")
-        super().__init__()
-        self.sampling = sampling or Sampling()
-        self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
-        self.beta = beta
+        super().__init__(rewards, num_generations, sampling, beta, reference, seed, chunk_size)
         self.epsilon_low = epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.num_iterations = num_iterations
         self.scale_rewards = scale_rewards
         self.normaliser = loss_normaliser
         self.unit = "token" if loss_normaliser == "dapo" else "completion"
-        self.reference = reference or Reference()
-        self.chunk_size = chunk_size
         self.kept = KeptRollouts()
 
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        names = (*self.rollouts.metric_names, "advantage_sq", "clip_ratio/low", "clip_ratio/high")
-        return (*names, "kl") if self.beta else names
-
-    @property
-    def extra_forwards(self) -> int:
-        return int(self.beta > 0)
-
     def setup(self, context: Context) -> None:
-        self.rollouts.setup(context)
-        if self.beta:
-            self.reference.setup(context, "GRPO", self.chunk_size)
-            if self.reference.kind == "precomputed":
-                raise ValueError(
-                    "GRPO samples its completions as it trains: the reference cannot be precomputed"
-                )
+        super().setup(context)
         repeats = context.data.num_iterations
         if repeats != self.num_iterations:
             raise ValueError(
@@ -136,9 +108,7 @@ class GRPO(Objective):
                 return to_device(RolloutBatch(**kept), batch.prompt_ids.device)
         rollout = self.rollouts.sample(batch, step)
         g = self.rollouts.num_generations
-        rows = rollout_rows(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
-        if self.beta:
-            rows = replace(rows, reference_logps=self.reference.token_logps(rows, self.sampling.temperature))
+        rows = self.rows(batch, rollout, group_advantages(rollout.total, g, scale=self.scale_rewards))
         if repeated and iteration < batch.iterations - 1:  # later iterations train on it again
             rows = replace(rows, noise_seed=rollout_seed(self.rollouts.seed, "noise", window, *key))
             self.kept.keep(key, {k: v for k, v in vars(rows).items() if v is not None})
@@ -146,9 +116,7 @@ class GRPO(Objective):
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch = inputs.batch
-        logps, entropy = token_log_probs_and_entropy(
-            inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
-        )
+        logps, entropy = self.token_log_probs(inputs)
         old = batch.old_logps
         if old is None:  # a rollout's first update: the policy sampled from is this one, ratio 1
             old = logps.detach()
@@ -170,9 +138,6 @@ class GRPO(Objective):
         sums["clip_ratio/low"] = surrogate.clipped_low.sum().float()
         sums["clip_ratio/high"] = surrogate.clipped_high.sum().float()
         return Loss(loss_sum, num_units=units, num_tokens=inputs.labels.numel(), sums=sums)
-
-    def derived_metrics(self, values: dict) -> dict:
-        return rollout_metrics(values)
 
     @property
     def keeps_rank_state(self) -> bool:

@@ -46,8 +46,7 @@ class KTO(Objective):
             desirable_weight: Weight of desirable samples (raise it when they are the fewer: the KTO
                 paper keeps ``w_d n_d / (w_u n_u)`` in [1, 4/3]).
             undesirable_weight: Weight of undesirable samples.
-            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
-                ``quantization``, ``cache``; default: ``auto``); not
+            reference: The reference model (``distill.objectives.Reference``; default: ``auto``); not
                 ``precomputed``: the mismatched completions change with every batch.
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
@@ -122,11 +121,7 @@ def mismatched_batch(batch: TokenBatch, collate: Collator) -> TokenBatch:
         raise ValueError(
             "KTO needs at least 2 samples per micro-batch to pair prompts with other completions"
         )
-    sequences = []
-    for s in range(count):
-        mask = index == s
-        sample = Encoded(ids[mask].tolist(), labels[mask].tolist(), "", "")
-        sequences.append(sample)
+    sequences = [Encoded(ids[index == s].tolist(), labels[index == s].tolist(), "", "") for s in range(count)]
     longest = max(len(s.input_ids) for s in sequences)
     mixed = []
     for s, sample in enumerate(sequences):

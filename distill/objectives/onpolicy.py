@@ -24,8 +24,8 @@ from distill.objectives.context import Context, Step
 from distill.objectives.kd import Distillation, batch_targets, teacher_ce_names
 from distill.objectives.rollouts import sampling_seed
 from distill.ranges import require
-from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
-from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
+from distill.rollout.completions import Completions, rollout_batch
+from distill.rollout.engine import Engine, Sampler, Sampling, TransformersEngine, rollout_seed
 from distill.teacher.module import Teacher
 from distill.teacher.online import OnlineTeachers
 
@@ -69,9 +69,8 @@ class OnPolicyDistillation(Objective):
             teacher_weights: Mixture weights of several teachers (default: equal).
             online_k: Top-k kept of each teacher's distribution at every position.
             num_generations: Completions sampled per prompt.
-            sampling: How completions are drawn (``distill.rollout.Sampling``: ``max_new_tokens``,
-                ``temperature``, ``top_p``, ``top_k``); the divergences compare the untempered
-                distributions unless ``temperature`` says otherwise.
+            sampling: How completions are drawn (``distill.rollout.Sampling``); the divergences compare the
+                untempered distributions unless ``temperature`` says otherwise.
             seed: Seed of the sampling and of the lmbda draws (with the epoch and the prompts or step: a
                 resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
@@ -99,8 +98,7 @@ class OnPolicyDistillation(Objective):
                 "seq_kd samples from the first teacher, which must read the student's chat template "
                 f"(teacher {teachers[0].key!r} has template {teachers[0].template!r})"
             )
-        if num_generations < 1:
-            raise ValueError(f"num_generations must be at least 1, got {num_generations}")
+        require("objective.num_generations", num_generations, at_least=1)
         super().__init__()
         self.loss = loss
         self.kd = Distillation(
@@ -138,10 +136,8 @@ class OnPolicyDistillation(Objective):
                 "dataset's responses: set data.responses: true (SFT files whose last turn is the response)"
             )
         self.teachers = OnlineTeachers(self.teacher_configs, self.online_k, context.origin.tokenizer)
-        self.stop_ids = list(data.stop_ids)
-        self.pad_id = data.pad_id
+        self.sampler = Sampler(self.engine, self.sampling, list(data.stop_ids), data.pad_id, context.sharded)
         self.template = data.chat_template
-        self.synced = context.sharded
         self.policy = context.policy
 
     def completion_source(self, step: Step) -> str:
@@ -166,19 +162,8 @@ class OnPolicyDistillation(Objective):
             samples = 1
         else:
             model = self.policy.model if source == "student" else self.teachers.models(prompt_ids.device)[0]
-            samples = self.num_generations
-            ids = self.engine(
-                model,
-                prompt_ids,
-                prompt_mask,
-                num_samples=samples,
-                sampling=self.sampling,
-                stop_ids=self.stop_ids,
-                pad_id=self.pad_id,
-                seed=sampling_seed(self.seed, step, batch.shas),
-                synced=self.synced,
-            )
-            completions = trim_at_stop(ids, self.stop_ids, self.pad_id)
+            samples, seed = self.num_generations, sampling_seed(self.seed, step, batch.shas)
+            completions = self.sampler(model, prompt_ids, prompt_mask, samples, seed)
         rows = rollout_batch(prompt_ids, prompt_mask, completions)
         messages = [m for m in batch.messages for _ in range(samples)]
         per_teacher = self.teachers.completion_targets(rows, completions, messages, self.template)

@@ -57,8 +57,7 @@ class Preference(Objective):
             gamma: SimPO's target reward margin.
             sft_weight: Weight of the chosen response's per-token NLL added to the loss (RPO,
                 LLaMA-Factory's ``pref_ftx``); ORPO has it built in.
-            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
-                ``quantization``, ``cache``; default: ``auto``).
+            reference: The reference model (``distill.objectives.Reference``; default: ``auto``).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
         require("objective.chunk_size", chunk_size, at_least=1)
@@ -68,8 +67,7 @@ class Preference(Objective):
             raise ValueError(f"unknown Preference loss {loss!r}; choose one of {sorted(PAIR_LOSSES)}")
         if loss == "orpo" and sft_weight:
             raise ValueError("ORPO's loss holds the chosen response's NLL already: leave sft_weight at 0")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"Preference label_smoothing must be in [0, 0.5); got {label_smoothing}")
+        require("objective.label_smoothing", label_smoothing, at_least=0, below=0.5)
         super().__init__()
         self.loss = loss
         self.spec = PAIR_LOSSES[loss]

@@ -9,28 +9,21 @@ ratios) from its reward before the baseline, as the RLOO paper and TRL's ``rloo_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import torch
 
 from distill.data.batch import PromptBatch, RolloutBatch
 from distill.losses.rl import leave_one_out_advantages, reinforce
-from distill.objectives.base import Loss, LossInputs, Objective, per_sequence
-from distill.objectives.context import Context, Step
+from distill.objectives.base import Loss, LossInputs, per_sequence
+from distill.objectives.context import Step
 from distill.objectives.reference import Reference
-from distill.objectives.rollouts import (
-    Rollouts,
-    rollout_metrics,
-    rollout_rows,
-    token_log_probs_and_entropy,
-)
+from distill.objectives.rollouts import RolloutObjective
 from distill.ranges import require
 from distill.rollout.engine import Sampling
 
 
-class RLOO(Objective):
+class RLOO(RolloutObjective):
     unit = "completion"
-    accepts = ("prompts",)
 
     def __init__(
         self,
@@ -46,56 +39,25 @@ class RLOO(Objective):
         Args:
             rewards: Reward functions (``distill.rewards.*``), each with its ``weight``.
             num_generations: Completions sampled per prompt (k, at least 2).
-            sampling: How completions are drawn (``distill.rollout.Sampling``: ``max_new_tokens``,
-                ``temperature``, ``top_p``, ``top_k``); log-probs are of its tempered distribution.
+            sampling: How completions are drawn (``distill.rollout.Sampling``); log-probs are of its tempered
+                distribution.
             beta: KL-in-reward: reward - beta x sum of log(pi / pi_ref) over the completion (0: none,
                 and no reference model).
-            reference: The reference (``distill.objectives.Reference``: its ``kind``, ``model``, ``dtype``,
-                ``quantization``, ``cache``; default: ``auto``); with beta > 0.
+            reference: The reference (``distill.objectives.Reference``; default: ``auto``); with beta > 0.
             seed: Seed of the sampling (with the epoch and the prompts: a resumed fit samples the same).
             chunk_size: Positions whose logits exist at once (forward and backward).
         """
-        require("objective.chunk_size", chunk_size, at_least=1)
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        super().__init__()
-        self.sampling = sampling or Sampling()
-        self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
-        self.beta = beta
-        self.reference = reference or Reference()
-        self.chunk_size = chunk_size
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        names = (*self.rollouts.metric_names, "advantage_sq")
-        return (*names, "kl") if self.beta else names
-
-    @property
-    def extra_forwards(self) -> int:
-        return int(self.beta > 0)
-
-    def setup(self, context: Context) -> None:
-        self.rollouts.setup(context)
-        if self.beta:
-            self.reference.setup(context, "RLOO", self.chunk_size)
-            if self.reference.kind == "precomputed":
-                raise ValueError(
-                    "RLOO samples its completions as it trains: the reference cannot be precomputed"
-                )
+        require("objective.beta", beta, at_least=0)
+        super().__init__(rewards, num_generations, sampling, beta, reference, seed, chunk_size)
 
     @torch.no_grad()
     def prepare(self, batch: PromptBatch, step: Step) -> RolloutBatch:
         rollout = self.rollouts.sample(batch, step)
-        rows = rollout_rows(batch, rollout, advantages=torch.zeros_like(rollout.total))  # set in forward
-        if self.beta:
-            rows = replace(rows, reference_logps=self.reference.token_logps(rows, self.sampling.temperature))
-        return rows
+        return self.rows(batch, rollout, advantages=torch.zeros_like(rollout.total))  # set in forward
 
     def forward(self, inputs: LossInputs) -> Loss:
         batch, count = inputs.batch, inputs.num_sequences
-        logps, entropy = token_log_probs_and_entropy(
-            inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
-        )
+        logps, entropy = self.token_log_probs(inputs)
         sequence_logps = per_sequence(logps, inputs.sequence, count)
         rewards = batch.reward_total.to(logps)
         sums = self.rollouts.metric_sums(batch, entropy)
@@ -110,7 +72,7 @@ class RLOO(Objective):
         return Loss(loss, num_units=count, num_tokens=inputs.labels.numel(), sums=sums)
 
     def derived_metrics(self, values: dict) -> dict:
-        out = rollout_metrics(values)
+        out = super().derived_metrics(values)
         if "kl" in out:  # a sum per completion, not per token
             out["kl"] = values["kl"] / values["completions"].clamp(min=1e-12)
         return out

@@ -1,5 +1,5 @@
 """What GRPO and RLOO share: sampling a group of completions per prompt, scoring them, the training batch
-they become, and the metrics of a rollout.
+they become, the reference's log-probs of it, and the metrics of a rollout (``RolloutObjective``).
 
 ``Rollouts.sample`` runs in the objective's ``prepare`` (no gradients): the prompt batch of a
 ``PromptDataModule`` -> ``num_generations`` completions per prompt from the current policy (an
@@ -12,17 +12,20 @@ by the prompts alone, so every evaluation samples with the same noise.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from distill.data.batch import PromptBatch, RolloutBatch, TokenBatch, extended
+from distill.objectives.base import LossInputs, Objective
 from distill.objectives.context import Context, Step
+from distill.objectives.reference import Reference
+from distill.ranges import require
 from distill.rewards import names, score, weights
-from distill.rollout.completions import Completions, rollout_batch, trim_at_stop
-from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
+from distill.rollout.completions import Completions, rollout_batch
+from distill.rollout.engine import Engine, Sampler, Sampling, TransformersEngine, rollout_seed
 
 
 @dataclass
@@ -69,9 +72,8 @@ class Rollouts:
     def setup(self, context: Context) -> None:
         """What sampling needs to know: the tokenizer, what generation stops on, the policy."""
         self.tokenizer = context.tokenizer
-        self.stop_ids = list(context.data.stop_ids)
-        self.pad_id = context.data.pad_id
-        self.synced = context.sharded
+        data = context.data
+        self.sampler = Sampler(self.engine, self.sampling, list(data.stop_ids), data.pad_id, context.sharded)
         self.policy = context.policy
 
     def sample(self, batch: PromptBatch, step: Step) -> Rollout:
@@ -84,18 +86,7 @@ class Rollouts:
     @torch.no_grad()
     def roll(self, model: nn.Module, batch: PromptBatch, seed: int) -> Rollout:
         """The prompts of ``batch`` -> ``num_generations`` completions each -> their rewards and rows."""
-        ids = self.engine(
-            model,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            num_samples=self.num_generations,
-            sampling=self.sampling,
-            stop_ids=self.stop_ids,
-            pad_id=self.pad_id,
-            seed=seed,
-            synced=self.synced,
-        )
-        completions = trim_at_stop(ids, self.stop_ids, self.pad_id)
+        completions = self.sampler(model, batch.prompt_ids, batch.prompt_mask, self.num_generations, seed)
         texts = self.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)  # pads after stops
         g = self.num_generations
         repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
@@ -104,7 +95,7 @@ class Rollouts:
         fields["messages"] = repeat(batch.messages)
         fields["completion_length"] = completions.lengths.tolist()
         fields["stopped"] = completions.stopped.tolist()
-        device = ids.device
+        device = completions.ids.device
         rewards = score(self.functions, prompts, texts, fields, repeat(batch.sources)).to(device)
         return Rollout(
             rows=rollout_batch(batch.prompt_ids, batch.prompt_mask, completions),
@@ -198,3 +189,65 @@ def token_log_probs_and_entropy(
         zero = hidden.sum(-1) * 0.0
         return zero, zero.detach()
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class RolloutObjective(Objective):
+    """An objective that samples and scores completions of its prompts in ``prepare`` (GRPO, RLOO), with
+    ``beta`` > 0 beside them the reference's log-probs of every completion token. Its options are
+    documented by the objectives' own signatures."""
+
+    accepts = ("prompts",)
+    own_metrics: tuple[str, ...] = ("advantage_sq",)  # reported beside the rollout's, before ``kl``
+
+    def __init__(
+        self,
+        rewards: Sequence[Callable],
+        num_generations: int,
+        sampling: Sampling | None,
+        beta: float,
+        reference: Reference | None,
+        seed: int,
+        chunk_size: int,
+    ) -> None:
+        require("objective.chunk_size", chunk_size, at_least=1)
+        super().__init__()
+        self.sampling = sampling or Sampling()
+        self.rollouts = Rollouts(rewards, num_generations, self.sampling, seed)
+        self.beta = beta
+        self.reference = reference or Reference()
+        self.chunk_size = chunk_size
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        names = (*self.rollouts.metric_names, *self.own_metrics)
+        return (*names, "kl") if self.beta else names
+
+    @property
+    def extra_forwards(self) -> int:
+        return int(self.beta > 0)
+
+    def setup(self, context: Context) -> None:
+        self.rollouts.setup(context)
+        if self.beta:
+            name = type(self).__name__
+            self.reference.setup(context, name, self.chunk_size)
+            if self.reference.kind == "precomputed":
+                raise ValueError(
+                    f"{name} samples its completions as it trains: the reference cannot be precomputed"
+                )
+
+    def rows(self, prompts: PromptBatch, rollout: Rollout, advantages: Tensor) -> RolloutBatch:
+        """``rollout_rows``, with the reference's token log-probs when ``beta`` > 0."""
+        rows = rollout_rows(prompts, rollout, advantages)
+        if self.beta:
+            rows = replace(rows, reference_logps=self.reference.token_logps(rows, self.sampling.temperature))
+        return rows
+
+    def token_log_probs(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
+        """``token_log_probs_and_entropy`` of the sampling distribution at the completion tokens."""
+        return token_log_probs_and_entropy(
+            inputs.hidden, inputs.head, inputs.labels, self.chunk_size, self.sampling.temperature
+        )
+
+    def derived_metrics(self, values: dict) -> dict:
+        return rollout_metrics(values)

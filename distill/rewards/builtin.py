@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from distill.ranges import require
 from distill.rewards.scoring import reward_name, snake_case
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -222,8 +223,7 @@ class Length:
             weight: Weight of this reward in the total.
             name: Name in the logged metrics (default ``length``).
         """
-        if max_tokens < 1:
-            raise ValueError(f"Length max_tokens must be >= 1, got {max_tokens}")
+        require("Length max_tokens", max_tokens, at_least=1)
         if not 0 <= buffer <= max_tokens:
             raise ValueError(f"Length buffer must be in [0, max_tokens={max_tokens}], got {buffer}")
         self.max_tokens = max_tokens

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from distill.ranges import require
+from distill.rollout.completions import Completions, trim_at_stop
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,31 @@ class TransformersEngine:
         finally:
             model.train(was_training)
         return out[:, prompt_ids.shape[1] :]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """An engine with what its calls in one fit (or one ``generate`` run) share; its completions cut
+    after their first stop token."""
+
+    engine: Engine
+    sampling: Sampling
+    stop_ids: list[int]
+    pad_id: int
+    synced: bool = False  # sharded weights: every rank keeps stepping until all are done
+
+    def __call__(
+        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, seed: int
+    ) -> Completions:
+        ids = self.engine(
+            model,
+            prompt_ids,
+            prompt_mask,
+            num_samples=num_samples,
+            sampling=self.sampling,
+            stop_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            seed=seed,
+            synced=self.synced,
+        )
+        return trim_at_stop(ids, self.stop_ids, self.pad_id)

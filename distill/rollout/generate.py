@@ -18,8 +18,7 @@ import torch
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
 from distill.data.templates import BUILTIN_TEMPLATES, TemplateError
 from distill.progress import Progress
-from distill.rollout.completions import trim_at_stop
-from distill.rollout.engine import Engine, Sampling, TransformersEngine, rollout_seed
+from distill.rollout.engine import Engine, Sampler, Sampling, TransformersEngine, rollout_seed
 from distill.teacher.identity import check_model_source, model_identity
 from distill.train.merge import tokenizer_source, trained_model_kwargs
 
@@ -142,28 +141,17 @@ def write_completions(
     generate calls as the rank with the most batches; a rank with fewer (its file nearly complete after
     a kill, or nothing left) steps through idle ones, whose completions are dropped.
     """
-    engine = engine or TransformersEngine()
+    sampler = Sampler(engine or TransformersEngine(), sampling, data.generation_stop_ids, data.pad_id, synced)
     present = set(read_completions(path)) if path.exists() else set()
     written = 0
-    stop_ids, pad_id = data.generation_stop_ids, data.pad_id
     device = next(policy.parameters()).device
     batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
     calls = agreed_calls(len(batches), device) if synced else len(batches)
     with open(path, "a", encoding="utf-8") as file:
         for chunk in batches:
             batch = data.collator(chunk)
-            ids = engine(
-                policy,
-                batch.prompt_ids.to(device),
-                batch.prompt_mask.to(device),
-                num_samples=num_samples,
-                sampling=sampling,
-                stop_ids=stop_ids,
-                pad_id=pad_id,
-                seed=rollout_seed(*seed, *batch.shas),
-                synced=synced,
-            )
-            completions = trim_at_stop(ids, stop_ids, pad_id)
+            ids, mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
+            completions = sampler(policy, ids, mask, num_samples, rollout_seed(*seed, *batch.shas))
             texts = data.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
             stopped = completions.stopped.tolist()
             for row, text in enumerate(texts):
@@ -180,9 +168,8 @@ def write_completions(
                 progress.update(len(chunk))
     for _ in range(calls - len(batches)):
         # a one-token prompt: this rank's forwards serve only to gather the shards the other ranks need
-        one = torch.full((1, 1), pad_id, device=device)
-        engine(policy, one, torch.ones_like(one), num_samples=1, sampling=sampling, stop_ids=stop_ids,
-               pad_id=pad_id, seed=0, synced=True)  # fmt: skip
+        one = torch.full((1, 1), sampler.pad_id, device=device)
+        sampler(policy, one, torch.ones_like(one), num_samples=1, seed=0)
     return written
 
 
