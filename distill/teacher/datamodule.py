@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -30,6 +30,12 @@ from distill.teacher.targets import Collection, TeacherTargets
 
 
 class KDDataModule(DataModule):
+    # options an older config gives here, and where they went (the CLI names the new place)
+    moved_options: ClassVar[dict[str, str]] = {
+        option: f"write data.sparsity: {{{option}: ...}} (distill.teacher.sparse.Sparsity)"
+        for option in ("k", "scheme", "num_draws", "draw_temperature")
+    }
+
     def __init__(
         self,
         teachers: list[Teacher],
