@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,16 +202,24 @@ def detect_format(raw: dict) -> str | None:
     return None
 
 
-def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
-    """Normalise one raw JSON value into a ``Record``; raise ``DataFormatError`` naming ``where``."""
+def record_kind(raw: object, where: str, fmt: str, detect: Callable[[dict], str | None], known: str) -> str:
+    """The format of one raw JSON value (``fmt``, or ``detect``'s under ``auto``); ``DataFormatError``
+    naming ``where`` for a value that is no object or whose keys mark none of the ``known`` formats."""
     if not isinstance(raw, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    kind = detect_format(raw) if fmt == "auto" else fmt
+    kind = detect(raw) if fmt == "auto" else fmt
     if kind is None:
-        raise DataFormatError(
-            f"{where}: unknown record format with keys {sorted(raw)}; expected one of "
-            "'conversations' (sharegpt), 'messages', 'instruction'/'output' (alpaca) or 'text'"
-        )
+        raise DataFormatError(f"{where}: unknown {known.format(keys=sorted(raw))}")
+    return kind
+
+
+def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
+    """Normalise one raw JSON value into a ``Record``; raise ``DataFormatError`` naming ``where``."""
+    known = (
+        "record format with keys {keys}; expected one of 'conversations' (sharegpt), 'messages', "
+        "'instruction'/'output' (alpaca) or 'text'"
+    )
+    kind = record_kind(raw, where, fmt, detect_format, known)
     if kind == "text":
         return Record(source=where, text=nonempty_field(raw, "text", where))
     if kind == "alpaca":
