@@ -26,16 +26,13 @@ DATA_SUFFIXES = (".json", ".jsonl", *TABLE_BUILDERS)
 Source = str | Path | DatasetSplit  # a file, a directory of files, or a dataset's split
 
 _SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "function_call": "assistant",
-    "system": "system",
-    "observation": "tool",
-    "tool": "tool",
-}
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+    "function_call": "assistant", "system": "system", "observation": "tool", "tool": "tool",
+}  # fmt: skip
+KNOWN_FORMATS = (
+    "record format with keys {keys}; expected one of 'conversations' (sharegpt), 'messages', "
+    "'instruction'/'output' (alpaca) or 'text'"
+)
 _MESSAGE_ROLES = dict(system="system", user="user", assistant="assistant", tool="tool", function="tool")
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, allowed at the start of a file
 TOOLS_HEADER = "You can call these tools:\n"
@@ -203,23 +200,18 @@ def detect_format(raw: dict) -> str | None:
 
 
 def record_kind(raw: object, where: str, fmt: str, detect: Callable[[dict], str | None], known: str) -> str:
-    """The format of one raw JSON value (``fmt``, or ``detect``'s under ``auto``); ``DataFormatError``
-    naming ``where`` for a value that is no object or whose keys mark none of the ``known`` formats."""
+    """``fmt``, or the format ``detect`` finds; an error naming ``where`` unless ``raw`` is an object of
+    a ``known`` format (``{keys}`` in it: the object's keys)."""
     if not isinstance(raw, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    kind = detect(raw) if fmt == "auto" else fmt
-    if kind is None:
+    if (kind := detect(raw) if fmt == "auto" else fmt) is None:
         raise DataFormatError(f"{where}: unknown {known.format(keys=sorted(raw))}")
     return kind
 
 
 def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
     """Normalise one raw JSON value into a ``Record``; raise ``DataFormatError`` naming ``where``."""
-    known = (
-        "record format with keys {keys}; expected one of 'conversations' (sharegpt), 'messages', "
-        "'instruction'/'output' (alpaca) or 'text'"
-    )
-    kind = record_kind(raw, where, fmt, detect_format, known)
+    kind = record_kind(raw, where, fmt, detect_format, KNOWN_FORMATS)
     if kind == "text":
         return Record(source=where, text=nonempty_field(raw, "text", where))
     if kind == "alpaca":
