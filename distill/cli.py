@@ -5,11 +5,14 @@ collection) with distill's options, and how its refusals end the process. The ot
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
+import re
 import signal
 import sys
 import warnings
+from argparse import ArgumentError
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +68,24 @@ def own_refusal(error: BaseException) -> ValueError | None:
                 return cause
         cause = cause.__cause__
     return None
+
+
+# jsonargparse's refusal of an option a class_path's class does not take
+NOT_ACCEPTED = re.compile(
+    r"Parser key \"(\w+)\".*?class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", re.S
+)
+
+
+def moved_option(message: str) -> str | None:
+    """One line for an option the parser refused that its class lists in ``moved_options`` (old name ->
+    where it went), instead of the parser's union errors."""
+    found = NOT_ACCEPTED.search(message)
+    if found is None:
+        return None
+    key, class_path, option = found.groups()
+    module, _, name = class_path.rpartition(".")
+    moved = getattr(getattr(importlib.import_module(module), name, None), "moved_options", {}).get(option)
+    return f"{key}.{option} moved: {moved}" if moved else None
 
 
 LAST_IF_ANY = "last_if_any"
@@ -134,6 +155,26 @@ class DistillCLI(LightningCLI):
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         # progress a log file shows too (plain lines where stdout is no terminal), without listing it
         parser.add_lightning_class_args(LoopProgress, "progress")
+
+    def parse_arguments(self, parser, args) -> None:
+        subcommands = getattr(self, "_subcommand_parsers", {})  # none under run=False
+        parsers = [parser, *subcommands.values()]
+        for each in parsers:  # raise, so that a moved option can be told where it went
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+            return
+        except ArgumentError as error:
+            refused = error
+        finally:
+            for each in parsers:
+                each.exit_on_error = True
+        moved = moved_option(str(refused))
+        if moved is not None:
+            raise ConfigError(moved)
+        given = sys.argv[1:] if args is None else args
+        failed = next((subcommands[a] for a in given if a in subcommands), parser)
+        failed.error(str(refused))  # the parser's own usage and message
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

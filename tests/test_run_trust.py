@@ -315,6 +315,29 @@ def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir
     assert not (tmp_path / "cache").exists()  # nothing was collected
 
 
+def test_an_option_that_moved_is_one_line_naming_its_new_place(tmp_path, kd_teacher_dir, capfd):
+    """An older config's ``data.k: 64`` (now ``data.sparsity: {k: 64}``) got the parser's 60-line usage
+    and its union errors; an unknown option still gets those."""
+    current = kd_config(tmp_path, kd_teacher_dir)
+    config = yaml.safe_load(current.read_text())
+    config["data"]["init_args"]["k"] = 64
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(old)])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set to")]
+    assert lines == [
+        "error: data.k moved: write data.sparsity: {k: ...} (distill.teacher.sparse.Sparsity)"
+    ], err
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(current), "--data.init_args.kk", "1"])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err
+    assert err.startswith("usage: ") and "Option 'kk' is not accepted" in err, err
+
+
 @pytest.mark.parametrize("command", ["tokenize", "inspect", "collect"])
 def test_a_bad_value_is_one_line_in_every_command(tmp_path, kd_teacher_dir, capfd, command):
     """``tokenize`` and ``inspect`` build the config as ``fit`` does: the same one line, exit 2 (they

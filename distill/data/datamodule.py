@@ -281,8 +281,13 @@ class DataModule(TokenizedSplits, L.LightningDataModule):
         return DataFacts(type(self).__name__, "samples", self.pad_id, self.chat_template)
 
     @property
-    def collator(self) -> Callable[[list], dict]:
+    def collator(self) -> Callable[[list], object]:
         return Collator(self.pad_id)
+
+    @property
+    def unpacked_collator(self) -> Callable[[list], object]:
+        """The collator of one sample (unit) per row: prediction's (packing is for training rows)."""
+        return self.collator
 
     def _rows(self, samples: Sequence[Encoded], shuffle_seed: int | None) -> Sequence:
         return pack(samples, self.max_seq_length, shuffle_seed) if self.packing else samples
@@ -324,10 +329,11 @@ class DataModule(TokenizedSplits, L.LightningDataModule):
         return ShuffledBatches(rows, self.collator, self.batch_size, self.seed, self._rank, self._world_size)
 
     def val_dataloader(self) -> DataLoader:
-        # each rank validates its own shard, every sample once over all ranks (metrics are sums)
-        batches = EvalBatches(
-            self._rows(self.val, None), self.collator, self.eval_batch_size, self._rank, self._world_size
-        )
+        return self.eval_loader(self._rows(self.val, None), self.collator)
+
+    def eval_loader(self, rows: Sequence, collate: Callable[[list], object]) -> DataLoader:
+        """Each rank validates its own shard of ``rows``, every row once over all ranks (metrics are sums)."""
+        batches = EvalBatches(rows, collate, self.eval_batch_size, self._rank, self._world_size)
         return DataLoader(
             batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
         )
@@ -342,9 +348,8 @@ class DataModule(TokenizedSplits, L.LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per collection job (teacher x split), in order; by default all samples once."""
         jobs = self._predict_jobs if self._predict_jobs is not None else [[*self.train, *self.val]]
+        collate = self.unpacked_collator
         return [
-            DataLoader(
-                job, batch_size=self.eval_batch_size, collate_fn=self.collator, num_workers=self.num_workers
-            )
+            DataLoader(job, batch_size=self.eval_batch_size, collate_fn=collate, num_workers=self.num_workers)
             for job in jobs
         ]

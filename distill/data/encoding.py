@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -48,15 +48,7 @@ class EncodingStats:
     trainable_tokens: int = 0
     examples_without_labels: list[Encoded] = field(default_factory=list, repr=False)
     too_long: list[str] = field(default_factory=list, repr=False)  # where the first dropped ones are
-    COUNTS: ClassVar[tuple[str, ...]] = (
-        "samples",
-        "kept",
-        "truncated",
-        "dropped_too_long",
-        "dropped_no_trainable",
-        "tokens",
-        "trainable_tokens",
-    )
+    COUNTS: ClassVar[tuple[str, ...]]  # the int fields above, in order (set below the class)
     EXAMPLES: ClassVar[int] = 3  # fully masked samples kept to show in the error
     SHOWN_TOO_LONG: ClassVar[int] = 5  # places of dropped over-long records kept to name in the warning
 
@@ -95,6 +87,9 @@ class EncodingStats:
     def as_dict(self) -> dict[str, float]:
         counts = {n: getattr(self, n) for n in self.COUNTS if n != "trainable_tokens"}
         return {**counts, "trainable_share": round(self.trainable_share, 4)}
+
+
+EncodingStats.COUNTS = tuple(f.name for f in fields(EncodingStats) if f.type == "int")
 
 
 def encode_record(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +26,13 @@ DATA_SUFFIXES = (".json", ".jsonl", *TABLE_BUILDERS)
 Source = str | Path | DatasetSplit  # a file, a directory of files, or a dataset's split
 
 _SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "function_call": "assistant",
-    "system": "system",
-    "observation": "tool",
-    "tool": "tool",
-}
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+    "function_call": "assistant", "system": "system", "observation": "tool", "tool": "tool",
+}  # fmt: skip
+KNOWN_FORMATS = (
+    "record format with keys {keys}; expected one of 'conversations' (sharegpt), 'messages', "
+    "'instruction'/'output' (alpaca) or 'text'"
+)
 _MESSAGE_ROLES = dict(system="system", user="user", assistant="assistant", tool="tool", function="tool")
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, allowed at the start of a file
 TOOLS_HEADER = "You can call these tools:\n"
@@ -202,16 +199,19 @@ def detect_format(raw: dict) -> str | None:
     return None
 
 
-def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
-    """Normalise one raw JSON value into a ``Record``; raise ``DataFormatError`` naming ``where``."""
+def record_kind(raw: object, where: str, fmt: str, detect: Callable[[dict], str | None], known: str) -> str:
+    """``fmt``, or the format ``detect`` finds; an error naming ``where`` unless ``raw`` is an object of
+    a ``known`` format (``{keys}`` in it: the object's keys)."""
     if not isinstance(raw, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    kind = detect_format(raw) if fmt == "auto" else fmt
-    if kind is None:
-        raise DataFormatError(
-            f"{where}: unknown record format with keys {sorted(raw)}; expected one of "
-            "'conversations' (sharegpt), 'messages', 'instruction'/'output' (alpaca) or 'text'"
-        )
+    if (kind := detect(raw) if fmt == "auto" else fmt) is None:
+        raise DataFormatError(f"{where}: unknown {known.format(keys=sorted(raw))}")
+    return kind
+
+
+def to_record(raw: object, where: str, fmt: Format = "auto") -> Record:
+    """Normalise one raw JSON value into a ``Record``; raise ``DataFormatError`` naming ``where``."""
+    kind = record_kind(raw, where, fmt, detect_format, KNOWN_FORMATS)
     if kind == "text":
         return Record(source=where, text=nonempty_field(raw, "text", where))
     if kind == "alpaca":

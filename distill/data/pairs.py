@@ -22,6 +22,7 @@ from distill.data.formats import (
     content_sha,
     find_files,
     open_with_system,
+    record_kind,
 )
 from distill.data.hf_datasets import as_list
 
@@ -135,16 +136,13 @@ def detect_pair_format(raw: dict) -> str | None:
 
 def to_pair_record(raw: object, where: str, fmt: PairFormat = "auto") -> PairRecord | UnpairedRecord | None:
     """Normalise one raw JSON value; ``None`` for a pair whose chosen equals rejected."""
-    if not isinstance(raw, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    kind = detect_pair_format(raw) if fmt == "auto" else fmt
-    if kind is None:
-        raise DataFormatError(
-            f"{where}: unknown preference record format with keys {sorted(raw)}; expected "
-            "'conversations'/'chosen'/'rejected' (medicalgpt), 'question'/'response_chosen'/"
-            "'response_rejected' (medicalgpt_reward), 'prompt'/'chosen'/'rejected' (trl), "
-            "'chosen'/'rejected' conversations (hh) or 'prompt'/'completion'/'label' (kto)"
-        )
+    known = (
+        "preference record format with keys {keys}; expected 'conversations'/'chosen'/'rejected' "
+        "(medicalgpt), 'question'/'response_chosen'/'response_rejected' (medicalgpt_reward), "
+        "'prompt'/'chosen'/'rejected' (trl), 'chosen'/'rejected' conversations (hh) or "
+        "'prompt'/'completion'/'label' (kto)"
+    )
+    kind = record_kind(raw, where, fmt, detect_pair_format, known)
     if kind == "kto":
         return _kto_record(raw, where)
     if kind == "hh":

@@ -13,7 +13,6 @@ from dataclasses import replace
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader
 
 from distill.data.batch import UnitBatch
 from distill.data.batching import pack
@@ -122,6 +121,10 @@ class PreferenceDataModule(DataModule):
     def collator(self) -> Callable[[list], UnitBatch]:
         return UnitCollator(self.pad_id, packed=self.packing)
 
+    @property
+    def unpacked_collator(self) -> Callable[[list], UnitBatch]:
+        return UnitCollator(self.pad_id, packed=False)
+
     def facts(self) -> DataFacts:
         kind = "pairs" if self.unit_size == 2 else "unpaired"
         return replace(super().facts(), batches=kind, units=self)
@@ -138,23 +141,12 @@ class PreferenceDataModule(DataModule):
     def unit_batches(self, rank: int, world_size: int) -> Iterator[UnitBatch]:
         """Rank ``rank``'s share of every training and validation unit, once each, in unpacked batches
         of ``eval_batch_size`` units (read batch by batch)."""
-        units = self._units(rank, world_size)
-        collate = UnitCollator(self.pad_id, packed=False)
+        units, collate = self._units(rank, world_size), self.unpacked_collator
         for start in range(0, len(units), self.eval_batch_size):
             yield collate([split[i] for split, i in units[start : start + self.eval_batch_size]])
 
     def _units(self, rank: int, world_size: int) -> list[tuple[Sequence, int]]:
         return [(split, i) for split in (self.train, self.val) for i in range(len(split))][rank::world_size]
-
-    def predict_dataloader(self) -> list[DataLoader]:
-        """Every unit once, unpacked (packing is for training rows)."""
-        units = [*self.train, *self.val]
-        collate = UnitCollator(self.pad_id, packed=False)
-        return [
-            DataLoader(
-                units, batch_size=self.eval_batch_size, collate_fn=collate, num_workers=self.num_workers
-            )
-        ]
 
     def _rows(self, samples: Sequence[Encoded], shuffle_seed: int | None) -> Sequence:
         return pack(samples, 2 * self.max_seq_length, shuffle_seed) if self.packing else samples

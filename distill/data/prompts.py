@@ -22,6 +22,7 @@ from distill.data.formats import (
     nonempty_field,
     open_with_system,
     read_records,
+    record_kind,
 )
 from distill.data.hf_datasets import as_list
 
@@ -107,9 +108,7 @@ def detect_prompt_format(raw: dict, where: str) -> str:
 
 def to_prompt_record(raw: object, where: str, fmt: PromptFormat = "auto") -> PromptRecord:
     """Normalise one raw JSON value into a ``PromptRecord``; raise ``DataFormatError`` naming ``where``."""
-    if not isinstance(raw, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    kind = detect_prompt_format(raw, where) if fmt == "auto" else fmt
+    kind = record_kind(raw, where, fmt, lambda raw: detect_prompt_format(raw, where), "")
     if kind == "messages":
         key = "messages" if "messages" in raw or "conversations" not in raw else "conversations"
         turns = _turns(raw.get(key), key, where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import ExitStack
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -45,24 +46,22 @@ class TokenizedSplits:
             "truncation": self.truncation,
             "train_on_responses_only": self.train_on_responses_only,
         }
-        if not self.trains_on_files:  # a stream (or sampled rounds): the training files are never encoded
-            if not self.val_sources:
-                return {}
-            return {
-                "val": {**common, "files": _file_identities(self.val_sources), "take": self.max_eval_samples}
-            }
-        train = {**common, "files": _file_identities(self.train_sources)}
+
+        def entry(files: list, take: int | None, **split: Any) -> dict:
+            return {**common, "files": files, **split, "take": take}
+
+        val = {}
         if self.val_sources:
-            return {
-                "train": {**train, "take": self.max_train_samples},
-                "val": {**common, "files": _file_identities(self.val_sources), "take": self.max_eval_samples},
-            }
-        if self.val_fraction <= 0:
-            return {"train": {**train, "take": self.max_train_samples}}
-        split = {"val_fraction": self.val_fraction, "seed": self.seed}
+            val = {"val": entry(_file_identities(self.val_sources), self.max_eval_samples)}
+        if not self.trains_on_files:  # a stream (or sampled rounds): the training files are never encoded
+            return val
+        train = _file_identities(self.train_sources)
+        if self.val_sources or self.val_fraction <= 0:
+            return {"train": entry(train, self.max_train_samples), **val}
+        held_out = {"val_fraction": self.val_fraction, "seed": self.seed}
         return {
-            "train": {**train, "split": {**split, "part": "train"}, "take": self.max_train_samples},
-            "val": {**train, "split": {**split, "part": "val"}, "take": self.max_eval_samples},
+            "train": entry(train, self.max_train_samples, split={**held_out, "part": "train"}),
+            "val": entry(train, self.max_eval_samples, split={**held_out, "part": "val"}),
         }
 
     def tokenized_splits(self) -> dict[str, TokenizedSamples]:

@@ -36,11 +36,8 @@ from distill.teacher.targets import Collection, TargetStream, TeacherTargets
 
 
 class Collector:
-    """Collect-before-train and the chunks of a KD fit's training rows, for ``targets``.
-
-    ``cache_size_gb``: the disk budget of the caches (None: no limit); ``chunk_samples``: samples per
-    streamed chunk when the whole cache fits; ``seed``: the seed of the chunks and their per-epoch order.
-    """
+    """Collect-before-train and the chunks of a KD fit's training rows, for ``targets``
+    (``cache_size_gb``, ``chunk_samples``, ``seed``: ``KDDataModule``'s options)."""
 
     def __init__(
         self, targets: TeacherTargets, cache_size_gb: float | None, chunk_samples: int, seed: int
@@ -72,28 +69,27 @@ class Collector:
         others)."""
         self.spec, self.rows, self.val = spec, rows, val
         total = split_bytes(train, spec) + split_bytes(val, spec)
-        self.chunked = rounds or (self.cache_size_gb is not None and total > self.cache_size_gb * 1e9)
+        over_budget = not rounds and self.cache_size_gb is not None and total > self.cache_size_gb * 1e9
+        self.chunked = rounds or over_budget
         self.targets.start(spec, collection, chunked=self.chunked, packing=packing)
         full = [("val", val)] + ([] if self.chunked else [("train", train)])
         full = [(split, samples) for split, samples in full if samples]
         collected = self.targets.sync_and_collect(full)  # the barriers
         rank_zero_info(f"[distill] collected {collected} samples on rank 0 before training")
         found = self.targets.perplexities(dict(full), tokens) if collection.rank == 0 else {}
-        if self.chunked and not rounds:
+        if over_budget:
             largest = max(estimated_bytes(row, spec) for row in rows)
             if self.chunk_budget < largest:
                 raise ValueError(
                     f"data.cache_size_gb={self.cache_size_gb} leaves {self.chunk_budget / 1e9:.3g} GB for "
                     f"training targets, less than one sample (or packed row) needs ({largest / 1e9:.3g} GB)"
                 )
+            rank_zero_info(
+                f"[distill] chunked KD: ~{total / 1e9:.3g} GB of targets > cache_size_gb "
+                f"{self.cache_size_gb}; {len(self.plan(0))} chunks per epoch"
+            )
         if self.chunked:
             self.targets.open_chunks()
-        if self.chunked and not rounds:
-            rank_zero_info(
-                f"[distill] chunked KD: ~{total / 1e9:.3g} GB of targets > "
-                f"cache_size_gb {self.cache_size_gb}; "
-                f"{len(self.plan(0))} chunks per epoch"
-            )
         return found
 
     def check_round_fits(self, positions: int) -> None:

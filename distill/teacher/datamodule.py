@@ -8,18 +8,18 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distill.data.batching import EvalBatches, pack
+from distill.data.batching import pack
 from distill.data.datamodule import DataModule
 from distill.data.encoding import Encoded
 from distill.data.facts import DataFacts
-from distill.data.resume import ResumableLoader, leave_sigterm_to_main
+from distill.data.resume import ResumableLoader
 from distill.ranges import require
 from distill.rollout.rounds import Rounds, RoundSamples, RoundStream
 from distill.teacher.collect import cache_spec, check_vocabularies, label_policy
@@ -30,6 +30,12 @@ from distill.teacher.targets import Collection, TeacherTargets
 
 
 class KDDataModule(DataModule):
+    # options an older config gives here, and where they went (the CLI names the new place)
+    moved_options: ClassVar[dict[str, str]] = {
+        option: f"write data.sparsity: {{{option}: ...}} (distill.teacher.sparse.Sparsity)"
+        for option in ("k", "scheme", "num_draws", "draw_temperature")
+    }
+
     def __init__(
         self,
         teachers: list[Teacher],
@@ -48,8 +54,7 @@ class KDDataModule(DataModule):
         """
         Args:
             teachers: Teacher models (same vocabulary as the student), collected one after another.
-            sparsity: What is kept of each teacher distribution (``k``, ``scheme``, ``num_draws``,
-                ``draw_temperature``; default: the top 64).
+            sparsity: What is kept of each teacher distribution (``Sparsity``; default: the top 64).
             value_bits: Resolution of the stored head values.
             cache_dir: Directory of the caches (``train``, ``val``; ``train-chunks`` in chunked mode).
             cache_size_gb: Disk budget of the caches; when the dataset's targets would exceed it, each
@@ -200,22 +205,17 @@ class KDDataModule(DataModule):
             stream = RoundStream(
                 self.targets, self._round_samples, self.round_samples, self.batch_size, rank, world
             )
-            return ResumableLoader(stream, self._progress, num_workers=0)
-        stream = self.collector.stream(self.batch_size, rank, world)
-        # collection runs on the accelerator, in the main process: no workers while chunks are collected
+        else:
+            stream = self.collector.stream(self.batch_size, rank, world)
+        # collection (and sampling) runs on the accelerator, in the main process: no workers then
         workers = 0 if self.collector.chunked else self.num_workers
         return ResumableLoader(stream, self._progress, num_workers=workers)
 
     def val_dataloader(self) -> DataLoader:
         if not self.targets.holds("val"):
             return []
-        samples = self.targets.targeted(self._rows(self.val, None), "val")
-        # each rank validates its own shard, every sample once over all ranks (metrics are sums)
-        batches = EvalBatches(
-            samples, self.targets.collate_targeted, self.eval_batch_size, self._rank, self._world_size
-        )
-        return DataLoader(
-            batches, batch_size=None, num_workers=self.num_workers, worker_init_fn=leave_sigterm_to_main
+        return self.eval_loader(
+            self.targets.targeted(self._rows(self.val, None), "val"), self.targets.collate_targeted
         )
 
     test_dataloader = val_dataloader
