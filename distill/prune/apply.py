@@ -75,7 +75,10 @@ def prune_model(model: PreTrainedModel, kept: Kept) -> PreTrainedModel:
     return pruned.eval()
 
 
-def _slices(table: dict[str, tuple[str | None, str | None]], module: str, name: str) -> tuple[str | None, str | None]:
+Slices = dict[str, tuple[str | None, str | None]]
+
+
+def _slices(table: Slices, module: str, name: str) -> tuple[str | None, str | None]:
     if module not in table:
         # a weight the slicing does not know (QK norms, a bias elsewhere): pruning it blindly would break it
         raise PruningError(f"pruning does not know how to slice {name} (not a Llama/Mistral/Qwen2 layout)")

@@ -3,10 +3,10 @@ channel, per KV group of attention heads and per hidden channel (width), as Mini
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -130,7 +130,8 @@ def _hooked(hooks: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
 
 
 def _output(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output  # a decoder layer of transformers 4 returns a tuple
+    # a decoder layer of transformers 4 returns a tuple
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _layer_distance(sums: _Sums, name: str) -> Callable:

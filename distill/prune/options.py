@@ -25,7 +25,7 @@ class Pruning:
     """Instead of ``num_layers``: drop the least important layers until the pruned model (after any width
     pruning) has at most this many parameters."""
     keep_first_last: bool = True
-    """Never drop the first and the last decoder layer (ShortGPT and Minitron find them the most important)."""
+    """Never drop the first and the last decoder layer (ShortGPT and Minitron find them most important)."""
     depth_metric: Literal["cosine", "loss"] = "cosine"
     """Block importance: ``cosine``, the mean cosine distance between a layer's input and output hidden
     states (one calibration pass); ``loss``, the calibration loss increase when the layer is skipped (one
@@ -52,7 +52,8 @@ class Pruning:
             )
         if self.num_layers is not None and self.max_params is not None:
             raise PruningError("pruning.num_layers and pruning.max_params both set: give one of them")
-        layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        kv_heads = config.num_key_value_heads
         fewest = min(layers, 2) if self.keep_first_last else 1
         targets = {
             "num_layers": (self.num_layers, fewest, layers),
