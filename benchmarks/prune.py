@@ -15,6 +15,7 @@ ppl_pruned_sft, params_ratio, prune_seconds.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -48,13 +49,13 @@ def train(config: dict, directory: Path) -> torch.nn.Module:
     return cli.model.model
 
 
-def starting_from(config: dict, pruned: Path | None, shape: dict) -> dict:
-    """``config`` training the pruned model (``pruned``) or a fresh one of its ``shape`` (None)."""
+def starting_from(config: dict, pruned: Path, shape: dict | None) -> dict:
+    """A copy of ``config`` training the pruned model, or (``shape``) a fresh one of its shape; both with
+    the pruned model's tokenizer (the teacher's), so both KD runs read the same cached targets."""
+    config = copy.deepcopy(config)
     args = config["model"]["init_args"]
-    if pruned is not None:
-        args.update(model=str(pruned), model_config=None, tokenizer=None)
-    else:
-        args.update(model_config=shape)
+    args.update(model=None if shape else str(pruned), model_config=shape, tokenizer=str(pruned))
+    args["dtype"] = "float32"  # the pruned model is saved in the teacher's bfloat16; train both alike
     return config
 
 
@@ -63,6 +64,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--cache_dir", default=None, help="the teacher's KD targets (default: a temporary one)"
+    )
     args = parser.parse_args()
     require_teacher()
     from distill.prune.options import Pruning
@@ -84,14 +88,12 @@ def main() -> None:
             ppl[name] = held_out_perplexity(model, tokenizer)
         config = AutoConfig.from_pretrained(pruned).to_dict()
         shape = {key: config[key] for key in SHAPE}
-        runs = {
-            "pruned_kd": ("kd", pruned),
-            "random_kd": ("kd", None),
-            "pruned_sft": ("sft", pruned),
-        }
-        for name, (mode, source) in runs.items():
-            configs = kd_and_sft_configs(Path(tmp) / name, args.steps)
-            student = train(starting_from(configs[mode], source, shape), Path(tmp) / name)
+        configs = kd_and_sft_configs(Path(tmp), args.steps)
+        if args.cache_dir:
+            configs["kd"]["data"]["init_args"]["cache_dir"] = args.cache_dir
+        runs = {"pruned_kd": ("kd", None), "random_kd": ("kd", shape), "pruned_sft": ("sft", None)}
+        for name, (mode, fresh) in runs.items():
+            student = train(starting_from(configs[mode], pruned, fresh), Path(tmp) / name)
             ppl[name] = held_out_perplexity(student, tokenizer)
     ratio = report["params_after"] / report["params_before"]
     print(
