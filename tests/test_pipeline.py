@@ -255,6 +255,14 @@ def test_a_prune_stage_chains_its_pruned_model_into_kd_from_its_teacher(tmp_path
     assert marker(out / "prune")["model"] == str(out / "prune" / "model")
 
 
+def test_a_prune_stage_without_a_model_is_refused(tmp_path):
+    prune = {"name": "p", "kind": "prune", "config": str(ROOT / "configs" / "prune.yaml")}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [prune]}))
+    with pytest.raises(PipelineError, match="stage p: no model to prune: give the stage 'model: PATH'"):
+        plan(read_pipeline(path))
+
+
 def test_stage_files_hold_what_they_say(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
