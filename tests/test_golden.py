@@ -20,7 +20,7 @@ with 1 or 2 torch threads and in either pytest-xdist worker. A first step at lr 
 loss twice, and GRPO/RLOO log 0.0 while every group's rewards are equal: both as the configs behave.
 Out of scope: ``configs/pipelines/*.yaml`` chain these stage configs (each covered here on its own),
 ``configs/overrides/`` and ``configs/strategy/`` are fragments to compose, and the configs in ``SKIPPED``
-cannot run on a CPU offline.
+cannot run on a CPU offline or are not fit configs.
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ RUNS: dict[str, list[str]] = {
 SKIPPED = {
     "examples/sft_qlora": "4-bit bitsandbytes weights need a CUDA GPU",
     "examples/kd_qwen_7b_to_1.5b": "downloads Qwen2.5-7B-Instruct and Qwen2.5-1.5B from the hub",
+    "prune": "the options of `python -m distill prune`, not a fit (tests/test_pipeline.py plans it)",
 }
 
 

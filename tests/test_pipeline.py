@@ -42,6 +42,7 @@ from tests.helpers import (
     TOKENIZER_DIR,
     clean_env,
     conversation,
+    kd_config,
     preference_pair,
     run,
     write_jsonl,
@@ -220,6 +221,48 @@ def test_stages_chain_through_exports_and_the_merge(finished):
         assert not torch.allclose(base(input_ids=ids).logits, got, atol=1e-4)
 
 
+def test_a_prune_stage_chains_its_pruned_model_into_kd_from_its_teacher(tmp_path, monkeypatch, teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    kd = kd_config(tmp_path, teacher_dir, n=8)
+    data = {"train_files": str(tmp_path / "train.jsonl"), "template": "mistral", "max_seq_length": 64}
+    prune = {"pruning": {"num_layers": 1, "keep_first_last": False, "intermediate_size": 32}, "data": data}
+    (tmp_path / "prune.yaml").write_text(yaml.safe_dump(prune))
+    stages = [
+        {"name": "prune", "kind": "prune", "config": str(tmp_path / "prune.yaml"), "model": str(teacher_dir)},
+        {
+            "name": "kd",
+            "config": str(kd),
+            "overrides": {"trainer.max_steps": 2, "trainer.val_check_interval": 2},
+        },
+    ]
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": stages}))
+    as_launched(monkeypatch)
+    code, _, _ = pipeline_main(["--config", str(pipeline)])
+    assert code == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "prune" / "model" / "importance.json").read_text())["layers"]["kept"] in (
+        [0],
+        [1],
+    )
+    kd_stage = yaml.safe_load((out / "kd" / "config.yaml").read_text())
+    assert kd_stage["model"]["init_args"]["model"] == str(out / "prune" / "model")
+    assert kd_stage["data"]["init_args"]["teachers"][0]["model"] == str(teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(out / "kd" / "model")
+    assert (student.config.num_hidden_layers, student.config.intermediate_size) == (1, 32)
+    assert json.loads((out / "kd" / "train_results.json").read_text())["global_step"] == 2
+    assert marker(out / "prune")["model"] == str(out / "prune" / "model")
+
+
+def test_a_prune_stage_without_a_model_is_refused(tmp_path):
+    prune = {"name": "p", "kind": "prune", "config": str(ROOT / "configs" / "prune.yaml")}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [prune]}))
+    with pytest.raises(PipelineError, match="stage p: no model to prune: give the stage 'model: PATH'"):
+        plan(read_pipeline(path))
+
+
 def test_stage_files_hold_what_they_say(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -349,6 +392,9 @@ def test_pipeline_file_errors_name_the_file_and_stage(tmp_path):
         r"stage a: \$\{stages.b...\} names no earlier stage",
     )
     refused([], "non-empty list under 'stages'")
+    refused([{"name": "a", "config": config, "kind": "train"}], "stage a: 'kind' must be one of fit, prune")
+    prune = {"name": "a", "config": str(ROOT / "configs" / "prune.yaml"), "kind": "prune"}
+    refused([{**prune, "reference_model": "x"}], "stage a: a prune stage has no reference_model")
 
 
 @pytest.mark.parametrize(
@@ -360,6 +406,9 @@ def test_every_pipeline_config_plans(path, monkeypatch):
     stages = plan(pipeline)
     assert [s.name for s in stages] == [s.name for s in pipeline.stages]
     for earlier, stage in itertools.pairwise(stages):
+        if stage.prunes:
+            assert stage.config["output"] == str(stage.export) and stage.config["model"]
+            continue
         if not earlier.trains_reward_model and stage.spec.model == "auto":
             assert stage.config["model"]["init_args"]["model"] == str(earlier.model)
         callbacks = {c["class_path"]: c.get("init_args") for c in stage.config["trainer"]["callbacks"]}

@@ -14,6 +14,7 @@ COMMANDS = {
     "tokenize": "distill.commands.pretokenize",
     "generate": "distill.commands.generate",
     "merge": "distill.commands.merge",
+    "prune": "distill.commands.prune",
     "cache": "distill.commands.cache",
     "pipeline": "distill.commands.pipeline",
 }

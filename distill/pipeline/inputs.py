@@ -45,7 +45,8 @@ def data_files(config: dict[str, Any]) -> list[Path]:
     """The local files the stage's data module reads: ``train_files``/``val_files`` (files, or every
     file below a directory), or a local ``dataset_name``'s files. Options ``fit`` would refuse count
     nothing here: the fit names what is wrong."""
-    options = (config.get("data") or {}).get("init_args") or {}
+    data = config.get("data") or {}
+    options = (data.get("init_args") or {}) if "class_path" in data else data  # a prune stage's: flat
     try:
         train, val = split_sources(
             options.get("train_files"),

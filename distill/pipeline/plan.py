@@ -1,5 +1,5 @@
 """Each stage's fit config, resolved as ``python -m distill fit --print_config`` resolves it, then pointed
-at the stage's directory and at the models earlier stages produce."""
+at the stage's directory and at the models earlier stages produce (a prune stage: ``prune``'s options)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from distill.pipeline.spec import PipelineError, PipelineSpec, StageSpec, substitute
 
@@ -52,8 +54,12 @@ class Stage:
         return self.dir / "merged"
 
     @property
+    def prunes(self) -> bool:
+        return self.spec.kind == "prune"
+
+    @property
     def lora(self) -> bool:
-        return self.config["model"]["init_args"].get("lora") is not None
+        return not self.prunes and self.config["model"]["init_args"].get("lora") is not None
 
     @property
     def model(self) -> Path:
@@ -66,7 +72,7 @@ class Stage:
 
     @property
     def trains_reward_model(self) -> bool:
-        return objective(self.config).get("class_path") == REWARD_OBJECTIVE
+        return not self.prunes and objective(self.config).get("class_path") == REWARD_OBJECTIVE
 
     @property
     def digest(self) -> str:
@@ -81,10 +87,16 @@ def plan(pipeline: PipelineSpec) -> list[Stage]:
     for spec in pipeline.stages:
         stage_dir = pipeline.stage_dir(spec.name)
         overrides = substitute(spec.overrides, outputs)
-        config = resolve_config(spec.config, overrides, f"pipeline {pipeline.path}, stage {spec.name}")
-        stage = Stage(spec=spec, dir=stage_dir, config=config)
-        point_at_stage_dir(config, stage)
-        chain_models(stage, stages, outputs)
+        where = f"pipeline {pipeline.path}, stage {spec.name}"
+        if spec.kind == "prune":
+            stage = Stage(
+                spec=spec, dir=stage_dir, config=resolve_prune_config(spec.config, overrides, where)
+            )
+            chain_pruned_model(stage, stages, outputs, where)
+        else:
+            stage = Stage(spec=spec, dir=stage_dir, config=resolve_config(spec.config, overrides, where))
+            point_at_stage_dir(stage.config, stage)
+            chain_models(stage, stages, outputs)
         stages.append(stage)
         outputs[spec.name] = {"model": str(stage.model), "dir": str(stage.dir), "export": str(stage.export)}
     return stages
@@ -103,9 +115,44 @@ def resolve_config(files: tuple[str, ...], overrides: dict[str, Any], where: str
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise PipelineError(f"{where}: its config does not parse (the error is printed above)") from None
-    import yaml
-
     return yaml.safe_load(printed.getvalue())
+
+
+def resolve_prune_config(files: tuple[str, ...], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """``python -m distill prune``'s options from the stage's files and overrides, every default filled
+    in (the calibration data too: its files count in the stage's key)."""
+    from distill.commands.prune import parser
+    from distill.prune.run import DEMO_DATA
+
+    prune = parser()
+    args = ["--model=", "--output="] + [arg for file in files for arg in ("--config", file)]
+    args += [f"--{key}={v if isinstance(v, str) else json.dumps(v)}" for key, v in overrides.items()]
+    try:
+        config = yaml.safe_load(prune.dump(prune.parse_args(args)))
+    except SystemExit:
+        raise PipelineError(
+            f"{where}: its prune config does not parse (the error is printed above)"
+        ) from None
+    config["data"] = config.get("data") or DEMO_DATA
+    return config
+
+
+def chain_pruned_model(
+    stage: Stage, earlier: list[Stage], outputs: dict[str, dict[str, str]], where: str
+) -> None:
+    """A prune stage's model: ``auto``, the latest earlier causal LM stage's output, else the config's."""
+    policies = [s for s in earlier if not s.trains_reward_model]
+    auto = str(policies[-1].model) if policies and "model" not in stage.spec.overrides else None
+    model = _choice(stage.spec.model, auto, outputs)
+    if model is not None:
+        stage.config["model"] = model
+    if not stage.config["model"]:
+        raise PipelineError(
+            f"{where}: no model to prune: give the stage 'model: PATH' (or ${{stages.NAME.model}}), or "
+            "'model:' in its config"
+        )
+    stage.inputs["model"] = stage.config["model"]
+    stage.config["output"] = str(stage.export)
 
 
 def point_at_stage_dir(config: dict[str, Any], stage: Stage) -> None:

@@ -125,7 +125,9 @@ class Runner:
             started = self.prepare(stage, key, fresh, launch)
         else:
             started = wait_for(stage.dir / STAGE_MARKER, key, elsewhere, launch=launch)
-        command = fit_command(stage, started.get("resume_from"))
+        if stage.prunes and self.rank != 0:  # one process prunes; the next stage's ranks load its model
+            return wait_for(stage.dir / "complete.json", key, elsewhere)
+        command = stage_command(stage, started.get("resume_from"))
         log(f"{stage.name}: {' '.join(command)}")
         code = run_child(command, env=stage_env(self.stages.index(stage)), stop_when=elsewhere)
         if code != 0:
@@ -153,6 +155,8 @@ class Runner:
             remove_stage_dir(stage)
         for stale in [stage.dir / "complete.json", *stage.dir.glob("failed*.json")]:
             stale.unlink(missing_ok=True)
+        if stage.prunes:  # what a killed prune wrote: prune refuses a directory not empty
+            shutil.rmtree(stage.export, ignore_errors=True)
         resume = str(stage.checkpoint) if stage.checkpoint.exists() else None
         if resume:
             log(f"{stage.name}: resuming from {resume}")
@@ -285,6 +289,12 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def stage_command(stage: Stage, resume_from: str | None) -> list[str]:
+    if stage.prunes:
+        return [sys.executable, "-m", "distill", "prune", "--config", str(stage.dir / "config.yaml")]
+    return fit_command(stage, resume_from)
+
+
 def fit_command(stage: Stage, resume_from: str | None) -> list[str]:
     command = [sys.executable, "-m", "distill", "fit", "--config", str(stage.dir / "config.yaml")]
     return command + (["--ckpt_path", resume_from] if resume_from else [])
@@ -373,5 +383,5 @@ def describe(stages: list[Stage], selected: set[str], hashes: ContentHashes) -> 
         lines.append(
             f"   output: {stage.model}" + (f" (adapter {stage.export}, merged)" if stage.lora else "")
         )
-        lines.append(f"   run: python {' '.join(fit_command(stage, None)[1:])}")
+        lines.append(f"   run: python {' '.join(stage_command(stage, None)[1:])}")
     return "\n".join(lines), refusals

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-STAGE_KEYS = {"name", "config", "overrides", "model", "reference_model", "reward_model"}
+STAGE_KEYS = {"name", "kind", "config", "overrides", "model", "reference_model", "reward_model"}
+KINDS = ("fit", "prune")
 REFERENCE = re.compile(r"\$\{stages\.([A-Za-z0-9_-]+)\.(model|dir|export)\}")
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -25,7 +26,7 @@ class StageSpec:
 
     name: str
     config: tuple[str, ...]
-    """Fit config files, composed left to right (paths as on the command line)."""
+    """Config files, composed left to right (paths as on the command line): a fit's, or ``prune``'s."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted config keys and values, as ``--key value`` flags after the configs."""
     model: str = "auto"
@@ -35,6 +36,9 @@ class StageSpec:
     """``auto``: the stage's starting model, where its objective has a reference; ``keep`` or a path."""
     reward_model: str = "auto"
     """``auto``: the latest earlier reward-model stage's output for every ``distill.rewards.ModelReward``."""
+    kind: str = "fit"
+    """``fit``: ``python -m distill fit``; ``prune``: ``python -m distill prune`` (docs/prune.md) of
+    ``model``, its export the pruned model."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,12 @@ def _read_stage(path: Path, index: int, entry: Any) -> StageSpec:
     for key, value in chained.items():
         if not isinstance(value, str):
             raise PipelineError(f"{where}: '{key}' must be auto, keep or a path (got {value!r})")
-    return StageSpec(name=name, config=tuple(configs), overrides=dict(overrides), **chained)
+    kind = entry.get("kind", "fit")
+    if kind not in KINDS:
+        raise PipelineError(f"{where}: 'kind' must be one of {', '.join(KINDS)} (got {kind!r})")
+    if kind == "prune" and {chained["reference_model"], chained["reward_model"]} != {"auto"}:
+        raise PipelineError(f"{where}: a prune stage has no reference_model or reward_model")
+    return StageSpec(name=name, config=tuple(configs), overrides=dict(overrides), kind=kind, **chained)
 
 
 def references(stage: StageSpec) -> set[str]:

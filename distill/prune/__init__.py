@@ -1,0 +1,1 @@
+"""Structured pruning of a causal LM (depth and width, Minitron style): docs/prune.md."""
