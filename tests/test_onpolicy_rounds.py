@@ -24,7 +24,7 @@ from distill.data.encoding import encode_record, truncate
 from distill.data.formats import Record
 from distill.data.templates import resolve_template
 from distill.rollout import Sampling
-from distill.rollout.rounds import Rounds, RoundSamples
+from distill.rollout.rounds import Rounds
 from distill.teacher.datamodule import KDDataModule
 from distill.teacher.module import Teacher
 from tests.helpers import (
@@ -151,8 +151,9 @@ def _sample_a_round_on_two_ranks(rank: int, directory, teacher, port: int) -> No
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
     )
     rounds = Rounds(
-        1, 4, num_generations=2, sampling=Sampling(5), max_prompt_length=64, generation_batch_size=1
-    )
+        1, 4, num_generations=2, sampling=Sampling(5), max_prompt_length=64, generation_batch_size=1,
+        directory=str(directory / "rounds"),
+    )  # fmt: skip
     data = KDDataModule(
         [Teacher(model=str(teacher))],
         train_files=str(prompt_file(directory)),
@@ -161,13 +162,12 @@ def _sample_a_round_on_two_ranks(rank: int, directory, teacher, port: int) -> No
         max_seq_length=160,
         rounds=rounds,
     )
-    data.resolve_chat_template()
+    data.rounds.load_state_dict({"rounds_run": "killed"})  # a resumed fit's run
+    data.rounds.read_prompts()
     torch.manual_seed(0)
     config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(data.tokenizer))
     policy = AutoModelForCausalLM.from_config(config)
-    sample = partial(
-        RoundSamples(rounds, data).samples, directory / "rounds", 0, policy, rank=rank, world_size=2, step=0
-    )
+    sample = partial(data.rounds.samples, 0, policy, rank=rank, world_size=2, step=0)
     if rank == 0:  # its file was complete when the fit was killed; rank 1's had not begun
         sample(synced=False)
     # sharded: every forward is a collective, and transformers' synced generate all-reduces every token
@@ -192,7 +192,8 @@ def test_sharded_ranks_sample_a_round_in_step_when_one_has_nothing_left(tmp_path
             for process in ranks.processes:
                 process.kill()
             pytest.fail("the two ranks did not finish sampling the round: a rank hung in a generate call")
-    lines = [(tmp_path / "rounds" / "round-00000" / f"rank{r:03d}.jsonl").read_text() for r in (0, 1)]
+    directory = tmp_path / "rounds" / "run-killed" / "round-00000"
+    lines = [(directory / f"rank{r:03d}.jsonl").read_text() for r in (0, 1)]
     assert [text.count("\n") for text in lines] == [4, 4]
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 import random
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -43,20 +44,25 @@ from distill.rollout.engine import Sampling
 from distill.rollout.generate import check_settings, completed_prompts, read_completions, write_completions
 
 if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
+
     from distill.cache.reader import CacheReader
-    from distill.data.datamodule import DataModule
+    from distill.teacher.collector import Collector
     from distill.teacher.targets import TeacherTargets
 
-SampleRound = Callable[[int, nn.Module, bool], list[Encoded]]
-"""(round index, policy, synced) -> this rank's samples of the round (``RoundSamples.samples`` bound to
-the fit's directory, rank and step)."""
+PROMPT_OPTIONS = (
+    "train_files", "dataset_name", "dataset_config", "dataset_revision", "split", "tokenizer", "template",
+    "end_of_turn", "stop_tokens", "add_eot_to_stop_tokens",
+)  # fmt: skip
+"""The data module's options that say where the rounds' prompts are and how they are rendered."""
 
 
 @dataclass
 class Rounds:
     """What each round samples: ``prompts_per_round`` prompts of the data module's ``train_files`` (prompt
     records: ``question``, ``messages`` or ``prompt``, as RL reads them; or SFT records with
-    ``responses``), ``num_generations`` completions each."""
+    ``responses``), ``num_generations`` completions each. ``max_prompt_length`` and ``responses`` read
+    the prompts as ``PromptDataModule``'s options of those names do."""
 
     num_rounds: int
     """Rounds per epoch."""
@@ -69,12 +75,9 @@ class Rounds:
     generation_batch_size: int = 16
     """Prompts per ``generate`` call."""
     max_prompt_length: int = 512
-    """Longer prompts are dropped and counted."""
     seed: int = 0
     """Seed of the rounds' prompt order and of the sampling."""
     responses: bool = False
-    """``train_files`` are SFT records (any format): each one's last turn, an answer, is left out and
-    the turns before it are the prompt the student answers."""
     directory: str | None = None
     """Where the rounds' completions are written (default: ``<cache_dir>/rounds``)."""
 
@@ -86,110 +89,147 @@ class Rounds:
             )
 
 
-class RoundSamples:
-    """A round's prompts, its completions (sampled, or read back), and those as training samples."""
+class OnPolicyRounds:
+    """A KD fit's on-policy rounds in one place (``KDDataModule`` composes it): the fit's run name and
+    directory, the rounds' prompts, the check that a round fits the disk budget, each round's sampling
+    and batches (``stream``), and the checkpointed state a resumed fit reads its rounds back by."""
 
-    def __init__(self, rounds: Rounds, data: DataModule) -> None:
-        self.rounds = rounds
-        self.data = data
+    def __init__(
+        self,
+        options: Rounds,
+        targets: TeacherTargets,
+        cache_dir: str,
+        max_seq_length: int,
+        data_options: dict[str, Any],
+    ) -> None:
+        """``data_options``: what the data module was given, of which the rounds read ``PROMPT_OPTIONS``."""
+        if data_options.get("packing") or data_options.get("val_fraction"):
+            raise ValueError(
+                "data.rounds trains on each round's completions as they come: no packing, and validation "
+                "from data.val_files (SFT records), not val_fraction of the prompts"
+            )
+        self.options = options
+        self.targets = targets
+        self.max_seq_length = max_seq_length
+        self.prompt_options = {k: v for k, v in data_options.items() if k in PROMPT_OPTIONS}
+        self.base = Path(options.directory or Path(cache_dir) / "rounds")
+        self.run: str | None = None  # names this fit's rounds; checkpointed, so a resume keeps it
+        self.prompts: PromptDataModule | None = None
+
+    def setup(self, collector: Collector, strategy: Strategy | None, world_size: int) -> None:
+        """Read the prompts, name this fit's run (rank 0's name on every rank) and check that one
+        round's targets fit the disk budget."""
+        self.read_prompts()
+        run = uuid.uuid4().hex[:12]
+        self.run = strategy.broadcast(run) if strategy is not None else run
+        collector.check_round_fits(self.per_rank(world_size) * (self.options.sampling.max_new_tokens + 1))
+        rank_zero_info(
+            f"[distill] on-policy rounds: {self.options.num_rounds} per epoch, "
+            f"{self.options.prompts_per_round} prompts x {self.options.num_generations} completions each, "
+            f"written under {self.base}"
+        )
+
+    def read_prompts(self) -> None:
+        """Read and encode the prompts; refuse rounds they cannot fill or completions too long to train."""
+        options = self.options
         self.prompts = PromptDataModule(
-            data.train_files,
-            dataset_name=data.dataset_name,
-            dataset_config=data.dataset_config,
-            dataset_revision=data.dataset_revision,
-            split=data.split,
-            tokenizer=data.tokenizer_name,
-            template=data.template_name,
-            end_of_turn=data.end_of_turn,
-            stop_tokens=data.stop_tokens,
-            add_eot_to_stop_tokens=data.add_eot_to_stop_tokens,
-            max_prompt_length=rounds.max_prompt_length,
-            responses=rounds.responses,
-            max_response_length=data.max_seq_length,  # unused: the student answers
-            batch_size=rounds.generation_batch_size,
-            seed=rounds.seed,
+            **self.prompt_options,
+            max_prompt_length=options.max_prompt_length,
+            responses=options.responses,
+            max_response_length=self.max_seq_length,  # drops what SFT could not train on whole
         )
         self.prompts.setup("fit")
         pool = len(self.prompts.train)
-        if rounds.prompts_per_round > pool:
+        if options.prompts_per_round > pool:
             raise ValueError(
-                f"data.rounds.prompts_per_round is {rounds.prompts_per_round}, but data.train_files hold "
+                f"data.rounds.prompts_per_round is {options.prompts_per_round}, but data.train_files hold "
                 f"{pool} usable prompts: a round samples each prompt once at most"
             )
-        longest = rounds.max_prompt_length + rounds.sampling.max_new_tokens
-        if longest >= data.max_seq_length:
+        longest = options.max_prompt_length + options.sampling.max_new_tokens
+        if longest >= self.max_seq_length:
             raise ValueError(
-                f"data.rounds: a prompt of max_prompt_length {rounds.max_prompt_length} tokens and "
-                f"{rounds.sampling.max_new_tokens} new ones need max_seq_length > {longest} (now "
-                f"{data.max_seq_length}); every completion must stay trainable"
+                f"data.rounds: a prompt of max_prompt_length {options.max_prompt_length} tokens and "
+                f"{options.sampling.max_new_tokens} new ones need max_seq_length > {longest} (now "
+                f"{self.max_seq_length}); every completion must stay trainable"
             )
+
+    @property
+    def directory(self) -> Path:
+        """Where this fit's rounds are written: a new fit's own directory, a resumed fit's earlier one."""
+        return self.base / f"run-{self.run}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds_run": self.run}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed fit reads back the rounds its first part sampled (Lightning restores this after
+        ``setup``, before the first batch)."""
+        if state.get("rounds_run"):
+            self.run = state["rounds_run"]
 
     def per_rank(self, world_size: int) -> int:
         """Samples one rank trains on per round (all ranks the same: DDP needs equal steps)."""
-        return self.rounds.prompts_per_round // world_size * self.rounds.num_generations
+        return self.options.prompts_per_round // world_size * self.options.num_generations
 
     def round_prompts(self, index: int, rank: int, world_size: int) -> list[EncodedPrompt]:
         """This rank's prompts of round ``index``: rounds take consecutive slices of the prompts in an
         order shuffled per pass over them (a pass holds as many whole rounds as fit)."""
-        pool, take = self.prompts.train, self.rounds.prompts_per_round // world_size * world_size
-        rounds_per_pass = len(pool) // self.rounds.prompts_per_round
+        per_round = self.options.prompts_per_round
+        pool, take = self.prompts.train, per_round // world_size * world_size
+        rounds_per_pass = len(pool) // per_round
         order = list(range(len(pool)))
-        random.Random(f"rounds:{self.rounds.seed}:{index // rounds_per_pass}").shuffle(order)
-        start = index % rounds_per_pass * self.rounds.prompts_per_round
+        random.Random(f"rounds:{self.options.seed}:{index // rounds_per_pass}").shuffle(order)
+        start = index % rounds_per_pass * per_round
         return [pool[i] for i in order[start : start + take]][rank::world_size]
 
     def samples(
-        self,
-        directory: Path,
-        index: int,
-        policy: nn.Module,
-        *,
-        rank: int,
-        world_size: int,
-        synced: bool,
-        step: int,
+        self, index: int, policy: nn.Module, *, rank: int, world_size: int, synced: bool, step: int
     ) -> list[Encoded]:
-        """Round ``index``'s training samples: its completions sampled by ``policy`` (trained ``step``
-        steps) where its file in ``directory`` lacks them, then read back in prompt order and encoded
-        as SFT encodes them."""
-        rounds, prompts = self.rounds, self.round_prompts(index, rank, world_size)
-        path = directory / f"round-{index:05d}" / f"rank{rank:03d}.jsonl"
+        """Round ``index``'s training samples of this rank: its completions sampled by ``policy`` (trained
+        ``step`` steps; ``synced``: its weights are sharded, every rank samples at once) where its file
+        lacks them, then read back in prompt order and encoded as SFT encodes them."""
+        options, prompts = self.options, self.round_prompts(index, rank, world_size)
+        path = self.directory / f"round-{index:05d}" / f"rank{rank:03d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         settings = {
             "round": index,
             "prompts": [p.sha for p in prompts],
-            "num_generations": rounds.num_generations,
-            "sampling": asdict(rounds.sampling),
-            "seed": rounds.seed,
+            "num_generations": options.num_generations,
+            "sampling": asdict(options.sampling),
+            "seed": options.seed,
         }
         check_settings(path, settings)
-        done = completed_prompts(path, rounds.num_generations)
+        done = completed_prompts(path, options.num_generations)
         pending = [p for p in prompts if p.sha not in done]
         if pending or synced:  # synced: a rank with nothing left still joins the others' generate calls
             write_completions(
-                path, policy, self.prompts, pending, rounds.sampling, rounds.num_generations,
-                rounds.generation_batch_size, (rounds.seed, "round", index), synced=synced,
+                path, policy, self.prompts, pending, options.sampling, options.num_generations,
+                options.generation_batch_size, (options.seed, "round", index), synced=synced,
             )  # fmt: skip
         lines = read_completions(path)
-        data = self.data
+        tokenizer, template = self.prompts.tokenizer, self.prompts.resolve_chat_template()
         samples, stopped = [], 0
         for prompt in prompts:
-            for sample in range(rounds.num_generations):
+            for sample in range(options.num_generations):
                 line, number = lines[(prompt.sha, sample)]
                 record = Record(source=f"{path}:{number}", messages=tuple(line["messages"]))
-                encoded = encode_record(record, data.tokenizer, data.chat_template, True)
-                samples.append(truncate(encoded, data.max_seq_length, "right"))
+                encoded = encode_record(record, tokenizer, template, True)
+                samples.append(truncate(encoded, self.max_seq_length, "right"))
                 stopped += line["stopped"]
         trainable = [s.num_trainable for s in samples]
         if not all(trainable):
             raise ValueError(f"{samples[trainable.index(0)].source}: a completion without a trainable token")
+        sampled = len(pending) * options.num_generations
         rank_zero_info(
             f"[distill] round {index}: {len(samples)} completions of {len(prompts)} prompts on rank {rank} "
-            f"(sampled at step {step}: {len(pending) * rounds.num_generations}, read back from {path}: "
-            f"{len(samples) - len(pending) * rounds.num_generations}), "
+            f"(sampled at step {step}: {sampled}, read back from {path}: {len(samples) - sampled}), "
             f"{stopped / len(samples):.0%} stopped, {sum(trainable) / len(samples):.1f} tokens trained each"
         )
         return samples
+
+    def stream(self, batch_size: int, rank: int, world_size: int, step: Callable[[], int]) -> RoundStream:
+        """One epoch of rounds as this rank's KD batches (``step``: the fit's global step, logged)."""
+        return RoundStream(self, batch_size, rank, world_size, step)
 
 
 class RoundChunk:
@@ -199,7 +239,12 @@ class RoundChunk:
     (as RL objectives sample in ``prepare``), and after the previous round's last optimizer step."""
 
     def __init__(
-        self, targets: TeacherTargets, sample: SampleRound, batch_size: int, index: int, seed: int
+        self,
+        targets: TeacherTargets,
+        sample: Callable[[int, nn.Module, bool], list[Encoded]],
+        batch_size: int,
+        index: int,
+        seed: int,
     ) -> None:
         self.targets = targets
         self.sample = sample
@@ -231,29 +276,27 @@ class RoundStream(ResumableStream):
     on, purged. A round trained before a resume is passed over without sampling or collecting."""
 
     def __init__(
-        self,
-        targets: TeacherTargets,
-        rounds: RoundSamples,
-        sample: SampleRound,
-        batch_size: int,
-        rank: int,
-        world_size: int,
+        self, rounds: OnPolicyRounds, batch_size: int, rank: int, world_size: int, step: Callable[[], int]
     ) -> None:
         super().__init__(batch_size, rank, world_size)
-        self.targets = targets
         self.rounds = rounds
-        self.sample = sample
+        self.step = step
 
     def parts(self, epoch: int) -> list[Part]:
         per_round = math.ceil(self.rounds.per_rank(self.world_size) / self.batch_size)
-        num_rounds = self.rounds.rounds.num_rounds
+        num_rounds = self.rounds.options.num_rounds
         return [Part(per_round, partial(self.round, epoch * num_rounds + r)) for r in range(num_rounds)]
+
+    def sample(self, index: int, policy: nn.Module, synced: bool) -> list[Encoded]:
+        return self.rounds.samples(
+            index, policy, rank=self.rank, world_size=self.world_size, synced=synced, step=self.step()
+        )
 
     @contextmanager
     def round(self, index: int) -> Iterator[Callable[[int], UnbuiltBatch]]:
         """Round ``index``'s batches, ``UnbuiltBatch``es (the round is sampled at the first built); its
         targets are purged when they are done."""
-        chunk = RoundChunk(self.targets, self.sample, self.batch_size, index, self.rounds.rounds.seed)
+        chunk = RoundChunk(self.rounds.targets, self.sample, self.batch_size, index, self.rounds.options.seed)
         try:
             yield lambda number: UnbuiltBatch(partial(chunk.batch, number))
         finally:

@@ -5,23 +5,18 @@ drives both); with ``rounds``, each chunk is a round the student samples (``dist
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.data.batching import pack
 from distill.data.datamodule import DataModule
-from distill.data.encoding import Encoded
 from distill.data.facts import DataFacts
 from distill.data.resume import ResumableLoader
 from distill.ranges import require
-from distill.rollout.rounds import Rounds, RoundSamples, RoundStream
+from distill.rollout.rounds import OnPolicyRounds, Rounds
 from distill.teacher.collect import cache_spec, check_vocabularies, label_policy
 from distill.teacher.collector import Collector
 from distill.teacher.module import Teacher, TeacherModule
@@ -85,15 +80,7 @@ class KDDataModule(DataModule):
                 "data.cache_size_gb must be a positive disk budget in GB, or null for no limit; "
                 f"got {cache_size_gb}"
             )
-        if rounds is not None and (kwargs.get("packing") or kwargs.get("val_fraction")):
-            raise ValueError(
-                "data.rounds trains on each round's completions as they come: no packing, and validation "
-                "from data.val_files (SFT records), not val_fraction of the prompts"
-            )
         super().__init__(**kwargs)
-        self.rounds = rounds
-        self._round_samples: RoundSamples | None = None
-        self.rounds_run: str | None = None  # names this fit's rounds; checkpointed, so a resume keeps it
         self.teacher = TeacherModule(teachers, sparsity, tokenizer=self.tokenizer_name)
         self.targets = TeacherTargets(
             self.teacher,
@@ -105,7 +92,11 @@ class KDDataModule(DataModule):
         )
         self.collector = Collector(self.targets, cache_size_gb, chunk_samples, self.seed)
         self.value_bits = value_bits
-        self.cache_dir = Path(cache_dir)
+        self.rounds = (
+            None
+            if rounds is None
+            else OnPolicyRounds(rounds, self.targets, cache_dir, self.max_seq_length, kwargs)
+        )
         self._ready = False
 
     @property
@@ -146,7 +137,8 @@ class KDDataModule(DataModule):
             )
         )
         if self.rounds is not None:
-            self.setup_rounds()
+            strategy = self.trainer.strategy if self.trainer else None
+            self.rounds.setup(self.collector, strategy, self._world_size)
         self._ready = True
 
     def collection(self) -> Collection:
@@ -155,41 +147,12 @@ class KDDataModule(DataModule):
         device = strategy.root_device if strategy is not None else torch.device("cpu")
         return Collection(self.collator, self.chat_template, device, self._rank, self._world_size, strategy)
 
-    def setup_rounds(self) -> None:
-        """Read the rounds' prompts and check that one round's targets fit the disk budget."""
-        self._round_samples = RoundSamples(self.rounds, self)
-        run = uuid.uuid4().hex[:12]
-        self.rounds_run = self.trainer.strategy.broadcast(run) if self.trainer else run
-        positions = self._round_samples.per_rank(self._world_size) * (self.rounds.sampling.max_new_tokens + 1)
-        self.collector.check_round_fits(positions)
-        rank_zero_info(
-            f"[distill] on-policy rounds: {self.rounds.num_rounds} per epoch, "
-            f"{self.rounds.prompts_per_round} prompts x {self.rounds.num_generations} completions each, "
-            f"written under {self.rounds_directory.parent}"
-        )
-
-    @property
-    def rounds_directory(self) -> Path:
-        """Where this fit's rounds are written: a new fit's own directory, a resumed fit's earlier one."""
-        base = Path(self.rounds.directory) if self.rounds.directory else self.cache_dir / "rounds"
-        return base / f"run-{self.rounds_run}"
-
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds_run": self.rounds_run} if self.rounds is not None else {}
+        return self.rounds.state_dict() if self.rounds is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A resumed fit reads back the rounds its first part sampled (Lightning restores this after
-        ``setup``, before the first batch)."""
-        if self.rounds is not None and state.get("rounds_run"):
-            self.rounds_run = state["rounds_run"]
-
-    def round_samples(self, index: int, policy: nn.Module, synced: bool) -> list[Encoded]:
-        """Round ``index``'s samples of this rank, sampled by ``policy``, the student being trained
-        (``synced``: its weights are sharded, every rank samples at once)."""
-        return self._round_samples.samples(
-            self.rounds_directory, index, policy,
-            rank=self._rank, world_size=self._world_size, synced=synced, step=self.trainer.global_step,
-        )  # fmt: skip
+        if self.rounds is not None:
+            self.rounds.load_state_dict(state)
 
     def teardown(self, stage: str) -> None:
         self.targets.close()
@@ -202,9 +165,7 @@ class KDDataModule(DataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank, self._world_size
         if self.rounds is not None:  # batches the student builds at its training step: sampled rounds
-            stream = RoundStream(
-                self.targets, self._round_samples, self.round_samples, self.batch_size, rank, world
-            )
+            stream = self.rounds.stream(self.batch_size, rank, world, lambda: self.trainer.global_step)
         else:
             stream = self.collector.stream(self.batch_size, rank, world)
         # collection (and sampling) runs on the accelerator, in the main process: no workers then
