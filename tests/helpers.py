@@ -296,19 +296,51 @@ _FORKS = multiprocessing.get_context("forkserver")
 _FORKS.set_forkserver_preload(["distill.cli", "tests.helpers", "tests.probes"])
 
 
+def start_script(source: str, args: list[str], env: dict[str, str], stderr: Path | str) -> BaseProcess:
+    """``python -c SOURCE ARGS`` started as ``start`` starts a fit: forked from the server, so a script
+    that imports distill's modules does not pay their seconds of imports."""
+    process = _FORKS.Process(target=_script_main, args=(source, args, env, str(stderr)))
+    process.start()
+    return process
+
+
 def _distill_main(args: list[str], env: dict[str, str], stdout: str, stderr: str) -> None:
     """The body of a forked ``python -m distill``: its environment, output files, and exit."""
+    _as_process(
+        ["distill", *args],
+        env,
+        stdout,
+        stderr,
+        lambda: runpy.run_module("distill", run_name="__main__", alter_sys=True),
+    )
+
+
+def _script_main(source: str, args: list[str], env: dict[str, str], stderr: str) -> None:
+    """The body of a forked ``python -c SOURCE ARGS``."""
+    _as_process(
+        ["-c", *args],
+        env,
+        os.devnull,
+        stderr,
+        lambda: exec(compile(source, "<string>", "exec"), {"__name__": "__main__"}),
+    )
+
+
+def _as_process(
+    argv: list[str], env: dict[str, str], stdout: str, stderr: str, body: Callable[[], object]
+) -> None:
+    """Run ``body`` as a fresh process would: its environment, argv, output files, and exit status."""
     os.chdir(ROOT)
     os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.stdin = open(os.devnull)  # noqa: SIM115 -- the process's stdin until it exits
-    sys.argv = ["distill", *args]
+    sys.argv = argv
     multiprocessing.set_start_method(None, force=True)  # the server's method is not the fit's default
     code = 0
     try:
-        runpy.run_module("distill", run_name="__main__", alter_sys=True)
+        body()
     except SystemExit as stop:
         if isinstance(stop.code, int) or stop.code is None:
             code = stop.code or 0

@@ -51,6 +51,18 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillAtPredictBatch(L.Callback):
+    """SIGKILLs the process when prediction batch ``batch`` starts (a collection killed midway: the
+    batches before it committed, if the writer commits every batch)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx, *args) -> None:
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class TermAt(L.Callback):
     """Sends ``signal_name`` to the process when a training batch starts at ``step``, as a scheduler
     pre-empting the job would (SIGTERM; SLURM's ``--signal=USR1@90`` sends SIGUSR1); with ``rank``, only

@@ -70,18 +70,43 @@ def test_positions_that_do_not_match_the_data_are_an_error():
         )
 
 
-def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, kd_teacher_dir, caplog, capsys):
-    config = kd_config(tmp_path, kd_teacher_dir)
+def second_teacher(tmp_path: Path, teacher_dir: Path) -> Path:
+    """``teacher_dir``'s model with its head perturbed (another teacher of the same vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    second = tmp_path / "second"
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight) * 0.05)
+    model.save_pretrained(second)
+    for file in teacher_dir.glob("tokenizer*"):
+        (second / file.name).write_bytes(file.read_bytes())
+    return second
+
+
+def test_fit_collects_two_teachers_in_turn_then_trains_and_a_second_fit_reuses_the_cache(
+    tmp_path, kd_teacher_dir, caplog, capsys
+):
+    config = yaml.safe_load(kd_config(tmp_path, kd_teacher_dir).read_text())
+    config["data"]["init_args"]["teachers"].append(
+        {"model": str(second_teacher(tmp_path, kd_teacher_dir)), "name": "t2"}
+    )
+    config["model"]["init_args"]["objective"]["init_args"]["teacher_weights"] = [0.75, 0.25]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config))
     with caplog.at_level(logging.INFO):
-        main(["fit", "--config", str(config)])
-    assert "collect {t1: 24}" in caplog.text and "collect {t1: 6}" in caplog.text
+        main(["fit", "--config", str(path)])
+    assert "collect {t1: 24, t2: 24}" in caplog.text and "collect {t1: 6, t2: 6}" in caplog.text
     for name in ("train/loss", "train/ce", "val/kd", "val/agree", "val/ppl"):
         assert logged_values(tmp_path, name), name
     assert len(logged_values(tmp_path, "train/kd")) == 6 and min(logged_values(tmp_path, "train/kd")) > 0
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
-    assert "keep 24, collect {t1: 0}" in caplog.text and "keep 6, collect {t1: 0}" in caplog.text
+        main(["fit", "--config", str(path), "--trainer.max_steps", "2"])
+    assert (
+        "keep 24, collect {t1: 0, t2: 0}" in caplog.text and "keep 6, collect {t1: 0, t2: 0}" in caplog.text
+    )
 
     capsys.readouterr()
     main(["cache", "stats", str(tmp_path / "cache" / "train")])
@@ -94,11 +119,46 @@ def test_fit_collects_then_trains_and_a_second_fit_reuses_the_cache(tmp_path, kd
     main(["cache", "stats", str(tmp_path / "cache" / "train"), "--json"])
     stats = json.loads(capsys.readouterr().out)
     assert stats["settings"]["vocab_size"] == 32000 and 0 < stats["kl_stored_vs_exact"] < 1e-2
+    assert set(stats["teachers"]) == {"t1", "t2"}
+    assert all(t["samples"] == 24 for t in stats["teachers"].values())
     assert set(stats["teachers"]["t1"]["identity"]) == {"name", "weights_sha"}  # no path: a teacher may move
 
 
-def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, kd_teacher_dir):
-    """Alignment: targets from the cache (collected unpacked) equal the teacher run on the packed batch."""
+def test_a_collected_kd_data_module_plans_streams_resumes_and_aligns(tmp_path, kd_teacher_dir):
+    """One collection read by the checks of the collected data: the epoch plans, a resumed stream, the
+    online teacher's loss, and (packed rows over the same cache) the targets' alignment."""
+    from distill.teacher.module import Teacher
+
+    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
+    data, student = cli.datamodule, cli.model
+    data.setup("fit")
+
+    # epoch plans are shuffled deterministically and cover every sample
+    first, again, second = data.collector.plan(0), data.collector.plan(0), data.collector.plan(1)
+    assert first == again and first != second
+    assert sorted(i for c in first for i in c) == list(range(24)) == sorted(i for c in second for i in c)
+    assert all(len(c) <= 8 for c in first)
+
+    # a resumed stream continues at the same batch
+    loader = data.train_dataloader()
+    loader.progress = lambda: (0, 0)
+    full = [b.input_ids for b in loader]
+    loader.load_state_dict({"epoch": 0, "batches": 4})
+    resumed = [b.input_ids for b in loader]
+    assert len(full) == len(loader) and len(resumed) == len(full) - 4
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
+
+    # online KD gives the cached loss
+    student.configure_model()
+    batch = next(iter(data.train_dataloader()))
+    cached, _ = student.compute_loss(batch)
+    online = Distillation(alpha=0.5, online=[Teacher(model=str(kd_teacher_dir), name="t1")], online_k=8)
+    online.setup(student.objective_context())
+    student.objective = online
+    live, _ = student.compute_loss(replace(batch, targets=None))
+    torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)
+
+    # alignment: targets from the cache (collected unpacked) equal the teacher run on the packed batch
     cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir, packing=True))], run=False)
     data = cli.datamodule
     data.setup("fit")
@@ -110,29 +170,6 @@ def test_cached_targets_equal_the_teacher_on_the_packed_student_batch(tmp_path, 
     assert torch.equal(cached.ids, online.ids)
     torch.testing.assert_close(cached.lse, online.lse, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cached.logits, online.logits, atol=0.05, rtol=0.02)  # quantised values
-
-
-def test_epoch_plans_are_shuffled_deterministically_and_cover_every_sample(tmp_path, kd_teacher_dir):
-    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
-    data = cli.datamodule
-    data.setup("fit")
-    first, again, second = data.collector.plan(0), data.collector.plan(0), data.collector.plan(1)
-    assert first == again and first != second
-    assert sorted(i for c in first for i in c) == list(range(24)) == sorted(i for c in second for i in c)
-    assert all(len(c) <= 8 for c in first)
-
-
-def test_resumed_stream_continues_at_the_same_batch(tmp_path, kd_teacher_dir):
-    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
-    data = cli.datamodule
-    data.setup("fit")
-    loader = data.train_dataloader()
-    loader.progress = lambda: (0, 0)
-    full = [b.input_ids for b in loader]
-    loader.load_state_dict({"epoch": 0, "batches": 4})
-    resumed = [b.input_ids for b in loader]
-    assert len(full) == len(loader) and len(resumed) == len(full) - 4
-    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
 
 
 def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(tmp_path, kd_teacher_dir):
@@ -155,9 +192,9 @@ def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(
                 "--config",
                 str(config),
                 "--trainer.max_steps",
-                "40",
+                "16",
                 "--trainer.val_check_interval",
-                "20",
+                "8",
             ]
         )
     finally:
@@ -167,54 +204,7 @@ def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(
     assert len(sizes) >= 3, sizes
     assert max(sizes) <= budget_gb * 1e9, sizes
     assert not list((tmp_path / "cache" / "train-chunks").rglob("*.h5"))  # purged
-    assert len(logged_values(tmp_path, "train/kd")) == 40
-
-
-def test_online_kd_gives_the_cached_loss(tmp_path, kd_teacher_dir):
-    from distill.objectives.kd import Distillation
-    from distill.teacher.module import Teacher
-
-    cli = run_cli(["--config", str(kd_config(tmp_path, kd_teacher_dir))], run=False)
-    data, student = cli.datamodule, cli.model
-    data.setup("fit")
-    student.configure_model()
-    batch = next(iter(data.train_dataloader()))
-    cached, _ = student.compute_loss(batch)
-    online = Distillation(alpha=0.5, online=[Teacher(model=str(kd_teacher_dir), name="t1")], online_k=8)
-    online.setup(student.objective_context())
-    student.objective = online
-    live, _ = student.compute_loss(replace(batch, targets=None))
-    torch.testing.assert_close(live.loss_sum, cached.loss_sum, rtol=2e-3, atol=1e-3)
-
-
-def test_two_teachers_are_collected_in_turn_and_mixed_at_training_time(tmp_path, kd_teacher_dir, caplog):
-    from transformers import AutoModelForCausalLM
-
-    second = tmp_path / "second"
-    model = AutoModelForCausalLM.from_pretrained(kd_teacher_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight) * 0.05)
-    model.save_pretrained(second)
-    for file in kd_teacher_dir.glob("tokenizer*"):
-        (second / file.name).write_bytes(file.read_bytes())
-    config = yaml.safe_load(kd_config(tmp_path, kd_teacher_dir).read_text())
-    config["data"]["init_args"]["teachers"].append({"model": str(second), "name": "t2"})
-    config["model"]["init_args"]["objective"]["init_args"]["teacher_weights"] = [0.75, 0.25]
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with caplog.at_level(logging.INFO):
-        main(["fit", "--config", str(path), "--trainer.max_steps", "2"])
-    assert "collect {t1: 24, t2: 24}" in caplog.text
-    stats = json.loads(_stats_json(tmp_path / "cache" / "train"))
-    assert set(stats["teachers"]) == {"t1", "t2"}
-    assert all(t["samples"] == 24 for t in stats["teachers"].values())
-
-
-def _stats_json(path: Path) -> str:
-    from distill.cache.stats import describe
-
-    return json.dumps(describe(path))
+    assert len(logged_values(tmp_path, "train/kd")) == 16
 
 
 def test_sampled_cache_needs_the_sampled_loss():

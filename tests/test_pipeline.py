@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,6 +44,7 @@ from tests.helpers import (
     kd_config,
     preference_pair,
     run,
+    start_script,
     write_jsonl,
 )
 
@@ -689,18 +689,11 @@ def test_a_dry_run_reports_a_directory_the_pipeline_would_refuse(tmp_path, monke
 # runs stage ``a`` (``fake_stage``) with a fit that runs ``sys.argv[2]``; a LoRA stage whose merge fails
 # with ``sys.argv[3]`` when that is given
 RUNNER = """
-import importlib.util
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
-# the runner's own imports, not the package's (Lightning, Transformers: seconds a process, for nothing
-# a stand-in fit needs)
-package = types.ModuleType("distill")
-package.__path__ = list(importlib.util.find_spec("distill").submodule_search_locations)
-sys.modules["distill"] = package
 from distill.pipeline import runner
 from distill.pipeline.inputs import ContentHashes
 from distill.pipeline.plan import Stage
@@ -736,15 +729,11 @@ except PipelineError as error:
 
 
 def start_runner(tmp_path, name: str, *args: str, **env: str):
-    """A runner process, its stderr in ``tmp_path/name.err``."""
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER)
+    """A runner process (forked from the tests' server: the runner's imports paid once), its stderr in
+    ``tmp_path/name.err``."""
     err = tmp_path / f"{name}.err"
-    with open(err, "w") as stream:
-        process = subprocess.Popen(
-            [sys.executable, str(script), *args], cwd=ROOT, env=clean_env(**env), stderr=stream
-        )
-    return process, err
+    err.write_text("")  # there before the process writes it, for the tests that read it while it runs
+    return start_script(RUNNER, list(args), clean_env(**env), err), err
 
 
 def wait_until(check, what: str, seconds: float = 120.0):
@@ -784,13 +773,13 @@ def test_a_second_run_waits_for_the_first_and_a_fit_ends_with_its_runner(tmp_pat
     with WriterLock(out):  # another pipeline run holds the output directory
         first, err = start_runner(tmp_path, "first", str(out), SLEEPER, FAKE_DIR=str(tmp_path))
         wait_until(lambda: "waiting" in err.read_text() or pid_file.exists(), "the first run to wait")
-        assert first.poll() is None and f"is being written by pid {os.getpid()}" in err.read_text()
+        assert first.is_alive() and f"is being written by pid {os.getpid()}" in err.read_text()
         assert not (out / "a").exists()
     wait_until(pid_file.exists, "the first run's fit")  # the lock released, it goes on into its fit
     fit = int(pid_file.read_text())
     try:
         first.kill()  # kill -9 of the runner alone: its fit must not go on as an orphan
-        first.wait()
+        first.join()
         wait_until(lambda: gone(fit), "the fit of the killed runner to end", seconds=20)
     finally:
         if not gone(fit):
@@ -849,10 +838,10 @@ def run_two_ranks(tmp_path, out, name: str, fail_rank: int, *args: str, **extra:
     ]
     try:
         for process, _ in ranks:
-            process.wait(timeout=150)
+            process.join(timeout=150)
     finally:
         for process, _ in ranks:
-            if process.poll() is None:
+            if process.is_alive():
                 process.kill()
     return [err.read_text() for _, err in ranks]
 

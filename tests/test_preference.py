@@ -301,9 +301,12 @@ def test_a_killed_dpo_fit_resumes_exactly(tmp_path, policy_dir):
     check_killed_fit_resumes(tmp_path, config_in, ["--trainer.max_steps", "10"])
 
 
-def test_the_precomputed_reference_equals_the_online_one_and_follows_the_reference(
+def test_the_precomputed_reference_equals_the_online_one_on_one_or_two_ranks_and_follows_the_reference(
     tmp_path, policy_dir, caplog, capsys
 ):
+    from distill.objectives.reference_store import ReferenceStore
+    from tests.helpers import clean_env, run
+
     config = preference_config(tmp_path, policy_dir, {"class_path": "distill.objectives.Preference"}, n=8)
     store = tmp_path / "reference"
     objective_args = "--model.init_args.objective.init_args"
@@ -318,7 +321,19 @@ def test_the_precomputed_reference_equals_the_online_one_and_follows_the_referen
     assert not objective.reference.frozen  # the reference was freed once its log-probs were stored
     assert objective.extra_forwards == 0
     (entry,) = store.iterdir()
-    assert (entry / "meta.json").exists() and len(list(entry.glob("part-*.npz"))) == 1
+    assert (entry / "meta.json").exists() and [p.name for p in entry.glob("part-*.npz")] == [
+        "part-0-of-1.npz"
+    ]
+    # two ranks precompute their shares of one store: each pair once, with this process's values
+    two = tmp_path / "two"
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    run(["fit", *args, f"{objective_args}.reference.cache", str(two), *ddp], clean_env())
+    (shared,) = two.iterdir()
+    assert sorted(p.name for p in shared.glob("part-*.npz")) == ["part-0-of-2.npz", "part-1-of-2.npz"]
+    alone, ranks = ReferenceStore.at(entry).load(), ReferenceStore.at(shared).load()
+    assert len(alone) == 12 and sorted(alone) == sorted(ranks)  # 8 training and 4 held-out pairs, each once
+    for sha, values in alone.items():
+        assert values == pytest.approx(ranks[sha], abs=1e-5)
     batch = pair_batch(student.tokenizer, n=2)  # pairs 0 and 1 of the training data
     online = Preference(reference=Reference("model"))
     online.setup(student.objective_context())
@@ -414,34 +429,6 @@ def test_kto_fit_rewards_desirable_samples_over_undesirable_ones(tmp_path, polic
         ValueError, match="Preference trains on pairs batches, but PreferenceDataModule yields unpaired"
     ):
         run_cli(["fit", "--config", str(config), *args, "--trainer.max_steps", "1"])
-
-
-def test_two_ranks_precompute_their_shares_of_one_store(tmp_path, policy_dir):
-    from distill.objectives.reference_store import ReferenceStore
-    from tests.helpers import clean_env, run
-
-    objective = {
-        "class_path": "distill.objectives.Preference",
-        "init_args": {"reference": {"kind": "precomputed"}},
-    }
-    config = preference_config(tmp_path, policy_dir, objective, n=8)
-    objective_args = "--model.init_args.objective.init_args"
-    stores = {}
-    for name, extra in {
-        "one": [],
-        "two": ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
-    }.items():
-        store = tmp_path / name
-        args = ["fit", "--config", str(config), f"{objective_args}.reference.cache", str(store), *extra]
-        run([*args, "--trainer.max_steps", "2"], clean_env())
-        (entry,) = store.iterdir()
-        parts = sorted(p.name for p in entry.glob("part-*.npz"))
-        assert parts == (["part-0-of-1.npz"] if name == "one" else ["part-0-of-2.npz", "part-1-of-2.npz"])
-        stores[name] = ReferenceStore.at(entry)
-    one, two = stores["one"].load(), stores["two"].load()
-    assert len(one) == 12 and sorted(one) == sorted(two)  # 8 training and 4 held-out pairs, each once
-    for sha, values in one.items():
-        assert values == pytest.approx(two[sha], abs=1e-5)
 
 
 def damage_store(directory, damage: str) -> str:

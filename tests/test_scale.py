@@ -1,4 +1,4 @@
-"""Scale-out paths on CPU: the SLURM launch environment, DDP KD against one process, exact resume."""
+"""Scale-out paths on CPU: a SLURM-launched DDP KD fit against one process, exact resume."""
 
 from __future__ import annotations
 
@@ -20,28 +20,39 @@ from tests.helpers import (
 )
 
 
-def test_slurm_launch_sets_ranks_and_world_size(tmp_path, kd_teacher_dir):
+def test_a_slurm_launched_two_rank_kd_fit_matches_one_process(tmp_path, kd_teacher_dir):
     """What `srun` does for 1 node x 2 tasks: two processes with SLURM's variables; Lightning's
-    SLURMEnvironment must read ranks and world size from them."""
-    config = kd_config(tmp_path, kd_teacher_dir)
+    SLURMEnvironment must read ranks and world size from them. The two ranks with 4 rows each see the
+    samples one process sees with 8 rows per step, so the model after training, hence its validation
+    loss, matches; the KD cache is collected as disjoint shards."""
+    quick = [
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.num_sanity_val_steps",
+        "0",
+    ]
+
+    def val_loss(directory: Path) -> float:
+        val = [v for step, v in losses_named(directory, "val/loss").items()]
+        assert len(val) == 1
+        return val[0]
+
+    one = tmp_path / "one"
+    one.mkdir()
+    config = kd_config(one, kd_teacher_dir, n=32)
+    run(["fit", "--config", str(config), *quick, "--data.init_args.batch_size", "8"], clean_env())
+
+    two = tmp_path / "two"
+    two.mkdir()
+    config = kd_config(two, kd_teacher_dir, n=32)
     probe = json.dumps(
         [{"class_path": "tests.probes.RankProbe", "init_args": {"directory": str(tmp_path / "ranks")}}]
     )
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.max_steps",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
-        "--trainer.num_nodes",
-        "1",
-        "--trainer.callbacks",
-        probe,
-    ]
+    args = ["fit", "--config", str(config), *quick, "--data.init_args.batch_size", "4"]
+    args += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.num_nodes", "1"]
+    args += ["--trainer.callbacks", probe]
     slurm = {
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NAME": "distill",
@@ -73,6 +84,10 @@ def test_slurm_launch_sets_ranks_and_world_size(tmp_path, kd_teacher_dir):
     assert all(f["world_size"] == 2 and f["node_rank"] == 0 for f in facts)
     assert all(f["environment"] == "SLURMEnvironment" and f["main_address"] == "127.0.0.1" for f in facts)
 
+    alone, ranks = val_loss(one), val_loss(two)
+    assert abs(alone - ranks) < 1e-4 * max(1.0, abs(alone)), (alone, ranks)
+    assert {p.name[:4] for p in (two / "cache" / "train").glob("*.h5")} == {"r000", "r001"}
+
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["cached", "chunked"])
 def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, kd_teacher_dir, chunked):
@@ -95,39 +110,3 @@ def test_killed_kd_fit_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path,
     check_killed_fit_resumes(tmp_path, config_in, steps)
     assert (tmp_path / "resumed" / "cache" / "train-chunks").is_dir() == chunked
     assert (tmp_path / "resumed" / "cache" / "train").is_dir() != chunked
-
-
-def test_two_process_ddp_kd_fit_matches_one_process(tmp_path, kd_teacher_dir):
-    """Two ranks with 4 rows each see the samples one process sees with 8 rows per step, so the model
-    after training, hence its validation loss, matches; the KD cache is collected as disjoint shards."""
-
-    def fit(name: str, *extra: str) -> float:
-        directory = tmp_path / name
-        directory.mkdir()
-        config = kd_config(directory, kd_teacher_dir, n=32)
-        run(
-            [
-                "fit",
-                "--config",
-                str(config),
-                "--trainer.max_steps",
-                "4",
-                "--trainer.val_check_interval",
-                "4",
-                "--trainer.num_sanity_val_steps",
-                "0",
-                *extra,
-            ],
-            clean_env(),
-        )
-        val = [v for step, v in losses_named(directory, "val/loss").items()]
-        assert len(val) == 1
-        return val[0]
-
-    one = fit("one", "--data.init_args.batch_size", "8")
-    two = fit(
-        "two", "--data.init_args.batch_size", "4", "--trainer.strategy", "ddp", "--trainer.devices", "2"
-    )
-    assert abs(one - two) < 1e-4 * max(1.0, abs(one)), (one, two)
-    ranks = {p.name[:4] for p in (tmp_path / "two" / "cache" / "train").glob("*.h5")}
-    assert ranks == {"r000", "r001"}
