@@ -12,6 +12,7 @@ from distill.data.datamodule import DataModule
 from distill.teacher.identity import check_model_source, check_teacher_vocabulary, model_identity
 from distill.teacher.module import Teacher, TeacherModule
 from distill.train.model import load_causal_lm
+from distill.train.student import StudentModule
 
 HIDDEN, FFN = 16, 32
 
@@ -95,4 +96,4 @@ def test_gguf_file_missing_or_without_the_gguf_package(tmp_path: Path, monkeypat
     monkeypatch.setattr("distill.pretrained.find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"model\.gguf: reading a GGUF file needs the gguf package: pip "
                        r"install 'distill\[gguf\]'"):  # fmt: skip
-        DataModule(train_files=[], tokenizer=str(tmp_path / "model.gguf")).tokenizer
+        StudentModule(model=str(tmp_path / "model.gguf"))  # loads its tokenizer
