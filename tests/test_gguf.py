@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from distill.data.datamodule import DataModule
 from distill.teacher.identity import check_model_source, check_teacher_vocabulary, model_identity
@@ -71,6 +72,9 @@ def test_gguf_file_loads_as_student_and_its_tokenizer_through_the_data_module(tm
     assert type(model).__name__ == "LlamaForCausalLM"
     assert torch.equal(model.get_input_embeddings().weight, torch.from_numpy(tensors["token_embd.weight"]))
     assert torch.equal(model.get_output_embeddings().weight, torch.from_numpy(tensors["output.weight"]))
+    model.save_pretrained(tmp_path / "export")  # unpacked: an ordinary checkpoint, no GGUF config
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert torch.equal(exported.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
 
 def test_gguf_file_as_teacher(tmp_path: Path) -> None:

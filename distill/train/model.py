@@ -60,6 +60,8 @@ def load_causal_lm(
         options.update(quantization_config=quantization.config(), device_map={"": placement})
     if name_or_path is not None:
         source, located = pretrained_source(name_or_path)
+        if located:
+            options = {**unpacked_gguf(), **options}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **located, **options)
     elif config is not None:
         config = dict(config)
@@ -82,6 +84,17 @@ def load_causal_lm(
             "start untrained)"
         )
     return model
+
+
+def unpacked_gguf() -> dict:
+    """``from_pretrained`` options that unpack a GGUF file's weights into plain tensors: trainable and
+    exported as an ordinary checkpoint. Left packed (transformers 5 keeps GGUF blocks where a matmul
+    kernel is installed), a model cannot be saved. Transformers before ``GgufConfig`` always unpack."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def add_lora(model: PreTrainedModel, options: LoraOptions) -> torch.nn.Module:
