@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from distill.data.batching import Collator, EvalBatches, pack, pad_token_id
 from distill.data.encoding import Encoded, EncodingStats, NoTrainableTokensError, Truncation
@@ -29,6 +29,7 @@ from distill.data.streaming import StreamingLoader, StreamingRows, require_max_s
 from distill.data.templates import ChatTemplate, check_stops_on_end_of_turn, resolve_template
 from distill.data.tokenized import TokenizedSamples, default_root
 from distill.data.tokenized_splits import TokenizedSplits
+from distill.pretrained import load_tokenizer
 from distill.ranges import require
 
 
@@ -168,7 +169,7 @@ class DataModule(TokenizedSplits, L.LightningDataModule):
         if self._tokenizer is None:
             if self.tokenizer_name is None:
                 raise ValueError("data.tokenizer is not set (the CLI links it from model.tokenizer)")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
     def load_records(self) -> tuple[list[Record], list[Record]]:

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.data.encoding import IGNORE_INDEX, Encoded, encode_record
 from distill.data.templates import BUILTIN_TEMPLATES, ChatTemplate, TemplateError, resolve_template
+from distill.pretrained import load_tokenizer
 
 _SHOWN = 6  # tokens shown on each side of the first difference
 
@@ -188,9 +189,7 @@ def resolve_teacher_template(
     if name == "model":
         if model is None:
             raise TemplateError("template 'model' needs a teacher loaded from a name or path")
-        from transformers import AutoTokenizer
-
-        own = AutoTokenizer.from_pretrained(model)
+        own = load_tokenizer(model)
         if not own.chat_template:
             raise TemplateError(f"teacher {model!r} has no chat_template of its own; name a template")
         return resolve_template(own, None, end_of_turn)

@@ -12,6 +12,8 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
+from distill.pretrained import is_gguf, load_tokenizer, pretrained_source
+
 _HASHED = (".safetensors", ".bin", ".json")
 _MEMO_FILE = ".distill_hash.json"
 # a file changed within this long of its hashing may change again under the same mtime (coarse
@@ -31,6 +33,8 @@ def model_identity(name_or_path: str | None, config: dict | None = None) -> dict
         blob = json.dumps(config or {}, sort_keys=True).encode()
         return {"model": "config", "weights_sha": hashlib.sha256(blob).hexdigest()[:16]}
     path = Path(name_or_path)
+    if is_gguf(name_or_path) and path.is_file():  # weights, config and tokenizer in one file
+        return {"weights_sha": _file_digest(path)[:16]}
     if not path.is_dir():
         return {"model": name_or_path, "revision": _hub_revision(name_or_path)}
     return {"weights_sha": weights_digest(path)[:16]}
@@ -46,7 +50,7 @@ def check_model_source(
     from huggingface_hub.utils import validate_repo_id
 
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (is_gguf(name_or_path) and path.is_file()):
         if config_file is not None and not (path / config_file).is_file():
             raise ValueError(
                 f"{owner} {name_or_path}: the directory holds no {what} (no {config_file}); give the "
@@ -211,9 +215,10 @@ def check_teacher_vocabulary(
     student's family, with an embedding row for every token of ``tokenizer``."""
     rows = (config or {}).get("vocab_size")
     if name_or_path is not None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
-        check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(name_or_path), name)
-        rows = getattr(AutoConfig.from_pretrained(name_or_path).get_text_config(), "vocab_size", None)
+        check_same_vocabulary(tokenizer, load_tokenizer(name_or_path), name)
+        source, located = pretrained_source(name_or_path)
+        rows = getattr(AutoConfig.from_pretrained(source, **located).get_text_config(), "vocab_size", None)
     if rows is not None:
         check_embedding_rows(rows, tokenizer, f"{name} ({name_or_path or 'model_config'})")

@@ -13,12 +13,13 @@ from dataclasses import dataclass, fields
 import lightning as L
 import torch
 from torch import Tensor, nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from distill.data.batch import TokenBatch, to_device
 from distill.data.batching import Collator, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, Encoded
 from distill.data.templates import ChatTemplate
+from distill.pretrained import load_tokenizer
 from distill.targets import SparseTargets
 from distill.teacher.alignment import (
     TeacherSample,
@@ -114,7 +115,7 @@ class TeacherModule(L.LightningModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if getattr(self, "_tokenizer", None) is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id)
+            self._tokenizer = load_tokenizer(self.tokenizer_id)
         return self._tokenizer
 
     @property

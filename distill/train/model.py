@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.pretrained import pretrained_source
 from distill.teacher.identity import check_embedding_rows
 from distill.train.quantization import Quantization
 
@@ -45,7 +46,8 @@ def load_causal_lm(
     device: torch.device | str | int | None = None,
     options: dict | None = None,
 ) -> PreTrainedModel:
-    """From a hub name or local path, or built from a config dict (random init, for tests and demos).
+    """From a hub name, a local directory or a ``.gguf`` file (de-quantized), or built from a config dict
+    (random init, for tests and demos).
     A ``student`` whose embedding lacks rows for the tokenizer's tokens is resized; any other ``role``
     refuses it (the new rows would be random). Quantized weights load straight onto ``device`` (default:
     the current CUDA device) and stay there. ``options``: other ``from_pretrained`` arguments."""
@@ -57,7 +59,10 @@ def load_causal_lm(
         placement = torch.cuda.current_device() if device is None else device
         options.update(quantization_config=quantization.config(), device_map={"": placement})
     if name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **options)
+        source, located = pretrained_source(name_or_path)
+        if located:
+            options = {**unpacked_gguf(), **options}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **located, **options)
     elif config is not None:
         config = dict(config)
         config.setdefault("vocab_size", len(tokenizer))
@@ -79,6 +84,17 @@ def load_causal_lm(
             "start untrained)"
         )
     return model
+
+
+def unpacked_gguf() -> dict:
+    """``from_pretrained`` options that unpack a GGUF file's weights into plain tensors: trainable and
+    exported as an ordinary checkpoint. Left packed (transformers 5 keeps GGUF blocks where a matmul
+    kernel is installed), a model cannot be saved. Transformers before ``GgufConfig`` always unpack."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def add_lora(model: PreTrainedModel, options: LoraOptions) -> torch.nn.Module:

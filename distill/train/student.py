@@ -15,7 +15,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from transformers import AutoTokenizer
 
 from distill.data.batch import PromptBatch, TokenBatch, UnbuiltBatch
 from distill.data.batching import pad_token_id
@@ -24,6 +23,7 @@ from distill.data.resume import trained_position
 from distill.objectives.base import Loss, Objective, check_pairing, loss_inputs
 from distill.objectives.ce import CrossEntropy
 from distill.objectives.context import Context, Origin, Policy, Step, unwrapped
+from distill.pretrained import load_tokenizer
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
 from distill.train.model import LoraOptions, add_lora, load_causal_lm
@@ -142,7 +142,7 @@ class StudentModule(L.LightningModule):
         self.model_name = model
         self.model_config = model_config
         self.tokenizer_id = tokenizer or model
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id) if self.tokenizer_id else None
+        self.tokenizer = load_tokenizer(self.tokenizer_id) if self.tokenizer_id else None
         self.dtype_name = dtype
         self.lora = lora
         self.quantization = quantization
