@@ -54,6 +54,55 @@ def test_distillation_with_full_vocabulary_head_equals_dense_reference(alpha, te
     torch.testing.assert_close(grad_chunked, grad_dense, rtol=1e-4, atol=1e-6)
 
 
+def operations(objective, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, targets) -> int:
+    """Tensor operations dispatched by ``objective``'s forward and backward on these positions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        objective(token_inputs(hidden, head, labels, targets)).loss_sum.backward()
+    return Count.count
+
+
+def test_kd_chunks_run_only_the_pass_over_the_vocabulary():
+    """Chunks run only the pass over the vocabulary (and recompute it in backward): KD's per-position
+    terms, tail and buckets run once per batch, so a chunk adds about as many operations to KD as to CE
+    (184 against CE's 35 when each chunk ran them: the small ops cost KD up to a fifth of its speed
+    next to SFT on a CPU)."""
+    from distill.objectives.ce import CrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(32, H, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    labels = torch.randint(0, V, (32,))
+    ids, logits, lse, _, _ = sparse_distribution(torch.randn(32, V), k=8)
+    targets = BatchTargets([SparseTargetsOf(ids, logits, lse)], V)
+    per_chunk = {}
+    for name, make in (("kd", lambda c: Distillation(alpha=0.9, chunk_size=c)), ("ce", CrossEntropy)):
+        one, eight = (operations(make(c), hidden, head, labels, targets) for c in (32, 4))
+        per_chunk[name] = (eight - one) / 7
+    assert per_chunk["kd"] < 1.5 * per_chunk["ce"], per_chunk
+
+
+def test_distillation_without_positions_is_zero_and_backpropagates():
+    """A micro-batch without trainable positions still runs backward (every DDP rank must)."""
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(0, H, requires_grad=True)
+    empty = SparseTargetsOf(torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8), torch.zeros(0))
+    out = Distillation(alpha=0.9, chunk_size=4)(
+        token_inputs(hidden, head, torch.zeros(0, dtype=torch.long), BatchTargets([empty], V))
+    )
+    out.loss_sum.backward()
+    assert float(out.loss_sum) == 0.0 and int(out.correct) == 0 and out.num_tokens == 0
+    assert hidden.grad is not None and hidden.grad.shape == (0, H)
+
+
 def SparseTargetsOf(ids, logits, lse):
     from distill.targets import SparseTargets
 

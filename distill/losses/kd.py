@@ -1,11 +1,13 @@
 """Sparse knowledge-distillation losses over cached teacher targets (pure torch, no Lightning).
 
-``kd_loss`` is the KD objective's loss on one chunk of P trainable positions: student logits (P, V), their
-labels and the teacher's ``teacher_buckets`` -> alpha * T**2 * KD + (1 - alpha) * CE per position (P,).
-It makes the one pass over the vocabulary (a log-softmax at T) and hands the divergence what it needs of
-it: the (P, K) log-probs at the teacher's head ids for the top-K losses, the (P, V) log-probs for
-``sampled_ce``. The teacher side has no gradient and depends on no student: the caller computes
-``teacher_buckets`` once per batch, not once per chunk (and again when a chunk is recomputed in backward).
+``kd_loss`` is the KD objective's loss on P trainable positions: student logits (P, V), their labels and
+the teacher's ``teacher_buckets`` -> alpha * T**2 * KD + (1 - alpha) * CE per position (P,). It is two
+steps: ``student_log_probs`` makes the one pass over the vocabulary (a log-softmax at T) and picks what
+the divergence reads of it, the (P, M) log-probs at the teacher's head ids (and draws, for
+``sampled_ce``); ``kd_terms`` computes everything else from those (P, M) values. The KD objective runs
+the first chunk by chunk (each chunk's (chunk, V) logits recomputed in backward) and the second once
+over the batch, so its per-position work costs no extra small ops per chunk. The teacher side has no
+gradient and depends on no student: the caller computes ``teacher_buckets`` once per batch.
 The caller sums and divides by the number of trainable tokens in the whole gradient-accumulation
 step (TRL #6006 normalised per micro-batch); nothing is averaged here.
 
@@ -193,9 +195,9 @@ def skew_reverse_kl(head_log_probs: Tensor, teacher_log_probs: Tensor, alpha: fl
     return _kl(log_q, _log_mix(log_p, log_q, 1.0 - alpha))
 
 
-def sampled_ce(log_probs: Tensor, teacher: TeacherBuckets) -> Tensor:
+def sampled_ce(head_log_probs: Tensor, sample_log_probs: Tensor, teacher: TeacherBuckets) -> Tensor:
     """(P,) cross-entropy against a sampled (Anshumann et al. 2025) or hybrid cache, from the student's
-    (P, V) ``log_probs`` at temperature T.
+    log-probs at temperature T at the teacher's head ids (P, K) and at its draws (P, S).
 
     Sampled (K = 0): -sum_i (c_i / N) log q(id_i), an unbiased estimate of H(teacher, student), whose
     gradient is the forward KL's. The value is the cross-entropy, not the KL: the teacher entropy would need
@@ -203,18 +205,15 @@ def sampled_ce(log_probs: Tensor, teacher: TeacherBuckets) -> Tensor:
     Hybrid (K > 0, draws from the tail only): -sum_head p_i log q_i - tail_mass * sum_j (c_j / N) log q_j.
     The draws were made at the cache's temperature, so T only tempers the student and the hybrid head.
     """
-    if teacher.sample_ids is None or teacher.sample_counts is None:
-        raise ValueError("sampled_ce needs sample_ids and sample_counts")
-    dtype = _compute_dtype(log_probs, teacher.log_probs)
-    log_q = log_probs.to(dtype)
+    dtype = _compute_dtype(sample_log_probs, teacher.log_probs)
     counts = teacher.sample_counts.to(dtype)
     freq = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)  # padding has count 0
-    zero = log_q.new_zeros(())
-    sampled = -(freq * log_q.gather(1, teacher.sample_ids).where(counts > 0, zero)).sum(-1)
+    zero = sample_log_probs.new_zeros((), dtype=dtype)
+    sampled = -(freq * sample_log_probs.to(dtype).where(counts > 0, zero)).sum(-1)
     if teacher.ids.shape[-1] == 0:
         return sampled
     p = teacher.log_probs.to(dtype).exp()  # 0 at padded slots
-    head = -(p[:, :-1] * log_q.gather(1, teacher.ids).where(p[:, :-1] > 0, zero)).sum(-1)
+    head = -(p[:, :-1] * head_log_probs.to(dtype).where(p[:, :-1] > 0, zero)).sum(-1)
     return head + p[:, -1] * sampled
 
 
@@ -244,6 +243,57 @@ class KDTerms(NamedTuple):
     ce: Tensor  # the labels' cross-entropy at T = 1; detached when alpha == 1 (then only logged)
 
 
+def loss_ids(teacher: TeacherBuckets, kind: str) -> Tensor:
+    """(P, M) the ids whose student log-probs the loss ``kind`` reads: the head's, then (``sampled_ce``)
+    the draws'."""
+    if kind != "sampled_ce":
+        return teacher.ids
+    if teacher.sample_ids is None or teacher.sample_counts is None:
+        raise ValueError("sampled_ce needs sample_ids and sample_counts")
+    return torch.cat([teacher.ids, teacher.sample_ids], 1)
+
+
+def student_log_probs(
+    student_logits: Tensor, ids: Tensor, labels: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The one pass over the vocabulary: (P, M) student log-probs at temperature T at ``ids``
+    (``loss_ids``) and (P,) the labels' cross-entropy at T = 1.
+
+    ``student_logits`` (P, V) over the true vocabulary (a padded head's extra rows cut off). One
+    log-softmax serves both at T = 1, and one gather picks the ids' and the labels' log-probs (its
+    backward is a dense (P, V) tensor, as cross-entropy's is). All that follows reads (P, M) only.
+    """
+    logits = student_logits.to(_compute_dtype(student_logits))  # bf16 -> float32, float64 stays
+    log_q = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
+    if temperature != 1.0:
+        return log_q.gather(1, ids), cross_entropy(logits, labels)
+    picked = log_q.gather(1, torch.cat([ids, labels[:, None]], 1))
+    return picked[:, :-1], -picked[:, -1]
+
+
+def kd_terms(
+    picked: Tensor,
+    ce: Tensor,
+    teacher: TeacherBuckets,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> KDTerms:
+    """``kd_loss`` from what ``student_log_probs`` picked of the vocabulary: per position, no (P, V)."""
+    k = teacher.ids.shape[-1]
+    if kind == "sampled_ce":
+        kd = sampled_ce(picked[:, :k], picked[:, k:], teacher)
+    else:
+        params = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
+        kd = DIVERGENCES[kind](picked, teacher.log_probs, **params.get(kind, {}))
+    if alpha == 1.0:
+        ce = ce.detach()  # logged, not trained on
+    return KDTerms(alpha * temperature**2 * kd + (1.0 - alpha) * ce, kd, ce)
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher: TeacherBuckets,
@@ -257,30 +307,18 @@ def kd_loss(
 ) -> KDTerms:
     """alpha * T**2 * KD_T + (1 - alpha) * CE per position, with both terms (the KD objective's loss).
 
-    ``student_logits`` (P, V) over the true vocabulary (a padded head's extra rows cut off), ``teacher``
-    the ``teacher_buckets`` at the same temperature, ``labels`` (P,) the token each position predicts.
-    alpha is the weight on the KD term: 1 is pure distillation (the CE is still reported), 0 plain
-    fine-tuning. beta goes to ``jsd``, skew to the ``alpha`` of ``skew_kl``/``skew_reverse_kl``.
-
-    One log-softmax over the vocabulary serves the KD term and, at T = 1, the cross-entropy; one gather
-    picks the head's and the labels' log-probs (each gather's backward is a dense (P, V) tensor).
+    ``student_logits`` (P, V) over the true vocabulary, ``teacher`` the ``teacher_buckets`` at the same
+    temperature, ``labels`` (P,) the token each position predicts. alpha is the weight on the KD term: 1
+    is pure distillation (the CE is still reported), 0 plain fine-tuning. beta goes to ``jsd``, skew to
+    the ``alpha`` of ``skew_kl``/``skew_reverse_kl``. It is ``student_log_probs`` then ``kd_terms``: the
+    KD objective runs the first chunk by chunk and the second once over the batch's positions.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {sorted(LOSSES)}")
-    logits = student_logits.to(_compute_dtype(student_logits))  # bf16 -> float32, float64 stays
-    log_q = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
-    k = 0 if kind == "sampled_ce" else teacher.ids.shape[-1]
-    head_ids = teacher.ids[:, :k]
-    picked = log_q.gather(1, torch.cat([head_ids, labels[:, None]], 1) if temperature == 1.0 else head_ids)
-    if kind == "sampled_ce":
-        kd = sampled_ce(log_q, teacher)
-    else:
-        params = {"jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}
-        kd = DIVERGENCES[kind](picked[:, :k], teacher.log_probs, **params.get(kind, {}))
-    ce = -picked[:, k] if temperature == 1.0 else cross_entropy(logits, labels)
-    if alpha == 1.0:
-        ce = ce.detach()  # logged, not trained on
-    return KDTerms(alpha * temperature**2 * kd + (1.0 - alpha) * ce, kd, ce)
+    picked, ce = student_log_probs(student_logits, loss_ids(teacher, kind), labels, temperature)
+    return kd_terms(
+        picked, ce, teacher, kind=kind, temperature=temperature, alpha=alpha, beta=beta, skew=skew
+    )
 
 
 def mix_teachers(

@@ -79,6 +79,24 @@ def over_chunks(
     return totals
 
 
+def in_chunks(
+    fn: Callable[..., tuple[Tensor, ...]], hidden: Tensor, *per_position: Tensor, chunk_size: int = 1024
+) -> tuple[Tensor, ...]:
+    """``fn(hidden_chunk, *chunks)``'s per-position outputs concatenated over position chunks, each chunk
+    recomputed in backward (as in ``over_chunks``). Without positions one empty chunk runs, so the
+    outputs, empty, stay connected to the graph."""
+    parts = [
+        checkpoint(
+            fn,
+            hidden[s : s + chunk_size],
+            *(t[s : s + chunk_size] for t in per_position),
+            use_reentrant=False,
+        )
+        for s in range(0, max(hidden.shape[0], 1), chunk_size)
+    ]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+
+
 def token_log_probs(
     hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int = 1024, temperature: float = 1.0
 ) -> Tensor:
