@@ -156,7 +156,7 @@ def _sample_a_round_on_two_ranks(rank: int, directory, teacher, port: int) -> No
     )  # fmt: skip
     data = KDDataModule(
         [Teacher(model=str(teacher))],
-        train_files=str(prompt_file(directory)),
+        train_files=str(directory / "prompts.jsonl"),  # written once, before the ranks start
         tokenizer=str(TOKENIZER_DIR),
         template="mistral",
         max_seq_length=160,
@@ -184,6 +184,7 @@ def test_sharded_ranks_sample_a_round_in_step_when_one_has_nothing_left(tmp_path
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    prompt_file(tmp_path)
     args = (tmp_path, kd_teacher_dir, port)
     ranks = mp.start_processes(_sample_a_round_on_two_ranks, args, nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 180

@@ -46,7 +46,7 @@ def data_files(config: dict[str, Any]) -> list[Path]:
     file below a directory), or a local ``dataset_name``'s files. Options ``fit`` would refuse count
     nothing here: the fit names what is wrong."""
     data = config.get("data") or {}
-    options = (data.get("init_args") or {}) if "class_path" in data else data  # a prune stage's: flat
+    options = (data.get("init_args") or {}) if {"init_args", "class_path"} & set(data) else data  # prune: flat
     try:
         train, val = split_sources(
             options.get("train_files"),
