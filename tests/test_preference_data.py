@@ -112,7 +112,7 @@ def _one_tokenizer(monkeypatch, tokenizer):
         assert name == str(TOKENIZER_DIR)
         return tokenizer
 
-    monkeypatch.setattr(datamodule, "AutoTokenizer", SimpleNamespace(from_pretrained=load))
+    monkeypatch.setattr(datamodule, "load_tokenizer", load)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def fake_trainer(rank: int, world_size: int, accumulate: int = 1) -> SimpleNames
 def _session_tokenizers(monkeypatch, tokenizer, chat_tokenizer, chat_tokenizer_dir):
     """The data modules share the session's tokenizers: loading one is most of their setup time."""
     loaded = {str(TOKENIZER_DIR): tokenizer, str(chat_tokenizer_dir): chat_tokenizer}
-    monkeypatch.setattr(datamodule, "AutoTokenizer", SimpleNamespace(from_pretrained=loaded.__getitem__))
+    monkeypatch.setattr(datamodule, "load_tokenizer", loaded.__getitem__)
 
 
 def data(train: Path, **options) -> PromptDataModule:
