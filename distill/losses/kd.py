@@ -282,7 +282,13 @@ def kd_terms(
     beta: float = 0.5,
     skew: float = 0.1,
 ) -> KDTerms:
-    """``kd_loss`` from what ``student_log_probs`` picked of the vocabulary: per position, no (P, V)."""
+    """``kd_loss`` from what ``student_log_probs`` picked of the vocabulary: per position, no (P, V).
+
+    alpha is the weight on the KD term: 1 is pure distillation (the CE is still reported), 0 plain
+    fine-tuning. beta goes to ``jsd``, skew to the ``alpha`` of ``skew_kl``/``skew_reverse_kl``.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {sorted(LOSSES)}")
     k = teacher.ids.shape[-1]
     if kind == "sampled_ce":
         kd = sampled_ce(picked[:, :k], picked[:, k:], teacher)
@@ -301,24 +307,17 @@ def kd_loss(
     *,
     kind: str = "forward_kl",
     temperature: float = 1.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    **options: float,
 ) -> KDTerms:
-    """alpha * T**2 * KD_T + (1 - alpha) * CE per position, with both terms (the KD objective's loss).
+    """alpha * T**2 * KD_T + (1 - alpha) * CE per position, with both terms, from whole (P, V) logits.
 
     ``student_logits`` (P, V) over the true vocabulary, ``teacher`` the ``teacher_buckets`` at the same
-    temperature, ``labels`` (P,) the token each position predicts. alpha is the weight on the KD term: 1
-    is pure distillation (the CE is still reported), 0 plain fine-tuning. beta goes to ``jsd``, skew to
-    the ``alpha`` of ``skew_kl``/``skew_reverse_kl``. It is ``student_log_probs`` then ``kd_terms``: the
-    KD objective runs the first chunk by chunk and the second once over the batch's positions.
+    temperature, ``labels`` (P,) the token each position predicts; ``options``: ``kd_terms``'s alpha,
+    beta, skew. It is ``student_log_probs`` then ``kd_terms``: the KD objective runs the first chunk by
+    chunk and the second once over the batch's positions.
     """
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; choose one of {sorted(LOSSES)}")
     picked, ce = student_log_probs(student_logits, loss_ids(teacher, kind), labels, temperature)
-    return kd_terms(
-        picked, ce, teacher, kind=kind, temperature=temperature, alpha=alpha, beta=beta, skew=skew
-    )
+    return kd_terms(picked, ce, teacher, kind=kind, temperature=temperature, **options)
 
 
 def mix_teachers(
