@@ -46,7 +46,8 @@ def data_files(config: dict[str, Any]) -> list[Path]:
     file below a directory), or a local ``dataset_name``'s files. Options ``fit`` would refuse count
     nothing here: the fit names what is wrong."""
     data = config.get("data") or {}
-    options = (data.get("init_args") or {}) if {"init_args", "class_path"} & set(data) else data  # prune: flat
+    nested = {"init_args", "class_path"} & set(data)  # a fit stage's; a prune stage's data is flat
+    options = (data.get("init_args") or {}) if nested else data
     try:
         train, val = split_sources(
             options.get("train_files"),
