@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 
 from distill.data.datamodule import DataModule
+from distill.pretrained import load_tokenizer, pretrained_source
 from distill.prune.apply import count_params, prune_model
 from distill.prune.importance import Importance, measure
 from distill.prune.options import Pruning, PruningError
 from distill.prune.selection import Kept, check_budget, choose
+from distill.train.model import load_causal_lm
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # the bundled conversations, in the teacher's own chat template
@@ -36,7 +38,8 @@ def prune(model: str, output: str, pruning: Pruning = NO_TARGETS, data: dict[str
         data: ``distill.DataModule`` arguments of the calibration data (its training split; the model's
             tokenizer); default: the bundled conversations.
     """
-    config = AutoConfig.from_pretrained(model)
+    source, located = pretrained_source(model)  # a directory, a hub name or a .gguf file
+    config = AutoConfig.from_pretrained(source, **located)
     pruning.check(config)
     check_budget(config, pruning)
     if Path(output).exists() and any(Path(output).iterdir()):
@@ -44,7 +47,8 @@ def prune(model: str, output: str, pruning: Pruning = NO_TARGETS, data: dict[str
     data_module = calibration_data(model, data, pruning.calibration_samples)
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
+    tokenizer = load_tokenizer(model)
+    original = load_causal_lm(model, None, tokenizer, dtype="float32", role="teacher").to(device).eval()
     batches = DataLoader(
         data_module.train[: pruning.calibration_samples],
         batch_size=data_module.batch_size,
@@ -55,7 +59,7 @@ def prune(model: str, output: str, pruning: Pruning = NO_TARGETS, data: dict[str
     pruned = prune_model(original, kept)
     seconds = time.perf_counter() - started
     pruned.to(getattr(config, "dtype", None) or torch.float32).save_pretrained(output)
-    AutoTokenizer.from_pretrained(model).save_pretrained(output)
+    tokenizer.save_pretrained(output)
     before, after = count_params(original), count_params(pruned)
     report = scores(importance, kept, pruning)
     report.update(params_before=before, params_after=after, seconds=round(seconds, 3), model=model)

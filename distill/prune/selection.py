@@ -28,12 +28,6 @@ def choose(importance: Importance, pruning: Pruning, config: PretrainedConfig) -
     """The top-scoring parts for ``pruning``'s targets; a dimension without a target is kept whole."""
     group = config.num_attention_heads // config.num_key_value_heads
     groups = None if pruning.num_attention_heads is None else pruning.num_attention_heads // group
-    kept = Kept(
-        layers=list(range(config.num_hidden_layers)),
-        channels=[_top(scores, pruning.intermediate_size) for scores in importance.channels],
-        groups=[_top(scores, groups) for scores in importance.groups],
-        hidden=_top(importance.hidden, pruning.hidden_size),
-    )
     order = sorted(_droppable(config.num_hidden_layers, pruning), key=lambda i: importance.layers[i])
     if pruning.num_layers is not None:
         drop = order[: config.num_hidden_layers - pruning.num_layers]
@@ -43,7 +37,12 @@ def choose(importance: Importance, pruning: Pruning, config: PretrainedConfig) -
         drop = order[: max(0, -(-excess // per_layer))]
     else:
         drop = []
-    return Kept(sorted(set(kept.layers) - set(drop)), kept.channels, kept.groups, kept.hidden)
+    return Kept(
+        layers=sorted(set(range(config.num_hidden_layers)) - set(drop)),
+        channels=[_top(scores, pruning.intermediate_size) for scores in importance.channels],
+        groups=[_top(scores, groups) for scores in importance.groups],
+        hidden=_top(importance.hidden, pruning.hidden_size),
+    )
 
 
 def check_budget(config: PretrainedConfig, pruning: Pruning) -> None:
