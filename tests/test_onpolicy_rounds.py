@@ -222,7 +222,6 @@ def test_rounds_without_validation_files_record_and_align_to_their_template(tmp_
     )
     with caplog.at_level(logging.INFO):
         data.setup("fit")
-    assert "perplexity" not in caplog.text  # nothing collected before training: nothing to report
     template = resolve_template(chat_tokenizer, "chatml")
     assert data.collector.spec.template == CacheSpec(template=template.source).template
     stream = data.rounds.stream(4, 0, 1, lambda: 0)
@@ -230,6 +229,7 @@ def test_rounds_without_validation_files_record_and_align_to_their_template(tmp_
         built = batch(0).build(AutoModelForCausalLM.from_config(config), False)  # samples, then collects
     assert built.input_ids.shape[0] == 4 and len(built.targets.per_teacher) == 1
     assert data.rounds.prompts.resolve_chat_template().source == template.source  # what encoded them
+    assert "perplexity" not in caplog.text  # nothing collected before training: nothing to report
 
 
 def test_rounds_refuse_what_cannot_work(tmp_path, kd_teacher_dir, capsys, monkeypatch):
