@@ -17,13 +17,15 @@ def is_gguf(name_or_path: str) -> bool:
 
 
 def check_gguf_file(name_or_path: str, owner: str = "") -> None:
-    """A name ending in ``.gguf`` is a local file, never a hub name: refuse one that is not there."""
+    """A name ending in ``.gguf`` is a local file, never a hub name: refuse one that is not there
+    (``owner``: who gave it, named first)."""
     path = Path(name_or_path).expanduser()
     if is_gguf(name_or_path) and not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"{owner}{' ' if owner else ''}{name_or_path}: no such GGUF file ({path.resolve()} {state}); a "
-            "name ending in .gguf is read as a llama.cpp model file: give the path of an existing one"
+        given = f"{owner} {name_or_path}" if owner else name_or_path
+        raise ValueError(
+            f"{given}: no such GGUF file ({path.resolve()} {state}); a name ending in .gguf is read as a "
+            "llama.cpp model file: give the path of an existing one"
         )
 
 
