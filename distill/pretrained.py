@@ -16,13 +16,25 @@ def is_gguf(name_or_path: str) -> bool:
     return name_or_path.endswith(".gguf")
 
 
+def check_gguf_file(name_or_path: str, owner: str = "") -> None:
+    """A name ending in ``.gguf`` is a local file, never a hub name: refuse one that is not there
+    (``owner``: who gave it, named first)."""
+    path = Path(name_or_path).expanduser()
+    if is_gguf(name_or_path) and not path.is_file():
+        state = "is a directory" if path.is_dir() else "does not exist"
+        given = f"{owner} {name_or_path}" if owner else name_or_path
+        raise ValueError(
+            f"{given}: no such GGUF file ({path.resolve()} {state}); a name ending in .gguf is read as a "
+            "llama.cpp model file: give the path of an existing one"
+        )
+
+
 def pretrained_source(name_or_path: str) -> tuple[str, dict[str, str]]:
     """``from_pretrained``'s first argument and the options that go with it (``gguf_file``)."""
     if not is_gguf(name_or_path):
         return name_or_path, {}
+    check_gguf_file(name_or_path)
     path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{name_or_path}: no such GGUF file")
     if find_spec("gguf") is None:
         raise ImportError(
             f"{name_or_path}: reading a GGUF file needs the gguf package: pip install 'distill[gguf]' "

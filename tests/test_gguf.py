@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.data.datamodule import DataModule
-from distill.teacher.identity import check_model_source, check_teacher_vocabulary, model_identity
+from distill.teacher.identity import check_teacher_vocabulary, model_identity
 from distill.teacher.module import Teacher, TeacherModule
 from distill.train.model import load_causal_lm
 from distill.train.student import StudentModule
@@ -92,10 +92,24 @@ def test_gguf_file_as_teacher(tmp_path: Path) -> None:
 
 
 def test_gguf_file_missing_or_without_the_gguf_package(tmp_path: Path, monkeypatch) -> None:
-    with pytest.raises(ValueError, match=r"missing\.gguf: no such directory"):
-        check_model_source("teacher", str(tmp_path / "missing.gguf"), config_file=None)
-    with pytest.raises(FileNotFoundError, match=r"missing\.gguf: no such GGUF file"):
-        load_causal_lm(str(tmp_path / "missing.gguf"), None, None)
+    missing = str(tmp_path / "missing.gguf")
+    way_out = "a name ending in .gguf is read as a llama.cpp model file: give the path of an existing one"
+    with pytest.raises(ValueError) as refused:  # not "no such directory": it names a file
+        Teacher(model=missing, name="t1")
+    gone = f"{missing}: no such GGUF file ({missing} does not exist); {way_out}"
+    assert str(refused.value) == f"teacher t1: {gone}"
+    monkeypatch.chdir(tmp_path)  # a relative name is no hub name either: refused when the teacher is given
+    with pytest.raises(ValueError, match=r"^teacher models/t\.gguf: no such GGUF file \(.+ does not"):
+        Teacher(model="models/t.gguf")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(ValueError, match=r"dir\.gguf: no such GGUF file \(.+ is a directory\)"):
+        Teacher(model=str(tmp_path / "dir.gguf"))
+    for student in ({"model": missing}, {"model_config": {}, "tokenizer": missing}):  # the student's too
+        with pytest.raises(ValueError) as refused:
+            StudentModule(**student)
+        assert str(refused.value) == gone
+    with pytest.raises(ValueError, match=r"missing\.gguf: no such GGUF file"):
+        load_causal_lm(missing, None, None)
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     monkeypatch.setattr("distill.pretrained.find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"model\.gguf: reading a GGUF file needs the gguf package: pip "

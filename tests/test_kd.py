@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from distill.cli import run_cli
 from distill.commands import main
 from distill.objectives.kd import Distillation
 from distill.targets import BatchTargets, concat_targets
+from distill.teacher.batches import estimated_bytes
 from distill.teacher.sparse import sparse_distribution
 from tests.helpers import kd_config, logged_values, token_inputs
 
@@ -254,6 +256,33 @@ def test_chunked_mode_alternates_collection_and_training_within_the_disk_budget(
     assert max(sizes) <= budget_gb * 1e9, sizes
     assert not list((tmp_path / "cache" / "train-chunks").rglob("*.h5"))  # purged
     assert len(logged_values(tmp_path, "train/kd")) == 16
+
+
+def test_a_budget_below_one_row_is_refused_before_any_teacher_runs(tmp_path, kd_teacher_dir, monkeypatch):
+    """The check needs only the estimates: it used to come after the validation targets were collected."""
+    import distill.teacher.targets as teacher_targets
+
+    collected, collect = [], teacher_targets.collect
+    monkeypatch.setattr(teacher_targets, "collect", lambda *a, **k: collected.append(a) or collect(*a, **k))
+    config = kd_config(tmp_path, kd_teacher_dir, cache_size_gb=1e-6)  # 1 kB: below one sample's targets
+    data = run_cli(["--config", str(config)], run=False).datamodule
+    with pytest.raises(ValueError) as refused:
+        data.setup("fit")
+    assert not collected and not list((tmp_path / "cache").rglob("*.h5"))  # no teacher ran
+    found = re.fullmatch(
+        r"data\.cache_size_gb=1e-06 leaves -[\d.e-]+ GB for training targets beside the validation set's, "
+        r"less than one training sample \(or packed row\) may take \([\d.e-]+ GB\): raise "
+        r"data\.cache_size_gb to at least ([\d.e-]+), or lower data\.max_seq_length",
+        str(refused.value),
+    )
+    assert found, str(refused.value)
+    collector = data.collector
+    largest = max(estimated_bytes(row, collector.spec) for row in collector.rows)
+    collector.cache_size_gb = float(found[1])  # the budget the error proposes holds the largest row
+    collector.check_fits(largest, "one training sample (or packed row)", "data.max_seq_length")
+    collector.cache_size_gb = float(found[1]) * 0.99
+    with pytest.raises(ValueError, match="at least"):
+        collector.check_fits(largest, "one training sample (or packed row)", "data.max_seq_length")
 
 
 def test_sampled_cache_needs_the_sampled_loss():

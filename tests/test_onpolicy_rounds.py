@@ -5,6 +5,7 @@ after a kill, and the refusals."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from datetime import timedelta
@@ -19,6 +20,7 @@ import yaml
 import distill.rollout.rounds as rounds_module
 import distill.teacher.targets as teacher_targets
 from distill import StudentModule
+from distill.cache.spec import CacheSpec
 from distill.cli import main
 from distill.data.encoding import encode_record, truncate
 from distill.data.formats import Record
@@ -198,16 +200,55 @@ def test_sharded_ranks_sample_a_round_in_step_when_one_has_nothing_left(tmp_path
     assert [text.count("\n") for text in lines] == [4, 4]
 
 
-def test_rounds_refuse_what_cannot_work(tmp_path, kd_teacher_dir, capsys):
+def test_rounds_without_validation_files_record_and_align_to_their_template(tmp_path, chat_tokenizer, caplog):
+    """With no data.val_files nothing is encoded before round 0, yet the rounds train on conversations:
+    the cache spec records their template, and a teacher in a template of its own aligns to it (round 0
+    failed: "plan_jobs needs the student's (template=)")."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(chat_tokenizer))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "instruct")
+    chat_tokenizer.save_pretrained(tmp_path / "instruct")
+    data = KDDataModule(
+        [Teacher(model=str(tmp_path / "instruct"), name="inst", template="llama3")],
+        train_files=str(prompt_file(tmp_path)),
+        tokenizer=str(tmp_path / "instruct"),
+        template="chatml",
+        add_eot_to_stop_tokens=True,
+        max_seq_length=160,
+        cache_dir=str(tmp_path / "cache"),
+        rounds=Rounds(2, 4, sampling=Sampling(5), max_prompt_length=64),
+    )
+    with caplog.at_level(logging.INFO):
+        data.setup("fit")
+    template = resolve_template(chat_tokenizer, "chatml")
+    assert data.collector.spec.template == CacheSpec(template=template.source).template
+    stream = data.rounds.stream(4, 0, 1, lambda: 0)
+    with stream.round(0) as batch:
+        built = batch(0).build(AutoModelForCausalLM.from_config(config), False)  # samples, then collects
+    assert built.input_ids.shape[0] == 4 and len(built.targets.per_teacher) == 1
+    assert data.rounds.prompts.resolve_chat_template().source == template.source  # what encoded them
+    assert "perplexity" not in caplog.text  # nothing collected before training: nothing to report
+
+
+def test_rounds_refuse_what_cannot_work(tmp_path, kd_teacher_dir, capsys, monkeypatch):
+    collected, collect = [], teacher_targets.collect
+    monkeypatch.setattr(teacher_targets, "collect", lambda *a, **k: collected.append(a) or collect(*a, **k))
     cases = [
-        ({"prompts_per_round": 11}, r"prompts_per_round is 11, but data\.train_files hold 10 usable prompts"),
-        ({"sampling": {"max_new_tokens": 200}}, r"need max_seq_length > 264"),
-    ]
-    for rounds, error in cases:
+        ({"prompts_per_round": 11}, {}, r"prompts_per_round is 11, but data\.train_files hold 10 usable"),
+        ({"sampling": {"max_new_tokens": 200}}, {}, r"need max_seq_length > 264"),
+        ({}, {"cache_size_gb": 3e-5}, r"less than a round's targets may take \(2\.16e-06 GB\): raise "
+         r"data\.cache_size_gb to at least [\d.e-]+, or lower data\.rounds\.prompts_per_round"),
+    ]  # fmt: skip
+    for rounds, data, error in cases:
+        config = rounds_config(tmp_path, kd_teacher_dir, **rounds)
+        config["data"]["init_args"].update(data)
         path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump(rounds_config(tmp_path, kd_teacher_dir, **rounds)))
+        path.write_text(yaml.safe_dump(config))
         with pytest.raises(ValueError, match=error):
             main(["fit", "--config", str(path)])
+        assert not collected, error  # refused before any teacher ran (the validation set's included)
     path.write_text(yaml.safe_dump(rounds_config(tmp_path, kd_teacher_dir, num_rounds=0)))
     with pytest.raises(SystemExit):  # a config error: the message alone
         main(["fit", "--config", str(path)])

@@ -297,8 +297,18 @@ def test_norms_and_biases_are_not_decayed_and_matrices_are(model_type):
             json.dumps([{"model": "/no/such/teacher", "name": "t1"}]),
             ["teacher t1: /no/such/teacher: no such directory (/no/such/teacher does not exist)"],
         ),
+        (
+            "--data.init_args.teachers",
+            json.dumps([{"model": "/no/such/teacher.gguf", "name": "t1"}]),
+            ["teacher t1: /no/such/teacher.gguf: no such GGUF file (/no/such/teacher.gguf does not exist)"],
+        ),
+        (  # the student's tokenizer (model.model's, when unset)
+            "--model.init_args.tokenizer",
+            "/no/such/student.gguf",
+            ["/no/such/student.gguf: no such GGUF file (/no/such/student.gguf does not exist)"],
+        ),
     ],
-    ids=["loss", "alpha", "cache_size_gb", "chunk_size", "missing_teacher"],
+    ids=["loss", "alpha", "cache_size_gb", "chunk_size", "missing_teacher", "teacher_gguf", "student_gguf"],
 )
 def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir, capfd, flag, value, wanted):
     config = kd_config(tmp_path, kd_teacher_dir)

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
 
     from distill.cache.reader import CacheReader
-    from distill.teacher.collector import Collector
     from distill.teacher.targets import TeacherTargets
 
 PROMPT_OPTIONS = (
@@ -116,13 +115,11 @@ class OnPolicyRounds:
         self.run: str | None = None  # names this fit's rounds; checkpointed, so a resume keeps it
         self.prompts: PromptDataModule | None = None
 
-    def setup(self, collector: Collector, strategy: Strategy | None, world_size: int) -> None:
-        """Read the prompts, name this fit's run (rank 0's name on every rank) and check that one
-        round's targets fit the disk budget."""
+    def setup(self, strategy: Strategy | None) -> None:
+        """Read the prompts and name this fit's run (rank 0's name on every rank)."""
         self.read_prompts()
         run = uuid.uuid4().hex[:12]
         self.run = strategy.broadcast(run) if strategy is not None else run
-        collector.check_round_fits(self.per_rank(world_size) * (self.options.sampling.max_new_tokens + 1))
         rank_zero_info(
             f"[distill] on-policy rounds: {self.options.num_rounds} per epoch, "
             f"{self.options.prompts_per_round} prompts x {self.options.num_generations} completions each, "
@@ -170,6 +167,10 @@ class OnPolicyRounds:
     def per_rank(self, world_size: int) -> int:
         """Samples one rank trains on per round (all ranks the same: DDP needs equal steps)."""
         return self.options.prompts_per_round // world_size * self.options.num_generations
+
+    def positions(self, world_size: int) -> int:
+        """Trainable positions one rank's round may hold at most: what the disk budget must fit."""
+        return self.per_rank(world_size) * (self.options.sampling.max_new_tokens + 1)
 
     def round_prompts(self, index: int, rank: int, world_size: int) -> list[EncodedPrompt]:
         """This rank's prompts of round ``index``: rounds take consecutive slices of the prompts in an

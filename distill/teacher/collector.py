@@ -16,6 +16,7 @@ changes.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from functools import cached_property
@@ -59,31 +60,33 @@ class Collector:
         rows: list[list[Encoded]],
         val: Sequence[Encoded],
         *,
-        rounds: bool,
+        round_positions: int | None,
         packing: bool,
         tokens: str,
     ) -> dict[str, float]:
         """Collect what the caches of ``val`` and ``train`` lack (``rows``: the training samples in rows,
-        one each or packed); with ``rounds`` or over the budget only ``val``'s, the training targets come
-        chunk by chunk. Returns the teachers' perplexities on the ``tokens`` tokens (rank 0; empty on the
-        others)."""
+        one each or packed); with on-policy rounds (``round_positions``: the positions of one rank's
+        round) or over the budget only ``val``'s, the training targets come chunk by chunk. Returns the
+        teachers' perplexities on the ``tokens`` tokens (rank 0; empty on the others)."""
         self.spec, self.rows, self.val = spec, rows, val
         total = split_bytes(train, spec) + split_bytes(val, spec)
+        rounds = round_positions is not None
         over_budget = not rounds and self.cache_size_gb is not None and total > self.cache_size_gb * 1e9
         self.chunked = rounds or over_budget
+        # the budget is checked on estimates: a budget too small is refused before any teacher runs
+        if over_budget:
+            largest = max(estimated_bytes(row, spec) for row in rows)
+            self.check_fits(largest, "one training sample (or packed row)", "data.max_seq_length")
+        if rounds:
+            needs = round_positions * bytes_per_position_bound(spec)
+            self.check_fits(needs, "a round's targets", "data.rounds.prompts_per_round")
         self.targets.start(spec, collection, chunked=self.chunked, packing=packing)
         full = [("val", val)] + ([] if self.chunked else [("train", train)])
         full = [(split, samples) for split, samples in full if samples]
         collected = self.targets.sync_and_collect(full)  # the barriers
         rank_zero_info(f"[distill] collected {collected} samples on rank 0 before training")
-        found = self.targets.perplexities(dict(full), tokens) if collection.rank == 0 else {}
+        found = self.targets.perplexities(dict(full), tokens) if collection.rank == 0 and full else {}
         if over_budget:
-            largest = max(estimated_bytes(row, spec) for row in rows)
-            if self.chunk_budget < largest:
-                raise ValueError(
-                    f"data.cache_size_gb={self.cache_size_gb} leaves {self.chunk_budget / 1e9:.3g} GB for "
-                    f"training targets, less than one sample (or packed row) needs ({largest / 1e9:.3g} GB)"
-                )
             rank_zero_info(
                 f"[distill] chunked KD: ~{total / 1e9:.3g} GB of targets > cache_size_gb "
                 f"{self.cache_size_gb}; {len(self.plan(0))} chunks per epoch"
@@ -92,13 +95,17 @@ class Collector:
             self.targets.open_chunks()
         return found
 
-    def check_round_fits(self, positions: int) -> None:
-        """Refuse a budget that cannot hold the targets of a round of ``positions`` positions per rank."""
-        needs = positions * bytes_per_position_bound(self.spec)
+    def check_fits(self, needs: float, what: str, option: str) -> None:
+        """Refuse a budget whose chunks cannot hold ``what`` (``needs`` bytes); ``option`` is the other
+        way out than a larger budget."""
         if self.cache_size_gb is not None and self.chunk_budget < needs:
+            least = self.cache_size_gb - (self.chunk_budget - needs) / 1e9
+            scale = 10 ** (math.floor(math.log10(least)) - 2)
+            least = math.ceil(least / scale) * scale  # three digits, rounded up: that budget is enough
             raise ValueError(
-                f"data.cache_size_gb={self.cache_size_gb} leaves {self.chunk_budget / 1e9:.3g} GB for a "
-                f"round's targets, which may take {needs / 1e9:.3g} GB: lower data.rounds.prompts_per_round"
+                f"data.cache_size_gb={self.cache_size_gb} leaves {self.chunk_budget / 1e9:.3g} GB for "
+                f"training targets beside the validation set's, less than {what} may take "
+                f"({needs / 1e9:.3g} GB): raise data.cache_size_gb to at least {least:.3g}, or lower {option}"
             )
 
     @property

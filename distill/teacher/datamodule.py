@@ -111,6 +111,11 @@ class KDDataModule(DataModule):
         if self._ready:
             return
         check_vocabularies(self.teacher, self.tokenizer)  # before any teacher is loaded
+        if self.rounds is not None:  # their prompts are refused before any teacher runs
+            self.rounds.setup(self.trainer.strategy if self.trainer else None)
+            # the rounds train on conversations: the cache records, and teachers with a template of
+            # their own align to, the template that encodes them, validation conversations or not
+            self.resolve_chat_template()
         if any(t.template is not None for t in self.teacher.teachers):
             # such a teacher renders each record in its own template: the mapped samples carry none
             self.attach_records()
@@ -131,14 +136,11 @@ class KDDataModule(DataModule):
                 self.train,
                 rows,
                 self.val,
-                rounds=self.rounds is not None,
+                round_positions=None if self.rounds is None else self.rounds.positions(self._world_size),
                 packing=self.packing,
                 tokens=tokens,
             )
         )
-        if self.rounds is not None:
-            strategy = self.trainer.strategy if self.trainer else None
-            self.rounds.setup(self.collector, strategy, self._world_size)
         self._ready = True
 
     def collection(self) -> Collection:

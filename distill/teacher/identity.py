@@ -12,7 +12,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-from distill.pretrained import is_gguf, load_tokenizer, pretrained_source
+from distill.pretrained import check_gguf_file, is_gguf, load_tokenizer, pretrained_source
 
 _HASHED = (".safetensors", ".bin", ".json")
 _MEMO_FILE = ".distill_hash.json"
@@ -49,8 +49,9 @@ def check_model_source(
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    check_gguf_file(name_or_path, owner)
     path = Path(name_or_path).expanduser()
-    if path.is_dir() or (is_gguf(name_or_path) and path.is_file()):
+    if path.is_dir() or is_gguf(name_or_path):
         if config_file is not None and not (path / config_file).is_file():
             raise ValueError(
                 f"{owner} {name_or_path}: the directory holds no {what} (no {config_file}); give the "
