@@ -1,0 +1,231 @@
+"""KD across tokenizers, part 1: the vocabulary map, alignment through the text, and the projection of a
+teacher's rows into the student's vocabulary, on the two real bundled tokenizers (Mistral's
+SentencePiece and GPT-2's byte-level BPE)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.data.templates import resolve_template
+from distill.losses.kd import log_tail_mass
+from distill.pretrained import load_tokenizer
+from distill.targets import SparseTargets
+from distill.teacher.projection import EXACT, MERGED, UNALIGNED, cross_targets, merge_span, project
+from distill.teacher.spans import align_spans, byte_spans
+from distill.teacher.sparse import sparse_distribution
+from distill.teacher.vocab_map import build_vocab_map, token_bytes
+from tests.helpers import GPT2_TOKENIZER_DIR, TOKENIZER_DIR
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    return load_tokenizer(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer(str(GPT2_TOKENIZER_DIR))
+
+
+def encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and byte spans of ``text`` (no BOS)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    table = token_bytes(tokenizer)
+    pieces = [None if table[i] is None else table[i][0] for i in enc["input_ids"]]
+    return enc["input_ids"], byte_spans(text, enc["offset_mapping"], pieces)
+
+
+def random_rows(n: int, vocab: int, k: int, seed: int = 0) -> SparseTargets:
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 4
+    ids, head, lse, _, _ = sparse_distribution(logits, k)
+    return SparseTargets(ids, head, lse)
+
+
+def test_the_gpt2_tokenizer_ships_loads_and_gives_offsets(gpt2):
+    assert len(gpt2) == 50257 and gpt2.eos_token == gpt2.pad_token == "<|endoftext|>"
+    enc = gpt2("Hello world, it's 2024!", return_offsets_mapping=True)
+    assert enc["input_ids"] == [15496, 995, 11, 340, 338, 48609, 0]  # tiktoken's "gpt2" ids
+    assert enc["offset_mapping"][:2] == [(0, 5), (5, 11)]
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    template = resolve_template(gpt2)  # its own chat template, as a teacher's template "model" reads it
+    text, spans = template.render_with_spans(gpt2, chat)
+    assert text == "User: Hi\nAssistant: Hello.<|endoftext|>\n"
+    assert [text[a:b] for a, b in spans] == [" Hello.<|endoftext|>"]
+
+
+def test_vocab_map_matches_tokens_by_their_bytes(gpt2, mistral):
+    to_mistral = build_vocab_map(gpt2, mistral)
+    assert to_mistral.shape == (50257,) and to_mistral.dtype == torch.long
+
+    def mapped(token: str) -> str | None:
+        assert token in gpt2.get_vocab()
+        student = int(to_mistral[gpt2.convert_tokens_to_ids(token)])
+        return None if student < 0 else mistral.convert_ids_to_tokens(student)
+
+    agree = {
+        "Ġworld": "▁world",  # GPT-2's spelled space and SentencePiece's
+        "ized": "ized",
+        "ĠcafÃ©": "▁café",  # two bytes of é in GPT-2's alphabet, one character in SentencePiece
+        "Ċ": "<0x0A>",  # SentencePiece has no newline piece: its byte-fallback token
+        "¥": "<0xA5>",  # a lone continuation byte
+        "Ġ": "▁",
+        "<|endoftext|>": "</s>",  # EOS by role
+    }
+    assert {t: mapped(t) for t in agree} == agree
+    assert [mapped(t) for t in ("Ġunbelievably", "ĠnaÃ¯ve", "Ġæ")] == [None, None, None]
+    to_gpt2 = build_vocab_map(mistral, gpt2)
+    back = {
+        m: gpt2.convert_ids_to_tokens(int(to_gpt2[mistral.convert_tokens_to_ids(m)])) for m in agree.values()
+    }
+    assert back == {v: k for k, v in agree.items()}
+    assert to_gpt2[mistral.convert_tokens_to_ids("<0xE6>")] == gpt2.convert_tokens_to_ids("æ")
+    assert [int(to_gpt2[i]) for i in (0, 1)] == [-1, -1]  # <unk>, <s>: no role in common
+
+
+def test_vocab_map_of_a_tokenizer_with_itself_is_the_identity(gpt2, mistral):
+    for tokenizer in (gpt2, mistral):  # SentencePiece's "A" and "<0x41>" share bytes: each keeps its own id
+        assert torch.equal(build_vocab_map(tokenizer, tokenizer), torch.arange(len(tokenizer)))
+
+
+def test_byte_spans_split_characters_and_drop_sentencepiece_dummy_space(gpt2, mistral):
+    ids, spans = encode(gpt2, "日本 x")
+    assert gpt2.convert_ids_to_tokens(ids) == ["æĹ", "¥", "æľ", "¬", "Ġx"]
+    assert spans == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8)]  # char offsets give (0, 3) to the first two
+    ids, spans = encode(mistral, "日本 x")
+    assert mistral.convert_ids_to_tokens(ids) == ["▁", "日", "本", "▁x"]
+    assert spans == [(0, 0), (0, 3), (3, 6), (6, 8)]  # the leading ▁ is not in the text
+
+
+def test_alignment_groups_where_boundaries_differ(gpt2, mistral):
+    text = "The tokenizer splits unbelievably  long words."
+    student, student_spans = encode(mistral, text)
+    teacher, teacher_spans = encode(gpt2, text)
+    groups = align_spans(student_spans, teacher_spans)
+    shown = [
+        (
+            mistral.convert_ids_to_tokens([student[i] for i in g.student]),
+            gpt2.convert_ids_to_tokens([teacher[i] for i in g.teacher]),
+            g.exact,
+        )
+        for g in groups
+    ]
+    assert shown == [
+        (["▁The"], ["The"], True),
+        (["▁token"], ["Ġtoken"], True),
+        (["izer"], ["izer"], True),
+        (["▁spl", "its"], ["Ġsplits"], False),
+        (["▁un", "bel", "iev", "ably"], ["Ġunbelievably"], False),
+        (["▁▁", "long"], ["Ġ", "Ġlong"], False),  # the extra space: SentencePiece keeps it with the first
+        (["▁words"], ["Ġwords"], True),
+        (["."], ["."], True),
+    ]
+
+
+def test_alignment_skips_empty_spans_and_groups_leftovers():
+    groups = align_spans([(0, 0), (0, 2), (2, 5), (5, 9)], [(0, 2), (2, 2), (2, 4), (4, 5)])
+    assert [(g.student, g.teacher, g.exact) for g in groups] == [
+        ((1,), (0,), True),
+        ((2,), (2, 3), False),
+        ((3,), (), False),  # the teacher ended early
+    ]
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2"])
+def test_same_tokenizer_gives_exactly_the_teachers_rows(name, request):
+    tokenizer = request.getfixturevalue(name)
+    text = "The tokenizer splits unbelievably  long words, naïvely: 日本!"
+    ids, spans = encode(tokenizer, text)
+    groups = align_spans(spans, spans)
+    assert all(g.exact for g in groups) and len(groups) == len(ids)
+    rows = random_rows(len(ids), len(tokenizer), k=8)
+    rows.ids[0, -1], rows.logits[0, -1] = rows.ids[0, -2], -math.inf  # a padded slot passes through too
+    identity = build_vocab_map(tokenizer, tokenizer)
+    out = cross_targets(groups, ids, ids, rows, identity)
+    assert (out.source == EXACT).all()
+    assert torch.equal(out.targets.ids, rows.ids)
+    assert torch.equal(out.targets.logits, rows.logits)
+    assert torch.equal(out.targets.lse, rows.lse)
+
+
+def test_projection_keeps_mapped_mass_and_moves_the_rest_to_the_tail():
+    # teacher vocabulary of 6 into a student's of 4: 3 unmapped, 1 and 4 the same student token
+    vocab_map = torch.tensor([2, 0, -1, 3, 0, -1])
+    logits = torch.tensor([[0.5, 1.0, 2.0, -1.0, 0.0, 0.3], [3.0, -2.0, 0.0, 1.0, 1.5, -0.5]])
+    ids, head, lse, _, _ = sparse_distribution(logits, k=4)
+    rows = SparseTargets(ids, head, lse)
+    out = project(rows, vocab_map)
+    probs = logits.softmax(-1)
+    for r in range(2):
+        expected = torch.zeros(4)
+        for t in ids[r].tolist():
+            if vocab_map[t] >= 0:
+                expected[vocab_map[t]] += probs[r, t]
+        got = torch.zeros(4).index_add_(0, out.ids[r], (out.logits[r] - out.lse[r]).exp())
+        torch.testing.assert_close(got, expected)
+    total = (out.logits - out.lse[:, None]).exp().sum(-1) + log_tail_mass(out).exp()
+    torch.testing.assert_close(total, torch.ones(2))  # mapped + tail = 1
+    assert (out.ids.diff(dim=-1) >= 0).all()  # ascending, padding behind the last id
+
+
+def test_merged_span_gives_the_student_token_the_paths_probability(gpt2, mistral):
+    # student GPT-2 ("Ġunbelievably", one token), teacher SentencePiece (four)
+    to_gpt2 = build_vocab_map(mistral, gpt2)
+    text = "so unbelievably"
+    student, student_spans = encode(gpt2, text)
+    teacher, teacher_spans = encode(mistral, text)
+    groups = align_spans(student_spans, teacher_spans)
+    assert [(len(g.student), len(g.teacher)) for g in groups] == [(1, 1), (1, 4)]
+    rows = random_rows(len(teacher), len(mistral), k=16, seed=1)
+    for j, token in enumerate(teacher):  # the actual tokens in their rows' heads
+        if token not in rows.ids[j]:
+            rows.ids[j, 0] = token
+            rows.ids[j], order = rows.ids[j].sort()
+            rows.logits[j] = rows.logits[j][order]
+    out = cross_targets(groups, student, teacher, rows, to_gpt2)
+    assert out.source.tolist() == [UNALIGNED, MERGED]  # "so" vs "▁so": SentencePiece's dummy space
+    path = sum(float(rows.logits[j][rows.ids[j] == teacher[j]] - rows.lse[j]) for j in range(1, 5))
+    merged = out.targets
+    at_target = merged.logits[1][merged.ids[1] == student[1]]
+    torch.testing.assert_close(torch.logsumexp(at_target, 0) - merged.lse[1], torch.tensor(path))
+    mass = (merged.logits[1] - merged.lse[1]).exp().sum()
+    assert 0 < float(mass) <= 1 and float(out.mapped_mass[1]) == pytest.approx(float(mass))
+    rows.logits[3][rows.ids[3] == teacher[3]] = -math.inf  # an actual token outside its row's head
+    assert cross_targets(groups, student, teacher, rows, to_gpt2).source.tolist() == [UNALIGNED, UNALIGNED]
+
+
+def test_several_student_tokens_against_one_teacher_token_are_unaligned(gpt2, mistral):
+    text = "The tokenizer splits"
+    student, student_spans = encode(mistral, text)
+    teacher, teacher_spans = encode(gpt2, text)
+    rows = random_rows(len(teacher), len(gpt2), k=4)
+    out = cross_targets(
+        align_spans(student_spans, teacher_spans), student, teacher, rows, build_vocab_map(gpt2, mistral)
+    )
+    # "▁The" vs "The": the same bytes, but SentencePiece's token has its dummy space ("The" maps to "The");
+    # "▁spl" "its" vs "Ġsplits": the teacher never predicted the boundary inside "splits"
+    assert out.source.tolist() == [UNALIGNED, EXACT, EXACT, UNALIGNED, UNALIGNED]
+    assert out.mapped_mass[3:].tolist() == [0.0, 0.0] and out.mapped_mass[1] > 0
+    assert torch.isinf(out.targets.logits[3:]).all()
+
+
+def test_sampled_rows_are_refused_with_the_way_out():
+    rows = SparseTargets(
+        torch.zeros(1, 0, dtype=torch.long),
+        torch.zeros(1, 0),
+        torch.zeros(1),
+        torch.zeros(1, 2, dtype=torch.long),
+        torch.ones(1, 2, dtype=torch.int32),
+    )
+    with pytest.raises(ValueError, match=r"sparsity\.scheme: topk"):
+        project(rows, torch.arange(4))
+    with pytest.raises(ValueError, match=r"sparsity\.scheme: topk"):
+        merge_span(
+            rows,
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1),
+            torch.zeros(1, dtype=torch.long),
+            torch.arange(4),
+        )
