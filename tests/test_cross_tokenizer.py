@@ -4,6 +4,7 @@ SentencePiece and GPT-2's byte-level BPE)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -30,10 +31,13 @@ def gpt2():
     return load_tokenizer(str(GPT2_TOKENIZER_DIR))
 
 
+_token_bytes = functools.cache(token_bytes)  # one read of each vocabulary per test session
+
+
 def encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and byte spans of ``text`` (no BOS)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    table = token_bytes(tokenizer)
+    table = _token_bytes(tokenizer)
     pieces = [None if table[i] is None else table[i][0] for i in enc["input_ids"]]
     return enc["input_ids"], byte_spans(text, enc["offset_mapping"], pieces)
 
@@ -154,9 +158,12 @@ def test_projection_keeps_mapped_mass_and_moves_the_rest_to_the_tail():
     # teacher vocabulary of 6 into a student's of 4: 3 unmapped, 1 and 4 the same student token
     vocab_map = torch.tensor([2, 0, -1, 3, 0, -1])
     logits = torch.tensor([[0.5, 1.0, 2.0, -1.0, 0.0, 0.3], [3.0, -2.0, 0.0, 1.0, 1.5, -0.5]])
-    ids, head, lse, _, _ = sparse_distribution(logits, k=4)
+    ids, head, lse, _, _ = sparse_distribution(logits, k=5)  # both rows hold teacher ids 1 and 4
     rows = SparseTargets(ids, head, lse)
     out = project(rows, vocab_map)
+    for r in range(2):  # student id 0 once (the losses read the student's head mass by id)
+        kept = out.ids[r][torch.isfinite(out.logits[r])].tolist()
+        assert kept == sorted(set(kept)) and 0 in kept
     probs = logits.softmax(-1)
     for r in range(2):
         expected = torch.zeros(4)
