@@ -5,20 +5,39 @@ SentencePiece and GPT-2's byte-level BPE)."""
 from __future__ import annotations
 
 import functools
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from distill.data.templates import resolve_template
+from distill.data.encoding import encode_record
+from distill.data.formats import to_record
+from distill.data.templates import TemplateError, resolve_template
 from distill.losses.kd import log_tail_mass
 from distill.pretrained import load_tokenizer
 from distill.targets import SparseTargets
+from distill.teacher.cross import TextAxis
+from distill.teacher.identity import tokenizer_hash
+from distill.teacher.module import Teacher, TeacherModule
 from distill.teacher.projection import EXACT, MERGED, UNALIGNED, cross_targets, merge_span, project
 from distill.teacher.spans import align_spans, byte_spans
 from distill.teacher.sparse import sparse_distribution
 from distill.teacher.vocab_map import build_vocab_map, token_bytes
-from tests.helpers import GPT2_TOKENIZER_DIR, TOKENIZER_DIR
+from tests.helpers import (
+    GPT2_TOKENIZER_DIR,
+    TINY_LLAMA,
+    TOKENIZER_DIR,
+    clean_env,
+    conversation,
+    kd_config,
+    losses,
+    losses_named,
+    run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +255,97 @@ def test_sampled_rows_are_refused_with_the_way_out():
             torch.zeros(1, dtype=torch.long),
             torch.arange(4),
         )
+
+
+# ---- part 2: a cache in the teacher's own terms trains students of other tokenizers -------------------
+
+
+def _cross_fit(tmp_path, teacher: dict, name: str, student_tokenizer=TOKENIZER_DIR, n: int = 8, **data):
+    """A 3-step KD fit of a tiny student on ``n`` conversations, the cache under ``tmp_path / 'cache'``
+    (shared by the fits of one test), its logs under ``tmp_path / name``."""
+    tmp_path.mkdir(exist_ok=True)
+    config = yaml.safe_load(kd_config(tmp_path, Path("unused"), n=n).read_text())
+    config["trainer"].update(max_steps=3, val_check_interval=3, default_root_dir=str(tmp_path / name))
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / name)
+    config["model"]["init_args"]["tokenizer"] = str(student_tokenizer)
+    config["data"]["init_args"].update(teachers=[teacher], max_seq_length=256, **data)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run(["fit", "--config", str(path)], clean_env())
+
+
+GPT2_TEACHER = {"model_config": TINY_LLAMA, "name": "g", "tokenizer": str(GPT2_TOKENIZER_DIR)}
+
+
+def test_one_collection_in_the_teachers_terms_trains_students_of_two_tokenizers(tmp_path):
+    first = _cross_fit(tmp_path, GPT2_TEACHER, "mistral")
+    spec = json.loads((tmp_path / "cache" / "train" / "cache.json").read_text())
+    assert spec["teacher_terms"] is True and spec["vocab_size"] == 50257
+    assert spec["tokenizer_hash"] == tokenizer_hash(load_tokenizer(str(GPT2_TOKENIZER_DIR)))
+    assert "collect {g: 8}" in first.stderr
+    log = re.search(r"teacher g \(another tokenizer\) on 6 val samples: ([\d.]+)% .*aligned", first.stderr)
+    assert log is not None and 0 < float(log.group(1)) < 100, first.stderr[-3000:]
+    shares = losses_named(tmp_path / "mistral", "train/aligned_share")
+    assert len(shares) == 3 and all(0 < s < 1 for s in shares.values())
+    assert 0 < losses_named(tmp_path / "mistral", "val/mapped_mass")[2] <= 1
+    assert all(math.isfinite(v) for v in losses(tmp_path / "mistral").values())
+    # a student of GPT-2's own tokenizer reads the same collection: nothing is collected again, and
+    # every position aligns exactly (the same tokenizer and template as the teacher's)
+    second = _cross_fit(tmp_path, GPT2_TEACHER, "gpt2", student_tokenizer=GPT2_TOKENIZER_DIR)
+    assert "collected 0 samples" in second.stderr
+    assert set(losses_named(tmp_path / "gpt2", "train/aligned_share").values()) == {1.0}
+
+
+def test_a_teacher_of_the_same_tokenizer_through_the_cross_path_trains_exactly_as_today(tmp_path):
+    teacher = {"model_config": TINY_LLAMA, "name": "t"}
+    _cross_fit(tmp_path / "same", teacher, "today")
+    _cross_fit(tmp_path / "cross", {**teacher, "tokenizer": str(TOKENIZER_DIR)}, "cross")
+    spec = json.loads((tmp_path / "cross" / "cache" / "train" / "cache.json").read_text())
+    assert spec["teacher_terms"] is True
+    today, crossed = losses(tmp_path / "same" / "today"), losses(tmp_path / "cross" / "cross")
+    assert len(today) == 3 and crossed == today  # bit for bit
+    for name in ("train/kd", "val/loss"):
+        assert losses_named(tmp_path / "cross" / "cross", name) == losses_named(
+            tmp_path / "same" / "today", name
+        )
+    assert set(losses_named(tmp_path / "cross" / "cross", "train/aligned_share").values()) == {1.0}
+
+
+def test_a_slow_teacher_tokenizer_is_refused_naming_the_teacher():
+    from transformers import PythonBackend
+
+    class Characters(PythonBackend):
+        """A tokenizer in pure Python, without offsets: one token per ASCII character."""
+
+        vocab_size = 128
+
+        def get_vocab(self) -> dict[str, int]:
+            return {chr(i): i for i in range(128)}
+
+        def _tokenize(self, text: str) -> list[str]:
+            return list(text)
+
+        def _convert_token_to_id(self, token: str) -> int:
+            return ord(token) % 128
+
+        def _convert_id_to_token(self, index: int) -> str:
+            return chr(index)
+
+    with pytest.raises(ValueError, match=r"teacher 'g'.*slow \(Python\) tokenizer without offsets"):
+        TextAxis(Characters(), None, "teacher 'g'")
+
+
+def test_a_teacher_template_that_cannot_render_the_conversation_is_an_error_naming_the_teacher(mistral):
+    refuses_system = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system turns') }}"
+        "{% endif %}{{ m.content }}<|endoftext|>{% endfor %}"
+    )
+    teacher = Teacher(model_config=TINY_LLAMA, name="g", tokenizer=str(GPT2_TOKENIZER_DIR))
+    teacher.template, teacher.end_of_turn = refuses_system, "<|endoftext|>"
+    module = TeacherModule([teacher], tokenizer=str(TOKENIZER_DIR))
+    template = resolve_template(mistral, "mistral")
+    sample = encode_record(to_record(conversation(1), "data.jsonl:1"), mistral, template)
+    with pytest.raises(
+        TemplateError, match=r"teacher 'g': template 'custom' cannot render data.jsonl:1.*no system"
+    ):
+        module.prepare_jobs([(0, [sample])], template)

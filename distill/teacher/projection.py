@@ -103,7 +103,8 @@ class CrossTargets:
     mapped_mass: Tensor  # (P,) the teacher's probability mass kept in the student's head, 0 where unaligned
 
 
-def _pad(rows: SparseTargets, width: int) -> SparseTargets:
+def pad_width(rows: SparseTargets, width: int) -> SparseTargets:
+    """Rows widened to ``width`` slots with empty (-inf) ones behind the last id."""
     extra = width - rows.ids.shape[1]
     if extra == 0:
         return rows
@@ -160,7 +161,7 @@ def cross_targets(
         targets = torch.tensor([student_tokens[s] for s in at], dtype=torch.long)
         parts.append((at, merge_span(first, tokens[rows], torch.tensor(paths), targets, vocab_map), MERGED))
     for at, rows, kind in parts:
-        rows = _pad(rows, width)
+        rows = pad_width(rows, width)
         out.ids[at], out.logits[at], out.lse[at] = rows.ids, rows.logits, rows.lse
         source[at] = kind
     mass = (torch.logsumexp(out.logits, -1) - out.lse).exp().masked_fill(source == UNALIGNED, 0.0)
