@@ -297,10 +297,12 @@ def test_one_collection_in_the_teachers_terms_trains_students_of_two_tokenizers(
 
 
 def test_a_teacher_of_the_same_tokenizer_through_the_cross_path_trains_exactly_as_today(tmp_path):
-    teacher = {"model_config": TINY_LLAMA, "name": "t"}
-    _cross_fit(tmp_path / "same", teacher, "today")
-    _cross_fit(tmp_path / "cross", {**teacher, "tokenizer": str(TOKENIZER_DIR)}, "cross")
-    spec = json.loads((tmp_path / "cross" / "cache" / "train" / "cache.json").read_text())
+    """In chunked mode (a disk budget of a few samples' targets), so chunks collect in the teacher's terms."""
+    teacher, budget = {"model_config": TINY_LLAMA, "name": "t"}, {"cache_size_gb": 4.5e-5}
+    _cross_fit(tmp_path / "same", teacher, "today", **budget)
+    crossed = _cross_fit(tmp_path / "cross", {**teacher, "tokenizer": str(TOKENIZER_DIR)}, "cross", **budget)
+    assert re.search(r"chunked KD: .* [2-9] chunks per epoch", crossed.stderr), crossed.stderr[-3000:]
+    spec = json.loads((tmp_path / "cross" / "cache" / "val" / "cache.json").read_text())
     assert spec["teacher_terms"] is True
     today, crossed = losses(tmp_path / "same" / "today"), losses(tmp_path / "cross" / "cross")
     assert len(today) == 3 and crossed == today  # bit for bit
@@ -349,3 +351,33 @@ def test_a_teacher_template_that_cannot_render_the_conversation_is_an_error_nami
         TemplateError, match=r"teacher 'g': template 'custom' cannot render data.jsonl:1.*no system"
     ):
         module.prepare_jobs([(0, [sample])], template)
+
+
+def test_unaligned_positions_train_on_the_hard_label_alone():
+    """A placeholder row (no teacher distribution) contributes its CE in full, whatever alpha, and no KD;
+    aligned rows give exactly what they give without the mask."""
+    from distill.objectives.kd import Distillation
+    from distill.targets import BatchTargets
+    from tests.helpers import token_inputs
+
+    torch.manual_seed(0)
+    vocab, hidden_size, positions = 40, 16, 6
+    hidden = torch.randn(positions, hidden_size)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    labels = torch.randint(0, vocab, (positions,))
+    ids, logits, lse, _, _ = sparse_distribution(torch.randn(positions, vocab) * 3, k=8)
+    aligned = torch.tensor([True, False, True, True, False, True])
+    logits = logits.masked_fill(~aligned[:, None], -math.inf)  # the join's placeholder rows
+    ids, lse = ids.masked_fill(~aligned[:, None], 0), lse.masked_fill(~aligned, 0.0)
+    rows = SparseTargets(ids, logits, lse)
+    objective = Distillation(alpha=0.7, temperature=2.0)
+    objective.cross_tokenizer = True
+    mass = torch.full((positions,), 0.5).masked_fill(~aligned, 0.0)
+    masked = objective(token_inputs(hidden, head, labels, BatchTargets([rows], vocab, {}, aligned, mass)))
+    ce = torch.nn.functional.cross_entropy(head(hidden), labels, reduction="none")
+    keep = aligned.nonzero().squeeze(1)
+    kept = SparseTargets(ids[keep], logits[keep], lse[keep])
+    alone = objective(token_inputs(hidden[keep], head, labels[keep], BatchTargets([kept], vocab)))
+    torch.testing.assert_close(masked.loss_sum, alone.loss_sum + ce[~aligned].sum())
+    torch.testing.assert_close(masked.sums["kd"], alone.sums["kd"])
+    assert int(masked.sums["aligned_share"]) == 4 and float(masked.sums["mapped_mass"]) == 2.0

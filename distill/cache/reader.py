@@ -144,6 +144,11 @@ class CacheReader:
         ix = self.load_index()[self._one(teacher)]
         return ix.num_tokens[ix.find(sha_keys(shas))[0]].tolist()
 
+    def num_positions(self, shas: Sequence[str], teacher: str | None = None) -> np.ndarray:
+        """Per sample, the number of positions stored for it."""
+        name = self._one(teacher)
+        return self.load_index()[name].npos[self._stored_rows(name, shas)]
+
     def nll(self, shas: Sequence[str], teacher: str | None = None) -> np.ndarray:
         """Per sample, the teacher's NLL of its next tokens summed over positions (NaN: older segment)."""
         name = self._one(teacher)

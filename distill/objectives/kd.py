@@ -70,8 +70,11 @@ class Distillation(Objective):
                 f"Distillation alpha (the KD term's weight; 1 - alpha goes to cross-entropy) must be in "
                 f"[0, 1]; got {alpha}"
             )
-        if online and any(t.template is not None for t in online):
-            raise ValueError("online teachers read the student's batch: a teacher template needs cached KD")
+        if online and any(t.template is not None or t.tokenizer is not None for t in online):
+            raise ValueError(
+                "online teachers read the student's batch: a teacher template or tokenizer of its own "
+                "needs cached KD (data.teachers)"
+            )
         super().__init__()
         self.loss = loss
         self.temperature = temperature

@@ -37,7 +37,8 @@ def check_vocabularies(teacher: TeacherModule, tokenizer: PreTrainedTokenizerBas
     """Every teacher maps tokens to the student's ids and has a row for each: fails before any model is
     loaded."""
     for index, t in enumerate(teacher.teachers):  # one of another tokenizer: its model against its own
-        check_teacher_vocabulary(teacher.teacher_tokenizer(index), t.model, t.model_config, t.key)
+        own = tokenizer if t.tokenizer is None else teacher.teacher_tokenizer(index)
+        check_teacher_vocabulary(own, t.model, t.model_config, t.key)
 
 
 def cache_spec(

@@ -150,6 +150,9 @@ class TeacherTargets:
                 nll = self.readers[split].nll([s.sha for s in samples], name)
                 known = np.isfinite(nll)  # NaN: collected before the teacher's NLL was stored
                 positions = sum(trainable_positions(s) for s, k in zip(samples, known, strict=True) if k)
+                if self.spec.teacher_terms:  # per token of the teacher's own, over whole records
+                    shas = [s.sha for s, k in zip(samples, known, strict=True) if k]
+                    positions = int(self.readers[split].num_positions(shas, name).sum())
                 if not positions:
                     parts.append(f"{split} n/a (cache collected before teacher NLLs were stored)")
                     continue
