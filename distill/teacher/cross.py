@@ -13,7 +13,6 @@ any further piece of it spans nothing (unaligned).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import jinja2
 import numpy as np
@@ -24,8 +23,6 @@ from distill.data.formats import Record
 from distill.data.templates import ChatTemplate, TemplateError
 from distill.teacher.spans import byte_spans
 from distill.teacher.vocab_map import token_bytes
-
-SPAN_COLUMNS = ("token", "turn", "start", "end")  # the columns of a spans array, (P, 4) int32
 
 
 def require_offsets(tokenizer: PreTrainedTokenizerBase, teacher: str) -> None:
@@ -142,5 +139,4 @@ def _record(sample: Encoded, owner: str) -> Record:
 def teacher_view(axis: TextAxis, sample: Encoded) -> tuple[Encoded, np.ndarray]:
     """A student sample as a teacher of another tokenizer reads it: the whole record in the teacher's
     template and tokenizer, and the spans of its trained positions."""
-    encoded, spans = axis.encode(_record(sample, axis.owner))
-    return replace(encoded, source=sample.source), spans
+    return axis.encode(_record(sample, axis.owner))

@@ -160,10 +160,10 @@ class TeacherModule(L.LightningModule):
         and its template (by default the student's, rendered with the teacher's special tokens)."""
         if index not in self._axes:
             teacher, tokenizer = self.teachers[index], self.teacher_tokenizer(index)
-            name = teacher.template or (student_template.name if student_template else None)
-            if name is not None and name not in BUILTIN_TEMPLATES and teacher.template is None:
-                name = student_template.source
-            template = None
+            name, template = teacher.template, None
+            if name is None and student_template is not None:  # a built-in by name: its special tokens
+                builtin = student_template.name in BUILTIN_TEMPLATES
+                name = student_template.name if builtin else student_template.source
             if name is not None:
                 template = resolve_teacher_template(tokenizer, name, teacher.end_of_turn, teacher.model)
             self._axes[index] = TextAxis(tokenizer, template, f"teacher {teacher.key!r}")
