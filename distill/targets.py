@@ -44,6 +44,10 @@ class BatchTargets:
     per_teacher: list[SparseTargets]
     vocab_size: int
     nll: dict[str, Tensor] = field(default_factory=dict)  # per teacher: its NLL of the labels, summed
+    # teachers of another tokenizer (KD across tokenizers): (P,) bool, a teacher distribution aligned with
+    # the position (else it trains on the hard label alone), and (P,) the teacher mass mapped there
+    aligned: Tensor | None = None
+    mapped_mass: Tensor | None = None
 
 
 def teacher_top1(targets: SparseTargets) -> Tensor:

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 TOKENIZER_DIR = Path(os.environ.get("DISTILL_TEST_TOKENIZER", ROOT / "distill" / "assets" / "tokenizer"))
+GPT2_TOKENIZER_DIR = ROOT / "distill" / "assets" / "tokenizer_gpt2"  # a second family: byte-level BPE
 
 
 CHAT_MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

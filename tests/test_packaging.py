@@ -1,5 +1,5 @@
-"""The wheel ships every module under the distill namespace, callbacks/ as distill.callbacks, no stray
-top-level package, and no module that shadows the standard library."""
+"""The wheel ships every module under the distill namespace, callbacks/ as distill.callbacks, every
+file of distill/assets, no stray top-level package, and no module that shadows the standard library."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def test_wheel_holds_every_module_under_the_distill_namespace_only(tmp_path):
     modules = {f"distill/{p.relative_to(ROOT / 'distill')}" for p in (ROOT / "distill").rglob("*.py")}
     modules |= {f"distill/callbacks/{p.name}" for p in (ROOT / "callbacks").glob("*.py")}
     assert modules <= names, sorted(modules - names)
+    assets = {
+        f"distill/{p.relative_to(ROOT / 'distill')}"
+        for p in (ROOT / "distill" / "assets").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert assets <= names, sorted(assets - names)  # the demo data and both tokenizers ship
     stdlib = set(sys.stdlib_module_names)
     shadowing = [n for n in names if n.endswith(".py") and Path(n).stem in stdlib]
     assert not shadowing, shadowing

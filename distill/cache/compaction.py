@@ -14,7 +14,7 @@ import numpy as np
 
 from distill.cache.lock import nobody_reads
 from distill.cache.reader import named_corruption, sha_keys
-from distill.cache.segment import Segment, open_segment, scan_segments
+from distill.cache.segment import SPAN_FIELDS, Segment, open_segment, scan_segments
 from distill.cache.spec import spec_from_attrs
 
 MERGED_PREFIX = "c"  # names of segments a compaction wrote (writers use r<rank>)
@@ -84,7 +84,7 @@ def _copy_rows(src: h5py.Group, dst: h5py.Group, keep: np.ndarray, out: Segment,
             continue
         cols = {n: v[r0:r1][k] for n, v in index.items()}
         p0, p1 = pos[r0], pos[r1 - 1] + npos[r1 - 1]
-        for n in ("lse", "tail"):
+        for n in ("lse", "tail", *SPAN_FIELDS):
             if n in src:
                 cols[n] = src[n][p0:p1][np.repeat(k, npos[r0:r1])]
         cols["stream"] = src["stream"][byte[r0] : byte[r1 - 1] + nbytes[r1 - 1]][np.repeat(k, nbytes[r0:r1])]

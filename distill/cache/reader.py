@@ -20,7 +20,7 @@ import numpy as np
 
 from distill.cache.codec import decode_targets
 from distill.cache.lock import hold_readers_lock
-from distill.cache.segment import CacheCorruptError, open_segment, scan_segments
+from distill.cache.segment import SPAN_FIELDS, CacheCorruptError, open_segment, scan_segments
 from distill.targets import SparseTargets
 
 MAX_ABS_LSE = 1e4  # raw-logit log-sum-exps of real models are tens; corrupt floats are far out
@@ -144,6 +144,11 @@ class CacheReader:
         ix = self.load_index()[self._one(teacher)]
         return ix.num_tokens[ix.find(sha_keys(shas))[0]].tolist()
 
+    def num_positions(self, shas: Sequence[str], teacher: str | None = None) -> np.ndarray:
+        """Per sample, the number of positions stored for it."""
+        name = self._one(teacher)
+        return self.load_index()[name].npos[self._stored_rows(name, shas)]
+
     def nll(self, shas: Sequence[str], teacher: str | None = None) -> np.ndarray:
         """Per sample, the teacher's NLL of its next tokens summed over positions (NaN: older segment)."""
         name = self._one(teacher)
@@ -152,6 +157,22 @@ class CacheReader:
     def read(self, shas: Sequence[str], teacher: str | None = None) -> list[SparseTargets]:
         """Several samples at once (one read per segment where they lie close together)."""
         return self._read(self._one(teacher), shas)
+
+    def spans(self, shas: Sequence[str], teacher: str | None = None) -> list[np.ndarray]:
+        """Per sample, its positions' (token, turn, start, end) in the text, (P, 4) int32: what a cache in
+        the teacher's own terms keeps beside the targets (``distill.teacher.cross``)."""
+        name = self._one(teacher)
+        ix, rows = self.load_index()[name], self._stored_rows(name, shas)
+        out = []
+        for sha, row in zip(shas, rows, strict=True):
+            seg, p0 = int(ix.seg[row]), int(ix.pos[row])
+            g = self._file(seg)["teachers"][name]
+            with named_corruption(self.segments[seg], name, [sha]):
+                if "token" not in g:
+                    raise ValueError("the segment holds no token places: not a cache in the teacher's terms")
+                cols = [g[n][p0 : p0 + int(ix.npos[row])] for n in SPAN_FIELDS]
+            out.append(np.stack(cols, axis=1).astype(np.int32))
+        return out
 
     def iter_chunks(
         self, shas: Sequence[str], chunk_size: int, teacher: str | None = None

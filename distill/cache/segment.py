@@ -41,7 +41,13 @@ _FIELDS = {
     "lse": ("f4", 16384, True),
     "tail": ("f2", 32768, True),
     "stream": ("u1", 65536, False),  # Rice bit streams: shuffling bytes of uint8 does nothing
+    # caches in a teacher's own terms: each position's token and place in the text (distill.teacher.cross)
+    "token": ("i4", 16384, True),
+    "turn": ("i4", 16384, True),
+    "start": ("i4", 16384, True),
+    "end": ("i4", 16384, True),
 }
+SPAN_FIELDS = ("token", "turn", "start", "end")
 
 
 def fsync_path(path: Path) -> None:
@@ -134,6 +140,7 @@ class Segment:
             self.partial.unlink(missing_ok=True)
             raise
         self.head = spec.scheme != "sampled"
+        self.teacher_terms = spec.teacher_terms
         self._filled: dict[str, int] = {}
 
     def __enter__(self) -> Segment:
@@ -147,8 +154,9 @@ class Segment:
         g = self.file.create_group(f"teachers/{identity['name']}")
         g.attrs["teacher"] = json.dumps(identity, sort_keys=True)
         for name, (dtype, chunk, shuffle) in _FIELDS.items():
-            if self.head or name not in ("kl", "tail"):
-                n = {"lse": positions, "tail": positions, "stream": nbytes}.get(name, rows)
+            if (self.head or name not in ("kl", "tail")) and (self.teacher_terms or name not in SPAN_FIELDS):
+                per_position = name in ("lse", "tail", *SPAN_FIELDS)
+                n = nbytes if name == "stream" else positions if per_position else rows
                 # fletcher32: every chunk carries a checksum that HDF5 verifies on each read
                 opts = {"chunks": (min(chunk, n),), "compression": "lzf", "shuffle": shuffle} if n else {}
                 opts.update({"fletcher32": True} if n else {})
@@ -250,6 +258,7 @@ class CacheWriter:
         self.measure_kl = measure_kl
         self._rows: list[tuple[bytes, int, int, int, float, float]] = []
         self._samples: list[EncodedSample] = []
+        self._spans: list[np.ndarray] = []
         self._pending_bytes = 0
         self._since = time.monotonic()
         self.committed: list[Path] = []
@@ -257,14 +266,21 @@ class CacheWriter:
     def append(self, sha: str, num_tokens: int, targets: SparseTargets, nll: float = float("nan")) -> None:
         self.extend([(sha, num_tokens, targets, nll)])
 
-    def extend(
-        self, items: Iterable[tuple[str, int, SparseTargets] | tuple[str, int, SparseTargets, float]]
-    ) -> None:
-        """Items ``(sha, num_tokens, targets[, nll])``; ``nll``: the teacher's summed NLL of the sample's
-        actual next tokens (NaN: unknown)."""
+    def extend(self, items: Iterable[tuple]) -> None:
+        """Items ``(sha, num_tokens, targets[, nll[, spans]])``; ``nll``: the teacher's summed NLL of the
+        sample's actual next tokens (NaN: unknown); ``spans``: (P, 4) each position's token and place in
+        the text, which a cache in the teacher's own terms needs."""
         spec = self.spec
         for sha, num_tokens, targets, *rest in items:
             nll = float(rest[0]) if rest else float("nan")
+            spans = rest[1] if len(rest) > 1 else None
+            if spec.teacher_terms and (spans is None or len(spans) != targets.num_positions):
+                raise ValueError(
+                    f"sample {sha}: a cache in the teacher's own terms stores each position's place in the "
+                    f"text: got {'none' if spans is None else len(spans)} for {targets.num_positions}"
+                )
+            if spec.teacher_terms:
+                self._spans.append(np.asarray(spans, dtype=np.int32).reshape(-1, 4))
             if not isinstance(sha, str) or len(sha) > 64 or not sha.isascii():
                 raise ValueError(f"sample keys are SHA-256 hex strings, got {sha!r}")
             e = encode_targets(
@@ -292,12 +308,15 @@ class CacheWriter:
             cols["tail"] = np.concatenate([e.tail for e in self._samples])
         else:
             del cols["kl"]  # draws are stored exactly: nothing to measure
+        if self.spec.teacher_terms:
+            spans = np.concatenate(self._spans)
+            cols.update({name: spans[:, i] for i, name in enumerate(SPAN_FIELDS)})
         samples = len({r[0] for r in self._rows})
         with Segment(self.directory, self.prefix, self.spec, samples) as segment:
             g = segment.group(self.identity, len(self._rows), len(cols["lse"]), len(cols["stream"]))
             segment.write(g, cols)
             path = segment.commit()
-        self._rows, self._samples, self._pending_bytes = [], [], 0
+        self._rows, self._samples, self._spans, self._pending_bytes = [], [], [], 0
         self.committed.append(path)
         return path
 

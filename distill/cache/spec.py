@@ -36,6 +36,9 @@ class CacheSpec:
     max_seq_length: int = 0
     labels: str = ""  # what decides the trainable positions: loss on responses only or all, truncation side
     value_bits: int = 6  # resolution of the cube-root head-value codes; 6: ~1.5e-4 nats KL when peaked
+    # in the teacher's own terms (KD across tokenizers): tokenizer, vocabulary and template are the
+    # teacher's, each position is stored with its place in the text; any student's training aligns them
+    teacher_terms: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

@@ -69,6 +69,7 @@ def describe(path: Path) -> dict:
         values["identity"] = identities.get(name, {})
     if spec is not None:
         shown = ("scheme", "k", "n_draws", "vocab_size", "temperature", "max_seq_length", "value_bits")
+        shown += ("teacher_terms",)  # True: in the teacher's own tokenizer, for students of any tokenizer
         stats["settings"] = {name: getattr(spec, name) for name in shown}
         stats["settings"].update(
             tokenizer_hash=spec.tokenizer_hash[:16], template=_template_id(spec.template), labels=spec.labels

@@ -36,4 +36,5 @@ class DataFacts:
     responses: bool = False  # prompt batches also carry the dataset's responses
     num_iterations: int = 1  # times each optimizer step's prompt batches come in a row
     teacher_names: tuple[str, ...] = ()  # cached teacher targets joined into the batches, by teacher
+    cross_tokenizer: bool = False  # those teachers have another tokenizer: some positions lack targets
     units: Units | None = None

@@ -70,8 +70,11 @@ class Distillation(Objective):
                 f"Distillation alpha (the KD term's weight; 1 - alpha goes to cross-entropy) must be in "
                 f"[0, 1]; got {alpha}"
             )
-        if online and any(t.template is not None for t in online):
-            raise ValueError("online teachers read the student's batch: a teacher template needs cached KD")
+        if online and any(t.template is not None or t.tokenizer is not None for t in online):
+            raise ValueError(
+                "online teachers read the student's batch: a teacher template or tokenizer of its own "
+                "needs cached KD (data.teachers)"
+            )
         super().__init__()
         self.loss = loss
         self.temperature = temperature
@@ -85,10 +88,23 @@ class Distillation(Objective):
         # a plain object: the teachers stay out of the module tree (never trained, checkpointed, exported)
         self.teachers: OnlineTeachers | None = None
         self.teacher_names = [t.key for t in online] if online else []
+        self.cross_tokenizer = False  # cached teachers of another tokenizer (set up from the data)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return ("ce", "kd", "agree", *(teacher_ce_names(self.teacher_names).values() or ["teacher_ce"]))
+        aligned = ("aligned_share", "mapped_mass") if self.cross_tokenizer else ()
+        teacher_ce = teacher_ce_names(self.teacher_names).values() or ["teacher_ce"]
+        return ("ce", "kd", "agree", *teacher_ce, *aligned)
+
+    @staticmethod
+    def derived_metrics(values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``mapped_mass`` as a mean over the aligned positions (it is summed over them)."""
+        if "mapped_mass" in values:
+            values = {
+                **values,
+                "mapped_mass": values["mapped_mass"] / values["aligned_share"].clamp(min=1e-12),
+            }
+        return values
 
     def mix(self, per_teacher: list[SparseTargets], vocab_size: int) -> SparseTargets:
         """One teacher's targets as they are, several mixed with ``teacher_weights``."""
@@ -104,6 +120,7 @@ class Distillation(Objective):
         self.tokenizer_id = context.origin.tokenizer
         if self.online is None:
             self.teacher_names = list(context.data.teacher_names)
+            self.cross_tokenizer = context.data.cross_tokenizer
 
     @property
     def needs_teacher_targets(self) -> bool:
@@ -165,9 +182,16 @@ class Distillation(Objective):
             beta=self.beta,
             skew=self.skew,
         )
-        loss_sum, kd_sum, ce_sum = terms.total.sum(), terms.kd.detach().sum(), terms.ce.detach().sum()
+        total, kd, aligned = terms.total, terms.kd, batch.targets.aligned
+        extra = {}
+        if aligned is not None:  # a position aligned with no teacher distribution: the hard label alone
+            aligned = aligned.to(hidden.device)
+            total, kd = torch.where(aligned, total, ce), kd.masked_fill(~aligned, 0.0)
+            mass = batch.targets.mapped_mass.to(hidden.device)
+            extra = {"aligned_share": aligned.sum(), "mapped_mass": mass.masked_fill(~aligned, 0.0).sum()}
+        loss_sum, kd_sum, ce_sum = total.sum(), kd.detach().sum(), terms.ce.detach().sum()
         correct, agree = (predicted == labels).sum(), (predicted == teacher_top1(targets)).sum()
-        sums = {"ce": ce_sum, "kd": kd_sum, "agree": agree, **teacher_ce}
+        sums = {"ce": ce_sum, "kd": kd_sum, "agree": agree, **teacher_ce, **extra}
         tokens = labels.numel()
         return Loss(loss_sum, num_units=tokens, num_tokens=tokens, correct=correct, sums=sums)
 

@@ -36,8 +36,9 @@ _DONE = object()
 def check_vocabularies(teacher: TeacherModule, tokenizer: PreTrainedTokenizerBase) -> None:
     """Every teacher maps tokens to the student's ids and has a row for each: fails before any model is
     loaded."""
-    for t in teacher.teachers:
-        check_teacher_vocabulary(tokenizer, t.model, t.model_config, t.key)
+    for index, t in enumerate(teacher.teachers):  # one of another tokenizer: its model against its own
+        own = tokenizer if t.tokenizer is None else teacher.teacher_tokenizer(index)
+        check_teacher_vocabulary(own, t.model, t.model_config, t.key)
 
 
 def cache_spec(
@@ -52,6 +53,8 @@ def cache_spec(
 
     ``labels`` describes what makes a position trainable (see ``label_policy``)."""
     kept = teacher.sparsity
+    if any(t.tokenizer is not None for t in teacher.teachers):
+        return teacher_terms_spec(teacher, template, value_bits)
     return CacheSpec(
         scheme=kept.scheme,
         k=kept.head,
@@ -64,6 +67,38 @@ def cache_spec(
         max_seq_length=max_seq_length,
         labels=labels,
         value_bits=value_bits,
+    )
+
+
+def teacher_terms_spec(teacher: TeacherModule, template: ChatTemplate | None, value_bits: int) -> CacheSpec:
+    """The spec of a cache in the teachers' own terms (KD across tokenizers): their tokenizer, vocabulary
+    and template, whole records (no student's length or truncation), so that students of any tokenizer
+    share it. Its teachers must read alike: one tokenizer and one template."""
+    kept, count = teacher.sparsity, len(teacher.teachers)
+    keys = [t.key for t in teacher.teachers]
+    if kept.scheme != "topk":
+        raise ValueError(
+            f"teachers {keys}: KD across tokenizers maps the teacher's exact top-k into the student's "
+            f"vocabulary; sparsity.scheme {kept.scheme!r} cannot carry an unmapped share: use topk"
+        )
+    axes = [teacher.text_axis(i, template) for i in range(count) if teacher.teachers[i].tokenizer]
+    tokenizers = {tokenizer_hash(teacher.teacher_tokenizer(i)) for i in range(count)}
+    templates = {axis.template.source if axis.template else "" for axis in axes}
+    if len(axes) != count or len(tokenizers) > 1 or len(templates) > 1:
+        raise ValueError(
+            f"teachers {keys}: a cache in a teacher's own terms holds teachers of one tokenizer and one "
+            "template; give every teacher the same tokenizer and template, or distil in separate runs"
+        )
+    return CacheSpec(
+        scheme=kept.scheme,
+        k=kept.head,
+        teachers=[teacher.identity(i) for i in range(count)],
+        tokenizer_hash=tokenizers.pop(),
+        vocab_size=len(teacher.teacher_tokenizer(0)),
+        template=templates.pop(),
+        labels="responses_only=True;whole records",
+        value_bits=value_bits,
+        teacher_terms=True,
     )
 
 
@@ -191,7 +226,14 @@ class BackgroundWriter:
                         earlier.close()
                     self._writers[job] = self.open_writer(job)
                 self._writers[job].extend(
-                    (o.sha, o.num_tokens, o.targets, getattr(o, "nll", float("nan"))) for o in outputs
+                    (
+                        o.sha,
+                        o.num_tokens,
+                        o.targets,
+                        getattr(o, "nll", float("nan")),
+                        getattr(o, "spans", None),
+                    )
+                    for o in outputs
                 )
             for writer in self._writers.values():
                 writer.close()

@@ -86,6 +86,8 @@ class Collector:
         collected = self.targets.sync_and_collect(full)  # the barriers
         rank_zero_info(f"[distill] collected {collected} samples on rank 0 before training")
         found = self.targets.perplexities(dict(full), tokens) if collection.rank == 0 and full else {}
+        if collection.rank == 0 and full:  # teachers of another tokenizer: what aligning them keeps
+            found.update(self.targets.alignment(*full[0]))
         if over_budget:
             rank_zero_info(
                 f"[distill] chunked KD: ~{total / 1e9:.3g} GB of targets > cache_size_gb "

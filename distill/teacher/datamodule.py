@@ -104,7 +104,8 @@ class KDDataModule(DataModule):
         return super().trains_on_files and self.rounds is None
 
     def facts(self) -> DataFacts:
-        return replace(super().facts(), teacher_names=tuple(self.targets.names))
+        cross = any(t.tokenizer is not None for t in self.teacher.teachers)
+        return replace(super().facts(), teacher_names=tuple(self.targets.names), cross_tokenizer=cross)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -116,7 +117,7 @@ class KDDataModule(DataModule):
             # the rounds train on conversations: the cache records, and teachers with a template of
             # their own align to, the template that encodes them, validation conversations or not
             self.resolve_chat_template()
-        if any(t.template is not None for t in self.teacher.teachers):
+        if any(t.template is not None or t.tokenizer is not None for t in self.teacher.teachers):
             # such a teacher renders each record in its own template: the mapped samples carry none
             self.attach_records()
         spec = cache_spec(

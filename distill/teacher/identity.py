@@ -185,7 +185,9 @@ def check_same_vocabulary(
         )
         raise VocabularyMismatchError(
             f"{teacher_name} and the student do not share a vocabulary ({both}; {len(differing)} tokens "
-            f"differ; first: {shown}). Distillation over token ids needs the same tokenizer family."
+            f"differ; first: {shown}). Distillation over token ids needs the same tokenizer family; for "
+            f"a teacher of another family, give it its own tokenizer (teachers: - tokenizer: model, or a "
+            "path): KD across tokenizers, docs/cross_tokenizer.md"
         )
     for name in ("bos_token", "eos_token", "unk_token"):
         if getattr(student, name) != getattr(teacher, name):

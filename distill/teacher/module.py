@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import weakref
 from dataclasses import dataclass, fields
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from distill.data.batch import TokenBatch, to_device
 from distill.data.batching import Collator, pad_token_id
 from distill.data.encoding import IGNORE_INDEX, Encoded
-from distill.data.templates import ChatTemplate
+from distill.data.templates import BUILTIN_TEMPLATES, ChatTemplate
 from distill.pretrained import load_tokenizer
 from distill.targets import SparseTargets
 from distill.teacher.alignment import (
@@ -30,7 +31,8 @@ from distill.teacher.alignment import (
     same_template,
     template_identity,
 )
-from distill.teacher.identity import check_model_source, model_identity
+from distill.teacher.cross import TextAxis, teacher_view
+from distill.teacher.identity import check_model_source, model_identity, tokenizer_hash
 from distill.teacher.sparse import SparseOutput, Sparsity, sparse_distribution
 from distill.train.model import load_causal_lm
 from distill.train.quantization import Quantization, check_quantization
@@ -54,6 +56,11 @@ class Teacher:
     each conversation in its format; its outputs are aligned to the student's positions by content."""
     end_of_turn: str | None = None
     """End-of-turn string of ``template``, when it cannot be inferred."""
+    tokenizer: str | None = None
+    """The teacher's own tokenizer (a name or path; ``model``: the one saved with ``model``), when it is
+    not the student's: collection then renders each record in the teacher's template and tokenizer, the
+    cache keeps its top-k in its vocabulary with each position's place in the text, and each student's
+    training aligns them to its own tokens (KD across tokenizers, docs/cross_tokenizer.md)."""
     quantization: Quantization | None = None
     """Load ``model`` with 8- or 4-bit bitsandbytes weights (a CUDA GPU and the ``bnb`` extra). Its
     distributions are the quantized model's: the cache keys them apart from the unquantized model's."""
@@ -109,6 +116,9 @@ class TeacherModule(L.LightningModule):
         self._eot: dict[int, tuple[int, int]] = {}  # teacher index -> (its end-of-turn id, the student's)
         self._prepared: set[int] = set()  # teachers whose samples prepare_templates has seen
         self._templates: dict[int, ChatTemplate] = {}
+        self._tokenizers: dict[int, PreTrainedTokenizerBase] = {}  # teachers' own tokenizers
+        self._axes: dict[int, TextAxis] = {}  # teachers of another tokenizer: index -> their text axis
+        self.views: dict[int, dict[str, tuple[Encoded, Any]]] = {}  # index -> sha -> (encoding, spans)
         self._loaded: tuple[int, nn.Module] | None = None
         self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a device
 
@@ -129,7 +139,35 @@ class TeacherModule(L.LightningModule):
             ident["template"] = template_identity(teacher.template, teacher.end_of_turn)
         if teacher.quantization is not None:  # likewise
             ident["quantization"] = teacher.quantization.identity()
+        if teacher.tokenizer is not None:
+            ident["tokenizer"] = tokenizer_hash(self.teacher_tokenizer(index))
         return ident
+
+    def teacher_tokenizer(self, index: int) -> PreTrainedTokenizerBase:
+        """The tokenizer teacher ``index`` reads with: its own, or the student's."""
+        teacher = self.teachers[index]
+        if teacher.tokenizer is None:
+            return self.tokenizer
+        if index not in self._tokenizers:
+            source = teacher.model if teacher.tokenizer == "model" else teacher.tokenizer
+            if source is None:
+                raise ValueError(f"teacher {teacher.key}: tokenizer 'model' needs the teacher's model")
+            self._tokenizers[index] = load_tokenizer(source)
+        return self._tokenizers[index]
+
+    def text_axis(self, index: int, student_template: ChatTemplate | None) -> TextAxis:
+        """Where teacher ``index`` (of another tokenizer) places its positions in the text: its tokenizer
+        and its template (by default the student's, rendered with the teacher's special tokens)."""
+        if index not in self._axes:
+            teacher, tokenizer = self.teachers[index], self.teacher_tokenizer(index)
+            name, template = teacher.template, None
+            if name is None and student_template is not None:  # a built-in by name: its special tokens
+                builtin = student_template.name in BUILTIN_TEMPLATES
+                name = student_template.name if builtin else student_template.source
+            if name is not None:
+                template = resolve_teacher_template(tokenizer, name, teacher.end_of_turn, teacher.model)
+            self._axes[index] = TextAxis(tokenizer, template, f"teacher {teacher.key!r}")
+        return self._axes[index]
 
     def teacher_template(self, index: int) -> ChatTemplate | None:
         """The teacher's own chat template, or None when it reads the student's."""
@@ -148,11 +186,18 @@ class TeacherModule(L.LightningModule):
         """Predict dataloader j runs teacher ``jobs[j][0]`` on the samples ``jobs[j][1]``; those of
         teachers reading their own template are aligned now (``prepare_templates``)."""
         self.job_teachers = [index for index, _ in jobs]
-        own: dict[int, list[Encoded]] = {i: [] for i, t in enumerate(self.teachers) if t.template is not None}
+        own: dict[int, list[Encoded]] = {
+            i: [] for i, t in enumerate(self.teachers) if t.template is not None or t.tokenizer is not None
+        }
         for index, samples in jobs:
             if index in own:
                 own[index].extend(samples)
+        self.views = {}
+        for index in [i for i in own if self.teachers[i].tokenizer is not None]:
+            axis = self.text_axis(index, student_template)  # renders every sample before a teacher loads
+            self.views[index] = {s.sha: teacher_view(axis, s) for s in own.pop(index)}
         self.prepare_templates(own, student_template)
+        self._prepared.update(self.views)
 
     def prepare_templates(
         self, samples: dict[int, list[Encoded]], student_template: ChatTemplate | None
@@ -189,7 +234,7 @@ class TeacherModule(L.LightningModule):
         model = load_causal_lm(
             teacher.model,
             teacher.model_config,
-            self.tokenizer,
+            self.teacher_tokenizer(index),
             teacher.dtype,
             role=f"teacher {teacher.key}",
             quantization=teacher.quantization,
@@ -213,19 +258,24 @@ class TeacherModule(L.LightningModule):
 
     @torch.no_grad()
     def batch_targets(
-        self, model: nn.Module, batch: TokenBatch, merge: tuple[int, int] | None = None
+        self,
+        model: nn.Module,
+        batch: TokenBatch,
+        merge: tuple[int, int] | None = None,
+        vocab_size: int | None = None,
     ) -> tuple[SparseTargets, Tensor]:
         """The teacher's sparse distribution (and NLL of the labels) at every trainable position of
         ``batch`` (row-major, i.e. sample after sample, packed rows included) and the number of those
         positions per row. ``merge`` = (the teacher's end-of-turn id, the student's): the first's
-        probability moves onto the second at every position, and labels of the first become the second."""
+        probability moves onto the second at every position, and labels of the first become the second.
+        ``vocab_size``: the teacher's own (another tokenizer's), if not the student's."""
         hidden = self._hidden(model, batch)
         trainable = batch.labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
         positions = hidden[:, :-1][trainable]  # (N, H)
         labels = batch.labels[:, 1:][trainable]  # (N,)
         head = model.get_output_embeddings()
         if merge is None:
-            return self._sparse(head, positions, labels), trainable.sum(dim=1)
+            return self._sparse(head, positions, labels, vocab_size=vocab_size), trainable.sum(dim=1)
         source, target = merge
         rows = torch.ones_like(labels, dtype=torch.bool)
         labels = torch.where(labels == source, target, labels)
@@ -246,13 +296,14 @@ class TeacherModule(L.LightningModule):
         positions: Tensor,
         labels: Tensor,
         merge: tuple[int, int, Tensor] | None = None,
+        vocab_size: int | None = None,
     ) -> SparseTargets:
         """Sparse distributions of (N, H) hidden states and the NLL of the (N,) ``labels``, ``chunk_size``
         rows of logits at a time; ``merge`` = (source id, target id, (N,) bool rows) moves source's
         probability onto target first."""
 
         def part(i: int, n: int) -> tuple:
-            logits = head(positions[i : i + n])[:, : self.vocab_size]
+            logits = head(positions[i : i + n])[:, : vocab_size or self.vocab_size]
             if merge is not None:
                 logits = merge_token(logits, merge[0], merge[1], merge[2][i : i + n])
             label_logits = logits.gather(1, labels[i : i + n, None]).squeeze(1).float()  # (n,)
@@ -300,23 +351,31 @@ class TeacherModule(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: TokenBatch, batch_idx: int, dataloader_idx: int = 0) -> list[SparseOutput]:
         index = self.job_teachers[dataloader_idx]
-        if self.teachers[index].template is not None and index not in self._prepared:
+        teacher = self.teachers[index]
+        if (teacher.template or teacher.tokenizer) is not None and index not in self._prepared:
             raise RuntimeError(
                 f"teacher {self.teachers[index].key} reads its own chat template: its samples must be "
                 "aligned first (TeacherModule.prepare_jobs(jobs, <the student's template>))"
             )
         model = self.teacher_model(index)
+        spans = None
+        if index in self.views:  # another tokenizer: its own encodings, every trained position kept
+            views = [self.views[index][sha] for sha in batch.shas]
+            pad = pad_token_id(self.teacher_tokenizer(index))
+            batch = to_device(Collator(pad)([encoded for encoded, _ in views]), self.device)
+            spans = [placed for _, placed in views]
         if index in self.aligned:  # the teacher reads its own template; rows follow the student's positions
             targets, per_sample = self.aligned_targets(model, index, batch.shas)
         else:
-            targets, per_sample = self.batch_targets(model, batch)
+            vocab = len(self.teacher_tokenizer(index)) if index in self.views else None
+            targets, per_sample = self.batch_targets(model, batch, vocab_size=vocab)
             per_sample = per_sample.tolist()
         columns = [getattr(targets, f.name) for f in fields(SparseTargets)]
         columns = [c.cpu() if c is not None else None for c in columns]
         lengths = batch.attention_mask.sum(dim=1).tolist()
         outputs = []
         start = 0
-        for sha, count, length in zip(batch.shas, per_sample, lengths, strict=True):
+        for i, (sha, count, length) in enumerate(zip(batch.shas, per_sample, lengths, strict=True)):
             rows = slice(start, start + count)
             ids, logits, lse, sample_ids, sample_counts, nll = (
                 c[rows] if c is not None else None for c in columns
@@ -325,5 +384,7 @@ class TeacherModule(L.LightningModule):
             outputs.append(
                 SparseOutput(sha, int(length), ids, logits, lse, total_nll, sample_ids, sample_counts)
             )
+            if spans is not None:
+                outputs[-1].spans = spans[i]
             start += count
         return outputs

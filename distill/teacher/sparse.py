@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,6 +55,7 @@ class SparseOutput:
     nll: float  # the teacher's -log p of the sample's trained tokens, summed over its P positions
     sample_ids: Tensor | None = None  # (P, S) int64
     sample_counts: Tensor | None = None  # (P, S) int32
+    spans: np.ndarray | None = None  # (P, 4) a teacher of another tokenizer's positions in the text
 
     @property
     def targets(self) -> SparseTargets:

@@ -34,6 +34,8 @@ from distill.data.resume import Part, ResumableStream
 from distill.data.templates import ChatTemplate
 from distill.teacher.batches import KDCollator, TargetedSamples, teacher_reads, trainable_positions
 from distill.teacher.collect import collect, plan_jobs, sync_cache, writer_locks
+from distill.teacher.cross import TextAxis
+from distill.teacher.join import CrossJoin, JoinStats
 from distill.teacher.module import TeacherModule
 
 if TYPE_CHECKING:
@@ -86,7 +88,12 @@ class TeacherTargets:
     def start(self, spec: CacheSpec, collection: Collection, *, chunked: bool, packing: bool) -> None:
         """Collect for ``spec`` with ``collection``; ``chunked``: training targets one chunk at a time."""
         self.spec, self.collection, self.chunked = spec, collection, chunked
-        self.collate = KDCollator(collection.collator, packing, spec.vocab_size)
+        joins = None
+        if spec.teacher_terms:  # teachers of another tokenizer: aligned to the student at each batch
+            student = TextAxis(self.teacher.tokenizer, collection.template, "student")
+            axes = [self.teacher.text_axis(i, collection.template) for i in range(len(self.names))]
+            joins = [CrossJoin(axis, student) for axis in axes]
+        self.collate = KDCollator(collection.collator, packing, self.teacher.vocab_size, joins)
 
     def sync_and_collect(self, splits: list[tuple[str, list[Encoded]]]) -> int:
         """Rank 0 syncs the caches holding their writer locks until every rank has collected what its
@@ -143,6 +150,9 @@ class TeacherTargets:
                 nll = self.readers[split].nll([s.sha for s in samples], name)
                 known = np.isfinite(nll)  # NaN: collected before the teacher's NLL was stored
                 positions = sum(trainable_positions(s) for s, k in zip(samples, known, strict=True) if k)
+                if self.spec.teacher_terms:  # per token of the teacher's own, over whole records
+                    shas = [s.sha for s, k in zip(samples, known, strict=True) if k]
+                    positions = int(self.readers[split].num_positions(shas, name).sum())
                 if not positions:
                     parts.append(f"{split} n/a (cache collected before teacher NLLs were stored)")
                     continue
@@ -183,7 +193,7 @@ class TeacherTargets:
     def batch(self, rows: list[list[Encoded]], reader: CacheReader) -> TokenBatch:
         """The student batch of ``rows`` with each teacher's targets of them, read by ``reader``."""
         shas = [s.sha for row in rows for s in row]
-        return self.collate(rows, *teacher_reads(reader, shas, self.names))
+        return self.collate(rows, *teacher_reads(reader, shas, self.names, self.spec.teacher_terms))
 
     # ---- validation --------------------------------------------------------------------------------
 
@@ -193,14 +203,40 @@ class TeacherTargets:
 
     def targeted(self, rows: list, split: str) -> TargetedSamples:
         """The rows of ``split`` with their targets."""
-        return TargetedSamples(rows, self.readers[split], self.names)
+        return TargetedSamples(rows, self.readers[split], self.names, self.spec.teacher_terms)
 
     def collate_targeted(self, items: list) -> TokenBatch:
         """A batch of ``TargetedSamples`` items."""
-        rows = [row for row, _, _ in items]
-        targets = [[t for _, per_teacher, _ in items for t in per_teacher[i]] for i in range(len(self.names))]
+        rows = [row for row, _, _, _ in items]
+        targets = [
+            [t for _, per_teacher, _, _ in items for t in per_teacher[i]] for i in range(len(self.names))
+        ]
         nll = {name: sum(item[2][name] for item in items) for name in self.names}
-        return self.collate(rows, targets, nll)
+        spans = None
+        if self.spec.teacher_terms:
+            spans = [[p for *_, places in items for p in places[i]] for i in range(len(self.names))]
+        return self.collate(rows, targets, nll, spans)
+
+    def alignment(self, split: str, samples: list[Encoded], limit: int = 256) -> dict[str, float]:
+        """Per teacher of another tokenizer, what aligning ``samples`` (up to ``limit`` of them) to the
+        student keeps: logged at the start and returned as ``align/<teacher>/{aligned_share,mapped_mass}``."""
+        if not self.spec.teacher_terms or not samples:
+            return {}
+        samples = list(samples[:limit])
+        targets, _, spans = teacher_reads(self.readers[split], [s.sha for s in samples], self.names, True)
+        found = {}
+        for name, join, rows, places in zip(self.names, self.collate.joins, targets, spans, strict=True):
+            stats = JoinStats()
+            stats.add(join(samples, rows, places))
+            rank_zero_info(
+                f"[distill] teacher {name} (another tokenizer) on {len(samples)} {split} samples: "
+                f"{stats.aligned_share:.1%} of the student's trained positions aligned "
+                f"({stats.positions - stats.aligned} unaligned: hard label only), "
+                f"mapped mass {stats.mapped_mass:.3f}"
+            )
+            found[f"align/{name}/aligned_share"] = stats.aligned_share
+            found[f"align/{name}/mapped_mass"] = stats.mapped_mass
+        return found
 
     # ---- the end -----------------------------------------------------------------------------------
 
