@@ -32,11 +32,11 @@ def test_wheel_holds_every_module_under_the_distill_namespace_only(tmp_path):
     modules = {f"distill/{p.relative_to(ROOT / 'distill')}" for p in (ROOT / "distill").rglob("*.py")}
     modules |= {f"distill/callbacks/{p.name}" for p in (ROOT / "callbacks").glob("*.py")}
     assert modules <= names, sorted(modules - names)
-    assets = {
-        f"distill/{p.relative_to(ROOT / 'distill')}"
-        for p in (ROOT / "distill" / "assets").rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
+    # the tracked files only: a run writes a hash memo (.distill_hash.json, git-ignored) beside the teacher
+    tracked = subprocess.run(
+        ["git", "ls-files", "distill/assets"], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    assets = set(tracked.stdout.splitlines())
     assert assets <= names, sorted(assets - names)  # the demo data and both tokenizers ship
     stdlib = set(sys.stdlib_module_names)
     shadowing = [n for n in names if n.endswith(".py") and Path(n).stem in stdlib]
