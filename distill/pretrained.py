@@ -17,15 +17,23 @@ def is_gguf(name_or_path: str) -> bool:
 
 
 def check_gguf_file(name_or_path: str, owner: str = "") -> None:
-    """A name ending in ``.gguf`` is a local file, never a hub name: refuse one that is not there
-    (``owner``: who gave it, named first)."""
+    """A name ending in ``.gguf`` is a local file, never a hub name: refuse one that is not there, or
+    that cannot be read without the ``gguf`` package (``owner``: who gave it, named first). ValueErrors,
+    not an ImportError: the CLI prints a ValueError as the one-line config error it is."""
+    if not is_gguf(name_or_path):
+        return
     path = Path(name_or_path).expanduser()
-    if is_gguf(name_or_path) and not path.is_file():
+    given = f"{owner} {name_or_path}" if owner else name_or_path
+    if not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
-        given = f"{owner} {name_or_path}" if owner else name_or_path
         raise ValueError(
             f"{given}: no such GGUF file ({path.resolve()} {state}); a name ending in .gguf is read as a "
             "llama.cpp model file: give the path of an existing one"
+        )
+    if find_spec("gguf") is None:
+        raise ValueError(
+            f"{given}: reading a GGUF file needs the gguf package: pip install 'distill[gguf]' (or pip "
+            "install gguf), or give the model's Hugging Face directory"
         )
 
 
@@ -35,11 +43,6 @@ def pretrained_source(name_or_path: str) -> tuple[str, dict[str, str]]:
         return name_or_path, {}
     check_gguf_file(name_or_path)
     path = Path(name_or_path).expanduser()
-    if find_spec("gguf") is None:
-        raise ImportError(
-            f"{name_or_path}: reading a GGUF file needs the gguf package: pip install 'distill[gguf]' "
-            "(or pip install gguf)"
-        )
     return str(path.parent), {"gguf_file": path.name}
 
 

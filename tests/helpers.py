@@ -19,6 +19,8 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -94,6 +96,50 @@ def save_remote_code_adapter(path: Path) -> tuple[Path, Path]:
     (adapter / "distill_config.yaml").write_text(yaml.safe_dump(saved))
     assert not marker.exists()
     return adapter, marker
+
+
+def write_tiny_gguf(path: Path) -> dict[str, np.ndarray]:
+    """A one-layer fp32 llama with a byte-level BPE tokenizer (the 256 byte symbols, one merge and an
+    end-of-text control token) and a chat template; returns the tensors written."""
+    gguf = pytest.importorskip("gguf")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    hidden, ffn = 16, 32
+    tokens = [*bytes_to_unicode().values(), "he", "<|endoftext|>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["h e"])
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])  # 3: a control token
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}")
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
+    shapes["output.weight"] = (len(tokens), hidden)
+    for name, shape in [
+        ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+        ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)), ("attn_output", (hidden, hidden)),
+        ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)),
+    ]:  # fmt: skip
+        shapes[f"blk.0.{name}.weight"] = shape
+    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
 
 
 def write_config(tmp_path: Path, chat_file: Path, **data) -> Path:

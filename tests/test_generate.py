@@ -11,7 +11,7 @@ import yaml
 from distill.commands import main
 from distill.data.datamodule import DataModule
 from distill.rollout.generate import generate
-from tests.helpers import save_remote_code_adapter, save_tiny_teacher, write_jsonl
+from tests.helpers import save_remote_code_adapter, save_tiny_teacher, write_jsonl, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_a_completion_holding_a_line_separator_character_reads_back_as_one_line(
     assert number == 1 and line["messages"][0]["content"] == "x\u2028y"  # the first line wins
 
 
-def test_dtype_applies_to_a_model_and_to_an_adapter_on_it(tmp_path, model_dir):
+def test_dtype_applies_to_a_model_and_to_an_adapter_on_it(tmp_path, model_dir, tokenizer):
     """``--dtype`` was ignored with ``--adapter`` (the base loaded in its saved float32)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -210,11 +210,26 @@ def test_dtype_applies_to_a_model_and_to_an_adapter_on_it(tmp_path, model_dir):
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "a")
     for adapter in (None, str(tmp_path / "a")):
-        policy = load_model(str(model_dir), adapter, "bfloat16")
+        policy = load_model(str(model_dir), adapter, "bfloat16", tokenizer)
         assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}, adapter
         assert any("lora_A" in name for name, _ in policy.named_parameters()) == (adapter is not None)
-    assert {p.dtype for p in load_model(str(model_dir), str(tmp_path / "a"), "auto").parameters()} == {
-        torch.float32
-    }
+    adapted = load_model(str(model_dir), str(tmp_path / "a"), "auto", tokenizer)
+    assert {p.dtype for p in adapted.parameters()} == {torch.float32}
     with pytest.raises(ValueError, match=r"--dtype is auto or a float type .* got 'int8'"):
         run(model_dir, prompt_file(tmp_path), tmp_path / "out.jsonl", dtype="int8")
+
+
+def test_a_gguf_file_generates_through_the_loader_a_fit_uses(tmp_path):
+    """Issue 29: ``--model x.gguf`` was refused as a directory without config.json, and load_model read
+    only directories and hub names."""
+    from distill.rollout.generate import load_model
+    from distill.teacher.identity import model_identity
+
+    tensors = write_tiny_gguf(tmp_path / "tiny.gguf")
+    path = str(tmp_path / "tiny.gguf")
+    rows = lines(run(path, prompt_file(tmp_path, 2), tmp_path / "out.jsonl", template=None))  # the file's
+    assert [(row["id"], row["sample"]) for row in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
+    assert meta["model"] == model_identity(path) and meta["template"] == "tokenizer"
+    policy = load_model(path, None, "float32", DataModule(train_files=[], tokenizer=path).tokenizer)
+    assert torch.equal(policy.get_input_embeddings().weight, torch.from_numpy(tensors["token_embd.weight"]))

@@ -305,15 +305,39 @@ def test_norms_and_biases_are_not_decayed_and_matrices_are(model_type):
         (  # the student's tokenizer (model.model's, when unset)
             "--model.init_args.tokenizer",
             "/no/such/student.gguf",
-            ["/no/such/student.gguf: no such GGUF file (/no/such/student.gguf does not exist)"],
+            ["model.tokenizer /no/such/student.gguf: no such GGUF file (/no/such/student.gguf does not"],
+        ),
+        (  # not HF's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+            "--model.init_args.model",
+            "/no/such/student",
+            ["model.model /no/such/student: no such directory (/no/such/student does not exist)"],
         ),
     ],
-    ids=["loss", "alpha", "cache_size_gb", "chunk_size", "missing_teacher", "teacher_gguf", "student_gguf"],
-)
+    ids=[
+        "loss", "alpha", "cache_size_gb", "chunk_size", "missing_teacher", "teacher_gguf", "student_gguf",
+        "missing_student",
+    ],
+)  # fmt: skip
 def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir, capfd, flag, value, wanted):
-    config = kd_config(tmp_path, kd_teacher_dir)
+    check_one_clear_error(tmp_path, kd_teacher_dir, capfd, [flag, value], wanted)
+
+
+def test_a_student_gguf_without_the_gguf_package_is_one_line(tmp_path, kd_teacher_dir, capfd, monkeypatch):
+    """Issue 29: an ImportError, printed as a traceback (under the Union subtypes list when the student's
+    tokenizer is the file's)."""
+    student = tmp_path / "student.gguf"
+    student.write_bytes(b"GGUF")
+    monkeypatch.setattr("distill.pretrained.find_spec", lambda name: None)
+    args = ["--model.init_args.model", str(student), "--model.init_args.tokenizer", "null"]
+    wanted = f"model.model {student}: reading a GGUF file needs the gguf package: pip install 'distill[gguf]'"
+    check_one_clear_error(tmp_path, kd_teacher_dir, capfd, args, [wanted])
+
+
+def check_one_clear_error(tmp_path: Path, teacher: Path, capfd, args: list[str], wanted: list[str]) -> None:
+    """``fit`` with ``args`` over a KD config ends, exit 2, with one line holding ``wanted``, nothing done."""
+    config = kd_config(tmp_path, teacher)
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(config), flag, value])
+        main(["fit", "--config", str(config), *args])
     assert stop.value.code == 2
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -323,6 +347,24 @@ def test_a_bad_value_is_one_clear_error_before_any_work(tmp_path, kd_teacher_dir
     assert all(word in error for word in wanted), error
     assert "Traceback" not in err and "Union subtypes" not in err
     assert not (tmp_path / "cache").exists()  # nothing was collected
+
+
+def test_a_student_path_that_can_only_be_local_must_be_there(tmp_path, monkeypatch):
+    """The rule is the teacher's (``check_model_source``): absolute, ``./``, ``../``, ``~`` or
+    ``dir/name`` under an existing ``dir`` is a local path; any other name may be the hub's (a hub
+    name is still accepted, its loading left to the fit)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    tokenizer = str(TOKENIZER_DIR)
+    for path in ("/no/such/student", "./student", "../no/such/student", "~/no/such/student", "out/sft"):
+        with pytest.raises(ValueError, match=rf"^model\.model {re.escape(path)}: no such directory \("):
+            StudentModule(model=path, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"^model\.model out: the directory holds no model \(no config\.js"):
+        StudentModule(model="out", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"^model\.tokenizer \./tok: no such directory \(.+ a tokenizer's"):
+        StudentModule(model_config=TINY_LLAMA, tokenizer="./tok")
+    hub = StudentModule(model="HuggingFaceTB/SmolLM2-135M", tokenizer=tokenizer)  # offline: loaded at fit
+    assert hub.model_name == "HuggingFaceTB/SmolLM2-135M"
 
 
 def test_an_option_that_moved_is_one_line_naming_its_new_place(tmp_path, kd_teacher_dir, capfd):

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from distill.data.prompt_datamodule import EncodedPrompt, PromptDataModule
 from distill.data.templates import BUILTIN_TEMPLATES, TemplateError
@@ -21,6 +22,7 @@ from distill.progress import Progress
 from distill.rollout.engine import Engine, Sampler, Sampling, TransformersEngine, rollout_seed
 from distill.teacher.identity import check_model_source, model_identity
 from distill.train.merge import tokenizer_source, trained_model_kwargs
+from distill.train.model import load_causal_lm
 
 
 def generate(
@@ -47,7 +49,8 @@ def generate(
     is not applied. Set ``temperature``, ``top_p`` and ``top_k`` to its card's values to sample as it says.
 
     Args:
-        model: Hugging Face directory or hub name of the model (the base, when ``adapter`` is set).
+        model: Hugging Face directory, hub name or ``.gguf`` file of the model (the base, when
+            ``adapter`` is set).
         prompts: JSON/JSONL files or directories of prompt records (``question``, ``messages`` or
             ``prompt``).
         output: The JSONL file to write; an existing one is resumed.
@@ -105,7 +108,7 @@ def generate(
         f"[distill] generate: {len(data.train)} prompts, {len(data.train) - len(pending)} already in "
         f"{output_path}, {len(pending)} to go, {num_samples} completion(s) each"
     )
-    policy = load_model(model, adapter, dtype, trust_remote_code)
+    policy = load_model(model, adapter, dtype, data.tokenizer, trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy.to(device).eval()
     record_settings(output_path, settings)  # only now: a load that fails leaves nothing behind
@@ -261,21 +264,23 @@ def record_settings(output: Path, settings: dict) -> None:
 
 
 def load_model(
-    model: str, adapter: str | None, dtype: str, trust_remote_code: bool = False
+    model: str,
+    adapter: str | None,
+    dtype: str,
+    tokenizer: PreTrainedTokenizerBase,
+    trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """``model`` (with ``adapter`` on it) with weights of ``dtype`` (``check_dtype``'s). The model's own
-    code runs only with ``trust_remote_code``, whatever the adapter's saved config says."""
-    from transformers import AutoModelForCausalLM
-
+    """``model`` (a directory, hub name or ``.gguf`` file; with ``adapter`` on it) with weights of
+    ``dtype`` (``check_dtype``'s), loaded as a fit loads its student (rows added for tokens of
+    ``tokenizer`` it lacks). The model's own code runs only with ``trust_remote_code``, whatever the
+    adapter's saved config says."""
     trusted = {"trust_remote_code": True} if trust_remote_code else {}
     if adapter is not None:
         from distill.train.merge import load_adapter
 
         options = {**trained_model_kwargs(Path(adapter), opt_in="--trust_remote_code true"), **trusted}
         return load_adapter(adapter, base=model, model_kwargs=options, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        model, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **trusted
-    )
+    return load_causal_lm(model, None, tokenizer, dtype, options=trusted)
 
 
 def check_dtype(dtype: str) -> None:

@@ -43,14 +43,18 @@ def model_identity(name_or_path: str | None, config: dict | None = None) -> dict
 def check_model_source(
     owner: str, name_or_path: str, config_file: str | None = "config.json", what: str = "model"
 ) -> None:
-    """A local directory must hold a ``what`` (its ``config_file``; None: anything), and a name that can
-    only be a local path (refused by the hub's repo id rule, or ``dir/name`` with ``dir`` a local
-    directory) must exist: transformers would send it to the hub, which answers with something unrelated."""
+    """A local directory must hold a ``what`` (its ``config_file``; None: anything), a ``.gguf`` file must
+    be there and readable (it holds a model's config, weights and tokenizer), and a name that can only be
+    a local path (refused by the hub's repo id rule: absolute, ``./``, ``../``, ``~``; or ``dir/name``
+    with ``dir`` a local directory) must exist: transformers would send it to the hub, which answers
+    with something unrelated. Any other name is left to the hub (offline, to its cache)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     check_gguf_file(name_or_path, owner)
     path = Path(name_or_path).expanduser()
+    if is_gguf(name_or_path) and what == "model":
+        return
     if path.is_dir() or is_gguf(name_or_path):
         if config_file is not None and not (path / config_file).is_file():
             raise ValueError(

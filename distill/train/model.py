@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.pretrained import pretrained_source
-from distill.teacher.identity import check_embedding_rows
+from distill.pretrained import load_tokenizer, pretrained_source
+from distill.teacher.identity import check_embedding_rows, check_model_source
 from distill.train.quantization import Quantization
 
 
@@ -34,6 +34,18 @@ class LoraOptions:
     adapter: str | None = None
     """A saved adapter to go on training (an earlier stage's export, MedicalGPT's ``--peft_path``) instead
     of a new one: its own rank, alpha and target modules apply, the options above do not."""
+
+
+def student_tokenizer(model: str | None, tokenizer: str | None) -> PreTrainedTokenizerBase | None:
+    """The student's tokenizer (``tokenizer``, else ``model``'s; None without either), once both are
+    checked (``check_model_source``): a missing local path or an unreadable ``.gguf`` is one line naming
+    its option before any work, not transformers' hub error (or the gguf import) at the first load."""
+    if model is not None:
+        check_model_source("model.model", model)
+    if tokenizer is not None:
+        check_model_source("model.tokenizer", tokenizer, config_file=None, what="tokenizer")
+    source = tokenizer or model
+    return load_tokenizer(source) if source else None
 
 
 def load_causal_lm(

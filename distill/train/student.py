@@ -23,10 +23,9 @@ from distill.data.resume import trained_position
 from distill.objectives.base import Loss, Objective, check_pairing, loss_inputs
 from distill.objectives.ce import CrossEntropy
 from distill.objectives.context import Context, Origin, Policy, Step, unwrapped
-from distill.pretrained import load_tokenizer
 from distill.train.flops import ModelShape, model_shape, transformer_flops
 from distill.train.metrics import ObjectiveMetrics
-from distill.train.model import LoraOptions, add_lora, load_causal_lm
+from distill.train.model import LoraOptions, add_lora, load_causal_lm, student_tokenizer
 from distill.train.neftune import add_embedding_noise
 from distill.train.optim import AdamW, weight_decay_groups
 from distill.train.quantization import Quantization, check_quantization, prepare_for_kbit_training
@@ -142,7 +141,7 @@ class StudentModule(L.LightningModule):
         self.model_name = model
         self.model_config = model_config
         self.tokenizer_id = tokenizer or model
-        self.tokenizer = load_tokenizer(self.tokenizer_id) if self.tokenizer_id else None
+        self.tokenizer = student_tokenizer(model, tokenizer)
         self.dtype_name = dtype
         self.lora = lora
         self.quantization = quantization
