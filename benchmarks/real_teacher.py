@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -103,8 +104,10 @@ class ValCurve(L.Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
+        # CE only logs its cross-entropy as val/loss (KD: val/ce, its loss being the mix)
+        names = {"ce": "val/ce" if "val/ce" in metrics else "val/loss", "kd": "val/kd"}
         point = {"step": trainer.global_step}
-        point.update({k: round(float(metrics[f"val/{k}"]), 4) for k in ("ce", "kd") if f"val/{k}" in metrics})
+        point.update({k: round(float(metrics[name]), 4) for k, name in names.items() if name in metrics})
         self.points.append(point)
 
 
@@ -161,7 +164,7 @@ def best_kd(runs: dict[str, dict]) -> str | None:
 
 
 def steps_to_reach(curve: list[dict], target: float) -> int | None:
-    return next((p["step"] for p in curve if p["ce"] <= target), None)
+    return next((p["step"] for p in curve if p.get("ce", math.inf) <= target), None)
 
 
 def summary(results: dict, students: list[str], steps: int) -> dict:
@@ -180,7 +183,10 @@ def summary(results: dict, students: list[str], steps: int) -> dict:
         if "ce" not in runs:
             continue
         # the first validation step at which each run's val/ce is at or below CE's final one
-        target = runs["ce"]["val"][-1]["ce"]
+        ce_curve = [p["ce"] for p in runs["ce"]["val"] if "ce" in p]
+        # without a curve (a run recorded before val/loss was read), the held-out perplexity's log: the
+        # same mean cross-entropy over chat_val's assistant tokens
+        target = ce_curve[-1] if ce_curve else math.log(runs["ce"]["ppl"])
         out["steps_to_ce_final"][student] = {
             name: steps_to_reach(run["val"], target) for name, run in runs.items()
         }
