@@ -114,8 +114,11 @@ def build(config: dict, directory: Path):
 
 
 @torch.no_grad()
-def held_out_perplexity(model: torch.nn.Module, tokenizer, max_length: int = 256) -> float:
-    """exp(mean cross-entropy) on the assistant tokens of chat_val.jsonl (mistral template)."""
+def held_out_perplexity(
+    model: torch.nn.Module, tokenizer, max_length: int = 256, template: str | None = "mistral"
+) -> float:
+    """exp(mean cross-entropy) on the assistant tokens of chat_val.jsonl (``template``; None: the
+    tokenizer's own)."""
     import math
 
     import torch.nn.functional as F
@@ -129,7 +132,7 @@ def held_out_perplexity(model: torch.nn.Module, tokenizer, max_length: int = 256
     samples, _ = encode_all(
         records,
         tokenizer,
-        resolve_template(tokenizer, "mistral"),
+        resolve_template(tokenizer, template),
         max_length,
         "right",
         train_on_responses_only=True,

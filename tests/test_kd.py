@@ -157,6 +157,35 @@ def test_positions_that_do_not_match_the_data_are_an_error():
         )
 
 
+def test_kd_says_once_that_it_is_losing_when_val_ce_stalls_while_the_kd_term_falls(caplog):
+    objective = Distillation(alpha=0.9)
+    # (val/ce, val/kd): CE improves, then stays above its best (5.95) for two validations as KD falls
+    validations = [(6.6, 2.0), (6.0, 1.5), (5.95, 1.2), (5.97, 1.0), (5.99, 0.9), (6.01, 0.8), (6.02, 0.7)]
+    told = []
+    with caplog.at_level(logging.INFO):
+        for ce, kd in validations:
+            objective.validated({"ce": torch.tensor(ce), "kd": torch.tensor(kd), "agree": torch.tensor(0.5)})
+            told.append(caplog.text.count("KD is losing"))
+    assert told == [0, 0, 0, 0, 1, 1, 1]  # at the second validation without a better val/ce, and once
+    assert "best 5.9500, now 5.9900" in caplog.text and "(1.2000 -> 0.9000)" in caplog.text
+    assert "objective.alpha 0.9 -> 0.5" in caplog.text and "val/teacher_ce" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "validations",
+    [
+        [(6.6, 2.0), (6.0, 1.5), (5.9, 1.2), (5.8, 1.0), (5.7, 0.9)],  # CE still improving
+        [(6.6, 2.0), (6.0, 1.5), (6.1, 1.6), (6.2, 1.4)],  # CE stalls, but so does the KD term
+    ],
+)
+def test_kd_is_not_said_to_be_losing_while_val_ce_improves_or_the_kd_term_stalls_too(validations, caplog):
+    objective = Distillation()
+    with caplog.at_level(logging.INFO):
+        for ce, kd in validations:
+            objective.validated({"ce": torch.tensor(ce), "kd": torch.tensor(kd)})
+    assert "KD is losing" not in caplog.text
+
+
 def second_teacher(tmp_path: Path, teacher_dir: Path) -> Path:
     """``teacher_dir``'s model with its head perturbed (another teacher of the same vocabulary)."""
     from transformers import AutoModelForCausalLM

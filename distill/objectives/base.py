@@ -219,6 +219,9 @@ class Objective(nn.Module):
         """The logged metrics from the means of the reported sums (e.g. a std from a mean square)."""
         return values
 
+    def validated(self, values: dict[str, Tensor]) -> None:
+        """Called with the logged metrics of each validation of a fit (not the sanity check)."""
+
     @property
     def keeps_rank_state(self) -> bool:
         """Whether ``rank_state`` may hold anything (the same on every rank: gathering it is a collective)."""

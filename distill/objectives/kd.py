@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from distill.data.batch import TokenBatch
@@ -89,6 +90,8 @@ class Distillation(Objective):
         self.teachers: OnlineTeachers | None = None
         self.teacher_names = [t.key for t in online] if online else []
         self.cross_tokenizer = False  # cached teachers of another tokenizer (set up from the data)
+        self.val_history: list[tuple[float, float]] = []  # (val ce, val kd) of this fit's validations
+        self.told_losing = False
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -105,6 +108,21 @@ class Distillation(Objective):
                 "mapped_mass": values["mapped_mass"] / values["aligned_share"].clamp(min=1e-12),
             }
         return values
+
+    def validated(self, values: dict[str, Tensor]) -> None:
+        """Say once when KD is losing: the student fits the teacher better and better, the labels no more."""
+        self.val_history.append((float(values["ce"]), float(values["kd"])))
+        if self.told_losing or not kd_stalled(self.val_history):
+            return
+        self.told_losing = True
+        ce, kd = zip(*self.val_history, strict=True)
+        rank_zero_info(
+            f"[distill] KD is losing: val/ce has not improved for {STALL_PATIENCE} validations (best "
+            f"{min(ce):.4f}, now {ce[-1]:.4f}) while the KD term still falls ({kd[-STALL_PATIENCE - 1]:.4f} "
+            f"-> {kd[-1]:.4f}). Try a lower alpha (objective.alpha {self.alpha} -> 0.5), more "
+            "steps, and check the teacher's own perplexity on this data (val/teacher_ce beside val/ce: a "
+            "teacher not far better than the student has little to teach)."
+        )
 
     def mix(self, per_teacher: list[SparseTargets], vocab_size: int) -> SparseTargets:
         """One teacher's targets as they are, several mixed with ``teacher_weights``."""
@@ -207,3 +225,16 @@ def teacher_ce_names(teachers: list[str]) -> dict[str, str]:
     if len(teachers) == 1:
         return {teachers[0]: "teacher_ce"}
     return {name: f"teacher_ce/{name}" for name in teachers}
+
+
+STALL_PATIENCE = 2  # validations without a better val/ce before KD is said to be losing
+
+
+def kd_stalled(history: list[tuple[float, float]], patience: int = STALL_PATIENCE) -> bool:
+    """Whether, over the last ``patience`` validations ((val ce, val kd) each), val/ce stayed above its best
+    before them while the KD term kept falling (each below the one before)."""
+    if len(history) <= patience:
+        return False
+    ce, kd = zip(*history, strict=True)
+    no_better = min(ce[-patience:]) >= min(ce[:-patience])
+    return no_better and all(b < a for a, b in zip(kd[-patience - 1 :], kd[-patience:], strict=False))

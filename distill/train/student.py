@@ -249,12 +249,8 @@ class StudentModule(L.LightningModule):
     def forward_hidden(self, batch: TokenBatch) -> Tensor:
         """Final hidden states (B, T, H): the head runs later, only at positions that carry loss."""
         backbone = self.causal_lm.get_decoder()
-        outputs = backbone(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
+        ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+        outputs = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         return outputs.last_hidden_state
 
     def compute_loss(self, batch: TokenBatch | PromptBatch) -> tuple[Loss, TokenBatch]:
@@ -327,18 +323,21 @@ class StudentModule(L.LightningModule):
         return {STEP_BATCH: batch}
 
     def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
+        values = self._log_evaluation("val")
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.objective.validated(values)
 
     test_step = validation_step
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
 
-    def _log_evaluation(self, prefix: str) -> None:
+    def _log_evaluation(self, prefix: str) -> dict[str, Tensor]:
         """Log what the evaluation loop's steps gathered (validation and test never run at once)."""
         values = self.objective.derived_metrics(self.val_metrics.compute())
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
         self.val_metrics.reset()
+        return values
 
     def on_fit_start(self) -> None:
         self._metrics_to_device()
