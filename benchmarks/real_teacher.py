@@ -11,7 +11,7 @@ in the same order (the KD data module's, seed 42); only the objective (or the le
   alpha0.5/1.0     kd with that alpha          t2       kd at temperature 2
   reverse_kl, jsd  kd with that divergence     k256     kd on a top-256 cache
   sampled          RS-KD style: sampled_ce on 64 draws per position from the whole teacher distribution
-  lr2x, lr0.5x     kd at twice / half the student's learning rate
+  lr2x, lr0.5x     kd at twice / half the student's learning rate; ce_lr2x: ce at twice the rate
   ce_long, best_long   ce and the best KD variant (held-out perplexity) at 3x the steps
 
 The teacher's targets are collected once per cache setting (top-64, top-256, sampled: a cache answers
@@ -75,6 +75,7 @@ VARIANTS: dict[str, tuple[dict | None, str, float, int]] = {
     "sampled": ({**KD, "loss": "sampled_ce"}, "sampled", 1.0, 1),
     "lr2x": (KD, "k64", 2.0, 1),
     "lr0.5x": (KD, "k64", 0.5, 1),
+    "ce_lr2x": (None, "k64", 2.0, 1),  # lr2x's control: is a win at 2x the learning rate KD's or the rate's?
     "ce_long": (None, "k64", 1.0, 3),
 }
 CORE = ("ce", "kd", "alpha0.5")  # run first: the comparison the issue is about
@@ -87,6 +88,7 @@ ORDER = (
     "jsd",
     "lr2x",
     "lr0.5x",
+    "ce_lr2x",
     "ce_long",
     "best_long",
     "k256",
@@ -159,7 +161,7 @@ def train(config: dict, directory: Path, tokenizer) -> dict:
 
 
 def best_kd(runs: dict[str, dict]) -> str | None:
-    kd = {name: r["ppl"] for name, r in runs.items() if name not in ("ce", "ce_long") and "long" not in name}
+    kd = {name: r["ppl"] for name, r in runs.items() if "long" not in name and VARIANTS[name][0] is not None}
     return min(kd, key=kd.get) if kd else None
 
 

@@ -85,14 +85,18 @@ class TextAxis:
         placed = byte_spans(text, offsets, pieces)
         labels, rows = [IGNORE_INDEX] * len(ids), []
         ends = [0] * len(turns)  # tokens of the end-of-turn placed so far, per turn
+        # per turn, once (per token it would be quadratic in the text): where its response starts in the
+        # text's bytes, and the response's length in bytes without its end-of-turn
+        bases = [len(text[:start].encode("utf-8")) for start, _ in turns]
+        lengths = [
+            len(text[: end - eot].encode("utf-8")) - base for (_, end), base in zip(turns, bases, strict=True)
+        ]
         for j, (first, last) in enumerate(offsets):
             turn = 0 if plain else _turn_of(turns, first, last)
             if turn is None:
                 continue
             labels[j] = ids[j]
-            start_char, end_char = turns[turn]
-            base = len(text[:start_char].encode("utf-8"))
-            length = len(text[: end_char - eot].encode("utf-8")) - base
+            end_char, base, length = turns[turn][1], bases[turn], lengths[turn]
             if (first >= end_char - eot and eot) or (plain and j == len(ids) - 1 and eos_last):
                 span = (length + min(ends[turn], 1), length + 1)  # the end-of-turn (or a text's EOS)
                 ends[turn] += 1

@@ -62,7 +62,6 @@ class CrossJoin:
     def __init__(self, teacher: TextAxis, student: TextAxis) -> None:
         self.teacher, self.student = teacher, student
         self._vocab_map: Tensor | None = None
-        self._student_spans: dict[str, np.ndarray] = {}  # sha -> spans: a sample's never change
 
     @property
     def vocab_map(self) -> Tensor:
@@ -72,11 +71,6 @@ class CrossJoin:
             pairs = {eot[0]: eot[1]} if None not in eot else {}
             self._vocab_map = build_vocab_map(self.teacher.tokenizer, self.student.tokenizer, pairs)
         return self._vocab_map
-
-    def spans(self, sample: Encoded) -> np.ndarray:
-        if sample.sha not in self._student_spans:
-            self._student_spans[sample.sha] = self.student.sample_spans(sample)
-        return self._student_spans[sample.sha]
 
     def __call__(self, samples: list[Encoded], rows: list[SparseTargets], spans: list[np.ndarray]) -> Joined:
         """The student's targets of ``samples`` (in order) from the teacher's ``rows`` and ``spans``."""
@@ -88,7 +82,8 @@ class CrossJoin:
         )
 
     def sample(self, sample: Encoded, rows: SparseTargets, teacher: np.ndarray) -> Joined:
-        student = self.spans(sample)
+        # placed again at each batch (a few ms): kept per sample, a corpus's spans would grow without bound
+        student = self.student.sample_spans(sample)
         size, width = len(student), rows.ids.shape[1] + 1
         out = SparseTargets(
             torch.zeros((size, width), dtype=torch.long),
