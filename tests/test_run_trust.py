@@ -118,6 +118,11 @@ def test_ctrl_c_saves_last_checkpoint_at_the_step_boundary_and_exits_130(tmp_pat
     args = ["fit", "--config", str(config), "--trainer.max_steps", "10", "--data.init_args.num_workers", "1"]
     args += ["--trainer.callbacks+", json.dumps(term)]
     previous = signal.getsignal(signal.SIGINT)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    # a terminal's Ctrl-C, whatever an earlier test left in this worker (the merged suite's order left
+    # SIGINT ignored, SIG_IGN, which the pre-emption callback rightly leaves alone: nohup's jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     try:
         with pytest.raises(SystemExit) as stop:
             main(args)
@@ -126,6 +131,7 @@ def test_ctrl_c_saves_last_checkpoint_at_the_step_boundary_and_exits_130(tmp_pat
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     directory = tmp_path / "run" / "checkpoints"
     assert torch.load(directory / "last.ckpt", weights_only=False)["global_step"] == 3
     assert os.listdir(directory) == ["last.ckpt"]
