@@ -72,6 +72,16 @@ def operations(objective, hidden: torch.Tensor, head: torch.nn.Module, labels: t
     return Count.count
 
 
+def head_problem(positions: int) -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor, BatchTargets]:
+    """Seeded hidden states, an lm head, labels and top-8 teacher targets for ``positions`` positions."""
+    torch.manual_seed(0)
+    hidden = torch.randn(positions, H, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    labels = torch.randint(0, V, (positions,))
+    ids, logits, lse, _, _ = sparse_distribution(torch.randn(positions, V), k=8)
+    return hidden, head, labels, BatchTargets([SparseTargetsOf(ids, logits, lse)], V)
+
+
 def test_kd_chunks_run_only_the_pass_over_the_vocabulary():
     """Chunks run only the pass over the vocabulary (and recompute it in backward): KD's per-position
     terms, tail and buckets run once per batch, so a chunk adds about as many operations to KD as to CE
@@ -79,12 +89,7 @@ def test_kd_chunks_run_only_the_pass_over_the_vocabulary():
     next to SFT on a CPU)."""
     from distill.objectives.ce import CrossEntropy
 
-    torch.manual_seed(0)
-    hidden = torch.randn(32, H, requires_grad=True)
-    head = torch.nn.Linear(H, V, bias=False)
-    labels = torch.randint(0, V, (32,))
-    ids, logits, lse, _, _ = sparse_distribution(torch.randn(32, V), k=8)
-    targets = BatchTargets([SparseTargetsOf(ids, logits, lse)], V)
+    hidden, head, labels, targets = head_problem(32)
     per_chunk = {}
     for name, make in (("kd", lambda c: Distillation(alpha=0.9, chunk_size=c)), ("ce", CrossEntropy)):
         one, eight = (operations(make(c), hidden, head, labels, targets) for c in (32, 4))
@@ -117,12 +122,7 @@ def test_kd_backward_makes_no_more_vocabulary_wide_buffers_than_cross_entropy():
     7x more and ran ~10% slower than SFT's."""
     from distill.objectives.ce import CrossEntropy
 
-    torch.manual_seed(0)
-    hidden = torch.randn(8, H, requires_grad=True)
-    head = torch.nn.Linear(H, V, bias=False)
-    labels = torch.randint(0, V, (8,))
-    ids, logits, lse, _, _ = sparse_distribution(torch.randn(8, V), k=8)
-    targets = BatchTargets([SparseTargetsOf(ids, logits, lse)], V)
+    hidden, head, labels, targets = head_problem(8)
     kd = vocabulary_buffers(Distillation(alpha=0.9, chunk_size=8), hidden, head, labels, targets)
     ce = vocabulary_buffers(CrossEntropy(chunk_size=8), hidden, head, labels, targets)
     assert kd <= ce, (kd, ce)
